@@ -1,0 +1,256 @@
+"""The typed config schema (data, train, model) and its loading from three YAML files plus KEY=VALUE overrides.
+
+Every field is declared once here, with its type, range and meaning; pydantic rejects unknown keys, wrong types and
+out-of-range values, and `load_config` turns the first problem into one `UserError` line naming the file and the
+dotted key (with a did-you-mean for typos).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dali_kd.errors import UserError
+from pipelines.params import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, EvalParams
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIG_DIR = CONFIG_DIR / "demo"
+SECTION_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
+
+FloatRange = tuple[float, float]
+RGB = tuple[float, float, float]
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    crop_scale: FloatRange = Field((0.08, 1.0), description="Random resized crop: area fraction range")
+    crop_ratio: FloatRange = Field((3 / 4, 4 / 3), description="Random resized crop: aspect ratio (w/h) range")
+    flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip")
+    jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability that colour jitter is applied")
+    brightness: float = Field(0.4, ge=0, le=1, description="Brightness factor drawn from [1-s, 1+s]")
+    contrast: float = Field(0.4, ge=0, le=1, description="Contrast factor drawn from [1-s, 1+s]")
+    saturation: float = Field(0.2, ge=0, le=1, description="Saturation factor drawn from [1-s, 1+s]")
+    hue: float = Field(0.1, ge=0, le=0.5, description="Hue shift drawn from [-h, h], in turns of the colour wheel")
+    mean: RGB = Field(IMAGENET_MEAN, description="Normalisation mean (RGB, 0-1 scale)")
+    std: RGB = Field(IMAGENET_STD, description="Normalisation std (RGB, 0-1 scale)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_scale(cls, v: FloatRange) -> FloatRange:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("need 0 < low <= high <= 1")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _check_ratio(cls, v: FloatRange) -> FloatRange:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("need 0 < low <= high")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(cls, v: RGB) -> RGB:
+        if any(s <= 0 for s in v):
+            raise ValueError("every entry must be > 0")
+        return v
+
+
+class DataConfig(Section):
+    root: str = Field(description="Training images: an ImageFolder tree root/<class>/<image>")
+    val_root: str | None = Field(None, description="Held-out images (same classes) for k-NN evaluation; null skips it")
+    backend: Literal["dali", "torchvision"] = Field("dali", description="dali (GPU or DALI CPU) or torchvision (PIL)")
+    image_size: int = Field(224, ge=16, le=4096, description="Side of the square training and eval crops, pixels")
+    eval_resize: int = Field(256, ge=16, le=4096, description="Eval: shorter side resized to this before the centre crop")
+    dali_threads: int = Field(4, ge=1, le=256, description="DALI CPU worker threads per process")
+    prefetch_batches: int = Field(2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW), reached after warm-up")
+    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine schedule")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before the cosine decay")
+    grad_clip: float | None = Field(3.0, gt=0, description="Clip the gradient norm to this; null disables")
+
+
+class LossConfig(Section):
+    feature: Literal["cosine", "mse", "cosine+mse"] = Field("cosine", description="Pooled-feature distillation loss")
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the pooled-feature loss")
+    patch_weight: float = Field(0.0, ge=0, description="Weight of the patch-token loss (ViT pairs, same token grid)")
+    logit_weight: float = Field(1.0, ge=0, description="Weight of the KL logit loss (same-size classifier heads)")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL logit loss")
+    label_weight: float = Field(0.0, ge=0, description="Weight of cross-entropy on the true labels")
+
+
+class TrainConfig(Section):
+    # The original trainer's keys, with their original meaning.
+    batch_size: int = Field(256, ge=1, description="Images per step on each GPU/process")
+    max_steps_per_epoch: int = Field(500, ge=1, description="An epoch ends after this many steps (the stream continues)")
+    use_local_crops: bool = Field(False, description="DINO-style local crops (not yet supported)")
+    cache_teacher_features: bool = Field(False, description="Cache teacher outputs (not yet supported)")
+    teacher_feature_dir: str | None = Field(None, description="Where the teacher cache lives")
+    compile_student: bool = Field(True, description="torch.compile the student (never the teacher)")
+    num_workers: int = Field(4, ge=0, description="DataLoader workers of the torchvision backend")
+    persistent_workers: bool = Field(False, description="Keep torchvision DataLoader workers between epochs")
+    # What a real run needs besides.
+    epochs: int = Field(100, ge=1, description="Number of (step-capped) epochs")
+    seed: int = Field(0, ge=0, description="Seed for shuffling, augmentations and initialisation")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available, else cpu")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    output_dir: str = Field("runs", description="Run directories are created under this folder")
+    run_name: str | None = Field(None, description="Run directory name; null: <student>-<date>-<time>")
+    log_every_n_steps: int = Field(50, ge=1, description="One metrics.jsonl row per this many steps")
+    knn_k: int = Field(20, ge=1, description="Neighbours in the k-NN evaluation")
+    knn_bank_size: int | None = Field(
+        None, ge=1, description="Training images (evenly spread) in the k-NN bank; null: all of them"
+    )
+    eval_every_n_epochs: int = Field(1, ge=1, description="k-NN evaluation every N epochs (and after the last)")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class ModelSpec(Section):
+    name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    checkpoint: str | None = Field(None, description="Local weights (.safetensors, or a torch file); null: random init")
+    num_classes: int | None = Field(
+        None, ge=0, description="Classifier outputs; null: teacher 1000, student same as the teacher"
+    )
+
+
+class ModelConfig(Section):
+    teacher: ModelSpec
+    student: ModelSpec
+    projector_hidden_dim: int = Field(
+        0, ge=0, description="Hidden width of the student→teacher feature projector; 0: one linear layer"
+    )
+
+
+class Config(Section):
+    data: DataConfig
+    train: TrainConfig
+    model: ModelConfig
+
+    def augment_params(self) -> AugmentParams:
+        a = self.data.augment
+        return AugmentParams(image_size=self.data.image_size, **a.model_dump())
+
+    def eval_params(self) -> EvalParams:
+        a = self.data.augment
+        return EvalParams(image_size=self.data.image_size, resize_size=self.data.eval_resize, mean=a.mean, std=a.std)
+
+
+def _did_you_mean(model: type[BaseModel] | None, key: str) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The schema class that holds the key at `path` (to suggest its real field names)."""
+    model: Any = Config
+    for part in path[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
+    loc = tuple(p for p in error["loc"] if isinstance(p, str) or isinstance(p, int))
+    key = ".".join(str(p) for p in loc)
+    where = sources.get(key) or sources.get(str(loc[0]) if loc else "", "config")
+    if error["type"] == "extra_forbidden":
+        what = f"unknown key{_did_you_mean(_model_at(loc), str(loc[-1]))}"
+    elif error["type"] == "missing":
+        what = "required key is missing"
+    else:
+        msg = error["msg"].removeprefix("Value error, ")
+        what = f"{msg} (got {error['input']!r})" if not isinstance(error["input"], dict) else msg
+    return f"{where}: {key}: {what}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.batch_size=64` → (['train', 'batch_size'], 64); the value is read as YAML (null, true, [1, 2])."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"command line: '{item}': expected KEY=VALUE with a dotted key such as train.batch_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"command line: '{item}': value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def load_config(
+    data_config: Path | None = None,
+    train_config: Path | None = None,
+    model_config: Path | None = None,
+    overrides: list[str] = (),  # type: ignore[assignment]
+    config_dir: Path = DEMO_CONFIG_DIR,
+) -> Config:
+    """Read the three files (a missing flag takes the file of that name in config_dir), apply overrides, validate."""
+    paths = {
+        "data": Path(data_config) if data_config else config_dir / SECTION_FILES["data"],
+        "train": Path(train_config) if train_config else config_dir / SECTION_FILES["train"],
+        "model": Path(model_config) if model_config else config_dir / SECTION_FILES["model"],
+    }
+    raw: dict[str, Any] = {section: read_yaml(path) for section, path in paths.items()}
+    sources: dict[str, str] = {section: str(path) for section, path in paths.items()}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in raw:
+            raise UserError(
+                f"command line: {'.'.join(keys)}: unknown section '{keys[0]}' (expected data., train. or model.)"
+            )
+        node = raw
+        for depth, part in enumerate(keys[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"command line: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+        sources[".".join(keys)] = "command line"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_describe(e.errors()[0], sources)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (tuples written as lists), as written into the run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,52 @@
+"""The batch both data backends yield, so the trainer never knows which one runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class ViewRecord:
+    """The parameters of each sample's augmented view; feeding them back renders the same pixels.
+
+    crop_anchor: float32 [B, 2], top-left corner (y, x) relative to the decoded image's height and width.
+    crop_shape:  float32 [B, 2], crop (height, width) relative to the decoded image.
+    flip:        int64 [B], 1 where the view is mirrored left-right.
+    jitter:      float32 [B, 4], (brightness, contrast, saturation, hue) with torchvision's meaning:
+                 multiplicative factors and a hue shift in turns; identity is (1, 1, 1, 0).
+    """
+
+    crop_anchor: torch.Tensor
+    crop_shape: torch.Tensor
+    flip: torch.Tensor
+    jitter: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewRecord:
+        return ViewRecord(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+
+@dataclass
+class Batch:
+    """images: float32 [B, 3, S, S], normalised; labels and sample_ids: int64 [B]; view: how each image was made.
+
+    sample_ids index the dataset's sorted file list (dali_kd.data.dataset.ImageIndex), the same on every
+    backend and rank, so a sample can be found again (teacher cache, quarantine, replay).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sample_ids: torch.Tensor
+    view: ViewRecord | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            images=self.images.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
+            view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
+        )

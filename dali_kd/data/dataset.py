@@ -1,0 +1,74 @@
+"""The image index: an ImageFolder tree (or a file list) turned into sorted paths, labels and sample ids."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali_kd.errors import UserError
+
+# Extensions DALI's image decoder handles; anything else in a class folder is not an image.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """files[i] has class labels[i]; i is the sample id. Classes are the sorted sub-folder names."""
+
+    root: Path
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, class_names: tuple[str, ...] | None = None) -> ImageIndex:
+        """Index root/<class>/**/<image>. Pass class_names (from the train split) to index a val split."""
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data folder not found: {root}")
+        found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if class_names is None:
+            class_names = tuple(found)
+        else:
+            unknown = sorted(set(found) - set(class_names))
+            if unknown:
+                raise UserError(f"{root}: class folders not in the training split: {', '.join(unknown[:5])}")
+        if not class_names:
+            raise UserError(f"{root}: no class sub-folders (expected root/<class>/<image>.jpg)")
+        files: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(class_names):
+            class_dir = root / name
+            if not class_dir.is_dir():
+                continue
+            for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    if fn.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, fn))
+                        labels.append(label)
+        if not files:
+            raise UserError(f"{root}: no images found under its class folders")
+        return cls(root=root, files=tuple(files), labels=tuple(labels), class_names=tuple(class_names))
+
+    def subset(self, max_samples: int | None) -> ImageIndex:
+        """At most max_samples files, evenly spread over the index (so every class stays represented)."""
+        if max_samples is None or max_samples >= self.num_samples:
+            return self
+        step = self.num_samples / max_samples
+        keep = [int(i * step) for i in range(max_samples)]
+        return ImageIndex(
+            root=self.root,
+            files=tuple(self.files[i] for i in keep),
+            labels=tuple(self.labels[i] for i in keep),
+            class_names=self.class_names,
+        )

@@ -1,0 +1,78 @@
+"""The embedded demo's first-use preparation: generate its dataset and train a teacher that knows it (both cached)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dali_kd.config import Config
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import make_eval_batches, make_train_stream
+from dali_kd.demo_data import demo_dataset_ready, make_demo_dataset
+from dali_kd.errors import UserError
+from dali_kd.io import save_safetensors_atomic
+from dali_kd.models import create_model
+
+TEACHER_STEPS = 300
+TEACHER_LR = 2e-3
+
+
+def prepare_demo(cfg: Config, device: torch.device, show_progress: bool = True) -> None:
+    """Make sure the demo dataset and the demo teacher's weights exist where the demo config points."""
+    train_root = Path(cfg.data.root).expanduser()
+    data_dir = train_root.parent
+    if not demo_dataset_ready(data_dir):
+        print(f"demo: generating the demo dataset in {data_dir} (first use only)", flush=True)
+        try:
+            make_demo_dataset(data_dir)
+        except OSError as e:
+            raise UserError(f"data.root: cannot write the demo dataset to {data_dir}: {e.strerror}") from None
+    checkpoint = cfg.model.teacher.checkpoint
+    if checkpoint and not Path(checkpoint).expanduser().is_file():
+        train_demo_teacher(cfg, Path(checkpoint).expanduser(), device, show_progress)
+
+
+def train_demo_teacher(cfg: Config, path: Path, device: torch.device, show_progress: bool = True) -> float:
+    """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
+    print(f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)", flush=True)
+    torch.manual_seed(cfg.train.seed)
+    index = ImageIndex.from_folder(cfg.data.root)
+    model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / TEACHER_STEPS))
+    )
+    stream = make_train_stream(cfg, index, device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    start = time.perf_counter()
+    model.train()
+    batches = iter(stream)
+    for _ in tqdm(range(TEACHER_STEPS), desc="teacher", unit="step", disable=not show_progress):
+        batch = next(batches)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    stream.close()
+    model.eval()
+    accuracy = float("nan")
+    if cfg.data.val_root:
+        val = ImageIndex.from_folder(cfg.data.val_root, class_names=index.class_names)
+        correct = 0
+        with torch.no_grad():
+            for batch in make_eval_batches(cfg, val, device, cfg.train.batch_size):
+                correct += int((model(batch.images).argmax(1) == batch.labels).sum())
+        accuracy = 100.0 * correct / val.num_samples
+    save_safetensors_atomic(path, model.state_dict())
+    print(
+        f"demo: teacher val top-1 {accuracy:.1f}% after {time.perf_counter() - start:.0f} s, saved to {path}",
+        flush=True,
+    )
+    return accuracy

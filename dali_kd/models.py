@@ -1,0 +1,171 @@
+"""Teacher and student models: built by timm name, loaded from local weights, the teacher frozen for good."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from dali_kd.config import ModelSpec
+from dali_kd.errors import UserError
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class ModelOutput:
+    """pooled: [B, D] embedding before the classifier; logits: [B, C] or None; patch_tokens: [B, N, D] or None."""
+
+    pooled: torch.Tensor
+    logits: torch.Tensor | None
+    patch_tokens: torch.Tensor | None
+
+
+def check_model_name(name: str, role: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"model.{role}.name: unknown timm model '{name}'{hint}")
+
+
+def create_model(name: str, image_size: int, num_classes: int) -> nn.Module:
+    """A timm model sized for image_size (ViT-style models take it as img_size; CNNs need nothing)."""
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size)
+    except TypeError:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as the bare model names them: no DDP `module.` or torch.compile `_orig_mod.` prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from .safetensors, or a torch file loaded with weights_only=True (state dict, or one nested in it)."""
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    for nested in ("state_dict", "model", "student"):
+        if isinstance(state, dict) and isinstance(state.get(nested), dict):
+            state = state[nested]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {path}: expected a state dict of tensors")
+    return strip_wrapper_prefixes(state)
+
+
+def load_weights(model: nn.Module, path: Path, role: str) -> None:
+    state = read_weights(path)
+    # timm's own per-architecture filter adapts e.g. a ViT's position embedding to another image size.
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception:  # noqa: BLE001 - fall back to the raw keys; the strict load below names the problem
+            pass
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise UserError(f"model.{role}.checkpoint {path}: weights do not fit {role}: {', '.join(parts)}")
+
+
+def build_model(spec: ModelSpec, role: str, image_size: int, num_classes: int) -> nn.Module:
+    check_model_name(spec.name, role)
+    model = create_model(spec.name, image_size, num_classes)
+    if spec.checkpoint:
+        load_weights(model, Path(spec.checkpoint).expanduser(), role)
+    return model
+
+
+def _patch_grid(model: nn.Module) -> tuple[int, ...] | None:
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    return tuple(grid) if grid is not None and hasattr(model, "num_prefix_tokens") else None
+
+
+def model_outputs(model: nn.Module, images: torch.Tensor, with_patches: bool) -> ModelOutput:
+    """Pooled embedding, logits and (ViTs) patch tokens from one pass of a timm model."""
+    tokens = model.forward_features(images)
+    pooled = model.forward_head(tokens, pre_logits=True)
+    logits = model.get_classifier()(pooled) if model.num_classes > 0 else None
+    patches = tokens[:, model.num_prefix_tokens :] if with_patches else None
+    return ModelOutput(pooled=pooled, logits=logits, patch_tokens=patches)
+
+
+class FrozenTeacher(nn.Module):
+    """The teacher: eval mode, no gradients, inference mode, bf16 autocast on GPU; `train()` cannot undo that."""
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.autocast_dtype = autocast_dtype
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        # Dropout, drop-path and batch-norm updates would change the targets: stay in eval whatever is asked.
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, with_patches: bool = False) -> ModelOutput:
+        with torch.autocast(
+            images.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
+            out = model_outputs(self.model, images, with_patches)
+        # Targets in fp32, as ordinary tensors (inference tensors cannot be saved for the student's backward).
+        return ModelOutput(
+            *(None if t is None else t.float().clone() for t in (out.pooled, out.logits, out.patch_tokens))
+        )
+
+
+def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
+    if hidden_dim == 0:
+        return nn.Linear(in_dim, out_dim) if in_dim != out_dim else nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+class Student(nn.Module):
+    """The trained model plus projectors that map its features to the teacher's width (dropped after training)."""
+
+    def __init__(self, backbone: nn.Module, teacher_dim: int, hidden_dim: int, with_patches: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.with_patches = with_patches
+        self.projector = _projector(backbone.num_features, teacher_dim, hidden_dim)
+        self.patch_projector = _projector(backbone.num_features, teacher_dim, hidden_dim) if with_patches else None
+
+    def forward(self, images: torch.Tensor) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+        """(raw outputs, pooled embedding projected to the teacher's width, projected patch tokens)."""
+        out = model_outputs(self.backbone, images, self.with_patches)
+        patches = self.patch_projector(out.patch_tokens) if self.patch_projector is not None else None
+        return out, self.projector(out.pooled), patches
+
+
+def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
+    """Patch-token distillation needs two ViT-style models with the same token grid."""
+    grid = _patch_grid(teacher)
+    return grid is not None and grid == _patch_grid(student)
+
+
+def embed_dim(model: nn.Module) -> int:
+    return int(model.num_features)

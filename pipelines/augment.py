@@ -1,0 +1,119 @@
+"""Pure DALI graph functions: draw a random view, render a view (crop, flip, jitter, normalise), eval transform.
+
+Each function takes DataNodes and returns DataNodes; none owns a reader, so the same code serves the training
+pipeline, the replay pipeline, CPU-only mode and the GPU (only `decode_device` differs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+from nvidia.dali.pipeline import DataNode
+
+from pipelines.params import AugmentParams, EvalParams
+
+
+@dataclass
+class View:
+    """A view record as DataNodes, per sample: relative crop anchor (y, x) and shape (h, w), flip, jitter[4]."""
+
+    crop_anchor: DataNode
+    crop_shape: DataNode
+    flip: DataNode
+    jitter: DataNode
+
+
+def image_hw(encoded: DataNode) -> DataNode:
+    """(height, width) of each encoded image, read from its header without decoding (float32)."""
+    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+    return shape[0:2]
+
+
+def _factor(strength: float, apply: DataNode, centre: float) -> DataNode:
+    """centre + u with u ~ U[-strength, strength] where `apply` is 1, exactly `centre` where it is 0."""
+    if strength == 0:
+        return apply * 0.0 + centre
+    return centre + apply * fn.random.uniform(range=[-strength, strength])
+
+
+def draw_view(encoded: DataNode, params: AugmentParams) -> View:
+    """Draw each sample's random view: torchvision's RandomResizedCrop window, flip bit and jitter factors."""
+    hw = image_hw(encoded)
+    # random_crop_generator implements RandomResizedCrop's 10 tries + centre fallback on the (H, W) shape;
+    # its aspect ratio is width/height as in torchvision.
+    anchor, shape = fn.random_crop_generator(
+        fn.cast(hw, dtype=types.INT64),
+        random_area=list(params.crop_scale),
+        random_aspect_ratio=list(params.crop_ratio),
+        num_attempts=10,
+    )
+    flip = fn.random.coin_flip(probability=params.flip_prob, dtype=types.INT32)
+    apply = fn.cast(fn.random.coin_flip(probability=params.jitter_prob, dtype=types.UINT8), dtype=types.FLOAT)
+    jitter = fn.stack(
+        _factor(params.brightness, apply, 1.0),
+        _factor(params.contrast, apply, 1.0),
+        _factor(params.saturation, apply, 1.0),
+        _factor(params.hue, apply, 0.0),
+    )
+    return View(
+        crop_anchor=fn.cast(anchor, dtype=types.FLOAT) / hw,
+        crop_shape=fn.cast(shape, dtype=types.FLOAT) / hw,
+        flip=flip,
+        jitter=jitter,
+    )
+
+
+def _to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
+    # Rounding recovers the generator's integer window exactly: a/H in float32 times H is within 0.5 of a.
+    return fn.cast(dmath.floor(relative * hw + 0.5), dtype=types.INT32)
+
+
+def render_view(encoded: DataNode, view: View, params: AugmentParams, decode_device: str) -> DataNode:
+    """Decode only the view's crop window, resize it, colour-jitter, flip and normalise to float CHW.
+
+    decode_device: "mixed" (GPU, hardware JPEG decoder where present) or "cpu" (DALI CPU-only mode).
+    Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
+    (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
+    """
+    hw = image_hw(encoded)
+    images = fn.decoders.image_slice(
+        encoded,
+        _to_pixels(view.crop_anchor, hw),
+        _to_pixels(view.crop_shape, hw),
+        axis_names="HW",
+        device=decode_device,
+        output_type=types.RGB,
+    )
+    size = params.image_size
+    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.color_twist(
+        images,
+        brightness=view.jitter[0],
+        contrast=view.jitter[1],
+        saturation=view.jitter[2],
+        hue=view.jitter[3] * 360.0,
+    )
+    return normalize(images, params.mean, params.std, mirror=view.flip)
+
+
+def normalize(images: DataNode, mean, std, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None):
+    """uint8 HWC → float32 CHW, (x/255 - mean)/std, optionally mirrored and centre-cropped, in one kernel."""
+    kwargs = {"crop": list(crop)} if crop else {}
+    return fn.crop_mirror_normalize(
+        images,
+        mirror=mirror,
+        mean=[m * 255.0 for m in mean],
+        std=[s * 255.0 for s in std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        **kwargs,
+    )
+
+
+def eval_transform(encoded: DataNode, params: EvalParams, decode_device: str) -> DataNode:
+    """Decode, resize the shorter side to resize_size, centre-crop image_size, normalise."""
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=params.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
+    return normalize(images, params.mean, params.std, crop=(params.image_size, params.image_size))

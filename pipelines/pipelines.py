@@ -1,0 +1,109 @@
+"""The DALI pipelines: training (reader → random view), replay (given views) and evaluation.
+
+Each pipeline owns its reader (or external source) and calls the pure graphs of `pipelines.augment`.
+device_id=None builds a CPU-only pipeline (decode on the CPU); otherwise decode runs on that GPU ("mixed").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
+
+from pipelines.augment import View, draw_view, eval_transform, render_view
+from pipelines.params import AugmentParams, EvalParams
+
+READER_NAME = "Reader"
+TRAIN_OUTPUTS = ("images", "sample_ids", "crop_anchor", "crop_shape", "flip", "jitter")
+REPLAY_INPUTS = ("encoded", "crop_anchor", "crop_shape", "flip", "jitter")
+EVAL_OUTPUTS = ("images", "sample_ids")
+
+
+def _decode_device(device_id: int | None) -> str:
+    return "cpu" if device_id is None else "mixed"
+
+
+def _read(files: Sequence[str], shuffle: bool, shard_id: int, num_shards: int, pad_last_batch: bool):
+    # The reader's "label" carries the sample id (index into files); the trainer maps ids to class labels, which
+    # keeps one id per file for replay, caching and quarantine.
+    encoded, sample_ids = fn.readers.file(
+        files=list(files),
+        labels=list(range(len(files))),
+        name=READER_NAME,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        # A full reshuffle of the shard at every pass, seeded by the pipeline seed; a continuing stream crosses
+        # pass boundaries inside a batch instead of padding.
+        shuffle_after_epoch=shuffle,
+        pad_last_batch=pad_last_batch,
+    )
+    return encoded, fn.cast(sample_ids, dtype=types.INT64)
+
+
+def train_pipeline(
+    files: Sequence[str],
+    params: AugmentParams,
+    batch_size: int,
+    seed: int,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    prefetch_queue_depth: int = 2,
+) -> Pipeline:
+    """Outputs TRAIN_OUTPUTS: images float32 [3,S,S], sample id, and the view record of each sample."""
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=prefetch_queue_depth,
+        enable_checkpointing=True,
+    )
+    def pipe():
+        encoded, sample_ids = _read(files, True, shard_id, num_shards, pad_last_batch=False)
+        view = draw_view(encoded, params)
+        images = render_view(encoded, view, params, _decode_device(device_id))
+        return images, sample_ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
+
+    return pipe()
+
+
+def replay_pipeline(
+    params: AugmentParams, batch_size: int, device_id: int | None = None, num_threads: int = 2
+) -> Pipeline:
+    """Renders given views: feed REPLAY_INPUTS (encoded bytes and the view record) with `feed_input`."""
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    def pipe():
+        encoded, anchor, shape, flip, jitter = (
+            fn.external_source(name=name, dtype=dtype)
+            for name, dtype in zip(
+                REPLAY_INPUTS, (types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT), strict=True
+            )
+        )
+        view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
+        return render_view(encoded, view, params, _decode_device(device_id))
+
+    return pipe()
+
+
+def eval_pipeline(
+    files: Sequence[str],
+    params: EvalParams,
+    batch_size: int,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    shard_id: int = 0,
+    num_shards: int = 1,
+) -> Pipeline:
+    """Outputs EVAL_OUTPUTS in file order; the last batch is padded (the iterator drops the padding)."""
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    def pipe():
+        encoded, sample_ids = _read(files, False, shard_id, num_shards, pad_last_batch=True)
+        return eval_transform(encoded, params, _decode_device(device_id)), sample_ids
+
+    return pipe()
