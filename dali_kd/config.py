@@ -248,7 +248,9 @@ def load_config(
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_describe(e.errors()[0], sources)) from None
+        # A typo also makes the real key "missing": report the typo, which explains both.
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise UserError(_describe(errors[0], sources)) from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -127,15 +127,17 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, with_patches: bool = False) -> ModelOutput:
+    def _infer(self, images: torch.Tensor, with_patches: bool) -> ModelOutput:
         with torch.autocast(
             images.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
         ):
-            out = model_outputs(self.model, images, with_patches)
-        # Targets in fp32, as ordinary tensors (inference tensors cannot be saved for the student's backward).
-        return ModelOutput(
-            *(None if t is None else t.float().clone() for t in (out.pooled, out.logits, out.patch_tokens))
-        )
+            return model_outputs(self.model, images, with_patches)
+
+    def forward(self, images: torch.Tensor, with_patches: bool = False) -> ModelOutput:
+        out = self._infer(images, with_patches)
+        # Targets in fp32, cloned outside inference mode: an inference tensor cannot be saved for the
+        # student's backward pass.
+        return ModelOutput(*(None if t is None else t.float().clone() for t in (out.pooled, out.logits, out.patch_tokens)))
 
 
 def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:

@@ -66,6 +66,8 @@ def run(argv: list[str] | None = None) -> dict:
         from dali_kd.demo import prepare_demo
 
         prepare_demo(cfg, device)
+    # Everything that can be wrong with the data, models or checkpoints fails here, before a run directory exists.
+    trainer = Trainer(cfg, device, show_progress=not args.no_progress)
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", flush=True)
     print(
@@ -73,7 +75,7 @@ def run(argv: list[str] | None = None) -> dict:
         f"batch {cfg.train.batch_size}, {cfg.train.epochs} epochs × ≤{cfg.train.max_steps_per_epoch} steps",
         flush=True,
     )
-    summary = Trainer(cfg, run_dir, device, show_progress=not args.no_progress).fit()
+    summary = trainer.fit(run_dir)
     knn = summary["student_knn_top1"]
     teacher = summary["teacher_knn_top1"]
     if knn is not None:

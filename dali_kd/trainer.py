@@ -75,10 +75,9 @@ class MetricsLog:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, show_progress: bool = True):
+    def __init__(self, cfg: Config, device: torch.device, show_progress: bool = True):
         check_supported(cfg)
         self.cfg = cfg
-        self.run_dir = run_dir
         self.device = device
         self.show_progress = show_progress
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
@@ -184,8 +183,10 @@ class Trainer:
             self.student.train(was_training)
 
     # ---- the run ---------------------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self, run_dir: Path) -> dict[str, Any]:
+        """Train for cfg.train.epochs step-capped epochs; writes config, metrics, summary and weights to run_dir."""
         cfg = self.cfg
+        self.run_dir = run_dir
         run_start = time.perf_counter()
         write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")

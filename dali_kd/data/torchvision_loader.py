@@ -1,0 +1,315 @@
+"""The torchvision backend: the original trainer's PIL + torchvision CPU path, yielding the same Batch as DALI."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from itertools import count
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode
+
+from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.data.dataset import ImageIndex
+from pipelines.params import AugmentParams, EvalParams
+
+# torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
+CROP_ATTEMPTS = 10
+IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)
+
+# A stream key is (position in this shard's stream, sample id); the view is a function of the position.
+StreamKey = tuple[int, int]
+
+
+def shard_sample_ids(num_samples: int, shard_id: int, num_shards: int) -> np.ndarray:
+    """Shard r of n owns sample ids [r*N//n, (r+1)*N//n): DALI's reader splits a file list the same way."""
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(
+            f"shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}"
+        )
+    begin, end = shard_id * num_samples // num_shards, (shard_id + 1) * num_samples // num_shards
+    if end <= begin:
+        raise ValueError(
+            f"shard {shard_id} of {num_shards} is empty: the dataset has only {num_samples} samples"
+        )
+    return np.arange(begin, end, dtype=np.int64)
+
+
+def pass_order(shard_ids: np.ndarray, seed: int, pass_index: int) -> np.ndarray:
+    """The order of one pass over a shard: a permutation seeded by (seed, pass), different every pass."""
+    return np.random.default_rng([seed, pass_index]).permutation(shard_ids)
+
+
+def view_rng(seed: int, shard_id: int, position: int) -> np.random.Generator:
+    """The generator of one sample's view; keyed by stream position so worker count and timing cannot change it."""
+    return np.random.default_rng([seed, shard_id, position])
+
+
+def stream_keys(shard_ids: np.ndarray, seed: int) -> Iterator[StreamKey]:
+    """The endless (position, sample id) stream: pass 0's order, then pass 1's, and so on."""
+    position = 0
+    for pass_index in count():
+        for sample_id in pass_order(shard_ids, seed, pass_index).tolist():
+            yield position, sample_id
+            position += 1
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """Decode as DALI does: EXIF orientation applied, 16-bit scaled (not clipped) to 8 bits, alpha dropped."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+            # Pillow's convert() clips values above 255, turning most 16-bit greys white. Mode "I" is how older
+            # Pillow versions open 16-bit grey PNGs, so it is read as 16-bit too.
+            deep = np.asarray(img).astype(np.int64).clip(0, 65535)
+            img = Image.fromarray(((deep * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        elif img.mode == "P":
+            # A palette with transparency warns when converted straight to RGB; via RGBA it drops alpha cleanly.
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+def sample_crop(
+    height: int, width: int, params: AugmentParams, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with a numpy generator: (top, left, height, width) in pixels."""
+    area = height * width
+    log_ratio = (math.log(params.crop_ratio[0]), math.log(params.crop_ratio[1]))
+    for _ in range(CROP_ATTEMPTS):
+        target_area = area * rng.uniform(params.crop_scale[0], params.crop_scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(params.crop_ratio):
+        w = width
+        h = int(round(w / min(params.crop_ratio)))
+    elif in_ratio > max(params.crop_ratio):
+        h = height
+        w = int(round(h * max(params.crop_ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_jitter(params: AugmentParams, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """(brightness, contrast, saturation, hue) as torchvision's ColorJitter draws them, or the identity."""
+    # All draws are made whether or not the jitter applies, so each sample uses a fixed number of draws.
+    apply = rng.uniform() < params.jitter_prob
+    strengths = (params.brightness, params.contrast, params.saturation)
+    b, c, s = (rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength) for strength in strengths)
+    hue = rng.uniform(-params.hue, params.hue)
+    if not apply:
+        return IDENTITY_JITTER
+    # Rounded to float32 here because the view record stores float32: replaying it must use the same numbers.
+    b, c, s, hue = np.array([b, c, s, hue], dtype=np.float32).tolist()
+    return b, c, s, hue
+
+
+def _pixel_box(
+    anchor: Sequence[float], shape: Sequence[float], height: int, width: int
+) -> tuple[int, int, int, int]:
+    h = min(max(1, round(float(shape[0]) * height)), height)
+    w = min(max(1, round(float(shape[1]) * width)), width)
+    top = min(max(0, round(float(anchor[0]) * height)), height - h)
+    left = min(max(0, round(float(anchor[1]) * width)), width - w)
+    return top, left, h, w
+
+
+def _render(
+    img: Image.Image,
+    anchor: Sequence[float],
+    shape: Sequence[float],
+    flip: bool,
+    jitter: Sequence[float],
+    params: AugmentParams,
+) -> torch.Tensor:
+    top, left, h, w = _pixel_box(anchor, shape, img.height, img.width)
+    size = [params.image_size, params.image_size]
+    # On a PIL image this is crop-then-resize with PIL's bilinear filter, which antialiases when shrinking.
+    out = TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True)
+    if flip:
+        out = TF.hflip(out)
+    brightness, contrast, saturation, hue = (float(f) for f in jitter)
+    # Identity factors are skipped rather than applied: PIL's hue round trip through HSV is not lossless.
+    if brightness != 1.0:
+        out = TF.adjust_brightness(out, brightness)
+    if contrast != 1.0:
+        out = TF.adjust_contrast(out, contrast)
+    if saturation != 1.0:
+        out = TF.adjust_saturation(out, saturation)
+    if hue != 0.0:
+        out = TF.adjust_hue(out, hue)
+    return TF.normalize(TF.to_tensor(out), params.mean, params.std)
+
+
+def render_view_pil(
+    path: str,
+    anchor: Sequence[float],
+    shape: Sequence[float],
+    flip: bool,
+    jitter: Sequence[float],
+    params: AugmentParams,
+) -> torch.Tensor:
+    """Render a recorded view again: float32 [3, S, S], normalised.
+
+    anchor (top, left) and shape (height, width) are relative to the decoded image, as in ViewRecord; they are
+    rounded to whole pixels, which reproduces this backend's own records exactly.
+    """
+    return _render(decode_rgb(path), anchor, shape, flip, jitter, params)
+
+
+class _TrainViews(Dataset):
+    """Maps a stream key to (image, label, sample id, crop anchor, crop shape, flip, jitter)."""
+
+    def __init__(self, index: ImageIndex, params: AugmentParams, seed: int, shard_id: int):
+        self.files = index.files
+        self.labels = index.labels
+        self.params = params
+        self.seed = seed
+        self.shard_id = shard_id
+
+    def __getitem__(self, key: StreamKey) -> tuple:
+        position, sample_id = key
+        img = decode_rgb(self.files[sample_id])
+        rng = view_rng(self.seed, self.shard_id, position)
+        top, left, h, w = sample_crop(img.height, img.width, self.params, rng)
+        flip = bool(rng.uniform() < self.params.flip_prob)
+        jitter = sample_jitter(self.params, rng)
+        # The record is what gets rendered, so replaying the float32 record cannot land on another pixel box.
+        anchor = np.array([top / img.height, left / img.width], dtype=np.float32)
+        shape = np.array([h / img.height, w / img.width], dtype=np.float32)
+        image = _render(img, anchor.tolist(), shape.tolist(), flip, jitter, self.params)
+        return image, self.labels[sample_id], sample_id, anchor, shape, flip, jitter
+
+
+class _StreamBatches(Sampler[list[StreamKey]]):
+    """Consecutive chunks of the endless stream, so a batch may hold the end of one pass and the start of the next."""
+
+    def __init__(self, shard_ids: np.ndarray, seed: int, batch_size: int):
+        self.shard_ids = shard_ids
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[StreamKey]]:
+        keys = stream_keys(self.shard_ids, self.seed)
+        while True:
+            yield [next(keys) for _ in range(self.batch_size)]
+
+
+def _collate_train(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
+    # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field.
+    images, labels, ids, anchors, shapes, flips, jitters = zip(*samples, strict=True)
+    return (
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(ids, dtype=torch.int64),
+        torch.from_numpy(np.stack(anchors)),
+        torch.from_numpy(np.stack(shapes)),
+        torch.tensor(flips, dtype=torch.int64),
+        torch.tensor(jitters, dtype=torch.float32),
+    )
+
+
+class TorchvisionTrainStream:
+    """An endless stream of full training batches from PIL + torchvision in a DataLoader.
+
+    Each iter() starts the stream again at position 0 (keep one iterator alive at a time: persistent workers are
+    shared by all of them); the output does not depend on num_workers.
+    """
+
+    def __init__(
+        self,
+        index: ImageIndex,
+        params: AugmentParams,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 4,
+        persistent_workers: bool = False,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        pin_memory: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.shard_ids = shard_sample_ids(index.num_samples, shard_id, num_shards)
+        self.num_samples = len(self.shard_ids)
+        self.batch_size = batch_size
+        self._loader: DataLoader | None = DataLoader(
+            _TrainViews(index, params, seed, shard_id),
+            batch_sampler=_StreamBatches(self.shard_ids, seed, batch_size),
+            num_workers=num_workers,
+            collate_fn=_collate_train,
+            pin_memory=pin_memory,
+            # DataLoader rejects persistent workers without workers; the flag then simply has no meaning.
+            persistent_workers=persistent_workers and num_workers > 0,
+        )
+        self._active: Iterator | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._loader is None:
+            raise RuntimeError("TorchvisionTrainStream is closed")
+        self._active = iter(self._loader)
+        for images, labels, ids, anchors, shapes, flips, jitters in self._active:
+            yield Batch(
+                images=images,
+                labels=labels,
+                sample_ids=ids,
+                view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
+            )
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than when the garbage collector finds them."""
+        shutdown = getattr(self._active, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._active = None
+        self._loader = None
+
+    def __enter__(self) -> TorchvisionTrainStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _EvalImages(Dataset):
+    def __init__(self, index: ImageIndex, params: EvalParams):
+        self.files = index.files
+        self.labels = index.labels
+        self.params = params
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
+        img = decode_rgb(self.files[sample_id])
+        img = TF.resize(img, self.params.resize_size, InterpolationMode.BILINEAR, antialias=True)
+        img = TF.center_crop(img, [self.params.image_size, self.params.image_size])
+        image = TF.normalize(TF.to_tensor(img), self.params.mean, self.params.std)
+        return image, self.labels[sample_id], sample_id
+
+
+def torchvision_eval_batches(
+    index: ImageIndex, params: EvalParams, batch_size: int, num_workers: int = 0
+) -> Iterator[Batch]:
+    """Every sample once, in index order; the last batch may be partial and Batch.view is None."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader = DataLoader(
+        _EvalImages(index, params), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    for images, labels, ids in loader:
+        yield Batch(images=images, labels=labels.to(torch.int64), sample_ids=ids.to(torch.int64))

@@ -1,0 +1,267 @@
+"""The embedded demo's dataset: synthetic shape and texture classes, written as an ImageFolder tree of JPEGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dali_kd.errors import UserError
+
+# Each class is carried by shape or texture, never by colour: the training augmentations jitter hue, saturation,
+# brightness and contrast, crop down to a quarter of the area and mirror. No class is the mirror image of another.
+CLASS_NAMES = (
+    "circle",
+    "ring",
+    "square",
+    "triangle",
+    "cross",
+    "stripes_h",
+    "stripes_d",
+    "checkerboard",
+    "dots",
+    "grid",
+)
+
+MARKER_NAME = "COMPLETE"
+_MARKER_TMP = f".{MARKER_NAME}.tmp"
+SPLITS = ("train", "val")
+JPEG_QUALITY = 90
+# Part of the marker: bump it when the drawing changes, so old datasets on disk are regenerated.
+FORMAT_VERSION = 1
+
+_SPLIT_CODES = {"train": 0, "val": 1}
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _params(num_classes: int, train_per_class: int, val_per_class: int, image_size: int, seed: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "num_classes": int(num_classes),
+        "train_per_class": int(train_per_class),
+        "val_per_class": int(val_per_class),
+        "image_size": int(image_size),
+        "seed": int(seed),
+    }
+
+
+def _validate(params: dict) -> None:
+    if not 2 <= params["num_classes"] <= len(CLASS_NAMES):
+        raise ValueError(
+            f"demo data: num_classes must be in [2, {len(CLASS_NAMES)}], got {params['num_classes']}"
+        )
+    for key in ("train_per_class", "val_per_class"):
+        if params[key] < 1:
+            raise ValueError(f"demo data: {key} must be >= 1, got {params[key]}")
+    if params["image_size"] < 16:
+        raise ValueError(f"demo data: image_size must be >= 16, got {params['image_size']}")
+    if params["seed"] < 0:
+        raise ValueError(f"demo data: seed must be >= 0, got {params['seed']}")
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    # A luminance gap keeps the shape visible in grey and after jitter; the hues themselves carry no label.
+    while True:
+        fg, bg = rng.uniform(0.0, 1.0, size=(2, 3)).astype(np.float32)
+        if abs(float(fg @ _LUMA) - float(bg @ _LUMA)) >= 0.3:
+            return fg, bg
+
+
+def _soft(inside: np.ndarray) -> np.ndarray:
+    """Coverage from a signed distance in pixels (positive inside): a one-pixel anti-aliased edge."""
+    return np.clip(inside + 0.5, 0.0, 1.0)
+
+
+def _periodic(coord: np.ndarray, period: float, phase: float) -> np.ndarray:
+    """Signed distance-like wave: positive on the bands, slope one pixel per pixel at the edges."""
+    return period / (2 * math.pi) * np.sin(2 * math.pi * coord / period + phase)
+
+
+def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The foreground coverage in [0, 1], float32 [size, size], of one random instance of a class."""
+    s = float(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    # Shapes sit near the middle so a crop of a quarter of the image still shows a good part of them.
+    cy, cx = s / 2 + rng.uniform(-0.12, 0.12, size=2) * s
+    # Textures may turn freely only where a turn cannot make them another class (stripes_h must stay level).
+    small_turn = math.radians(rng.uniform(-10.0, 10.0))
+    any_turn = rng.uniform(0.0, 2 * math.pi)
+
+    def rotated(angle: float) -> tuple[np.ndarray, np.ndarray]:
+        c, si = math.cos(angle), math.sin(angle)
+        dx, dy = xx - cx, yy - cy
+        return c * dx + si * dy, -si * dx + c * dy
+
+    if kind == "circle":
+        radius = rng.uniform(0.22, 0.38) * s
+        return _soft(radius - np.hypot(xx - cx, yy - cy))
+    if kind == "ring":
+        radius = rng.uniform(0.24, 0.38) * s
+        half_width = rng.uniform(0.035, 0.06) * s
+        return _soft(half_width - np.abs(np.hypot(xx - cx, yy - cy) - radius))
+    if kind == "square":
+        u, v = rotated(any_turn)
+        half_side = rng.uniform(0.18, 0.3) * s
+        return _soft(half_side - np.maximum(np.abs(u), np.abs(v)))
+    if kind == "triangle":
+        u, v = rotated(any_turn)
+        inradius = rng.uniform(0.13, 0.2) * s
+        sides = [
+            inradius - (u * math.cos(a) + v * math.sin(a)) for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)
+        ]
+        return _soft(np.minimum(np.minimum(sides[0], sides[1]), sides[2]))
+    if kind == "cross":
+        # Kept near upright: at 45 degrees a plus would become an x, which is still a cross but needlessly varied.
+        u, v = rotated(math.radians(rng.uniform(-15.0, 15.0)))
+        arm = rng.uniform(0.26, 0.4) * s
+        half_width = rng.uniform(0.06, 0.1) * s
+        bar_h = np.minimum(half_width - np.abs(v), arm - np.abs(u))
+        bar_v = np.minimum(half_width - np.abs(u), arm - np.abs(v))
+        return _soft(np.maximum(bar_h, bar_v))
+    if kind == "stripes_h":
+        _, v = rotated(small_turn)
+        return _soft(_periodic(v, rng.uniform(0.12, 0.25) * s, rng.uniform(0, 2 * math.pi)))
+    if kind == "stripes_d":
+        # Both diagonals belong to this class, so a mirrored sample is still a sample of it.
+        diagonal = math.radians(rng.choice([45.0, -45.0]))
+        _, v = rotated(diagonal + small_turn)
+        return _soft(_periodic(v, rng.uniform(0.12, 0.25) * s, rng.uniform(0, 2 * math.pi)))
+    if kind == "checkerboard":
+        u, v = rotated(small_turn)
+        cell = rng.uniform(0.12, 0.22) * s
+        wave_u = np.sin(math.pi * u / cell + rng.uniform(0, 2 * math.pi))
+        wave_v = np.sin(math.pi * v / cell + rng.uniform(0, 2 * math.pi))
+        return np.clip(0.5 + cell / 2 * wave_u * wave_v, 0.0, 1.0)
+    if kind == "dots":
+        u, v = rotated(any_turn)
+        period = rng.uniform(0.16, 0.26) * s
+        radius = rng.uniform(0.2, 0.3) * period
+        du = np.mod(u, period) - period / 2
+        dv = np.mod(v, period) - period / 2
+        return _soft(radius - np.hypot(du, dv))
+    if kind == "grid":
+        u, v = rotated(small_turn)
+        period = rng.uniform(0.16, 0.26) * s
+        half_width = max(0.75, rng.uniform(0.05, 0.08) * period)
+        line_u = half_width - np.abs(np.mod(u, period) - period / 2)
+        line_v = half_width - np.abs(np.mod(v, period) - period / 2)
+        return _soft(np.maximum(line_u, line_v))
+    raise AssertionError(f"unknown demo class {kind!r}")
+
+
+def render_demo_image(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One random image of class `kind`: uint8 [size, size, 3]."""
+    fg, bg = _colour_pair(rng)
+    alpha = _coverage(kind, size, rng)[..., None]
+    # A smooth lighting gradient and sensor-like noise keep the task from being solved by exact pixel values.
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    angle = rng.uniform(0, 2 * math.pi)
+    gradient = rng.uniform(0.0, 0.3) * (math.cos(angle) * xx + math.sin(angle) * yy)
+    image = bg * (1 - alpha) + fg * alpha + gradient[..., None]
+    image += rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
+    return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def _write_split(folder: Path, split: str, count: int, params: dict) -> None:
+    for label, kind in enumerate(CLASS_NAMES[: params["num_classes"]]):
+        class_dir = folder / split / kind
+        class_dir.mkdir(parents=True)
+        for i in range(count):
+            # One generator per image: an image does not change when the counts of other classes or splits do.
+            rng = np.random.default_rng([params["seed"], _SPLIT_CODES[split], label, i])
+            pixels = render_demo_image(kind, params["image_size"], rng)
+            Image.fromarray(pixels).save(class_dir / f"{i:05d}.jpg", quality=JPEG_QUALITY)
+
+
+def _read_marker(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def demo_dataset_ready(
+    root: str | os.PathLike,
+    num_classes: int = 10,
+    train_per_class: int = 120,
+    val_per_class: int = 40,
+    image_size: int = 96,
+    seed: int = 0,
+) -> bool:
+    """True when root holds a complete demo dataset made with exactly these parameters."""
+    return _ready(
+        Path(root).expanduser(), _params(num_classes, train_per_class, val_per_class, image_size, seed)
+    )
+
+
+def _ready(root: Path, params: dict) -> bool:
+    return _read_marker(root) == params and all((root / split).is_dir() for split in SPLITS)
+
+
+def _check_replaceable(root: Path) -> None:
+    # Only a folder that looks like ours (or is empty) is ever removed, so a mistyped root cannot wipe user data.
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UserError(f"demo data folder {root} exists and is not a folder")
+    unexpected = sorted(p.name for p in root.iterdir() if p.name not in (*SPLITS, MARKER_NAME, _MARKER_TMP))
+    if unexpected:
+        raise UserError(
+            f"demo data folder {root} holds files that are not demo data ({', '.join(unexpected[:5])}); "
+            "choose an empty or new folder"
+        )
+
+
+def _discard(root: Path) -> None:
+    if not root.exists():
+        return
+    # Renamed first so that an interruption leaves either the old tree or nothing at root, never half of it.
+    trash = root.with_name(f".{root.name}.old-{os.getpid()}")
+    os.replace(root, trash)
+    shutil.rmtree(trash)
+
+
+def make_demo_dataset(
+    root: str | os.PathLike,
+    num_classes: int = 10,
+    train_per_class: int = 120,
+    val_per_class: int = 40,
+    image_size: int = 96,
+    seed: int = 0,
+) -> Path:
+    """Write root/{train,val}/<class>/<i>.jpg and then root/COMPLETE; a no-op when that dataset is already there.
+
+    The tree is built in a hidden sibling folder and renamed into place, and the marker is written last, so an
+    interrupted run leaves no marker and the next call regenerates.
+    """
+    root = Path(root).expanduser()
+    params = _params(num_classes, train_per_class, val_per_class, image_size, seed)
+    _validate(params)
+    if _ready(root, params):
+        return root
+    _check_replaceable(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        staging.mkdir()
+        _write_split(staging, "train", params["train_per_class"], params)
+        _write_split(staging, "val", params["val_per_class"], params)
+        _discard(root)
+        os.replace(staging, root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    marker_tmp = root / _MARKER_TMP
+    with open(marker_tmp, "w") as f:
+        json.dump(params, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker_tmp, root / MARKER_NAME)
+    return root

@@ -1,0 +1,103 @@
+"""Config errors: one line naming the file and the dotted key, exit code 2, before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES, dump_config, load_config
+from dali_kd.errors import UserError
+
+
+def test_shipped_configs_are_valid():
+    real = load_config(*(CONFIG_DIR / f for f in SECTION_FILES.values()))
+    assert real.train.max_steps_per_epoch == 500 and real.train.num_workers == 4
+    assert not real.train.persistent_workers and not real.train.use_local_crops
+    assert real.model.teacher.name == "vit_base_patch16_224" and real.train.batch_size == 256
+    demo = load_config()
+    assert demo.data.backend == "dali" and demo.train.compile_student
+
+
+def test_overrides_reach_every_section():
+    cfg = load_config(
+        overrides=["train.batch_size=64", "model.teacher.checkpoint=null", "data.augment.flip_prob=0", "data.val_root=/data/val"]
+    )
+    assert cfg.train.batch_size == 64 and cfg.model.teacher.checkpoint is None
+    assert cfg.data.augment.flip_prob == 0 and cfg.data.val_root == "/data/val"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.batch_sise=3", r"command line: train\.batch_sise: unknown key \(did you mean 'batch_size'\?\)"),
+        ("train.batch_size=0", r"train\.batch_size: .*greater than or equal to 1"),
+        ("train.batch_size=abc", r"train\.batch_size: .*valid integer"),
+        ("data.backend=pil", r"data\.backend: .*'dali' or 'torchvision'"),
+        ("data.augment.crop_scale=[0.9,0.1]", r"data\.augment\.crop_scale: need 0 < low <= high <= 1"),
+        ("data.augment.hue=0.7", r"data\.augment\.hue: .*less than or equal to 0\.5"),
+        ("train.loss.temprature=2", r"train\.loss\.temprature: unknown key \(did you mean 'temperature'\?\)"),
+        ("optimizer.lr=1", r"unknown section 'optimizer'"),
+        ("train.batch_size", r"expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(UserError, match=expected):
+        load_config(overrides=[override])
+
+
+def test_errors_in_files_name_the_file(tmp_path):
+    bad = tmp_path / "train.yaml"
+    text = (DEMO_CONFIG_DIR / "train_config_kd.yaml").read_text().replace("log_every_n_steps:", "log_every_n_stepz:")
+    bad.write_text(text)
+    with pytest.raises(UserError, match=rf"{bad}: train\.log_every_n_stepz: unknown key \(did you mean"):
+        load_config(train_config=bad)
+    nested = tmp_path / "model.yaml"
+    nested.write_text("teacher: {name: resnet18}\nstudent: {nmae: resnet10t}\n")
+    with pytest.raises(UserError, match=rf"{nested}: model\.student\.nmae: unknown key \(did you mean 'name'"):
+        load_config(model_config=nested)
+    broken = tmp_path / "data.yaml"
+    broken.write_text("root: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(data_config=broken)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(data_config=tmp_path / "missing.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(overrides=["train.seed=7"])
+    out = tmp_path / "config.yaml"
+    out.write_text(dump_config(cfg))
+    import yaml
+
+    raw = yaml.safe_load(out.read_text())
+    assert load_config(overrides=[f"train.seed={raw['train']['seed']}"]) == cfg
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dali_kd.train", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train.batch_sise=3"], "train.batch_sise: unknown key (did you mean 'batch_size'?)"),
+        (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--data_config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
+        (["model.student.name=resnet_not_real"], "model.student.name: unknown timm model 'resnet_not_real'"),
+        (["data.root=/no/such/dir", "model.teacher.checkpoint=null", "--data_config", str(DEMO_CONFIG_DIR / "data_config.yaml")],
+         "data folder not found: /no/such/dir"),
+        (["train.use_local_crops=true"], "train.use_local_crops: local crops are not supported yet"),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, expected):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "runs").exists(), "no run directory before the config is valid"

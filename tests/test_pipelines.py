@@ -1,0 +1,144 @@
+"""The DALI pipelines in CPU-only mode (same graph code as the GPU): outputs, view records, replay, the stream."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dali_kd.data.batch import ViewRecord
+from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
+from dali_kd.data.dataset import ImageIndex
+from pipelines.params import AugmentParams, EvalParams
+
+MEAN = torch.tensor(AugmentParams().mean).view(1, 3, 1, 1)
+STD = torch.tensor(AugmentParams().std).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def index(image_tree) -> ImageIndex:
+    return ImageIndex.from_folder(image_tree / "train")
+
+
+def take(stream, n):
+    return list(itertools.islice(iter(stream), n))
+
+
+def test_train_batch_shapes_dtypes_and_ranges(index):
+    stream = DaliTrainStream(index, AugmentParams(image_size=40), batch_size=8, seed=0)
+    (batch,) = take(stream, 1)
+    assert batch.images.shape == (8, 3, 40, 40) and batch.images.dtype == torch.float32
+    assert batch.labels.dtype == torch.int64 and batch.sample_ids.dtype == torch.int64
+    assert batch.view.crop_anchor.shape == (8, 2) and batch.view.jitter.shape == (8, 4)
+    assert batch.view.flip.dtype == torch.int64
+    pixels = batch.images * STD + MEAN
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+    assert batch.images.std() > 0.1, "normalised images should not be flat"
+    expected = torch.tensor([index.labels[i] for i in batch.sample_ids])
+    assert torch.equal(batch.labels, expected)
+
+
+def test_crop_windows_respect_scale_and_ratio(index):
+    params = AugmentParams(image_size=16, crop_scale=(0.3, 0.6), crop_ratio=(0.8, 1.25))
+    stream = DaliTrainStream(index, params, batch_size=16, seed=1)
+    sizes = {i: Image.open(f).size for i, f in enumerate(index.files)}  # (W, H)
+    in_range = total = 0
+    for batch in take(stream, 6):
+        anchor, shape = batch.view.crop_anchor, batch.view.crop_shape
+        assert (anchor >= 0).all() and (anchor + shape <= 1 + 1e-6).all()
+        for sid, (h, w) in zip(batch.sample_ids.tolist(), shape.tolist(), strict=True):
+            W, H = sizes[sid]
+            area, ratio = h * w, (w * W) / (h * H)
+            # One pixel of rounding on each side of the window.
+            tol = 2.0 / min(W, H)
+            in_range += 0.3 - tol <= area <= 0.6 + tol and 0.8 - tol * 2 <= ratio <= 1.25 + tol * 2
+            total += 1
+    # RandomResizedCrop falls back to a centre crop when 10 tries fail; that is rare for these settings.
+    assert in_range / total >= 0.9
+
+
+def test_jitter_factors_in_range_and_identity_when_off(index):
+    params = AugmentParams(image_size=16, jitter_prob=0.5, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.05)
+    jitter = torch.cat([b.view.jitter for b in take(DaliTrainStream(index, params, batch_size=16, seed=2), 6)])
+    for column, strength, centre in zip(range(4), (0.3, 0.2, 0.1, 0.05), (1, 1, 1, 0), strict=True):
+        values = jitter[:, column]
+        assert (values >= centre - strength - 1e-6).all() and (values <= centre + strength + 1e-6).all()
+    identity = (jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all(dim=1).float().mean()
+    assert 0.25 < identity < 0.75, "about half the views should be un-jittered with jitter_prob=0.5"
+    off = AugmentParams(image_size=16, jitter_prob=0.0)
+    jitter = take(DaliTrainStream(index, off, batch_size=16, seed=2), 1)[0].view.jitter
+    assert (jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all()
+
+
+def test_flip_probability_is_honoured(index):
+    never = take(DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=0.0), batch_size=16, seed=3), 3)
+    always = take(DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=1.0), batch_size=16, seed=3), 3)
+    assert all((b.view.flip == 0).all() for b in never) and all((b.view.flip == 1).all() for b in always)
+
+
+def test_replayed_views_render_the_same_pixels(index):
+    params = AugmentParams(image_size=32)
+    (batch,) = take(DaliTrainStream(index, params, batch_size=8, seed=4), 1)
+    images = batch.images.clone()
+    again = DaliViewRenderer(index, params, batch_size=8).render(batch.sample_ids, batch.view)
+    assert torch.allclose(again, images, atol=1e-5)
+    # A different view of the same files renders different pixels: the record, not the file, decides.
+    other = ViewRecord(batch.view.crop_anchor * 0, batch.view.crop_shape * 0 + 1, batch.view.flip, batch.view.jitter)
+    assert not torch.allclose(DaliViewRenderer(index, params, 8).render(batch.sample_ids, other), images, atol=1e-2)
+
+
+def test_flip_really_mirrors(index):
+    params = AugmentParams(image_size=24)
+    renderer = DaliViewRenderer(index, params, batch_size=4)
+    ids = torch.tensor([0, 5, 17, 30])
+    view = ViewRecord(
+        crop_anchor=torch.tensor([[0.1, 0.2]] * 4),
+        crop_shape=torch.tensor([[0.7, 0.6]] * 4),
+        flip=torch.zeros(4, dtype=torch.int64),
+        jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 4),
+    )
+    plain = renderer.render(ids, view)
+    view.flip = torch.ones(4, dtype=torch.int64)
+    mirrored = renderer.render(ids, view)
+    assert torch.equal(mirrored, plain.flip(-1))
+    assert not torch.equal(mirrored, plain)
+
+
+def test_stream_reshuffles_each_pass_and_crosses_pass_boundaries(index):
+    n = index.num_samples  # 48
+    stream = DaliTrainStream(index, AugmentParams(image_size=16), batch_size=10, seed=5)
+    ids = torch.cat([b.sample_ids for b in take(stream, 15)]).tolist()  # 150 ids = 3 passes + 6
+    passes = [ids[p * n : (p + 1) * n] for p in range(3)]
+    for order in passes:
+        assert sorted(order) == list(range(n)), "each pass covers every sample exactly once"
+    assert passes[0] != passes[1] != passes[2], "each pass is shuffled differently"
+    again = torch.cat([b.sample_ids for b in take(DaliTrainStream(index, AugmentParams(16), 10, seed=5), 15)])
+    assert again.tolist() == ids, "same seed, same stream"
+
+
+def test_eval_batches_cover_each_sample_once_in_order(image_tree):
+    val = ImageIndex.from_folder(image_tree / "val")
+    batches = list(dali_eval_batches(val, EvalParams(image_size=24, resize_size=28), batch_size=5))
+    ids = torch.cat([b.sample_ids for b in batches]).tolist()
+    assert ids == list(range(val.num_samples))
+    assert [len(b) for b in batches] == [5, 5, 5, 1]
+    assert batches[0].images.shape[1:] == (3, 24, 24) and batches[0].view is None
+    # Deterministic: the eval transform has no randomness.
+    again = next(iter(dali_eval_batches(val, EvalParams(image_size=24, resize_size=28), batch_size=5)))
+    assert torch.equal(again.images, batches[0].images)
+
+
+def test_eval_centre_crop_matches_a_hand_made_reference(tmp_path):
+    # A 40x80 image whose left half is black and right half white: resize shorter side to 20 → 20x40,
+    # centre crop 20x20 → columns 10..29 of the resized image: left half black, right half white.
+    img = np.zeros((40, 80, 3), dtype=np.uint8)
+    img[:, 40:] = 255
+    (tmp_path / "a").mkdir()
+    Image.fromarray(img).save(tmp_path / "a" / "x.png")
+    index = ImageIndex.from_folder(tmp_path)
+    (batch,) = list(dali_eval_batches(index, EvalParams(image_size=20, resize_size=20), batch_size=1))
+    pixels = batch.images * STD + MEAN
+    assert pixels[0, :, :, :8].max() < 0.05 and pixels[0, :, :, 12:].min() > 0.95
