@@ -32,13 +32,17 @@ class Section(BaseModel):
 
 class AugmentConfig(Section):
     crop_scale: FloatRange = Field((0.08, 1.0), description="Random resized crop: area fraction range")
-    crop_ratio: FloatRange = Field((3 / 4, 4 / 3), description="Random resized crop: aspect ratio (w/h) range")
+    crop_ratio: FloatRange = Field(
+        (3 / 4, 4 / 3), description="Random resized crop: aspect ratio (w/h) range"
+    )
     flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip")
     jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability that colour jitter is applied")
     brightness: float = Field(0.4, ge=0, le=1, description="Brightness factor drawn from [1-s, 1+s]")
     contrast: float = Field(0.4, ge=0, le=1, description="Contrast factor drawn from [1-s, 1+s]")
     saturation: float = Field(0.2, ge=0, le=1, description="Saturation factor drawn from [1-s, 1+s]")
-    hue: float = Field(0.1, ge=0, le=0.5, description="Hue shift drawn from [-h, h], in turns of the colour wheel")
+    hue: float = Field(
+        0.1, ge=0, le=0.5, description="Hue shift drawn from [-h, h], in turns of the colour wheel"
+    )
     mean: RGB = Field(IMAGENET_MEAN, description="Normalisation mean (RGB, 0-1 scale)")
     std: RGB = Field(IMAGENET_STD, description="Normalisation std (RGB, 0-1 scale)")
 
@@ -66,10 +70,18 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     root: str = Field(description="Training images: an ImageFolder tree root/<class>/<image>")
-    val_root: str | None = Field(None, description="Held-out images (same classes) for k-NN evaluation; null skips it")
-    backend: Literal["dali", "torchvision"] = Field("dali", description="dali (GPU or DALI CPU) or torchvision (PIL)")
-    image_size: int = Field(224, ge=16, le=4096, description="Side of the square training and eval crops, pixels")
-    eval_resize: int = Field(256, ge=16, le=4096, description="Eval: shorter side resized to this before the centre crop")
+    val_root: str | None = Field(
+        None, description="Held-out images (same classes) for k-NN evaluation; null skips it"
+    )
+    backend: Literal["dali", "torchvision"] = Field(
+        "dali", description="dali (GPU or DALI CPU) or torchvision (PIL)"
+    )
+    image_size: int = Field(
+        224, ge=16, le=4096, description="Side of the square training and eval crops, pixels"
+    )
+    eval_resize: int = Field(
+        256, ge=16, le=4096, description="Eval: shorter side resized to this before the centre crop"
+    )
     dali_threads: int = Field(4, ge=1, le=256, description="DALI CPU worker threads per process")
     prefetch_batches: int = Field(2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -78,17 +90,25 @@ class DataConfig(Section):
 class OptimizerConfig(Section):
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW), reached after warm-up")
     min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine schedule")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    weight_decay: float = Field(
+        0.05, ge=0, description="AdamW weight decay (not applied to biases and norms)"
+    )
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before the cosine decay")
     grad_clip: float | None = Field(3.0, gt=0, description="Clip the gradient norm to this; null disables")
 
 
 class LossConfig(Section):
-    feature: Literal["cosine", "mse", "cosine+mse"] = Field("cosine", description="Pooled-feature distillation loss")
+    feature: Literal["cosine", "mse", "cosine+mse"] = Field(
+        "cosine", description="Pooled-feature distillation loss"
+    )
     feature_weight: float = Field(1.0, ge=0, description="Weight of the pooled-feature loss")
-    patch_weight: float = Field(0.0, ge=0, description="Weight of the patch-token loss (ViT pairs, same token grid)")
-    logit_weight: float = Field(1.0, ge=0, description="Weight of the KL logit loss (same-size classifier heads)")
+    patch_weight: float = Field(
+        0.0, ge=0, description="Weight of the patch-token loss (ViT pairs, same token grid)"
+    )
+    logit_weight: float = Field(
+        1.0, ge=0, description="Weight of the KL logit loss (same-size classifier heads)"
+    )
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL logit loss")
     label_weight: float = Field(0.0, ge=0, description="Weight of cross-entropy on the true labels")
 
@@ -96,7 +116,9 @@ class LossConfig(Section):
 class TrainConfig(Section):
     # The original trainer's keys, with their original meaning.
     batch_size: int = Field(256, ge=1, description="Images per step on each GPU/process")
-    max_steps_per_epoch: int = Field(500, ge=1, description="An epoch ends after this many steps (the stream continues)")
+    max_steps_per_epoch: int = Field(
+        500, ge=1, description="An epoch ends after this many steps (the stream continues)"
+    )
     use_local_crops: bool = Field(False, description="DINO-style local crops (not yet supported)")
     cache_teacher_features: bool = Field(False, description="Cache teacher outputs (not yet supported)")
     teacher_feature_dir: str | None = Field(None, description="Where the teacher cache lives")
@@ -107,7 +129,9 @@ class TrainConfig(Section):
     epochs: int = Field(100, ge=1, description="Number of (step-capped) epochs")
     seed: int = Field(0, ge=0, description="Seed for shuffling, augmentations and initialisation")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available, else cpu")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
     output_dir: str = Field("runs", description="Run directories are created under this folder")
     run_name: str | None = Field(None, description="Run directory name; null: <student>-<date>-<time>")
     log_every_n_steps: int = Field(50, ge=1, description="One metrics.jsonl row per this many steps")
@@ -115,14 +139,18 @@ class TrainConfig(Section):
     knn_bank_size: int | None = Field(
         None, ge=1, description="Training images (evenly spread) in the k-NN bank; null: all of them"
     )
-    eval_every_n_epochs: int = Field(1, ge=1, description="k-NN evaluation every N epochs (and after the last)")
+    eval_every_n_epochs: int = Field(
+        1, ge=1, description="k-NN evaluation every N epochs (and after the last)"
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
 
 
 class ModelSpec(Section):
     name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
-    checkpoint: str | None = Field(None, description="Local weights (.safetensors, or a torch file); null: random init")
+    checkpoint: str | None = Field(
+        None, description="Local weights (.safetensors, or a torch file); null: random init"
+    )
     num_classes: int | None = Field(
         None, ge=0, description="Classifier outputs; null: teacher 1000, student same as the teacher"
     )
@@ -147,7 +175,9 @@ class Config(Section):
 
     def eval_params(self) -> EvalParams:
         a = self.data.augment
-        return EvalParams(image_size=self.data.image_size, resize_size=self.data.eval_resize, mean=a.mean, std=a.std)
+        return EvalParams(
+            image_size=self.data.image_size, resize_size=self.data.eval_resize, mean=a.mean, std=a.std
+        )
 
 
 def _did_you_mean(model: type[BaseModel] | None, key: str) -> str:
@@ -162,14 +192,16 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     model: Any = Config
     for part in path[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return None
         model = field.annotation
     return model
 
 
 def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
-    loc = tuple(p for p in error["loc"] if isinstance(p, str) or isinstance(p, int))
+    loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc)
     where = sources.get(key) or sources.get(str(loc[0]) if loc else "", "config")
     if error["type"] == "extra_forbidden":
@@ -186,7 +218,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.batch_size=64` → (['train', 'batch_size'], 64); the value is read as YAML (null, true, [1, 2])."""
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
-        raise UserError(f"command line: '{item}': expected KEY=VALUE with a dotted key such as train.batch_size=64")
+        raise UserError(
+            f"command line: '{item}': expected KEY=VALUE with a dotted key such as train.batch_size=64"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
@@ -241,7 +275,9 @@ def load_config(
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise UserError(f"command line: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section")
+                raise UserError(
+                    f"command line: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section"
+                )
             node = child
         node[keys[-1]] = value
         sources[".".join(keys)] = "command line"

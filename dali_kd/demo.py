@@ -39,7 +39,9 @@ def prepare_demo(cfg: Config, device: torch.device, show_progress: bool = True) 
 
 def train_demo_teacher(cfg: Config, path: Path, device: torch.device, show_progress: bool = True) -> float:
     """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
-    print(f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)", flush=True)
+    print(
+        f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)", flush=True
+    )
     torch.manual_seed(cfg.train.seed)
     index = ImageIndex.from_folder(cfg.data.root)
     model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)

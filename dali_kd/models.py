@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
 from dataclasses import dataclass
@@ -77,10 +78,9 @@ def load_weights(model: nn.Module, path: Path, role: str) -> None:
     # timm's own per-architecture filter adapts e.g. a ViT's position embedding to another image size.
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        try:
+        # On failure keep the raw keys: the load below names what does not fit.
+        with contextlib.suppress(Exception):
             state = filter_fn(state, model)
-        except Exception:  # noqa: BLE001 - fall back to the raw keys; the strict load below names the problem
-            pass
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         parts = []
@@ -129,7 +129,9 @@ class FrozenTeacher(nn.Module):
     @torch.inference_mode()
     def _infer(self, images: torch.Tensor, with_patches: bool) -> ModelOutput:
         with torch.autocast(
-            images.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+            images.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
         ):
             return model_outputs(self.model, images, with_patches)
 
@@ -137,7 +139,9 @@ class FrozenTeacher(nn.Module):
         out = self._infer(images, with_patches)
         # Targets in fp32, cloned outside inference mode: an inference tensor cannot be saved for the
         # student's backward pass.
-        return ModelOutput(*(None if t is None else t.float().clone() for t in (out.pooled, out.logits, out.patch_tokens)))
+        return ModelOutput(
+            *(None if t is None else t.float().clone() for t in (out.pooled, out.logits, out.patch_tokens))
+        )
 
 
 def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
@@ -154,7 +158,9 @@ class Student(nn.Module):
         self.backbone = backbone
         self.with_patches = with_patches
         self.projector = _projector(backbone.num_features, teacher_dim, hidden_dim)
-        self.patch_projector = _projector(backbone.num_features, teacher_dim, hidden_dim) if with_patches else None
+        self.patch_projector = (
+            _projector(backbone.num_features, teacher_dim, hidden_dim) if with_patches else None
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
         """(raw outputs, pooled embedding projected to the teacher's width, projected patch tokens)."""

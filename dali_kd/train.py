@@ -65,7 +65,7 @@ def run(argv: list[str] | None = None) -> dict:
     if demo:
         from dali_kd.demo import prepare_demo
 
-        prepare_demo(cfg, device)
+        prepare_demo(cfg, device, show_progress=not args.no_progress)
     # Everything that can be wrong with the data, models or checkpoints fails here, before a run directory exists.
     trainer = Trainer(cfg, device, show_progress=not args.no_progress)
     run_dir = make_run_dir(cfg)

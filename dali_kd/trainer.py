@@ -58,14 +58,16 @@ def check_supported(cfg: Config) -> None:
     if cfg.train.use_local_crops:
         raise UserError("train.use_local_crops: local crops are not supported yet; set it to false")
     if cfg.train.cache_teacher_features:
-        raise UserError("train.cache_teacher_features: the teacher cache is not supported yet; set it to false")
+        raise UserError(
+            "train.cache_teacher_features: the teacher cache is not supported yet; set it to false"
+        )
 
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per log interval, flushed at once so a live run can be read."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the whole run, closed by close()
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -125,7 +127,9 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Teacher targets, student forward/backward, clipped AdamW step; losses stay on the device."""
         teacher_out = self.teacher(batch.images, with_patches=self.use_patches)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             student_out, projected, projected_patches = self.student_step(batch.images)
         losses = distillation_losses(
             self.cfg.train.loss,
@@ -153,7 +157,9 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def _embed_student(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             return model_outputs(self.student.backbone, images, with_patches=False).pooled
 
     def _embed_teacher(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,7 +171,9 @@ class Trainer:
             return None
         batch_size = self.cfg.train.batch_size
         bank_index = self.train_index.subset(self.cfg.train.knn_bank_size)
-        bank, bank_labels = extract_embeddings(embed, make_eval_batches(self.cfg, bank_index, self.device, batch_size))
+        bank, bank_labels = extract_embeddings(
+            embed, make_eval_batches(self.cfg, bank_index, self.device, batch_size)
+        )
         queries, query_labels = extract_embeddings(
             embed, make_eval_batches(self.cfg, self.val_index, self.device, batch_size)
         )
@@ -229,7 +237,9 @@ class Trainer:
                 if last or (epoch + 1) % cfg.train.eval_every_n_epochs == 0:
                     student_knn = self.evaluate_student()
                     if student_knn is not None:
-                        knn_history.append({"epoch": epoch + 1, "step": self.step, "student_knn_top1": student_knn})
+                        knn_history.append(
+                            {"epoch": epoch + 1, "step": self.step, "student_knn_top1": student_knn}
+                        )
                         tqdm.write(f"epoch {epoch + 1}: student k-NN top-1 {student_knn:.1f}%")
                         interval["start"] = time.perf_counter()
         finally:

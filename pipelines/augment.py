@@ -115,5 +115,7 @@ def normalize(images: DataNode, mean, std, mirror: DataNode | int = 0, crop: tup
 def eval_transform(encoded: DataNode, params: EvalParams, decode_device: str) -> DataNode:
     """Decode, resize the shorter side to resize_size, centre-crop image_size, normalise."""
     images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-    images = fn.resize(images, resize_shorter=params.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.resize(
+        images, resize_shorter=params.resize_size, interp_type=types.INTERP_LINEAR, antialias=True
+    )
     return normalize(images, params.mean, params.std, crop=(params.image_size, params.image_size))

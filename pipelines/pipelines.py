@@ -76,7 +76,16 @@ def replay_pipeline(
 ) -> Pipeline:
     """Renders given views: feed REPLAY_INPUTS (encoded bytes and the view record) with `feed_input`."""
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    # Synchronous, no prefetch: each run() renders exactly the views fed just before it.
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=0,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
     def pipe():
         encoded, anchor, shape, flip, jitter = (
             fn.external_source(name=name, dtype=dtype)

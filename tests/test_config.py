@@ -23,7 +23,12 @@ def test_shipped_configs_are_valid():
 
 def test_overrides_reach_every_section():
     cfg = load_config(
-        overrides=["train.batch_size=64", "model.teacher.checkpoint=null", "data.augment.flip_prob=0", "data.val_root=/data/val"]
+        overrides=[
+            "train.batch_size=64",
+            "model.teacher.checkpoint=null",
+            "data.augment.flip_prob=0",
+            "data.val_root=/data/val",
+        ]
     )
     assert cfg.train.batch_size == 64 and cfg.model.teacher.checkpoint is None
     assert cfg.data.augment.flip_prob == 0 and cfg.data.val_root == "/data/val"
@@ -32,7 +37,10 @@ def test_overrides_reach_every_section():
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("train.batch_sise=3", r"command line: train\.batch_sise: unknown key \(did you mean 'batch_size'\?\)"),
+        (
+            "train.batch_sise=3",
+            r"command line: train\.batch_sise: unknown key \(did you mean 'batch_size'\?\)",
+        ),
         ("train.batch_size=0", r"train\.batch_size: .*greater than or equal to 1"),
         ("train.batch_size=abc", r"train\.batch_size: .*valid integer"),
         ("data.backend=pil", r"data\.backend: .*'dali' or 'torchvision'"),
@@ -50,13 +58,19 @@ def test_bad_values_name_the_key(override, expected):
 
 def test_errors_in_files_name_the_file(tmp_path):
     bad = tmp_path / "train.yaml"
-    text = (DEMO_CONFIG_DIR / "train_config_kd.yaml").read_text().replace("log_every_n_steps:", "log_every_n_stepz:")
+    text = (
+        (DEMO_CONFIG_DIR / "train_config_kd.yaml")
+        .read_text()
+        .replace("log_every_n_steps:", "log_every_n_stepz:")
+    )
     bad.write_text(text)
     with pytest.raises(UserError, match=rf"{bad}: train\.log_every_n_stepz: unknown key \(did you mean"):
         load_config(train_config=bad)
     nested = tmp_path / "model.yaml"
     nested.write_text("teacher: {name: resnet18}\nstudent: {nmae: resnet10t}\n")
-    with pytest.raises(UserError, match=rf"{nested}: model\.student\.nmae: unknown key \(did you mean 'name'"):
+    with pytest.raises(
+        UserError, match=rf"{nested}: model\.student\.nmae: unknown key \(did you mean 'name'"
+    ):
         load_config(model_config=nested)
     broken = tmp_path / "data.yaml"
     broken.write_text("root: [unclosed\n")
@@ -89,8 +103,15 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--device", "tpu"], "argument --device: invalid choice"),
         (["--data_config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
         (["model.student.name=resnet_not_real"], "model.student.name: unknown timm model 'resnet_not_real'"),
-        (["data.root=/no/such/dir", "model.teacher.checkpoint=null", "--data_config", str(DEMO_CONFIG_DIR / "data_config.yaml")],
-         "data folder not found: /no/such/dir"),
+        (
+            [
+                "data.root=/no/such/dir",
+                "model.teacher.checkpoint=null",
+                "--data_config",
+                str(DEMO_CONFIG_DIR / "data_config.yaml"),
+            ],
+            "data folder not found: /no/such/dir",
+        ),
         (["train.use_local_crops=true"], "train.use_local_crops: local crops are not supported yet"),
     ],
 )
@@ -101,3 +122,22 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, expected):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert expected in lines[0]
     assert not (tmp_path / "runs").exists(), "no run directory before the config is valid"
+
+
+def test_readme_config_reference_lists_every_key():
+    from pydantic import BaseModel
+
+    from dali_kd.config import Config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from keys(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
+    assert not missing, f"README config reference lacks: {missing}"

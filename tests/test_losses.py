@@ -35,7 +35,9 @@ def test_kl_logit_loss_by_hand():
 
 
 def test_weighted_sum_and_parts():
-    cfg = LossConfig(feature="cosine+mse", feature_weight=2.0, logit_weight=0.5, label_weight=1.0, temperature=1.0)
+    cfg = LossConfig(
+        feature="cosine+mse", feature_weight=2.0, logit_weight=0.5, label_weight=1.0, temperature=1.0
+    )
     s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     logits_s, logits_t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
     parts = distillation_losses(cfg, s, t, logits_s, logits_t, labels=torch.tensor([1]))

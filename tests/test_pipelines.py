@@ -61,8 +61,12 @@ def test_crop_windows_respect_scale_and_ratio(index):
 
 
 def test_jitter_factors_in_range_and_identity_when_off(index):
-    params = AugmentParams(image_size=16, jitter_prob=0.5, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.05)
-    jitter = torch.cat([b.view.jitter for b in take(DaliTrainStream(index, params, batch_size=16, seed=2), 6)])
+    params = AugmentParams(
+        image_size=16, jitter_prob=0.5, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.05
+    )
+    jitter = torch.cat(
+        [b.view.jitter for b in take(DaliTrainStream(index, params, batch_size=16, seed=2), 6)]
+    )
     for column, strength, centre in zip(range(4), (0.3, 0.2, 0.1, 0.05), (1, 1, 1, 0), strict=True):
         values = jitter[:, column]
         assert (values >= centre - strength - 1e-6).all() and (values <= centre + strength + 1e-6).all()
@@ -74,8 +78,12 @@ def test_jitter_factors_in_range_and_identity_when_off(index):
 
 
 def test_flip_probability_is_honoured(index):
-    never = take(DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=0.0), batch_size=16, seed=3), 3)
-    always = take(DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=1.0), batch_size=16, seed=3), 3)
+    never = take(
+        DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=0.0), batch_size=16, seed=3), 3
+    )
+    always = take(
+        DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=1.0), batch_size=16, seed=3), 3
+    )
     assert all((b.view.flip == 0).all() for b in never) and all((b.view.flip == 1).all() for b in always)
 
 
@@ -86,8 +94,12 @@ def test_replayed_views_render_the_same_pixels(index):
     again = DaliViewRenderer(index, params, batch_size=8).render(batch.sample_ids, batch.view)
     assert torch.allclose(again, images, atol=1e-5)
     # A different view of the same files renders different pixels: the record, not the file, decides.
-    other = ViewRecord(batch.view.crop_anchor * 0, batch.view.crop_shape * 0 + 1, batch.view.flip, batch.view.jitter)
-    assert not torch.allclose(DaliViewRenderer(index, params, 8).render(batch.sample_ids, other), images, atol=1e-2)
+    other = ViewRecord(
+        batch.view.crop_anchor * 0, batch.view.crop_shape * 0 + 1, batch.view.flip, batch.view.jitter
+    )
+    assert not torch.allclose(
+        DaliViewRenderer(index, params, 8).render(batch.sample_ids, other), images, atol=1e-2
+    )
 
 
 def test_flip_really_mirrors(index):

@@ -20,7 +20,10 @@ def read_rows(run_dir):
 
 def test_loss_falls_and_teacher_never_changes(tiny_config, tmp_path):
     cfg = tiny_config(
-        "train.epochs=4", "train.max_steps_per_epoch=6", "train.optimizer.lr=0.003", "train.optimizer.warmup_steps=2"
+        "train.epochs=4",
+        "train.max_steps_per_epoch=6",
+        "train.optimizer.lr=0.003",
+        "train.optimizer.warmup_steps=2",
     )
     trainer = Trainer(cfg, CPU, show_progress=False)
     before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
@@ -63,12 +66,23 @@ def test_run_directory_artifacts(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
     summary = Trainer(cfg, CPU, show_progress=False).fit(run_dir)
     for key in (
-        "steps", "epochs", "final_loss", "images_per_sec", "student_knn_top1", "teacher_knn_top1",
-        "num_classes", "device", "backend", "world_size", "wall_s",
+        "steps",
+        "epochs",
+        "final_loss",
+        "images_per_sec",
+        "student_knn_top1",
+        "teacher_knn_top1",
+        "num_classes",
+        "device",
+        "backend",
+        "world_size",
+        "wall_s",
     ):
         assert key in summary
     saved = json.loads((run_dir / "summary.json").read_text())
-    assert saved["steps"] == summary["steps"] == 6 and saved["student_knn_top1"] == summary["student_knn_top1"]
+    assert (
+        saved["steps"] == summary["steps"] == 6 and saved["student_knn_top1"] == summary["student_knn_top1"]
+    )
     assert summary["num_classes"] == 4 and summary["device"] == "cpu" and summary["backend"] == "dali"
     assert 0 <= summary["student_knn_top1"] <= 100
     row = read_rows(run_dir)[0]
@@ -128,5 +142,7 @@ def test_compiled_student_trains(tiny_config, tmp_path):
     eager_summary = eager.fit(tmp_path / "eager")
     compiled_summary = compiled.fit(tmp_path / "compiled")
     assert compiled_summary["steps"] == 2
-    assert read_rows(tmp_path / "compiled")[0]["loss"] == pytest.approx(read_rows(tmp_path / "eager")[0]["loss"], rel=1e-3)
+    assert read_rows(tmp_path / "compiled")[0]["loss"] == pytest.approx(
+        read_rows(tmp_path / "eager")[0]["loss"], rel=1e-3
+    )
     assert eager_summary["compiled_student"] is False and compiled_summary["compiled_student"] is True

@@ -24,7 +24,9 @@ class ViewRecord:
     jitter: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewRecord:
-        return ViewRecord(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return ViewRecord(
+            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        )
 
 
 @dataclass

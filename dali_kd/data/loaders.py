@@ -11,7 +11,9 @@ from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 
 
-def make_train_stream(cfg: Config, index: ImageIndex, device: torch.device, rank: int = 0, world_size: int = 1):
+def make_train_stream(
+    cfg: Config, index: ImageIndex, device: torch.device, rank: int = 0, world_size: int = 1
+):
     """An endless stream of Batch (see dali_kd.data.batch) with `num_samples`, `__iter__` and `close()`."""
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
@@ -42,7 +44,9 @@ def make_train_stream(cfg: Config, index: ImageIndex, device: torch.device, rank
     )
 
 
-def make_eval_batches(cfg: Config, index: ImageIndex, device: torch.device, batch_size: int) -> Iterator[Batch]:
+def make_eval_batches(
+    cfg: Config, index: ImageIndex, device: torch.device, batch_size: int
+) -> Iterator[Batch]:
     """Every sample of index once, in order, with the eval transform, as batches on `device`."""
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import dali_eval_batches
@@ -53,5 +57,7 @@ def make_eval_batches(cfg: Config, index: ImageIndex, device: torch.device, batc
         return
     from dali_kd.data.torchvision_loader import torchvision_eval_batches
 
-    for batch in torchvision_eval_batches(index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers):
+    for batch in torchvision_eval_batches(
+        index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers
+    ):
         yield batch.to(device, non_blocking=True)
