@@ -70,6 +70,10 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     root: str = Field(description="Training images: an ImageFolder tree root/<class>/<image>")
+    file_list: str | None = Field(
+        None,
+        description="Train on the files listed here (one <class>/<image> path per line, relative to root)",
+    )
     val_root: str | None = Field(
         None, description="Held-out images (same classes) for k-NN evaluation; null skips it"
     )

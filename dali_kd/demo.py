@@ -43,7 +43,7 @@ def train_demo_teacher(cfg: Config, path: Path, device: torch.device, show_progr
         f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)", flush=True
     )
     torch.manual_seed(cfg.train.seed)
-    index = ImageIndex.from_folder(cfg.data.root)
+    index = ImageIndex.from_config(cfg.data.root, cfg.data.file_list)
     model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

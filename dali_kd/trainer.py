@@ -85,7 +85,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         seed_everything(cfg.train.seed)
 
-        self.train_index = ImageIndex.from_folder(cfg.data.root)
+        self.train_index = ImageIndex.from_config(cfg.data.root, cfg.data.file_list)
         self.val_index = (
             ImageIndex.from_folder(cfg.data.val_root, class_names=self.train_index.class_names)
             if cfg.data.val_root

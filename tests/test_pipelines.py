@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.errors import UserError
 from pipelines.params import AugmentParams, EvalParams
 
 MEAN = torch.tensor(AugmentParams().mean).view(1, 3, 1, 1)
@@ -154,3 +156,22 @@ def test_eval_centre_crop_matches_a_hand_made_reference(tmp_path):
     (batch,) = list(dali_eval_batches(index, EvalParams(image_size=20, resize_size=20), batch_size=1))
     pixels = batch.images * STD + MEAN
     assert pixels[0, :, :, :8].max() < 0.05 and pixels[0, :, :, 12:].min() > 0.95
+
+
+def test_file_list_index_trains_on_listed_files_only(image_tree, tmp_path):
+    listed = ["class_1/3.jpg", "# a comment", "", "class_0/2.jpg", "class_0/5.jpg"]
+    file_list = tmp_path / "good.txt"
+    file_list.write_text("\n".join(listed) + "\n")
+    index = ImageIndex.from_config(str(image_tree / "train"), str(file_list))
+    assert index.class_names == ("class_0", "class_1")
+    assert [Path(f).relative_to(image_tree / "train").as_posix() for f in index.files] == [
+        "class_0/2.jpg",
+        "class_0/5.jpg",
+        "class_1/3.jpg",
+    ]
+    assert index.labels == (0, 0, 1)
+    ids = torch.cat([b.sample_ids for b in take(DaliTrainStream(index, AugmentParams(16), 3, seed=0), 2)])
+    assert sorted(ids.tolist()[:3]) == [0, 1, 2]
+    file_list.write_text("/etc/passwd\n")
+    with pytest.raises(UserError, match=r"good\.txt:1: expected a path <class>/<image>"):
+        ImageIndex.from_config(str(image_tree / "train"), str(file_list))

@@ -60,6 +60,54 @@ class ImageIndex:
             raise UserError(f"{root}: no images found under its class folders")
         return cls(root=root, files=tuple(files), labels=tuple(labels), class_names=tuple(class_names))
 
+    @classmethod
+    def from_file_list(
+        cls, root: str | os.PathLike, file_list: str | os.PathLike, class_names: tuple[str, ...] | None = None
+    ) -> ImageIndex:
+        """Index the files named in file_list (one path per line, relative to root, as <class>/.../<image>).
+
+        Lines that are empty or start with '#' are skipped; the class is each path's first folder.
+        """
+        root = Path(root).expanduser()
+        list_path = Path(file_list).expanduser()
+        try:
+            lines = list_path.read_text().splitlines()
+        except OSError as e:
+            raise UserError(f"data.file_list: cannot read {list_path}: {e.strerror}") from None
+        entries = []
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = Path(line).parts
+            if len(parts) < 2 or Path(line).is_absolute() or ".." in parts:
+                raise UserError(f"{list_path}:{number}: expected a path <class>/<image> relative to {root}")
+            entries.append((parts[0], line))
+        found = sorted({name for name, _ in entries})
+        if class_names is None:
+            class_names = tuple(found)
+        elif unknown := sorted(set(found) - set(class_names)):
+            raise UserError(f"{list_path}: classes not in the training split: {', '.join(unknown[:5])}")
+        if not entries:
+            raise UserError(f"{list_path}: lists no images")
+        label_of = {name: i for i, name in enumerate(class_names)}
+        entries.sort(key=lambda e: (label_of[e[0]], e[1]))
+        return cls(
+            root=root,
+            files=tuple(str(root / path) for _, path in entries),
+            labels=tuple(label_of[name] for name, _ in entries),
+            class_names=tuple(class_names),
+        )
+
+    @classmethod
+    def from_config(
+        cls, root: str, file_list: str | None, class_names: tuple[str, ...] | None = None
+    ) -> ImageIndex:
+        """The index a data config describes: a file list under root when given, else the whole folder tree."""
+        if file_list:
+            return cls.from_file_list(root, file_list, class_names)
+        return cls.from_folder(root, class_names)
+
     def subset(self, max_samples: int | None) -> ImageIndex:
         """At most max_samples files, evenly spread over the index (so every class stays represented)."""
         if max_samples is None or max_samples >= self.num_samples:
