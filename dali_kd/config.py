@@ -139,6 +139,12 @@ class TrainConfig(Section):
     output_dir: str = Field("runs", description="Run directories are created under this folder")
     run_name: str | None = Field(None, description="Run directory name; null: <student>-<date>-<time>")
     log_every_n_steps: int = Field(50, ge=1, description="One metrics.jsonl row per this many steps")
+    telemetry: bool = Field(
+        True, description="Per-stage timing, GPU (NVML) and process telemetry in metrics rows"
+    )
+    tensorboard: bool = Field(
+        False, description="Also write the metrics as TensorBoard scalars (run_dir/tensorboard)"
+    )
     knn_k: int = Field(20, ge=1, description="Neighbours in the k-NN evaluation")
     knn_bank_size: int | None = Field(
         None, ge=1, description="Training images (evenly spread) in the k-NN bank; null: all of them"

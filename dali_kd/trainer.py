@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -22,6 +21,8 @@ from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_at
 from dali_kd.knn import extract_embeddings, knn_top1
 from dali_kd.losses import distillation_losses
 from dali_kd.models import FrozenTeacher, Student, build_model, embed_dim, model_outputs, same_token_grid
+from dali_kd.telemetry.monitor import RunMonitor
+from dali_kd.telemetry.timing import StepTimer
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -61,19 +62,6 @@ def check_supported(cfg: Config) -> None:
         raise UserError(
             "train.cache_teacher_features: the teacher cache is not supported yet; set it to false"
         )
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per log interval, flushed at once so a live run can be read."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the whole run, closed by close()
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class Trainer:
@@ -122,11 +110,14 @@ class Trainer:
             lambda step: warmup_cosine(step, self.total_steps, opt.warmup_steps, opt.lr, opt.min_lr) / opt.lr,
         )
         self.step = 0
+        # Replaced by the run monitor's timer in fit(); a disabled one lets train_step run on its own.
+        self.timer = StepTimer(device, enabled=False)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Teacher targets, student forward/backward, clipped AdamW step; losses stay on the device."""
         teacher_out = self.teacher(batch.images, with_patches=self.use_patches)
+        self.timer.mark()  # teacher
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
@@ -147,6 +138,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        self.timer.mark()  # student
         self.step += 1
         return {k: v.detach() for k, v in losses.items()}
 
@@ -191,68 +183,56 @@ class Trainer:
             self.student.train(was_training)
 
     # ---- the run ---------------------------------------------------------------------------------------------
-    def fit(self, run_dir: Path) -> dict[str, Any]:
+    def fit(self, run_dir: Path, nvml: Any | None = None) -> dict[str, Any]:
         """Train for cfg.train.epochs step-capped epochs; writes config, metrics, summary and weights to run_dir."""
         cfg = self.cfg
-        self.run_dir = run_dir
         run_start = time.perf_counter()
-        write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        self.monitor = RunMonitor(
+            run_dir, self.device, enabled=cfg.train.telemetry, tensorboard=cfg.train.tensorboard, nvml=nvml
+        )
+        self.timer = self.monitor.timer
         teacher_knn = self.knn_accuracy(self._embed_teacher)
         if teacher_knn is not None:
             tqdm.write(f"teacher k-NN top-1: {teacher_knn:.1f}%")
-        stream = iter(self.stream)
-        self.student.train()
-        progress = tqdm(total=self.total_steps, desc="distill", unit="step", disable=not self.show_progress)
-        sums: dict[str, torch.Tensor] = {}
-        interval = {"steps": 0, "images": 0, "data_s": 0.0, "start": time.perf_counter()}
-        train_images, train_s = 0, 0.0
-        final_loss = float("nan")
+        self.progress = tqdm(
+            total=self.total_steps, desc="distill", unit="step", disable=not self.show_progress
+        )
+        self.final_loss = float("nan")
         student_knn: float | None = None
         knn_history: list[dict[str, Any]] = []
+        train_s = 0.0
+        stream = iter(self.stream)
+        self.student.train()
+        self.monitor.restart_interval()
         try:
             for epoch in range(cfg.train.epochs):
                 epoch_start = time.perf_counter()
-                for _ in range(self.steps_per_epoch):
-                    wait_start = time.perf_counter()
-                    batch = next(stream)
-                    interval["data_s"] += time.perf_counter() - wait_start
-                    losses = self.train_step(batch)
-                    for name, value in losses.items():
-                        sums[name] = sums[name] + value if name in sums else value
-                    interval["steps"] += 1
-                    interval["images"] += len(batch)
-                    progress.update(1)
-                    if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
-                        # The only host sync of the loop: loss sums are read once per log interval.
-                        row = self._log_row(epoch, sums, interval)
-                        metrics.write(row)
-                        final_loss = row["loss"]
-                        progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
-                        sums = {}
-                        interval = {"steps": 0, "images": 0, "data_s": 0.0, "start": time.perf_counter()}
+                self._run_epoch(epoch, stream)
                 train_s += time.perf_counter() - epoch_start
-                train_images += self.steps_per_epoch * cfg.train.batch_size
-                last = epoch == cfg.train.epochs - 1
-                if last or (epoch + 1) % cfg.train.eval_every_n_epochs == 0:
+                verdict = self.monitor.end_epoch()
+                if verdict is not None:
+                    tqdm.write(f"epoch {epoch + 1}: {verdict.line()}")
+                if epoch == cfg.train.epochs - 1 or (epoch + 1) % cfg.train.eval_every_n_epochs == 0:
                     student_knn = self.evaluate_student()
                     if student_knn is not None:
                         knn_history.append(
                             {"epoch": epoch + 1, "step": self.step, "student_knn_top1": student_knn}
                         )
                         tqdm.write(f"epoch {epoch + 1}: student k-NN top-1 {student_knn:.1f}%")
-                        interval["start"] = time.perf_counter()
+                    self.monitor.restart_interval()
         finally:
-            progress.close()
-            metrics.close()
+            self.progress.close()
+            self.monitor.close()
             self.stream.close()
-        save_safetensors_atomic(self.run_dir / "student.safetensors", self.student.backbone.state_dict())
-        save_safetensors_atomic(self.run_dir / "projector.safetensors", self.student.projector.state_dict())
+        save_safetensors_atomic(run_dir / "student.safetensors", self.student.backbone.state_dict())
+        save_safetensors_atomic(run_dir / "projector.safetensors", self.student.projector.state_dict())
+        train_images = self.total_steps * cfg.train.batch_size
         summary = {
             "steps": self.step,
             "epochs": cfg.train.epochs,
             "steps_per_epoch": self.steps_per_epoch,
-            "final_loss": final_loss,
+            "final_loss": self.final_loss,
             "images_per_sec": train_images / train_s if train_s > 0 else None,
             "student_knn_top1": student_knn,
             "teacher_knn_top1": teacher_knn,
@@ -268,18 +248,52 @@ class Trainer:
             "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
             "compiled_student": cfg.train.compile_student,
             "world_size": 1,
+            **self.monitor.summary(),
             "wall_s": time.perf_counter() - run_start,
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        write_json_atomic(run_dir / "summary.json", summary)
+        if summary["verdict"]:
+            tqdm.write(f"run: {self.monitor.summary_line(summary)}")
         return summary
 
-    def _log_row(self, epoch: int, sums: dict[str, torch.Tensor], interval: dict[str, Any]) -> dict[str, Any]:
-        steps = max(1, interval["steps"])
-        elapsed = time.perf_counter() - interval["start"]
-        row: dict[str, Any] = {"step": self.step, "epoch": epoch}
-        row.update({name: float(value) / steps for name, value in sums.items()})
-        row["lr"] = self.scheduler.get_last_lr()[0]
-        row["img_per_s"] = interval["images"] / elapsed if elapsed > 0 else 0.0
-        row["data_ms"] = 1000 * interval["data_s"] / steps
-        row["step_ms"] = 1000 * elapsed / steps
-        return row
+    def _run_epoch(self, epoch: int, stream) -> None:
+        """One step-capped epoch: the next steps_per_epoch batches of the continuing stream."""
+        log_every = self.cfg.train.log_every_n_steps
+        sums: dict[str, torch.Tensor] = {}
+        steps = images = 0
+        for _ in range(self.steps_per_epoch):
+            self.timer.start_step()
+            batch = next(stream)
+            self.timer.mark()  # data
+            losses = self.train_step(batch)
+            self.timer.end_step()
+            for name, value in losses.items():
+                sums[name] = sums[name] + value if name in sums else value
+            steps += 1
+            images += len(batch)
+            self.progress.update(1)
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                self._log_interval(epoch, sums, steps, images)
+                sums, steps, images = {}, 0, 0
+
+    def _log_interval(self, epoch: int, sums: dict[str, torch.Tensor], steps: int, images: int) -> None:
+        """The only host reads of the loop: loss sums and stage events, once per log interval."""
+        means = {name: float(value) / steps for name, value in sums.items()}
+        row = self.monitor.log(self.step, epoch, means, steps, images, self.scheduler.get_last_lr()[0])
+        self.final_loss = row["loss"]
+        self.progress.set_postfix_str(progress_postfix(row), refresh=False)
+
+
+def progress_postfix(row: dict[str, Any]) -> str:
+    """loss, data/step ms, img/s, GPU utilisation and the interval's verdict, for the progress bar."""
+    parts = [f"loss={row['loss']:.4f}"]
+    if row.get("data_ms") is not None:
+        parts.append(f"data/step={row['data_ms']:.0f}/{row['step_ms']:.0f}ms")
+    else:
+        parts.append(f"step={row['step_ms']:.0f}ms")
+    parts.append(f"{row['img_per_s']:.0f}img/s")
+    if row.get("gpu_util_pct") is not None:
+        parts.append(f"gpu={row['gpu_util_pct']:.0f}%")
+    if row.get("verdict"):
+        parts.append(row["verdict"])
+    return " ".join(parts)

@@ -1,0 +1,143 @@
+"""One metrics row per log interval: losses, per-stage timing, GPU and process telemetry, and the verdict."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
+from dali_kd.telemetry.process import ProcessSampler, peak_resident_mb
+from dali_kd.telemetry.sinks import MetricsSink
+from dali_kd.telemetry.timing import STAGES, StepTimer
+from dali_kd.telemetry.verdict import Verdict, judge
+
+
+class _StageTotals:
+    """Step-weighted sums of stage and step times, for verdicts over an epoch or the whole run."""
+
+    def __init__(self):
+        self.steps = 0
+        self.ms = dict.fromkeys(("data", "teacher", "student", "step"), 0.0)
+
+    def add(self, row: dict[str, Any], steps: int) -> None:
+        if row.get("data_ms") is None:
+            return
+        self.steps += steps
+        for stage in self.ms:
+            self.ms[stage] += row[f"{stage}_ms"] * steps
+
+    def verdict(self) -> Verdict | None:
+        if not self.steps:
+            return None
+        return judge(*(self.ms[s] / self.steps for s in ("data", "teacher", "student", "step")))
+
+    def means(self) -> dict[str, float | None]:
+        return {f"{s}_ms": (self.ms[s] / self.steps if self.steps else None) for s in self.ms}
+
+
+class RunMonitor:
+    """Owns the step timer and the samplers; `log()` turns an interval into a row and writes it."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        device: torch.device,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        nvml: Any | None = None,
+        announce: bool = True,
+        gpu_indices: list[int] | None = None,
+    ):
+        """gpu_indices: the NVML indices to sample; by default the training device's, none on CPU."""
+        self.enabled = enabled
+        self.timer = StepTimer(device, enabled=enabled)
+        if gpu_indices is None:
+            gpu_indices = [device.index or 0] if device.type == "cuda" else []
+        gpu_indices = gpu_indices if enabled else []
+        self.gpu = GpuSampler(gpu_indices, nvml=nvml) if enabled else None
+        self.gpu_index = gpu_indices[0] if gpu_indices else None
+        if self.gpu is not None and not self.gpu.available and announce:
+            tqdm.write(f"info: GPU telemetry off: {self.gpu.unavailable_reason}; gpu_* fields will be null")
+        self.process = ProcessSampler() if enabled else None
+        self.sink = MetricsSink(run_dir, tensorboard=tensorboard)
+        self.epoch_totals = _StageTotals()
+        self.run_totals = _StageTotals()  # every interval but the first
+        self.all_totals = _StageTotals()
+        self._first_interval = True
+        self.peak_gpu_mem_mb: float | None = None
+        self._interval_start = time.perf_counter()
+
+    def restart_interval(self) -> None:
+        """Exclude time spent outside training steps (evaluation) from the next interval."""
+        self._interval_start = time.perf_counter()
+        if self.process is not None:
+            self.process.collect()
+
+    def log(
+        self, step: int, epoch: int, losses: dict[str, float], steps: int, images: int, lr: float
+    ) -> dict:
+        elapsed = time.perf_counter() - self._interval_start
+        row: dict[str, Any] = {"step": step, "epoch": epoch, **losses, "lr": lr}
+        row["img_per_s"] = images / elapsed if elapsed > 0 else 0.0
+        row["step_ms"] = 1000 * elapsed / max(1, steps)
+        stages = self.timer.collect() if self.enabled else {f"{s}_ms": None for s in STAGES}
+        row.update(stages)
+        row["data_stall_pct"] = (
+            100 * min(1.0, row["data_ms"] / row["step_ms"])
+            if row["data_ms"] is not None and row["step_ms"]
+            else None
+        )
+        gpu = (
+            self.gpu.collect().get(self.gpu_index, {}) if self.gpu is not None and self.gpu.available else {}
+        )
+        row.update({field: gpu.get(field) for field in GPU_FIELDS})
+        if row["gpu_mem_used_mb"] is not None:
+            self.peak_gpu_mem_mb = max(self.peak_gpu_mem_mb or 0.0, row["gpu_mem_used_mb"])
+        row.update(
+            self.process.collect()
+            if self.process is not None
+            else {"proc_cpu_pct": None, "proc_rss_mb": None}
+        )
+        verdict = None
+        if row["data_ms"] is not None:
+            verdict = judge(row["data_ms"], row["teacher_ms"], row["student_ms"], row["step_ms"])
+        row["verdict"] = verdict.name if verdict else None
+        self.epoch_totals.add(row, steps)
+        self.all_totals.add(row, steps)
+        # The first interval holds compilation and warm-up; it would mislabel the run as student-bound.
+        if not self._first_interval:
+            self.run_totals.add(row, steps)
+        self._first_interval = False
+        self.sink.write(row)
+        self._interval_start = time.perf_counter()
+        return row
+
+    def end_epoch(self) -> Verdict | None:
+        verdict = self.epoch_totals.verdict()
+        self.epoch_totals = _StageTotals()
+        return verdict
+
+    def summary(self) -> dict[str, Any]:
+        """Run-level verdict and mean stage times (all intervals if there was only the first one)."""
+        totals = self.run_totals if self.run_totals.steps else self.all_totals
+        verdict = totals.verdict()
+        out: dict[str, Any] = verdict.as_dict() if verdict else {"verdict": None}
+        out.update(totals.means())
+        out["peak_gpu_mem_mb"] = self.peak_gpu_mem_mb
+        out["peak_rss_mb"] = peak_resident_mb()
+        return out
+
+    @staticmethod
+    def summary_line(summary: dict[str, Any]) -> str:
+        return Verdict(
+            summary["verdict"], summary["data_share"], summary["teacher_share"], summary["student_share"]
+        ).line()
+
+    def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.close()
+        self.sink.close()

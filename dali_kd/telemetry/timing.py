@@ -1,0 +1,63 @@
+"""Per-stage step timing without stalling the GPU: CUDA events on GPU (read at log steps only), perf_counter on CPU.
+
+A step is marked at its start, when the batch is in hand ("data"), after the teacher ("teacher") and after the
+optimizer step ("student"). On the GPU the events sit in the compute stream, so "data" measures the time the GPU
+sat idle waiting for the input — the real stall — not host time that overlapped with earlier GPU work. The stage
+sum therefore never exceeds the step's wall time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+STAGES = ("data", "teacher", "student")
+
+
+class StepTimer:
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled
+        self.cuda = device.type == "cuda" and enabled
+        self._current: list = []
+        self._pending: list[list] = []
+
+    def _stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start_step(self) -> None:
+        if self.enabled:
+            self._current = [self._stamp()]
+
+    def mark(self) -> None:
+        """Mark the end of the next stage, in STAGES order."""
+        if self.enabled:
+            self._current.append(self._stamp())
+
+    def end_step(self) -> None:
+        if self.enabled and len(self._current) == len(STAGES) + 1:
+            self._pending.append(self._current)
+        self._current = []
+
+    def collect(self) -> dict[str, float | None]:
+        """Mean milliseconds per stage over the steps since the last collect: `data_ms`, `teacher_ms`, `student_ms`.
+
+        On the GPU this waits for the last recorded event — call it only at log steps.
+        """
+        pending, self._pending = self._pending, []
+        if not pending:
+            return {f"{stage}_ms": None for stage in STAGES}
+        if self.cuda:
+            pending[-1][-1].synchronize()
+            elapsed = [
+                [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)] for marks in pending
+            ]
+        else:
+            elapsed = [[1000 * (b - a) for a, b in zip(marks, marks[1:], strict=False)] for marks in pending]
+        return {
+            f"{stage}_ms": sum(step[i] for step in elapsed) / len(elapsed) for i, stage in enumerate(STAGES)
+        }

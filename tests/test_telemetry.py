@@ -1,0 +1,268 @@
+"""Telemetry: per-stage timing fields, NVML sampling (real absence, a fake NVML), verdicts, report, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dali_kd import report
+from dali_kd.telemetry.monitor import RunMonitor
+from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
+from dali_kd.telemetry.verdict import judge
+from dali_kd.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rows_carry_coherent_stage_times_and_null_gpu_fields(tiny_config, tmp_path, capsys):
+    summary = Trainer(
+        tiny_config("train.epochs=2", "train.max_steps_per_epoch=4"), CPU, show_progress=False
+    ).fit(tmp_path / "run")
+    rows = rows_of(tmp_path / "run")
+    assert len(rows) == 8
+    for row in rows:
+        for key in ("data_ms", "teacher_ms", "student_ms", "step_ms", "img_per_s", "data_stall_pct"):
+            assert row[key] is not None and row[key] >= 0, key
+        # The stages add up to no more than the step.
+        assert row["data_ms"] + row["teacher_ms"] + row["student_ms"] <= row["step_ms"] * 1.001
+        assert 0 <= row["data_stall_pct"] <= 100
+        assert row["data_stall_pct"] == pytest.approx(100 * row["data_ms"] / row["step_ms"])
+        assert all(field in row and row[field] is None for field in GPU_FIELDS)
+        assert row["proc_rss_mb"] > 10 and row["proc_cpu_pct"] >= 0
+        assert row["verdict"] in {"input-bound", "teacher-bound", "student-bound", "balanced"}
+    assert summary["verdict"] in {"input-bound", "teacher-bound", "student-bound", "balanced"}
+    assert summary["data_share"] + summary["teacher_share"] + summary["student_share"] <= 1.001
+    assert summary["advice"]
+    out = capsys.readouterr().out
+    assert "info: GPU telemetry off: no GPU in use; gpu_* fields will be null" in out
+    assert "epoch 2: " + summary["verdict"] in out or "epoch 2: " in out
+
+
+def test_telemetry_off_keeps_rows_but_no_stage_times(tiny_config, tmp_path):
+    Trainer(tiny_config("train.telemetry=false"), CPU, show_progress=False).fit(tmp_path / "run")
+    row = rows_of(tmp_path / "run")[0]
+    assert row["step_ms"] > 0 and row["data_ms"] is None and row["verdict"] is None
+
+
+def big_jpeg_tree(root, per_class=4):
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            # Smooth content plus noise: a realistic JPEG, expensive to decode at this size.
+            base = np.linspace(0, 255, 1600, dtype=np.float32)[None, :, None].repeat(1200, 0).repeat(3, 2)
+            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_a_starved_loader_is_input_bound(tiny_config, tmp_path):
+    """The original's CPU path with no workers, big JPEGs and tiny models: the GPU (here CPU) waits for data."""
+    data = big_jpeg_tree(tmp_path / "big")
+    cfg = tiny_config(
+        f"data.root={data}",
+        "data.val_root=null",
+        "data.backend=torchvision",
+        "train.num_workers=0",
+        "model.teacher.name=test_vit",
+        "model.teacher.num_classes=2",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=3",
+        "train.batch_size=4",
+    )
+    summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
+    assert summary["verdict"] == "input-bound", summary
+    assert "dali" in summary["advice"]
+
+
+def test_a_huge_teacher_on_small_inputs_is_teacher_bound(tiny_config, tmp_path):
+    cfg = tiny_config(
+        "model.teacher.name=resnet50",
+        "data.image_size=64",
+        "data.val_root=null",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=4",
+        "train.batch_size=8",
+    )
+    summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
+    assert summary["verdict"] == "teacher-bound", summary
+    assert "cache teacher features" in summary["advice"]
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        ((50, 10, 30, 100), "input-bound"),
+        ((5, 70, 20, 100), "teacher-bound"),
+        ((5, 20, 70, 100), "student-bound"),
+        ((10, 40, 45, 100), "balanced"),
+    ],
+)
+def test_verdict_rules(stages, expected):
+    assert judge(*stages).name == expected
+
+
+class FakeNvml:
+    """The pynvml calls GpuSampler makes, with fixed readings; one counter unsupported, like on some GPUs."""
+
+    NVML_TEMPERATURE_GPU = 0
+    NVML_CLOCK_SM = 1
+
+    def __init__(self):
+        self.calls = 0
+        self.shut_down = False
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shut_down = True
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"gpu{index}"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        self.calls += 1
+        return SimpleNamespace(gpu=40 + 20 * (self.calls % 2), memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=(1 + self.calls) * 2**30, total=80 * 2**30, free=0)
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 300_000  # mW
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 60 + self.calls
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return 1980
+
+    def nvmlDeviceGetJpgUtilization(self, handle):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+
+def test_gpu_sampler_folds_fake_nvml_samples():
+    fake = FakeNvml()
+    sampler = GpuSampler([0], interval_s=3600, nvml=fake)  # the thread samples once; we add more by hand
+    sampler.sample_once()
+    sampler.sample_once()
+    folded = sampler.collect()[0]
+    sampler.close()
+    assert fake.shut_down
+    assert folded["gpu_util_pct"] == pytest.approx(50.0, abs=10)  # mean of 40s and 60s
+    assert folded["gpu_mem_total_mb"] == 80 * 1024
+    assert folded["gpu_mem_used_mb"] == (1 + fake.calls) * 1024  # the peak of the interval
+    assert folded["gpu_power_w"] == 300.0 and folded["gpu_sm_clock_mhz"] == 1980
+    assert folded["gpu_temp_c"] == 60 + fake.calls
+    assert folded["gpu_jpeg_util_pct"] is None  # not exposed by this "GPU": null, not a failure
+
+
+def test_monitor_rows_carry_fake_gpu_fields(tmp_path):
+    monitor = RunMonitor(tmp_path, CPU, nvml=FakeNvml(), gpu_indices=[0], announce=False)
+    monitor.gpu.sample_once()
+    row = monitor.log(step=1, epoch=0, losses={"loss": 1.0}, steps=1, images=8, lr=0.1)
+    monitor.close()
+    assert row["gpu_util_pct"] is not None and row["gpu_power_w"] == 300.0
+    assert monitor.summary()["peak_gpu_mem_mb"] == row["gpu_mem_used_mb"]
+
+
+def test_without_nvml_fields_are_null_and_reason_given(tmp_path):
+    class Broken:
+        def nvmlInit(self):
+            raise OSError("NVML Shared Library Not Found")
+
+    sampler = GpuSampler([0], nvml=Broken())
+    assert not sampler.available and "NVML Shared Library Not Found" in sampler.unavailable_reason
+    sampler.close()
+    monitor = RunMonitor(tmp_path, CPU, nvml=Broken(), gpu_indices=[0], announce=False)
+    row = monitor.log(step=1, epoch=0, losses={"loss": 1.0}, steps=1, images=8, lr=0.1)
+    monitor.close()
+    assert all(row[field] is None for field in GPU_FIELDS)
+
+
+def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path, monkeypatch):
+    """Every host read of a tensor (item, float, int, tolist, numpy) happens in a log step or an evaluation."""
+    state = {"allowed": 0, "violations": [], "logged": []}
+
+    def allow(method):
+        def wrapped(*args, **kwargs):
+            state["allowed"] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                state["allowed"] -= 1
+
+        return wrapped
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not state["allowed"]:
+                state["violations"].append(name)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    # AdamW keeps its step counter in a host-side tensor by design (no device sync): not the loop's reads.
+    monkeypatch.setattr(torch.optim.AdamW, "step", allow(torch.optim.AdamW.step))
+    trainer = Trainer(
+        tiny_config("train.epochs=2", "train.max_steps_per_epoch=6", "train.log_every_n_steps=3"),
+        CPU,
+        show_progress=False,
+    )
+    log_interval = trainer._log_interval
+
+    def logged(*args, **kwargs):
+        state["logged"].append(trainer.step)
+        return log_interval(*args, **kwargs)
+
+    trainer._log_interval = allow(logged)
+    trainer.knn_accuracy = allow(trainer.knn_accuracy)
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy"):
+        spy(name)
+    trainer.fit(tmp_path / "run")
+    assert state["logged"] == [3, 6, 9, 12]
+    assert state["violations"] == []
+
+
+def test_report_draws_a_finished_and_a_live_run(tiny_config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    Trainer(tiny_config(), CPU, show_progress=False).fit(run_dir)
+    assert report.main([str(run_dir)]) == 0
+    png = run_dir / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        assert img.size[0] > 800 and img.size[1] > 500
+    text = capsys.readouterr().out
+    assert "verdict:" in text and "finished" in text and "k-NN top-1" in text
+    # A run in progress: no summary yet, and a half-written last line.
+    (run_dir / "summary.json").unlink()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    png.unlink()
+    assert report.main([str(run_dir)]) == 0
+    assert png.is_file() and "in progress" in capsys.readouterr().out
+    assert report.main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_tensorboard_gets_the_same_scalars(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(tiny_config("train.tensorboard=true"), CPU, show_progress=False).fit(tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "img_per_s", "data_ms", "step_ms"} <= tags
+    losses = [e.value for e in events.Scalars("loss")]
+    jsonl = [r["loss"] for r in rows_of(tmp_path / "run")]
+    assert losses == pytest.approx(jsonl)
