@@ -1,0 +1,293 @@
+"""CPU vs GPU augmentation: images/s of the four augmentations through each data path, side by side in one run.
+
+Same files, same AugmentParams, same batch size for every path:
+  torchvision  dali_kd's torchvision backend (PIL + torchvision in a DataLoader, persistent_workers=False — the
+               original trainer's path) at several worker counts, including the original's 4
+  dali_raw     the raw DALI CPU pipeline (pipelines.train_pipeline, pipe.run()) — what dali_kd's loader wraps
+  dali_cpu     dali_kd's DALI loader in CPU-only mode (torch tensors out) at several thread counts
+  dali_gpu     dali_kd's DALI loader on the GPU (decode "mixed", hardware JPEG decoder where present)
+
+Each is warmed up, then timed over several repeats: median, spread (min-max), CPU-seconds per image (this process
+and its DataLoader workers), and the ratio to torchvision at the same number of CPU workers/threads.
+
+    python benchmarks/augment_throughput.py [--quick] [--json out.json] [--md out.md] [--png out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dali_kd.data.dali_loader import DaliTrainStream
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream
+from pipelines.params import AugmentParams
+from pipelines.pipelines import train_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_dataset import make_dataset  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU time of this process (all its threads) and of the given child processes."""
+    times = os.times()
+    total = times.user + times.system
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def worker_pids(iterator) -> list[int]:
+    return [w.pid for w in getattr(iterator, "_workers", [])]
+
+
+def measure(
+    make_batches, batch_size: int, warmup: int, batches: int, repeats: int, queued: int = 2, sync=None
+) -> dict:
+    """Time `batches` batches `repeats` times from one long-lived iterator, after warming up.
+
+    The warm-up also drains the `queued` batches a loader prepares ahead (DataLoader: 2 per worker; DALI: its
+    prefetch queue), which would otherwise be counted as if they had been made in no time.
+    """
+    iterator, pids_of, close = make_batches()
+    for _ in range(warmup + queued):
+        next(iterator)
+    rates, cpu = [], []
+    for _ in range(repeats):
+        pids = pids_of()
+        c0, t0 = cpu_seconds(pids), time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        if sync:
+            sync()
+        elapsed = time.perf_counter() - t0
+        cpu.append((cpu_seconds(pids) - c0) / (batches * batch_size))
+        rates.append(batches * batch_size / elapsed)
+    close()
+    return {
+        "img_per_s": statistics.median(rates),
+        "img_per_s_min": min(rates),
+        "img_per_s_max": max(rates),
+        "cpu_s_per_img": statistics.median(cpu),
+        "repeats": repeats,
+    }
+
+
+def torchvision_batches(index, params, batch_size, workers):
+    def make():
+        stream = TorchvisionTrainStream(
+            index, params, batch_size=batch_size, seed=0, num_workers=workers, persistent_workers=False
+        )
+        iterator = iter(stream)
+        next(iterator)  # starts the workers
+        # The stream's live DataLoader iterator owns the worker processes.
+        return iterator, (lambda: worker_pids(stream._active)), stream.close
+
+    return make
+
+
+def dali_loader_batches(index, params, batch_size, threads, device):
+    def make():
+        stream = DaliTrainStream(
+            index, params, batch_size=batch_size, seed=0, device=device, num_threads=threads
+        )
+        return iter(stream), list, stream.close
+
+    return make
+
+
+def dali_raw_batches(index, params, batch_size, threads):
+    def make():
+        pipe = train_pipeline(index.files, params, batch_size=batch_size, seed=0, num_threads=threads)
+        pipe.build()
+        return (pipe.run() for _ in itertools.count()), list, lambda: None
+
+    return make
+
+
+def parse_counts(text: str) -> list[int]:
+    return sorted({int(x) for x in text.split(",") if x.strip()})
+
+
+def run(args) -> dict:
+    cores = os.cpu_count() or 1
+    params = AugmentParams(image_size=args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or make_dataset(Path(tmp) / "data", num_images=args.num_images, num_classes=10)
+        index = ImageIndex.from_folder(data)
+        common = {
+            "batch_size": args.batch_size,
+            "warmup": args.warmup,
+            "batches": args.batches,
+            "repeats": args.repeats,
+        }
+        results = []
+
+        def record(backend: str, workers: int, make, sync=None) -> None:
+            queued = 2 * workers if backend == "torchvision" else 2
+            row = {
+                "backend": backend,
+                "workers": workers,
+                **measure(make, queued=queued, sync=sync, **common),
+            }
+            results.append(row)
+            print(f"  {backend:<12} workers={workers:<3} {row['img_per_s']:8.1f} img/s", flush=True)
+
+        for workers in parse_counts(args.workers):
+            record("torchvision", workers, torchvision_batches(index, params, args.batch_size, workers))
+        for threads in parse_counts(args.dali_threads):
+            record("dali_raw", threads, dali_raw_batches(index, params, args.batch_size, threads))
+            record("dali_cpu", threads, dali_loader_batches(index, params, args.batch_size, threads, "cpu"))
+        if torch.cuda.is_available() and not args.no_gpu:
+            for threads in parse_counts(args.gpu_threads or str(cores)):
+                record(
+                    "dali_gpu",
+                    threads,
+                    dali_loader_batches(index, params, args.batch_size, threads, "cuda"),
+                    sync=torch.cuda.synchronize,
+                )
+    baseline = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "torchvision"}
+    original = baseline.get(4)
+    raw = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "dali_raw"}
+    for r in results:
+        # Equal CPU workers/threads; torchvision with 0 workers decodes in the main process, i.e. one core.
+        same = baseline.get(r["workers"]) or (baseline.get(0) if r["workers"] == 1 else None)
+        r["ratio_vs_torchvision_same_workers"] = r["img_per_s"] / same if same else None
+        r["ratio_vs_torchvision_4_workers"] = r["img_per_s"] / original if original else None
+        if r["backend"] == "dali_cpu" and r["workers"] in raw:
+            r["ratio_vs_dali_raw"] = r["img_per_s"] / raw[r["workers"]]
+    return {
+        "results": results,
+        "settings": {
+            "num_images": index.num_samples,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "augment": vars(params),
+            **common,
+        },
+        "machine": machine_info(),
+    }
+
+
+def machine_info() -> dict:
+    import nvidia.dali
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dali": nvidia.dali.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| backend | workers/threads | img/s (median) | spread | CPU-s/img | × torchvision same workers | × torchvision 4 workers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        same = r["ratio_vs_torchvision_same_workers"]
+        four = r["ratio_vs_torchvision_4_workers"]
+        lines.append(
+            f"| {r['backend']} | {r['workers']} | {r['img_per_s']:.1f} | {r['img_per_s_min']:.0f}–{r['img_per_s_max']:.0f} "
+            f"| {r['cpu_s_per_img'] * 1000:.2f} ms | {f'{same:.2f}×' if same else '—'} | {f'{four:.2f}×' if four else '—'} |"
+        )
+    loaders = [r for r in report["results"] if "ratio_vs_dali_raw" in r]
+    for r in loaders:
+        lines.append(
+            f"\ndali_kd loader vs raw DALI pipeline, {r['workers']} threads: {r['ratio_vs_dali_raw']:.3f}×"
+        )
+    return "\n".join(lines)
+
+
+def bar_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [f"{r['backend']}\n{r['workers']}" for r in rows]
+    colours = {"torchvision": "#7f7f7f", "dali_raw": "#aec7e8", "dali_cpu": "#1f77b4", "dali_gpu": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5), constrained_layout=True)
+    values = [r["img_per_s"] for r in rows]
+    errors = [
+        [r["img_per_s"] - r["img_per_s_min"] for r in rows],
+        [r["img_per_s_max"] - r["img_per_s"] for r in rows],
+    ]
+    ax.bar(labels, values, yerr=errors, color=[colours[r["backend"]] for r in rows], capsize=3)
+    m = report["machine"]
+    ax.set(
+        ylabel="images/s",
+        title=f"Four augmentations at {report['settings']['image_size']} px — {m['cpu_cores']} CPU cores"
+        + (f", {m['gpu']}" if m.get("gpu") else ""),
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    cores = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="finishes in under 2 minutes on 2 cores")
+    parser.add_argument("--data", type=Path, help="an existing image tree (default: a generated one)")
+    parser.add_argument("--num-images", type=int, default=400)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", default=f"0,2,4,{cores}", help="torchvision DataLoader worker counts")
+    parser.add_argument("--dali-threads", default=f"1,2,{cores}", help="DALI CPU thread counts")
+    parser.add_argument(
+        "--gpu-threads", default=None, help="DALI GPU pipeline CPU threads (default: all cores)"
+    )
+    parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
+    parser.add_argument("--png", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.num_images, args.batch_size, args.warmup, args.batches, args.repeats = 96, 16, 1, 12, 3
+        args.workers, args.dali_threads = f"0,{min(2, cores)},4", f"{min(2, cores)}"
+    report = run(args)
+    table = markdown(report)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    md = args.md or (args.json.with_suffix(".md") if args.json else None)
+    if md:
+        md.write_text(table + "\n")
+    png = args.png or (args.json.with_suffix(".png") if args.json else None)
+    if png:
+        bar_chart(report, png)
+
+
+if __name__ == "__main__":
+    main()

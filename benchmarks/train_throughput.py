@@ -1,0 +1,180 @@
+"""End-to-end distillation step throughput with each data backend: the full step (teacher + student), measured by
+the trainer's own telemetry, side by side in one run.
+
+Reports steps/s, img/s, data stall %, the per-stage breakdown (data / teacher / student ms) and peak memory
+(host RSS, GPU allocated), excluding the first log interval (compilation, warm-up).
+
+    python benchmarks/train_throughput.py [--quick] [--teacher vit_base_patch16_224 --student vit_small_patch16_224
+        --image-size 224 --batch-size 256 --device cuda] [--backends dali,torchvision] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dali_kd.config import load_config
+from dali_kd.trainer import Trainer, resolve_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from augment_throughput import machine_info  # noqa: E402
+from make_dataset import make_dataset  # noqa: E402
+
+
+def run_backend(backend: str, data: Path, out: Path, args, device: torch.device) -> dict:
+    cfg = load_config(
+        overrides=[
+            f"data.root={data}",
+            "data.val_root=null",
+            f"data.backend={backend}",
+            f"data.image_size={args.image_size}",
+            f"data.dali_threads={args.dali_threads}",
+            f"model.teacher.name={args.teacher}",
+            "model.teacher.checkpoint=null",
+            f"model.student.name={args.student}",
+            f"train.batch_size={args.batch_size}",
+            "train.epochs=1",
+            f"train.max_steps_per_epoch={args.steps}",
+            f"train.log_every_n_steps={args.log_every}",
+            f"train.compile_student={str(args.compile).lower()}",
+            f"train.num_workers={args.workers}",
+            f"train.precision={args.precision}",
+            f"train.output_dir={out}",
+            f"train.run_name={backend}",
+        ]
+    )
+    trainer = Trainer(cfg, device, show_progress=False)
+    if trainer.steps_per_epoch < args.steps:
+        raise SystemExit(f"need at least {args.steps * args.batch_size} images for {args.steps} steps")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    summary = trainer.fit(out / backend)
+    rows = [json.loads(line) for line in (out / backend / "metrics.jsonl").read_text().splitlines()][1:]
+
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.mean(values) if values else None
+
+    step_ms = mean("step_ms")
+    return {
+        "backend": backend,
+        "steps_per_s": 1000 / step_ms,
+        "img_per_s": mean("img_per_s"),
+        "step_ms": step_ms,
+        "data_ms": mean("data_ms"),
+        "teacher_ms": mean("teacher_ms"),
+        "student_ms": mean("student_ms"),
+        "data_stall_pct": mean("data_stall_pct"),
+        "gpu_util_pct": mean("gpu_util_pct"),
+        "verdict": summary["verdict"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "device": str(device),
+        "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "peak_gpu_used_mb": summary["peak_gpu_mem_mb"],
+        "measured_steps": args.steps - args.log_every,
+    }
+
+
+def run_in_subprocess(backend: str, data: Path) -> dict:
+    """This script again with --backends <backend> on `data`, same other arguments; returns its one result row."""
+    argv = list(sys.argv[1:])
+    for flag in ("--backends", "--json", "--data"):
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+        argv = [a for a in argv if not a.startswith(flag + "=")]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            *argv,
+            "--backends",
+            backend,
+            "--data",
+            str(data),
+            "--json",
+            str(out),
+        ]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())["results"][0]
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| backend | steps/s | img/s | step ms | data ms | teacher ms | student ms | data stall | verdict | peak RSS | peak GPU alloc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        gpu = f"{r['peak_gpu_allocated_mb']:.0f} MB" if r["peak_gpu_allocated_mb"] else "—"
+        lines.append(
+            f"| {r['backend']} | {r['steps_per_s']:.2f} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | "
+            f"{r['data_ms']:.1f} | {r['teacher_ms']:.1f} | {r['student_ms']:.1f} | {r['data_stall_pct']:.1f}% | "
+            f"{r['verdict']} | {r['peak_rss_mb']:.0f} MB | {gpu} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models and data: checks the script in seconds"
+    )
+    parser.add_argument("--data", type=Path, help="an existing image tree (default: a generated one)")
+    parser.add_argument(
+        "--num-images", type=int, default=0, help="generated images (default: enough for the run)"
+    )
+    parser.add_argument("--teacher", default="resnet50")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--backends", default="dali,torchvision")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the student (as the trainer does)"
+    )
+    parser.add_argument("--workers", type=int, default=4, help="torchvision DataLoader workers (original: 4)")
+    parser.add_argument("--dali-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.teacher, args.student, args.image_size, args.batch_size = "test_resnet", "test_vit", 64, 8
+        args.steps, args.log_every, args.workers = 6, 2, 2
+    backends = args.backends.split(",")
+    if len(backends) > 1:
+        # One process per backend, so that peak memory (host and GPU) belongs to that backend alone.
+        with tempfile.TemporaryDirectory() as tmp:
+            num_images = args.num_images or args.steps * args.batch_size
+            data = args.data or make_dataset(Path(tmp) / "data", num_images=num_images, num_classes=10)
+            results = [run_in_subprocess(backend, data) for backend in backends]
+    else:
+        device = resolve_device(args.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            num_images = args.num_images or args.steps * args.batch_size
+            data = args.data or make_dataset(tmp / "data", num_images=num_images, num_classes=10)
+            results = [run_backend(backends[0], data, tmp / "runs", args, device)]
+    report = {
+        "results": results,
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
+        "machine": machine_info(),
+    }
+    print(markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        args.json.with_suffix(".md").write_text(markdown(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
