@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from dali_kd.config import load_config
-from dali_kd.trainer import Trainer, resolve_device
+from dali_kd.runtime import resolve_device
+from dali_kd.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_dataset import make_dataset  # noqa: E402

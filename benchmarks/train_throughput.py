@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from dali_kd.config import load_config
-from dali_kd.trainer import Trainer, resolve_device
+from dali_kd.runtime import resolve_device
+from dali_kd.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import machine_info  # noqa: E402

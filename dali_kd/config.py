@@ -139,6 +139,18 @@ class TrainConfig(Section):
     output_dir: str = Field("runs", description="Run directories are created under this folder")
     run_name: str | None = Field(None, description="Run directory name; null: <student>-<date>-<time>")
     log_every_n_steps: int = Field(50, ge=1, description="One metrics.jsonl row per this many steps")
+    save_every_n_steps: int | None = Field(
+        1000, ge=1, description="Checkpoint every N steps (and at each epoch end); null: epoch ends only"
+    )
+    keep_last_checkpoints: int = Field(
+        3, ge=1, description="Checkpoints kept in <run>/checkpoints (oldest deleted)"
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="NaN/Inf loss: stop (pointing at the last good checkpoint) or skip the step"
+    )
+    max_skipped_steps: int = Field(
+        10, ge=0, description="With on_nonfinite_loss=skip: stop after this many skips"
+    )
     telemetry: bool = Field(
         True, description="Per-stage timing, GPU (NVML) and process telemetry in metrics rows"
     )
@@ -166,9 +178,13 @@ class ModelSpec(Section):
     )
 
 
+class StudentSpec(ModelSpec):
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth while training")
+
+
 class ModelConfig(Section):
     teacher: ModelSpec
-    student: ModelSpec
+    student: StudentSpec
     projector_hidden_dim: int = Field(
         0, ge=0, description="Hidden width of the student→teacher feature projector; 0: one linear layer"
     )

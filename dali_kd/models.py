@@ -34,12 +34,15 @@ def check_model_name(name: str, role: str) -> None:
         raise UserError(f"model.{role}.name: unknown timm model '{name}'{hint}")
 
 
-def create_model(name: str, image_size: int, num_classes: int) -> nn.Module:
+def create_model(name: str, image_size: int, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
     """A timm model sized for image_size (ViT-style models take it as img_size; CNNs need nothing)."""
+    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size)
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, img_size=image_size, **kwargs
+        )
     except TypeError:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,7 +84,13 @@ def load_weights(model: nn.Module, path: Path, role: str) -> None:
         # On failure keep the raw keys: the load below names what does not fit.
         with contextlib.suppress(Exception):
             state = filter_fn(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: another architecture or another head size
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise UserError(
+            f"model.{role}.checkpoint {path}: weights do not fit {role}: {detail[:300]}"
+        ) from None
     if missing or unexpected:
         parts = []
         if missing:
@@ -93,7 +102,7 @@ def load_weights(model: nn.Module, path: Path, role: str) -> None:
 
 def build_model(spec: ModelSpec, role: str, image_size: int, num_classes: int) -> nn.Module:
     check_model_name(spec.name, role)
-    model = create_model(spec.name, image_size, num_classes)
+    model = create_model(spec.name, image_size, num_classes, getattr(spec, "drop_path_rate", 0.0))
     if spec.checkpoint:
         load_weights(model, Path(spec.checkpoint).expanduser(), role)
     return model

@@ -1,14 +1,21 @@
-"""`python -m dali_kd.train`: parse flags, load the three configs, prepare the demo if asked, train, report."""
+"""`python -m dali_kd.train`: parse flags, load the three configs, prepare the demo if asked, train, report.
+
+Also the entry point of every rank under `torchrun` or `srun`; exit codes: 0 done, 1 the run stopped itself
+(e.g. NaN loss), 2 a user error, 75 preempted (checkpoint saved; requeued under Slurm).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, Config, load_config
-from dali_kd.errors import UserError
+from dali_kd.errors import TrainingStopped, UserError
+
+EXIT_STOPPED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_config", type=Path, help="model YAML (default: the demo's)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="overrides train.device")
     parser.add_argument("--max_steps_per_epoch", type=int, help="overrides train.max_steps_per_epoch")
+    parser.add_argument(
+        "--resume",
+        default="auto" if os.environ.get("SLURM_JOB_ID") else "none",
+        metavar="auto|none|PATH",
+        help="auto: the newest complete checkpoint of the run (fresh start if none); PATH: that checkpoint; "
+        "none: start fresh (default: auto under Slurm, else none)",
+    )
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="resume even if the config or the teacher changed"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="any dotted config key, e.g. train.batch_size=64"
@@ -34,18 +51,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.train.output_dir).expanduser() / name
+def _newest_run_with_checkpoints(output_dir: Path) -> Path | None:
+    from dali_kd.checkpoint import CheckpointDir
+
+    newest, newest_mtime = None, -1.0
+    for run_dir in output_dir.iterdir() if output_dir.is_dir() else ():
+        latest = CheckpointDir(run_dir, 1).latest() if run_dir.is_dir() else None
+        if latest is not None and latest.stat().st_mtime > newest_mtime:
+            newest, newest_mtime = run_dir, latest.stat().st_mtime
+    return newest
+
+
+def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from). A resumed run continues its own run directory."""
+    from dali_kd.checkpoint import CheckpointDir
+    from dali_kd.preemption import slurm_job_id
+
+    output_dir = Path(cfg.train.output_dir).expanduser()
+    if resume not in ("auto", "none"):
+        path = Path(resume).expanduser()
+        if not path.is_file():
+            raise UserError(f"--resume: checkpoint not found: {path}")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        if cfg.train.run_name:
+            run_dir = output_dir / cfg.train.run_name
+        return run_dir or output_dir / f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}", path
+    if cfg.train.run_name:
+        run_dir = output_dir / cfg.train.run_name
+    elif slurm_job_id():
+        # A requeued job keeps its id, so it finds its own run directory again.
+        run_dir = output_dir / f"{cfg.model.student.name}-slurm{slurm_job_id()}"
+    elif resume == "auto" and (found := _newest_run_with_checkpoints(output_dir)) is not None:
+        run_dir = found
+    else:
+        run_dir = output_dir / f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    latest = CheckpointDir(run_dir, 1).latest() if resume == "auto" else None
+    return run_dir, latest
+
+
+def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"train.output_dir: cannot create run directory {run_dir}: {e.strerror}") from None
-    return run_dir
 
 
 def run(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
+    args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
@@ -55,44 +108,84 @@ def run(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.data_config, args.train_config, args.model_config, overrides)
 
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
+    from dali_kd import distributed
     from dali_kd.models import check_model_name
-    from dali_kd.trainer import Trainer, check_supported, resolve_device
+    from dali_kd.runtime import check_supported, resolve_device
+    from dali_kd.trainer import Trainer
 
     check_supported(cfg)
     check_model_name(cfg.model.teacher.name, "teacher")
     check_model_name(cfg.model.student.name, "student")
-    device = resolve_device(cfg.train.device)
-    if demo:
-        from dali_kd.demo import prepare_demo
+    info = distributed.detect()
+    device = resolve_device(cfg.train.device, info.local_rank)
+    distributed.init(info, device.type)
+    try:
+        if demo:
+            from dali_kd.demo import prepare_demo
 
-        prepare_demo(cfg, device, show_progress=not args.no_progress)
-    # Everything that can be wrong with the data, models or checkpoints fails here, before a run directory exists.
-    trainer = Trainer(cfg, device, show_progress=not args.no_progress)
-    run_dir = make_run_dir(cfg)
-    print(f"run directory: {run_dir}", flush=True)
-    print(
-        f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device}, backend {cfg.data.backend}, "
-        f"batch {cfg.train.batch_size}, {cfg.train.epochs} epochs × ≤{cfg.train.max_steps_per_epoch} steps",
-        flush=True,
-    )
-    summary = trainer.fit(run_dir)
-    knn = summary["student_knn_top1"]
-    teacher = summary["teacher_knn_top1"]
-    if knn is not None:
-        print(f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)")
-    print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}", flush=True)
+            if info.is_main:
+                prepare_demo(cfg, device, show_progress=not args.no_progress)
+            distributed.barrier()
+        run_dir, resume_from = distributed.broadcast_object(
+            choose_run(cfg, args.resume) if info.is_main else None
+        )
+        # Everything that can be wrong with the data, models or checkpoint fails here, before the run dir exists.
+        trainer = Trainer(
+            cfg,
+            device,
+            show_progress=not args.no_progress,
+            dist_info=info,
+            resume_from=resume_from,
+            allow_config_change=args.allow_config_change,
+        )
+        if info.is_main:
+            make_run_dir(run_dir)
+            print(f"run directory: {run_dir}", flush=True)
+            what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
+            print(
+                f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
+                f"{cfg.data.backend}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs × "
+                f"{trainer.steps_per_epoch} steps; {what}",
+                flush=True,
+            )
+        distributed.barrier()
+        summary = trainer.fit(run_dir)
+    finally:
+        distributed.shutdown()
+    if info.is_main:
+        knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
+        if knn is not None:
+            print(
+                f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
+            )
+        print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}", flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dali_kd.preemption import EXIT_PREEMPTED
+
     try:
         run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from dali_kd.preemption import Preempted, requeue
+
+        if not isinstance(e, Preempted):
+            raise
+        rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+        if rank0:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            requeue()
+        return EXIT_PREEMPTED
     return 0
 
 

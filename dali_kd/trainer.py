@@ -1,75 +1,54 @@
-"""The distillation loop: step-capped epochs over one data stream, a frozen teacher, a compiled student."""
+"""The distillation loop: step-capped epochs over one data stream, a frozen teacher, a compiled (DDP) student,
+step checkpoints, exact resume, preemption and NaN handling."""
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from dali_kd import checkpoint as ckpt
+from dali_kd import distributed
 from dali_kd.config import Config, dump_config
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.loaders import make_eval_batches, make_train_stream
-from dali_kd.errors import UserError
+from dali_kd.data.loaders import make_train_stream
+from dali_kd.distributed import DistInfo
+from dali_kd.errors import TrainingStopped
+from dali_kd.evaluation import KnnEvaluator
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
-from dali_kd.knn import extract_embeddings, knn_top1
 from dali_kd.losses import distillation_losses
 from dali_kd.models import FrozenTeacher, Student, build_model, embed_dim, model_outputs, same_token_grid
+from dali_kd.preemption import Preempted, StopSignal
+from dali_kd.runtime import autocast_dtype, check_supported, resolve_device, seed_everything, warmup_cosine
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (try --device cpu)")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU by default; fp32 on CPU (bf16 there only when asked)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up from lr/warmup to lr, then cosine decay to min_lr at total_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def check_supported(cfg: Config) -> None:
-    """Features whose keys exist (the original's) but that this version does not implement yet: refuse, not ignore."""
-    if cfg.train.use_local_crops:
-        raise UserError("train.use_local_crops: local crops are not supported yet; set it to false")
-    if cfg.train.cache_teacher_features:
-        raise UserError(
-            "train.cache_teacher_features: the teacher cache is not supported yet; set it to false"
-        )
+__all__ = ["Trainer", "resolve_device", "warmup_cosine"]
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device, show_progress: bool = True):
+    """Builds the data stream, the teacher and the student for one process (one rank), then `fit()` trains."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device,
+        show_progress: bool = True,
+        dist_info: DistInfo | None = None,
+        resume_from: Path | None = None,
+        allow_config_change: bool = False,
+    ):
         check_supported(cfg)
         self.cfg = cfg
         self.device = device
-        self.show_progress = show_progress
+        self.dist = dist_info or DistInfo()
+        self.show_progress = show_progress and self.dist.is_main
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         seed_everything(cfg.train.seed)
 
@@ -79,19 +58,22 @@ class Trainer:
             if cfg.data.val_root
             else None
         )
+        self.evaluator = KnnEvaluator(
+            cfg, self.train_index, self.val_index, device, self.dist.rank, self.dist.world_size
+        )
         size = cfg.data.image_size
         teacher_classes = 1000 if cfg.model.teacher.num_classes is None else cfg.model.teacher.num_classes
         student_classes = cfg.model.student.num_classes
         student_classes = teacher_classes if student_classes is None else student_classes
         teacher = build_model(cfg.model.teacher, "teacher", size, teacher_classes)
         backbone = build_model(cfg.model.student, "student", size, student_classes)
+        self.teacher_id = {"name": cfg.model.teacher.name, "weights_hash": ckpt.weights_hash(teacher)}
         self.teacher = FrozenTeacher(teacher.to(device), self.amp_dtype)
         self.use_patches = cfg.train.loss.patch_weight > 0 and same_token_grid(teacher, backbone)
         self.student = Student(
             backbone, embed_dim(teacher), cfg.model.projector_hidden_dim, with_patches=self.use_patches
         ).to(device)
-        # Compile the student only: the frozen teacher gains nothing from it (and costs compile time).
-        self.student_step = torch.compile(self.student) if cfg.train.compile_student else self.student
+        self.student_step = self._wrap_student()
 
         opt = cfg.train.optimizer
         decay = [p for p in self.student.parameters() if p.ndim > 1]
@@ -101,17 +83,114 @@ class Trainer:
             lr=opt.lr,
             betas=opt.betas,
         )
-        self.stream = make_train_stream(cfg, self.train_index, device)
-        full_steps = max(1, self.stream.num_samples // cfg.train.batch_size)
-        self.steps_per_epoch = min(cfg.train.max_steps_per_epoch, full_steps)
+        # Every rank takes the same number of steps: the smallest shard decides.
+        shard_samples = self.train_index.num_samples // self.dist.world_size
+        self.steps_per_epoch = min(
+            cfg.train.max_steps_per_epoch, max(1, shard_samples // cfg.train.batch_size)
+        )
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: warmup_cosine(step, self.total_steps, opt.warmup_steps, opt.lr, opt.min_lr) / opt.lr,
         )
+        # Where the run stands; a checkpoint carries all of it.
         self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.progress_state: dict[str, Any] = {
+            "final_loss": float("nan"),
+            "teacher_knn_top1": None,
+            "student_knn_top1": None,
+            "knn_history": [],
+            "train_s": 0.0,
+            "wall_s": 0.0,
+            "skipped_steps": 0,
+        }
+        stream_state = None
+        self.resumed_from: Path | None = None
+        if resume_from is not None:
+            state = ckpt.load(resume_from)
+            ckpt.check_compatible(
+                state, cfg, self.teacher_id, self.dist.world_size, resume_from, allow_config_change
+            )
+            self._load_state(state)
+            stream_state = state["stream"][self.dist.rank]
+            self.resumed_from = resume_from
+        # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
+        self.stream = make_train_stream(
+            cfg, self.train_index, device, self.dist.rank, self.dist.world_size, state=stream_state
+        )
         # Replaced by the run monitor's timer in fit(); a disabled one lets train_step run on its own.
         self.timer = StepTimer(device, enabled=False)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _wrap_student(self):
+        """DDP wraps the student only (the teacher is frozen), then torch.compile compiles the wrapped student."""
+        module = self.student
+        if self.dist.is_distributed:
+            loss = self.cfg.train.loss
+            # Logits feed the loss only through the logit or label terms; otherwise DDP must expect unused params.
+            uses_logits = loss.logit_weight > 0 or loss.label_weight > 0
+            module = DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=not uses_logits,
+            )
+        return torch.compile(module) if self.cfg.train.compile_student else module
+
+    # ---- checkpoint state ------------------------------------------------------------------------------------
+    def _collect_state(self) -> dict[str, Any] | None:
+        """This run's full state at a step boundary (a collective: every rank calls it; rank 0 gets the dict)."""
+        streams = distributed.gather_objects(self.stream.state_dict())
+        rngs = distributed.gather_objects(ckpt.rng_state())
+        if not self.dist.is_main:
+            return None
+        return {
+            "format": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "stream": streams,
+            "rng": rngs,
+            "progress": dict(self.progress_state),
+            "world_size": self.dist.world_size,
+            "config_hash": ckpt.config_hash(self.cfg),
+            "config_fingerprint": ckpt.config_fingerprint(self.cfg),
+            "teacher": self.teacher_id,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.progress_state.update(state["progress"])
+        ckpt.set_rng_state(state["rng"][self.dist.rank])
+
+    def _account_train_time(self) -> None:
+        """Add the training time since the last mark (evaluation excluded) to the run's total."""
+        if getattr(self, "_train_mark", None) is not None:
+            now = time.perf_counter()
+            self.progress_state["train_s"] += now - self._train_mark
+            self._train_mark = None
+
+    def save_checkpoint(self) -> Path | None:
+        """Checkpoint now, unless the loss went non-finite since the last check (then stop: see _check_finite)."""
+        self._check_finite()
+        mid_epoch = getattr(self, "_train_mark", None) is not None
+        self._account_train_time()
+        self.progress_state["wall_s"] = self._wall_s()
+        state = self._collect_state()
+        path = self.checkpoints.save(state, self.step) if state is not None else None
+        distributed.barrier()  # nobody moves on (or exits) before the file is complete
+        self.last_checkpoint = path or self.checkpoints.latest()
+        if mid_epoch:
+            self._train_mark = time.perf_counter()
+        return self.last_checkpoint
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -134,13 +213,44 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if self.cfg.train.optimizer.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
-        self.optimizer.step()
+        finite = torch.isfinite(losses["loss"])
+        if self.cfg.train.on_nonfinite_loss == "skip" and distributed.any_rank(not bool(finite), self.device):
+            # Skip mode reads the loss every step (one sync): the update must not happen at all.
+            self._skip_step()
+        else:
+            # Stop mode stays asynchronous: the flag is read at log steps and before every checkpoint.
+            self._nonfinite |= ~finite
+            if self.cfg.train.optimizer.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
+            self.optimizer.step()
         self.scheduler.step()
         self.timer.mark()  # student
         self.step += 1
         return {k: v.detach() for k, v in losses.items()}
+
+    def _skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress_state["skipped_steps"] += 1
+        skipped = self.progress_state["skipped_steps"]
+        tqdm.write(f"warning: non-finite loss at step {self.step + 1}: step skipped ({skipped} so far)")
+        if skipped > self.cfg.train.max_skipped_steps:
+            raise TrainingStopped(
+                f"loss was non-finite in {skipped} steps (train.max_skipped_steps="
+                f"{self.cfg.train.max_skipped_steps}); last good checkpoint: {self._last_checkpoint_text()}"
+            )
+
+    def _check_finite(self) -> None:
+        """All ranks agree: if any saw a NaN/Inf loss since the last check, every rank stops."""
+        if distributed.any_rank(bool(self._nonfinite), self.device):
+            raise TrainingStopped(
+                f"loss became NaN/Inf before step {self.step} (train.on_nonfinite_loss=stop); "
+                f"last good checkpoint: {self._last_checkpoint_text()} — resume from it with a lower "
+                "train.optimizer.lr, or set train.on_nonfinite_loss=skip"
+            )
+
+    def _last_checkpoint_text(self) -> str:
+        latest = getattr(self, "last_checkpoint", None)
+        return str(latest) if latest else "none yet"
 
     @staticmethod
     def _logits_match(student_out, teacher_out) -> bool:
@@ -158,20 +268,7 @@ class Trainer:
         return self.teacher(images).pooled
 
     def knn_accuracy(self, embed) -> float | None:
-        """k-NN top-1 (%) of val images against an (optionally subsampled) bank of training images."""
-        if self.val_index is None:
-            return None
-        batch_size = self.cfg.train.batch_size
-        bank_index = self.train_index.subset(self.cfg.train.knn_bank_size)
-        bank, bank_labels = extract_embeddings(
-            embed, make_eval_batches(self.cfg, bank_index, self.device, batch_size)
-        )
-        queries, query_labels = extract_embeddings(
-            embed, make_eval_batches(self.cfg, self.val_index, self.device, batch_size)
-        )
-        return knn_top1(
-            bank, bank_labels, queries, query_labels, self.train_index.num_classes, k=self.cfg.train.knn_k
-        )
+        return self.evaluator.accuracy(embed)
 
     def evaluate_student(self) -> float | None:
         was_training = self.student.training
@@ -183,61 +280,142 @@ class Trainer:
             self.student.train(was_training)
 
     # ---- the run ---------------------------------------------------------------------------------------------
+    def _wall_s(self) -> float:
+        return self._wall_before + time.perf_counter() - self._run_start
+
     def fit(self, run_dir: Path, nvml: Any | None = None) -> dict[str, Any]:
-        """Train for cfg.train.epochs step-capped epochs; writes config, metrics, summary and weights to run_dir."""
+        """Train to cfg.train.epochs step-capped epochs from wherever the run stands; rank 0 writes run_dir.
+
+        Raises Preempted (after a checkpoint) when SIGUSR1/SIGTERM arrives, TrainingStopped on a NaN loss.
+        """
         cfg = self.cfg
-        run_start = time.perf_counter()
-        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        self._run_start = time.perf_counter()
+        self._wall_before = self.progress_state["wall_s"]
+        self.checkpoints = ckpt.CheckpointDir(run_dir, cfg.train.keep_last_checkpoints)
+        self.last_checkpoint = self.resumed_from
+        if self.dist.is_main:
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+            # Rows a killed process wrote after the state this run starts from (all of them on a fresh start).
+            truncate_metrics(run_dir / "metrics.jsonl", self.step)
         self.monitor = RunMonitor(
-            run_dir, self.device, enabled=cfg.train.telemetry, tensorboard=cfg.train.tensorboard, nvml=nvml
+            run_dir,
+            self.device,
+            # Rank 0 measures and writes; the other ranks' rows would only repeat it.
+            enabled=cfg.train.telemetry and self.dist.is_main,
+            tensorboard=cfg.train.tensorboard and self.dist.is_main,
+            nvml=nvml,
+            announce=self.dist.is_main,
+            write=self.dist.is_main,
         )
         self.timer = self.monitor.timer
-        teacher_knn = self.knn_accuracy(self._embed_teacher)
-        if teacher_knn is not None:
-            tqdm.write(f"teacher k-NN top-1: {teacher_knn:.1f}%")
+        stop = StopSignal()
         self.progress = tqdm(
-            total=self.total_steps, desc="distill", unit="step", disable=not self.show_progress
+            total=self.total_steps,
+            initial=self.step,
+            desc="distill",
+            unit="step",
+            disable=not self.show_progress,
         )
-        self.final_loss = float("nan")
-        student_knn: float | None = None
-        knn_history: list[dict[str, Any]] = []
-        train_s = 0.0
-        stream = iter(self.stream)
-        self.student.train()
-        self.monitor.restart_interval()
         try:
-            for epoch in range(cfg.train.epochs):
-                epoch_start = time.perf_counter()
-                self._run_epoch(epoch, stream)
-                train_s += time.perf_counter() - epoch_start
-                verdict = self.monitor.end_epoch()
-                if verdict is not None:
-                    tqdm.write(f"epoch {epoch + 1}: {verdict.line()}")
-                if epoch == cfg.train.epochs - 1 or (epoch + 1) % cfg.train.eval_every_n_epochs == 0:
-                    student_knn = self.evaluate_student()
-                    if student_knn is not None:
-                        knn_history.append(
-                            {"epoch": epoch + 1, "step": self.step, "student_knn_top1": student_knn}
-                        )
-                        tqdm.write(f"epoch {epoch + 1}: student k-NN top-1 {student_knn:.1f}%")
-                    self.monitor.restart_interval()
+            if self.progress_state["teacher_knn_top1"] is None:
+                self.progress_state["teacher_knn_top1"] = self.knn_accuracy(self._embed_teacher)
+                if self.progress_state["teacher_knn_top1"] is not None and self.dist.is_main:
+                    tqdm.write(f"teacher k-NN top-1: {self.progress_state['teacher_knn_top1']:.1f}%")
+            stream = iter(self.stream)
+            self.student.train()
+            self.monitor.restart_interval()
+            while self.epoch < cfg.train.epochs:
+                self._train_mark = time.perf_counter()
+                self._run_epoch(stream, stop)
+                self._account_train_time()
+                self._end_epoch()
         finally:
+            stop.restore()
             self.progress.close()
             self.monitor.close()
             self.stream.close()
-        save_safetensors_atomic(run_dir / "student.safetensors", self.student.backbone.state_dict())
-        save_safetensors_atomic(run_dir / "projector.safetensors", self.student.projector.state_dict())
-        train_images = self.total_steps * cfg.train.batch_size
+        return self._finish(run_dir)
+
+    def _run_epoch(self, stream, stop: StopSignal) -> None:
+        """The rest of the current step-capped epoch: the next batches of the continuing stream."""
+        cfg = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        steps = images = 0
+        # Ranks agree on a stop signal at these steps (every step in a single process: reading a flag is free).
+        agree_every = 1 if not self.dist.is_distributed else min(cfg.log_every_n_steps, 10)
+        while self.step_in_epoch < self.steps_per_epoch:
+            self.timer.start_step()
+            batch = next(stream)
+            self.timer.mark()  # data
+            losses = self.train_step(batch)
+            self.timer.end_step()
+            self.step_in_epoch += 1
+            if not (cfg.on_nonfinite_loss == "skip" and not torch.isfinite(losses["loss"])):
+                for name, value in losses.items():
+                    sums[name] = sums[name] + value if name in sums else value
+                steps += 1
+            images += len(batch)
+            self.progress.update(1)
+            if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
+                self._log_interval(sums, steps, images)
+                sums, steps, images = {}, 0, 0
+            if self.step % agree_every == 0 and distributed.any_rank(stop.received is not None, self.device):
+                raise Preempted(self.save_checkpoint(), stop.received or "stop signal on another rank")
+            last_of_epoch = self.step_in_epoch == self.steps_per_epoch
+            if cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0 and not last_of_epoch:
+                self.save_checkpoint()
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg.train
+        verdict = self.monitor.end_epoch()
+        if verdict is not None and self.dist.is_main:
+            tqdm.write(f"epoch {self.epoch + 1}: {verdict.line()}")
+        if self.epoch == cfg.epochs - 1 or (self.epoch + 1) % cfg.eval_every_n_epochs == 0:
+            knn = self.evaluate_student()
+            if knn is not None:
+                self.progress_state["student_knn_top1"] = knn
+                self.progress_state["knn_history"].append(
+                    {"epoch": self.epoch + 1, "step": self.step, "student_knn_top1": knn}
+                )
+                if self.dist.is_main:
+                    tqdm.write(f"epoch {self.epoch + 1}: student k-NN top-1 {knn:.1f}%")
+            self.monitor.restart_interval()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_checkpoint()
+
+    def _log_interval(self, sums: dict[str, torch.Tensor], steps: int, images: int) -> None:
+        """The only host reads of the loop: loss sums (averaged over ranks) and stage events, once per interval."""
+        self._check_finite()
+        names = sorted(sums)
+        if names:
+            stacked = distributed.all_reduce(torch.stack([sums[n].float() for n in names]))
+            values = (stacked / (max(1, steps) * self.dist.world_size)).tolist()
+            means = dict(zip(names, values, strict=True))
+        else:  # every step of the interval was skipped
+            means = {"loss": float("nan")}
+        images *= self.dist.world_size
+        row = self.monitor.log(self.step, self.epoch, means, steps, images, self.scheduler.get_last_lr()[0])
+        self.progress_state["final_loss"] = row["loss"]
+        self.progress.set_postfix_str(progress_postfix(row), refresh=False)
+
+    def _finish(self, run_dir: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        progress = self.progress_state
         summary = {
             "steps": self.step,
             "epochs": cfg.train.epochs,
             "steps_per_epoch": self.steps_per_epoch,
-            "final_loss": self.final_loss,
-            "images_per_sec": train_images / train_s if train_s > 0 else None,
-            "student_knn_top1": student_knn,
-            "teacher_knn_top1": teacher_knn,
+            "final_loss": progress["final_loss"],
+            "images_per_sec": (
+                self.step * cfg.train.batch_size * self.dist.world_size / progress["train_s"]
+                if progress["train_s"] > 0
+                else None
+            ),
+            "student_knn_top1": progress["student_knn_top1"],
+            "teacher_knn_top1": progress["teacher_knn_top1"],
             "chance_top1": 100.0 / self.train_index.num_classes,
-            "knn_history": knn_history,
+            "knn_history": progress["knn_history"],
             "num_classes": self.train_index.num_classes,
             "num_train_images": self.train_index.num_samples,
             "num_val_images": self.val_index.num_samples if self.val_index else 0,
@@ -247,41 +425,35 @@ class Trainer:
             "backend": cfg.data.backend,
             "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
             "compiled_student": cfg.train.compile_student,
-            "world_size": 1,
+            "world_size": self.dist.world_size,
+            "skipped_steps": progress["skipped_steps"],
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **self.monitor.summary(),
-            "wall_s": time.perf_counter() - run_start,
+            "wall_s": self._wall_s(),
         }
-        write_json_atomic(run_dir / "summary.json", summary)
-        if summary["verdict"]:
-            tqdm.write(f"run: {self.monitor.summary_line(summary)}")
+        if self.dist.is_main:
+            save_safetensors_atomic(run_dir / "student.safetensors", self.student.backbone.state_dict())
+            save_safetensors_atomic(run_dir / "projector.safetensors", self.student.projector.state_dict())
+            write_json_atomic(run_dir / "summary.json", summary)
+            if summary["verdict"]:
+                tqdm.write(f"run: {self.monitor.summary_line(summary)}")
+        distributed.barrier()
         return summary
 
-    def _run_epoch(self, epoch: int, stream) -> None:
-        """One step-capped epoch: the next steps_per_epoch batches of the continuing stream."""
-        log_every = self.cfg.train.log_every_n_steps
-        sums: dict[str, torch.Tensor] = {}
-        steps = images = 0
-        for _ in range(self.steps_per_epoch):
-            self.timer.start_step()
-            batch = next(stream)
-            self.timer.mark()  # data
-            losses = self.train_step(batch)
-            self.timer.end_step()
-            for name, value in losses.items():
-                sums[name] = sums[name] + value if name in sums else value
-            steps += 1
-            images += len(batch)
-            self.progress.update(1)
-            if self.step % log_every == 0 or self.step == self.total_steps:
-                self._log_interval(epoch, sums, steps, images)
-                sums, steps, images = {}, 0, 0
 
-    def _log_interval(self, epoch: int, sums: dict[str, torch.Tensor], steps: int, images: int) -> None:
-        """The only host reads of the loop: loss sums and stage events, once per log interval."""
-        means = {name: float(value) / steps for name, value in sums.items()}
-        row = self.monitor.log(self.step, epoch, means, steps, images, self.scheduler.get_last_lr()[0])
-        self.final_loss = row["loss"]
-        self.progress.set_postfix_str(progress_postfix(row), refresh=False)
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows a killed run wrote after the checkpoint it resumes from: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a half-written last line
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def progress_postfix(row: dict[str, Any]) -> str:

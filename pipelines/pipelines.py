@@ -24,7 +24,9 @@ def _decode_device(device_id: int | None) -> str:
     return "cpu" if device_id is None else "mixed"
 
 
-def _read(files: Sequence[str], shuffle: bool, shard_id: int, num_shards: int, pad_last_batch: bool):
+def _read(
+    files: Sequence[str], shuffle: bool, shard_id: int, num_shards: int, pad_last_batch: bool, seed: int = -1
+):
     # The reader's "label" carries the sample id (index into files); the trainer maps ids to class labels, which
     # keeps one id per file for replay, caching and quarantine.
     encoded, sample_ids = fn.readers.file(
@@ -37,6 +39,7 @@ def _read(files: Sequence[str], shuffle: bool, shard_id: int, num_shards: int, p
         # pass boundaries inside a batch instead of padding.
         shuffle_after_epoch=shuffle,
         pad_last_batch=pad_last_batch,
+        seed=seed,
     )
     return encoded, fn.cast(sample_ids, dtype=types.INT64)
 
@@ -51,8 +54,16 @@ def train_pipeline(
     shard_id: int = 0,
     num_shards: int = 1,
     prefetch_queue_depth: int = 2,
+    checkpoint: bytes | None = None,
+    reader_seed: int | None = None,
 ) -> Pipeline:
-    """Outputs TRAIN_OUTPUTS: images float32 [3,S,S], sample id, and the view record of each sample."""
+    """Outputs TRAIN_OUTPUTS: images float32 [3,S,S], sample id, and the view record of each sample.
+
+    checkpoint: bytes from an earlier pipeline's checkpoint(); the new pipeline continues exactly where that one
+    stopped (reader position and shuffle, every random operator's state).
+    reader_seed: seed of the file shuffle; give every shard the same one so that their samples stay disjoint
+    while `seed` (augmentations) differs per shard. Default: `seed`.
+    """
 
     @pipeline_def(
         batch_size=batch_size,
@@ -61,9 +72,13 @@ def train_pipeline(
         seed=seed,
         prefetch_queue_depth=prefetch_queue_depth,
         enable_checkpointing=True,
+        checkpoint=checkpoint,
     )
     def pipe():
-        encoded, sample_ids = _read(files, True, shard_id, num_shards, pad_last_batch=False)
+        shuffle_seed = seed if reader_seed is None else reader_seed
+        encoded, sample_ids = _read(
+            files, True, shard_id, num_shards, pad_last_batch=False, seed=shuffle_seed
+        )
         view = draw_view(encoded, params)
         images = render_view(encoded, view, params, _decode_device(device_id))
         return images, sample_ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter

@@ -141,3 +141,13 @@ def test_readme_config_reference_lists_every_key():
 
     missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+def test_cli_accepts_overrides_between_flags():
+    from dali_kd.train import build_parser
+
+    args = build_parser().parse_intermixed_args(
+        ["train.batch_size=4", "--device", "cpu", "data.image_size=32", "--resume", "none", "train.seed=3"]
+    )
+    assert args.overrides == ["train.batch_size=4", "data.image_size=32", "train.seed=3"]
+    assert args.device == "cpu" and args.resume == "none"

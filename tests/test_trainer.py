@@ -146,3 +146,16 @@ def test_compiled_student_trains(tiny_config, tmp_path):
         read_rows(tmp_path / "eager")[0]["loss"], rel=1e-3
     )
     assert eager_summary["compiled_student"] is False and compiled_summary["compiled_student"] is True
+
+
+def test_weights_of_another_architecture_are_a_user_error(tiny_config, tmp_path):
+    from dali_kd.errors import UserError
+    from dali_kd.io import save_safetensors_atomic
+
+    cfg = tiny_config("model.teacher.name=resnet10t")
+    path = tmp_path / "resnet10t.safetensors"
+    save_safetensors_atomic(path, build_model(cfg.model.teacher, "teacher", 32, 4).state_dict())
+    with pytest.raises(
+        UserError, match=r"model\.teacher\.checkpoint .*weights do not fit teacher: size mismatch"
+    ):
+        Trainer(tiny_config(f"model.teacher.checkpoint={path}"), CPU, show_progress=False)

@@ -47,7 +47,11 @@ class DaliTrainStream:
         prefetch_batches: int = 2,
         shard_id: int = 0,
         num_shards: int = 1,
+        reader_seed: int | None = None,
+        checkpoint: bytes | None = None,
     ):
+        """reader_seed: the file shuffle's seed, the same on every rank so shards stay disjoint (default: seed).
+        checkpoint: a state_dict()["pipeline"] from an earlier stream: continue exactly where it stopped."""
         self.device = torch.device(device)
         self.index = index
         self.pipe = train_pipeline(
@@ -60,6 +64,8 @@ class DaliTrainStream:
             shard_id=shard_id,
             num_shards=num_shards,
             prefetch_queue_depth=prefetch_batches,
+            reader_seed=reader_seed,
+            checkpoint=checkpoint,
         )
         self.pipe.build()
         self.num_samples = int(self.pipe.reader_meta(READER_NAME)["epoch_size"] // num_shards)
@@ -82,6 +88,11 @@ class DaliTrainStream:
                     jitter=out["jitter"].clone(),
                 ),
             )
+
+    def state_dict(self) -> dict:
+        """The pipeline's own checkpoint at the consumer's position (batches prefetched but not taken excluded)."""
+        (state,) = self._iterator.checkpoints()
+        return {"backend": "dali", "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8)}
 
     def close(self) -> None:
         self._iterator = None

@@ -108,6 +108,12 @@ class ImageIndex:
             return cls.from_file_list(root, file_list, class_names)
         return cls.from_folder(root, class_names)
 
+    def shard(self, shard_id: int, num_shards: int) -> ImageIndex:
+        """The contiguous block [r*N//n, (r+1)*N//n) of the files, as DALI's readers shard."""
+        begin = shard_id * self.num_samples // num_shards
+        end = (shard_id + 1) * self.num_samples // num_shards
+        return ImageIndex(self.root, self.files[begin:end], self.labels[begin:end], self.class_names)
+
     def subset(self, max_samples: int | None) -> ImageIndex:
         """At most max_samples files, evenly spread over the index (so every class stays represented)."""
         if max_samples is None or max_samples >= self.num_samples:

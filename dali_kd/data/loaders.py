@@ -9,12 +9,23 @@ import torch
 from dali_kd.config import Config
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.errors import UserError
 
 
 def make_train_stream(
-    cfg: Config, index: ImageIndex, device: torch.device, rank: int = 0, world_size: int = 1
+    cfg: Config,
+    index: ImageIndex,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict | None = None,
 ):
-    """An endless stream of Batch (see dali_kd.data.batch) with `num_samples`, `__iter__` and `close()`."""
+    """An endless stream of Batch (see dali_kd.data.batch) with `num_samples`, `__iter__`, `state_dict()` and
+    `close()`; `state` (an earlier stream's state_dict()) continues that stream exactly where it stopped."""
+    if state is not None and state.get("backend") != cfg.data.backend:
+        raise UserError(
+            f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
+        )
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
 
@@ -22,12 +33,15 @@ def make_train_stream(
             index,
             cfg.augment_params(),
             batch_size=cfg.train.batch_size,
-            seed=cfg.train.seed,
+            # Augmentations differ per rank; the file shuffle is shared, so that the shards stay disjoint.
+            seed=cfg.train.seed + rank,
+            reader_seed=cfg.train.seed,
             device=device,
             num_threads=cfg.data.dali_threads,
             prefetch_batches=cfg.data.prefetch_batches,
             shard_id=rank,
             num_shards=world_size,
+            checkpoint=bytes(state["pipeline"].numpy()) if state else None,
         )
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 
@@ -41,6 +55,7 @@ def make_train_stream(
         shard_id=rank,
         num_shards=world_size,
         pin_memory=device.type == "cuda",
+        start_position=state["position"] if state else 0,
     )
 
 

@@ -49,13 +49,15 @@ def view_rng(seed: int, shard_id: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, shard_id, position])
 
 
-def stream_keys(shard_ids: np.ndarray, seed: int) -> Iterator[StreamKey]:
-    """The endless (position, sample id) stream: pass 0's order, then pass 1's, and so on."""
-    position = 0
-    for pass_index in count():
-        for sample_id in pass_order(shard_ids, seed, pass_index).tolist():
+def stream_keys(shard_ids: np.ndarray, seed: int, start: int = 0) -> Iterator[StreamKey]:
+    """The endless (position, sample id) stream from position `start`: pass 0's order, then pass 1's, and so on."""
+    first_pass, offset = divmod(start, len(shard_ids))
+    position = start
+    for pass_index in count(first_pass):
+        for sample_id in pass_order(shard_ids, seed, pass_index)[offset:].tolist():
             yield position, sample_id
             position += 1
+        offset = 0
 
 
 def decode_rgb(path: str) -> Image.Image:
@@ -194,13 +196,14 @@ class _TrainViews(Dataset):
 class _StreamBatches(Sampler[list[StreamKey]]):
     """Consecutive chunks of the endless stream, so a batch may hold the end of one pass and the start of the next."""
 
-    def __init__(self, shard_ids: np.ndarray, seed: int, batch_size: int):
+    def __init__(self, shard_ids: np.ndarray, seed: int, batch_size: int, start: int = 0):
         self.shard_ids = shard_ids
         self.seed = seed
         self.batch_size = batch_size
+        self.start = start
 
     def __iter__(self) -> Iterator[list[StreamKey]]:
-        keys = stream_keys(self.shard_ids, self.seed)
+        keys = stream_keys(self.shard_ids, self.seed, self.start)
         while True:
             yield [next(keys) for _ in range(self.batch_size)]
 
@@ -222,8 +225,9 @@ def _collate_train(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
 class TorchvisionTrainStream:
     """An endless stream of full training batches from PIL + torchvision in a DataLoader.
 
-    Each iter() starts the stream again at position 0 (keep one iterator alive at a time: persistent workers are
-    shared by all of them); the output does not depend on num_workers.
+    Each iter() starts the stream again at `start_position` (keep one iterator alive at a time: persistent workers
+    are shared by all of them); the output does not depend on num_workers. `state_dict()` is the position of the
+    next sample the consumer will get, so a new stream built with it continues exactly there.
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class TorchvisionTrainStream:
         shard_id: int = 0,
         num_shards: int = 1,
         pin_memory: bool = False,
+        start_position: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -249,20 +254,30 @@ class TorchvisionTrainStream:
         self.batch_size = batch_size
         self._loader: DataLoader | None = DataLoader(
             _TrainViews(index, params, seed, shard_id),
-            batch_sampler=_StreamBatches(self.shard_ids, seed, batch_size),
+            batch_sampler=_StreamBatches(self.shard_ids, seed, batch_size, start_position),
             num_workers=num_workers,
             collate_fn=_collate_train,
             pin_memory=pin_memory,
             # DataLoader rejects persistent workers without workers; the flag then simply has no meaning.
             persistent_workers=persistent_workers and num_workers > 0,
+            # Its own generator: starting an iterator must not draw from torch's global RNG, which a resumed
+            # run restores exactly (views are seeded by stream position anyway).
+            generator=torch.Generator().manual_seed(seed),
         )
         self._active: Iterator | None = None
+        self.start_position = start_position
+        self.position = start_position
+
+    def state_dict(self) -> dict:
+        return {"backend": "torchvision", "position": self.position}
 
     def __iter__(self) -> Iterator[Batch]:
         if self._loader is None:
             raise RuntimeError("TorchvisionTrainStream is closed")
         self._active = iter(self._loader)
+        self.position = self.start_position
         for images, labels, ids, anchors, shapes, flips, jitters in self._active:
+            self.position += len(ids)
             yield Batch(
                 images=images,
                 labels=labels,

@@ -51,6 +51,7 @@ class RunMonitor:
         nvml: Any | None = None,
         announce: bool = True,
         gpu_indices: list[int] | None = None,
+        write: bool = True,
     ):
         """gpu_indices: the NVML indices to sample; by default the training device's, none on CPU."""
         self.enabled = enabled
@@ -63,7 +64,7 @@ class RunMonitor:
         if self.gpu is not None and not self.gpu.available and announce:
             tqdm.write(f"info: GPU telemetry off: {self.gpu.unavailable_reason}; gpu_* fields will be null")
         self.process = ProcessSampler() if enabled else None
-        self.sink = MetricsSink(run_dir, tensorboard=tensorboard)
+        self.sink = MetricsSink(run_dir, tensorboard=tensorboard) if write else None
         self.epoch_totals = _StageTotals()
         self.run_totals = _StageTotals()  # every interval but the first
         self.all_totals = _StageTotals()
@@ -112,7 +113,8 @@ class RunMonitor:
         if not self._first_interval:
             self.run_totals.add(row, steps)
         self._first_interval = False
-        self.sink.write(row)
+        if self.sink is not None:
+            self.sink.write(row)
         self._interval_start = time.perf_counter()
         return row
 
@@ -140,4 +142,5 @@ class RunMonitor:
     def close(self) -> None:
         if self.gpu is not None:
             self.gpu.close()
-        self.sink.close()
+        if self.sink is not None:
+            self.sink.close()

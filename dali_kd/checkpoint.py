@@ -1,0 +1,182 @@
+"""Step checkpoints: atomic files in <run>/checkpoints/, keep-last-K, and the identity checks that guard a resume.
+
+A checkpoint is written under a temporary name, fsynced and renamed, so a file named step_*.pt is always complete;
+an interrupted write leaves only a temporary file, which is never loaded and is cleaned up on the next save.
+Loading uses torch.load(weights_only=True): the file holds tensors, numbers, strings, lists and dicts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dali_kd.config import Config
+from dali_kd.errors import UserError
+from dali_kd.io import atomic_write
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.pt$")
+FORMAT_VERSION = 1
+
+# Keys a resume may change freely: where and how the run is observed, not what it computes.
+RESUME_FREE_KEYS = {
+    "data.val_root",
+    "data.dali_threads",
+    "data.prefetch_batches",
+    "train.output_dir",
+    "train.run_name",
+    "train.log_every_n_steps",
+    "train.save_every_n_steps",
+    "train.keep_last_checkpoints",
+    "train.telemetry",
+    "train.tensorboard",
+    "train.device",
+    "train.knn_k",
+    "train.knn_bank_size",
+    "train.eval_every_n_epochs",
+    "train.num_workers",
+    "train.persistent_workers",
+    "train.max_skipped_steps",
+}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The flattened config minus the keys a resume may change."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS}
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(config_fingerprint(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """A hash of a model's weights (and buffers), to recognise the same teacher again."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---- RNG states as weights_only-loadable values ---------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+class CheckpointDir:
+    def __init__(self, run_dir: Path, keep_last: int):
+        self.path = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if CHECKPOINT_RE.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = self.path / f"step_{step:09d}.pt"
+        try:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except OSError as e:
+            raise UserError(
+                f"cannot write checkpoint {path}: {e.strerror}; earlier checkpoints are untouched"
+            ) from None
+        for old in self.complete()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        # Leftovers of writes that were killed half-way.
+        for tmp in self.path.glob(".step_*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume: checkpoint not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
+        raise UserError(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise UserError(f"--resume: {path} is not a dali_kd checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def check_compatible(
+    state: dict[str, Any],
+    cfg: Config,
+    teacher_id: dict[str, str],
+    world_size: int,
+    path: Path,
+    allow_change: bool = False,
+) -> None:
+    """Refuse a resume that would silently train something else; the messages say how to override."""
+    if state["world_size"] != world_size:
+        raise UserError(
+            f"--resume {path}: saved by {state['world_size']} process(es), this run has {world_size}: "
+            "each rank's data-stream position cannot be carried over"
+        )
+    if allow_change:
+        return
+    if state["teacher"] != teacher_id:
+        raise UserError(
+            f"--resume {path}: the checkpoint was trained with teacher {state['teacher']['name']} "
+            f"(weights {state['teacher']['weights_hash']}), this run has {teacher_id['name']} "
+            f"(weights {teacher_id['weights_hash']}); pass --allow-config-change to resume anyway"
+        )
+    if state["config_hash"] != config_hash(cfg):
+        saved = state["config_fingerprint"]
+        now = config_fingerprint(cfg)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise UserError(
+            f"--resume {path}: the config differs from the checkpoint's in {', '.join(changed[:5])}; "
+            "pass --allow-config-change to resume anyway"
+        )

@@ -1,0 +1,57 @@
+"""Run-time choices made once at start: device, precision, seeds, the LR schedule, unsupported features."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+from dali_kd.config import Config
+from dali_kd.errors import UserError
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """auto: this process's GPU when CUDA is available, else the CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (try --device cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default; fp32 on CPU (bf16 there only when asked)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from lr/warmup to lr, then cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def check_supported(cfg: Config) -> None:
+    """Features whose keys exist (the original's) but that this version does not implement yet: refuse, not ignore."""
+    if cfg.train.use_local_crops:
+        raise UserError("train.use_local_crops: local crops are not supported yet; set it to false")
+    if cfg.train.cache_teacher_features:
+        raise UserError(
+            "train.cache_teacher_features: the teacher cache is not supported yet; set it to false"
+        )

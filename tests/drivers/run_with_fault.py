@@ -1,0 +1,92 @@
+"""Runs `python -m dali_kd.train` in this process with one fault injected at a chosen point, for the resume,
+preemption and NaN tests. The fault is a real one: SIGKILL (no cleanup at all), SIGUSR1, or a NaN input.
+
+    python tests/drivers/run_with_fault.py FAULT STEP [RANK] -- <dali_kd.train arguments>
+
+FAULT: kill-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
+(record only writes, per rank, the sample ids each step trained on, and the final weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import dali_kd.checkpoint as ckpt
+from dali_kd import train
+from dali_kd.trainer import Trainer
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def main() -> int:
+    split = sys.argv.index("--")
+    fault, step = sys.argv[1], int(sys.argv[2])
+    only_rank = int(sys.argv[3]) if split > 3 else None
+    argv = sys.argv[split + 1 :]
+    here = only_rank is None or only_rank == rank()
+    record_dir = Path(os.environ.get("FAULT_RECORD_DIR", "."))
+
+    original_step = Trainer.train_step
+    seen: list[list[int]] = []
+
+    def train_step(self, batch):
+        seen.append(batch.sample_ids.tolist())
+        if here and self.step + 1 == step:
+            if fault == "kill-before-step":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "usr1-at-step":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if fault == "nan-at-step":
+                batch.images = batch.images * float("nan")
+        return original_step(self, batch)
+
+    Trainer.train_step = train_step
+
+    if fault == "kill-during-checkpoint":
+        original_save = torch.save
+
+        def half_save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("step") == step:
+                original_save(obj, f, *args, **kwargs)
+                # Truncate the temporary file to half, then die: a write cut short.
+                size = os.path.getsize(f)
+                with open(f, "r+b") as handle:
+                    handle.truncate(size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_save(obj, f, *args, **kwargs)
+
+        ckpt.torch.save = half_save
+
+    if fault == "kill-during-eval":
+        original_eval = Trainer.evaluate_student
+
+        def evaluate(self):
+            if self.step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_eval(self)
+
+        Trainer.evaluate_student = evaluate
+
+    original_finish = Trainer._finish
+
+    def finish(self, run_dir):
+        if fault == "record":
+            record_dir.mkdir(parents=True, exist_ok=True)
+            (record_dir / f"ids_rank{rank()}.json").write_text(json.dumps(seen))
+            torch.save(self.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
+        return original_finish(self, run_dir)
+
+    Trainer._finish = finish
+    return train.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
