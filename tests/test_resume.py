@@ -238,3 +238,35 @@ def test_slurm_job_id_is_validated(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert slurm_job_id() == "120_3"
+
+
+@pytest.mark.parametrize(
+    "template", sorted((ROOT / "configs" / "slurm").glob("*.sbatch")), ids=lambda p: p.name
+)
+def test_sbatch_templates_are_valid_and_set_up_resume(template):
+    text = template.read_text()
+    assert subprocess.run(["bash", "-n", str(template)]).returncode == 0
+    assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text
+    assert "srun" in text and "python -m dali_kd.train" in text
+    for config in (
+        "configs/data_config.yaml",
+        "configs/train_config_kd.yaml",
+        "configs/model_config_kd.yaml",
+    ):
+        assert config in text and (ROOT / config).is_file()
+
+
+def test_srun_environment_gives_rank_world_and_local_gpu(monkeypatch):
+    from dali_kd.distributed import detect
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    info = detect()
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (9, 16, 1, "slurm")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert detect().launcher == "torchrun" and detect().rank == 3
