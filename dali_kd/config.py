@@ -86,6 +86,16 @@ class DataConfig(Section):
     eval_resize: int = Field(
         256, ge=16, le=4096, description="Eval: shorter side resized to this before the centre crop"
     )
+    scan: Literal["header", "full", "off"] = Field(
+        "header", description="Check every file before training: header/structure, full DALI decode, or off"
+    )
+    scan_dir: str | None = Field(
+        None, description="Where scans and their cache go; null: ~/.cache/dali_kd/scans/"
+    )
+    max_image_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are set aside")
+    max_runtime_quarantine: int = Field(
+        100, ge=0, description="Files set aside during a run (decode failures) before the run stops"
+    )
     dali_threads: int = Field(4, ge=1, le=256, description="DALI CPU worker threads per process")
     prefetch_batches: int = Field(2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

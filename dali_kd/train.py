@@ -89,6 +89,17 @@ def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
     return run_dir, latest
 
 
+def check_writable(output_dir: Path) -> None:
+    """Fail before any work if the run directory could not be created (the nearest existing folder decides)."""
+    existing = output_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"train.output_dir: {existing} is not a directory, so {output_dir} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"train.output_dir: {existing} is not writable, so {output_dir} cannot be created")
+
+
 def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +127,7 @@ def run(argv: list[str] | None = None) -> dict:
     check_supported(cfg)
     check_model_name(cfg.model.teacher.name, "teacher")
     check_model_name(cfg.model.student.name, "student")
+    check_writable(Path(cfg.train.output_dir).expanduser())
     info = distributed.detect()
     device = resolve_device(cfg.train.device, info.local_rank)
     distributed.init(info, device.type)

@@ -16,10 +16,10 @@ from dali_kd import checkpoint as ckpt
 from dali_kd import distributed
 from dali_kd.config import Config, dump_config
 from dali_kd.data.batch import Batch
-from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
+from dali_kd.data.prepare import prepare_data, write_quarantine
 from dali_kd.distributed import DistInfo
-from dali_kd.errors import TrainingStopped
+from dali_kd.errors import TrainingStopped, UserError
 from dali_kd.evaluation import KnnEvaluator
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from dali_kd.losses import distillation_losses
@@ -52,12 +52,19 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         seed_everything(cfg.train.seed)
 
-        self.train_index = ImageIndex.from_config(cfg.data.root, cfg.data.file_list)
-        self.val_index = (
-            ImageIndex.from_folder(cfg.data.val_root, class_names=self.train_index.class_names)
-            if cfg.data.val_root
-            else None
-        )
+        # Every file is checked first (cached); the bad ones are set aside and listed in the run's quarantine.
+        splits = prepare_data(cfg, self.dist.is_main, distributed.barrier)
+        self.train_index, self.val_index = splits.train, splits.val
+        self.scan_quarantine = splits.quarantine
+        if self.dist.is_main:
+            for message in splits.messages:
+                print(message, flush=True)
+        shard_samples = self.train_index.num_samples // self.dist.world_size
+        if cfg.train.batch_size > shard_samples:
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} is larger than each process's share of the data "
+                f"({self.train_index.num_samples} usable images / {self.dist.world_size} processes = {shard_samples})"
+            )
         self.evaluator = KnnEvaluator(
             cfg, self.train_index, self.val_index, device, self.dist.rank, self.dist.world_size
         )
@@ -84,7 +91,6 @@ class Trainer:
             betas=opt.betas,
         )
         # Every rank takes the same number of steps: the smallest shard decides.
-        shard_samples = self.train_index.num_samples // self.dist.world_size
         self.steps_per_epoch = min(
             cfg.train.max_steps_per_epoch, max(1, shard_samples // cfg.train.batch_size)
         )
@@ -105,6 +111,7 @@ class Trainer:
             "train_s": 0.0,
             "wall_s": 0.0,
             "skipped_steps": 0,
+            "runtime_quarantine": [],
         }
         stream_state = None
         self.resumed_from: Path | None = None
@@ -139,8 +146,19 @@ class Trainer:
         return torch.compile(module) if self.cfg.train.compile_student else module
 
     # ---- checkpoint state ------------------------------------------------------------------------------------
+    def _gather_runtime_quarantine(self) -> None:
+        """Files any rank set aside since the last call: into the progress state and the run's quarantine file."""
+        taken = self.stream.take_entries()
+        new = [e for rank_entries in distributed.gather_objects(taken) for e in rank_entries]
+        new = [{"split": "train", **e} for e in new]
+        self.progress_state["runtime_quarantine"].extend(new)
+        if new and self.dist.is_main:
+            write_quarantine(self.run_dir / "quarantine.jsonl", new)
+            tqdm.write(f"data: {len(new)} more file(s) set aside during training (see quarantine.jsonl)")
+
     def _collect_state(self) -> dict[str, Any] | None:
         """This run's full state at a step boundary (a collective: every rank calls it; rank 0 gets the dict)."""
+        self._gather_runtime_quarantine()
         streams = distributed.gather_objects(self.stream.state_dict())
         rngs = distributed.gather_objects(ckpt.rng_state())
         if not self.dist.is_main:
@@ -291,10 +309,16 @@ class Trainer:
         cfg = self.cfg
         self._run_start = time.perf_counter()
         self._wall_before = self.progress_state["wall_s"]
+        self.run_dir = run_dir
         self.checkpoints = ckpt.CheckpointDir(run_dir, cfg.train.keep_last_checkpoints)
         self.last_checkpoint = self.resumed_from
         if self.dist.is_main:
             write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+            # The scan's verdicts, then what the run itself set aside (carried over by a resumed run).
+            write_text_atomic(run_dir / "quarantine.jsonl", "")
+            write_quarantine(
+                run_dir / "quarantine.jsonl", self.scan_quarantine + self.progress_state["runtime_quarantine"]
+            )
             # Rows a killed process wrote after the state this run starts from (all of them on a fresh start).
             truncate_metrics(run_dir / "metrics.jsonl", self.step)
         self.monitor = RunMonitor(
@@ -400,6 +424,7 @@ class Trainer:
         self.progress.set_postfix_str(progress_postfix(row), refresh=False)
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
+        self._gather_runtime_quarantine()
         cfg = self.cfg
         progress = self.progress_state
         summary = {
@@ -427,6 +452,7 @@ class Trainer:
             "compiled_student": cfg.train.compile_student,
             "world_size": self.dist.world_size,
             "skipped_steps": progress["skipped_steps"],
+            "quarantined_files": len(self.scan_quarantine) + len(progress["runtime_quarantine"]),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **self.monitor.summary(),

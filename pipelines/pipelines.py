@@ -25,13 +25,19 @@ def _decode_device(device_id: int | None) -> str:
 
 
 def _read(
-    files: Sequence[str], shuffle: bool, shard_id: int, num_shards: int, pad_last_batch: bool, seed: int = -1
+    files: Sequence[str],
+    shuffle: bool,
+    shard_id: int,
+    num_shards: int,
+    pad_last_batch: bool,
+    seed: int = -1,
+    sample_ids: Sequence[int] | None = None,
 ):
     # The reader's "label" carries the sample id (index into files); the trainer maps ids to class labels, which
     # keeps one id per file for replay, caching and quarantine.
     encoded, sample_ids = fn.readers.file(
         files=list(files),
-        labels=list(range(len(files))),
+        labels=list(range(len(files))) if sample_ids is None else list(sample_ids),
         name=READER_NAME,
         shard_id=shard_id,
         num_shards=num_shards,
@@ -40,6 +46,9 @@ def _read(
         shuffle_after_epoch=shuffle,
         pad_last_batch=pad_last_batch,
         seed=seed,
+        # Plain reads, not mmap: a file truncated or rewritten during a run would otherwise kill the process
+        # with SIGBUS instead of raising an error the trainer can recover from (and mmap gains little on NFS).
+        dont_use_mmap=True,
     )
     return encoded, fn.cast(sample_ids, dtype=types.INT64)
 
@@ -56,6 +65,7 @@ def train_pipeline(
     prefetch_queue_depth: int = 2,
     checkpoint: bytes | None = None,
     reader_seed: int | None = None,
+    sample_ids: Sequence[int] | None = None,
 ) -> Pipeline:
     """Outputs TRAIN_OUTPUTS: images float32 [3,S,S], sample id, and the view record of each sample.
 
@@ -63,6 +73,7 @@ def train_pipeline(
     stopped (reader position and shuffle, every random operator's state).
     reader_seed: seed of the file shuffle; give every shard the same one so that their samples stay disjoint
     while `seed` (augmentations) differs per shard. Default: `seed`.
+    sample_ids: the id each file entry reports (default: its position); a slot may read another file and say so.
     """
 
     @pipeline_def(
@@ -76,12 +87,12 @@ def train_pipeline(
     )
     def pipe():
         shuffle_seed = seed if reader_seed is None else reader_seed
-        encoded, sample_ids = _read(
-            files, True, shard_id, num_shards, pad_last_batch=False, seed=shuffle_seed
+        encoded, ids = _read(
+            files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=sample_ids
         )
         view = draw_view(encoded, params)
         images = render_view(encoded, view, params, _decode_device(device_id))
-        return images, sample_ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
+        return images, ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
 
     return pipe()
 

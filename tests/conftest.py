@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,18 @@ from PIL import Image
 from dali_kd.config import load_config
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Scans and other caches go to a temporary folder, never to the user's ~/.cache (subprocesses inherit it)."""
+    previous = os.environ.get("DALI_KD_CACHE")
+    os.environ["DALI_KD_CACHE"] = str(tmp_path_factory.mktemp("dali_kd_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DALI_KD_CACHE", None)
+    else:
+        os.environ["DALI_KD_CACHE"] = previous
 
 
 def pytest_collection_modifyitems(config, items):

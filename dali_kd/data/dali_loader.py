@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,6 +11,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.recovery import RuntimeQuarantine
 from pipelines.params import AugmentParams, EvalParams
 from pipelines.pipelines import (
     EVAL_OUTPUTS,
@@ -33,7 +35,9 @@ class DaliTrainStream:
     """An endless stream of augmented training batches; each pass over the shard is freshly shuffled.
 
     Batches cross pass boundaries (no padding, no dropped samples), so step-capped epochs are windows on one
-    stream. Images and ids stay on `device`; nothing here synchronises with the GPU.
+    stream. Images and ids stay on `device`; nothing here synchronises with the GPU. A file that fails to decode
+    mid-run is set aside (RuntimeQuarantine) and the pipeline is rebuilt at the same stream position, its slot
+    reading a same-class image, so every rank keeps its step count.
     """
 
     def __init__(
@@ -49,14 +53,16 @@ class DaliTrainStream:
         num_shards: int = 1,
         reader_seed: int | None = None,
         checkpoint: bytes | None = None,
+        substitutions: dict[int, int] | None = None,
+        max_runtime_quarantine: int = 100,
     ):
         """reader_seed: the file shuffle's seed, the same on every rank so shards stay disjoint (default: seed).
-        checkpoint: a state_dict()["pipeline"] from an earlier stream: continue exactly where it stopped."""
+        checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped."""
         self.device = torch.device(device)
         self.index = index
-        self.pipe = train_pipeline(
-            index.files,
-            params,
+        self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
+        self._settings = dict(
+            params=params,
             batch_size=batch_size,
             seed=seed,
             device_id=_device_id(self.device),
@@ -65,16 +71,30 @@ class DaliTrainStream:
             num_shards=num_shards,
             prefetch_queue_depth=prefetch_batches,
             reader_seed=reader_seed,
-            checkpoint=checkpoint,
         )
-        self.pipe.build()
+        self._build(checkpoint)
         self.num_samples = int(self.pipe.reader_meta(READER_NAME)["epoch_size"] // num_shards)
-        # No reader_name: the iterator runs as long as the pipeline does, i.e. forever.
-        self._iterator = DALIGenericIterator([self.pipe], list(TRAIN_OUTPUTS), size=-1, auto_reset=False)
         self._labels = torch.tensor(index.labels, dtype=torch.int64, device=self.device)
 
+    def _build(self, checkpoint: bytes | None) -> None:
+        files, sample_ids = self.quarantine.effective()
+        self.pipe = train_pipeline(files, checkpoint=checkpoint, sample_ids=sample_ids, **self._settings)
+        self.pipe.build()
+        # No reader_name: the iterator runs as long as the pipeline does, i.e. forever.
+        self._iterator = DALIGenericIterator([self.pipe], list(TRAIN_OUTPUTS), size=-1, auto_reset=False)
+
     def __iter__(self) -> Iterator[Batch]:
-        for (out,) in self._iterator:
+        while True:
+            # The position before this batch (~0.1 ms): where to rebuild from if the batch holds a bad file.
+            position = self._iterator.checkpoints()[0]
+            try:
+                (out,) = next(self._iterator)
+            except RuntimeError as e:
+                bad = self.quarantine.set_aside(str(e))
+                names = ", ".join(self.index.files[i] for i in bad)
+                warnings.warn(f"set aside {names}: it failed to decode; continuing without it", stacklevel=2)
+                self._build(position)
+                continue
             sample_ids = out["sample_ids"].view(-1)
             # DALI reuses its output buffers at the next iteration: clone what the trainer keeps.
             yield Batch(
@@ -92,7 +112,15 @@ class DaliTrainStream:
     def state_dict(self) -> dict:
         """The pipeline's own checkpoint at the consumer's position (batches prefetched but not taken excluded)."""
         (state,) = self._iterator.checkpoints()
-        return {"backend": "dali", "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8)}
+        return {
+            "backend": "dali",
+            "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8),
+            "substitutions": {str(k): v for k, v in self.quarantine.substitutions.items()},
+        }
+
+    def take_entries(self) -> list[dict[str, str]]:
+        """Files set aside since the last call, as quarantine entries."""
+        return self.quarantine.take_entries()
 
     def close(self) -> None:
         self._iterator = None

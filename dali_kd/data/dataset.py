@@ -61,20 +61,45 @@ class ImageIndex:
         return cls(root=root, files=tuple(files), labels=tuple(labels), class_names=tuple(class_names))
 
     @classmethod
-    def from_file_list(
-        cls, root: str | os.PathLike, file_list: str | os.PathLike, class_names: tuple[str, ...] | None = None
+    def from_paths(
+        cls,
+        root: Path,
+        rel_paths: list[str],
+        class_names: tuple[str, ...],
+        where: str,
+        required: tuple[str, ...] | None = None,
     ) -> ImageIndex:
-        """Index the files named in file_list (one path per line, relative to root, as <class>/.../<image>).
+        """Index <class>/.../<image> paths relative to root; each `required` class (default: all) keeps an image."""
+        label_of = {name: i for i, name in enumerate(class_names)}
+        entries = []
+        for rel in rel_paths:
+            name = Path(rel).parts[0]
+            if name not in label_of:
+                raise UserError(
+                    f"{where}: class '{name}' of {rel} is not among the classes {', '.join(class_names[:5])}"
+                )
+            entries.append((label_of[name], rel))
+        entries.sort()
+        empty = sorted(
+            set(class_names if required is None else required) - {class_names[lb] for lb, _ in entries}
+        )
+        if empty:
+            raise UserError(f"{where}: class folder(s) without usable images: {', '.join(empty[:5])}")
+        return cls(
+            root=root,
+            files=tuple(str(root / rel) for _, rel in entries),
+            labels=tuple(label for label, _ in entries),
+            class_names=tuple(class_names),
+        )
 
-        Lines that are empty or start with '#' are skipped; the class is each path's first folder.
-        """
-        root = Path(root).expanduser()
-        list_path = Path(file_list).expanduser()
+    @staticmethod
+    def read_file_list(list_path: Path, root: Path) -> list[str]:
+        """Paths from a file list (one per line, relative to root; empty lines and '#' comments skipped)."""
         try:
             lines = list_path.read_text().splitlines()
         except OSError as e:
             raise UserError(f"data.file_list: cannot read {list_path}: {e.strerror}") from None
-        entries = []
+        paths = []
         for number, line in enumerate(lines, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -82,22 +107,21 @@ class ImageIndex:
             parts = Path(line).parts
             if len(parts) < 2 or Path(line).is_absolute() or ".." in parts:
                 raise UserError(f"{list_path}:{number}: expected a path <class>/<image> relative to {root}")
-            entries.append((parts[0], line))
-        found = sorted({name for name, _ in entries})
-        if class_names is None:
-            class_names = tuple(found)
-        elif unknown := sorted(set(found) - set(class_names)):
-            raise UserError(f"{list_path}: classes not in the training split: {', '.join(unknown[:5])}")
-        if not entries:
+            paths.append(line)
+        if not paths:
             raise UserError(f"{list_path}: lists no images")
-        label_of = {name: i for i, name in enumerate(class_names)}
-        entries.sort(key=lambda e: (label_of[e[0]], e[1]))
-        return cls(
-            root=root,
-            files=tuple(str(root / path) for _, path in entries),
-            labels=tuple(label_of[name] for name, _ in entries),
-            class_names=tuple(class_names),
-        )
+        return paths
+
+    @classmethod
+    def from_file_list(
+        cls, root: str | os.PathLike, file_list: str | os.PathLike, class_names: tuple[str, ...] | None = None
+    ) -> ImageIndex:
+        """Index the files named in file_list (one <class>/.../<image> path per line, relative to root)."""
+        root, list_path = Path(root).expanduser(), Path(file_list).expanduser()
+        paths = cls.read_file_list(list_path, root)
+        if class_names is None:
+            class_names = tuple(sorted({Path(p).parts[0] for p in paths}))
+        return cls.from_paths(root, paths, class_names, str(list_path))
 
     @classmethod
     def from_config(
@@ -107,6 +131,17 @@ class ImageIndex:
         if file_list:
             return cls.from_file_list(root, file_list, class_names)
         return cls.from_folder(root, class_names)
+
+    @staticmethod
+    def class_folders(root: str | os.PathLike) -> tuple[str, ...]:
+        """The sorted class sub-folder names of an ImageFolder root (ImageFolder's label order)."""
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data folder not found: {root}")
+        names = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+        if not names:
+            raise UserError(f"{root}: no class sub-folders (expected root/<class>/<image>.jpg)")
+        return names
 
     def shard(self, shard_id: int, num_shards: int) -> ImageIndex:
         """The contiguous block [r*N//n, (r+1)*N//n) of the files, as DALI's readers shard."""

@@ -42,6 +42,8 @@ def make_train_stream(
             shard_id=rank,
             num_shards=world_size,
             checkpoint=bytes(state["pipeline"].numpy()) if state else None,
+            substitutions={int(k): v for k, v in state.get("substitutions", {}).items()} if state else None,
+            max_runtime_quarantine=cfg.data.max_runtime_quarantine,
         )
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 
@@ -56,6 +58,7 @@ def make_train_stream(
         num_shards=world_size,
         pin_memory=device.type == "cuda",
         start_position=state["position"] if state else 0,
+        max_runtime_quarantine=cfg.data.max_runtime_quarantine,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from itertools import count
 
@@ -15,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.errors import TrainingStopped
 from pipelines.params import AugmentParams, EvalParams
 
 # torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
@@ -179,9 +181,23 @@ class _TrainViews(Dataset):
         self.seed = seed
         self.shard_id = shard_id
 
+    def _decode_or_replace(self, sample_id: int) -> tuple[Image.Image, int, list[tuple[str, str]]]:
+        """Decode the sample; if it fails, the next same-class image that decodes stands in (and is reported)."""
+        failed: list[tuple[str, str]] = []
+        n = len(self.files)
+        for step in range(n):
+            candidate = (sample_id + step) % n
+            if step and self.labels[candidate] != self.labels[sample_id]:
+                continue
+            try:
+                return decode_rgb(self.files[candidate]), candidate, failed
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                failed.append((self.files[candidate], f"{type(e).__name__}: {str(e)[:150]}"))
+        raise RuntimeError(f"no image of class {self.labels[sample_id]} decodes")
+
     def __getitem__(self, key: StreamKey) -> tuple:
-        position, sample_id = key
-        img = decode_rgb(self.files[sample_id])
+        position, requested = key
+        img, sample_id, failed = self._decode_or_replace(requested)
         rng = view_rng(self.seed, self.shard_id, position)
         top, left, h, w = sample_crop(img.height, img.width, self.params, rng)
         flip = bool(rng.uniform() < self.params.flip_prob)
@@ -190,7 +206,7 @@ class _TrainViews(Dataset):
         anchor = np.array([top / img.height, left / img.width], dtype=np.float32)
         shape = np.array([h / img.height, w / img.width], dtype=np.float32)
         image = _render(img, anchor.tolist(), shape.tolist(), flip, jitter, self.params)
-        return image, self.labels[sample_id], sample_id, anchor, shape, flip, jitter
+        return image, self.labels[sample_id], sample_id, anchor, shape, flip, jitter, failed
 
 
 class _StreamBatches(Sampler[list[StreamKey]]):
@@ -208,9 +224,10 @@ class _StreamBatches(Sampler[list[StreamKey]]):
             yield [next(keys) for _ in range(self.batch_size)]
 
 
-def _collate_train(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
-    # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field.
-    images, labels, ids, anchors, shapes, flips, jitters = zip(*samples, strict=True)
+def _collate_train(samples: list[tuple]) -> tuple:
+    # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; the last
+    # item lists the (path, reason) of files that failed to decode in this batch.
+    images, labels, ids, anchors, shapes, flips, jitters, failed = zip(*samples, strict=True)
     return (
         torch.stack(images),
         torch.tensor(labels, dtype=torch.int64),
@@ -219,6 +236,7 @@ def _collate_train(samples: list[tuple]) -> tuple[torch.Tensor, ...]:
         torch.from_numpy(np.stack(shapes)),
         torch.tensor(flips, dtype=torch.int64),
         torch.tensor(jitters, dtype=torch.float32),
+        [item for sample in failed for item in sample],
     )
 
 
@@ -242,6 +260,7 @@ class TorchvisionTrainStream:
         num_shards: int = 1,
         pin_memory: bool = False,
         start_position: int = 0,
+        max_runtime_quarantine: int = 100,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -267,17 +286,43 @@ class TorchvisionTrainStream:
         self._active: Iterator | None = None
         self.start_position = start_position
         self.position = start_position
+        self.max_runtime_quarantine = max_runtime_quarantine
+        self.quarantine_entries: list[dict[str, str]] = []
+        self._bad: set[str] = set()
 
     def state_dict(self) -> dict:
         return {"backend": "torchvision", "position": self.position}
+
+    def _set_aside(self, path: str, reason: str) -> None:
+        """A file failed to decode in a worker (which read a same-class image instead): record it, once."""
+        if path in self._bad:
+            return
+        self._bad.add(path)
+        if len(self._bad) > self.max_runtime_quarantine:
+            raise TrainingStopped(
+                f"more than data.max_runtime_quarantine={self.max_runtime_quarantine} files failed to decode during "
+                f"the run (last: {path}); run `python -m dali_kd.scan --full` on the data"
+            )
+        warnings.warn(
+            f"set aside {path}: it failed to decode ({reason}); continuing without it", stacklevel=3
+        )
+        self.quarantine_entries.append(
+            {"path": path, "reason": f"decode failed during training: {reason}", "found": "runtime"}
+        )
+
+    def take_entries(self) -> list[dict[str, str]]:
+        entries, self.quarantine_entries = self.quarantine_entries, []
+        return entries
 
     def __iter__(self) -> Iterator[Batch]:
         if self._loader is None:
             raise RuntimeError("TorchvisionTrainStream is closed")
         self._active = iter(self._loader)
         self.position = self.start_position
-        for images, labels, ids, anchors, shapes, flips, jitters in self._active:
+        for images, labels, ids, anchors, shapes, flips, jitters, failed in self._active:
             self.position += len(ids)
+            for path, reason in failed:
+                self._set_aside(path, reason)
             yield Batch(
                 images=images,
                 labels=labels,

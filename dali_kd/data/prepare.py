@@ -1,0 +1,95 @@
+"""From the data config to the indexes training uses: scan each split (cached), set the bad files aside."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dali_kd.config import Config
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.errors import UserError
+from dali_kd.scan import candidate_files, scan
+
+
+@dataclass
+class DataSplits:
+    train: ImageIndex
+    val: ImageIndex | None
+    # One {"split", "path", "reason", "found"} per file set aside, for the run directory's quarantine.jsonl.
+    quarantine: list[dict[str, str]] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+def _split(
+    cfg: Config,
+    split: str,
+    root: Path,
+    file_list: str | None,
+    class_names: tuple[str, ...],
+    is_main: bool,
+    barrier: Callable[[], None],
+    required: tuple[str, ...] | None,
+) -> tuple[ImageIndex, list[dict[str, str]], str | None]:
+    where = f"data.{'root' if split == 'train' else 'val_root'} {root}"
+    quarantine: list[dict[str, str]] = []
+    message = None
+    if cfg.data.scan == "off":
+        paths = candidate_files(root)
+    else:
+        out = Path(cfg.data.scan_dir).expanduser() / split if cfg.data.scan_dir else None
+        # Rank 0 scans; the others then read the same verdicts from its cache.
+        result = None
+        if is_main:
+            result = scan(root, out, full=cfg.data.scan == "full", max_pixels=cfg.data.max_image_pixels)
+        barrier()
+        if not is_main:
+            result = scan(root, out, full=cfg.data.scan == "full", max_pixels=cfg.data.max_image_pixels)
+        paths = result.good
+        quarantine = [{"split": split, **q, "found": "scan"} for q in result.quarantined]
+        total = len(result.good) + len(result.quarantined)
+        message = (
+            f"data: {split} split: {len(result.quarantined)} of {total} files set aside "
+            f"({result.checked} checked, {result.cached} from the scan cache in {result.out_dir})"
+        )
+    if file_list:
+        listed = ImageIndex.read_file_list(Path(file_list).expanduser(), root)
+        usable = set(paths)
+        bad = {q["path"] for q in quarantine}
+        missing = [p for p in listed if p not in usable and p not in bad]
+        if missing:
+            raise UserError(
+                f"data.file_list: {len(missing)} listed files are not under {root} (e.g. {missing[0]})"
+            )
+        paths = [p for p in listed if p in usable]
+        quarantine = [q for q in quarantine if q["path"] in set(listed)]
+    if not paths:
+        raise UserError(f"{where}: no usable images (see the scan's quarantine)")
+    return ImageIndex.from_paths(root, paths, class_names, where, required), quarantine, message
+
+
+def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> DataSplits:
+    root = Path(cfg.data.root).expanduser()
+    classes = ImageIndex.class_folders(root)
+    train, train_bad, train_msg = _split(
+        cfg, "train", root, cfg.data.file_list, classes, is_main, barrier, None
+    )
+    val, val_bad, val_msg = None, [], None
+    if cfg.data.val_root:
+        val_root = Path(cfg.data.val_root).expanduser()
+        val_classes = ImageIndex.class_folders(val_root)
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise UserError(
+                f"data.val_root {val_root}: class folders not in the training split: {', '.join(unknown[:5])}"
+            )
+        val, val_bad, val_msg = _split(cfg, "val", val_root, None, classes, is_main, barrier, val_classes)
+    return DataSplits(train, val, train_bad + val_bad, [m for m in (train_msg, val_msg) if m])
+
+
+def write_quarantine(path: Path, entries: list[dict[str, str]]) -> None:
+    """Append quarantine entries (scan or runtime) to the run directory's quarantine.jsonl."""
+    with open(path, "a") as f:
+        for entry in entries:
+            f.write(json.dumps(entry) + "\n")
