@@ -275,11 +275,11 @@ class ScanResult:
 
     def summary(self) -> str:
         reasons = Counter(q["reason"].split(":")[0].split(" (")[0] for q in self.quarantined)
-        rate = self.checked / self.seconds if self.seconds > 0 else float("inf")
+        total = len(self.good) + len(self.quarantined)
         lines = [
-            f"scanned {len(self.good) + len(self.quarantined)} files under {self.root}: {len(self.good)} good, "
-            f"{len(self.quarantined)} quarantined ({self.checked} checked at {rate:.0f} files/s, "
-            f"{self.cached} from cache)"
+            f"scanned {total} files under {self.root} in {self.seconds:.1f} s ({total / max(self.seconds, 1e-9):.0f} "
+            f"files/s): {len(self.good)} good, {len(self.quarantined)} quarantined; {self.checked} checked, "
+            f"{self.cached} from cache"
         ]
         lines += [f"  {count:6d}  {reason}" for reason, count in reasons.most_common()]
         return "\n".join(lines)

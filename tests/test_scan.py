@@ -201,7 +201,7 @@ def test_scan_cli(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "6 good, 1 quarantined" in result.stdout and "empty file" in result.stdout
+    assert "6 good, 1 quarantined; 7 checked, 0 from cache" in result.stdout and "empty file" in result.stdout
     assert len((tmp_path / "out" / "good.txt").read_text().splitlines()) == 6
     missing = subprocess.run(
         [sys.executable, "-m", "dali_kd.scan", str(tmp_path / "nope")], capture_output=True, text=True
