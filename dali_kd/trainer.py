@@ -393,7 +393,7 @@ class Trainer:
         cfg = self.cfg.train
         verdict = self.monitor.end_epoch()
         if verdict is not None and self.dist.is_main:
-            tqdm.write(f"epoch {self.epoch + 1}: {verdict.line()}")
+            tqdm.write(f"epoch {self.epoch + 1}: {verdict.line(advice=False)}")
         if self.epoch == cfg.epochs - 1 or (self.epoch + 1) % cfg.eval_every_n_epochs == 0:
             knn = self.evaluate_student()
             if knn is not None:

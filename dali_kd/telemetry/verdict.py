@@ -41,11 +41,12 @@ class Verdict:
             "advice": self.advice,
         }
 
-    def line(self) -> str:
-        return (
+    def line(self, advice: bool = True) -> str:
+        shares = (
             f"{self.name} (data {100 * self.data_share:.0f}%, teacher {100 * self.teacher_share:.0f}%, "
-            f"student {100 * self.student_share:.0f}% of step time): {self.advice}"
+            f"student {100 * self.student_share:.0f}% of step time)"
         )
+        return f"{shares}: {self.advice}" if advice else shares
 
 
 def judge(data_ms: float, teacher_ms: float, student_ms: float, step_ms: float) -> Verdict:
