@@ -32,6 +32,7 @@ def run_once(data: Path, out: Path, telemetry: bool, args, device: torch.device)
         overrides=[
             f"data.root={data}",
             "data.val_root=null",
+            "data.scan=off",
             f"data.image_size={args.image_size}",
             f"data.dali_threads={args.threads}",
             f"model.teacher.name={args.teacher}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,7 +31,21 @@ from augment_throughput import machine_info  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
 
-def run_backend(backend: str, data: Path, out: Path, args, device: torch.device) -> dict:
+def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) -> dict:
+    """mode: a backend (dali, torchvision), or dali+cache (teacher cache: one fill pass, then replay) or
+    dali+student-only (constant targets: what a step costs without any teacher)."""
+    backend, _, variant = mode.partition("+")
+    per_pass = sum(1 for _ in data.rglob("*.JPEG")) // args.batch_size
+    # The step count spans as many (step-capped) epochs as the data needs.
+    extra = [
+        f"train.epochs={math.ceil(args.steps / per_pass)}",
+        f"train.max_steps_per_epoch={min(per_pass, args.steps)}",
+    ]
+    if variant == "cache":
+        extra += [
+            "train.cache_teacher_features=true", f"train.teacher_feature_dir={out / 'cache'}",
+            "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null",
+        ]  # fmt: skip
     cfg = load_config(
         overrides=[
             f"data.root={data}",
@@ -42,23 +57,27 @@ def run_backend(backend: str, data: Path, out: Path, args, device: torch.device)
             "model.teacher.checkpoint=null",
             f"model.student.name={args.student}",
             f"train.batch_size={args.batch_size}",
-            "train.epochs=1",
-            f"train.max_steps_per_epoch={args.steps}",
+            "data.scan=off",  # generated, known-good images (and no scan cache left in the user's home)
             f"train.log_every_n_steps={args.log_every}",
             f"train.compile_student={str(args.compile).lower()}",
             f"train.num_workers={args.workers}",
             f"train.precision={args.precision}",
             f"train.output_dir={out}",
-            f"train.run_name={backend}",
+            f"train.run_name={mode}",
+            *extra,
         ]
     )
     trainer = Trainer(cfg, device, show_progress=False)
-    if trainer.steps_per_epoch < args.steps:
-        raise SystemExit(f"need at least {args.steps * args.batch_size} images for {args.steps} steps")
+    if variant == "student-only":
+        size = cfg.data.image_size
+        constant = trainer.teacher(torch.zeros(args.batch_size, 3, size, size, device=device))
+        trainer._teacher_targets = lambda batch: constant
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    summary = trainer.fit(out / backend)
-    rows = [json.loads(line) for line in (out / backend / "metrics.jsonl").read_text().splitlines()][1:]
+    summary = trainer.fit(out / mode)
+    rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()][1:]
+    if variant == "cache":  # only the replayed steps, after the fill pass and the interval that switches over
+        rows = [r for r in rows if r["step"] > per_pass + args.log_every]
 
     def mean(key):
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -66,7 +85,9 @@ def run_backend(backend: str, data: Path, out: Path, args, device: torch.device)
 
     step_ms = mean("step_ms")
     return {
-        "backend": backend,
+        "backend": mode,
+        "teacher_forward_batches": summary["teacher_forward_batches"],
+        "cache_read_mb_s": summary.get("cache_read_mb_s"),
         "steps_per_s": 1000 / step_ms,
         "img_per_s": mean("img_per_s"),
         "step_ms": step_ms,
@@ -80,7 +101,7 @@ def run_backend(backend: str, data: Path, out: Path, args, device: torch.device)
         "device": str(device),
         "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "peak_gpu_used_mb": summary["peak_gpu_mem_mb"],
-        "measured_steps": args.steps - args.log_every,
+        "measured_steps": len(rows) * args.log_every,
     }
 
 
@@ -139,7 +160,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--backends", default="dali,torchvision")
+    parser.add_argument(
+        "--backends",
+        default="dali,torchvision",
+        help="comma-separated: dali, torchvision, dali+cache (teacher cache, replayed), dali+student-only",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument(
@@ -166,12 +191,23 @@ def main() -> None:
             num_images = args.num_images or args.steps * args.batch_size
             data = args.data or make_dataset(tmp / "data", num_images=num_images, num_classes=10)
             results = [run_backend(backends[0], data, tmp / "runs", args, device)]
+    by_mode = {r["backend"]: r for r in results}
+    ratios = {}
+    if "dali+cache" in by_mode and "dali+student-only" in by_mode:
+        ratios["cached_vs_student_only_step"] = (
+            by_mode["dali+cache"]["step_ms"] / by_mode["dali+student-only"]["step_ms"]
+        )
+    if "dali+cache" in by_mode and "dali" in by_mode:
+        ratios["cached_vs_online_step"] = by_mode["dali+cache"]["step_ms"] / by_mode["dali"]["step_ms"]
     report = {
         "results": results,
+        "ratios": ratios,
         "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
         "machine": machine_info(),
     }
     print(markdown(report))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.3f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
         args.json.with_suffix(".md").write_text(markdown(report) + "\n")

@@ -89,6 +89,13 @@ class DataConfig(Section):
     scan: Literal["header", "full", "off"] = Field(
         "header", description="Check every file before training: header/structure, full DALI decode, or off"
     )
+
+    @field_validator("scan", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false (and `on` as true): take them as the words the user wrote.
+        return {False: "off", True: "header"}.get(v, v) if isinstance(v, bool) else v
+
     scan_dir: str | None = Field(
         None, description="Where scans and their cache go; null: ~/.cache/dali_kd/scans/"
     )
@@ -134,8 +141,35 @@ class TrainConfig(Section):
         500, ge=1, description="An epoch ends after this many steps (the stream continues)"
     )
     use_local_crops: bool = Field(False, description="DINO-style local crops (not yet supported)")
-    cache_teacher_features: bool = Field(False, description="Cache teacher outputs (not yet supported)")
-    teacher_feature_dir: str | None = Field(None, description="Where the teacher cache lives")
+    cache_teacher_features: bool = Field(
+        False, description="Cache the teacher's outputs per view (DALI backend)"
+    )
+    teacher_feature_dir: str | None = Field(
+        None, description="Where the teacher cache lives (needed with the cache)"
+    )
+    cache_mode: Literal["replay", "fixed"] = Field(
+        "replay", description="replay: students see the stored views; fixed: the original's one-view targets"
+    )
+    cache_views_per_image: int = Field(
+        4, ge=1, le=64, description="Views stored per image (the first K passes)"
+    )
+    cache_outputs: list[Literal["pooled", "logits", "tokens"]] = Field(
+        ["pooled", "logits"],
+        min_length=1,
+        description="Teacher outputs stored: pooled embedding, logits, patch tokens",
+    )
+    cache_logits_topk: int | None = Field(
+        None, ge=1, description="Store only the top-k logits; null: all of them"
+    )
+    cache_dtype: Literal["fp16", "fp32"] = Field(
+        "fp16", description="Storage precision of the cached outputs"
+    )
+    cache_probe_every_n_steps: int | None = Field(
+        200,
+        ge=1,
+        description="Fidelity probe: run the teacher on a replayed batch every N steps; null: never",
+    )
+    cache_rebuild: bool = Field(False, description="Rebuild a cache that was built for something else")
     compile_student: bool = Field(True, description="torch.compile the student (never the teacher)")
     num_workers: int = Field(4, ge=0, description="DataLoader workers of the torchvision backend")
     persistent_workers: bool = Field(False, description="Keep torchvision DataLoader workers between epochs")

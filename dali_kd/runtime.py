@@ -52,6 +52,7 @@ def check_supported(cfg: Config) -> None:
     if cfg.train.use_local_crops:
         raise UserError("train.use_local_crops: local crops are not supported yet; set it to false")
     if cfg.train.cache_teacher_features:
-        raise UserError(
-            "train.cache_teacher_features: the teacher cache is not supported yet; set it to false"
-        )
+        if cfg.data.backend != "dali":
+            raise UserError("train.cache_teacher_features: the view-replaying cache needs data.backend=dali")
+        if not cfg.train.teacher_feature_dir:
+            raise UserError("train.teacher_feature_dir: set a folder for the teacher cache (it can be large)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from dali_kd import checkpoint as ckpt
 from dali_kd import distributed
 from dali_kd.config import Config, dump_config
-from dali_kd.data.batch import Batch
+from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.prepare import prepare_data, write_quarantine
 from dali_kd.distributed import DistInfo
@@ -23,9 +24,18 @@ from dali_kd.errors import TrainingStopped, UserError
 from dali_kd.evaluation import KnnEvaluator
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from dali_kd.losses import distillation_losses
-from dali_kd.models import FrozenTeacher, Student, build_model, embed_dim, model_outputs, same_token_grid
+from dali_kd.models import (
+    FrozenTeacher,
+    ModelOutput,
+    Student,
+    build_model,
+    embed_dim,
+    model_outputs,
+    same_token_grid,
+)
 from dali_kd.preemption import Preempted, StopSignal
 from dali_kd.runtime import autocast_dtype, check_supported, resolve_device, seed_everything, warmup_cosine
+from dali_kd.teacher_cache import TeacherCache, files_hash, parts_for
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
@@ -112,7 +122,15 @@ class Trainer:
             "wall_s": 0.0,
             "skipped_steps": 0,
             "runtime_quarantine": [],
+            "teacher_forward_batches": 0,
+            "teacher_probe_batches": 0,
+            "cache_hits": 0,
+            "cache_fidelity_min": None,
+            "cache_read_s": 0.0,
+            "cache_read_bytes": 0,
         }
+        self._probe_now = True  # the first replayed batch of every process start is probed
+        self._fidelity: list[float] = []
         stream_state = None
         self.resumed_from: Path | None = None
         if resume_from is not None:
@@ -123,9 +141,16 @@ class Trainer:
             self._load_state(state)
             stream_state = state["stream"][self.dist.rank]
             self.resumed_from = resume_from
+        self.cache = self._open_cache() if cfg.train.cache_teacher_features else None
         # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
         self.stream = make_train_stream(
-            cfg, self.train_index, device, self.dist.rank, self.dist.world_size, state=stream_state
+            cfg,
+            self.train_index,
+            device,
+            self.dist.rank,
+            self.dist.world_size,
+            state=stream_state,
+            cache=self.cache,
         )
         # Replaced by the run monitor's timer in fit(); a disabled one lets train_step run on its own.
         self.timer = StepTimer(device, enabled=False)
@@ -211,9 +236,88 @@ class Trainer:
         return self.last_checkpoint
 
     # ---- one step --------------------------------------------------------------------------------------------
+    def _open_cache(self) -> TeacherCache:
+        """The teacher cache for this teacher, data and augmentation (rank 0 creates it, the others open it)."""
+        cfg = self.cfg
+        size = cfg.data.image_size
+        probe = self.teacher(torch.zeros(1, 3, size, size, device=self.device), with_patches=self.use_patches)
+        dtype = "float16" if cfg.train.cache_dtype == "fp16" else "float32"
+        parts = parts_for(cfg.train.cache_outputs, probe, cfg.train.cache_logits_topk, dtype)
+        identity = {
+            "teacher": self.teacher_id,
+            "image_size": size,
+            "augment": cfg.data.augment.model_dump(mode="json"),
+            "files": files_hash(self.train_index.files),
+            "num_classes": 0 if probe.logits is None else int(probe.logits.shape[-1]),
+            "mode": cfg.train.cache_mode,
+        }
+        views = 1 if cfg.train.cache_mode == "fixed" else cfg.train.cache_views_per_image
+        args = (Path(cfg.train.teacher_feature_dir), identity, parts, self.train_index.num_samples, views)
+        cache = (
+            TeacherCache(*args, create=True, rebuild=cfg.train.cache_rebuild) if self.dist.is_main else None
+        )
+        distributed.barrier()
+        if cache is None:
+            cache = TeacherCache(*args, create=False)
+        if cfg.train.cache_mode == "fixed" and self.dist.is_main:
+            warnings.warn(
+                "train.cache_mode=fixed: the student sees new random views but learns the targets of one fixed view "
+                "per image (the original trainer's behaviour); replay keeps them consistent",
+                stacklevel=2,
+            )
+        return cache
+
+    def _teacher_targets(self, batch: Batch):
+        """The teacher's outputs for this batch: from the cache (replayed views), else live (and stored)."""
+        if self.cache is not None and batch.from_cache:
+            ids = batch.host_ids if batch.host_ids is not None else batch.sample_ids.cpu().numpy()
+            slots = batch.slots.numpy()
+            start = time.perf_counter()
+            out = self.cache.read(ids, slots, self.device)
+            self.progress_state["cache_read_s"] += time.perf_counter() - start
+            self.progress_state["cache_read_bytes"] += len(ids) * self.cache.nbytes_per_row()
+            self.progress_state["cache_hits"] += len(ids)
+            every = self.cfg.train.cache_probe_every_n_steps
+            if self._probe_now or (every and (self.step + 1) % every == 0):
+                self._probe(batch, out)
+            return out
+        out = self.teacher(batch.images, with_patches=self.use_patches)
+        self.progress_state["teacher_forward_batches"] += 1
+        if self.cache is not None and batch.store is not None and bool(batch.store.any()):
+            mask = batch.store.numpy()
+            ids = batch.sample_ids.cpu().numpy()[mask]
+            picked = torch.from_numpy(mask).to(self.device)
+            rows = ModelOutput(
+                *(None if t is None else t[picked] for t in (out.pooled, out.logits, out.patch_tokens))
+            )
+            view = ViewRecord(
+                *(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip", "jitter"))
+            )
+            self.cache.write(ids, batch.slots.numpy()[mask], rows, view)
+        return out
+
+    def _probe(self, batch: Batch, cached) -> None:
+        """Run the teacher on the replayed batch: its outputs must match the cached ones (fp16 rounding aside)."""
+        self._probe_now = False
+        live = self.teacher(batch.images, with_patches=self.use_patches)
+        self.progress_state["teacher_probe_batches"] += 1
+        a, b = (live.pooled, cached.pooled) if cached.pooled is not None else (live.logits, cached.logits)
+        cosine = float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min())
+        self._fidelity.append(cosine)
+        worst = self.progress_state["cache_fidelity_min"]
+        self.progress_state["cache_fidelity_min"] = cosine if worst is None else min(worst, cosine)
+        if cosine < 0.999 and self.dist.is_main:
+            message = (
+                f"WARNING: teacher cache fidelity {cosine:.4f} < 0.999 at step {self.step + 1}: the cached targets "
+                "do not match what the teacher gives on these views"
+                + (" (expected with train.cache_mode=fixed)" if self.cfg.train.cache_mode == "fixed" else "")
+            )
+            tqdm.write(message)
+            warnings.warn(message, stacklevel=2)
+
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Teacher targets, student forward/backward, clipped AdamW step; losses stay on the device."""
-        teacher_out = self.teacher(batch.images, with_patches=self.use_patches)
+        teacher_out = self._teacher_targets(batch)
         self.timer.mark()  # teacher
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
@@ -418,10 +522,26 @@ class Trainer:
             means = dict(zip(names, values, strict=True))
         else:  # every step of the interval was skipped
             means = {"loss": float("nan")}
+        if self._fidelity:
+            means["cache_fidelity_cosine"] = min(self._fidelity)
+            self._fidelity = []
         images *= self.dist.world_size
         row = self.monitor.log(self.step, self.epoch, means, steps, images, self.scheduler.get_last_lr()[0])
         self.progress_state["final_loss"] = row["loss"]
         self.progress.set_postfix_str(progress_postfix(row), refresh=False)
+
+    def _cache_summary(self) -> dict[str, Any]:
+        progress = self.progress_state
+        read_s = progress["cache_read_s"]
+        return {
+            "cache_mode": self.cfg.train.cache_mode,
+            "cache_hits": progress["cache_hits"],
+            "cache_rows_done": self.cache.rows_done(),
+            "cache_rows_total": self.cache.num_samples * self.cache.num_views,
+            "teacher_probe_batches": progress["teacher_probe_batches"],
+            "cache_fidelity_min": progress["cache_fidelity_min"],
+            "cache_read_mb_s": progress["cache_read_bytes"] / 2**20 / read_s if read_s > 0 else None,
+        }
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
         self._gather_runtime_quarantine()
@@ -453,6 +573,8 @@ class Trainer:
             "world_size": self.dist.world_size,
             "skipped_steps": progress["skipped_steps"],
             "quarantined_files": len(self.scan_quarantine) + len(progress["runtime_quarantine"]),
+            "teacher_forward_batches": progress["teacher_forward_batches"],
+            **(self._cache_summary() if self.cache is not None else {}),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **self.monitor.summary(),

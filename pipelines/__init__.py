@@ -6,4 +6,7 @@ reused, tested and benchmarked on their own.
 
 from pipelines.params import AugmentParams, EvalParams
 
-__all__ = ["AugmentParams", "EvalParams"]
+__all__ = ["PIPELINE_VERSION", "AugmentParams", "EvalParams"]
+
+# Bumped whenever the graphs render a view differently: caches of teacher outputs per view depend on it.
+PIPELINE_VERSION = 1

@@ -151,3 +151,8 @@ def test_cli_accepts_overrides_between_flags():
     )
     assert args.overrides == ["train.batch_size=4", "data.image_size=32", "train.seed=3"]
     assert args.device == "cpu" and args.resume == "none"
+
+
+def test_yaml_off_means_off():
+    assert load_config(overrides=["data.scan=off"]).data.scan == "off"
+    assert load_config(overrides=["data.scan=full"]).data.scan == "full"

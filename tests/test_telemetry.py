@@ -55,13 +55,13 @@ def test_telemetry_off_keeps_rows_but_no_stage_times(tiny_config, tmp_path):
     assert row["step_ms"] > 0 and row["data_ms"] is None and row["verdict"] is None
 
 
-def big_jpeg_tree(root, per_class=4):
+def big_jpeg_tree(root, per_class=12):
     rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, 1600, dtype=np.float32)[None, :, None].repeat(1200, 0).repeat(3, 2)
     for c in range(2):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(per_class):
             # Smooth content plus noise: a realistic JPEG, expensive to decode at this size.
-            base = np.linspace(0, 255, 1600, dtype=np.float32)[None, :, None].repeat(1200, 0).repeat(3, 2)
             img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / f"c{c}" / f"{i}.jpg", quality=90)
     return root
@@ -78,8 +78,9 @@ def test_a_starved_loader_is_input_bound(tiny_config, tmp_path):
         "model.teacher.name=test_vit",
         "model.teacher.num_classes=2",
         "train.epochs=1",
-        "train.max_steps_per_epoch=3",
+        "train.max_steps_per_epoch=6",
         "train.batch_size=4",
+        "train.log_every_n_steps=2",
     )
     summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
     assert summary["verdict"] == "input-bound", summary
@@ -89,11 +90,12 @@ def test_a_starved_loader_is_input_bound(tiny_config, tmp_path):
 def test_a_huge_teacher_on_small_inputs_is_teacher_bound(tiny_config, tmp_path):
     cfg = tiny_config(
         "model.teacher.name=resnet50",
-        "data.image_size=64",
+        "data.image_size=128",
         "data.val_root=null",
         "train.epochs=1",
-        "train.max_steps_per_epoch=4",
+        "train.max_steps_per_epoch=6",
         "train.batch_size=8",
+        "train.log_every_n_steps=2",
     )
     summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
     assert summary["verdict"] == "teacher-bound", summary

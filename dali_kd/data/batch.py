@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,12 @@ class Batch:
     labels: torch.Tensor
     sample_ids: torch.Tensor
     view: ViewRecord | None = None
+    # With the teacher cache: the view slot of each sample, whether the teacher's outputs come from the cache,
+    # and which rows a live teacher should store (see dali_kd.data.cache_stream).
+    slots: torch.Tensor | None = None
+    from_cache: bool = False
+    store: torch.Tensor | None = None
+    host_ids: np.ndarray | None = None  # sample ids already on the host (no device read needed)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -51,4 +58,8 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
+            slots=self.slots,
+            from_cache=self.from_cache,
+            store=self.store,
+            host_ids=self.host_ids,
         )

@@ -19,6 +19,7 @@ def make_train_stream(
     rank: int = 0,
     world_size: int = 1,
     state: dict | None = None,
+    cache=None,
 ):
     """An endless stream of Batch (see dali_kd.data.batch) with `num_samples`, `__iter__`, `state_dict()` and
     `close()`; `state` (an earlier stream's state_dict()) continues that stream exactly where it stopped."""
@@ -26,6 +27,14 @@ def make_train_stream(
         raise UserError(
             f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
         )
+    if cache is not None:
+        from dali_kd.data.cache_stream import CachedViewStream
+
+        return CachedViewStream(
+            index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
+            rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
+            max_runtime_quarantine=cfg.data.max_runtime_quarantine,
+        )  # fmt: skip
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
 

@@ -1,0 +1,212 @@
+"""The teacher-feature cache on disk: per (sample, view) the teacher's outputs and the view record they belong to.
+
+One preallocated memory-mapped array per stored output (samples × views × feature), a view-record array and a done
+byte per row, written only after the row's data. header.json names everything the values depend on (teacher and
+its weights, image size, normalisation, augmentation, pipeline version, the file list); a cache built for something
+else is refused. A killed writer leaves rows that are simply not done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dali_kd.data.batch import ViewRecord
+from dali_kd.errors import UserError
+from dali_kd.io import write_text_atomic
+from dali_kd.models import ModelOutput
+from pipelines import PIPELINE_VERSION
+
+VIEW_FIELDS = 9  # anchor (2), shape (2), flip (1), jitter (4)
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stored teacher output: its name and per-row shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+
+def parts_for(outputs: list[str], teacher_out: ModelOutput, topk: int | None, dtype: str) -> list[Part]:
+    """The arrays needed to store `outputs` (pooled, logits, tokens) of this teacher's outputs (one sample)."""
+    parts = []
+    if "pooled" in outputs:
+        parts.append(Part("pooled", tuple(teacher_out.pooled.shape[1:]), dtype))
+    if "logits" in outputs:
+        if teacher_out.logits is None:
+            raise UserError("train.cache_outputs: 'logits' asked for, but the teacher has no classifier head")
+        classes = teacher_out.logits.shape[-1]
+        if topk and topk < classes:
+            parts += [Part("logits_topk", (topk,), dtype), Part("logits_index", (topk,), "int32")]
+        else:
+            parts.append(Part("logits", (classes,), dtype))
+    if "tokens" in outputs:
+        if teacher_out.patch_tokens is None:
+            raise UserError(
+                "train.cache_outputs: 'tokens' needs a ViT teacher and student with the same token grid"
+            )
+        parts.append(Part("tokens", tuple(teacher_out.patch_tokens.shape[1:]), dtype))
+    return parts
+
+
+def row_bytes(parts: list[Part]) -> int:
+    return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts) + VIEW_FIELDS * 4 + 1
+
+
+def files_hash(files: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+
+
+class TeacherCache:
+    """Open (create, or check and reuse) the cache in `directory` for `num_samples` × `num_views` rows."""
+
+    def __init__(
+        self,
+        directory: Path,
+        identity: dict[str, Any],
+        parts: list[Part],
+        num_samples: int,
+        num_views: int,
+        create: bool,
+        rebuild: bool = False,
+    ):
+        self.dir = Path(directory).expanduser()
+        self.parts = parts
+        self.num_samples, self.num_views = num_samples, num_views
+        self.header = {
+            "format": FORMAT_VERSION,
+            "pipeline_version": PIPELINE_VERSION,
+            **identity,
+            "num_samples": num_samples,
+            "num_views": num_views,
+            "parts": [[p.name, list(p.shape), p.dtype] for p in parts],
+        }
+        header_path = self.dir / "header.json"
+        if create:
+            existing = self._read_header(header_path)
+            if existing is not None and existing != self.header:
+                if not rebuild:
+                    changed = sorted(
+                        k for k in set(existing) | set(self.header) if existing.get(k) != self.header.get(k)
+                    )
+                    raise UserError(
+                        f"train.teacher_feature_dir {self.dir}: the cache there was built for something else "
+                        f"({', '.join(changed[:4])} differ); set train.cache_rebuild=true to rebuild it"
+                    )
+                shutil.rmtree(self.dir)
+                existing = None
+            if existing is None:
+                self._allocate(header_path)
+        elif self._read_header(header_path) != self.header:
+            raise UserError(f"train.teacher_feature_dir {self.dir}: cache header does not match this run")
+        self.arrays = {p.name: self._open(p.name, p.dtype, (num_samples, num_views, *p.shape)) for p in parts}
+        self.views = self._open("views", "float32", (num_samples, num_views, VIEW_FIELDS))
+        self.done = self._open("done", "uint8", (num_samples, num_views))
+
+    @staticmethod
+    def _read_header(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _allocate(self, header_path: Path) -> None:
+        needed = self.num_samples * self.num_views * row_bytes(self.parts)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        print(
+            f"teacher cache: {needed / 2**30:.2f} GiB for {self.num_samples} images × {self.num_views} views in "
+            f"{self.dir} ({free / 2**30:.1f} GiB free)",
+            flush=True,
+        )
+        if needed > free:
+            raise UserError(
+                f"train.teacher_feature_dir {self.dir}: the cache needs {needed / 2**30:.2f} GiB but only "
+                f"{free / 2**30:.2f} GiB are free (store fewer views or outputs, or use fp16)"
+            )
+        for part in self.parts:
+            self._create(part.name, part.dtype, (self.num_samples, self.num_views, *part.shape))
+        self._create("views", "float32", (self.num_samples, self.num_views, VIEW_FIELDS))
+        self._create("done", "uint8", (self.num_samples, self.num_views))
+        # The header last: a cache without one is incomplete and is allocated again.
+        write_text_atomic(header_path, json.dumps(self.header, indent=1))
+
+    def _create(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        path = self.dir / f"{name}.bin"
+        with open(path, "wb") as f:  # sparse preallocation: the blocks fill as rows are written
+            f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+    def _open(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.memmap:
+        return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r+", shape=shape)
+
+    # ---- rows ---------------------------------------------------------------------------------------------------
+    def write(self, sample_ids: np.ndarray, slots: np.ndarray, out: ModelOutput, view: ViewRecord) -> None:
+        """Store rows (data and view first, then the done bytes; both flushed, in that order)."""
+        values = {"pooled": out.pooled, "tokens": out.patch_tokens}
+        if "logits_topk" in self.arrays:
+            top = out.logits.topk(self.arrays["logits_topk"].shape[-1], dim=-1)
+            values["logits_topk"], values["logits_index"] = top.values, top.indices
+        else:
+            values["logits"] = out.logits
+        for name, array in self.arrays.items():
+            array[sample_ids, slots] = values[name].detach().to("cpu").numpy().astype(array.dtype)
+        self.views[sample_ids, slots] = pack_views(view)
+        for array in (*self.arrays.values(), self.views):
+            array.flush()
+        self.done[sample_ids, slots] = 1
+        self.done.flush()
+
+    def read(self, sample_ids: np.ndarray, slots: np.ndarray, device: torch.device) -> ModelOutput:
+        """The stored teacher outputs of these rows, as fp32 tensors on `device`."""
+
+        def take(name):
+            return torch.from_numpy(np.ascontiguousarray(self.arrays[name][sample_ids, slots])).to(device)
+
+        logits = None
+        if "logits" in self.arrays:
+            logits = take("logits").float()
+        elif "logits_topk" in self.arrays:
+            # The rest of the distribution is below the k-th logit: a floor far under it keeps its mass ~0.
+            top, index = take("logits_topk").float(), take("logits_index").long()
+            logits = torch.full((len(sample_ids), self.header_classes()), -1e4, device=device)
+            logits.scatter_(1, index, top)
+        pooled = take("pooled").float() if "pooled" in self.arrays else None
+        tokens = take("tokens").float() if "tokens" in self.arrays else None
+        return ModelOutput(pooled=pooled, logits=logits, patch_tokens=tokens)
+
+    def header_classes(self) -> int:
+        return int(self.header["num_classes"])
+
+    def read_views(self, sample_ids: np.ndarray, slots: np.ndarray) -> ViewRecord:
+        return unpack_views(self.views[sample_ids, slots])
+
+    def is_done(self, sample_ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        return self.done[sample_ids, slots].astype(bool)
+
+    def rows_done(self) -> int:
+        return int(self.done.sum())
+
+    def nbytes_per_row(self) -> int:
+        return row_bytes(self.parts)
+
+
+def pack_views(view: ViewRecord) -> np.ndarray:
+    columns = [view.crop_anchor, view.crop_shape, view.flip.float().unsqueeze(1), view.jitter]
+    return torch.cat([c.detach().float().cpu() for c in columns], dim=1).numpy()
+
+
+def unpack_views(rows: np.ndarray) -> ViewRecord:
+    t = torch.from_numpy(np.ascontiguousarray(rows))
+    return ViewRecord(
+        crop_anchor=t[:, 0:2], crop_shape=t[:, 2:4], flip=t[:, 4].round().long(), jitter=t[:, 5:9]
+    )
