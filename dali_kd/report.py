@@ -120,28 +120,29 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
     ax.set(title="Throughput (images/s)", xlabel="step", ylabel="img/s")
     ax.set_ylim(bottom=0)
 
-    ax = axes[1, 1]
+    # Utilisation and memory on twin axes: the GPU's, or the process's own on a CPU run.
     if any(r.get("gpu_util_pct") is not None for r in rows):
-        ax.plot(steps, _series(rows, "gpu_util_pct"), color="#ff7f0e", label="GPU utilisation %")
-        ax.set(title="GPU", xlabel="step", ylabel="%", ylim=(0, 105))
-        twin = ax.twinx()
-        twin.plot(steps, _series(rows, "gpu_mem_used_mb"), color="#8c564b", label="memory used (MB)")
-        twin.set_ylabel("MB")
-        twin.set_ylim(bottom=0)
-        ax.legend(loc="lower left")
-        twin.legend(loc="lower right")
-    else:
-        ax.plot(steps, _series(rows, "proc_cpu_pct"), color="#ff7f0e", label="process CPU % (100 = one core)")
-        ax.set(
-            title="No GPU telemetry (CPU run or no NVML): process CPU and memory", xlabel="step", ylabel="%"
+        title, use, memory = (
+            "GPU",
+            ("gpu_util_pct", "GPU utilisation %"),
+            ("gpu_mem_used_mb", "memory used (MB)"),
         )
-        ax.set_ylim(bottom=0)
-        twin = ax.twinx()
-        twin.plot(steps, _series(rows, "proc_rss_mb"), color="#8c564b", label="resident memory (MB)")
-        twin.set_ylabel("MB")
-        twin.set_ylim(bottom=0)
-        ax.legend(loc="lower left")
-        twin.legend(loc="lower right")
+    else:
+        title = "No GPU telemetry (CPU run or no NVML): process CPU and memory"
+        use, memory = (
+            ("proc_cpu_pct", "process CPU % (100 = one core)"),
+            ("proc_rss_mb", "resident memory (MB)"),
+        )
+    ax = axes[1, 1]
+    ax.plot(steps, _series(rows, use[0]), color="#ff7f0e", label=use[1])
+    ax.set(title=title, xlabel="step", ylabel="%")
+    ax.set_ylim(bottom=0, top=105 if use[0] == "gpu_util_pct" else None)
+    twin = ax.twinx()
+    twin.plot(steps, _series(rows, memory[0]), color="#8c564b", label=memory[1])
+    twin.set_ylabel("MB")
+    twin.set_ylim(bottom=0)
+    ax.legend(loc="lower left")
+    twin.legend(loc="lower right")
     out = run_dir / "report.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -128,6 +128,8 @@ class Trainer:
             "cache_fidelity_min": None,
             "cache_read_s": 0.0,
             "cache_read_bytes": 0,
+            "cache_write_s": 0.0,
+            "cache_write_bytes": 0,
         }
         self._probe_now = True  # the first replayed batch of every process start is probed
         self._fidelity: list[float] = []
@@ -293,7 +295,10 @@ class Trainer:
             view = ViewRecord(
                 *(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip", "jitter"))
             )
+            start = time.perf_counter()
             self.cache.write(ids, batch.slots.numpy()[mask], rows, view)
+            self.progress_state["cache_write_s"] += time.perf_counter() - start
+            self.progress_state["cache_write_bytes"] += len(ids) * self.cache.nbytes_per_row()
         return out
 
     def _probe(self, batch: Batch, cached) -> None:
@@ -532,7 +537,7 @@ class Trainer:
 
     def _cache_summary(self) -> dict[str, Any]:
         progress = self.progress_state
-        read_s = progress["cache_read_s"]
+        read_s, write_s = progress["cache_read_s"], progress["cache_write_s"]
         return {
             "cache_mode": self.cfg.train.cache_mode,
             "cache_hits": progress["cache_hits"],
@@ -541,6 +546,7 @@ class Trainer:
             "teacher_probe_batches": progress["teacher_probe_batches"],
             "cache_fidelity_min": progress["cache_fidelity_min"],
             "cache_read_mb_s": progress["cache_read_bytes"] / 2**20 / read_s if read_s > 0 else None,
+            "cache_write_mb_s": progress["cache_write_bytes"] / 2**20 / write_s if write_s > 0 else None,
         }
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
