@@ -99,11 +99,23 @@ def reference(base_args, tmp_path_factory):
         ("kill-before-step", 11, 9),  # mid-epoch 3, from the mid-epoch step-9 checkpoint
         ("kill-during-checkpoint", 9, 8),  # SIGKILL while writing the step-9 checkpoint
         ("kill-during-eval", 8, 6),  # SIGKILL in the epoch-2 evaluation, before its epoch-end checkpoint
+        (
+            "torchvision-kill-before-step",
+            11,
+            9,
+        ),  # the torchvision backend's stream position resumes exactly too
     ],
 )
 def test_sigkill_then_resume_matches_the_uninterrupted_run(
-    base_args, reference, tmp_path, fault, step, resumes_from
+    base_args, reference, tmp_path, tmp_path_factory, fault, step, resumes_from
 ):
+    if fault.startswith("torchvision-"):
+        fault = fault.removeprefix("torchvision-")
+        base_args = [*base_args, "data.backend=torchvision", "train.num_workers=2"]
+        out = tmp_path_factory.mktemp("reference-torchvision")
+        uninterrupted = run(base_args, out)
+        assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+        reference = out / "run"
     killed = run(base_args, tmp_path, fault, step)
     assert killed.returncode == -9, killed.stderr[-3000:]
     run_dir = tmp_path / "run"
