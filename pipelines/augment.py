@@ -38,9 +38,12 @@ def _factor(strength: float, apply: DataNode, centre: float) -> DataNode:
     return centre + apply * fn.random.uniform(range=[-strength, strength])
 
 
-def draw_view(encoded: DataNode, params: AugmentParams) -> View:
-    """Draw each sample's random view: torchvision's RandomResizedCrop window, flip bit and jitter factors."""
-    hw = image_hw(encoded)
+def draw_view(encoded: DataNode, params: AugmentParams, hw: DataNode | None = None) -> View:
+    """Draw each sample's random view: torchvision's RandomResizedCrop window, flip bit and jitter factors.
+
+    hw: image_hw(encoded) when the caller has it already (the header is then parsed once per sample).
+    """
+    hw = image_hw(encoded) if hw is None else hw
     # random_crop_generator implements RandomResizedCrop's 10 tries + centre fallback on the (H, W) shape;
     # its aspect ratio is width/height as in torchvision.
     anchor, shape = fn.random_crop_generator(
@@ -70,14 +73,16 @@ def _to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
     return fn.cast(dmath.floor(relative * hw + 0.5), dtype=types.INT32)
 
 
-def render_view(encoded: DataNode, view: View, params: AugmentParams, decode_device: str) -> DataNode:
+def render_view(
+    encoded: DataNode, view: View, params: AugmentParams, decode_device: str, hw: DataNode | None = None
+) -> DataNode:
     """Decode only the view's crop window, resize it, colour-jitter, flip and normalise to float CHW.
 
     decode_device: "mixed" (GPU, hardware JPEG decoder where present) or "cpu" (DALI CPU-only mode).
     Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
     (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
     """
-    hw = image_hw(encoded)
+    hw = image_hw(encoded) if hw is None else hw
     images = fn.decoders.image_slice(
         encoded,
         _to_pixels(view.crop_anchor, hw),

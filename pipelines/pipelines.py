@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipelines.augment import View, draw_view, eval_transform, render_view
+from pipelines.augment import View, draw_view, eval_transform, image_hw, render_view
 from pipelines.params import AugmentParams, EvalParams
 
 READER_NAME = "Reader"
@@ -90,8 +90,9 @@ def train_pipeline(
         encoded, ids = _read(
             files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=sample_ids
         )
-        view = draw_view(encoded, params)
-        images = render_view(encoded, view, params, _decode_device(device_id))
+        hw = image_hw(encoded)  # one header parse serves both the draw and the decode
+        view = draw_view(encoded, params, hw)
+        images = render_view(encoded, view, params, _decode_device(device_id), hw)
         return images, ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
 
     return pipe()

@@ -9,26 +9,24 @@ import sys
 import pytest
 
 
-@pytest.mark.slow
-def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo-cache")
-    work = tmp_path_factory.mktemp("demo-work")
-    # The demo exactly as shipped, except that its first-use cache goes to a temporary folder.
-    result = subprocess.run(
+def run_demo(cache, work, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The demo exactly as shipped, except that its first-use cache goes to a temporary folder."""
+    return subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "dali_kd.train",
-            "--no-progress",
+            sys.executable, "-m", "dali_kd.train", "--no-progress", *overrides,
             f"data.root={cache / 'data' / 'train'}",
             f"data.val_root={cache / 'data' / 'val'}",
             f"model.teacher.checkpoint={cache / 'teacher.safetensors'}",
         ],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        timeout=900,
-    )
+        capture_output=True, text=True, cwd=work, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("demo-cache")
+    work = tmp_path_factory.mktemp("demo-work")
+    result = run_demo(cache, work)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = list((work / "runs").iterdir())
     assert len(run_dirs) == 1
@@ -49,22 +47,6 @@ def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
     # Second use: the dataset and the teacher come from the cache, no preparation again.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dali_kd.train",
-            "--no-progress",
-            "train.epochs=1",
-            "train.compile_student=false",
-            f"data.root={cache / 'data' / 'train'}",
-            f"data.val_root={cache / 'data' / 'val'}",
-            f"model.teacher.checkpoint={cache / 'teacher.safetensors'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        timeout=600,
-    )
+    again = run_demo(cache, work, "train.epochs=1", "train.compile_student=false", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "first use" not in again.stdout

@@ -62,7 +62,9 @@ class CachedViewStream:
             self.replay_start = math.ceil(fill_samples / batch_size) * batch_size if mode == "replay" else -1
         self._fill: DaliTrainStream | None = None
         self._renderer: DaliViewRenderer | None = None
+        # Per pass, computed once: the shard's order and each image's replayed view.
         self._slot_cache: tuple[int, np.ndarray] | None = None
+        self._order_cache: tuple[int, np.ndarray] | None = None
         if not self.replaying:
             self._fill = DaliTrainStream(
                 index, params, batch_size, seed + rank, device=device,
@@ -126,8 +128,7 @@ class CachedViewStream:
         )  # fmt: skip
 
     def _order(self, pass_index: int) -> np.ndarray:
-        cached = getattr(self, "_order_cache", None)
-        if cached is None or cached[0] != pass_index:
+        if self._order_cache is None or self._order_cache[0] != pass_index:
             self._order_cache = (pass_index, pass_order(self.shard_ids, self.seed, pass_index))
         return self._order_cache[1]
 
