@@ -8,6 +8,7 @@ dotted key (with a did-you-mean for typos).
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dali_kd.errors import UserError
-from pipelines.params import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, EvalParams
+from pipelines.params import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, EvalParams, MultiCropParams
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG_DIR = CONFIG_DIR / "demo"
@@ -28,6 +29,12 @@ RGB = tuple[float, float, float]
 class Section(BaseModel):
     # extra="forbid": a typo is an error, never a silently ignored key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_area_range(v: FloatRange) -> FloatRange:
+    if not 0 < v[0] <= v[1] <= 1:
+        raise ValueError("need 0 < low <= high <= 1")
+    return v
 
 
 class AugmentConfig(Section):
@@ -46,12 +53,7 @@ class AugmentConfig(Section):
     mean: RGB = Field(IMAGENET_MEAN, description="Normalisation mean (RGB, 0-1 scale)")
     std: RGB = Field(IMAGENET_STD, description="Normalisation std (RGB, 0-1 scale)")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _check_scale(cls, v: FloatRange) -> FloatRange:
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError("need 0 < low <= high <= 1")
-        return v
+    _check_scale = field_validator("crop_scale")(classmethod(lambda cls, v: _check_area_range(v)))
 
     @field_validator("crop_ratio")
     @classmethod
@@ -106,6 +108,27 @@ class DataConfig(Section):
     dali_threads: int = Field(4, ge=1, le=256, description="DALI CPU worker threads per process")
     prefetch_batches: int = Field(2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # Multi-crop (train.use_local_crops: true): every image is decoded once and cut into these crops, each with its
+    # own window, flip and jitter (augment's ratio, flip and jitter settings); augment.crop_scale is then unused.
+    num_global_crops: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Multi-crop: global crops per image, image_size px (the teacher sees these)",
+    )
+    global_crop_scale: FloatRange = Field(
+        (0.32, 1.0), description="Multi-crop: area fraction range of the global crops"
+    )
+    num_local_crops: int = Field(
+        8, ge=0, le=64, description="Multi-crop: local crops per image (student only)"
+    )
+    local_crop_size: int = Field(96, ge=8, le=4096, description="Multi-crop: side of the local crops, pixels")
+    local_crop_scale: FloatRange = Field(
+        (0.05, 0.32), description="Multi-crop: area fraction range of the local crops"
+    )
+    _check_scales = field_validator("global_crop_scale", "local_crop_scale")(
+        classmethod(lambda cls, v: _check_area_range(v))
+    )
 
 
 class OptimizerConfig(Section):
@@ -132,6 +155,15 @@ class LossConfig(Section):
     )
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL logit loss")
     label_weight: float = Field(0.0, ge=0, description="Weight of cross-entropy on the true labels")
+    # Multi-crop pairing: which teacher output each student view is pulled toward.
+    global_pairing: Literal["same", "cross", "all"] = Field(
+        "same",
+        description="Multi-crop: a student global crop learns the teacher on the same crop, the other globals "
+        "(cross, DINO), or all globals",
+    )
+    local_weight: float = Field(
+        1.0, ge=0, description="Multi-crop: weight of a local-crop pair relative to a global pair"
+    )
 
 
 class TrainConfig(Section):
@@ -140,7 +172,10 @@ class TrainConfig(Section):
     max_steps_per_epoch: int = Field(
         500, ge=1, description="An epoch ends after this many steps (the stream continues)"
     )
-    use_local_crops: bool = Field(False, description="DINO-style local crops (not yet supported)")
+    use_local_crops: bool = Field(
+        False,
+        description="DINO-style multi-crop: global crops for teacher and student, local crops for the student",
+    )
     cache_teacher_features: bool = Field(
         False, description="Cache the teacher's outputs per view (DALI backend)"
     )
@@ -242,6 +277,19 @@ class Config(Section):
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
         return AugmentParams(image_size=self.data.image_size, **a.model_dump())
+
+    def crop_params(self) -> AugmentParams | MultiCropParams:
+        """What the training stream makes: one view per image, or (train.use_local_crops) DINO multi-crop."""
+        if not self.train.use_local_crops:
+            return self.augment_params()
+        d = self.data
+        view = self.augment_params()
+        return MultiCropParams(
+            global_view=replace(view, crop_scale=d.global_crop_scale),
+            local_view=replace(view, image_size=d.local_crop_size, crop_scale=d.local_crop_scale),
+            num_global=d.num_global_crops,
+            num_local=d.num_local_crops,
+        )
 
     def eval_params(self) -> EvalParams:
         a = self.data.augment

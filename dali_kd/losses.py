@@ -64,3 +64,80 @@ def distillation_losses(
         total = total + cfg.label_weight * parts["loss_label"]
     parts["loss"] = total
     return parts
+
+
+def view_pairs(
+    num_global: int, num_local: int, global_pairing: str
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Multi-crop pairing, as (student view, teacher global crop) pairs: (global pairs, local pairs).
+
+    Views are numbered globals first. A student global crop learns the teacher's output on the same crop (same),
+    on the other global crops (cross, as DINO does) or on all of them (all); every local crop learns the teacher's
+    output on every global crop (the teacher never sees a local crop).
+    """
+    globals_ = range(num_global)
+    if global_pairing == "same":
+        global_pairs = [(g, g) for g in globals_]
+    elif global_pairing == "cross":
+        if num_global < 2:
+            raise ValueError("cross pairing needs at least 2 global crops")
+        global_pairs = [(g, t) for g in globals_ for t in globals_ if t != g]
+    elif global_pairing == "all":
+        global_pairs = [(g, t) for g in globals_ for t in globals_]
+    else:
+        raise ValueError(f"unknown global pairing {global_pairing!r}")
+    local_pairs = [(num_global + v, t) for v in range(num_local) for t in globals_]
+    return global_pairs, local_pairs
+
+
+def _pick(outputs: torch.Tensor | None, index: list[int]) -> torch.Tensor | None:
+    """[V, B, ...] outputs → the chosen views concatenated along the batch: [len(index) * B, ...]."""
+    return None if outputs is None else outputs[index].flatten(0, 1)
+
+
+def multi_crop_losses(
+    cfg: LossConfig,
+    num_global: int,
+    student_pooled: torch.Tensor,
+    teacher_pooled: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    student_patches: torch.Tensor | None = None,
+    teacher_patches: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Distillation over multi-crop pairs (see view_pairs): per view kind and their pair-weighted total `loss`.
+
+    Student tensors are view-major, [V, B, ...] with the globals first; teacher tensors [G, B, ...] for the G global
+    crops. Each pair contributes distillation_losses(student view, teacher crop); the total is the mean over
+    pairs, a local pair counting cfg.local_weight. Patch tokens are distilled on same-crop global pairs only
+    (only there do the token grids line up). Returned: `loss`, `loss_global`, `loss_local` and every part
+    suffixed with its kind (`loss_feature_global`, `loss_logit_local`, ...).
+    """
+    num_views = student_pooled.shape[0]
+    global_pairs, local_pairs = view_pairs(num_global, num_views - num_global, cfg.global_pairing)
+    out: dict[str, torch.Tensor] = {}
+    weighted = []
+    for kind, pairs, weight in (("global", global_pairs, 1.0), ("local", local_pairs, cfg.local_weight)):
+        if not pairs:
+            continue
+        s_idx, t_idx = [s for s, _ in pairs], [t for _, t in pairs]
+        same = [g for g in range(num_global) if (g, g) in pairs]
+        parts = distillation_losses(
+            cfg,
+            _pick(student_pooled, s_idx),
+            _pick(teacher_pooled, t_idx),
+            _pick(student_logits, s_idx),
+            _pick(teacher_logits, t_idx),
+            _pick(student_patches, same) if same else None,
+            _pick(teacher_patches, same) if same else None,
+            None if labels is None else labels.repeat(len(pairs)),
+        )
+        for name, value in parts.items():
+            out[f"{name}_{kind}"] = value
+        weighted.append((parts["loss"], weight * len(pairs)))
+    total_weight = sum(w for _, w in weighted)
+    out["loss"] = (
+        sum(loss * w for loss, w in weighted) / total_weight if total_weight > 0 else weighted[0][0] * 0
+    )
+    return out

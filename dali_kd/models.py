@@ -7,6 +7,7 @@ import difflib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -34,15 +35,25 @@ def check_model_name(name: str, role: str) -> None:
         raise UserError(f"model.{role}.name: unknown timm model '{name}'{hint}")
 
 
-def create_model(name: str, image_size: int, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
-    """A timm model sized for image_size (ViT-style models take it as img_size; CNNs need nothing)."""
+def create_model(
+    name: str, image_size: int, num_classes: int, drop_path_rate: float = 0.0, any_size: bool = False
+) -> nn.Module:
+    """A timm model sized for image_size (ViT-style models take it as img_size; CNNs need nothing).
+
+    any_size: also accept other input sizes (multi-crop's local crops); ViTs then interpolate their position
+    embedding (timm's dynamic_img_size), CNNs already do.
+    """
     kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    try:
-        return timm.create_model(
-            name, pretrained=False, num_classes=num_classes, img_size=image_size, **kwargs
-        )
-    except TypeError:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    sizes = [{"img_size": image_size}, {}]  # models without an img_size argument take any size already
+    if any_size:
+        sizes.insert(0, {"img_size": image_size, "dynamic_img_size": True})
+    for attempt, size in enumerate(sizes, start=1):
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **size, **kwargs)
+        except TypeError:
+            if attempt == len(sizes):
+                raise
+    raise AssertionError("unreachable")
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,9 +111,11 @@ def load_weights(model: nn.Module, path: Path, role: str) -> None:
         raise UserError(f"model.{role}.checkpoint {path}: weights do not fit {role}: {', '.join(parts)}")
 
 
-def build_model(spec: ModelSpec, role: str, image_size: int, num_classes: int) -> nn.Module:
+def build_model(
+    spec: ModelSpec, role: str, image_size: int, num_classes: int, any_size: bool = False
+) -> nn.Module:
     check_model_name(spec.name, role)
-    model = create_model(spec.name, image_size, num_classes, getattr(spec, "drop_path_rate", 0.0))
+    model = create_model(spec.name, image_size, num_classes, getattr(spec, "drop_path_rate", 0.0), any_size)
     if spec.checkpoint:
         load_weights(model, Path(spec.checkpoint).expanduser(), role)
     return model
@@ -153,6 +166,14 @@ class FrozenTeacher(nn.Module):
         )
 
 
+class StudentOutput(NamedTuple):
+    """raw: the backbone's outputs; projected: pooled embedding at the teacher's width; patches: projected tokens."""
+
+    raw: ModelOutput
+    projected: torch.Tensor
+    patches: torch.Tensor | None
+
+
 def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
     if hidden_dim == 0:
         return nn.Linear(in_dim, out_dim) if in_dim != out_dim else nn.Identity()
@@ -171,11 +192,21 @@ class Student(nn.Module):
             _projector(backbone.num_features, teacher_dim, hidden_dim) if with_patches else None
         )
 
-    def forward(self, images: torch.Tensor) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
-        """(raw outputs, pooled embedding projected to the teacher's width, projected patch tokens)."""
-        out = model_outputs(self.backbone, images, self.with_patches)
-        patches = self.patch_projector(out.patch_tokens) if self.patch_projector is not None else None
-        return out, self.projector(out.pooled), patches
+    def _views(self, images: torch.Tensor, with_patches: bool) -> StudentOutput:
+        out = model_outputs(self.backbone, images, with_patches)
+        patches = self.patch_projector(out.patch_tokens) if with_patches else None
+        return StudentOutput(out, self.projector(out.pooled), patches)
+
+    def forward(
+        self, images: torch.Tensor, local_images: torch.Tensor | None = None
+    ) -> tuple[StudentOutput, StudentOutput | None]:
+        """Outputs for images, and for local_images (multi-crop's smaller crops, no patch tokens) when given.
+
+        Both resolutions go through this one call, so that DDP sees a single forward per step (as DINO's
+        MultiCropWrapper does) and torch.compile one graph.
+        """
+        main = self._views(images, self.patch_projector is not None)
+        return main, None if local_images is None else self._views(local_images, False)
 
 
 def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:

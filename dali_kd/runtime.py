@@ -48,9 +48,18 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min
 
 
 def check_supported(cfg: Config) -> None:
-    """Features whose keys exist (the original's) but that this version does not implement yet: refuse, not ignore."""
+    """Settings that are each valid but do not work together: refuse them at start, never ignore one."""
     if cfg.train.use_local_crops:
-        raise UserError("train.use_local_crops: local crops are not supported yet; set it to false")
+        if cfg.train.cache_teacher_features:
+            raise UserError(
+                "train.cache_teacher_features: the teacher cache stores one view per sample and cannot be combined "
+                "with train.use_local_crops (multi-crop); turn one of them off"
+            )
+        if cfg.train.loss.global_pairing == "cross" and cfg.data.num_global_crops < 2:
+            raise UserError(
+                "train.loss.global_pairing: cross pairs each global crop with the other ones and needs "
+                f"data.num_global_crops >= 2 (got {cfg.data.num_global_crops})"
+            )
     if cfg.train.cache_teacher_features:
         if cfg.data.backend != "dali":
             raise UserError("train.cache_teacher_features: the view-replaying cache needs data.backend=dali")

@@ -23,11 +23,12 @@ from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped, UserError
 from dali_kd.evaluation import KnnEvaluator
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
-from dali_kd.losses import distillation_losses
+from dali_kd.losses import distillation_losses, multi_crop_losses
 from dali_kd.models import (
     FrozenTeacher,
     ModelOutput,
     Student,
+    StudentOutput,
     build_model,
     embed_dim,
     model_outputs,
@@ -83,7 +84,10 @@ class Trainer:
         student_classes = cfg.model.student.num_classes
         student_classes = teacher_classes if student_classes is None else student_classes
         teacher = build_model(cfg.model.teacher, "teacher", size, teacher_classes)
-        backbone = build_model(cfg.model.student, "student", size, student_classes)
+        # With local crops the student also sees data.local_crop_size inputs (a ViT then interpolates its positions).
+        backbone = build_model(
+            cfg.model.student, "student", size, student_classes, any_size=cfg.train.use_local_crops
+        )
         self.teacher_id = {"name": cfg.model.teacher.name, "weights_hash": ckpt.weights_hash(teacher)}
         self.teacher = FrozenTeacher(teacher.to(device), self.amp_dtype)
         self.use_patches = cfg.train.loss.patch_weight > 0 and same_token_grid(teacher, backbone)
@@ -283,7 +287,8 @@ class Trainer:
             if self._probe_now or (every and (self.step + 1) % every == 0):
                 self._probe(batch, out)
             return out
-        out = self.teacher(batch.images, with_patches=self.use_patches)
+        # Multi-crop: the teacher sees the global crops only, view-major ([G*B, ...]: crop 0 of every sample first).
+        out = self.teacher(view_major(batch.global_crops()), with_patches=self.use_patches)
         self.progress_state["teacher_forward_batches"] += 1
         if self.cache is not None and batch.store is not None and bool(batch.store.any()):
             mask = batch.store.numpy()
@@ -327,17 +332,26 @@ class Trainer:
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            student_out, projected, projected_patches = self.student_step(batch.images)
-        losses = distillation_losses(
-            self.cfg.train.loss,
-            student_pooled=projected,
-            teacher_pooled=teacher_out.pooled,
-            student_logits=student_out.logits,
-            teacher_logits=teacher_out.logits if self._logits_match(student_out, teacher_out) else None,
-            student_patches=projected_patches,
-            teacher_patches=teacher_out.patch_tokens,
-            labels=batch.labels,
-        )
+            if batch.multi_crop:
+                local_images = None if batch.local_images is None else view_major(batch.local_images)
+                student_out, local_out = self.student_step(view_major(batch.images), local_images)
+            else:
+                student_out, local_out = self.student_step(batch.images)
+        if batch.multi_crop:
+            losses = self._multi_crop_losses(batch, teacher_out, student_out, local_out)
+        else:
+            losses = distillation_losses(
+                self.cfg.train.loss,
+                student_pooled=student_out.projected,
+                teacher_pooled=teacher_out.pooled,
+                student_logits=student_out.raw.logits,
+                teacher_logits=teacher_out.logits
+                if self._logits_match(student_out.raw, teacher_out)
+                else None,
+                student_patches=student_out.patches,
+                teacher_patches=teacher_out.patch_tokens,
+                labels=batch.labels,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         finite = torch.isfinite(losses["loss"])
@@ -354,6 +368,44 @@ class Trainer:
         self.timer.mark()  # student
         self.step += 1
         return {k: v.detach() for k, v in losses.items()}
+
+    def _multi_crop_losses(
+        self,
+        batch: Batch,
+        teacher_out: ModelOutput,
+        student_out: StudentOutput,
+        local_out: StudentOutput | None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-pair distillation of every student crop toward the teacher's global crops (losses.multi_crop_losses)."""
+        size = len(batch)
+        num_global = batch.images.shape[1]
+
+        def by_view(t: torch.Tensor | None) -> torch.Tensor | None:  # [V*B, ...] → [V, B, ...]
+            return None if t is None else t.unflatten(0, (-1, size))
+
+        def all_views(  # globals then locals: [V, B, ...]
+            global_part: torch.Tensor | None, local_part: torch.Tensor | None
+        ) -> torch.Tensor | None:
+            if global_part is None or local_part is None:
+                return by_view(global_part)
+            return torch.cat([by_view(global_part), by_view(local_part)])
+
+        with_logits = self._logits_match(student_out.raw, teacher_out)
+        return multi_crop_losses(
+            self.cfg.train.loss,
+            num_global,
+            student_pooled=all_views(
+                student_out.projected, None if local_out is None else local_out.projected
+            ),
+            teacher_pooled=by_view(teacher_out.pooled),
+            student_logits=all_views(
+                student_out.raw.logits, None if local_out is None else local_out.raw.logits
+            ),
+            teacher_logits=by_view(teacher_out.logits) if with_logits else None,
+            student_patches=by_view(student_out.patches),
+            teacher_patches=by_view(teacher_out.patch_tokens),
+            labels=batch.labels,
+        )
 
     def _skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -594,6 +646,11 @@ class Trainer:
                 tqdm.write(f"run: {self.monitor.summary_line(summary)}")
         distributed.barrier()
         return summary
+
+
+def view_major(crops: torch.Tensor) -> torch.Tensor:
+    """[B, V, ...] crops → [V*B, ...], crop 0 of every sample first (how DINO batches its crops)."""
+    return crops.transpose(0, 1).flatten(0, 1)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

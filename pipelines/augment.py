@@ -1,4 +1,5 @@
-"""Pure DALI graph functions: draw a random view, render a view (crop, flip, jitter, normalise), eval transform.
+"""Pure DALI graph functions: draw a random view, render a view (crop, flip, jitter, normalise), multi-crop from one
+decode, eval transform.
 
 Each function takes DataNodes and returns DataNodes; none owns a reader, so the same code serves the training
 pipeline, the replay pipeline, CPU-only mode and the GPU (only `decode_device` differs).
@@ -12,7 +13,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
-from pipelines.params import AugmentParams, EvalParams
+from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
 
 @dataclass
@@ -76,11 +77,9 @@ def _to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
 def render_view(
     encoded: DataNode, view: View, params: AugmentParams, decode_device: str, hw: DataNode | None = None
 ) -> DataNode:
-    """Decode only the view's crop window, resize it, colour-jitter, flip and normalise to float CHW.
+    """Decode only the view's crop window, then finish it (resize, colour-jitter, flip, normalise) to float CHW.
 
     decode_device: "mixed" (GPU, hardware JPEG decoder where present) or "cpu" (DALI CPU-only mode).
-    Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
-    (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
     """
     hw = image_hw(encoded) if hw is None else hw
     images = fn.decoders.image_slice(
@@ -91,6 +90,28 @@ def render_view(
         device=decode_device,
         output_type=types.RGB,
     )
+    return finish_view(images, view, params)
+
+
+def decode_full(encoded: DataNode, decode_device: str) -> DataNode:
+    """The whole image, decoded once (multi-crop cuts every view from it)."""
+    return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+
+
+def cut_view(decoded: DataNode, view: View, params: AugmentParams, hw: DataNode) -> DataNode:
+    """A view cut from an already decoded image: the same pixels as render_view's crop decode of that window."""
+    images = fn.slice(
+        decoded, _to_pixels(view.crop_anchor, hw), _to_pixels(view.crop_shape, hw), axis_names="HW"
+    )
+    return finish_view(images, view, params)
+
+
+def finish_view(images: DataNode, view: View, params: AugmentParams) -> DataNode:
+    """uint8 crop → resized to params.image_size, colour-jittered, flipped and normalised float CHW.
+
+    Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
+    (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
+    """
     size = params.image_size
     images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.color_twist(
@@ -101,6 +122,32 @@ def render_view(
         hue=view.jitter[3] * 360.0,
     )
     return normalize(images, params.mean, params.std, mirror=view.flip)
+
+
+def multi_crop(
+    encoded: DataNode, params: MultiCropParams, decode_device: str
+) -> tuple[DataNode, DataNode | None, list[View]]:
+    """DINO multi-crop from one decode: (global crops [G,3,S,S], local crops [N,3,s,s] or None, the G+N views).
+
+    Each crop draws its own window, flip and jitter; globals come first in the list of views.
+    """
+    hw = image_hw(encoded)
+    decoded = decode_full(encoded, decode_device)
+    views = [draw_view(encoded, params.view_params(i), hw) for i in range(params.num_views)]
+    crops = [cut_view(decoded, view, params.view_params(i), hw) for i, view in enumerate(views)]
+    global_crops = fn.stack(*crops[: params.num_global])
+    local_crops = fn.stack(*crops[params.num_global :]) if params.num_local else None
+    return global_crops, local_crops, views
+
+
+def stack_views(views: list[View]) -> View:
+    """Per-crop records stacked per sample: anchor/shape [V,2], flip [V], jitter [V,4]."""
+    return View(
+        crop_anchor=fn.stack(*(v.crop_anchor for v in views)),
+        crop_shape=fn.stack(*(v.crop_shape for v in views)),
+        flip=fn.stack(*(v.flip for v in views)),
+        jitter=fn.stack(*(v.jitter for v in views)),
+    )
 
 
 def normalize(images: DataNode, mean, std, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None):

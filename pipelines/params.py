@@ -42,3 +42,32 @@ class EvalParams:
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class MultiCropParams:
+    """DINO-style multi-crop: each image is decoded once and cut into `num_global` global and `num_local` local crops.
+
+    global_view and local_view are full AugmentParams (size, scale, flip, jitter), so each crop kind has its own
+    size and scale range while every crop draws its own window, flip and jitter. Global crops come first in
+    every per-crop record.
+    """
+
+    global_view: AugmentParams
+    local_view: AugmentParams
+    num_global: int = 2
+    num_local: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_global < 1 or self.num_local < 0:
+            raise ValueError(
+                f"need num_global >= 1 and num_local >= 0, got {self.num_global}, {self.num_local}"
+            )
+
+    @property
+    def num_views(self) -> int:
+        return self.num_global + self.num_local
+
+    def view_params(self, view: int) -> AugmentParams:
+        """The parameters crop `view` (0-based, globals first) was drawn and rendered with."""
+        return self.global_view if view < self.num_global else self.local_view

@@ -1,4 +1,4 @@
-"""The DALI pipelines: training (reader → random view), replay (given views) and evaluation.
+"""The DALI pipelines: training (reader → one random view, or multi-crop), replay (given views) and evaluation.
 
 Each pipeline owns its reader (or external source) and calls the pure graphs of `pipelines.augment`.
 device_id=None builds a CPU-only pipeline (decode on the CPU); otherwise decode runs on that GPU ("mixed").
@@ -11,11 +11,23 @@ from collections.abc import Sequence
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipelines.augment import View, draw_view, eval_transform, image_hw, render_view
-from pipelines.params import AugmentParams, EvalParams
+from pipelines.augment import (
+    View,
+    cut_view,
+    decode_full,
+    draw_view,
+    eval_transform,
+    image_hw,
+    multi_crop,
+    render_view,
+    stack_views,
+)
+from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
 READER_NAME = "Reader"
 TRAIN_OUTPUTS = ("images", "sample_ids", "crop_anchor", "crop_shape", "flip", "jitter")
+# Multi-crop: images [G,3,S,S] and local_images [N,3,s,s] per sample; the record fields gain a leading view axis.
+MULTI_CROP_OUTPUTS = ("images", "local_images", "sample_ids", "crop_anchor", "crop_shape", "flip", "jitter")
 REPLAY_INPUTS = ("encoded", "crop_anchor", "crop_shape", "flip", "jitter")
 EVAL_OUTPUTS = ("images", "sample_ids")
 
@@ -53,9 +65,16 @@ def _read(
     return encoded, fn.cast(sample_ids, dtype=types.INT64)
 
 
+def train_outputs(params: AugmentParams | MultiCropParams) -> tuple[str, ...]:
+    """The output names of train_pipeline for these params (no local_images without local crops)."""
+    if not isinstance(params, MultiCropParams):
+        return TRAIN_OUTPUTS
+    return tuple(n for n in MULTI_CROP_OUTPUTS if n != "local_images" or params.num_local)
+
+
 def train_pipeline(
     files: Sequence[str],
-    params: AugmentParams,
+    params: AugmentParams | MultiCropParams,
     batch_size: int,
     seed: int,
     device_id: int | None = None,
@@ -67,7 +86,9 @@ def train_pipeline(
     reader_seed: int | None = None,
     sample_ids: Sequence[int] | None = None,
 ) -> Pipeline:
-    """Outputs TRAIN_OUTPUTS: images float32 [3,S,S], sample id, and the view record of each sample.
+    """Outputs train_outputs(params). One view (AugmentParams): images float32 [3,S,S], the sample id and its view
+    record, the crop window decoded alone. Multi-crop (MultiCropParams): each image decoded once, global crops
+    [G,3,S,S], local crops [N,3,s,s], and a record per crop ([V,2] anchors and shapes, [V] flips, [V,4] jitter).
 
     checkpoint: bytes from an earlier pipeline's checkpoint(); the new pipeline continues exactly where that one
     stopped (reader position and shuffle, every random operator's state).
@@ -90,18 +111,31 @@ def train_pipeline(
         encoded, ids = _read(
             files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=sample_ids
         )
-        hw = image_hw(encoded)  # one header parse serves both the draw and the decode
-        view = draw_view(encoded, params, hw)
-        images = render_view(encoded, view, params, _decode_device(device_id), hw)
-        return images, ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
+        if isinstance(params, MultiCropParams):
+            global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id))
+            view = stack_views(views)
+            images = (global_crops,) if local_crops is None else (global_crops, local_crops)
+        else:
+            hw = image_hw(encoded)  # one header parse serves both the draw and the decode
+            view = draw_view(encoded, params, hw)
+            images = (render_view(encoded, view, params, _decode_device(device_id), hw),)
+        return *images, ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
 
     return pipe()
 
 
 def replay_pipeline(
-    params: AugmentParams, batch_size: int, device_id: int | None = None, num_threads: int = 2
+    params: AugmentParams,
+    batch_size: int,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    full_decode: bool = False,
 ) -> Pipeline:
-    """Renders given views: feed REPLAY_INPUTS (encoded bytes and the view record) with `feed_input`."""
+    """Renders given views: feed REPLAY_INPUTS (encoded bytes and one view record per sample) with `feed_input`.
+
+    full_decode: cut the view from the whole decoded image, as multi-crop does (its records then replay to the
+    same pixels on every decoder); otherwise decode only the window, as the one-view pipeline does.
+    """
 
     # Synchronous, no prefetch: each run() renders exactly the views fed just before it.
     @pipeline_def(
@@ -121,6 +155,8 @@ def replay_pipeline(
             )
         )
         view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
+        if full_decode:
+            return cut_view(decode_full(encoded, _decode_device(device_id)), view, params, image_hw(encoded))
         return render_view(encoded, view, params, _decode_device(device_id))
 
     return pipe()

@@ -112,7 +112,14 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             ],
             "data folder not found: /no/such/dir",
         ),
-        (["train.use_local_crops=true"], "train.use_local_crops: local crops are not supported yet"),
+        (
+            ["train.use_local_crops=true", "train.cache_teacher_features=true", "train.teacher_feature_dir=cache"],
+            "train.cache_teacher_features: the teacher cache stores one view per sample",
+        ),
+        (
+            ["train.use_local_crops=true", "data.num_global_crops=1", "train.loss.global_pairing=cross"],
+            "train.loss.global_pairing: cross pairs each global crop with the other ones",
+        ),
     ],
 )
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, expected):

@@ -12,14 +12,14 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
-from pipelines.params import AugmentParams, EvalParams
+from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 from pipelines.pipelines import (
     EVAL_OUTPUTS,
     READER_NAME,
     REPLAY_INPUTS,
-    TRAIN_OUTPUTS,
     eval_pipeline,
     replay_pipeline,
+    train_outputs,
     train_pipeline,
 )
 
@@ -43,7 +43,7 @@ class DaliTrainStream:
     def __init__(
         self,
         index: ImageIndex,
-        params: AugmentParams,
+        params: AugmentParams | MultiCropParams,
         batch_size: int,
         seed: int,
         device: torch.device | str = "cpu",
@@ -57,7 +57,8 @@ class DaliTrainStream:
         max_runtime_quarantine: int = 100,
     ):
         """reader_seed: the file shuffle's seed, the same on every rank so shards stay disjoint (default: seed).
-        checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped."""
+        checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped.
+        params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample."""
         self.device = torch.device(device)
         self.index = index
         self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
@@ -81,7 +82,8 @@ class DaliTrainStream:
         self.pipe = train_pipeline(files, checkpoint=checkpoint, sample_ids=sample_ids, **self._settings)
         self.pipe.build()
         # No reader_name: the iterator runs as long as the pipeline does, i.e. forever.
-        self._iterator = DALIGenericIterator([self.pipe], list(TRAIN_OUTPUTS), size=-1, auto_reset=False)
+        self._outputs = list(train_outputs(self._settings["params"]))
+        self._iterator = DALIGenericIterator([self.pipe], self._outputs, size=-1, auto_reset=False)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -99,6 +101,7 @@ class DaliTrainStream:
             # DALI reuses its output buffers at the next iteration: clone what the trainer keeps.
             yield Batch(
                 images=out["images"],
+                local_images=out.get("local_images"),
                 labels=self._labels[sample_ids],
                 sample_ids=sample_ids.clone(),
                 view=ViewRecord(
@@ -153,12 +156,20 @@ class DaliViewRenderer:
     """Renders recorded views again (same pixels): the replay pipeline fed with file bytes and view records."""
 
     def __init__(
-        self, index: ImageIndex, params: AugmentParams, batch_size: int, device: torch.device | str = "cpu"
+        self,
+        index: ImageIndex,
+        params: AugmentParams,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        full_decode: bool = False,
     ):
+        """full_decode: True for records made by multi-crop (each crop is cut from the whole decoded image)."""
         self.index = index
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.pipe = replay_pipeline(params, batch_size=batch_size, device_id=_device_id(self.device))
+        self.pipe = replay_pipeline(
+            params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode
+        )
         self.pipe.build()
 
     def render(self, sample_ids: torch.Tensor, view: ViewRecord) -> torch.Tensor:

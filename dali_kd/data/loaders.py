@@ -40,7 +40,7 @@ def make_train_stream(
 
         return DaliTrainStream(
             index,
-            cfg.augment_params(),
+            cfg.crop_params(),
             batch_size=cfg.train.batch_size,
             # Augmentations differ per rank; the file shuffle is shared, so that the shards stay disjoint.
             seed=cfg.train.seed + rank,
@@ -58,7 +58,7 @@ def make_train_stream(
 
     return TorchvisionTrainStream(
         index,
-        cfg.augment_params(),
+        cfg.crop_params(),
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         num_workers=cfg.train.num_workers,

@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import TrainingStopped
-from pipelines.params import AugmentParams, EvalParams
+from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
 # torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
 CROP_ATTEMPTS = 10
@@ -171,10 +171,27 @@ def render_view_pil(
     return _render(decode_rgb(path), anchor, shape, flip, jitter, params)
 
 
-class _TrainViews(Dataset):
-    """Maps a stream key to (image, label, sample id, crop anchor, crop shape, flip, jitter)."""
+def draw_view(
+    img: Image.Image, params: AugmentParams, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, bool, tuple[float, float, float, float]]:
+    """One random view of img as a record: relative anchor and shape (float32), flip, jitter."""
+    top, left, h, w = sample_crop(img.height, img.width, params, rng)
+    flip = bool(rng.uniform() < params.flip_prob)
+    jitter = sample_jitter(params, rng)
+    # The record is what gets rendered, so replaying the float32 record cannot land on another pixel box.
+    anchor = np.array([top / img.height, left / img.width], dtype=np.float32)
+    shape = np.array([h / img.height, w / img.width], dtype=np.float32)
+    return anchor, shape, flip, jitter
 
-    def __init__(self, index: ImageIndex, params: AugmentParams, seed: int, shard_id: int):
+
+class _TrainViews(Dataset):
+    """Maps a stream key to (images, local images, label, sample id, crop anchor, crop shape, flip, jitter, failed).
+
+    One view per sample with AugmentParams; with MultiCropParams the image is decoded once and cut into the global
+    crops ([G,3,S,S]) and local crops ([N,3,s,s], else None), with a record per crop (globals first).
+    """
+
+    def __init__(self, index: ImageIndex, params: AugmentParams | MultiCropParams, seed: int, shard_id: int):
         self.files = index.files
         self.labels = index.labels
         self.params = params
@@ -199,14 +216,36 @@ class _TrainViews(Dataset):
         position, requested = key
         img, sample_id, failed = self._decode_or_replace(requested)
         rng = view_rng(self.seed, self.shard_id, position)
-        top, left, h, w = sample_crop(img.height, img.width, self.params, rng)
-        flip = bool(rng.uniform() < self.params.flip_prob)
-        jitter = sample_jitter(self.params, rng)
-        # The record is what gets rendered, so replaying the float32 record cannot land on another pixel box.
-        anchor = np.array([top / img.height, left / img.width], dtype=np.float32)
-        shape = np.array([h / img.height, w / img.width], dtype=np.float32)
-        image = _render(img, anchor.tolist(), shape.tolist(), flip, jitter, self.params)
-        return image, self.labels[sample_id], sample_id, anchor, shape, flip, jitter, failed
+        params = self.params
+        kinds = (
+            [params]
+            if isinstance(params, AugmentParams)
+            else [params.view_params(i) for i in range(params.num_views)]
+        )
+        views = [draw_view(img, kind, rng) for kind in kinds]
+        crops = [
+            _render(img, a.tolist(), s.tolist(), f, j, kind)
+            for (a, s, f, j), kind in zip(views, kinds, strict=True)
+        ]
+        anchors, shapes, flips, jitters = (list(field) for field in zip(*views, strict=True))
+        if isinstance(params, AugmentParams):
+            return (
+                crops[0],
+                None,
+                self.labels[sample_id],
+                sample_id,
+                anchors[0],
+                shapes[0],
+                flips[0],
+                jitters[0],
+                failed,
+            )
+        g = params.num_global
+        local_crops = torch.stack(crops[g:]) if params.num_local else None
+        return (
+            torch.stack(crops[:g]), local_crops, self.labels[sample_id], sample_id,
+            np.stack(anchors), np.stack(shapes), flips, jitters, failed,
+        )  # fmt: skip
 
 
 class _StreamBatches(Sampler[list[StreamKey]]):
@@ -227,9 +266,10 @@ class _StreamBatches(Sampler[list[StreamKey]]):
 def _collate_train(samples: list[tuple]) -> tuple:
     # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; the last
     # item lists the (path, reason) of files that failed to decode in this batch.
-    images, labels, ids, anchors, shapes, flips, jitters, failed = zip(*samples, strict=True)
+    images, local_images, labels, ids, anchors, shapes, flips, jitters, failed = zip(*samples, strict=True)
     return (
         torch.stack(images),
+        None if local_images[0] is None else torch.stack(local_images),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(ids, dtype=torch.int64),
         torch.from_numpy(np.stack(anchors)),
@@ -251,7 +291,7 @@ class TorchvisionTrainStream:
     def __init__(
         self,
         index: ImageIndex,
-        params: AugmentParams,
+        params: AugmentParams | MultiCropParams,
         batch_size: int,
         seed: int,
         num_workers: int = 4,
@@ -319,12 +359,13 @@ class TorchvisionTrainStream:
             raise RuntimeError("TorchvisionTrainStream is closed")
         self._active = iter(self._loader)
         self.position = self.start_position
-        for images, labels, ids, anchors, shapes, flips, jitters, failed in self._active:
+        for images, local_images, labels, ids, anchors, shapes, flips, jitters, failed in self._active:
             self.position += len(ids)
             for path, reason in failed:
                 self._set_aside(path, reason)
             yield Batch(
                 images=images,
+                local_images=local_images,
                 labels=labels,
                 sample_ids=ids,
                 view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
