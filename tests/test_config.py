@@ -113,7 +113,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "data folder not found: /no/such/dir",
         ),
         (
-            ["train.use_local_crops=true", "train.cache_teacher_features=true", "train.teacher_feature_dir=cache"],
+            [
+                "train.use_local_crops=true",
+                "train.cache_teacher_features=true",
+                "train.teacher_feature_dir=cache",
+            ],
             "train.cache_teacher_features: the teacher cache stores one view per sample",
         ),
         (

@@ -90,29 +90,42 @@ def reference(base_args, tmp_path_factory):
     return out / "run"
 
 
+# Other setups whose stream position and RNGs must resume exactly too (each against its own uninterrupted run).
+VARIANTS = {
+    "torchvision": ["data.backend=torchvision", "train.num_workers=2"],
+    "multi-crop": ["train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2"],
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("fault", "step", "resumes_from"),
+    ("fault", "step", "resumes_from", "variant"),
     [
-        ("kill-before-step", 6, 4),  # mid-epoch 2: back to the epoch-1 end
-        ("kill-before-step", 2, None),  # before any checkpoint: the resume starts afresh in the same run
-        ("kill-before-step", 11, 9),  # mid-epoch 3, from the mid-epoch step-9 checkpoint
-        ("kill-during-checkpoint", 9, 8),  # SIGKILL while writing the step-9 checkpoint
-        ("kill-during-eval", 8, 6),  # SIGKILL in the epoch-2 evaluation, before its epoch-end checkpoint
+        ("kill-before-step", 6, 4, None),  # mid-epoch 2: back to the epoch-1 end
         (
-            "torchvision-kill-before-step",
-            11,
-            9,
-        ),  # the torchvision backend's stream position resumes exactly too
+            "kill-before-step",
+            2,
+            None,
+            None,
+        ),  # before any checkpoint: the resume starts afresh in the same run
+        ("kill-before-step", 11, 9, None),  # mid-epoch 3, from the mid-epoch step-9 checkpoint
+        ("kill-during-checkpoint", 9, 8, None),  # SIGKILL while writing the step-9 checkpoint
+        (
+            "kill-during-eval",
+            8,
+            6,
+            None,
+        ),  # SIGKILL in the epoch-2 evaluation, before its epoch-end checkpoint
+        ("kill-before-step", 11, 9, "torchvision"),
+        ("kill-before-step", 7, 6, "multi-crop"),
     ],
 )
 def test_sigkill_then_resume_matches_the_uninterrupted_run(
-    base_args, reference, tmp_path, tmp_path_factory, fault, step, resumes_from
+    base_args, reference, tmp_path, tmp_path_factory, fault, step, resumes_from, variant
 ):
-    if fault.startswith("torchvision-"):
-        fault = fault.removeprefix("torchvision-")
-        base_args = [*base_args, "data.backend=torchvision", "train.num_workers=2"]
-        out = tmp_path_factory.mktemp("reference-torchvision")
+    if variant is not None:
+        base_args = [*base_args, *VARIANTS[variant]]
+        out = tmp_path_factory.mktemp(f"reference-{variant}")
         uninterrupted = run(base_args, out)
         assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
         reference = out / "run"
