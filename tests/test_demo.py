@@ -46,7 +46,20 @@ def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
         assert (run_dir / name).is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
-    # Second use: the dataset and the teacher come from the cache, no preparation again.
-    again = run_demo(cache, work, "train.epochs=1", "train.compile_student=false", timeout=600)
+    # Second use: the dataset and the teacher come from the cache, no preparation again. It also trains the demo
+    # with DINO multi-crop (2 global + 8 local crops per image), as `python -m dali_kd.train train.use_local_crops=true`.
+    again = run_demo(
+        cache,
+        work,
+        "train.use_local_crops=true",
+        "train.epochs=1",
+        "train.compile_student=false",
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "first use" not in again.stdout
+    (multi_crop_dir,) = set((work / "runs").iterdir()) - {run_dir}
+    rows = [json.loads(line) for line in (multi_crop_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_global", "loss_local"} <= set(rows[0]) and rows[-1]["loss"] < rows[0]["loss"]
+    summary = json.loads((multi_crop_dir / "summary.json").read_text())
+    assert summary["steps"] == summary["steps_per_epoch"] and summary["student_knn_top1"] > 3 * chance
