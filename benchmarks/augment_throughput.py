@@ -10,7 +10,11 @@ Same files, same AugmentParams, same batch size for every path:
 Each is warmed up, then timed over several repeats: median, spread (min-max), CPU-seconds per image (this process
 and its DataLoader workers), and the ratio to torchvision at the same number of CPU workers/threads.
 
-    python benchmarks/augment_throughput.py [--quick] [--json out.json] [--md out.md] [--png out.png]
+--multi-crop adds DINO multi-crop per path (torchvision, DALI CPU, DALI GPU), at one worker/thread count: one view
+per image, the 2 global crops only, and 2 global + N local crops, and reports what the local crops cost per image
+(2+N crops time / global-only time; the original trainer paid about 3×).
+
+    python benchmarks/augment_throughput.py [--quick] [--multi-crop] [--json out.json] [--md out.md] [--png out.png]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
-from pipelines.params import AugmentParams
+from pipelines.params import AugmentParams, MultiCropParams
 from pipelines.pipelines import train_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,6 +166,7 @@ def run(args) -> dict:
                     dali_loader_batches(index, params, args.batch_size, threads, "cuda"),
                     sync=torch.cuda.synchronize,
                 )
+        multi_crop = measure_multi_crop(args, index, params, common) if args.multi_crop else []
     baseline = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "torchvision"}
     original = baseline.get(4)
     raw = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "dali_raw"}
@@ -174,6 +179,7 @@ def run(args) -> dict:
             r["ratio_vs_dali_raw"] = r["img_per_s"] / raw[r["workers"]]
     return {
         "results": results,
+        "multi_crop": multi_crop,
         "settings": {
             "num_images": index.num_samples,
             "image_size": args.image_size,
@@ -183,6 +189,46 @@ def run(args) -> dict:
         },
         "machine": machine_info(),
     }
+
+
+def crop_settings(params: AugmentParams, args) -> dict[str, AugmentParams | MultiCropParams]:
+    """One view; the 2 global crops only; 2 global + N local crops (the issue's sizes and scales)."""
+    global_view = AugmentParams(**{**vars(params), "crop_scale": (0.32, 1.0)})
+    local_view = AugmentParams(**{**vars(params), "image_size": args.local_size, "crop_scale": (0.05, 0.32)})
+    return {
+        "one view": params,
+        "2 global": MultiCropParams(global_view, local_view, num_global=2, num_local=0),
+        f"2 global + {args.local_crops} local": MultiCropParams(
+            global_view, local_view, num_global=2, num_local=args.local_crops
+        ),
+    }
+
+
+def measure_multi_crop(args, index, params: AugmentParams, common: dict) -> list[dict]:
+    """Each path with each crop setting; per-image cost relative to the same path's global-only setting."""
+    cores = os.cpu_count() or 1
+    workers = min(4, cores) if args.quick else cores
+    paths = {
+        "torchvision": lambda p: torchvision_batches(index, p, args.batch_size, workers),
+        "dali_cpu": lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cpu"),
+    }
+    if torch.cuda.is_available() and not args.no_gpu:
+        paths["dali_gpu"] = lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cuda")
+    rows = []
+    for backend, make in paths.items():
+        sync = torch.cuda.synchronize if backend == "dali_gpu" else None
+        queued = 2 * workers if backend == "torchvision" else 2
+        by_setting = {}
+        for setting, crop_params in crop_settings(params, args).items():
+            row = {"backend": backend, "workers": workers, "crops": setting}
+            row.update(measure(make(crop_params), queued=queued, sync=sync, **common))
+            by_setting[setting] = row["img_per_s"]
+            rows.append(row)
+            print(f"  {backend:<12} {setting:<20} {row['img_per_s']:8.1f} img/s", flush=True)
+        for row in rows[-len(by_setting) :]:
+            # Cost per image relative to the global-only pipeline: rate ratio inverted.
+            row["cost_vs_global_only"] = by_setting["2 global"] / row["img_per_s"]
+    return rows
 
 
 def machine_info() -> dict:
@@ -223,6 +269,17 @@ def markdown(report: dict) -> str:
         lines.append(
             f"\ndali_kd loader vs raw DALI pipeline, {r['workers']} threads: {r['ratio_vs_dali_raw']:.3f}×"
         )
+    if report.get("multi_crop"):
+        lines += [
+            "",
+            "| backend | workers/threads | crops per image | images/s (median) | spread | cost per image vs 2 global |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in report["multi_crop"]:
+            lines.append(
+                f"| {r['backend']} | {r['workers']} | {r['crops']} | {r['img_per_s']:.1f} | "
+                f"{r['img_per_s_min']:.0f}–{r['img_per_s_max']:.0f} | {r['cost_vs_global_only']:.2f}× |"
+            )
     return "\n".join(lines)
 
 
@@ -266,6 +323,9 @@ def main() -> None:
         "--gpu-threads", default=None, help="DALI GPU pipeline CPU threads (default: all cores)"
     )
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--multi-crop", action="store_true", help="also measure DINO multi-crop per path")
+    parser.add_argument("--local-crops", type=int, default=8, help="multi-crop: local crops per image")
+    parser.add_argument("--local-size", type=int, default=96, help="multi-crop: local crop side, pixels")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
@@ -276,6 +336,7 @@ def main() -> None:
     if args.quick:
         args.num_images, args.batch_size, args.warmup, args.batches, args.repeats = 96, 16, 1, 12, 3
         args.workers, args.dali_threads = f"0,{min(2, cores)},4", f"{min(2, cores)}"
+        args.local_crops, args.local_size = 4, 48
     report = run(args)
     table = markdown(report)
     print(table)

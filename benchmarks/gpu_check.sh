@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared visit to a lent GPU machine (an H200 with 16 CPU cores; see ../shared/GPU.md): install what the
 # machine lacks, run the `gpu` tests, the augmentation benchmark (torchvision with 16 workers vs DALI on the GPU)
-# and the ViT-B/16 → ViT-S/16 bf16 distillation-step benchmark at batch 256 with each backend. Results go under
+# with DINO multi-crop (2 global + 8 local crops vs the 2 globals alone), the ViT-B/16 → ViT-S/16 bf16
+# distillation-step benchmark at batch 256 with each backend, and the same step with multi-crop. Results go under
 # $OUT (the device tool brings that folder back); the last thing printed is a short table.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from the project root
@@ -30,16 +31,20 @@ if [ "$DRY_RUN" != 1 ]; then
   fi
   export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   DEVICE=cuda
-  AUG=(--num-images 4000 --batch-size 256 --workers 16 --dali-threads 16 --gpu-threads 8 --batches 10 --repeats 5)
+  AUG=(--num-images 4000 --batch-size 256 --workers 16 --dali-threads 16 --gpu-threads 8 --batches 10 --repeats 5
+       --multi-crop)
   OPS=(--device gpu --threads 8 --batch-size 256 --num-images 2000)
   STEP=(--num-images 8000 --teacher vit_base_patch16_224 --student vit_small_patch16_224 --image-size 224
         --batch-size 256 --steps 30 --log-every 5 --workers 16 --dali-threads 8 --precision bf16)
+  MC_STEP=(--num-images 4000 --teacher vit_base_patch16_224 --student vit_small_patch16_224 --image-size 224
+        --batch-size 128 --steps 20 --log-every 5 --dali-threads 8 --precision bf16)
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   DEVICE=cpu
-  AUG=(--quick)
+  AUG=(--quick --multi-crop)
   OPS=(--quick)
   STEP=(--quick)
+  MC_STEP=(--quick)
 fi
 
 {
@@ -76,6 +81,11 @@ timeout 240 python3 benchmarks/train_throughput.py "${STEP[@]}" --device "$DEVIC
   > "$OUT/train_step.log" 2>&1
 echo "exit $?" >> "$OUT/train_step.log"
 
+log "multi-crop distillation step"
+timeout 180 python3 benchmarks/train_throughput.py "${MC_STEP[@]}" --device "$DEVICE" --backends dali+globals,dali+multicrop \
+  --json "$OUT/multi_crop_step.json" > "$OUT/multi_crop_step.log" 2>&1
+echo "exit $?" >> "$OUT/multi_crop_step.log"
+
 log "done"
 {
   echo "## gpu_check $(date -u +%Y-%m-%d)"
@@ -88,5 +98,8 @@ log "done"
   echo "### DALI stage costs"; cat "$OUT/dali_op_costs.md"
   echo
   echo "### distillation step"; cat "$OUT/train_step.md" 2>/dev/null || tail -5 "$OUT/train_step.log"
+  echo
+  echo "### multi-crop distillation step"; cat "$OUT/multi_crop_step.md" 2>/dev/null || tail -5 "$OUT/multi_crop_step.log"
+  grep -h "multicrop_vs" "$OUT/multi_crop_step.log" 2>/dev/null
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"

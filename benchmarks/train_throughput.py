@@ -32,8 +32,9 @@ from make_dataset import make_dataset  # noqa: E402
 
 
 def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) -> dict:
-    """mode: a backend (dali, torchvision), or dali+cache (teacher cache: one fill pass, then replay) or
-    dali+student-only (constant targets: what a step costs without any teacher)."""
+    """mode: a backend (dali, torchvision), or dali+cache (teacher cache: one fill pass, then replay),
+    dali+student-only (constant targets: what a step costs without any teacher), <backend>+globals (multi-crop with
+    the 2 global crops only) or <backend>+multicrop (2 global + --local-crops local crops)."""
     backend, _, variant = mode.partition("+")
     per_pass = sum(1 for _ in data.rglob("*.JPEG")) // args.batch_size
     # The step count spans as many (step-capped) epochs as the data needs.
@@ -41,6 +42,11 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
         f"train.epochs={math.ceil(args.steps / per_pass)}",
         f"train.max_steps_per_epoch={min(per_pass, args.steps)}",
     ]
+    if variant in ("globals", "multicrop"):
+        extra += [
+            "train.use_local_crops=true", f"data.local_crop_size={args.local_size}",
+            f"data.num_local_crops={args.local_crops if variant == 'multicrop' else 0}",
+        ]  # fmt: skip
     if variant == "cache":
         extra += [
             "train.cache_teacher_features=true", f"train.teacher_feature_dir={out / 'cache'}",
@@ -163,7 +169,12 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         default="dali,torchvision",
-        help="comma-separated: dali, torchvision, dali+cache (teacher cache, replayed), dali+student-only",
+        help="comma-separated: dali, torchvision, dali+cache (teacher cache, replayed), dali+student-only, "
+        "dali+globals / torchvision+globals (2 global crops), dali+multicrop / torchvision+multicrop (2 + N local)",
+    )
+    parser.add_argument("--local-crops", type=int, default=8, help="multi-crop modes: local crops per image")
+    parser.add_argument(
+        "--local-size", type=int, default=96, help="multi-crop modes: local crop side, pixels"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -177,6 +188,7 @@ def main() -> None:
     if args.quick:
         args.teacher, args.student, args.image_size, args.batch_size = "test_resnet", "test_vit", 64, 8
         args.steps, args.log_every, args.workers = 6, 2, 2
+        args.local_crops, args.local_size = 4, 32
     backends = args.backends.split(",")
     if len(backends) > 1:
         # One process per backend, so that peak memory (host and GPU) belongs to that backend alone.
@@ -197,6 +209,14 @@ def main() -> None:
         ratios["cached_vs_student_only_step"] = (
             by_mode["dali+cache"]["step_ms"] / by_mode["dali+student-only"]["step_ms"]
         )
+    for backend in ("dali", "torchvision"):
+        if f"{backend}+multicrop" in by_mode and f"{backend}+globals" in by_mode:
+            ratios[f"{backend}_multicrop_vs_globals_step"] = (
+                by_mode[f"{backend}+multicrop"]["step_ms"] / by_mode[f"{backend}+globals"]["step_ms"]
+            )
+            ratios[f"{backend}_multicrop_vs_globals_data"] = (
+                by_mode[f"{backend}+multicrop"]["data_ms"] / by_mode[f"{backend}+globals"]["data_ms"]
+            )
     if "dali+cache" in by_mode and "dali" in by_mode:
         ratios["cached_vs_online_step"] = by_mode["dali+cache"]["step_ms"] / by_mode["dali"]["step_ms"]
     report = {

@@ -60,6 +60,15 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
         assert row["img_per_s"] > 0 and row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"]
         assert row["cpu_s_per_img"] > 0 and row["ratio_vs_torchvision_4_workers"] > 0
     assert {"cpu_cores", "torch", "dali", "date"} <= set(augment["machine"])
+    crops = {(r["backend"], r["crops"]): r for r in augment["multi_crop"]}
+    assert set(crops) == {
+        (backend, setting)
+        for backend in ("torchvision", "dali_cpu")
+        for setting in ("one view", "2 global", "2 global + 4 local")
+    }
+    for (_, setting), row in crops.items():
+        assert row["img_per_s"] > 0
+        assert row["cost_vs_global_only"] == 1.0 if setting == "2 global" else row["cost_vs_global_only"] > 0
     assert (out / "augment.md").read_text().startswith("| backend |")
     assert (out / "augment.png").read_bytes()[:4] == b"\x89PNG"
     step = json.loads((out / "train_step.json").read_text())
@@ -75,8 +84,12 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
             "peak_rss_mb",
         ):
             assert row[key] is not None and row[key] >= 0, key
+    multi_crop = json.loads((out / "multi_crop_step.json").read_text())
+    assert [r["backend"] for r in multi_crop["results"]] == ["dali+globals", "dali+multicrop"]
+    assert multi_crop["ratios"]["dali_multicrop_vs_globals_step"] > 0
     summary = (out / "summary.md").read_text()
     assert "### augmentation" in summary and "### distillation step" in summary
+    assert "### multi-crop distillation step" in summary and "2 global + 4 local" in summary
     costs = (out / "dali_op_costs.md").read_text().splitlines()
     assert len(costs) == 7 and costs[-1].startswith("| + colour jitter (full) |")
 

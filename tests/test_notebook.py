@@ -54,7 +54,8 @@ def test_notebook_runs_from_data_to_trained_student(tmp_path, monkeypatch):
     assert found, stdout[-3000:]
     assert abs(float(found.group(1)) - summary["student_knn_top1"]) <= 0.5
     assert "max |replay 1 - replay 2|: 0\n" in stdout
-    # The batch grid, the replay figure and the report are displayed as images.
+    assert "global crops (16, 2, 3, 32, 32), local crops (16, 8, 3, 16, 16)" in stdout
+    # The batch grid, the replay figure, the multi-crop grid and the report are displayed as images.
     images = [
         out
         for cell in nb.cells
@@ -62,4 +63,4 @@ def test_notebook_runs_from_data_to_trained_student(tmp_path, monkeypatch):
         for out in cell.get("outputs", [])
         if "image/png" in out.get("data", {})
     ]
-    assert len(images) == 3
+    assert len(images) == 4
