@@ -9,21 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
-from pipelines.params import AugmentParams, EvalParams, MultiCropParams
+from pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
 
 
 @dataclass
 class View:
-    """A view record as DataNodes, per sample: relative crop anchor (y, x) and shape (h, w), flip, jitter[4]."""
+    """A view record as DataNodes, per sample: relative crop anchor (y, x) and shape (h, w), flip, jitter[4].
+
+    window: the crop's (anchor, shape) in whole pixels when the view was just drawn (the relative record rounds
+    back to exactly these); a replayed view has none and converts its record.
+    """
 
     crop_anchor: DataNode
     crop_shape: DataNode
     flip: DataNode
     jitter: DataNode
+    window: tuple[DataNode, DataNode] | None = None
 
 
 def image_hw(encoded: DataNode) -> DataNode:
@@ -32,17 +38,12 @@ def image_hw(encoded: DataNode) -> DataNode:
     return shape[0:2]
 
 
-def _factor(strength: float, apply: DataNode, centre: float) -> DataNode:
-    """centre + u with u ~ U[-strength, strength] where `apply` is 1, exactly `centre` where it is 0."""
-    if strength == 0:
-        return apply * 0.0 + centre
-    return centre + apply * fn.random.uniform(range=[-strength, strength])
-
-
 def draw_view(encoded: DataNode, params: AugmentParams, hw: DataNode | None = None) -> View:
     """Draw each sample's random view: torchvision's RandomResizedCrop window, flip bit and jitter factors.
 
     hw: image_hw(encoded) when the caller has it already (the header is then parsed once per sample).
+    Few operators per view on purpose: each costs a few microseconds per sample on the CPU, and multi-crop draws
+    ten views per image.
     """
     hw = image_hw(encoded) if hw is None else hw
     # random_crop_generator implements RandomResizedCrop's 10 tries + centre fallback on the (H, W) shape;
@@ -54,19 +55,28 @@ def draw_view(encoded: DataNode, params: AugmentParams, hw: DataNode | None = No
         num_attempts=10,
     )
     flip = fn.random.coin_flip(probability=params.flip_prob, dtype=types.INT32)
-    apply = fn.cast(fn.random.coin_flip(probability=params.jitter_prob, dtype=types.UINT8), dtype=types.FLOAT)
-    jitter = fn.stack(
-        _factor(params.brightness, apply, 1.0),
-        _factor(params.contrast, apply, 1.0),
-        _factor(params.saturation, apply, 1.0),
-        _factor(params.hue, apply, 0.0),
+    # Jitter factors: centre + u * strength with u ~ U[-1, 1] per factor, or exactly the centre (identity) when
+    # the jitter is not applied (probability 1 - jitter_prob).
+    apply = fn.random.coin_flip(probability=params.jitter_prob, dtype=types.UINT8)
+    strengths = np.array(
+        [params.brightness, params.contrast, params.saturation, params.hue], dtype=np.float32
     )
+    spread = fn.random.uniform(range=[-1.0, 1.0], shape=[4]) * (apply * strengths)
+    jitter = spread + np.array(IDENTITY_JITTER, dtype=np.float32)
     return View(
         crop_anchor=fn.cast(anchor, dtype=types.FLOAT) / hw,
         crop_shape=fn.cast(shape, dtype=types.FLOAT) / hw,
         flip=flip,
         jitter=jitter,
+        window=(anchor, shape),
     )
+
+
+def _window(view: View, hw: DataNode) -> tuple[DataNode, DataNode]:
+    """The view's crop window in whole pixels: as drawn, or converted back from the relative record."""
+    if view.window is not None:
+        return view.window
+    return _to_pixels(view.crop_anchor, hw), _to_pixels(view.crop_shape, hw)
 
 
 def _to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
@@ -81,11 +91,12 @@ def render_view(
 
     decode_device: "mixed" (GPU, hardware JPEG decoder where present) or "cpu" (DALI CPU-only mode).
     """
-    hw = image_hw(encoded) if hw is None else hw
+    hw = image_hw(encoded) if hw is None and view.window is None else hw
+    anchor, shape = _window(view, hw)
     images = fn.decoders.image_slice(
         encoded,
-        _to_pixels(view.crop_anchor, hw),
-        _to_pixels(view.crop_shape, hw),
+        anchor,
+        shape,
         axis_names="HW",
         device=decode_device,
         output_type=types.RGB,
@@ -100,9 +111,8 @@ def decode_full(encoded: DataNode, decode_device: str) -> DataNode:
 
 def cut_view(decoded: DataNode, view: View, params: AugmentParams, hw: DataNode) -> DataNode:
     """A view cut from an already decoded image: the same pixels as render_view's crop decode of that window."""
-    images = fn.slice(
-        decoded, _to_pixels(view.crop_anchor, hw), _to_pixels(view.crop_shape, hw), axis_names="HW"
-    )
+    anchor, shape = _window(view, hw)
+    images = fn.slice(decoded, anchor, shape, axis_names="HW")
     return finish_view(images, view, params)
 
 

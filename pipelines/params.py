@@ -9,6 +9,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Columns of the jitter factors in a view record, in this order.
 JITTER_FIELDS = ("brightness", "contrast", "saturation", "hue")
+# The jitter factors that change nothing.
+IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ from torchvision.transforms import InterpolationMode
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import TrainingStopped
-from pipelines.params import AugmentParams, EvalParams, MultiCropParams
+from pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
 
 # torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
 CROP_ATTEMPTS = 10
-IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)
 
 # A stream key is (position in this shard's stream, sample id); the view is a function of the position.
 StreamKey = tuple[int, int]
