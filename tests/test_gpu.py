@@ -10,7 +10,7 @@ import torch
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.trainer import Trainer
-from pipelines.params import AugmentParams, EvalParams
+from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
 pytestmark = pytest.mark.gpu
 
@@ -43,3 +43,31 @@ def test_gpu_and_cpu_decode_agree(image_tree):
         [b.images.cpu() for b in itertools.islice(dali_eval_batches(index, params, 8, device="cuda"), 100)]
     )
     assert (cpu - gpu).abs().mean() < 0.05
+
+
+def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree):
+    index = ImageIndex.from_folder(image_tree / "train")
+    view = AugmentParams(image_size=32)
+    params = MultiCropParams(
+        global_view=view,
+        local_view=AugmentParams(**{**vars(view), "image_size": 16}),
+        num_global=2,
+        num_local=4,
+    )
+    batch = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cuda")))
+    assert batch.images.is_cuda and batch.images.shape == (8, 2, 3, 32, 32)
+    assert batch.local_images.is_cuda and batch.local_images.shape == (8, 4, 3, 16, 16)
+    crops = [batch.images[:, v].clone() for v in range(2)] + [
+        batch.local_images[:, v].clone() for v in range(4)
+    ]
+    for v, crop in enumerate(crops):
+        renderer = DaliViewRenderer(
+            index, params.view_params(v), batch_size=8, device="cuda", full_decode=True
+        )
+        assert (renderer.render(batch.sample_ids, batch.view.select(v)) - crop).abs().max() < 0.05
+
+
+def test_gpu_multi_crop_training_steps(tiny_config, tmp_path):
+    cfg = tiny_config("train.device=cuda", "train.use_local_crops=true", "data.local_crop_size=16")
+    summary = Trainer(cfg, torch.device("cuda"), show_progress=False).fit(tmp_path / "run")
+    assert summary["steps"] == 6 and summary["device"].startswith("cuda")
