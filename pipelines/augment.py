@@ -110,7 +110,7 @@ def decode_full(encoded: DataNode, decode_device: str) -> DataNode:
 
 
 def cut_view(decoded: DataNode, view: View, params: AugmentParams, hw: DataNode) -> DataNode:
-    """A view cut from an already decoded image: the same pixels as render_view's crop decode of that window."""
+    """A view cut from an already decoded image: crop, then finish_view, as render_view does after its crop decode."""
     anchor, shape = _window(view, hw)
     images = fn.slice(decoded, anchor, shape, axis_names="HW")
     return finish_view(images, view, params)

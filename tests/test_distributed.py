@@ -38,9 +38,18 @@ def args_for(image_tree: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_disjoint_shards_identical_weights(image_tree, tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "port"),
+    [
+        ([], 29611),
+        # Multi-crop: both resolutions go through one DDP forward; the gradients must still agree across ranks.
+        (["train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2"], 29613),
+    ],
+    ids=["one-view", "multi-crop"],
+)
+def test_two_gloo_ranks_disjoint_shards_identical_weights(image_tree, tmp_path, extra, port):
     record = tmp_path / "record"
-    result = torchrun(args_for(image_tree, tmp_path), "record", 0, None, record, 29611)
+    result = torchrun([*args_for(image_tree, tmp_path), *extra], "record", 0, None, record, port)
     assert result.returncode == 0, result.stderr[-4000:]
     ids = [json.loads((record / f"ids_rank{r}.json").read_text()) for r in (0, 1)]
     assert [len(steps) for steps in ids] == [8, 8], "every rank takes the same number of steps"
@@ -57,6 +66,8 @@ def test_two_gloo_ranks_disjoint_shards_identical_weights(image_tree, tmp_path):
     assert summary["student_knn_top1"] is not None
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [2, 4, 6, 8], "rank 0 alone writes the metrics"
+    if extra:
+        assert {"loss_global", "loss_local"} <= set(json.loads(rows[0]))
 
 
 @pytest.mark.slow
