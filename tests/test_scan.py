@@ -251,16 +251,26 @@ def test_training_over_broken_files_quarantines_exactly_them(tiny_config, tmp_pa
     assert summary["quarantined_files"] == len(broken)
 
 
+MULTI_CROP = ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2")
+
+
 @pytest.mark.parametrize(
-    ("backend", "damage"), [("dali", "html"), ("dali", "truncate"), ("torchvision", "html")]
+    ("backend", "damage", "extra"),
+    [
+        ("dali", "html", ()),
+        ("dali", "truncate", ()),
+        ("torchvision", "html", ()),
+        ("dali", "html", MULTI_CROP),  # the multi-crop graph (whole-image decode) recovers the same way
+        ("dali", "truncate", MULTI_CROP),
+    ],
 )
 def test_a_file_broken_after_the_scan_is_set_aside_and_the_run_completes(
-    tiny_config, tmp_path, backend, damage
+    tiny_config, tmp_path, backend, damage, extra
 ):
     root = write_tree(tmp_path / "tree", num_classes=2, per_class=8)
     cfg = tiny_config(
         f"data.root={root}", "data.val_root=null", f"data.backend={backend}", "model.teacher.num_classes=2",
-        "train.epochs=3", "train.max_steps_per_epoch=2", f"data.scan_dir={tmp_path / 'scan'}",
+        "train.epochs=3", "train.max_steps_per_epoch=2", f"data.scan_dir={tmp_path / 'scan'}", *extra,
     )  # fmt: skip
     trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
     victim = root / "class_1" / "3.jpg"
