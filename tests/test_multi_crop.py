@@ -108,7 +108,7 @@ def test_dali_decodes_each_image_once(index):
     kinds = [op._op.schema_name for op in pipe._ops]
     decoders = [k for k in kinds if k.startswith("decoders__")]
     assert decoders == ["decoders__Image"], decoders
-    assert kinds.count("Slice") == 8, "one cut per crop (2 global + 6 local)"
+    assert kinds.count("Resize") == 8, "one cut per crop (2 global + 6 local), each resized out of the decode"
     one_view = train_pipeline(index.files, AugmentParams(image_size=40), batch_size=4, seed=0, num_threads=1)
     one_view.build()
     assert [op._op.schema_name for op in one_view._ops if op._op.schema_name.startswith("decoders__")] == [
