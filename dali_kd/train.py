@@ -154,9 +154,15 @@ def run(argv: list[str] | None = None) -> dict:
             make_run_dir(run_dir)
             print(f"run directory: {run_dir}", flush=True)
             what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
+            d = cfg.data
+            crops = (
+                f", crops {d.num_global_crops}×{d.image_size} px + {d.num_local_crops}×{d.local_crop_size} px"
+                if cfg.train.use_local_crops
+                else ""
+            )
             print(
                 f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
-                f"{cfg.data.backend}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs × "
+                f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}, {cfg.train.epochs} epochs × "
                 f"{trainer.steps_per_epoch} steps; {what}",
                 flush=True,
             )

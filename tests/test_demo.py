@@ -58,6 +58,7 @@ def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "first use" not in again.stdout
+    assert "batch 64, crops 2×64 px + 8×32 px" in again.stdout
     (multi_crop_dir,) = set((work / "runs").iterdir()) - {run_dir}
     rows = [json.loads(line) for line in (multi_crop_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_global", "loss_local"} <= set(rows[0]) and rows[-1]["loss"] < rows[0]["loss"]
