@@ -53,7 +53,10 @@ class AugmentConfig(Section):
     mean: RGB = Field(IMAGENET_MEAN, description="Normalisation mean (RGB, 0-1 scale)")
     std: RGB = Field(IMAGENET_STD, description="Normalisation std (RGB, 0-1 scale)")
 
-    _check_scale = field_validator("crop_scale")(classmethod(lambda cls, v: _check_area_range(v)))
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_scale(cls, v: FloatRange) -> FloatRange:
+        return _check_area_range(v)
 
     @field_validator("crop_ratio")
     @classmethod
@@ -126,9 +129,11 @@ class DataConfig(Section):
     local_crop_scale: FloatRange = Field(
         (0.05, 0.32), description="Multi-crop: area fraction range of the local crops"
     )
-    _check_scales = field_validator("global_crop_scale", "local_crop_scale")(
-        classmethod(lambda cls, v: _check_area_range(v))
-    )
+
+    @field_validator("global_crop_scale", "local_crop_scale")
+    @classmethod
+    def _check_scales(cls, v: FloatRange) -> FloatRange:
+        return _check_area_range(v)
 
 
 class OptimizerConfig(Section):

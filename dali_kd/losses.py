@@ -91,8 +91,12 @@ def view_pairs(
 
 
 def _pick(outputs: torch.Tensor | None, index: list[int]) -> torch.Tensor | None:
-    """[V, B, ...] outputs → the chosen views concatenated along the batch: [len(index) * B, ...]."""
-    return None if outputs is None else outputs[index].flatten(0, 1)
+    """[V, B, ...] outputs → the chosen views concatenated along the batch: [len(index) * B, ...].
+
+    Python-int indexing gives views; indexing with the list itself would upload an index tensor to the GPU,
+    a host sync on every step.
+    """
+    return None if outputs is None else torch.cat([outputs[i] for i in index])
 
 
 def multi_crop_losses(
@@ -136,8 +140,6 @@ def multi_crop_losses(
         for name, value in parts.items():
             out[f"{name}_{kind}"] = value
         weighted.append((parts["loss"], weight * len(pairs)))
-    total_weight = sum(w for _, w in weighted)
-    out["loss"] = (
-        sum(loss * w for loss, w in weighted) / total_weight if total_weight > 0 else weighted[0][0] * 0
-    )
+    # Global pairs always exist (at least one global crop, weight 1), so the total weight is positive.
+    out["loss"] = sum(loss * w for loss, w in weighted) / sum(w for _, w in weighted)
     return out

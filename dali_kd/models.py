@@ -47,13 +47,12 @@ def create_model(
     sizes = [{"img_size": image_size}, {}]  # models without an img_size argument take any size already
     if any_size:
         sizes.insert(0, {"img_size": image_size, "dynamic_img_size": True})
-    for attempt, size in enumerate(sizes, start=1):
+    for size in sizes[:-1]:
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes, **size, **kwargs)
         except TypeError:
-            if attempt == len(sizes):
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **sizes[-1], **kwargs)
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,7 +204,7 @@ class Student(nn.Module):
         Both resolutions go through this one call, so that DDP sees a single forward per step (as DINO's
         MultiCropWrapper does) and torch.compile one graph.
         """
-        main = self._views(images, self.patch_projector is not None)
+        main = self._views(images, self.with_patches)
         return main, None if local_images is None else self._views(local_images, False)
 
 

@@ -82,8 +82,8 @@ class DaliTrainStream:
         self.pipe = train_pipeline(files, checkpoint=checkpoint, sample_ids=sample_ids, **self._settings)
         self.pipe.build()
         # No reader_name: the iterator runs as long as the pipeline does, i.e. forever.
-        self._outputs = list(train_outputs(self._settings["params"]))
-        self._iterator = DALIGenericIterator([self.pipe], self._outputs, size=-1, auto_reset=False)
+        outputs = list(train_outputs(self._settings["params"]))
+        self._iterator = DALIGenericIterator([self.pipe], outputs, size=-1, auto_reset=False)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
