@@ -35,7 +35,7 @@ from dali_kd.models import (
     same_token_grid,
 )
 from dali_kd.preemption import Preempted, StopSignal
-from dali_kd.runtime import autocast_dtype, check_supported, resolve_device, seed_everything, warmup_cosine
+from dali_kd.runtime import autocast_dtype, resolve_device, seed_everything, warmup_cosine
 from dali_kd.teacher_cache import TeacherCache, files_hash, parts_for
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
@@ -55,7 +55,6 @@ class Trainer:
         resume_from: Path | None = None,
         allow_config_change: bool = False,
     ):
-        check_supported(cfg)
         self.cfg = cfg
         self.device = device
         self.dist = dist_info or DistInfo()
