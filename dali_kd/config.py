@@ -1,19 +1,20 @@
 """The typed config schema (data, train, model) and its loading from three YAML files plus KEY=VALUE overrides.
 
 Every field is declared once here, with its type, range and meaning; pydantic rejects unknown keys, wrong types and
-out-of-range values, and `load_config` turns the first problem into one `UserError` line naming the file and the
-dotted key (with a did-you-mean for typos).
+out-of-range values, `Config` refuses settings that are each valid but do not work together, and `load_config` turns
+the first problem into one `UserError` line naming the file and the dotted key(s) (with a did-you-mean for typos).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dali_kd.errors import UserError
 from pipelines.params import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, EvalParams, MultiCropParams
@@ -274,10 +275,111 @@ class ModelConfig(Section):
     )
 
 
+_KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
+
+
+class ConfigConflict(ValueError):
+    """Settings that are each valid but do not work together; `keys` are their dotted names (to say where they
+    were set)."""
+
+    def __init__(self, keys: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _show(value: Any) -> str:
+    """A value as the user writes it in YAML or on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
 class Config(Section):
     data: DataConfig
     train: TrainConfig
     model: ModelConfig
+
+    def value(self, key: str) -> Any:
+        """The value at a dotted key, e.g. cfg.value("train.optimizer.lr")."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        """Refuse at load time what would crash (or silently do something else) later, naming every key involved."""
+
+        def conflict(message: str) -> ConfigConflict:
+            # Every {dotted.key} in the message is written as key=value; those are the keys the error names.
+            keys = tuple(dict.fromkeys(_KEY_IN_BRACES.findall(message)))
+            return ConfigConflict(
+                keys, _KEY_IN_BRACES.sub(lambda m: f"{m[1]}={_show(self.value(m[1]))}", message)
+            )
+
+        d, t = self.data, self.train
+        if d.val_root is not None and d.eval_resize < d.image_size:
+            raise conflict(
+                "{data.eval_resize} is smaller than {data.image_size}: the eval centre crop would not fit; "
+                "raise data.eval_resize or lower data.image_size"
+            )
+        if t.optimizer.min_lr > t.optimizer.lr:
+            raise conflict(
+                "{train.optimizer.min_lr} is larger than {train.optimizer.lr}: the schedule would rise instead of "
+                "decaying; lower train.optimizer.min_lr or raise train.optimizer.lr"
+            )
+        loss = t.loss
+        if loss.feature_weight == loss.patch_weight == loss.logit_weight == loss.label_weight == 0:
+            raise conflict(
+                "{train.loss.feature_weight}, {train.loss.patch_weight}, {train.loss.logit_weight} and "
+                "{train.loss.label_weight}: every loss weight is 0, so there is nothing to learn; give one of them "
+                "a weight > 0"
+            )
+        if t.use_local_crops:
+            if d.local_crop_size > d.image_size:
+                raise conflict(
+                    "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: local "
+                    "crops are the small views; lower data.local_crop_size or raise data.image_size"
+                )
+            if t.cache_teacher_features:
+                raise conflict(
+                    "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the teacher "
+                    "cache stores one view per sample, multi-crop makes several; turn one of them off"
+                )
+            if t.loss.global_pairing == "cross" and d.num_global_crops < 2:
+                raise conflict(
+                    "{train.loss.global_pairing} needs data.num_global_crops >= 2 (got {data.num_global_crops}): "
+                    "cross pairs each global crop with the other ones; use same or all, or more global crops"
+                )
+        if t.cache_teacher_features:
+            if d.backend != "dali":
+                raise conflict(
+                    "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache replays "
+                    "its stored views through the DALI graph"
+                )
+            if not t.teacher_feature_dir:
+                raise conflict(
+                    "{train.cache_teacher_features} needs a folder (got {train.teacher_feature_dir}): set "
+                    "train.teacher_feature_dir for the teacher cache (it can be large)"
+                )
+            if not {"pooled", "logits"} & set(t.cache_outputs):
+                raise conflict(
+                    "{train.cache_outputs} with {train.cache_teacher_features}: the cache's fidelity probe "
+                    "compares the pooled embedding or the logits; add pooled or logits"
+                )
+            if t.loss.feature_weight > 0 and "pooled" not in t.cache_outputs:
+                raise conflict(
+                    "{train.loss.feature_weight} needs pooled in {train.cache_outputs} with "
+                    "{train.cache_teacher_features}: the feature loss would have no cached teacher embedding; "
+                    "add pooled or set train.loss.feature_weight=0"
+                )
+        return self
 
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
@@ -323,10 +425,26 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _source(key: str, sources: dict[str, str]) -> str:
+    """Where a dotted key was set: the command line, or the file of its section (the longest known prefix wins)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if (where := sources.get(".".join(parts[:end]))) is not None:
+            return where
+    return "config"
+
+
 def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
     loc = tuple(error["loc"])
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigConflict):
+        # A rule over several keys: the message names them all; say where each was set.
+        places = dict.fromkeys(_source(k, sources) for k in cause.keys)
+        return f"{' and '.join(places)}: {cause}" if places else str(cause)
+    if not loc:
+        return error["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in loc)
-    where = sources.get(key) or sources.get(str(loc[0]) if loc else "", "config")
+    where = _source(key, sources)
     if error["type"] == "extra_forbidden":
         what = f"unknown key{_did_you_mean(_model_at(loc), str(loc[-1]))}"
     elif error["type"] == "missing":

@@ -1,4 +1,4 @@
-"""Run-time choices made once at start: device, precision, seeds, the LR schedule, unsupported features."""
+"""Run-time choices made once at start: device, precision, seeds, the LR schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import random
 import numpy as np
 import torch
 
-from dali_kd.config import Config
 from dali_kd.errors import UserError
 
 
@@ -45,23 +44,3 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def check_supported(cfg: Config) -> None:
-    """Settings that are each valid but do not work together: refuse them at start, never ignore one."""
-    if cfg.train.use_local_crops:
-        if cfg.train.cache_teacher_features:
-            raise UserError(
-                "train.cache_teacher_features: the teacher cache stores one view per sample and cannot be combined "
-                "with train.use_local_crops (multi-crop); turn one of them off"
-            )
-        if cfg.train.loss.global_pairing == "cross" and cfg.data.num_global_crops < 2:
-            raise UserError(
-                "train.loss.global_pairing: cross pairs each global crop with the other ones and needs "
-                f"data.num_global_crops >= 2 (got {cfg.data.num_global_crops})"
-            )
-    if cfg.train.cache_teacher_features:
-        if cfg.data.backend != "dali":
-            raise UserError("train.cache_teacher_features: the view-replaying cache needs data.backend=dali")
-        if not cfg.train.teacher_feature_dir:
-            raise UserError("train.teacher_feature_dir: set a folder for the teacher cache (it can be large)")

@@ -121,10 +121,9 @@ def run(argv: list[str] | None = None) -> dict:
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
     from dali_kd import distributed
     from dali_kd.models import check_model_name
-    from dali_kd.runtime import check_supported, resolve_device
+    from dali_kd.runtime import resolve_device
     from dali_kd.trainer import Trainer
 
-    check_supported(cfg)
     check_model_name(cfg.model.teacher.name, "teacher")
     check_model_name(cfg.model.student.name, "student")
     check_writable(Path(cfg.train.output_dir).expanduser())

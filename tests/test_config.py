@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +82,81 @@ def test_errors_in_files_name_the_file(tmp_path):
         load_config(data_config=tmp_path / "missing.yaml")
 
 
+# Settings that are each valid but do not work together: one line naming every key involved with its value.
+DEMO_DATA, DEMO_TRAIN = DEMO_CONFIG_DIR / "data_config.yaml", DEMO_CONFIG_DIR / "train_config_kd.yaml"
+CACHE_ON = ("train.cache_teacher_features=true", "train.teacher_feature_dir=cache")
+CONFLICTS = [
+    (("data.image_size=224",), r"data\.eval_resize=72 is smaller than data\.image_size=224: the eval centre crop"),
+    (("data.eval_resize=40",), r"data\.eval_resize=40 is smaller than data\.image_size=64"),
+    (("train.optimizer.min_lr=0.01",), r"train\.optimizer\.min_lr=0\.01 is larger than train\.optimizer\.lr=0\.002"),
+    (("train.use_local_crops=true", "data.local_crop_size=80"), r"data\.local_crop_size=80 is larger than data\.image_size=64"),
+    (("train.use_local_crops=true", *CACHE_ON), r"train\.cache_teacher_features=true cannot be combined with train\.use_local_crops=true"),
+    (("train.use_local_crops=true", "data.num_global_crops=1", "train.loss.global_pairing=cross"),
+     r"train\.loss\.global_pairing=cross needs data\.num_global_crops >= 2 \(got data\.num_global_crops=1\)"),
+    ((*CACHE_ON, "data.backend=torchvision"), r"train\.cache_teacher_features=true needs data\.backend=dali \(got data\.backend=torchvision\)"),
+    (("train.cache_teacher_features=true",), r"train\.cache_teacher_features=true needs a folder \(got train\.teacher_feature_dir=null\)"),
+    ((*CACHE_ON, "train.cache_outputs=[tokens]"), r"train\.cache_outputs=\[tokens\] with train\.cache_teacher_features=true"),
+    ((*CACHE_ON, "train.cache_outputs=[logits]"), r"train\.loss\.feature_weight=1 needs pooled in train\.cache_outputs=\[logits\]"),
+    (("train.loss.feature_weight=0", "train.loss.logit_weight=0"),
+     r"train\.loss\.feature_weight=0, train\.loss\.patch_weight=0, train\.loss\.logit_weight=0 and train\.loss\.label_weight=0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "expected"), CONFLICTS)
+def test_conflicting_settings_name_both_keys(overrides, expected):
+    with pytest.raises(UserError, match=expected) as caught:
+        load_config(overrides=list(overrides))
+    message = str(caught.value)
+    assert "\n" not in message and ": :" not in message and not message.startswith("config")
+
+
+def test_conflict_says_where_each_key_was_set():
+    with pytest.raises(UserError) as caught:
+        load_config(overrides=["data.image_size=224"])
+    assert str(caught.value) == (
+        f"{DEMO_DATA} and command line: data.eval_resize=72 is smaller than data.image_size=224: the eval centre "
+        "crop would not fit; raise data.eval_resize or lower data.image_size"
+    )
+    where = re.escape(f"{DEMO_TRAIN} and command line: ")
+    with pytest.raises(UserError, match=rf"^{where}train\.loss\.feature_weight=1 needs pooled"):
+        load_config(overrides=[*CACHE_ON, "train.cache_outputs=[logits]"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("data.image_size=224", "data.val_root=null"),  # no evaluation, no eval crop
+        ("data.image_size=72",),  # equal sizes fit
+        ("data.local_crop_size=80",),  # local crops off
+        ("train.optimizer.min_lr=0.002",),
+        ("train.loss.feature_weight=0", "train.loss.logit_weight=0", "train.loss.label_weight=1"),
+        (*CACHE_ON, "train.cache_outputs=[logits]", "train.loss.feature_weight=0"),
+    ],
+)
+def test_settings_that_work_together_load(overrides):
+    load_config(overrides=list(overrides))
+
+
+def test_cli_refuses_a_conflict_before_any_work(tmp_path):
+    """`python -m dali_kd.train data.image_size=224` with the demo's eval_resize 72 used to die inside DALI."""
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "dali_kd.train", "data.image_size=224"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "HOME": str(home)},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        f"error: {DEMO_DATA} and command line: data.eval_resize=72 is smaller than data.image_size=224: the eval "
+        "centre crop would not fit; raise data.eval_resize or lower data.image_size"
+    ]
+    assert list(home.iterdir()) == [] and not (tmp_path / "runs").exists(), "no demo data, no run directory"
+
+
 def test_dump_round_trips(tmp_path):
     cfg = load_config(overrides=["train.seed=7"])
     out = tmp_path / "config.yaml"
@@ -118,11 +195,11 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                 "train.cache_teacher_features=true",
                 "train.teacher_feature_dir=cache",
             ],
-            "train.cache_teacher_features: the teacher cache stores one view per sample",
+            "train.cache_teacher_features=true cannot be combined with train.use_local_crops=true",
         ),
         (
             ["train.use_local_crops=true", "data.num_global_crops=1", "train.loss.global_pairing=cross"],
-            "train.loss.global_pairing: cross pairs each global crop with the other ones",
+            "train.loss.global_pairing=cross needs data.num_global_crops >= 2 (got data.num_global_crops=1)",
         ),
     ],
 )
