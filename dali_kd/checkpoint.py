@@ -17,33 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dali_kd.config import Config
+from dali_kd.config import Config, resume_free_keys
 from dali_kd.errors import UserError
 from dali_kd.io import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.pt$")
 FORMAT_VERSION = 1
-
-# Keys a resume may change freely: where and how the run is observed, not what it computes.
-RESUME_FREE_KEYS = {
-    "data.val_root",
-    "data.dali_threads",
-    "data.prefetch_batches",
-    "train.output_dir",
-    "train.run_name",
-    "train.log_every_n_steps",
-    "train.save_every_n_steps",
-    "train.keep_last_checkpoints",
-    "train.telemetry",
-    "train.tensorboard",
-    "train.device",
-    "train.knn_k",
-    "train.knn_bank_size",
-    "train.eval_every_n_epochs",
-    "train.num_workers",
-    "train.persistent_workers",
-    "train.max_skipped_steps",
-}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -57,9 +36,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The flattened config minus the keys a resume may change."""
+    """The flattened config minus the keys a resume may change (those declared `free_on_resume` in the schema)."""
     flat = _flatten(cfg.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS}
+    free = resume_free_keys()
+    return {k: v for k, v in flat.items() if k not in free}
 
 
 def config_hash(cfg: Config) -> str:

@@ -27,6 +27,11 @@ FloatRange = tuple[float, float]
 RGB = tuple[float, float, float]
 
 
+def free_on_resume(default: Any, **kwargs: Any) -> Any:
+    """A Field that a resumed run may change freely: it changes how the run is observed, not what it computes."""
+    return Field(default, json_schema_extra={"resume": "free"}, **kwargs)
+
+
 class Section(BaseModel):
     # extra="forbid": a typo is an error, never a silently ignored key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -80,7 +85,7 @@ class DataConfig(Section):
         None,
         description="Train on the files listed here (one <class>/<image> path per line, relative to root)",
     )
-    val_root: str | None = Field(
+    val_root: str | None = free_on_resume(
         None, description="Held-out images (same classes) for k-NN evaluation; null skips it"
     )
     backend: Literal["dali", "torchvision"] = Field(
@@ -109,8 +114,10 @@ class DataConfig(Section):
     max_runtime_quarantine: int = Field(
         100, ge=0, description="Files set aside during a run (decode failures) before the run stops"
     )
-    dali_threads: int = Field(4, ge=1, le=256, description="DALI CPU worker threads per process")
-    prefetch_batches: int = Field(2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer")
+    dali_threads: int = free_on_resume(4, ge=1, le=256, description="DALI CPU worker threads per process")
+    prefetch_batches: int = free_on_resume(
+        2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer"
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     # Multi-crop (train.use_local_crops: true): every image is decoded once and cut into these crops, each with its
     # own window, flip and jitter (augment's ratio, flip and jitter settings); augment.crop_scale is then unused.
@@ -212,41 +219,47 @@ class TrainConfig(Section):
     )
     cache_rebuild: bool = Field(False, description="Rebuild a cache that was built for something else")
     compile_student: bool = Field(True, description="torch.compile the student (never the teacher)")
-    num_workers: int = Field(4, ge=0, description="DataLoader workers of the torchvision backend")
-    persistent_workers: bool = Field(False, description="Keep torchvision DataLoader workers between epochs")
+    num_workers: int = free_on_resume(4, ge=0, description="DataLoader workers of the torchvision backend")
+    persistent_workers: bool = free_on_resume(
+        False, description="Keep torchvision DataLoader workers between epochs"
+    )
     # What a real run needs besides.
     epochs: int = Field(100, ge=1, description="Number of (step-capped) epochs")
     seed: int = Field(0, ge=0, description="Seed for shuffling, augmentations and initialisation")
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available, else cpu")
+    device: Literal["auto", "cuda", "cpu"] = free_on_resume(
+        "auto", description="auto: cuda when available, else cpu"
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
     )
-    output_dir: str = Field("runs", description="Run directories are created under this folder")
-    run_name: str | None = Field(None, description="Run directory name; null: <student>-<date>-<time>")
-    log_every_n_steps: int = Field(50, ge=1, description="One metrics.jsonl row per this many steps")
-    save_every_n_steps: int | None = Field(
+    output_dir: str = free_on_resume("runs", description="Run directories are created under this folder")
+    run_name: str | None = free_on_resume(
+        None, description="Run directory name; null: <student>-<date>-<time>"
+    )
+    log_every_n_steps: int = free_on_resume(50, ge=1, description="One metrics.jsonl row per this many steps")
+    save_every_n_steps: int | None = free_on_resume(
         1000, ge=1, description="Checkpoint every N steps (and at each epoch end); null: epoch ends only"
     )
-    keep_last_checkpoints: int = Field(
+    keep_last_checkpoints: int = free_on_resume(
         3, ge=1, description="Checkpoints kept in <run>/checkpoints (oldest deleted)"
     )
     on_nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop", description="NaN/Inf loss: stop (pointing at the last good checkpoint) or skip the step"
     )
-    max_skipped_steps: int = Field(
+    max_skipped_steps: int = free_on_resume(
         10, ge=0, description="With on_nonfinite_loss=skip: stop after this many skips"
     )
-    telemetry: bool = Field(
+    telemetry: bool = free_on_resume(
         True, description="Per-stage timing, GPU (NVML) and process telemetry in metrics rows"
     )
-    tensorboard: bool = Field(
+    tensorboard: bool = free_on_resume(
         False, description="Also write the metrics as TensorBoard scalars (run_dir/tensorboard)"
     )
-    knn_k: int = Field(20, ge=1, description="Neighbours in the k-NN evaluation")
-    knn_bank_size: int | None = Field(
+    knn_k: int = free_on_resume(20, ge=1, description="Neighbours in the k-NN evaluation")
+    knn_bank_size: int | None = free_on_resume(
         None, ge=1, description="Training images (evenly spread) in the k-NN bank; null: all of them"
     )
-    eval_every_n_epochs: int = Field(
+    eval_every_n_epochs: int = free_on_resume(
         1, ge=1, description="k-NN evaluation every N epochs (and after the last)"
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -403,6 +416,18 @@ class Config(Section):
         return EvalParams(
             image_size=self.data.image_size, resize_size=self.data.eval_resize, mean=a.mean, std=a.std
         )
+
+
+def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """The dotted keys declared with `free_on_resume` (the resume check ignores them)."""
+    keys: set[str] = set()
+    for name, field in (model or Config).model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= resume_free_keys(ann, f"{prefix}{name}.")
+        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume") == "free":
+            keys.add(f"{prefix}{name}")
+    return keys
 
 
 def _did_you_mean(model: type[BaseModel] | None, key: str) -> str:

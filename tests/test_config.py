@@ -244,3 +244,25 @@ def test_cli_accepts_overrides_between_flags():
 def test_yaml_off_means_off():
     assert load_config(overrides=["data.scan=off"]).data.scan == "off"
     assert load_config(overrides=["data.scan=full"]).data.scan == "full"
+
+
+def test_keys_free_on_resume_come_from_the_schema():
+    from dali_kd.checkpoint import config_hash
+    from dali_kd.config import resume_free_keys
+
+    assert resume_free_keys() == {
+        "data.val_root", "data.dali_threads", "data.prefetch_batches", "train.output_dir", "train.run_name",
+        "train.log_every_n_steps", "train.save_every_n_steps", "train.keep_last_checkpoints", "train.telemetry",
+        "train.tensorboard", "train.device", "train.knn_k", "train.knn_bank_size", "train.eval_every_n_epochs",
+        "train.num_workers", "train.persistent_workers", "train.max_skipped_steps",
+    }  # fmt: skip
+    base = config_hash(load_config())
+    for free in (
+        "train.log_every_n_steps=7",
+        "data.val_root=null",
+        "train.run_name=x",
+        "data.dali_threads=1",
+    ):
+        assert config_hash(load_config(overrides=[free])) == base, free
+    for bound in ("train.batch_size=32", "data.augment.flip_prob=0", "train.optimizer.lr=0.001"):
+        assert config_hash(load_config(overrides=[bound])) != base, bound
