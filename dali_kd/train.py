@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, Config, load_config
 from dali_kd.errors import TrainingStopped, UserError
+
+if TYPE_CHECKING:
+    from dali_kd.distributed import DistInfo
 
 EXIT_STOPPED = 1
 
@@ -62,12 +67,30 @@ def _newest_run_with_checkpoints(output_dir: Path) -> Path | None:
     return newest
 
 
+def unused_run_dir(output_dir: Path, name: str) -> Path:
+    """output_dir/name, or name-2, name-3, ... when that exists: a new run never shares a directory with another."""
+    run_dir, number = output_dir / name, 2
+    while run_dir.exists():
+        run_dir, number = output_dir / f"{name}-{number}", number + 1
+    return run_dir
+
+
+def existing_run_files(run_dir: Path) -> list[str]:
+    """What a run has left in run_dir (complete checkpoints, metrics, summary); empty for a new directory."""
+    from dali_kd.checkpoint import CheckpointDir
+
+    found = ["checkpoints"] if CheckpointDir(run_dir, 1).latest() is not None else []
+    return found + [name for name in ("metrics.jsonl", "summary.json") if (run_dir / name).exists()]
+
+
 def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from). A resumed run continues its own run directory."""
+    """(run directory, checkpoint to resume from). A resumed run continues its own run directory; a fresh run
+    never writes into another run's (its checkpoints would be mixed and a later --resume auto would pick them)."""
     from dali_kd.checkpoint import CheckpointDir
     from dali_kd.preemption import slurm_job_id
 
     output_dir = Path(cfg.train.output_dir).expanduser()
+    new_name = f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if resume not in ("auto", "none"):
         path = Path(resume).expanduser()
         if not path.is_file():
@@ -75,7 +98,7 @@ def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         if cfg.train.run_name:
             run_dir = output_dir / cfg.train.run_name
-        return run_dir or output_dir / f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}", path
+        return run_dir or unused_run_dir(output_dir, new_name), path
     if cfg.train.run_name:
         run_dir = output_dir / cfg.train.run_name
     elif slurm_job_id():
@@ -84,9 +107,15 @@ def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
     elif resume == "auto" and (found := _newest_run_with_checkpoints(output_dir)) is not None:
         run_dir = found
     else:
-        run_dir = output_dir / f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    latest = CheckpointDir(run_dir, 1).latest() if resume == "auto" else None
-    return run_dir, latest
+        return unused_run_dir(output_dir, new_name), None
+    if resume == "auto":
+        return run_dir, CheckpointDir(run_dir, 1).latest()
+    if left := existing_run_files(run_dir):
+        raise UserError(
+            f"run directory {run_dir} already holds a run ({', '.join(left)}): resume it with --resume auto, "
+            "or choose another train.run_name"
+        )
+    return run_dir, None
 
 
 def check_writable(output_dir: Path) -> None:
@@ -105,6 +134,22 @@ def make_run_dir(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"train.output_dir: cannot create run directory {run_dir}: {e.strerror}") from None
+
+
+def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
+    """decide() on rank 0, its result on every rank; its UserError is raised on every rank (none is left waiting)."""
+    from dali_kd import distributed
+
+    outcome = None
+    if info.is_main:
+        try:
+            outcome = (decide(), None)
+        except UserError as e:
+            outcome = (None, str(e))
+    result, error = distributed.broadcast_object(outcome)
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -131,15 +176,12 @@ def run(argv: list[str] | None = None) -> dict:
     device = resolve_device(cfg.train.device, info.local_rank)
     distributed.init(info, device.type)
     try:
+        # Decided before the demo's first-use preparation, so a refused run directory costs nothing.
+        run_dir, resume_from = _on_main(info, lambda: choose_run(cfg, args.resume))
         if demo:
             from dali_kd.demo import prepare_demo
 
-            if info.is_main:
-                prepare_demo(cfg, device, show_progress=not args.no_progress)
-            distributed.barrier()
-        run_dir, resume_from = distributed.broadcast_object(
-            choose_run(cfg, args.resume) if info.is_main else None
-        )
+            _on_main(info, lambda: prepare_demo(cfg, device, show_progress=not args.no_progress))
         # Everything that can be wrong with the data, models or checkpoint fails here, before the run dir exists.
         trainer = Trainer(
             cfg,
