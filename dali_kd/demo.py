@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dali_kd.config import Config
+from dali_kd.config import Config, load_config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_eval_batches, make_train_stream
 from dali_kd.demo_data import demo_dataset_ready, make_demo_dataset
@@ -22,18 +22,44 @@ TEACHER_STEPS = 300
 TEACHER_LR = 2e-3
 
 
-def prepare_demo(cfg: Config, device: torch.device, show_progress: bool = True) -> None:
-    """Make sure the demo dataset and the demo teacher's weights exist where the demo config points."""
+def _same_path(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and Path(a).expanduser() == Path(b).expanduser()
+
+
+def demo_parts(cfg: Config) -> tuple[bool, bool]:
+    """(prepare the demo dataset, train the demo teacher): what of the demo this config uses, and so what the
+    command line makes on first use. Only the demo config's own paths count: a user who points data.root or the
+    teacher elsewhere trains on what they pointed at, and a missing folder or file is then an error, never a demo."""
+    demo = load_config()
+    data = _same_path(cfg.data.root, demo.data.root) and (
+        cfg.data.val_root is None or _same_path(cfg.data.val_root, demo.data.val_root)
+    )
+    teacher = cfg.model.teacher.name == demo.model.teacher.name and _same_path(
+        cfg.model.teacher.checkpoint, demo.model.teacher.checkpoint
+    )
+    # The demo teacher learns the demo data: trained on anything else it would sit in the demo's cache as a wrong one.
+    return data, data and teacher
+
+
+def prepare_demo(
+    cfg: Config,
+    device: torch.device,
+    show_progress: bool = True,
+    prepare_data: bool = True,
+    train_teacher: bool = True,
+) -> None:
+    """Make sure the demo dataset (under data.root's parent) and the demo teacher's weights (at
+    model.teacher.checkpoint) exist; each is made only if missing."""
     train_root = Path(cfg.data.root).expanduser()
     data_dir = train_root.parent
-    if not demo_dataset_ready(data_dir):
+    if prepare_data and not demo_dataset_ready(data_dir):
         print(f"demo: generating the demo dataset in {data_dir} (first use only)", flush=True)
         try:
             make_demo_dataset(data_dir)
         except OSError as e:
             raise UserError(f"data.root: cannot write the demo dataset to {data_dir}: {e.strerror}") from None
     checkpoint = cfg.model.teacher.checkpoint
-    if checkpoint and not Path(checkpoint).expanduser().is_file():
+    if train_teacher and checkpoint and not Path(checkpoint).expanduser().is_file():
         train_demo_teacher(cfg, Path(checkpoint).expanduser(), device, show_progress)
 
 

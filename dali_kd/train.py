@@ -160,7 +160,6 @@ def run(argv: list[str] | None = None) -> dict:
         overrides.append(f"train.device={args.device}")
     if args.max_steps_per_epoch is not None:
         overrides.append(f"train.max_steps_per_epoch={args.max_steps_per_epoch}")
-    demo = not (args.data_config or args.train_config or args.model_config)
     cfg = load_config(args.data_config, args.train_config, args.model_config, overrides)
 
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
@@ -178,10 +177,11 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         # Decided before the demo's first-use preparation, so a refused run directory costs nothing.
         run_dir, resume_from = _on_main(info, lambda: choose_run(cfg, args.resume))
-        if demo:
-            from dali_kd.demo import prepare_demo
+        # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
+        from dali_kd.demo import demo_parts, prepare_demo
 
-            _on_main(info, lambda: prepare_demo(cfg, device, show_progress=not args.no_progress))
+        if any(parts := demo_parts(cfg)):
+            _on_main(info, lambda: prepare_demo(cfg, device, not args.no_progress, *parts))
         # Everything that can be wrong with the data, models or checkpoint fails here, before the run dir exists.
         trainer = Trainer(
             cfg,

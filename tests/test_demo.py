@@ -3,30 +3,57 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from dali_kd.config import CONFIG_DIR, SECTION_FILES, load_config
+from dali_kd.demo import demo_parts
 
-def run_demo(cache, work, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """The demo exactly as shipped, except that its first-use cache goes to a temporary folder."""
+
+def run_demo(home, work, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The demo exactly as shipped, except that its first-use cache (~/.cache/dali_kd) goes to a temporary home:
+    the demo's own paths are what make the command line prepare the demo data and teacher."""
     return subprocess.run(
-        [
-            sys.executable, "-m", "dali_kd.train", "--no-progress", *overrides,
-            f"data.root={cache / 'data' / 'train'}",
-            f"data.val_root={cache / 'data' / 'val'}",
-            f"model.teacher.checkpoint={cache / 'teacher.safetensors'}",
-        ],
-        capture_output=True, text=True, cwd=work, timeout=timeout,
+        [sys.executable, "-m", "dali_kd.train", "--no-progress", *overrides],
+        capture_output=True, text=True, cwd=work, timeout=timeout, env={**os.environ, "HOME": str(home)},
     )  # fmt: skip
+
+
+def test_only_the_demos_own_paths_are_prepared_as_the_demo():
+    assert demo_parts(load_config()) == (True, True)
+    demo = load_config()
+    expanded = [f"data.root={Path(demo.data.root).expanduser()}", "data.val_root=null"]
+    assert demo_parts(load_config(overrides=expanded)) == (True, True), "the same folder, however written"
+    assert demo_parts(load_config(overrides=["data.root=/my/images"])) == (False, False)
+    assert demo_parts(load_config(overrides=["data.val_root=/my/val"])) == (False, False)
+    assert demo_parts(load_config(overrides=["model.teacher.checkpoint=/my/t.safetensors"])) == (True, False)
+    assert demo_parts(load_config(overrides=["model.teacher.name=resnet50"])) == (True, False)
+    real = load_config(*(CONFIG_DIR / name for name in SECTION_FILES.values()))
+    assert demo_parts(real) == (False, False)
+
+
+def test_a_data_root_of_ones_own_is_never_made_into_the_demo(tmp_path):
+    """`python -m dali_kd.train data.root=/my/images` used to generate the demo dataset into /my."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    missing = tmp_path / "images" / "train"
+    result = run_demo(home, work, "--device", "cpu", f"data.root={missing}", timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [f"error: data folder not found: {missing}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "work"]
+    assert list(home.iterdir()) == [] and list(work.iterdir()) == [], "no demo data, no teacher, no run"
 
 
 @pytest.mark.slow
 def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo-cache")
+    home = tmp_path_factory.mktemp("demo-home")
     work = tmp_path_factory.mktemp("demo-work")
-    result = run_demo(cache, work)
+    result = run_demo(home, work)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = list((work / "runs").iterdir())
     assert len(run_dirs) == 1
@@ -49,7 +76,7 @@ def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
     # Second use: the dataset and the teacher come from the cache, no preparation again. It also trains the demo
     # with DINO multi-crop (2 global + 8 local crops per image), as `python -m dali_kd.train train.use_local_crops=true`.
     again = run_demo(
-        cache,
+        home,
         work,
         "train.use_local_crops=true",
         "train.epochs=1",
