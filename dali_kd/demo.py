@@ -63,24 +63,29 @@ def prepare_demo(
         train_demo_teacher(cfg, Path(checkpoint).expanduser(), device, show_progress)
 
 
-def train_demo_teacher(cfg: Config, path: Path, device: torch.device, show_progress: bool = True) -> float:
+def train_demo_teacher(
+    cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
+) -> float:
     """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
     print(
         f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)", flush=True
     )
+    # The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache).
+    one_view = {"use_local_crops": False, "cache_teacher_features": False}
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=one_view)})
     torch.manual_seed(cfg.train.seed)
     index = ImageIndex.from_config(cfg.data.root, cfg.data.file_list)
     model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / TEACHER_STEPS))
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     stream = make_train_stream(cfg, index, device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     start = time.perf_counter()
     model.train()
     batches = iter(stream)
-    for _ in tqdm(range(TEACHER_STEPS), desc="teacher", unit="step", disable=not show_progress):
+    for _ in tqdm(range(steps), desc="teacher", unit="step", disable=not show_progress):
         batch = next(batches)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=0.1)

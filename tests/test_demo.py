@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dali_kd.config import CONFIG_DIR, SECTION_FILES, load_config
-from dali_kd.demo import demo_parts
+from dali_kd.demo import demo_parts, train_demo_teacher
+from dali_kd.models import build_model
 
 
 def run_demo(home, work, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -91,3 +94,16 @@ def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
     assert {"loss_global", "loss_local"} <= set(rows[0]) and rows[-1]["loss"] < rows[0]["loss"]
     summary = json.loads((multi_crop_dir / "summary.json").read_text())
     assert summary["steps"] == summary["steps_per_epoch"] and summary["student_knn_top1"] > 3 * chance
+
+
+def test_the_demo_teacher_trains_on_one_view_batches_even_with_multi_crop_on(tiny_config, tmp_path):
+    """`python -m dali_kd.train train.use_local_crops=true` on first use fed [B, V, 3, H, W] crops to the teacher."""
+    cfg = tiny_config("train.use_local_crops=true", "data.local_crop_size=16")
+    path = tmp_path / "teacher.safetensors"
+    accuracy = train_demo_teacher(cfg, path, torch.device("cpu"), show_progress=False, steps=2)
+    assert 0 <= accuracy <= 100
+    assert cfg.train.use_local_crops, "the caller's config is left as it was"
+    saved = load_file(path)
+    teacher = build_model(cfg.model.teacher.model_copy(update={"checkpoint": str(path)}), "teacher", 32, 4)
+    assert saved.keys() == teacher.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in teacher.state_dict().items())
