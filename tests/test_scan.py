@@ -397,3 +397,18 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path):
     from dali_kd.checkpoint import load
 
     assert load(tmp_path / "runs" / "r" / "checkpoints" / "step_000000002.pt")["step"] == 2
+
+
+def test_scan_off_hands_the_reader_image_files_only(tiny_config, tmp_path):
+    """With data.scan: off nothing is checked, so GIFs and audio files (which DALI's reader lists) stay out."""
+    from dali_kd.data.prepare import prepare_data
+
+    root = write_tree(tmp_path / "tree", num_classes=2, per_class=3)
+    for name in ("class_0/anim.gif", "class_1/sound.wav", "class_1/track.flac", "class_0/clip.ogg"):
+        (root / name).write_bytes(b"GIF89a" if name.endswith(".gif") else b"RIFF\x00\x00\x00\x00WAVE")
+    cfg = tiny_config("data.scan=off", f"data.root={root}", "data.val_root=null")
+    splits = prepare_data(cfg)
+    assert sorted(splits.train.files) == [
+        str(root / f"class_{c}" / f"{i}.jpg") for c in (0, 1) for i in range(3)
+    ]
+    assert splits.quarantine == []

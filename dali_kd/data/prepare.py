@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dali_kd.config import Config
-from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.dataset import IMAGE_EXTENSIONS, ImageIndex
 from dali_kd.errors import UserError
 from dali_kd.scan import candidate_files, scan
 
@@ -36,7 +36,9 @@ def _split(
     quarantine: list[dict[str, str]] = []
     message = None
     if cfg.data.scan == "off":
-        paths = candidate_files(root)
+        # Unchecked files: only names DALI decodes as images may reach its reader (not the GIFs and audio files
+        # that the scan checks because the reader would list them).
+        paths = [p for p in candidate_files(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
     else:
         out = Path(cfg.data.scan_dir).expanduser() / split if cfg.data.scan_dir else None
         # Rank 0 scans; the others then read the same verdicts from its cache.
