@@ -42,7 +42,9 @@ class Reject(Exception):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class FileCheck:
+    """One file's check, as cached: a good file has no reason."""
+
     path: str  # relative to the scanned root
     size: int
     mtime_ns: int
@@ -319,13 +321,13 @@ def scan(
         pass
     mode = "full" if full else "header"
     files = candidate_files(root)
-    verdicts: dict[str, Verdict] = {}
+    checks: dict[str, FileCheck] = {}
     todo = []
     for rel in files:
         size, mtime = _stat(root / rel)
         hit = cache.get(rel)
         if hit and hit[0] == size and hit[1] == mtime and size >= 0 and (hit[2] == mode or hit[2] == "full"):
-            verdicts[rel] = Verdict(rel, size, mtime, hit[2], hit[3])
+            checks[rel] = FileCheck(rel, size, mtime, hit[2], hit[3])
         else:
             todo.append((rel, size, mtime))
     jobs = [(str(root), rel, max_pixels, full) for rel, _, _ in todo]
@@ -338,12 +340,12 @@ def scan(
     else:
         reasons = [_check_one(job) for job in jobs]
     for (rel, size, mtime), reason in zip(todo, reasons, strict=True):
-        verdicts[rel] = Verdict(rel, size, mtime, mode, reason)
-    good = [rel for rel in files if verdicts[rel].reason is None]
-    quarantined = [{"path": rel, "reason": verdicts[rel].reason} for rel in files if verdicts[rel].reason]
+        checks[rel] = FileCheck(rel, size, mtime, mode, reason)
+    good = [rel for rel in files if checks[rel].reason is None]
+    quarantined = [{"path": rel, "reason": checks[rel].reason} for rel in files if checks[rel].reason]
     write_text_atomic(out / "good.txt", "".join(f"{rel}\n" for rel in good))
     write_text_atomic(out / "quarantine.jsonl", "".join(json.dumps(q) + "\n" for q in quarantined))
-    entries = {rel: [v.size, v.mtime_ns, v.mode, v.reason] for rel, v in verdicts.items()}
+    entries = {rel: [v.size, v.mtime_ns, v.mode, v.reason] for rel, v in checks.items()}
     write_text_atomic(
         cache_path,
         json.dumps({"version": CACHE_VERSION, "max_pixels": max_pixels, "root": str(root), "files": entries}),

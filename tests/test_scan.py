@@ -1,4 +1,4 @@
-"""Bad files never kill a run: the scan's verdicts (real fixtures and generated cases), training over a tree full of
+"""Bad files never kill a run: the scan's checks (real fixtures and generated cases), training over a tree full of
 broken files on both backends, recovery from a file broken after the scan, and decode agreement on odd files."""
 
 from __future__ import annotations
@@ -116,17 +116,17 @@ def odd_but_valid(root: Path) -> dict[str, bytes]:
     return files
 
 
-# ---- the scan's verdicts ----------------------------------------------------------------------------------------
+# ---- the scan's per-file checks --------------------------------------------------------------------------------
 @needs_fixtures
-def test_scan_verdict_on_every_real_fixture(tmp_path):
+def test_scan_reason_for_every_real_fixture(tmp_path):
     root = tmp_path / "tree"
     for sub in ("pillow", "dali_extra"):
         shutil.copytree(ODD / sub, root / sub)
     result = scan(root, tmp_path / "scan")
-    verdicts = {q["path"]: q["reason"] for q in result.quarantined}
-    assert set(verdicts) == set(BROKEN_FIXTURES), verdicts
+    reasons = {q["path"]: q["reason"] for q in result.quarantined}
+    assert set(reasons) == set(BROKEN_FIXTURES), reasons
     for path, reason in BROKEN_FIXTURES.items():
-        assert verdicts[path].startswith(reason), (path, verdicts[path])
+        assert reasons[path].startswith(reason), (path, reasons[path])
     # Everything else decodes with DALI: CMYK, EXIF-rotated, misnamed, fuzzed, 16-bit, palette, MPO...
     assert (
         "dali_extra/single_missnamed_jpeg_0_png.jpeg" in result.good
@@ -134,7 +134,7 @@ def test_scan_verdict_on_every_real_fixture(tmp_path):
     )
 
 
-def test_scan_verdicts_on_generated_cases(tmp_path):
+def test_scan_reasons_for_generated_cases(tmp_path):
     root = tmp_path / "tree"
     (root / "cls").mkdir(parents=True)
     for name, (data, _) in GENERATED.items():
@@ -145,20 +145,20 @@ def test_scan_verdicts_on_generated_cases(tmp_path):
     (root / "cls" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     odd_but_valid(root / "cls")
     result = scan(root, tmp_path / "scan", max_pixels=50_000_000)
-    verdicts = {q["path"]: q["reason"] for q in result.quarantined}
+    reasons = {q["path"]: q["reason"] for q in result.quarantined}
     for name, (_, reason) in GENERATED.items():
-        assert verdicts.get(f"cls/{name}", "").startswith(reason), (name, verdicts.get(f"cls/{name}"))
-    assert verdicts["cls/dangling.jpg"] == "dangling symlink"
+        assert reasons.get(f"cls/{name}", "").startswith(reason), (name, reasons.get(f"cls/{name}"))
+    assert reasons["cls/dangling.jpg"] == "dangling symlink"
     assert (
         "cls/good.jpg" in result.good
         and "cls/png_named.JPEG" in result.good
         and "cls/cmyk.jpg" in result.good
     )
-    assert not any(p.endswith(("notes.txt", ".DS_Store")) for p in result.good + list(verdicts)), "ignored"
+    assert not any(p.endswith(("notes.txt", ".DS_Store")) for p in result.good + list(reasons)), "ignored"
     good_list = (tmp_path / "scan" / "good.txt").read_text().splitlines()
     assert good_list == result.good
     lines = [json.loads(line) for line in (tmp_path / "scan" / "quarantine.jsonl").read_text().splitlines()]
-    assert {line["path"] for line in lines} == set(verdicts)
+    assert {line["path"] for line in lines} == set(reasons)
 
 
 def test_rescan_uses_the_cache_and_rechecks_changed_files(tmp_path):
@@ -400,7 +400,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path):
 
 
 def test_scan_off_hands_the_reader_image_files_only(tiny_config, tmp_path):
-    """With data.scan: off nothing is checked, so GIFs and audio files (which DALI's reader lists) stay out."""
+    """With data.scan: off nothing is checked, so GIFs and audio files (DALI's reader lists them) stay out."""
     from dali_kd.data.prepare import prepare_data
 
     root = write_tree(tmp_path / "tree", num_classes=2, per_class=3)
@@ -412,3 +412,22 @@ def test_scan_off_hands_the_reader_image_files_only(tiny_config, tmp_path):
         str(root / f"class_{c}" / f"{i}.jpg") for c in (0, 1) for i in range(3)
     ]
     assert splits.quarantine == []
+
+
+def test_no_two_classes_share_a_name():
+    """The scan's per-file result is a FileCheck; `Verdict` is the run's bound verdict (telemetry) only."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import dali_kd
+    from dali_kd.scan import FileCheck
+
+    homes: dict[str, set[str]] = {}
+    for module_info in pkgutil.walk_packages(dali_kd.__path__, "dali_kd."):
+        module = importlib.import_module(module_info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and obj.__module__ == module.__name__:
+                homes.setdefault(name, set()).add(module.__name__)
+    assert homes["Verdict"] == {"dali_kd.telemetry.verdict"} and homes["FileCheck"] == {FileCheck.__module__}
+    assert not {name: where for name, where in homes.items() if len(where) > 1}
