@@ -1,8 +1,9 @@
 """The typed config schema (data, train, model) and its loading from three YAML files plus KEY=VALUE overrides.
 
-Every field is declared once here, with its type, range and meaning; pydantic rejects unknown keys, wrong types and
-out-of-range values, `Config` refuses settings that are each valid but do not work together, and `load_config` turns
-the first problem into one `UserError` line naming the file and the dotted key(s) (with a did-you-mean for typos).
+Every field is declared once here, with its type, range and meaning; pydantic rejects unknown keys, wrong types
+and out-of-range values, `Config` refuses settings that are each valid but do not work together, and
+`load_config` turns the first problem into one `UserError` line naming the file and the dotted key(s) (with a
+did-you-mean for typos).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ RGB = tuple[float, float, float]
 
 
 def free_on_resume(default: Any, **kwargs: Any) -> Any:
-    """A Field that a resumed run may change freely: it changes how the run is observed, not what it computes."""
+    """A Field that a resumed run may change freely: it changes how the run is observed, not what it does."""
     return Field(default, json_schema_extra={"resume": "free"}, **kwargs)
 
 
@@ -327,7 +328,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
-        """Refuse at load time what would crash (or silently do something else) later, naming every key involved."""
+        """Refuse at load time what would crash (or silently do something else) later; name every key."""
 
         def conflict(message: str) -> ConfigConflict:
             # Every {dotted.key} in the message is written as key=value; those are the keys the error names.
@@ -344,37 +345,38 @@ class Config(Section):
             )
         if t.optimizer.min_lr > t.optimizer.lr:
             raise conflict(
-                "{train.optimizer.min_lr} is larger than {train.optimizer.lr}: the schedule would rise instead of "
-                "decaying; lower train.optimizer.min_lr or raise train.optimizer.lr"
+                "{train.optimizer.min_lr} is larger than {train.optimizer.lr}: the schedule would rise "
+                "instead of decaying; lower train.optimizer.min_lr or raise train.optimizer.lr"
             )
         loss = t.loss
         if loss.feature_weight == loss.patch_weight == loss.logit_weight == loss.label_weight == 0:
             raise conflict(
                 "{train.loss.feature_weight}, {train.loss.patch_weight}, {train.loss.logit_weight} and "
-                "{train.loss.label_weight}: every loss weight is 0, so there is nothing to learn; give one of them "
-                "a weight > 0"
+                "{train.loss.label_weight}: every loss weight is 0, so there is nothing to learn; give one "
+                "of them a weight > 0"
             )
         if t.use_local_crops:
             if d.local_crop_size > d.image_size:
                 raise conflict(
-                    "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: local "
-                    "crops are the small views; lower data.local_crop_size or raise data.image_size"
+                    "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: "
+                    "local crops are the small views; lower data.local_crop_size or raise data.image_size"
                 )
             if t.cache_teacher_features:
                 raise conflict(
-                    "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the teacher "
-                    "cache stores one view per sample, multi-crop makes several; turn one of them off"
+                    "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the "
+                    "teacher cache stores one view per sample, multi-crop makes several; turn one of them off"
                 )
             if t.loss.global_pairing == "cross" and d.num_global_crops < 2:
                 raise conflict(
-                    "{train.loss.global_pairing} needs data.num_global_crops >= 2 (got {data.num_global_crops}): "
-                    "cross pairs each global crop with the other ones; use same or all, or more global crops"
+                    "{train.loss.global_pairing} needs data.num_global_crops >= 2 "
+                    "(got {data.num_global_crops}): cross pairs each global crop with the other ones; use "
+                    "same or all, or more global crops"
                 )
         if t.cache_teacher_features:
             if d.backend != "dali":
                 raise conflict(
-                    "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache replays "
-                    "its stored views through the DALI graph"
+                    "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache "
+                    "replays its stored views through the DALI graph"
                 )
             if not t.teacher_feature_dir:
                 raise conflict(
@@ -389,8 +391,8 @@ class Config(Section):
             if t.loss.feature_weight > 0 and "pooled" not in t.cache_outputs:
                 raise conflict(
                     "{train.loss.feature_weight} needs pooled in {train.cache_outputs} with "
-                    "{train.cache_teacher_features}: the feature loss would have no cached teacher embedding; "
-                    "add pooled or set train.loss.feature_weight=0"
+                    "{train.cache_teacher_features}: the feature loss would have no cached teacher "
+                    "embedding; add pooled or set train.loss.feature_weight=0"
                 )
         return self
 

@@ -28,8 +28,8 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def demo_parts(cfg: Config) -> tuple[bool, bool]:
     """(prepare the demo dataset, train the demo teacher): what of the demo this config uses, and so what the
-    command line makes on first use. Only the demo config's own paths count: a user who points data.root or the
-    teacher elsewhere trains on what they pointed at, and a missing folder or file is then an error, never a demo."""
+    command line makes on first use. Only the demo config's own paths count: a user who points data.root or
+    the teacher elsewhere trains on what they pointed at, and a missing folder or file is then an error."""
     demo = load_config()
     data = _same_path(cfg.data.root, demo.data.root) and (
         cfg.data.val_root is None or _same_path(cfg.data.val_root, demo.data.val_root)
@@ -37,7 +37,7 @@ def demo_parts(cfg: Config) -> tuple[bool, bool]:
     teacher = cfg.model.teacher.name == demo.model.teacher.name and _same_path(
         cfg.model.teacher.checkpoint, demo.model.teacher.checkpoint
     )
-    # The demo teacher learns the demo data: trained on anything else it would sit in the demo's cache as a wrong one.
+    # Trained on other data, the demo teacher would be cached at the demo's own path as a wrong teacher.
     return data, data and teacher
 
 

@@ -68,7 +68,7 @@ def _newest_run_with_checkpoints(output_dir: Path) -> Path | None:
 
 
 def unused_run_dir(output_dir: Path, name: str) -> Path:
-    """output_dir/name, or name-2, name-3, ... when that exists: a new run never shares a directory with another."""
+    """output_dir/name, or name-2, name-3, ... if that exists: a new run never shares another's directory."""
     run_dir, number = output_dir / name, 2
     while run_dir.exists():
         run_dir, number = output_dir / f"{name}-{number}", number + 1
@@ -84,8 +84,8 @@ def existing_run_files(run_dir: Path) -> list[str]:
 
 
 def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from). A resumed run continues its own run directory; a fresh run
-    never writes into another run's (its checkpoints would be mixed and a later --resume auto would pick them)."""
+    """(run directory, checkpoint to resume from). A resumed run continues its own run directory; a fresh
+    run never writes into another run's (checkpoints would be mixed, and --resume auto would pick the old)."""
     from dali_kd.checkpoint import CheckpointDir
     from dali_kd.preemption import slurm_job_id
 
@@ -137,7 +137,7 @@ def make_run_dir(run_dir: Path) -> None:
 
 
 def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
-    """decide() on rank 0, its result on every rank; its UserError is raised on every rank (none is left waiting)."""
+    """decide() on rank 0, its result on every rank; its UserError is raised on every rank (none waits)."""
     from dali_kd import distributed
 
     outcome = None

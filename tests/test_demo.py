@@ -18,8 +18,8 @@ from dali_kd.models import build_model
 
 
 def run_demo(home, work, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """The demo exactly as shipped, except that its first-use cache (~/.cache/dali_kd) goes to a temporary home:
-    the demo's own paths are what make the command line prepare the demo data and teacher."""
+    """The demo exactly as shipped, except that its first-use cache (~/.cache/dali_kd) goes to a temporary
+    home: the demo's own paths are what make the command line prepare the demo data and teacher."""
     return subprocess.run(
         [sys.executable, "-m", "dali_kd.train", "--no-progress", *overrides],
         capture_output=True, text=True, cwd=work, timeout=timeout, env={**os.environ, "HOME": str(home)},
@@ -97,7 +97,7 @@ def test_demo_distils_a_student_near_its_teacher(tmp_path_factory):
 
 
 def test_the_demo_teacher_trains_on_one_view_batches_even_with_multi_crop_on(tiny_config, tmp_path):
-    """`python -m dali_kd.train train.use_local_crops=true` on first use fed [B, V, 3, H, W] crops to the teacher."""
+    """`python -m dali_kd.train train.use_local_crops=true` on first use fed [B, V, C, H, W] to a conv."""
     cfg = tiny_config("train.use_local_crops=true", "data.local_crop_size=16")
     path = tmp_path / "teacher.safetensors"
     accuracy = train_demo_teacher(cfg, path, torch.device("cpu"), show_progress=False, steps=2)
