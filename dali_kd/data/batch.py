@@ -44,7 +44,10 @@ class Batch:
     (None without local crops); view has a record per crop.
 
     sample_ids index the dataset's sorted file list (dali_kd.data.dataset.ImageIndex), the same on every
-    backend and rank, so a sample can be found again (teacher cache, quarantine, replay).
+    backend and rank, so a sample can be found again (teacher cache, quarantine, replay): the image shown.
+    stream_ids (training streams; int64 [B], on sample_ids' device): the sample id the stream scheduled at each
+    position, its slot. It differs from sample_ids only where the slot's file was set aside at runtime and a
+    same-class stand-in was shown instead; teacher-cache rows are written per slot (see dali_kd.data.cache_stream).
     """
 
     images: torch.Tensor
@@ -58,6 +61,7 @@ class Batch:
     from_cache: bool = False
     store: torch.Tensor | None = None
     host_ids: np.ndarray | None = None  # sample ids already on the host (no device read needed)
+    stream_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -83,4 +87,7 @@ class Batch:
             from_cache=self.from_cache,
             store=self.store,
             host_ids=self.host_ids,
+            stream_ids=None
+            if self.stream_ids is None
+            else self.stream_ids.to(device, non_blocking=non_blocking),
         )

@@ -20,7 +20,7 @@ import torch
 from dali_kd.data.batch import Batch
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.torchvision_loader import pass_order, shard_sample_ids
+from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.teacher_cache import TeacherCache
 from pipelines.params import AugmentParams
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -12,6 +11,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
+from dali_kd.data.sampling import shard_size
 from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 from pipelines.pipelines import (
     EVAL_OUTPUTS,
@@ -37,7 +37,8 @@ class DaliTrainStream:
     Batches cross pass boundaries (no padding, no dropped samples), so step-capped epochs are windows on one
     stream. Images and ids stay on `device`; nothing here synchronises with the GPU. A file that fails to decode
     mid-run is set aside (RuntimeQuarantine) and the pipeline is rebuilt at the same stream position, its slot
-    reading a same-class image, so every rank keeps its step count.
+    reading a same-class image, so every rank keeps its step count. Batch.stream_ids are the slots the reader
+    scheduled, Batch.sample_ids the images shown (a stand-in's id where a slot's file was set aside).
     """
 
     def __init__(
@@ -55,13 +56,18 @@ class DaliTrainStream:
         checkpoint: bytes | None = None,
         substitutions: dict[int, int] | None = None,
         max_runtime_quarantine: int = 100,
+        quarantine: RuntimeQuarantine | None = None,
     ):
         """reader_seed: the file shuffle's seed, the same on every rank so shards stay disjoint (default: seed).
         checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped.
-        params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample."""
+        params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample.
+        quarantine: a runtime quarantine shared with the caller (then substitutions and max_runtime_quarantine
+        are its own)."""
         self.device = torch.device(device)
         self.index = index
-        self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
+        if quarantine is None:
+            quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
+        self.quarantine = quarantine
         self._settings = dict(
             params=params,
             batch_size=batch_size,
@@ -73,17 +79,29 @@ class DaliTrainStream:
             prefetch_queue_depth=prefetch_batches,
             reader_seed=reader_seed,
         )
-        self._build(checkpoint)
-        self.num_samples = int(self.pipe.reader_meta(READER_NAME)["epoch_size"] // num_shards)
         self._labels = torch.tensor(index.labels, dtype=torch.int64, device=self.device)
+        self._build(checkpoint)
+        # One pass of this shard, by the shard rule DALI's reader follows (shards may differ by one sample).
+        epoch_size = int(self.pipe.reader_meta(READER_NAME)["epoch_size"])
+        self.num_samples = shard_size(epoch_size, shard_id, num_shards)
 
     def _build(self, checkpoint: bytes | None) -> None:
-        files, sample_ids = self.quarantine.effective()
-        self.pipe = train_pipeline(files, checkpoint=checkpoint, sample_ids=sample_ids, **self._settings)
-        self.pipe.build()
-        # No reader_name: the iterator runs as long as the pipeline does, i.e. forever.
-        outputs = list(train_outputs(self._settings["params"]))
-        self._iterator = DALIGenericIterator([self.pipe], outputs, size=-1, auto_reset=False)
+        """A pipeline at `checkpoint` (None: the start) reading each slot's resolved file."""
+        while True:
+            files, shown = self.quarantine.effective()
+            # The reader reports each entry's slot id (its position in the list), whichever file it reads; the
+            # shown image's id is looked up on the device, so no batch waits for the host.
+            self.pipe = train_pipeline(files, checkpoint=checkpoint, **self._settings)
+            self.pipe.build()
+            self._shown = torch.tensor(shown, dtype=torch.int64, device=self.device)
+            outputs = list(train_outputs(self._settings["params"]))
+            try:
+                # No reader_name: the iterator runs as long as the pipeline does, i.e. forever. It runs the
+                # first batch already, so a file broken since the scan can fail here too.
+                self._iterator = DALIGenericIterator([self.pipe], outputs, size=-1, auto_reset=False)
+                return
+            except RuntimeError as e:
+                self.quarantine.set_aside(str(e))  # warns, or stops the run
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -92,18 +110,18 @@ class DaliTrainStream:
             try:
                 (out,) = next(self._iterator)
             except RuntimeError as e:
-                bad = self.quarantine.set_aside(str(e))
-                names = ", ".join(self.index.files[i] for i in bad)
-                warnings.warn(f"set aside {names}: it failed to decode; continuing without it", stacklevel=2)
+                self.quarantine.set_aside(str(e))  # warns, or stops the run
                 self._build(position)
                 continue
-            sample_ids = out["sample_ids"].view(-1)
             # DALI reuses its output buffers at the next iteration: clone what the trainer keeps.
+            stream_ids = out["sample_ids"].view(-1).clone()
+            sample_ids = self._shown[stream_ids]
             yield Batch(
                 images=out["images"],
                 local_images=out.get("local_images"),
                 labels=self._labels[sample_ids],
-                sample_ids=sample_ids.clone(),
+                sample_ids=sample_ids,
+                stream_ids=stream_ids,
                 view=ViewRecord(
                     crop_anchor=out["crop_anchor"].clone(),
                     crop_shape=out["crop_shape"].clone(),
@@ -118,7 +136,7 @@ class DaliTrainStream:
         return {
             "backend": "dali",
             "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8),
-            "substitutions": {str(k): v for k, v in self.quarantine.substitutions.items()},
+            "substitutions": self.quarantine.state_dict(),
         }
 
     def take_entries(self) -> list[dict[str, str]]:
@@ -167,25 +185,69 @@ class DaliViewRenderer:
         self.index = index
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.pipe = replay_pipeline(
-            params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode
+        self._pipe_args = dict(
+            params=params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode
         )
+        self._build()
+
+    def _build(self) -> None:
+        self.pipe = replay_pipeline(**self._pipe_args)
         self.pipe.build()
 
+    def _run(self, columns: dict[str, list | np.ndarray]):
+        for name in REPLAY_INPUTS:
+            self.pipe.feed_input(name, columns[name])
+        (images,) = self.pipe.run()
+        return images
+
     def render(self, sample_ids: torch.Tensor, view: ViewRecord) -> torch.Tensor:
+        """The views of these samples' files, float32 [B, 3, S, S] on the renderer's device.
+
+        A file that cannot be read or decoded raises RuntimeError naming it (fed bytes carry no file name in
+        DALI's own message, so the failing samples are found one by one); the renderer stays usable.
+        """
         ids = sample_ids.cpu().numpy()
         if len(ids) != self.batch_size:
             raise ValueError(f"render needs exactly {self.batch_size} views, got {len(ids)}")
+        encoded = []
+        for i in ids.tolist():
+            try:
+                encoded.append(np.fromfile(self.index.files[i], dtype=np.uint8))
+            except OSError as e:
+                raise RuntimeError(f"failed to read {self.index.files[i]} ({e.strerror})") from None
         columns = {
-            "encoded": [np.fromfile(self.index.files[i], dtype=np.uint8) for i in ids],
+            "encoded": encoded,
             "crop_anchor": view.crop_anchor.cpu().numpy().astype(np.float32),
             "crop_shape": view.crop_shape.cpu().numpy().astype(np.float32),
             "flip": view.flip.cpu().numpy().astype(np.int32),
             "jitter": view.jitter.cpu().numpy().astype(np.float32),
         }
-        for name in REPLAY_INPUTS:
-            self.pipe.feed_input(name, columns[name])
-        (images,) = self.pipe.run()
+        try:
+            images = self._run(columns)
+        except RuntimeError as e:
+            self._build()  # a pipeline that failed stays dead
+            raise RuntimeError(self._name_failures(ids, columns, str(e))) from None
         if self.device.type == "cuda":
             images = images.as_cpu()
         return torch.from_numpy(np.array(images.as_tensor())).to(self.device)
+
+    def _name_failures(self, ids: np.ndarray, columns: dict[str, list | np.ndarray], error: str) -> str:
+        """Render each distinct file alone to find the ones that fail: a message naming each, one per line."""
+        first: dict[int, int] = {}  # sample id -> its first position in the batch
+        for k, i in enumerate(ids.tolist()):
+            first.setdefault(i, k)
+        lines = []
+        for i, k in first.items():
+            try:
+                self._run({name: column[k : k + 1] for name, column in columns.items()})
+            except RuntimeError as e:
+                self._build()
+                # The path stands alone (space after it), so RuntimeQuarantine.culprits finds it.
+                lines.append(f"failed to decode {self.index.files[i]} ({_dali_reason(str(e))})")
+        return "\n".join(lines) if lines else error
+
+
+def _dali_reason(error: str) -> str:
+    """The line of a DALI error that says what went wrong (not the traceback, not the pipeline's epitaph)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip() and "no longer valid" not in ln]
+    return lines[-1][:150] if lines else "decode error"

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dali_kd.data.sampling import shard_bounds
 from dali_kd.errors import UserError
 
 # Extensions DALI's image decoder handles; anything else in a class folder is not an image.
@@ -145,8 +146,7 @@ class ImageIndex:
 
     def shard(self, shard_id: int, num_shards: int) -> ImageIndex:
         """The contiguous block [r*N//n, (r+1)*N//n) of the files, as DALI's readers shard."""
-        begin = shard_id * self.num_samples // num_shards
-        end = (shard_id + 1) * self.num_samples // num_shards
+        begin, end = shard_bounds(self.num_samples, shard_id, num_shards)
         return ImageIndex(self.root, self.files[begin:end], self.labels[begin:end], self.class_names)
 
     def subset(self, max_samples: int | None) -> ImageIndex:

@@ -9,6 +9,7 @@ import torch
 from dali_kd.config import Config
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
 
 
@@ -20,13 +21,15 @@ def make_train_stream(
     world_size: int = 1,
     state: dict | None = None,
     cache=None,
-):
-    """An endless stream of Batch (see dali_kd.data.batch) with `num_samples`, `__iter__`, `state_dict()` and
-    `close()`; `state` (an earlier stream's state_dict()) continues that stream exactly where it stopped."""
+) -> TrainStream:
+    """The training stream for `data.backend` (the teacher-cache stream when `cache` is given), as a TrainStream
+    (dali_kd.data.stream); `state` (an earlier stream's state_dict()) continues that stream exactly where it
+    stopped, with the same runtime substitutions."""
     if state is not None and state.get("backend") != cfg.data.backend:
         raise UserError(
             f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
         )
+    substitutions = {int(k): v for k, v in state.get("substitutions", {}).items()} if state else None
     if cache is not None:
         from dali_kd.data.cache_stream import CachedViewStream
 
@@ -51,7 +54,7 @@ def make_train_stream(
             shard_id=rank,
             num_shards=world_size,
             checkpoint=bytes(state["pipeline"].numpy()) if state else None,
-            substitutions={int(k): v for k, v in state.get("substitutions", {}).items()} if state else None,
+            substitutions=substitutions,
             max_runtime_quarantine=cfg.data.max_runtime_quarantine,
         )
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
@@ -68,6 +71,7 @@ def make_train_stream(
         pin_memory=device.type == "cuda",
         start_position=state["position"] if state else 0,
         max_runtime_quarantine=cfg.data.max_runtime_quarantine,
+        substitutions=substitutions,
     )
 
 

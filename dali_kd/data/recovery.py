@@ -1,11 +1,19 @@
 """Runtime quarantine: when decoding fails mid-run, name the file, set it aside, and read a same-class image in its
-place, so the stream keeps its length, its position and every rank's step count."""
+place, so the stream keeps its length, its position and every rank's step count.
+
+One bookkeeping for every stream (DALI, torchvision, the teacher-cache replay): the limit
+`data.max_runtime_quarantine`, the warning, the quarantine entry, and one replacement rule: the next image of the
+same class that is still good, cyclically. A stand-in may fail later itself; a slot is then read through the
+chain of replacements (i → j → k), never through a file already set aside.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from dali_kd.data.dataset import ImageIndex
@@ -15,32 +23,60 @@ PATH_RE = re.compile(r"(/[^\s'\"]+)")
 
 
 class RuntimeQuarantine:
+    """Files set aside during the run and the image each one's slot reads instead.
+
+    substitutions: set-aside sample id → the image chosen for it when it was set aside (that image may have been
+    set aside since; `resolve` follows the chain). It is the stream's resumable state: a stream built with it reads
+    the same stand-ins.
+    """
+
     def __init__(self, index: ImageIndex, max_files: int, substitutions: dict[int, int] | None = None):
         self.index = index
         self.max_files = max_files
-        self.substitutions: dict[int, int] = dict(substitutions or {})
+        self.substitutions: dict[int, int] = {int(k): int(v) for k, v in (substitutions or {}).items()}
         self.entries: list[dict[str, str]] = []  # new since the last take_entries()
         self._id_of = {path: i for i, path in enumerate(index.files)}
         self._started_ns = time.time_ns()
+
+    def is_set_aside(self, sample_id: int) -> bool:
+        return sample_id in self.substitutions
+
+    def resolve(self, sample_id: int) -> int:
+        """The image slot `sample_id` shows: itself, or the end of its chain of replacements (i → j → k)."""
+        shown = sample_id
+        for _ in range(len(self.substitutions) + 1):
+            if shown not in self.substitutions:
+                return shown
+            shown = self.substitutions[shown]
+        raise AssertionError(f"the runtime quarantine's replacements of {sample_id} form a cycle")
+
+    def shown_ids(self) -> list[int]:
+        """For every slot (sample id) of the index, the sample id of the image it shows."""
+        return [self.resolve(i) for i in range(self.index.num_samples)]
+
+    def effective(self) -> tuple[list[str], list[int]]:
+        """The file each slot should read and that file's sample id: set-aside slots read their resolved stand-in."""
+        ids = self.shown_ids()
+        return [self.index.files[i] for i in ids], ids
 
     def culprits(self, error_text: str) -> list[int]:
         """Sample ids of the files a decode error is about: named in the message, else changed during the run."""
         named = {self._id_of[p] for p in PATH_RE.findall(error_text) if p in self._id_of}
         if named:
-            return sorted(named - set(self.substitutions))
+            return sorted(i for i in named if not self.is_set_aside(i))
         from dali_kd.scan import Reject, check_file
 
         changed = []
         for i, path in enumerate(self.index.files):
             try:
-                if i not in self.substitutions and os.stat(path).st_mtime_ns >= self._started_ns:
+                if not self.is_set_aside(i) and os.stat(path).st_mtime_ns >= self._started_ns:
                     check_file(Path(path), max_pixels=1 << 62)
             except (OSError, Reject):
                 changed.append(i)
         return changed
 
     def set_aside(self, error_text: str) -> list[int]:
-        """Quarantine the culprits of an error (stopping the run if none can be named or too many pile up)."""
+        """Quarantine the culprits of a decode error (stopping the run if none can be named or too many pile up)."""
         first_line = next(
             (ln.strip() for ln in error_text.splitlines() if "fail" in ln.lower()), error_text[:200]
         )
@@ -48,34 +84,44 @@ class RuntimeQuarantine:
         if not bad:
             raise TrainingStopped(f"decoding failed and the file could not be identified: {first_line[:300]}")
         for sample_id in bad:
-            if len(self.substitutions) >= self.max_files:
-                raise TrainingStopped(
-                    f"more than data.max_runtime_quarantine={self.max_files} files failed to decode during the "
-                    f"run (last: {self.index.files[sample_id]}); run `python -m dali_kd.scan --full` on the data"
-                )
-            self.substitutions[sample_id] = self._replacement(sample_id)
-            self.entries.append(
-                {
-                    "path": self.index.files[sample_id],
-                    "reason": f"decode failed during training: {first_line[:200]}",
-                    "found": "runtime",
-                }  # fmt: skip
-            )
+            self.add(sample_id, first_line[:200])
         return bad
 
-    def _replacement(self, sample_id: int) -> int:
-        """The next image of the same class that is still good (cyclically)."""
+    def add(self, sample_id: int, reason: str) -> bool:
+        """Set one file aside (once: False if it already was): choose its replacement, warn, record the entry."""
+        if self.is_set_aside(sample_id):
+            return False
+        path = self.index.files[sample_id]
+        if len(self.substitutions) >= self.max_files:
+            raise TrainingStopped(
+                f"more than data.max_runtime_quarantine={self.max_files} files failed to decode during the "
+                f"run (last: {path}); run `python -m dali_kd.scan --full` on the data"
+            )
+        self.substitutions[sample_id] = self.replacement(sample_id)
+        warnings.warn(
+            f"set aside {path}: it failed to decode ({reason}); continuing without it", stacklevel=3
+        )
+        self.entries.append(
+            {"path": path, "reason": f"decode failed during training: {reason}", "found": "runtime"}
+        )
+        return True
+
+    def replacement(self, sample_id: int, usable: Callable[[int], bool] | None = None) -> int:
+        """The next image of the same class that is still good (cyclically), and `usable` where given."""
         label, n = self.index.labels[sample_id], self.index.num_samples
         for step in range(1, n):
             other = (sample_id + step) % n
-            if self.index.labels[other] == label and other not in self.substitutions:
+            if (
+                self.index.labels[other] == label
+                and not self.is_set_aside(other)
+                and (usable is None or usable(other))
+            ):
                 return other
         raise TrainingStopped(f"class {self.index.class_names[label]} has no decodable image left")
 
-    def effective(self) -> tuple[list[str], list[int]]:
-        """The file list and the sample ids the reader should use: quarantined slots read their replacement."""
-        ids = [self.substitutions.get(i, i) for i in range(self.index.num_samples)]
-        return [self.index.files[i] for i in ids], ids
+    def state_dict(self) -> dict[str, int]:
+        """The substitutions with string keys (as checkpoints store them); the constructor takes them back."""
+        return {str(k): v for k, v in self.substitutions.items()}
 
     def take_entries(self) -> list[dict[str, str]]:
         entries, self.entries = self.entries, []

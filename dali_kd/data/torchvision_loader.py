@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator, Sequence
-from itertools import count
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,49 +14,16 @@ from torchvision.transforms import InterpolationMode
 
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.errors import TrainingStopped
+from dali_kd.data.recovery import RuntimeQuarantine
+from dali_kd.data.sampling import shard_sample_ids, stream_keys, view_rng
 from pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
 
 # torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
 CROP_ATTEMPTS = 10
 
-# A stream key is (position in this shard's stream, sample id); the view is a function of the position.
-StreamKey = tuple[int, int]
-
-
-def shard_sample_ids(num_samples: int, shard_id: int, num_shards: int) -> np.ndarray:
-    """Shard r of n owns sample ids [r*N//n, (r+1)*N//n): DALI's reader splits a file list the same way."""
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(
-            f"shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}"
-        )
-    begin, end = shard_id * num_samples // num_shards, (shard_id + 1) * num_samples // num_shards
-    if end <= begin:
-        raise ValueError(
-            f"shard {shard_id} of {num_shards} is empty: the dataset has only {num_samples} samples"
-        )
-    return np.arange(begin, end, dtype=np.int64)
-
-
-def pass_order(shard_ids: np.ndarray, seed: int, pass_index: int) -> np.ndarray:
-    """The order of one pass over a shard: a permutation seeded by (seed, pass), different every pass."""
-    return np.random.default_rng([seed, pass_index]).permutation(shard_ids)
-
-
-def view_rng(seed: int, shard_id: int, position: int) -> np.random.Generator:
-    """The generator of one sample's view; keyed by stream position so worker count and timing cannot change it."""
-    return np.random.default_rng([seed, shard_id, position])
-
-
-def stream_keys(shard_ids: np.ndarray, seed: int, start: int = 0) -> Iterator[StreamKey]:
-    """The endless (position, sample id) stream from position `start`: pass 0's order, then pass 1's, and so on."""
-    first_pass, offset = divmod(start, len(shard_ids))
-    position = start
-    for pass_index in count(first_pass):
-        for sample_id in pass_order(shard_ids, seed, pass_index)[offset:].tolist():
-            yield position, sample_id
-            position += 1
-        offset = 0
+# What a worker gets per sample: (stream position, slot id, the id of the image to try first). The main process
+# knows the runtime quarantine and resolves the slot; the worker only meets files that fail after that.
+ViewKey = tuple[int, int, int]
 
 
 def decode_rgb(path: str) -> Image.Image:
@@ -184,10 +149,12 @@ def draw_view(
 
 
 class _TrainViews(Dataset):
-    """Maps a stream key to (images, local images, label, sample id, crop anchor, crop shape, flip, jitter, failed).
+    """Maps a view key to (images, local images, label, shown id, slot id, crop anchor, crop shape, flip, jitter,
+    failed).
 
     One view per sample with AugmentParams; with MultiCropParams the image is decoded once and cut into the global
-    crops ([G,3,S,S]) and local crops ([N,3,s,s], else None), with a record per crop (globals first).
+    crops ([G,3,S,S]) and local crops ([N,3,s,s], else None), with a record per crop (globals first). `failed` lists
+    the (sample id, reason) of files that did not decode; the main process sets them aside.
     """
 
     def __init__(self, index: ImageIndex, params: AugmentParams | MultiCropParams, seed: int, shard_id: int):
@@ -197,23 +164,24 @@ class _TrainViews(Dataset):
         self.seed = seed
         self.shard_id = shard_id
 
-    def _decode_or_replace(self, sample_id: int) -> tuple[Image.Image, int, list[tuple[str, str]]]:
-        """Decode the sample; if it fails, the next same-class image that decodes stands in (and is reported)."""
-        failed: list[tuple[str, str]] = []
+    def _decode_or_replace(self, slot: int, start: int) -> tuple[Image.Image, int, list[tuple[int, str]]]:
+        """Decode `start` (the slot's image); if it fails, the next same-class image that decodes (cyclically),
+        which is RuntimeQuarantine's replacement rule for files that fail."""
+        failed: list[tuple[int, str]] = []
         n = len(self.files)
         for step in range(n):
-            candidate = (sample_id + step) % n
-            if step and self.labels[candidate] != self.labels[sample_id]:
+            candidate = (start + step) % n
+            if self.labels[candidate] != self.labels[slot]:
                 continue
             try:
                 return decode_rgb(self.files[candidate]), candidate, failed
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                failed.append((self.files[candidate], f"{type(e).__name__}: {str(e)[:150]}"))
-        raise RuntimeError(f"no image of class {self.labels[sample_id]} decodes")
+                failed.append((candidate, f"{type(e).__name__}: {str(e)[:150]}"))
+        raise RuntimeError(f"no image of class {self.labels[slot]} decodes")
 
-    def __getitem__(self, key: StreamKey) -> tuple:
-        position, requested = key
-        img, sample_id, failed = self._decode_or_replace(requested)
+    def __getitem__(self, key: ViewKey) -> tuple:
+        position, slot, start = key
+        img, sample_id, failed = self._decode_or_replace(slot, start)
         rng = view_rng(self.seed, self.shard_id, position)
         params = self.params
         kinds = (
@@ -227,50 +195,58 @@ class _TrainViews(Dataset):
             for (a, s, f, j), kind in zip(views, kinds, strict=True)
         ]
         anchors, shapes, flips, jitters = (list(field) for field in zip(*views, strict=True))
+        label = self.labels[sample_id]
         if isinstance(params, AugmentParams):
             return (
-                crops[0],
-                None,
-                self.labels[sample_id],
-                sample_id,
-                anchors[0],
-                shapes[0],
-                flips[0],
-                jitters[0],
-                failed,
-            )
+                crops[0], None, label, sample_id, slot, anchors[0], shapes[0], flips[0], jitters[0], failed,
+            )  # fmt: skip
         g = params.num_global
         local_crops = torch.stack(crops[g:]) if params.num_local else None
         return (
-            torch.stack(crops[:g]), local_crops, self.labels[sample_id], sample_id,
+            torch.stack(crops[:g]), local_crops, label, sample_id, slot,
             np.stack(anchors), np.stack(shapes), flips, jitters, failed,
         )  # fmt: skip
 
 
-class _StreamBatches(Sampler[list[StreamKey]]):
-    """Consecutive chunks of the endless stream, so a batch may hold the end of one pass and the start of the next."""
+class _StreamBatches(Sampler[list[ViewKey]]):
+    """Consecutive chunks of the endless stream, so a batch may hold the end of one pass and the start of the next.
 
-    def __init__(self, shard_ids: np.ndarray, seed: int, batch_size: int, start: int = 0):
+    Runs in the main process: each slot is resolved through the runtime quarantine as its batch is drawn.
+    """
+
+    def __init__(
+        self,
+        shard_ids: np.ndarray,
+        seed: int,
+        batch_size: int,
+        resolve: Callable[[int], int],
+        start: int = 0,
+    ):
         self.shard_ids = shard_ids
         self.seed = seed
         self.batch_size = batch_size
+        self.resolve = resolve
         self.start = start
 
-    def __iter__(self) -> Iterator[list[StreamKey]]:
+    def __iter__(self) -> Iterator[list[ViewKey]]:
         keys = stream_keys(self.shard_ids, self.seed, self.start)
         while True:
-            yield [next(keys) for _ in range(self.batch_size)]
+            batch = [next(keys) for _ in range(self.batch_size)]
+            yield [(position, slot, self.resolve(slot)) for position, slot in batch]
 
 
 def _collate_train(samples: list[tuple]) -> tuple:
     # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; the last
-    # item lists the (path, reason) of files that failed to decode in this batch.
-    images, local_images, labels, ids, anchors, shapes, flips, jitters, failed = zip(*samples, strict=True)
+    # item lists the (sample id, reason) of files that failed to decode in this batch.
+    images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed = zip(
+        *samples, strict=True
+    )
     return (
         torch.stack(images),
         None if local_images[0] is None else torch.stack(local_images),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(ids, dtype=torch.int64),
+        torch.tensor(slots, dtype=torch.int64),
         torch.from_numpy(np.stack(anchors)),
         torch.from_numpy(np.stack(shapes)),
         torch.tensor(flips, dtype=torch.int64),
@@ -284,7 +260,9 @@ class TorchvisionTrainStream:
 
     Each iter() starts the stream again at `start_position` (keep one iterator alive at a time: persistent workers
     are shared by all of them); the output does not depend on num_workers. `state_dict()` is the position of the
-    next sample the consumer will get, so a new stream built with it continues exactly there.
+    next sample the consumer will get and the runtime quarantine's substitutions, so a new stream built with them
+    continues exactly there. A file that fails to decode is replaced in the worker by the next same-class image
+    that decodes; the main process sets it aside (RuntimeQuarantine) and later batches read the stand-in directly.
     """
 
     def __init__(
@@ -300,6 +278,7 @@ class TorchvisionTrainStream:
         pin_memory: bool = False,
         start_position: int = 0,
         max_runtime_quarantine: int = 100,
+        substitutions: dict[int, int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -310,9 +289,12 @@ class TorchvisionTrainStream:
         self.shard_ids = shard_sample_ids(index.num_samples, shard_id, num_shards)
         self.num_samples = len(self.shard_ids)
         self.batch_size = batch_size
+        self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         self._loader: DataLoader | None = DataLoader(
             _TrainViews(index, params, seed, shard_id),
-            batch_sampler=_StreamBatches(self.shard_ids, seed, batch_size, start_position),
+            batch_sampler=_StreamBatches(
+                self.shard_ids, seed, batch_size, self.quarantine.resolve, start_position
+            ),
             num_workers=num_workers,
             collate_fn=_collate_train,
             pin_memory=pin_memory,
@@ -325,48 +307,33 @@ class TorchvisionTrainStream:
         self._active: Iterator | None = None
         self.start_position = start_position
         self.position = start_position
-        self.max_runtime_quarantine = max_runtime_quarantine
-        self.quarantine_entries: list[dict[str, str]] = []
-        self._bad: set[str] = set()
 
     def state_dict(self) -> dict:
-        return {"backend": "torchvision", "position": self.position}
-
-    def _set_aside(self, path: str, reason: str) -> None:
-        """A file failed to decode in a worker (which read a same-class image instead): record it, once."""
-        if path in self._bad:
-            return
-        self._bad.add(path)
-        if len(self._bad) > self.max_runtime_quarantine:
-            raise TrainingStopped(
-                f"more than data.max_runtime_quarantine={self.max_runtime_quarantine} files failed to decode during "
-                f"the run (last: {path}); run `python -m dali_kd.scan --full` on the data"
-            )
-        warnings.warn(
-            f"set aside {path}: it failed to decode ({reason}); continuing without it", stacklevel=3
-        )
-        self.quarantine_entries.append(
-            {"path": path, "reason": f"decode failed during training: {reason}", "found": "runtime"}
-        )
+        return {
+            "backend": "torchvision",
+            "position": self.position,
+            "substitutions": self.quarantine.state_dict(),
+        }
 
     def take_entries(self) -> list[dict[str, str]]:
-        entries, self.quarantine_entries = self.quarantine_entries, []
-        return entries
+        """Files set aside since the last call, as quarantine entries."""
+        return self.quarantine.take_entries()
 
     def __iter__(self) -> Iterator[Batch]:
         if self._loader is None:
             raise RuntimeError("TorchvisionTrainStream is closed")
         self._active = iter(self._loader)
         self.position = self.start_position
-        for images, local_images, labels, ids, anchors, shapes, flips, jitters, failed in self._active:
+        for images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed in self._active:
             self.position += len(ids)
-            for path, reason in failed:
-                self._set_aside(path, reason)
+            for sample_id, reason in failed:
+                self.quarantine.add(sample_id, reason)  # once per file; warns, or stops the run
             yield Batch(
                 images=images,
                 local_images=local_images,
                 labels=labels,
                 sample_ids=ids,
+                stream_ids=slots,
                 view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
             )
 
