@@ -4,6 +4,10 @@ One preallocated memory-mapped array per stored output (samples × views × feat
 byte per row, written only after the row's data. header.json names everything the values depend on (teacher and
 its weights, image size, normalisation, augmentation, pipeline version, the file list); a cache built for something
 else is refused. A killed writer leaves rows that are simply not done.
+
+Rows belong to stream slots. The done byte is DONE when the row holds a view of its own sample, STAND_IN when it was
+written for a slot whose file was set aside and holds a view of the same-class image shown instead: the cache still
+becomes complete, and a replay never renders such a row's view from the slot's own file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pipelines import PIPELINE_VERSION
 
 VIEW_FIELDS = 9  # anchor (2), shape (2), flip (1), jitter (4)
 FORMAT_VERSION = 1
+# Done bytes: 0 not written, DONE a view of the row's own sample, STAND_IN a view of the image shown in its place.
+DONE = 1
+STAND_IN = 2
 
 
 @dataclass(frozen=True)
@@ -150,8 +157,19 @@ class TeacherCache:
         return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r+", shape=shape)
 
     # ---- rows ---------------------------------------------------------------------------------------------------
-    def write(self, sample_ids: np.ndarray, slots: np.ndarray, out: ModelOutput, view: ViewRecord) -> None:
-        """Store rows (data and view first, then the done bytes; both flushed, in that order)."""
+    def write(
+        self,
+        sample_ids: np.ndarray,
+        slots: np.ndarray,
+        out: ModelOutput,
+        view: ViewRecord,
+        shown_ids: np.ndarray | None = None,
+    ) -> None:
+        """Store rows (data and view first, then the done bytes; both flushed, in that order).
+
+        sample_ids are the rows (a batch's stream_ids); shown_ids, where given, the images the views were cut from
+        (the batch's sample_ids): a row whose image is another sample's is marked STAND_IN, not DONE.
+        """
         values = {"pooled": out.pooled, "tokens": out.patch_tokens}
         if "logits_topk" in self.arrays:
             top = out.logits.topk(self.arrays["logits_topk"].shape[-1], dim=-1)
@@ -163,7 +181,10 @@ class TeacherCache:
         self.views[sample_ids, slots] = pack_views(view)
         for array in (*self.arrays.values(), self.views):
             array.flush()
-        self.done[sample_ids, slots] = 1
+        done = np.full(len(sample_ids), DONE, dtype=np.uint8)
+        if shown_ids is not None:
+            done[np.asarray(shown_ids) != np.asarray(sample_ids)] = STAND_IN
+        self.done[sample_ids, slots] = done
         self.done.flush()
 
     def read(self, sample_ids: np.ndarray, slots: np.ndarray, device: torch.device) -> ModelOutput:
@@ -191,10 +212,19 @@ class TeacherCache:
         return unpack_views(self.views[sample_ids, slots])
 
     def is_done(self, sample_ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        return self.done[sample_ids, slots].astype(bool)
+        """Whether these rows were written (DONE or STAND_IN)."""
+        return self.done[sample_ids, slots] != 0
+
+    def holds_own_view(self, sample_ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Whether these rows hold a view of their own sample: the only rows a replay may render from its file."""
+        return self.done[sample_ids, slots] == DONE
+
+    def is_complete(self) -> bool:
+        """Every row written."""
+        return bool(np.all(self.done != 0))
 
     def rows_done(self) -> int:
-        return int(self.done.sum())
+        return int(np.count_nonzero(self.done))
 
     def nbytes_per_row(self) -> int:
         return row_bytes(self.parts)

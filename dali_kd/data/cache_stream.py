@@ -7,11 +7,20 @@ exactly the view its cached target belongs to (Beyer et al., CVPR 2022). The tea
 
 fixed (the original trainer's behaviour): one pass fills one view per sample; later passes show fresh random views
 while the targets stay those of the first view.
+
+Rows belong to stream slots: a fill batch says which slot each position is (Batch.stream_ids) and which image was
+shown there (Batch.sample_ids; another one where the slot's file was set aside), and the trainer writes the rows
+at the slots, so every row gets written. A replay shows, for slot i, the image r its runtime quarantine resolves i
+to (i itself unless i's file was set aside) with r's own row: r never failed, so its rows hold views of r. A row
+that is not done (or holds another image's view) is never replayed: another view slot of the same image stands
+in, else a same-class image's row (counted in `missing_rows`). A file that fails to decode during replay is set
+aside through the same quarantine and the batch is rendered again with its stand-in's rows.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,12 +29,21 @@ import torch
 from dali_kd.data.batch import Batch
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import pass_order, shard_sample_ids
+from dali_kd.errors import TrainingStopped
 from dali_kd.teacher_cache import TeacherCache
 from pipelines.params import AugmentParams
 
 
 class CachedViewStream:
+    """The TrainStream of a run with a teacher cache: fill batches from DaliTrainStream, then replayed views.
+
+    Fill batches carry `slots` (the view slot of each row) and `store` (which rows to write, at `stream_ids`);
+    replayed ones `from_cache`, `host_ids` and `slots`: the rows whose targets belong to the rendered views.
+    `state_dict()` adds the position, the replay start, the runtime substitutions and `missing_rows`.
+    """
+
     def __init__(
         self,
         index: ImageIndex,
@@ -38,6 +56,7 @@ class CachedViewStream:
         rank: int = 0,
         world_size: int = 1,
         state: dict | None = None,
+        max_runtime_quarantine: int = 100,
         **dali_kwargs,
     ):
         self.index, self.params, self.batch_size, self.seed = index, params, batch_size, seed
@@ -48,7 +67,14 @@ class CachedViewStream:
         self.rank = rank
         self._dali_kwargs = dict(dali_kwargs, shard_id=rank, num_shards=world_size, reader_seed=seed)
         state = state or {}
+        # One quarantine for the fill and the replay: a slot set aside while filling stays resolved in replay.
+        self.quarantine = RuntimeQuarantine(
+            index, max_runtime_quarantine, {int(k): v for k, v in state.get("substitutions", {}).items()}
+        )
         self.position = int(state.get("position", 0))
+        # Replayed positions whose scheduled row was not usable and another row stood in (cumulative).
+        self.missing_rows = int(state.get("missing_rows", 0))
+        self._warned_missing = False
         fill_samples = self.num_views * self.num_samples
         if "replay_start" in state:
             self.replay_start = int(state["replay_start"])
@@ -69,8 +95,7 @@ class CachedViewStream:
             self._fill = DaliTrainStream(
                 index, params, batch_size, seed + rank, device=device,
                 checkpoint=bytes(state["pipeline"].numpy()) if state.get("pipeline") is not None else None,
-                substitutions={int(k): v for k, v in state.get("substitutions", {}).items()},
-                **self._dali_kwargs,
+                quarantine=self.quarantine, **self._dali_kwargs,
             )  # fmt: skip
 
     @property
@@ -109,23 +134,81 @@ class CachedViewStream:
         return self._slot_cache[1]
 
     def _replay_batch(self) -> Batch:
-        ids = np.empty(self.batch_size, dtype=np.int64)
-        slots = np.empty(self.batch_size, dtype=np.int64)
+        stream_ids = np.empty(self.batch_size, dtype=np.int64)
+        scheduled = np.empty(self.batch_size, dtype=np.int64)
         for k in range(self.batch_size):
             pass_index, offset = divmod(self.position + k, self.num_samples)
-            ids[k] = self._order(pass_index)[offset]
-            slots[k] = self._slots_of_pass(pass_index)[ids[k]]
+            stream_ids[k] = self._order(pass_index)[offset]
+            scheduled[k] = self._slots_of_pass(pass_index)[stream_ids[k]]
+        while True:
+            ids, slots, missing = self._rows(stream_ids, scheduled)
+            view = self.cache.read_views(ids, slots)
+            if self._renderer is None:
+                self._renderer = DaliViewRenderer(
+                    self.index, self.params, self.batch_size, device=self.device
+                )
+            try:
+                images = self._renderer.render(torch.from_numpy(ids), view)
+                break
+            except RuntimeError as e:
+                # The file is set aside (or the run stops) and its slots read their stand-in's rows.
+                self.quarantine.set_aside(str(e))
         self.position += self.batch_size
-        view = self.cache.read_views(ids, slots)
-        if self._renderer is None:
-            self._renderer = DaliViewRenderer(self.index, self.params, self.batch_size, device=self.device)
-        sample_ids = torch.from_numpy(ids)
-        images = self._renderer.render(sample_ids, view)
+        self._count_missing(missing)
         labels = torch.tensor([self.index.labels[i] for i in ids], dtype=torch.int64)
         return Batch(
-            images=images, labels=labels.to(self.device), sample_ids=sample_ids.to(self.device),
-            view=view.to(self.device), slots=torch.from_numpy(slots), from_cache=True, host_ids=ids,
+            images=images, labels=labels.to(self.device), sample_ids=torch.from_numpy(ids).to(self.device),
+            stream_ids=torch.from_numpy(stream_ids).to(self.device), view=view.to(self.device),
+            slots=torch.from_numpy(slots), from_cache=True, host_ids=ids,
         )  # fmt: skip
+
+    def _rows(self, stream_ids: np.ndarray, scheduled: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """The rows to replay for these slots and view slots: (sample ids, view slots, how many stood in).
+
+        Slot i shows the image r it resolves to, with r's row of the scheduled view slot when that row holds a
+        view of r; else r's next such view slot (cyclically); else the next same-class image with one.
+        """
+        ids = np.array([self.quarantine.resolve(i) for i in stream_ids.tolist()], dtype=np.int64)
+        slots = scheduled.copy()
+        usable = self.cache.holds_own_view(ids, slots)
+        for k in np.flatnonzero(~usable).tolist():
+            ids[k], slots[k] = self._stand_in_row(int(ids[k]), int(slots[k]))
+        return ids, slots, int((~usable).sum())
+
+    def _own_slot(self, sample_id: int, first: int) -> int | None:
+        """The first view slot from `first` on (cyclically) whose row holds a view of sample_id, if any."""
+        order = (first + np.arange(self.num_views)) % self.num_views
+        own = self.cache.holds_own_view(np.full(self.num_views, sample_id), order)
+        return int(order[np.argmax(own)]) if own.any() else None
+
+    def _stand_in_row(self, sample_id: int, slot: int) -> tuple[int, int]:
+        own = self._own_slot(sample_id, slot)
+        if own is not None:
+            return sample_id, own
+        try:
+            other = self.quarantine.replacement(
+                sample_id, usable=lambda c: self._own_slot(c, slot) is not None
+            )
+        except TrainingStopped:
+            label = self.index.class_names[self.index.labels[sample_id]]
+            raise TrainingStopped(
+                f"teacher cache {self.cache.dir}: no row of class {label} can be replayed (none done); "
+                "delete the cache or set train.cache_rebuild=true"
+            ) from None
+        return other, self._own_slot(other, slot)
+
+    def _count_missing(self, missing: int) -> None:
+        if not missing:
+            return
+        self.missing_rows += missing
+        if not self._warned_missing:
+            self._warned_missing = True
+            warnings.warn(
+                f"teacher cache {self.cache.dir}: {missing} replayed row(s) are not done (or hold another image's "
+                "view); another view of the same image, else a same-class image, stands in (counted in the "
+                "stream's missing_rows)",
+                stacklevel=3,
+            )
 
     def _order(self, pass_index: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != pass_index:
@@ -133,14 +216,20 @@ class CachedViewStream:
         return self._order_cache[1]
 
     def state_dict(self) -> dict:
-        state = {"backend": "dali", "position": self.position, "replay_start": self.replay_start}
+        state = {
+            "backend": "dali",
+            "position": self.position,
+            "replay_start": self.replay_start,
+            "substitutions": self.quarantine.state_dict(),
+            "missing_rows": self.missing_rows,
+        }
         if self._fill is not None:
-            fill = self._fill.state_dict()
-            state["pipeline"], state["substitutions"] = fill["pipeline"], fill["substitutions"]
+            state["pipeline"] = self._fill.state_dict()["pipeline"]
         return state
 
     def take_entries(self) -> list[dict[str, str]]:
-        return self._fill.take_entries() if self._fill is not None else []
+        """Files set aside since the last call (while filling or replaying), as quarantine entries."""
+        return self.quarantine.take_entries()
 
     def close(self) -> None:
         if self._fill is not None:
