@@ -17,7 +17,7 @@ from pathlib import Path
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_kd.data.dataset import ImageIndex
-from pipelines.augment import _to_pixels, draw_view, image_hw, normalize, render_view
+from pipelines.augment import draw_view, image_hw, normalize, render_view, to_pixels
 from pipelines.params import AugmentParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +38,7 @@ def build(files, params: AugmentParams, cut: int, batch_size: int, threads: int,
         if cut == 4:
             return render_view(encoded, view, params, decode)
         hw = image_hw(encoded)
-        anchor, shape = _to_pixels(view.crop_anchor, hw), _to_pixels(view.crop_shape, hw)
+        anchor, shape = to_pixels(view.crop_anchor, hw), to_pixels(view.crop_shape, hw)
         images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", device=decode)
         if cut >= 2:
             size = [params.image_size, params.image_size]

@@ -24,6 +24,7 @@ import torch
 
 from dali_kd.config import load_config
 from dali_kd.runtime import resolve_device
+from dali_kd.targets import ConstantTargets
 from dali_kd.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,7 +78,7 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
     if variant == "student-only":
         size = cfg.data.image_size
         constant = trainer.teacher(torch.zeros(args.batch_size, 3, size, size, device=device))
-        trainer._teacher_targets = lambda batch: constant
+        trainer.targets = ConstantTargets(constant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     summary = trainer.fit(out / mode)

@@ -12,6 +12,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_eval_batches
 from dali_kd.errors import UserError
 from dali_kd.knn import extract_embeddings, knn_top1
+from dali_kd.models import FrozenTeacher, Student, model_outputs
 
 
 class KnnEvaluator:
@@ -55,3 +56,26 @@ class KnnEvaluator:
         bank, bank_labels = self._embed_all(embed, self.bank)
         queries, query_labels = self._embed_all(embed, self.val)
         return knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, k=self.cfg.train.knn_k)
+
+
+def student_accuracy(
+    evaluator: KnnEvaluator, student: Student, amp_dtype: torch.dtype | None
+) -> float | None:
+    """The student backbone's k-NN top-1 (eval mode for the evaluation, the previous mode restored after)."""
+    backbone = student.backbone
+    device_type = evaluator.device.type
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return model_outputs(backbone, images, with_patches=False).pooled
+
+    was_training = student.training
+    student.eval()
+    try:
+        return evaluator.accuracy(embed)
+    finally:
+        student.train(was_training)
+
+
+def teacher_accuracy(evaluator: KnnEvaluator, teacher: FrozenTeacher) -> float | None:
+    return evaluator.accuracy(lambda images: teacher(images).pooled)

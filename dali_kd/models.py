@@ -13,7 +13,8 @@ import timm
 import torch
 from torch import nn
 
-from dali_kd.config import ModelSpec
+from dali_kd.checkpoint import weights_hash
+from dali_kd.config import ModelConfig, ModelSpec
 from dali_kd.errors import UserError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -216,3 +217,33 @@ def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
 
 def embed_dim(model: nn.Module) -> int:
     return int(model.num_features)
+
+
+@dataclass
+class DistillModels:
+    """The frozen teacher, its identity (name + weights hash, what a checkpoint and the cache are tied to) and the
+    student with its projectors; use_patches: patch-token distillation applies to this pair."""
+
+    teacher: FrozenTeacher
+    teacher_id: dict[str, str]
+    student: Student
+    use_patches: bool
+
+
+def build_distill_models(
+    cfg: ModelConfig, image_size: int, patch_weight: float, any_size: bool, device: torch.device, amp_dtype
+) -> DistillModels:
+    """Teacher and student by timm name; the student's head defaults to the teacher's class count.
+
+    any_size: the student also sees other input sizes (multi-crop's local crops; a ViT then interpolates).
+    """
+    teacher_classes = 1000 if cfg.teacher.num_classes is None else cfg.teacher.num_classes
+    student_classes = teacher_classes if cfg.student.num_classes is None else cfg.student.num_classes
+    teacher = build_model(cfg.teacher, "teacher", image_size, teacher_classes)
+    backbone = build_model(cfg.student, "student", image_size, student_classes, any_size=any_size)
+    teacher_id = {"name": cfg.teacher.name, "weights_hash": weights_hash(teacher)}
+    use_patches = patch_weight > 0 and same_token_grid(teacher, backbone)
+    student = Student(backbone, embed_dim(teacher), cfg.projector_hidden_dim, with_patches=use_patches)
+    return DistillModels(
+        FrozenTeacher(teacher.to(device), amp_dtype), teacher_id, student.to(device), use_patches
+    )

@@ -152,7 +152,8 @@ def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
     return result
 
 
-def run(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Train as the command line says; callbacks (dali_kd.callbacks.Callback) watch the run."""
     # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
     args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
@@ -190,6 +191,7 @@ def run(argv: list[str] | None = None) -> dict:
             dist_info=info,
             resume_from=resume_from,
             allow_config_change=args.allow_config_change,
+            callbacks=callbacks,
         )
         if info.is_main:
             make_run_dir(run_dir)
@@ -221,11 +223,11 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     from dali_kd.preemption import EXIT_PREEMPTED
 
     try:
-        run(argv)
+        run(argv, callbacks)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

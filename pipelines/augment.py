@@ -76,10 +76,10 @@ def _window(view: View, hw: DataNode) -> tuple[DataNode, DataNode]:
     """The view's crop window in whole pixels: as drawn, or converted back from the relative record."""
     if view.window is not None:
         return view.window
-    return _to_pixels(view.crop_anchor, hw), _to_pixels(view.crop_shape, hw)
+    return to_pixels(view.crop_anchor, hw), to_pixels(view.crop_shape, hw)
 
 
-def _to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
+def to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
     # Rounding recovers the generator's integer window exactly: a/H in float32 times H is within 0.5 of a.
     return fn.cast(dmath.floor(relative * hw + 0.5), dtype=types.INT32)
 

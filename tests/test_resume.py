@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dali_kd.checkpoint import CheckpointDir, load
 from dali_kd.distributed import first_host
 from dali_kd.preemption import slurm_job_id
-from dali_kd.trainer import truncate_metrics
+from dali_kd.run_files import truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from dali_kd import report
+from dali_kd.callbacks import Callback
+from dali_kd.checkpointer import Checkpointer
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.verdict import judge
@@ -225,15 +227,16 @@ def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path
         CPU,
         show_progress=False,
     )
-    log_interval = trainer._log_interval
 
-    def logged(*args, **kwargs):
-        state["logged"].append(trainer.step)
-        return log_interval(*args, **kwargs)
+    class Logged(Callback):
+        def on_log(self, trainer, row):
+            state["logged"].append(row["step"])
 
-    trainer._log_interval = allow(logged)
-    trainer.knn_accuracy = allow(trainer.knn_accuracy)
-    trainer.save_checkpoint = allow(trainer.save_checkpoint)  # a checkpoint is a sync point by nature
+    trainer.callbacks.append(Logged())
+    trainer.log_interval = allow(trainer.log_interval)
+    trainer.evaluator.accuracy = allow(trainer.evaluator.accuracy)
+    # A checkpoint is a sync point by nature.
+    monkeypatch.setattr(Checkpointer, "save", allow(Checkpointer.save))
     for name in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy"):
         spy(name)
     trainer.fit(tmp_path / "run")

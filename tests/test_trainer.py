@@ -138,7 +138,7 @@ def test_compiled_student_trains(tiny_config, tmp_path):
         CPU,
         show_progress=False,
     )
-    assert compiled.student_step is not compiled.student
+    assert compiled.task.student_step is not compiled.student
     eager_summary = eager.fit(tmp_path / "eager")
     compiled_summary = compiled.fit(tmp_path / "compiled")
     assert compiled_summary["steps"] == 2

@@ -1,5 +1,6 @@
-"""Runs `python -m dali_kd.train` in this process with one fault injected at a chosen point, for the resume,
-preemption and NaN tests. The fault is a real one: SIGKILL (no cleanup at all), SIGUSR1, or a NaN input.
+"""Runs `python -m dali_kd.train` in this process with one fault injected at a chosen point (through the
+trainer's public callbacks), for the resume, preemption and NaN tests. The fault is a real one: SIGKILL (no
+cleanup at all), SIGUSR1, or a NaN input.
 
     python tests/drivers/run_with_fault.py FAULT STEP [RANK] -- <dali_kd.train arguments>
 
@@ -19,7 +20,7 @@ import torch
 
 import dali_kd.checkpoint as ckpt
 from dali_kd import train
-from dali_kd.trainer import Trainer
+from dali_kd.callbacks import Callback
 
 
 def rank() -> int:
@@ -34,21 +35,29 @@ def main() -> int:
     here = only_rank is None or only_rank == rank()
     record_dir = Path(os.environ.get("FAULT_RECORD_DIR", "."))
 
-    original_step = Trainer.train_step
-    seen: list[list[int]] = []
+    class Fault(Callback):
+        def __init__(self):
+            self.seen: list[list[int]] = []
 
-    def train_step(self, batch):
-        seen.append(batch.sample_ids.tolist())
-        if here and self.step + 1 == step:
-            if fault == "kill-before-step":
+        def on_step(self, trainer, batch):
+            self.seen.append(batch.sample_ids.tolist())
+            if here and trainer.step + 1 == step:
+                if fault == "kill-before-step":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fault == "usr1-at-step":
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                if fault == "nan-at-step":
+                    batch.images = batch.images * float("nan")
+
+        def on_evaluate(self, trainer):
+            if fault == "kill-during-eval" and trainer.step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if fault == "usr1-at-step":
-                os.kill(os.getpid(), signal.SIGUSR1)
-            if fault == "nan-at-step":
-                batch.images = batch.images * float("nan")
-        return original_step(self, batch)
 
-    Trainer.train_step = train_step
+        def on_finish(self, trainer, summary):
+            if fault == "record":
+                record_dir.mkdir(parents=True, exist_ok=True)
+                (record_dir / f"ids_rank{rank()}.json").write_text(json.dumps(self.seen))
+                torch.save(trainer.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
 
     if fault == "kill-during-checkpoint":
         original_save = torch.save
@@ -65,27 +74,7 @@ def main() -> int:
 
         ckpt.torch.save = half_save
 
-    if fault == "kill-during-eval":
-        original_eval = Trainer.evaluate_student
-
-        def evaluate(self):
-            if self.step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original_eval(self)
-
-        Trainer.evaluate_student = evaluate
-
-    original_finish = Trainer._finish
-
-    def finish(self, run_dir):
-        if fault == "record":
-            record_dir.mkdir(parents=True, exist_ok=True)
-            (record_dir / f"ids_rank{rank()}.json").write_text(json.dumps(seen))
-            torch.save(self.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
-        return original_finish(self, run_dir)
-
-    Trainer._finish = finish
-    return train.main(argv)
+    return train.main(argv, callbacks=[Fault()])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""What a run directory holds besides checkpoints: the resolved config, the quarantine list, metrics rows, the final
+weights and summary.json — and how each is (re)written so that a resumed run finds them consistent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dali_kd.config import Config, dump_config
+from dali_kd.data.prepare import write_quarantine
+from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from dali_kd.models import Student
+
+
+def start_run_dir(run_dir: Path, cfg: Config, quarantine: list[dict[str, str]], step: int) -> None:
+    """The config this run uses, the files set aside so far (scan + earlier runtime), metrics up to `step`."""
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    write_text_atomic(run_dir / "quarantine.jsonl", "")
+    write_quarantine(run_dir / "quarantine.jsonl", quarantine)
+    # Rows a killed process wrote after the state this run starts from (all of them on a fresh start).
+    truncate_metrics(run_dir / "metrics.jsonl", step)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows a killed run wrote after the checkpoint it resumes from: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a half-written last line
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def write_final(run_dir: Path, student: Student, summary: dict[str, Any]) -> None:
+    """The trained student (a bare timm state dict), its projectors (to resume distilling), and the summary."""
+    save_safetensors_atomic(run_dir / "student.safetensors", student.backbone.state_dict())
+    save_safetensors_atomic(run_dir / "projector.safetensors", student.projector.state_dict())
+    if student.patch_projector is not None:
+        save_safetensors_atomic(run_dir / "patch_projector.safetensors", student.patch_projector.state_dict())
+    write_json_atomic(run_dir / "summary.json", summary)
+
+
+def progress_postfix(row: dict[str, Any]) -> str:
+    """loss, data/step ms, img/s, GPU utilisation and the interval's verdict, for the progress bar."""
+    parts = [f"loss={row['loss']:.4f}"]
+    if row.get("data_ms") is not None:
+        parts.append(f"data/step={row['data_ms']:.0f}/{row['step_ms']:.0f}ms")
+    else:
+        parts.append(f"step={row['step_ms']:.0f}ms")
+    parts.append(f"{row['img_per_s']:.0f}img/s")
+    if row.get("gpu_util_pct") is not None:
+        parts.append(f"gpu={row['gpu_util_pct']:.0f}%")
+    if row.get("verdict"):
+        parts.append(row["verdict"])
+    return " ".join(parts)

@@ -1,0 +1,272 @@
+"""Teacher targets: what the student is pulled toward each step — a live frozen teacher, its cache, or constants.
+
+Every source answers `targets(batch, step)` with the teacher's `ModelOutput` for the batch's global crops,
+view-major ([G*B, ...]: crop 0 of every sample first), and keeps its own counters (`state_dict`, `summary`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from dali_kd import distributed
+from dali_kd.config import Config
+from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.models import FrozenTeacher, ModelOutput
+from dali_kd.teacher_cache import TeacherCache, files_hash, parts_for
+
+# A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
+FIDELITY_FLOOR = 0.999
+
+
+class TeacherTargets(Protocol):
+    def targets(self, batch: Batch, step: int) -> ModelOutput:
+        """The teacher's outputs for the batch's global crops; `step` is the step being computed (1-based)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def interval_metrics(self) -> dict[str, float]:
+        """Values for the next metrics row (then forgotten)."""
+        ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+def view_major(crops: torch.Tensor) -> torch.Tensor:
+    """[B, V, ...] crops → [V*B, ...], crop 0 of every sample first (how DINO batches its crops)."""
+    return crops.transpose(0, 1).flatten(0, 1)
+
+
+class LiveTeacher:
+    """The frozen teacher run on every batch (multi-crop: on the global crops only)."""
+
+    def __init__(self, teacher: FrozenTeacher, with_patches: bool):
+        self.teacher = teacher
+        self.with_patches = with_patches
+        self.forward_batches = 0
+
+    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
+        self.forward_batches += 1
+        return self.teacher(view_major(batch.global_crops()), with_patches=self.with_patches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher_forward_batches": self.forward_batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.forward_batches = int(state.get("teacher_forward_batches", 0))
+
+    def interval_metrics(self) -> dict[str, float]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {"teacher_forward_batches": self.forward_batches}
+
+
+class ConstantTargets:
+    """The same targets for every batch: the student's cost alone, as the step benchmark's student-only mode needs."""
+
+    def __init__(self, output: ModelOutput):
+        self.output = output
+
+    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
+        return self.output
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def interval_metrics(self) -> dict[str, float]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {"teacher_forward_batches": 0}
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    probe_batches: int = 0
+    fidelity_min: float | None = None
+    read_s: float = 0.0
+    read_bytes: int = 0
+    write_s: float = 0.0
+    write_bytes: int = 0
+
+    # Checkpoint keys as the run's progress dict has always named them.
+    KEYS = {
+        "hits": "cache_hits",
+        "probe_batches": "teacher_probe_batches",
+        "fidelity_min": "cache_fidelity_min",
+        "read_s": "cache_read_s",
+        "read_bytes": "cache_read_bytes",
+        "write_s": "cache_write_s",
+        "write_bytes": "cache_write_bytes",
+    }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.KEYS[name]: value for name, value in asdict(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, key in self.KEYS.items():
+            if key in state:
+                setattr(self, name, state[key])
+
+
+class CachedTeacher:
+    """Targets from the teacher cache for replayed batches; the live teacher (which fills the cache) otherwise.
+
+    A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `slots`); a live
+    batch stores the rows marked in `store`, at the stream slot each sample stands for (`stream_ids`). A fidelity
+    probe runs the live teacher on the first replayed batch of every process start and every N steps.
+    """
+
+    def __init__(
+        self,
+        live: LiveTeacher,
+        cache: TeacherCache,
+        mode: str,
+        probe_every: int | None,
+        device: torch.device,
+        report: bool = True,
+    ):
+        self.live, self.cache, self.mode = live, cache, mode
+        self.probe_every = probe_every
+        self.device = device
+        self.report = report  # this rank prints warnings (rank 0)
+        self.counters = CacheCounters()
+        self._probe_next = True
+        self._fidelity: list[float] = []
+
+    def targets(self, batch: Batch, step: int) -> ModelOutput:
+        if batch.from_cache:
+            return self._replayed(batch, step)
+        out = self.live.targets(batch, step)
+        if batch.store is not None and bool(batch.store.any()):
+            self._store(batch, out)
+        return out
+
+    def _replayed(self, batch: Batch, step: int) -> ModelOutput:
+        # The rows the stream replays (it knows which stand in for a file set aside).
+        ids = batch.host_ids if batch.host_ids is not None else batch.sample_ids.cpu().numpy()
+        start = time.perf_counter()
+        out = self.cache.read(ids, batch.slots.numpy(), self.device)
+        self.counters.read_s += time.perf_counter() - start
+        self.counters.read_bytes += len(ids) * self.cache.nbytes_per_row()
+        self.counters.hits += len(ids)
+        if self._probe_next or (self.probe_every and step % self.probe_every == 0):
+            self._probe(batch, out, step)
+        return out
+
+    def _store(self, batch: Batch, out: ModelOutput) -> None:
+        mask = batch.store.numpy()
+        # Rows belong to stream slots: a slot whose file was set aside stores its stand-in's view and targets.
+        slot_ids = getattr(batch, "stream_ids", None)
+        slot_ids = slot_ids if slot_ids is not None else batch.sample_ids
+        ids = slot_ids.cpu().numpy()[mask]
+        picked = torch.from_numpy(mask).to(self.device)
+        rows = ModelOutput(
+            *(None if t is None else t[picked] for t in (out.pooled, out.logits, out.patch_tokens))
+        )
+        view = ViewRecord(
+            *(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip", "jitter"))
+        )
+        start = time.perf_counter()
+        self.cache.write(ids, batch.slots.numpy()[mask], rows, view)
+        self.counters.write_s += time.perf_counter() - start
+        self.counters.write_bytes += len(ids) * self.cache.nbytes_per_row()
+
+    def _probe(self, batch: Batch, cached: ModelOutput, step: int) -> None:
+        """Run the teacher on the replayed batch: its outputs must match the cached ones (fp16 rounding aside)."""
+        self._probe_next = False
+        live = self.live.teacher(batch.images, with_patches=self.live.with_patches)
+        self.counters.probe_batches += 1
+        a, b = (live.pooled, cached.pooled) if cached.pooled is not None else (live.logits, cached.logits)
+        cosine = float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min())
+        self._fidelity.append(cosine)
+        worst = self.counters.fidelity_min
+        self.counters.fidelity_min = cosine if worst is None else min(worst, cosine)
+        if cosine < FIDELITY_FLOOR and self.report:
+            message = (
+                f"WARNING: teacher cache fidelity {cosine:.4f} < {FIDELITY_FLOOR} at step {step}: the cached "
+                "targets do not match what the teacher gives on these views"
+                + (" (expected with train.cache_mode=fixed)" if self.mode == "fixed" else "")
+            )
+            tqdm.write(message)
+            warnings.warn(message, stacklevel=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.live.state_dict(), **self.counters.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.live.load_state_dict(state)
+        self.counters.load_state_dict(state)
+
+    def interval_metrics(self) -> dict[str, float]:
+        if not self._fidelity:
+            return {}
+        worst, self._fidelity = min(self._fidelity), []
+        return {"cache_fidelity_cosine": worst}
+
+    def summary(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            **self.live.summary(),
+            "cache_mode": self.mode,
+            "cache_hits": c.hits,
+            "cache_rows_done": self.cache.rows_done(),
+            "cache_rows_total": self.cache.num_samples * self.cache.num_views,
+            "teacher_probe_batches": c.probe_batches,
+            "cache_fidelity_min": c.fidelity_min,
+            "cache_read_mb_s": c.read_bytes / 2**20 / c.read_s if c.read_s > 0 else None,
+            "cache_write_mb_s": c.write_bytes / 2**20 / c.write_s if c.write_s > 0 else None,
+        }
+
+
+def open_teacher_cache(
+    cfg: Config,
+    teacher: FrozenTeacher,
+    teacher_id: dict[str, str],
+    train_index: ImageIndex,
+    with_patches: bool,
+    device: torch.device,
+    is_main: bool,
+) -> TeacherCache:
+    """The teacher cache for this teacher, data and augmentation (rank 0 creates it, the others open it)."""
+    train = cfg.train
+    size = cfg.data.image_size
+    probe = teacher(torch.zeros(1, 3, size, size, device=device), with_patches=with_patches)
+    dtype = "float16" if train.cache_dtype == "fp16" else "float32"
+    parts = parts_for(train.cache_outputs, probe, train.cache_logits_topk, dtype)
+    identity = {
+        "teacher": teacher_id,
+        "image_size": size,
+        "augment": cfg.data.augment.model_dump(mode="json"),
+        "files": files_hash(train_index.files),
+        "num_classes": 0 if probe.logits is None else int(probe.logits.shape[-1]),
+        "mode": train.cache_mode,
+    }
+    views = 1 if train.cache_mode == "fixed" else train.cache_views_per_image
+    args = (Path(train.teacher_feature_dir), identity, parts, train_index.num_samples, views)
+    cache = TeacherCache(*args, create=True, rebuild=train.cache_rebuild) if is_main else None
+    distributed.barrier()
+    if cache is None:
+        cache = TeacherCache(*args, create=False)
+    if train.cache_mode == "fixed" and is_main:
+        warnings.warn(
+            "train.cache_mode=fixed: the student sees new random views but learns the targets of one fixed view "
+            "per image (the original trainer's behaviour); replay keeps them consistent",
+            stacklevel=2,
+        )
+    return cache
