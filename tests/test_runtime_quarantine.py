@@ -153,6 +153,7 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
     it = iter(stream)
     with pytest.warns(UserWarning, match="set aside .*5.jpg"):
         first = list(itertools.islice(it, n // 4))
+    assert len(stream.worker_pids()) == num_workers
     entries = stream.take_entries()
     assert [(e["path"], e["found"]) for e in entries] == [(index.files[a], "runtime")]
     assert entries[0]["reason"].startswith("decode failed during training: ")

@@ -90,10 +90,11 @@ class DaliTrainStream:
         while True:
             files, shown = self.quarantine.effective()
             # The reader reports each entry's slot id (its position in the list), whichever file it reads; the
-            # shown image's id is looked up on the device, so no batch waits for the host.
+            # shown image's id is looked up in this table where the ids are, so no batch waits for the host.
             self.pipe = train_pipeline(files, checkpoint=checkpoint, **self._settings)
             self.pipe.build()
-            self._shown = torch.tensor(shown, dtype=torch.int64, device=self.device)
+            # Moved to the ids' device at the first batch (the reader's ids are CPU data unless a graph moves them).
+            self._shown = torch.tensor(shown, dtype=torch.int64)
             outputs = list(train_outputs(self._settings["params"]))
             try:
                 # No reader_name: the iterator runs as long as the pipeline does, i.e. forever. It runs the
@@ -115,6 +116,8 @@ class DaliTrainStream:
                 continue
             # DALI reuses its output buffers at the next iteration: clone what the trainer keeps.
             stream_ids = out["sample_ids"].view(-1).clone()
+            if self._shown.device != stream_ids.device:
+                self._shown = self._shown.to(stream_ids.device)
             sample_ids = self._shown[stream_ids]
             yield Batch(
                 images=out["images"],

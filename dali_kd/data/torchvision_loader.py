@@ -337,6 +337,10 @@ class TorchvisionTrainStream:
                 view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
             )
 
+    def worker_pids(self) -> list[int]:
+        """The process ids of the running iterator's workers (none before iter(), without workers, or closed)."""
+        return [w.pid for w in getattr(self._active, "_workers", [])]
+
     def close(self) -> None:
         """Stop the worker processes now rather than when the garbage collector finds them."""
         shutdown = getattr(self._active, "_shutdown_workers", None)
