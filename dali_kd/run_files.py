@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dali_kd.config import Config, dump_config
 from dali_kd.data.prepare import write_quarantine
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from dali_kd.models import Student
+from dali_kd.run_state import RunState
+
+if TYPE_CHECKING:
+    from dali_kd.build import RunParts
 
 
 def start_run_dir(run_dir: Path, cfg: Config, quarantine: list[dict[str, str]], step: int) -> None:
@@ -43,6 +47,36 @@ def write_final(run_dir: Path, student: Student, summary: dict[str, Any]) -> Non
     if student.patch_projector is not None:
         save_safetensors_atomic(run_dir / "patch_projector.safetensors", student.patch_projector.state_dict())
     write_json_atomic(run_dir / "summary.json", summary)
+
+
+def run_summary(
+    cfg: Config, state: RunState, parts: RunParts, world_size: int, device: str
+) -> dict[str, Any]:
+    """What the run did and on what: summary.json's run-level fields (telemetry and the targets add theirs)."""
+    train_index, val_index = parts.train_index, parts.val_index
+    images = state.step * cfg.train.batch_size * world_size
+    return {
+        "steps": state.step,
+        "epochs": cfg.train.epochs,
+        "steps_per_epoch": parts.steps_per_epoch,
+        "final_loss": state.final_loss,
+        "images_per_sec": images / state.train_s if state.train_s > 0 else None,
+        "student_knn_top1": state.student_knn_top1,
+        "teacher_knn_top1": state.teacher_knn_top1,
+        "chance_top1": 100.0 / train_index.num_classes,
+        "knn_history": state.knn_history,
+        "num_classes": train_index.num_classes,
+        "num_train_images": train_index.num_samples,
+        "num_val_images": val_index.num_samples if val_index else 0,
+        "teacher": cfg.model.teacher.name,
+        "student": cfg.model.student.name,
+        "device": device,
+        "backend": cfg.data.backend,
+        "precision": str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else "fp32",
+        "compiled_student": cfg.train.compile_student,
+        "world_size": world_size,
+        "quarantined_files": len(parts.scan_quarantine) + len(state.runtime_quarantine),
+    }
 
 
 def progress_postfix(row: dict[str, Any]) -> str:

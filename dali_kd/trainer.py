@@ -14,26 +14,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dali_kd import checkpoint as ckpt
 from dali_kd import distributed
+from dali_kd.build import build_run
 from dali_kd.callbacks import Callback
-from dali_kd.checkpointer import Checkpointer, restore
+from dali_kd.checkpointer import Checkpointer
 from dali_kd.config import Config
 from dali_kd.data.batch import Batch
-from dali_kd.data.loaders import make_train_stream
-from dali_kd.data.prepare import prepare_data, write_quarantine
+from dali_kd.data.prepare import write_quarantine
 from dali_kd.distributed import DistInfo
-from dali_kd.errors import UserError
-from dali_kd.evaluation import KnnEvaluator, student_accuracy, teacher_accuracy
-from dali_kd.models import build_distill_models
-from dali_kd.nonfinite import NonFiniteGuard
-from dali_kd.optim import build_optimizer, build_scheduler, warmup_cosine
+from dali_kd.evaluation import student_accuracy, teacher_accuracy
+from dali_kd.optim import warmup_cosine
 from dali_kd.preemption import Preempted, StopSignal
-from dali_kd.run_files import progress_postfix, start_run_dir, write_final
-from dali_kd.run_state import RunState
-from dali_kd.runtime import autocast_dtype, resolve_device, seed_everything
-from dali_kd.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
-from dali_kd.task import DistillTask
+from dali_kd.run_files import progress_postfix, run_summary, start_run_dir, write_final
+from dali_kd.runtime import resolve_device
 from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
@@ -59,77 +52,15 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.show_progress = show_progress and self.dist.is_main
         self.callbacks = list(callbacks or [])
-        self.amp_dtype = autocast_dtype(cfg.train.precision, device)
-        seed_everything(cfg.train.seed)
-
-        # Every file is checked first (cached); the bad ones are set aside and listed in the run's quarantine.
-        splits = prepare_data(cfg, self.dist.is_main, distributed.barrier)
-        self.train_index, self.val_index = splits.train, splits.val
-        self.scan_quarantine = splits.quarantine
-        if self.dist.is_main:
-            for message in splits.messages:
-                print(message, flush=True)
-        shard_samples = self.train_index.num_samples // self.dist.world_size
-        if cfg.train.batch_size > shard_samples:
-            raise UserError(
-                f"train.batch_size={cfg.train.batch_size} is larger than each process's share of the data "
-                f"({self.train_index.num_samples} usable images / {self.dist.world_size} processes = {shard_samples})"
-            )
-        self.evaluator = KnnEvaluator(
-            cfg, self.train_index, self.val_index, device, self.dist.rank, self.dist.world_size
-        )
-        models = build_distill_models(
-            cfg.model, cfg.data.image_size, cfg.train.loss.patch_weight, cfg.train.use_local_crops, device,
-            self.amp_dtype,
-        )  # fmt: skip
-        self.teacher, self.teacher_id, self.student = models.teacher, models.teacher_id, models.student
-        self.task = DistillTask(
-            self.student, cfg.train.loss, device, self.amp_dtype, self.dist, cfg.train.compile_student
-        )
-        self.optimizer = build_optimizer(self.student, cfg.train.optimizer)
-        # Every rank takes the same number of steps: the smallest shard decides.
-        self.steps_per_epoch = min(
-            cfg.train.max_steps_per_epoch, max(1, shard_samples // cfg.train.batch_size)
-        )
+        self.parts = build_run(cfg, device, self.dist, resume_from, allow_config_change)
+        p = self.parts
+        self.amp_dtype, self.train_index, self.evaluator = p.amp_dtype, p.train_index, p.evaluator
+        self.teacher, self.student, self.cache, self.stream = p.teacher, p.student, p.cache, p.stream
+        self.task, self.optimizer, self.scheduler = p.task, p.optimizer, p.scheduler
+        self.state, self.guard, self.targets = p.state, p.guard, p.targets
+        self.steps_per_epoch = p.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.train.optimizer)
-        self.state = RunState()
-        self.guard = NonFiniteGuard(cfg.train.on_nonfinite_loss, cfg.train.max_skipped_steps, device)
-        live = LiveTeacher(self.teacher, models.use_patches)
-        self.cache = None
-        self.targets: TeacherTargets = live
-        if cfg.train.cache_teacher_features:
-            self.cache = open_teacher_cache(
-                cfg,
-                self.teacher,
-                self.teacher_id,
-                self.train_index,
-                models.use_patches,
-                device,
-                self.dist.is_main,
-            )
-            self.targets = CachedTeacher(
-                live, self.cache, cfg.train.cache_mode, cfg.train.cache_probe_every_n_steps, device,
-                report=self.dist.is_main,
-            )  # fmt: skip
-        stream_state = None
         self.resumed_from = resume_from
-        if resume_from is not None:
-            saved = ckpt.load(resume_from)
-            ckpt.check_compatible(
-                saved, cfg, self.teacher_id, self.dist.world_size, resume_from, allow_config_change
-            )
-            stream_state = restore(saved, self._model_parts(), self._progress_parts(), self.dist.rank)
-        # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
-        self.stream = make_train_stream(
-            cfg,
-            self.train_index,
-            device,
-            self.dist.rank,
-            self.dist.world_size,
-            state=stream_state,
-            cache=self.cache,
-        )
         # Made for a run directory by fit(); a disabled timer lets train_step run on its own.
         self.timer = StepTimer(device, enabled=False)
         self.monitor: RunMonitor | None = None
@@ -147,7 +78,7 @@ class Trainer:
         return {"student": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
     def _progress_parts(self) -> list[Any]:
-        return [self.state, self.targets, self.guard]
+        return [self.state, self.targets, self.guard]  # self.targets: a part a benchmark may swap
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -179,12 +110,12 @@ class Trainer:
         self.run_dir = run_dir
         state.start_clocks()
         self.checkpointer = Checkpointer(
-            run_dir, cfg, self.dist, self.steps_per_epoch, self.teacher_id, self._model_parts(),
+            run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self._model_parts(),
             self._progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
         )  # fmt: skip
         if self.dist.is_main:
             # The scan's verdicts, then what the run itself set aside (carried over by a resumed run).
-            start_run_dir(run_dir, cfg, self.scan_quarantine + state.runtime_quarantine, state.step)
+            start_run_dir(run_dir, cfg, self.parts.scan_quarantine + state.runtime_quarantine, state.step)
         self.monitor = RunMonitor(
             run_dir,
             self.device,
@@ -315,32 +246,9 @@ class Trainer:
         cfg, state = self.cfg, self.state
         state.update_wall()
         summary = {
-            "steps": state.step,
-            "epochs": cfg.train.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "final_loss": state.final_loss,
-            "images_per_sec": (
-                state.step * cfg.train.batch_size * self.dist.world_size / state.train_s
-                if state.train_s > 0
-                else None
-            ),
-            "student_knn_top1": state.student_knn_top1,
-            "teacher_knn_top1": state.teacher_knn_top1,
-            "chance_top1": 100.0 / self.train_index.num_classes,
-            "knn_history": state.knn_history,
-            "num_classes": self.train_index.num_classes,
-            "num_train_images": self.train_index.num_samples,
-            "num_val_images": self.val_index.num_samples if self.val_index else 0,
-            "teacher": cfg.model.teacher.name,
-            "student": cfg.model.student.name,
-            "device": str(self.device),
-            "backend": cfg.data.backend,
-            "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
-            "compiled_student": cfg.train.compile_student,
-            "world_size": self.dist.world_size,
-            "skipped_steps": self.guard.skipped_steps,
-            "quarantined_files": len(self.scan_quarantine) + len(state.runtime_quarantine),
+            **run_summary(cfg, state, self.parts, self.dist.world_size, str(self.device)),
             **self.targets.summary(),
+            "skipped_steps": self.guard.skipped_steps,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "last_checkpoint": str(self.checkpointer.last) if self.checkpointer.last else None,
             **self.monitor.summary(),

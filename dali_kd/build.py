@@ -1,0 +1,121 @@
+"""Everything one process's run is made of, built from the config in the order that makes a resume exact.
+
+Seeds first; then the data (scanned, quarantined), the models (their initialisation draws from the seeded RNG),
+the task, optimiser, schedule, counters and teacher targets; then a checkpoint's state is loaded into those parts
+(RNGs included) and the data stream is built at the checkpoint's position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dali_kd import checkpoint as ckpt
+from dali_kd import distributed
+from dali_kd.checkpointer import restore
+from dali_kd.config import Config
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import make_train_stream
+from dali_kd.data.prepare import prepare_data
+from dali_kd.data.stream import TrainStream
+from dali_kd.distributed import DistInfo
+from dali_kd.errors import UserError
+from dali_kd.evaluation import KnnEvaluator
+from dali_kd.models import FrozenTeacher, Student, build_distill_models
+from dali_kd.nonfinite import NonFiniteGuard
+from dali_kd.optim import build_optimizer, build_scheduler
+from dali_kd.run_state import RunState
+from dali_kd.runtime import autocast_dtype, seed_everything
+from dali_kd.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
+from dali_kd.task import DistillTask
+from dali_kd.teacher_cache import TeacherCache
+
+
+@dataclass
+class RunParts:
+    amp_dtype: torch.dtype | None
+    train_index: ImageIndex
+    val_index: ImageIndex | None
+    scan_quarantine: list[dict[str, str]]  # files the scan set aside, for the run's quarantine.jsonl
+    evaluator: KnnEvaluator
+    teacher: FrozenTeacher
+    teacher_id: dict[str, str]
+    student: Student
+    task: DistillTask
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    state: RunState
+    guard: NonFiniteGuard
+    targets: TeacherTargets
+    cache: TeacherCache | None
+    stream: TrainStream
+
+    def model_parts(self) -> dict:
+        """What a checkpoint stores at its top level."""
+        return {"student": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def progress_parts(self) -> list:
+        """The parts whose counters make up a checkpoint's progress dict."""
+        return [self.state, self.targets, self.guard]
+
+
+def build_run(
+    cfg: Config,
+    device: torch.device,
+    dist: DistInfo,
+    resume_from: Path | None = None,
+    allow_config_change: bool = False,
+) -> RunParts:
+    """All parts of this rank's run; with resume_from, continued exactly from that checkpoint."""
+    train = cfg.train
+    amp_dtype = autocast_dtype(train.precision, device)
+    seed_everything(train.seed)
+    # Every file is checked first (cached); the bad ones are set aside and listed in the run's quarantine.
+    splits = prepare_data(cfg, dist.is_main, distributed.barrier)
+    if dist.is_main:
+        for message in splits.messages:
+            print(message, flush=True)
+    shard_samples = splits.train.num_samples // dist.world_size
+    if train.batch_size > shard_samples:
+        raise UserError(
+            f"train.batch_size={train.batch_size} is larger than each process's share of the data "
+            f"({splits.train.num_samples} usable images / {dist.world_size} processes = {shard_samples})"
+        )
+    evaluator = KnnEvaluator(cfg, splits.train, splits.val, device, dist.rank, dist.world_size)
+    models = build_distill_models(
+        cfg.model, cfg.data.image_size, train.loss.patch_weight, train.use_local_crops, device, amp_dtype
+    )
+    task = DistillTask(models.student, train.loss, device, amp_dtype, dist, train.compile_student)
+    optimizer = build_optimizer(models.student, train.optimizer)
+    # Every rank takes the same number of steps: the smallest shard decides.
+    steps_per_epoch = min(train.max_steps_per_epoch, max(1, shard_samples // train.batch_size))
+    scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
+    targets: TeacherTargets = LiveTeacher(models.teacher, models.use_patches)
+    cache = None
+    if train.cache_teacher_features:
+        cache = open_teacher_cache(
+            cfg, models.teacher, models.teacher_id, splits.train, models.use_patches, device, dist.is_main
+        )
+        targets = CachedTeacher(
+            targets, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
+        )
+    parts = RunParts(
+        amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
+        models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
+        NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache, stream=None,
+    )  # fmt: skip
+    stream_state = None
+    if resume_from is not None:
+        saved = ckpt.load(resume_from)
+        ckpt.check_compatible(
+            saved, cfg, models.teacher_id, dist.world_size, resume_from, allow_config_change
+        )
+        stream_state = restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
+    # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
+    parts.stream = make_train_stream(
+        cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
+    )
+    return parts
