@@ -172,9 +172,8 @@ class CachedTeacher:
     def _store(self, batch: Batch, out: ModelOutput) -> None:
         mask = batch.store.numpy()
         # Rows belong to stream slots: a slot whose file was set aside stores its stand-in's view and targets.
-        slot_ids = getattr(batch, "stream_ids", None)
-        slot_ids = slot_ids if slot_ids is not None else batch.sample_ids
-        ids = slot_ids.cpu().numpy()[mask]
+        shown = batch.sample_ids.cpu().numpy()[mask]
+        ids = batch.stream_ids.cpu().numpy()[mask] if batch.stream_ids is not None else shown
         picked = torch.from_numpy(mask).to(self.device)
         rows = ModelOutput(
             *(None if t is None else t[picked] for t in (out.pooled, out.logits, out.patch_tokens))
@@ -183,7 +182,7 @@ class CachedTeacher:
             *(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip", "jitter"))
         )
         start = time.perf_counter()
-        self.cache.write(ids, batch.slots.numpy()[mask], rows, view)
+        self.cache.write(ids, batch.slots.numpy()[mask], rows, view, shown_ids=shown)
         self.counters.write_s += time.perf_counter() - start
         self.counters.write_bytes += len(ids) * self.cache.nbytes_per_row()
 
