@@ -57,10 +57,6 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def worker_pids(iterator) -> list[int]:
-    return [w.pid for w in getattr(iterator, "_workers", [])]
-
-
 def measure(
     make_batches, batch_size: int, warmup: int, batches: int, repeats: int, queued: int = 2, sync=None
 ) -> dict:
@@ -100,8 +96,7 @@ def torchvision_batches(index, params, batch_size, workers):
         )
         iterator = iter(stream)
         next(iterator)  # starts the workers
-        # The stream's live DataLoader iterator owns the worker processes.
-        return iterator, (lambda: worker_pids(stream._active)), stream.close
+        return iterator, stream.worker_pids, stream.close
 
     return make
 

@@ -19,6 +19,7 @@ from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.prepare import prepare_data
+from dali_kd.data.sampling import min_shard_size
 from dali_kd.data.stream import TrainStream
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import UserError
@@ -78,7 +79,7 @@ def build_run(
     if dist.is_main:
         for message in splits.messages:
             print(message, flush=True)
-    shard_samples = splits.train.num_samples // dist.world_size
+    shard_samples = min_shard_size(splits.train.num_samples, dist.world_size)
     if train.batch_size > shard_samples:
         raise UserError(
             f"train.batch_size={train.batch_size} is larger than each process's share of the data "

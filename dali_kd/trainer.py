@@ -248,6 +248,8 @@ class Trainer:
         summary = {
             **run_summary(cfg, state, self.parts, self.dist.world_size, str(self.device)),
             **self.targets.summary(),
+            # Replayed rows that did not hold their image's own view and were replaced (see CachedViewStream).
+            **({"cache_missing_rows": self.stream.missing_rows} if self.cache is not None else {}),
             "skipped_steps": self.guard.skipped_steps,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "last_checkpoint": str(self.checkpointer.last) if self.checkpointer.last else None,

@@ -56,7 +56,7 @@ def test_fill_then_replay_stops_the_teacher(cached_run):
     assert summary["steps"] == 24
     assert summary["teacher_forward_batches"] == math.ceil(48 * 2 / 8)
     assert summary["cache_rows_done"] == summary["cache_rows_total"] == 96
-    assert summary["cache_hits"] == 12 * 8
+    assert summary["cache_hits"] == 12 * 8 and summary["cache_missing_rows"] == 0
     assert summary["teacher_probe_batches"] >= 1 and summary["cache_fidelity_min"] > 0.999
     assert summary["cache_write_mb_s"] > 0 and summary["cache_read_mb_s"] > 0
     rows = [json.loads(r) for r in (Path(trainer.run_dir) / "metrics.jsonl").read_text().splitlines()]
