@@ -1,0 +1,145 @@
+"""Loading a config: three YAML files plus KEY=VALUE overrides, validated; the first problem becomes one
+`UserError` line naming where it was set and the dotted key(s), with a did-you-mean for typos."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dali_kd.config.schema import Config, ConfigConflict
+from dali_kd.config.sections import DEMO_CONFIG_DIR, SECTION_FILES
+from dali_kd.errors import UserError
+
+
+def _did_you_mean(model: type[BaseModel] | None, key: str) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The schema class that holds the key at `path` (to suggest its real field names)."""
+    model: Any = Config
+    for part in path[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        model = field.annotation
+    return model
+
+
+def _source(key: str, sources: dict[str, str]) -> str:
+    """Where a dotted key was set: the command line, or the file of its section (the longest known prefix wins)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if (where := sources.get(".".join(parts[:end]))) is not None:
+            return where
+    return "config"
+
+
+def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
+    loc = tuple(error["loc"])
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ConfigConflict):
+        # A rule over several keys: the message names them all; say where each was set.
+        places = dict.fromkeys(_source(k, sources) for k in cause.keys)
+        return f"{' and '.join(places)}: {cause}" if places else str(cause)
+    if not loc:
+        return error["msg"].removeprefix("Value error, ")
+    key = ".".join(str(p) for p in loc)
+    where = _source(key, sources)
+    if error["type"] == "extra_forbidden":
+        what = f"unknown key{_did_you_mean(_model_at(loc), str(loc[-1]))}"
+    elif error["type"] == "missing":
+        what = "required key is missing"
+    else:
+        msg = error["msg"].removeprefix("Value error, ")
+        what = f"{msg} (got {error['input']!r})" if not isinstance(error["input"], dict) else msg
+    return f"{where}: {key}: {what}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.batch_size=64` → (['train', 'batch_size'], 64); the value is read as YAML (null, true, [1, 2])."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(
+            f"command line: '{item}': expected KEY=VALUE with a dotted key such as train.batch_size=64"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"command line: '{item}': value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def load_config(
+    data_config: Path | None = None,
+    train_config: Path | None = None,
+    model_config: Path | None = None,
+    overrides: list[str] = (),  # type: ignore[assignment]
+    config_dir: Path = DEMO_CONFIG_DIR,
+) -> Config:
+    """Read the three files (a missing flag takes the file of that name in config_dir), apply overrides, validate."""
+    paths = {
+        "data": Path(data_config) if data_config else config_dir / SECTION_FILES["data"],
+        "train": Path(train_config) if train_config else config_dir / SECTION_FILES["train"],
+        "model": Path(model_config) if model_config else config_dir / SECTION_FILES["model"],
+    }
+    raw: dict[str, Any] = {section: read_yaml(path) for section, path in paths.items()}
+    sources: dict[str, str] = {section: str(path) for section, path in paths.items()}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in raw:
+            raise UserError(
+                f"command line: {'.'.join(keys)}: unknown section '{keys[0]}' (expected data., train. or model.)"
+            )
+        node = raw
+        for depth, part in enumerate(keys[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(
+                    f"command line: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section"
+                )
+            node = child
+        node[keys[-1]] = value
+        sources[".".join(keys)] = "command line"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        # A typo also makes the real key "missing": report the typo, which explains both.
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise UserError(_describe(errors[0], sources)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (tuples written as lists), as written into the run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,155 @@
+"""The whole config and its rules across sections: settings that are each valid but do not work together are
+refused here, naming every key involved with its value."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
+from dali_kd.config.sections import DataConfig, ModelConfig, Section, TrainConfig
+from pipelines.params import AugmentParams, EvalParams, MultiCropParams
+
+_KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
+
+
+class ConfigConflict(ValueError):
+    """Settings that are each valid but do not work together; `keys` are their dotted names (to say where they
+    were set)."""
+
+    def __init__(self, keys: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _show(value: Any) -> str:
+    """A value as the user writes it in YAML or on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+class Config(Section):
+    data: DataConfig
+    train: TrainConfig
+    model: ModelConfig
+
+    def value(self, key: str) -> Any:
+        """The value at a dotted key, e.g. cfg.value("train.optimizer.lr")."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        """Refuse at load time what would crash (or silently do something else) later; name every key."""
+
+        def conflict(message: str) -> ConfigConflict:
+            # Every {dotted.key} in the message is written as key=value; those are the keys the error names.
+            keys = tuple(dict.fromkeys(_KEY_IN_BRACES.findall(message)))
+            return ConfigConflict(
+                keys, _KEY_IN_BRACES.sub(lambda m: f"{m[1]}={_show(self.value(m[1]))}", message)
+            )
+
+        d, t = self.data, self.train
+        if d.val_root is not None and d.eval_resize < d.image_size:
+            raise conflict(
+                "{data.eval_resize} is smaller than {data.image_size}: the eval centre crop would not fit; "
+                "raise data.eval_resize or lower data.image_size"
+            )
+        if t.optimizer.min_lr > t.optimizer.lr:
+            raise conflict(
+                "{train.optimizer.min_lr} is larger than {train.optimizer.lr}: the schedule would rise "
+                "instead of decaying; lower train.optimizer.min_lr or raise train.optimizer.lr"
+            )
+        loss = t.loss
+        if loss.feature_weight == loss.patch_weight == loss.logit_weight == loss.label_weight == 0:
+            raise conflict(
+                "{train.loss.feature_weight}, {train.loss.patch_weight}, {train.loss.logit_weight} and "
+                "{train.loss.label_weight}: every loss weight is 0, so there is nothing to learn; give one "
+                "of them a weight > 0"
+            )
+        if t.use_local_crops:
+            if d.local_crop_size > d.image_size:
+                raise conflict(
+                    "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: "
+                    "local crops are the small views; lower data.local_crop_size or raise data.image_size"
+                )
+            if t.cache_teacher_features:
+                raise conflict(
+                    "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the "
+                    "teacher cache stores one view per sample, multi-crop makes several; turn one of them off"
+                )
+            if t.loss.global_pairing == "cross" and d.num_global_crops < 2:
+                raise conflict(
+                    "{train.loss.global_pairing} needs data.num_global_crops >= 2 "
+                    "(got {data.num_global_crops}): cross pairs each global crop with the other ones; use "
+                    "same or all, or more global crops"
+                )
+        if t.cache_teacher_features:
+            if d.backend != "dali":
+                raise conflict(
+                    "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache "
+                    "replays its stored views through the DALI graph"
+                )
+            if not t.teacher_feature_dir:
+                raise conflict(
+                    "{train.cache_teacher_features} needs a folder (got {train.teacher_feature_dir}): set "
+                    "train.teacher_feature_dir for the teacher cache (it can be large)"
+                )
+            if not {"pooled", "logits"} & set(t.cache_outputs):
+                raise conflict(
+                    "{train.cache_outputs} with {train.cache_teacher_features}: the cache's fidelity probe "
+                    "compares the pooled embedding or the logits; add pooled or logits"
+                )
+            if t.loss.feature_weight > 0 and "pooled" not in t.cache_outputs:
+                raise conflict(
+                    "{train.loss.feature_weight} needs pooled in {train.cache_outputs} with "
+                    "{train.cache_teacher_features}: the feature loss would have no cached teacher "
+                    "embedding; add pooled or set train.loss.feature_weight=0"
+                )
+        return self
+
+    def augment_params(self) -> AugmentParams:
+        a = self.data.augment
+        return AugmentParams(image_size=self.data.image_size, **a.model_dump())
+
+    def crop_params(self) -> AugmentParams | MultiCropParams:
+        """What the training stream makes: one view per image, or (train.use_local_crops) DINO multi-crop."""
+        if not self.train.use_local_crops:
+            return self.augment_params()
+        d = self.data
+        view = self.augment_params()
+        return MultiCropParams(
+            global_view=replace(view, crop_scale=d.global_crop_scale),
+            local_view=replace(view, image_size=d.local_crop_size, crop_scale=d.local_crop_scale),
+            num_global=d.num_global_crops,
+            num_local=d.num_local_crops,
+        )
+
+    def eval_params(self) -> EvalParams:
+        a = self.data.augment
+        return EvalParams(
+            image_size=self.data.image_size, resize_size=self.data.eval_resize, mean=a.mean, std=a.std
+        )
+
+
+def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """The dotted keys declared with `free_on_resume` (the resume check ignores them)."""
+    keys: set[str] = set()
+    for name, field in (model or Config).model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= resume_free_keys(ann, f"{prefix}{name}.")
+        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume") == "free":
+            keys.add(f"{prefix}{name}")
+    return keys

@@ -1,0 +1,282 @@
+"""The config's sections (data, train, model): every key declared once, with its type, range, default and meaning.
+
+pydantic rejects unknown keys, wrong types and out-of-range values; `free_on_resume` marks the keys a resumed run
+may change (how the run is observed, not what it computes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEMO_CONFIG_DIR = CONFIG_DIR / "demo"
+SECTION_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
+
+FloatRange = tuple[float, float]
+RGB = tuple[float, float, float]
+
+
+def free_on_resume(default: Any, **kwargs: Any) -> Any:
+    """A Field that a resumed run may change freely: it changes how the run is observed, not what it does."""
+    return Field(default, json_schema_extra={"resume": "free"}, **kwargs)
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_area_range(v: FloatRange) -> FloatRange:
+    if not 0 < v[0] <= v[1] <= 1:
+        raise ValueError("need 0 < low <= high <= 1")
+    return v
+
+
+class AugmentConfig(Section):
+    crop_scale: FloatRange = Field((0.08, 1.0), description="Random resized crop: area fraction range")
+    crop_ratio: FloatRange = Field(
+        (3 / 4, 4 / 3), description="Random resized crop: aspect ratio (w/h) range"
+    )
+    flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip")
+    jitter_prob: float = Field(0.8, ge=0, le=1, description="Probability that colour jitter is applied")
+    brightness: float = Field(0.4, ge=0, le=1, description="Brightness factor drawn from [1-s, 1+s]")
+    contrast: float = Field(0.4, ge=0, le=1, description="Contrast factor drawn from [1-s, 1+s]")
+    saturation: float = Field(0.2, ge=0, le=1, description="Saturation factor drawn from [1-s, 1+s]")
+    hue: float = Field(
+        0.1, ge=0, le=0.5, description="Hue shift drawn from [-h, h], in turns of the colour wheel"
+    )
+    mean: RGB = Field(IMAGENET_MEAN, description="Normalisation mean (RGB, 0-1 scale)")
+    std: RGB = Field(IMAGENET_STD, description="Normalisation std (RGB, 0-1 scale)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_scale(cls, v: FloatRange) -> FloatRange:
+        return _check_area_range(v)
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _check_ratio(cls, v: FloatRange) -> FloatRange:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("need 0 < low <= high")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(cls, v: RGB) -> RGB:
+        if any(s <= 0 for s in v):
+            raise ValueError("every entry must be > 0")
+        return v
+
+
+class DataConfig(Section):
+    root: str = Field(description="Training images: an ImageFolder tree root/<class>/<image>")
+    file_list: str | None = Field(
+        None,
+        description="Train on the files listed here (one <class>/<image> path per line, relative to root)",
+    )
+    val_root: str | None = free_on_resume(
+        None, description="Held-out images (same classes) for k-NN evaluation; null skips it"
+    )
+    backend: Literal["dali", "torchvision"] = Field(
+        "dali", description="dali (GPU or DALI CPU) or torchvision (PIL)"
+    )
+    image_size: int = Field(
+        224, ge=16, le=4096, description="Side of the square training and eval crops, pixels"
+    )
+    eval_resize: int = Field(
+        256, ge=16, le=4096, description="Eval: shorter side resized to this before the centre crop"
+    )
+    scan: Literal["header", "full", "off"] = Field(
+        "header", description="Check every file before training: header/structure, full DALI decode, or off"
+    )
+
+    @field_validator("scan", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false (and `on` as true): take them as the words the user wrote.
+        return {False: "off", True: "header"}.get(v, v) if isinstance(v, bool) else v
+
+    scan_dir: str | None = Field(
+        None, description="Where scans and their cache go; null: ~/.cache/dali_kd/scans/"
+    )
+    max_image_pixels: int = Field(100_000_000, ge=1, description="Images with more pixels are set aside")
+    max_runtime_quarantine: int = Field(
+        100, ge=0, description="Files set aside during a run (decode failures) before the run stops"
+    )
+    dali_threads: int = free_on_resume(4, ge=1, le=256, description="DALI CPU worker threads per process")
+    prefetch_batches: int = free_on_resume(
+        2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # Multi-crop (train.use_local_crops: true): every image is decoded once and cut into these crops, each with its
+    # own window, flip and jitter (augment's ratio, flip and jitter settings); augment.crop_scale is then unused.
+    num_global_crops: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Multi-crop: global crops per image, image_size px (the teacher sees these)",
+    )
+    global_crop_scale: FloatRange = Field(
+        (0.32, 1.0), description="Multi-crop: area fraction range of the global crops"
+    )
+    num_local_crops: int = Field(
+        8, ge=0, le=64, description="Multi-crop: local crops per image (student only)"
+    )
+    local_crop_size: int = Field(96, ge=8, le=4096, description="Multi-crop: side of the local crops, pixels")
+    local_crop_scale: FloatRange = Field(
+        (0.05, 0.32), description="Multi-crop: area fraction range of the local crops"
+    )
+
+    @field_validator("global_crop_scale", "local_crop_scale")
+    @classmethod
+    def _check_scales(cls, v: FloatRange) -> FloatRange:
+        return _check_area_range(v)
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW), reached after warm-up")
+    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine schedule")
+    weight_decay: float = Field(
+        0.05, ge=0, description="AdamW weight decay (not applied to biases and norms)"
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before the cosine decay")
+    grad_clip: float | None = Field(3.0, gt=0, description="Clip the gradient norm to this; null disables")
+
+
+class LossConfig(Section):
+    feature: Literal["cosine", "mse", "cosine+mse"] = Field(
+        "cosine", description="Pooled-feature distillation loss"
+    )
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the pooled-feature loss")
+    patch_weight: float = Field(
+        0.0, ge=0, description="Weight of the patch-token loss (ViT pairs, same token grid)"
+    )
+    logit_weight: float = Field(
+        1.0, ge=0, description="Weight of the KL logit loss (same-size classifier heads)"
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL logit loss")
+    label_weight: float = Field(0.0, ge=0, description="Weight of cross-entropy on the true labels")
+    # Multi-crop pairing: which teacher output each student view is pulled toward.
+    global_pairing: Literal["same", "cross", "all"] = Field(
+        "same",
+        description="Multi-crop: a student global crop learns the teacher on the same crop, the other globals "
+        "(cross, DINO), or all globals",
+    )
+    local_weight: float = Field(
+        1.0, ge=0, description="Multi-crop: weight of a local-crop pair relative to a global pair"
+    )
+
+
+class TrainConfig(Section):
+    # The original trainer's keys, with their original meaning.
+    batch_size: int = Field(256, ge=1, description="Images per step on each GPU/process")
+    max_steps_per_epoch: int = Field(
+        500, ge=1, description="An epoch ends after this many steps (the stream continues)"
+    )
+    use_local_crops: bool = Field(
+        False,
+        description="DINO-style multi-crop: global crops for teacher and student, local crops for the student",
+    )
+    cache_teacher_features: bool = Field(
+        False, description="Cache the teacher's outputs per view (DALI backend)"
+    )
+    teacher_feature_dir: str | None = Field(
+        None, description="Where the teacher cache lives (needed with the cache)"
+    )
+    cache_mode: Literal["replay", "fixed"] = Field(
+        "replay", description="replay: students see the stored views; fixed: the original's one-view targets"
+    )
+    cache_views_per_image: int = Field(
+        4, ge=1, le=64, description="Views stored per image (the first K passes)"
+    )
+    cache_outputs: list[Literal["pooled", "logits", "tokens"]] = Field(
+        ["pooled", "logits"],
+        min_length=1,
+        description="Teacher outputs stored: pooled embedding, logits, patch tokens",
+    )
+    cache_logits_topk: int | None = Field(
+        None, ge=1, description="Store only the top-k logits; null: all of them"
+    )
+    cache_dtype: Literal["fp16", "fp32"] = Field(
+        "fp16", description="Storage precision of the cached outputs"
+    )
+    cache_probe_every_n_steps: int | None = Field(
+        200,
+        ge=1,
+        description="Fidelity probe: run the teacher on a replayed batch every N steps; null: never",
+    )
+    cache_rebuild: bool = Field(False, description="Rebuild a cache that was built for something else")
+    compile_student: bool = Field(True, description="torch.compile the student (never the teacher)")
+    num_workers: int = free_on_resume(4, ge=0, description="DataLoader workers of the torchvision backend")
+    persistent_workers: bool = free_on_resume(
+        False, description="Keep torchvision DataLoader workers between epochs"
+    )
+    # What a real run needs besides.
+    epochs: int = Field(100, ge=1, description="Number of (step-capped) epochs")
+    seed: int = Field(0, ge=0, description="Seed for shuffling, augmentations and initialisation")
+    device: Literal["auto", "cuda", "cpu"] = free_on_resume(
+        "auto", description="auto: cuda when available, else cpu"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    output_dir: str = free_on_resume("runs", description="Run directories are created under this folder")
+    run_name: str | None = free_on_resume(
+        None, description="Run directory name; null: <student>-<date>-<time>"
+    )
+    log_every_n_steps: int = free_on_resume(50, ge=1, description="One metrics.jsonl row per this many steps")
+    save_every_n_steps: int | None = free_on_resume(
+        1000, ge=1, description="Checkpoint every N steps (and at each epoch end); null: epoch ends only"
+    )
+    keep_last_checkpoints: int = free_on_resume(
+        3, ge=1, description="Checkpoints kept in <run>/checkpoints (oldest deleted)"
+    )
+    on_nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="NaN/Inf loss: stop (pointing at the last good checkpoint) or skip the step"
+    )
+    max_skipped_steps: int = free_on_resume(
+        10, ge=0, description="With on_nonfinite_loss=skip: stop after this many skips"
+    )
+    telemetry: bool = free_on_resume(
+        True, description="Per-stage timing, GPU (NVML) and process telemetry in metrics rows"
+    )
+    tensorboard: bool = free_on_resume(
+        False, description="Also write the metrics as TensorBoard scalars (run_dir/tensorboard)"
+    )
+    knn_k: int = free_on_resume(20, ge=1, description="Neighbours in the k-NN evaluation")
+    knn_bank_size: int | None = free_on_resume(
+        None, ge=1, description="Training images (evenly spread) in the k-NN bank; null: all of them"
+    )
+    eval_every_n_epochs: int = free_on_resume(
+        1, ge=1, description="k-NN evaluation every N epochs (and after the last)"
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class ModelSpec(Section):
+    name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    checkpoint: str | None = Field(
+        None, description="Local weights (.safetensors, or a torch file); null: random init"
+    )
+    num_classes: int | None = Field(
+        None, ge=0, description="Classifier outputs; null: teacher 1000, student same as the teacher"
+    )
+
+
+class StudentSpec(ModelSpec):
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth while training")
+
+
+class ModelConfig(Section):
+    teacher: ModelSpec
+    student: StudentSpec
+    projector_hidden_dim: int = Field(
+        0, ge=0, description="Hidden width of the student→teacher feature projector; 0: one linear layer"
+    )
