@@ -7,17 +7,47 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the job is requeued and resumes by itself
 JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 
 
-class Preempted(Exception):
-    """Raised by the trainer after it has saved a checkpoint because a stop signal arrived."""
+class Preempted(BaseException):
+    """A stop signal arrived: raised by the trainer after it saved a checkpoint, or at once during start-up.
+
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way (a model loader turning errors into
+    user errors, say) may mistake it for a failure.
+    """
 
     def __init__(self, checkpoint, signal_name: str):
-        super().__init__(f"{signal_name} received: checkpoint saved to {checkpoint}")
+        where = (
+            f"checkpoint saved to {checkpoint}" if checkpoint else "before the first step, nothing to save"
+        )
+        super().__init__(f"{signal_name} received: {where}")
         self.checkpoint = checkpoint
+
+
+def preempt_at_once() -> Callable[[], None]:
+    """From the first second of a run until its loop starts (scan, demo, models, compilation), SIGUSR1/SIGTERM
+    end it as preempted straight away (exit 75, requeued): there is nothing to save yet, and Slurm's grace time
+    (--signal=USR1@90) is shorter than a cold scan. The loop then installs StopSignal, and restores this after.
+    Returns a function that puts the previous handlers back."""
+
+    def handle(signum, frame) -> None:
+        raise Preempted(None, signal.Signals(signum).name)
+
+    previous = {}
+    for name in StopSignal.SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, handle)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 class StopSignal:

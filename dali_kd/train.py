@@ -224,8 +224,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    from dali_kd.preemption import EXIT_PREEMPTED
+    from dali_kd.preemption import EXIT_PREEMPTED, Preempted, preempt_at_once, requeue
 
+    # First thing: a job signalled during start-up is requeued, not dropped.
+    restore_signals = preempt_at_once()
     try:
         run(argv, callbacks)
     except UserError as e:
@@ -237,16 +239,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from dali_kd.preemption import Preempted, requeue
-
-        if not isinstance(e, Preempted):
-            raise
+    except Preempted as e:
         rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
         if rank0:
             print(f"preempted: {e}", file=sys.stderr, flush=True)
             requeue()
         return EXIT_PREEMPTED
+    finally:
+        restore_signals()
     return 0
 
 

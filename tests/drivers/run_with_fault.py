@@ -5,7 +5,9 @@ cleanup at all), SIGUSR1, or a NaN input.
     python tests/drivers/run_with_fault.py FAULT STEP [RANK] -- <dali_kd.train arguments>
 
 FAULT: kill-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
-(record only writes, per rank, the sample ids each step trained on, and the final weights).
+(record only writes, per rank, the sample ids each step trained on, and the final weights), or a stop signal during
+start-up, before any step: SIGNAL-during-scan | SIGNAL-during-models | SIGNAL-during-stream (SIGNAL: usr1 | term;
+STEP is then ignored).
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def main() -> int:
                 record_dir.mkdir(parents=True, exist_ok=True)
                 (record_dir / f"ids_rank{rank()}.json").write_text(json.dumps(self.seen))
                 torch.save(trainer.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
+
+    if "-during-" in fault and fault.split("-during-")[0] in ("usr1", "term"):
+        # A real signal at a start-up stage: the stage's function sends it to this process, then runs.
+        import dali_kd.build as build
+
+        signum = signal.SIGUSR1 if fault.startswith("usr1") else signal.SIGTERM
+        name = {"scan": "prepare_data", "models": "build_distill_models", "stream": "make_train_stream"}[
+            fault.split("-during-")[1]
+        ]
+        stage = getattr(build, name)
+
+        def signalled(*args, **kwargs):
+            os.kill(os.getpid(), signum)
+            return stage(*args, **kwargs)
+
+        setattr(build, name, signalled)
 
     if fault == "kill-during-checkpoint":
         original_save = torch.save
