@@ -275,3 +275,21 @@ def test_tensorboard_gets_the_same_scalars(tiny_config, tmp_path):
     losses = [e.value for e in events.Scalars("loss")]
     jsonl = [r["loss"] for r in rows_of(tmp_path / "run")]
     assert losses == pytest.approx(jsonl)
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        # data / teacher / student / step ms: the thresholds themselves, from both sides.
+        ((30, 10, 60, 100), "input-bound"),  # data >= 25% wins whatever else dominates
+        ((25, 10, 65, 100), "input-bound"),
+        ((24, 10, 66, 100), "student-bound"),
+        ((5, 30, 15, 100), "balanced"),  # nothing takes half the step
+        ((5, 50, 33, 100), "teacher-bound"),  # half the step and 1.5x the student
+        ((5, 50, 34, 100), "balanced"),  # half the step but not 1.5x the student
+        ((5, 49, 20, 100), "balanced"),
+        ((5, 30, 50, 100), "student-bound"),
+    ],
+)
+def test_verdict_thresholds_at_their_boundaries(stages, expected):
+    assert judge(*stages).name == expected
