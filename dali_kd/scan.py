@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali_kd.data.dataset import IMAGE_EXTENSIONS
+from dali_kd.data.dataset import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.errors import UserError
 from dali_kd.io import write_text_atomic
 
@@ -238,16 +238,10 @@ def _check_one(job: tuple[str, str, int, bool]) -> str | None:
 
 
 # ---- the scan ---------------------------------------------------------------------------------------------------
-def candidate_files(root: Path) -> list[str]:
-    """Files named like images (or DALI-listed audio) under root's class folders, relative, sorted."""
-    out = []
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if Path(name).suffix.lower() in CHECKED_EXTENSIONS:
-                    out.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return out
+def candidate_files(root: Path) -> TreeListing:
+    """Files named like images (or DALI-listed audio) under root's class folders, relative, in walk order; each real
+    file once, symlink loops not followed (its notes say which)."""
+    return list_tree(root, lambda name: Path(name).suffix.lower() in CHECKED_EXTENSIONS)
 
 
 def default_out_dir(root: Path) -> Path:
@@ -266,6 +260,7 @@ class ScanResult:
     checked: int
     cached: int
     seconds: float
+    notes: tuple[str, ...] = ()  # one line per folder not followed (symlink loops) or file listed once
 
     @property
     def good_list(self) -> Path:
@@ -284,7 +279,7 @@ class ScanResult:
             f"{self.cached} from cache"
         ]
         lines += [f"  {count:6d}  {reason}" for reason, count in reasons.most_common()]
-        return "\n".join(lines)
+        return "\n".join([*self.notes, *lines])
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -303,9 +298,7 @@ def scan(
     workers: int | None = None,
 ) -> ScanResult:
     start = time.perf_counter()
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {root}")
+    root = data_folder(root)
     out = Path(out_dir).expanduser() if out_dir else default_out_dir(root)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +313,8 @@ def scan(
     except (OSError, json.JSONDecodeError, AttributeError, KeyError):
         pass
     mode = "full" if full else "header"
-    files = candidate_files(root)
+    listing = candidate_files(root)
+    files = list(listing.files)
     checks: dict[str, FileCheck] = {}
     todo = []
     for rel in files:
@@ -350,9 +344,8 @@ def scan(
         cache_path,
         json.dumps({"version": CACHE_VERSION, "max_pixels": max_pixels, "root": str(root), "files": entries}),
     )
-    return ScanResult(
-        root, out, good, quarantined, len(todo), len(files) - len(todo), time.perf_counter() - start
-    )
+    seconds = time.perf_counter() - start
+    return ScanResult(root, out, good, quarantined, len(todo), len(files) - len(todo), seconds, listing.notes)
 
 
 def main(argv: list[str] | None = None) -> int:

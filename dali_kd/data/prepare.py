@@ -31,14 +31,16 @@ def _split(
     is_main: bool,
     barrier: Callable[[], None],
     required: tuple[str, ...] | None,
-) -> tuple[ImageIndex, list[dict[str, str]], str | None]:
+) -> tuple[ImageIndex, list[dict[str, str]], list[str]]:
     where = f"data.{'root' if split == 'train' else 'val_root'} {root}"
     quarantine: list[dict[str, str]] = []
-    message = None
+    messages: list[str] = []
     if cfg.data.scan == "off":
         # Unchecked files: only names DALI decodes as images may reach its reader (not the GIFs and audio files
         # that the scan checks because the reader would list them).
-        paths = [p for p in candidate_files(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
+        listing = candidate_files(root)
+        paths = [p for p in listing.files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        messages += listing.notes
     else:
         out = Path(cfg.data.scan_dir).expanduser() / split if cfg.data.scan_dir else None
         # Rank 0 scans; the others then read the same verdicts from its cache.
@@ -51,7 +53,8 @@ def _split(
         paths = result.good
         quarantine = [{"split": split, **q, "found": "scan"} for q in result.quarantined]
         total = len(result.good) + len(result.quarantined)
-        message = (
+        messages += result.notes
+        messages.append(
             f"data: {split} split: {len(result.quarantined)} of {total} files set aside "
             f"({result.checked} checked, {result.cached} from the scan cache in {result.out_dir})"
         )
@@ -68,7 +71,7 @@ def _split(
         quarantine = [q for q in quarantine if q["path"] in set(listed)]
     if not paths:
         raise UserError(f"{where}: no usable images (see the scan's quarantine)")
-    return ImageIndex.from_paths(root, paths, class_names, where, required), quarantine, message
+    return ImageIndex.from_paths(root, paths, class_names, where, required), quarantine, messages
 
 
 def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> DataSplits:
@@ -77,7 +80,7 @@ def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] 
     train, train_bad, train_msg = _split(
         cfg, "train", root, cfg.data.file_list, classes, is_main, barrier, None
     )
-    val, val_bad, val_msg = None, [], None
+    val, val_bad, val_msg = None, [], []
     if cfg.data.val_root:
         val_root = Path(cfg.data.val_root).expanduser()
         val_classes = ImageIndex.class_folders(val_root)
@@ -87,7 +90,7 @@ def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] 
                 f"data.val_root {val_root}: class folders not in the training split: {', '.join(unknown[:5])}"
             )
         val, val_bad, val_msg = _split(cfg, "val", val_root, None, classes, is_main, barrier, val_classes)
-    return DataSplits(train, val, train_bad + val_bad, [m for m in (train_msg, val_msg) if m])
+    return DataSplits(train, val, train_bad + val_bad, train_msg + val_msg)
 
 
 def write_quarantine(path: Path, entries: list[dict[str, str]]) -> None:
