@@ -107,8 +107,9 @@ def check_jpeg(data: bytes) -> tuple[int, int]:
         pos += length
     if dims is None:
         raise Reject("corrupt JPEG: no frame header before the image data")
-    # Cameras may append data after the image (MPO, gain maps), so look near the end, not at the last two bytes.
-    if b"\xff\xd9" not in data[-4096:]:
+    # Cameras may append data after the image (MPO, gain maps), so look near the end, not at the last two bytes;
+    # but only after the scan starts: an EXIF thumbnail in the headers ends with an end-of-image marker of its own.
+    if data.find(b"\xff\xd9", max(pos + length, size - 4096)) < 0:
         raise Reject("truncated JPEG (no end-of-image marker)")
     return dims
 

@@ -70,10 +70,30 @@ def jpeg_with_sof(marker: int, width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def scan_data_start(data: bytes) -> int:
+    """Where a baseline JPEG's entropy-coded data starts: just after its (last: a thumbnail has one too)
+    start-of-scan header."""
+    sos = data.rindex(b"\xff\xda")
+    return sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+
+
+def jpeg_with_thumbnail() -> bytes:
+    """A valid JPEG whose headers hold an EXIF-style thumbnail: a whole small JPEG, end-of-image marker included."""
+    data = jpeg_bytes()
+    thumbnail = jpeg_bytes(size=(8, 8), seed=1)
+    payload = b"Exif\x00\x00" + thumbnail
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+NO_EOI = "truncated JPEG (no end-of-image marker)"
 GENERATED = {
     "empty.jpg": (b"", "empty file"),
     "error_page.jpg": (b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "not an image: HTML"),
-    "truncated.jpg": (jpeg_bytes()[:600], "truncated JPEG"),
+    "truncated.jpg": (jpeg_bytes()[:600], "truncated JPEG (a header segment runs past the end"),
+    # Cut after the headers: only the end-of-image check can tell (the headers are all there).
+    "cut_in_scan.jpg": (jpeg_bytes()[: (scan_data_start(jpeg_bytes()) + len(jpeg_bytes())) // 2], NO_EOI),
+    "cut_before_eoi.jpg": (jpeg_bytes()[:-2], NO_EOI),
+    "thumbnail_cut_in_scan.jpg": (jpeg_with_thumbnail()[: scan_data_start(jpeg_with_thumbnail()) + 300], NO_EOI),
     "lossless.jpg": (jpeg_with_sof(0xC3, 64, 48), "lossless JPEG"),
     "bomb.jpg": (jpeg_with_sof(0xC0, 60000, 60000), "too large: 60000x60000"),
     "animated.png": (png_with_chunk(b"acTL", struct.pack(">II", 2, 0)), "animated PNG"),
@@ -140,6 +160,7 @@ def test_scan_reasons_for_generated_cases(tmp_path):
     for name, (data, _) in GENERATED.items():
         (root / "cls" / name).write_bytes(data)
     (root / "cls" / "good.jpg").write_bytes(jpeg_bytes())
+    (root / "cls" / "thumbnail.jpg").write_bytes(jpeg_with_thumbnail())
     (root / "cls" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
     (root / "cls" / "notes.txt").write_text("not an image, not a candidate")
     (root / "cls" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
@@ -151,6 +172,7 @@ def test_scan_reasons_for_generated_cases(tmp_path):
     assert reasons["cls/dangling.jpg"] == "dangling symlink"
     assert (
         "cls/good.jpg" in result.good
+        and "cls/thumbnail.jpg" in result.good
         and "cls/png_named.JPEG" in result.good
         and "cls/cmyk.jpg" in result.good
     )
