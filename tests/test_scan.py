@@ -93,7 +93,7 @@ GENERATED = {
     # Cut after the headers: only the end-of-image check can tell (the headers are all there).
     "cut_in_scan.jpg": (jpeg_bytes()[: (scan_data_start(jpeg_bytes()) + len(jpeg_bytes())) // 2], NO_EOI),
     "cut_before_eoi.jpg": (jpeg_bytes()[:-2], NO_EOI),
-    "thumbnail_cut_in_scan.jpg": (jpeg_with_thumbnail()[: scan_data_start(jpeg_with_thumbnail()) + 300], NO_EOI),
+    "thumbnail_cut.jpg": (jpeg_with_thumbnail()[: scan_data_start(jpeg_with_thumbnail()) + 300], NO_EOI),
     "lossless.jpg": (jpeg_with_sof(0xC3, 64, 48), "lossless JPEG"),
     "bomb.jpg": (jpeg_with_sof(0xC0, 60000, 60000), "too large: 60000x60000"),
     "animated.png": (png_with_chunk(b"acTL", struct.pack(">II", 2, 0)), "animated PNG"),
