@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_kd.data.dataset import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
+from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.errors import UserError
 from dali_kd.io import write_text_atomic
 
@@ -359,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images")
     parser.add_argument("--workers", type=int, help="parallel checks (default: from the CPU count)")
     args = parser.parse_args(argv)
+    if args.full and admits_images_over_decoder_limit(args.max_pixels):
+        quiet_too_large_image_lines()  # DALI decodes such images, but prints a red error line for each
     try:
         result = scan(args.root, args.out, full=args.full, max_pixels=args.max_pixels, workers=args.workers)
     except UserError as e:

@@ -1,6 +1,6 @@
 """Bad data folders, as a user meets them on the command line: symlink loops end (each real folder entered once,
-each real file counted once, one line per link not followed), and a file given as the data folder is one line and
-exit 2."""
+each real file counted once, one line per link not followed), a file given as the data folder is one line and exit
+2, and a JPEG too large for DALI's CPU decoder trains without its red error lines."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import write_tree
 from tests.faults import ROOT, assert_one_line_error, run_module, tiny_args
@@ -37,6 +38,9 @@ def plant(change: str, tree: Path, tmp_path: Path) -> Path:
         (tree / "class_0" / "link.jpg").symlink_to(tree / "class_2" / "0.jpg")
     elif change == "link_to_outside_file":
         (tree / "class_0" / "link.jpg").symlink_to(outside / "1.jpg")
+    elif change == "huge_jpeg":
+        # Just over DALI's CPU decoder limit (13400 * 13400 * 3 bytes >= 2**29): it falls back to OpenCV.
+        Image.new("RGB", (13400, 13400), (200, 40, 90)).save(tree / "class_0" / "huge.jpg", quality=50)
     elif change == "root_is_a_file":
         return tree / "class_0" / "0.jpg"
     elif change == "root_missing":
@@ -86,6 +90,7 @@ LOOP = r"links back to \S+/tree \(a symlink loop\): not followed"
         ("root_is_a_file", "scan", 2, None, r"^error: data folder is not a directory: \S+/tree/class_0/0\.jpg$"),
         ("root_is_a_file", "train", 2, None, r"^error: data folder is not a directory: \S+/tree/class_0/0\.jpg$"),
         ("root_missing", "scan", 2, None, r"^error: data folder not found: \S+/tree/nowhere$"),
+        ("huge_jpeg", "train", 0, NUM_FILES + 1, r"^data: train split: 0 of 13 files set aside"),
     ],
 )  # fmt: skip
 def test_bad_data_folders(image_tree, tmp_path, change, command, code, num_files, line):
@@ -98,6 +103,9 @@ def test_bad_data_folders(image_tree, tmp_path, change, command, code, num_files
         result = run_index(root, tmp_path)
     else:
         args = [*tiny_args(image_tree, out), f"data.root={root}"]
+        if change == "huge_jpeg":
+            # Admitted, so DALI must decode it; no k-NN evaluation (two more decodes of it, ~8 s).
+            args += ["data.max_image_pixels=200000000", "data.val_root=null"]
         result = run_module("dali_kd.train", args, tmp_path, timeout=240)
     if code != 0:
         assert_one_line_error(result, code, line)
@@ -106,5 +114,32 @@ def test_bad_data_folders(image_tree, tmp_path, change, command, code, num_files
     output = result.stdout + result.stderr
     assert re.search(line, output, re.MULTILINE), output[-3000:]
     assert counted(command, result, out) == num_files
-    assert "Traceback" not in output, output[-3000:]
+    # Nothing else is said about the data: no DALI decoder line (the huge JPEG), no traceback.
+    assert "Image too large" not in output and "Traceback" not in output, output[-3000:]
 
+
+def test_the_stderr_filter_drops_only_the_decoders_too_large_lines(tmp_path):
+    """The filter's own rules, byte for byte: the decoder's line goes (even written in pieces), every other line
+    and a partial line (a progress bar) pass through unchanged."""
+    code = """
+import os, sys, time
+from dali_kd.data.decoder_log import quiet_too_large_image_lines
+assert quiet_too_large_image_lines() and quiet_too_large_image_lines()
+line = b"\\x1b[0;31m[ERROR] \\x1b[0m[libjpeg_turbo_decoder] Could not decode jpeg code stream - Image too large: 53868"
+os.write(2, b"before\\n" + line[:20])
+time.sleep(0.2)
+os.write(2, line[20:] + b"0000\\n[ERROR] \\x1b[0m[other_decoder] Image too large: 5\\n")
+os.write(2, line.replace(b"53868", b"lots") + b"\\n")
+sys.stderr.write("progress 50%\\r")
+sys.stderr.flush()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, cwd=tmp_path, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        b"before\n[ERROR] \x1b[0m[other_decoder] Image too large: 5\n"
+        b"\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode jpeg code stream - Image too large: lots\n"
+        b"progress 50%\r"
+    )

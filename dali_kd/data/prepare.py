@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dali_kd.config import Config
 from dali_kd.data.dataset import IMAGE_EXTENSIONS, ImageIndex
+from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.errors import UserError
 from dali_kd.scan import candidate_files, scan
 
@@ -75,6 +76,8 @@ def _split(
 
 
 def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> DataSplits:
+    if admits_images_over_decoder_limit(None if cfg.data.scan == "off" else cfg.data.max_image_pixels):
+        quiet_too_large_image_lines()  # DALI decodes such images, but prints a red error line for each
     root = Path(cfg.data.root).expanduser()
     classes = ImageIndex.class_folders(root)
     train, train_bad, train_msg = _split(
