@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
@@ -53,8 +54,8 @@ def _read(
         name=READER_NAME,
         shard_id=shard_id,
         num_shards=num_shards,
-        # A full reshuffle of the shard at every pass, seeded by the pipeline seed; a continuing stream crosses
-        # pass boundaries inside a batch instead of padding.
+        # A full reshuffle of the list at every pass (by DALI's own fixed seed: train_pipeline orders the list by
+        # its seed first); a continuing stream crosses pass boundaries inside a batch instead of padding.
         shuffle_after_epoch=shuffle,
         pad_last_batch=pad_last_batch,
         seed=seed,
@@ -91,11 +92,20 @@ def train_pipeline(
     [G,3,S,S], local crops [N,3,s,s], and a record per crop ([V,2] anchors and shapes, [V] flips, [V,4] jitter).
 
     checkpoint: bytes from an earlier pipeline's checkpoint(); the new pipeline continues exactly where that one
-    stopped (reader position and shuffle, every random operator's state).
-    reader_seed: seed of the file shuffle; give every shard the same one so that their samples stay disjoint
+    stopped (reader position and shuffle, every random operator's state) if it is built over the same files with
+    the same reader_seed.
+    reader_seed: seed of the file order; give every shard the same one so that their samples stay disjoint
     while `seed` (augmentations) differs per shard. Default: `seed`.
     sample_ids: the id each file entry reports (default: its position); a slot may read another file and say so.
     """
+    shuffle_seed = seed if reader_seed is None else reader_seed
+    ids = list(range(len(files))) if sample_ids is None else list(sample_ids)
+    # DALI's reader ignores its seed when it reshuffles every pass (shuffle_after_epoch: each pass's order comes
+    # from a fixed seed and the list it was given), so the seed permutes that list: another seed, another order
+    # and another shard for each rank. Every rank permutes alike, so the shards stay disjoint; each entry still
+    # reports its own id.
+    order = np.random.default_rng(shuffle_seed).permutation(len(files)).tolist()
+    files, ids = [files[i] for i in order], [ids[i] for i in order]
 
     @pipeline_def(
         batch_size=batch_size,
@@ -107,9 +117,8 @@ def train_pipeline(
         checkpoint=checkpoint,
     )
     def pipe():
-        shuffle_seed = seed if reader_seed is None else reader_seed
-        encoded, ids = _read(
-            files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=sample_ids
+        encoded, sample_id = _read(
+            files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=ids
         )
         if isinstance(params, MultiCropParams):
             global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id))
@@ -119,7 +128,7 @@ def train_pipeline(
             hw = image_hw(encoded)  # one header parse serves both the draw and the decode
             view = draw_view(encoded, params, hw)
             images = (render_view(encoded, view, params, _decode_device(device_id), hw),)
-        return *images, ids, view.crop_anchor, view.crop_shape, view.flip, view.jitter
+        return *images, sample_id, view.crop_anchor, view.crop_shape, view.flip, view.jitter
 
     return pipe()
 

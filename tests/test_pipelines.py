@@ -133,6 +133,31 @@ def test_stream_reshuffles_each_pass_and_crosses_pass_boundaries(index):
     assert again.tolist() == ids, "same seed, same stream"
 
 
+def first_pass(index, seed, reader_seed=None, shard_id=0, num_shards=1) -> list[int]:
+    """The sample ids of a stream's first pass over its shard, in order."""
+    stream = DaliTrainStream(
+        index, AugmentParams(16), 4, seed, reader_seed=reader_seed, shard_id=shard_id, num_shards=num_shards,
+        num_threads=1,
+    )  # fmt: skip
+    batches = take(stream, -(-stream.num_samples // 4))
+    return torch.cat([b.sample_ids for b in batches]).tolist()[: stream.num_samples]
+
+
+def test_the_seed_sets_the_file_order_and_the_shards_stay_disjoint(index):
+    """DALI's reader ignores its seed when it reshuffles every pass, so runs that differ only in train.seed saw
+    the same images in the same order; the seed now permutes the list the reader reads."""
+    seed_0, seed_1, reader_7 = first_pass(index, 0), first_pass(index, 1), first_pass(index, 0, reader_seed=7)
+    assert sorted(seed_0) == sorted(seed_1) == list(range(index.num_samples))
+    assert seed_0 != seed_1 and seed_0 != reader_7 and seed_1 != reader_7
+    assert first_pass(index, 1) == seed_1, "same seed, same order"
+    # Two ranks: augmentations seeded per rank, one reader seed; their shards split the data.
+    rank_0 = first_pass(index, 10, reader_seed=3, shard_id=0, num_shards=2)
+    rank_1 = first_pass(index, 11, reader_seed=3, shard_id=1, num_shards=2)
+    assert sorted(rank_0 + rank_1) == list(range(index.num_samples))
+    # Each rank's shard is a subset chosen by the seed (not one fixed subset for every seed).
+    assert set(first_pass(index, 10, reader_seed=4, shard_id=0, num_shards=2)) != set(rank_0)
+
+
 def test_eval_batches_cover_each_sample_once_in_order(image_tree):
     val = ImageIndex.from_folder(image_tree / "val")
     batches = list(dali_eval_batches(val, EvalParams(image_size=24, resize_size=28), batch_size=5))
