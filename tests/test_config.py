@@ -51,6 +51,19 @@ def test_overrides_reach_every_section():
         ("train.loss.temprature=2", r"train\.loss\.temprature: unknown key \(did you mean 'temperature'\?\)"),
         ("optimizer.lr=1", r"unknown section 'optimizer'"),
         ("train.batch_size", r"expected KEY=VALUE"),
+        # An unknown section made by an override is the command line's, not the YAML file's.
+        (
+            "train.optimzer.lr=1",
+            r"^command line: train\.optimzer: unknown key \(did you mean 'optimizer'\?\)$",
+        ),
+        (
+            "train.optimizer.lr=.inf",
+            r"^command line: train\.optimizer\.lr: Input should be a finite number \(got inf\)",
+        ),
+        (
+            "data.augment={flip_prob: 0, flip_prob: 1}",
+            r"^command line: 'data\.augment=.*': key 'flip_prob' appears twice",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -80,6 +93,63 @@ def test_errors_in_files_name_the_file(tmp_path):
         load_config(data_config=broken)
     with pytest.raises(UserError, match="config file not found"):
         load_config(data_config=tmp_path / "missing.yaml")
+
+
+def test_files_that_hold_no_config_say_what_they_are(tmp_path):
+    twice = tmp_path / "data.yaml"
+    twice.write_text("root: /a\naugment:\n  hue: 0.1\n  flip_prob: 0.2\n  hue: 0.3\n")
+    with pytest.raises(UserError, match=rf"^{twice}: line 5: key 'hue' appears twice \(first on line 3\)$"):
+        load_config(data_config=twice)
+    merged = tmp_path / "merged.yaml"  # overriding a merged key is what YAML merging is for, not a duplicate
+    merged.write_text("root: /a\naugment: &a {hue: 0.1}\nx: {<<: *a, hue: 0.2}\n")
+    with pytest.raises(UserError, match=r"data\.x: unknown key"):
+        load_config(data_config=merged)
+    for text in ("", "# all settings to come\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(UserError, match=rf"^{empty}: no settings in the file \(empty or only comments\)"):
+            load_config(train_config=empty)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("root: /data\nname: café\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{latin}: line 2: not UTF-8 text \(byte 0xe9\)"):
+        load_config(model_config=latin)
+
+
+def _float_keys(model=None, prefix=""):
+    """Every float setting of the schema as (dotted key, how many floats it holds)."""
+    from pydantic import BaseModel
+
+    from dali_kd.config import Config
+
+    for name, field in (model or Config).model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _float_keys(ann, f"{prefix}{name}.")
+        elif ann in (float, float | None):
+            yield f"{prefix}{name}", 1
+        elif getattr(ann, "__origin__", None) is tuple and set(ann.__args__) == {float}:
+            yield f"{prefix}{name}", len(ann.__args__)
+
+
+@pytest.mark.parametrize(("key", "size"), list(_float_keys()))
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_float_setting_takes_inf_or_nan(key, size, value):
+    given = value if size == 1 else "[" + ", ".join([value] + ["0.5"] * (size - 1)) + "]"
+    with pytest.raises(
+        UserError, match=rf"^command line: {re.escape(key)}(\.0)?: Input should be a finite number"
+    ):
+        load_config(overrides=[f"{key}={given}"])
+
+
+def test_float_settings_are_all_checked():
+    keys = dict(_float_keys())
+    assert {
+        "train.optimizer.lr",
+        "train.optimizer.betas",
+        "data.augment.std",
+        "model.student.drop_path_rate",
+    } <= set(keys)
+    assert len(keys) >= 20, keys
 
 
 # Settings that are each valid but do not work together: one line naming every key involved with its value.

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dali_kd.config.schema import Config, ConfigConflict
-from dali_kd.config.sections import DEMO_CONFIG_DIR, SECTION_FILES
+from dali_kd.config.sections import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES
 from dali_kd.errors import UserError
 
 
@@ -56,6 +56,9 @@ def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
     key = ".".join(str(p) for p in loc)
     where = _source(key, sources)
     if error["type"] == "extra_forbidden":
+        # An override under an unknown key (train.optimzer.lr=1) made that key: it comes from the command line.
+        if any(k.startswith(f"{key}.") and v == "command line" for k, v in sources.items()):
+            where = "command line"
         what = f"unknown key{_did_you_mean(_model_at(loc), str(loc[-1]))}"
     elif error["type"] == "missing":
         what = "required key is missing"
@@ -63,6 +66,36 @@ def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
         msg = error["msg"].removeprefix("Value error, ")
         what = f"{msg} (got {error['input']!r})" if not isinstance(error["input"], dict) else msg
     return f"{where}: {key}: {what}"
+
+
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A key given twice in one mapping (plain YAML keeps the last one without a word)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a merged key is what merging is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if seen is not None:
+                raise DuplicateKey(
+                    problem=f"key '{key}' appears twice (first on line {seen + 1})",
+                    problem_mark=key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain values only
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -73,7 +106,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
             f"command line: '{item}': expected KEY=VALUE with a dotted key such as train.batch_size=64"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
+    except DuplicateKey as e:
+        raise UserError(f"command line: '{item}': {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"command line: '{item}': value is not valid YAML ({e.__class__.__name__})") from None
     return key.split("."), value
@@ -81,19 +116,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); a config file is YAML saved as UTF-8"
+        ) from None
+    try:
+        data = _load_yaml(text)
+    except DuplicateKey as e:
+        raise UserError(f"{path}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if data is None:
-        return {}
+        # An empty file would silently mean "all defaults" (and a missing data.root further on): say so here.
+        raise UserError(
+            f"{path}: no settings in the file (empty or only comments); a config file holds its section's keys "
+            f"(examples: {CONFIG_DIR})"
+        )
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys to values at the top level")
     return data

@@ -27,8 +27,9 @@ def free_on_resume(default: Any, **kwargs: Any) -> Any:
 
 
 class Section(BaseModel):
-    # extra="forbid": a typo is an error, never a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a typo is an error, never a silently ignored key. allow_inf_nan=False: no float setting
+    # (rates, weights, probabilities, ranges, normalisation) means anything at .inf or .nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_area_range(v: FloatRange) -> FloatRange:
