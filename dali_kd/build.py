@@ -53,6 +53,7 @@ class RunParts:
     targets: TeacherTargets
     cache: TeacherCache | None
     stream: TrainStream
+    data_files: dict | None = None  # checkpoint.data_identity of train_index.files, for the Checkpointer
 
     def model_parts(self) -> dict:
         """What a checkpoint stores at its top level."""
@@ -107,13 +108,16 @@ def build_run(
         amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
         NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache, stream=None,
+        data_files=ckpt.data_identity(splits.train.files),
     )  # fmt: skip
     stream_state = None
     if resume_from is not None:
         saved = ckpt.load(resume_from)
-        ckpt.check_compatible(
-            saved, cfg, models.teacher_id, dist.world_size, resume_from, allow_config_change
+        warnings = ckpt.check_compatible(
+            saved, cfg, models.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
         )
+        for warning in warnings if dist.is_main else ():
+            print(f"warning: {warning}", flush=True)
         stream_state = restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
     # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
     parts.stream = make_train_stream(

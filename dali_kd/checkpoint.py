@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from dali_kd.config import Config, resume_free_keys
 from dali_kd.errors import UserError
-from dali_kd.io import atomic_write
+from dali_kd.io import WriteFailed, atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.pt$")
 FORMAT_VERSION = 1
@@ -86,6 +89,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _torch_save(state: dict[str, Any], f: BinaryIO) -> None:
+    """torch.save to the open temporary file's path: torch's own C++ writer, no Python call per record. That writer
+    reports a refused write only as "unexpected pos"; one more block written here makes the OS say why (ENOSPC,
+    EFBIG, EDQUOT), as an OSError whose context is torch's error. The temporary file is removed either way."""
+    try:
+        torch.save(state, f.name)
+    except RuntimeError:
+        f.seek(0, os.SEEK_END)
+        f.write(bytes(1 << 16))
+        f.flush()
+        raise  # the disk had room: not an OS refusal
+
+
 # ---- files ----------------------------------------------------------------------------------------------------
 class CheckpointDir:
     def __init__(self, run_dir: Path, keep_last: int):
@@ -105,10 +121,10 @@ class CheckpointDir:
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.path / f"step_{step:09d}.pt"
         try:
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
-        except OSError as e:
+            atomic_write(path, lambda f: _torch_save(state, f))
+        except WriteFailed as e:
             raise UserError(
-                f"cannot write checkpoint {path}: {e.strerror}; earlier checkpoints are untouched"
+                f"cannot write checkpoint {path}: {e.reason}; earlier checkpoints are untouched"
             ) from None
         for old in self.complete()[: -self.keep_last]:
             old.unlink(missing_ok=True)
@@ -118,16 +134,59 @@ class CheckpointDir:
         return path
 
 
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused a file, in the user's terms. PyTorch's own text for a foreign pickle advises
+    weights_only=False: unsafe (it runs code from the file), and no help here, so it is never repeated."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return f"{size} bytes that are not tensors and plain values"
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return first[:200]
+
+
 def load(path: Path) -> dict[str, Any]:
+    not_ours = f"--resume: {path} is not a dali_kd checkpoint, or it is damaged"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"--resume: checkpoint not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"--resume: cannot read checkpoint {path}: {e.strerror}") from None
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
-        raise UserError(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"{not_ours} ({_why_unreadable(path, e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise UserError(f"--resume: {path} is not a dali_kd checkpoint (format {FORMAT_VERSION})")
+        raise UserError(f"{not_ours} (no dali_kd format {FORMAT_VERSION} header)")
     return state
+
+
+def data_identity(files: Sequence[str]) -> dict[str, Any]:
+    """What a checkpoint remembers of the training file list: its length, its hash (as the teacher cache's header
+    has it) and a sorted 64-bit digest per file, so that a changed list can be told with how many files came and
+    went (8 bytes a file: 10 MB for ImageNet's 1.28 M)."""
+    from dali_kd.teacher_cache import files_hash
+
+    digests = np.frombuffer(
+        b"".join(hashlib.blake2b(f.encode(), digest_size=8).digest() for f in files), np.int64
+    )
+    return {
+        "count": len(files),
+        "hash": files_hash(tuple(files)),
+        "digests": torch.from_numpy(np.sort(digests)),
+    }
+
+
+def data_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """How the training file list differs from the checkpoint's, in words; None if it is the same (or a checkpoint
+    from before file lists were stored)."""
+    if saved is None or (saved["count"] == now["count"] and saved["hash"] == now["hash"]):
+        return None
+    then_digests, now_digests = saved["digests"].numpy(), now["digests"].numpy()
+    added = len(np.setdiff1d(now_digests, then_digests))
+    removed = len(np.setdiff1d(then_digests, now_digests))
+    how = f"{added} added, {removed} removed" if added or removed else "the same files in another order"
+    return f"the data changed since the checkpoint: {saved['count']} files then, {now['count']} now ({how})"
 
 
 def check_compatible(
@@ -137,15 +196,23 @@ def check_compatible(
     world_size: int,
     path: Path,
     allow_change: bool = False,
-) -> None:
-    """Refuse a resume that would silently train something else; the messages say how to override."""
+    data_files: dict[str, Any] | None = None,
+) -> list[str]:
+    """Refuse a resume that would silently train something else; the messages say how to override.
+
+    data_files: this run's `data_identity` of the training files. Returns the warnings of an allowed change."""
     if state["world_size"] != world_size:
         raise UserError(
             f"--resume {path}: saved by {state['world_size']} process(es), this run has {world_size}: "
             "each rank's data-stream position cannot be carried over"
         )
+    changed_data = data_change(state.get("data_files"), data_files) if data_files is not None else None
     if allow_change:
-        return
+        if changed_data is None:
+            return []
+        return [
+            f"{changed_data}; resuming anyway (--allow-config-change): the stream position is approximate"
+        ]
     if state["teacher"] != teacher_id:
         raise UserError(
             f"--resume {path}: the checkpoint was trained with teacher {state['teacher']['name']} "
@@ -160,3 +227,10 @@ def check_compatible(
             f"--resume {path}: the config differs from the checkpoint's in {', '.join(changed[:5])}; "
             "pass --allow-config-change to resume anyway"
         )
+    if changed_data is not None:
+        # The same rule as a changed data.root: the stream position would point into another list.
+        raise UserError(
+            f"--resume {path}: {changed_data}; pass --allow-config-change to resume anyway, the stream position "
+            "is then approximate"
+        )
+    return []

@@ -15,6 +15,7 @@ from dali_kd import checkpoint as ckpt
 from dali_kd import distributed
 from dali_kd.config import Config
 from dali_kd.distributed import DistInfo
+from dali_kd.errors import UserError
 
 
 class Stateful(Protocol):
@@ -41,11 +42,13 @@ class Checkpointer:
         before_save: Callable[[], None] = lambda: None,
         after_save: Callable[[Path | None], None] = lambda path: None,
         resumed_from: Path | None = None,
+        data_files: dict[str, Any] | None = None,
     ):
         """models: the student, optimizer and scheduler; progress: parts whose counters make up the "progress"
         dict (run state, teacher targets, NaN guard); stream_state: this rank's data-stream position;
         before_save: runs first on every rank (a last check, gathering what must be saved with the state);
-        after_save: runs last on every rank, with the path written."""
+        after_save: runs last on every rank, with the path written; data_files: the training files'
+        `checkpoint.data_identity`, so that a resume on a changed file list is refused."""
         self.files = ckpt.CheckpointDir(run_dir, cfg.train.keep_last_checkpoints)
         self.cfg = cfg
         self.dist = dist
@@ -58,6 +61,7 @@ class Checkpointer:
         self.before_save = before_save
         self.after_save = after_save
         self.last: Path | None = resumed_from  # the newest complete checkpoint of this run
+        self.data_files = data_files
 
     def due(self, step: int, epoch_end: bool = False, preempted: bool = False) -> bool:
         if preempted or epoch_end:
@@ -105,7 +109,17 @@ class Checkpointer:
             "config_hash": ckpt.config_hash(self.cfg),
             "config_fingerprint": ckpt.config_fingerprint(self.cfg),
             "teacher": self.teacher_id,
+            "data_files": self.data_files,
         }
+
+
+def _shorten(line: str) -> str:
+    """`Missing key(s) in state_dict: "a", "b", ... (dozens)` → the first three keys and how many more."""
+    head, sep, keys = line.partition(" in state_dict: ")
+    names = [k.strip(' ".') for k in keys.split(",") if k.strip(' ".')] if sep else []
+    if len(names) > 3:
+        return f"{head}: {', '.join(names[:3])} and {len(names) - 3} more"
+    return line[:300]
 
 
 def restore(
@@ -113,7 +127,17 @@ def restore(
 ) -> dict[str, Any]:
     """Load a checkpoint's state into the parts (and this rank's RNGs); returns this rank's data-stream state."""
     for name, part in models.items():
-        part.load_state_dict(state[name])
+        try:
+            part.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            # load_state_dict lists every mismatch (dozens of lines); the first one says enough.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # lines[0] is a header: "Error(s) in loading state_dict for ..."
+            details = lines[1:] or lines or [type(e).__name__]
+            first = next((line for line in details if "size mismatch" in line), details[0])
+            raise UserError(
+                f"--resume: the checkpoint's {name} does not fit this model ({_shorten(first)})"
+            ) from None
     counters = {**state["progress"], **{k: state[k] for k in ("step", "epoch", "step_in_epoch")}}
     for part in progress:
         part.load_state_dict(counters)

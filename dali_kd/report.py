@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from dali_kd.errors import UserError
+from dali_kd.io import atomic_write
 from dali_kd.telemetry.verdict import judge
 
+ROW_KEYS = {"step", "loss", "img_per_s", "step_ms"}  # in every row dali_kd writes; the report reads them
 STAGE_COLOURS = {"data": "#d62728", "teacher": "#1f77b4", "student": "#2ca02c", "other": "#c7c7c7"}
 
 
@@ -22,11 +24,21 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl (is this a dali_kd run directory?)")
     rows = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a live run may be in the middle of writing its last line
+        if not isinstance(row, dict) or not row.keys() >= ROW_KEYS:
+            missing = sorted(ROW_KEYS - row.keys()) if isinstance(row, dict) else sorted(ROW_KEYS)
+            raise UserError(
+                f"{path}: not a dali_kd run (line {number} lacks {', '.join(repr(k) for k in missing)})"
+            )
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: no complete rows yet")
     return rows
@@ -144,8 +156,10 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
     ax.legend(loc="lower left")
     twin.legend(loc="lower right")
     out = run_dir / "report.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from dali_kd.data.batch import ViewRecord
 from dali_kd.errors import UserError
-from dali_kd.io import write_text_atomic
+from dali_kd.io import os_reason, write_text_atomic
 from dali_kd.models import ModelOutput
 from pipelines import PIPELINE_VERSION
 
@@ -129,7 +130,12 @@ class TeacherCache:
 
     def _allocate(self, header_path: Path) -> None:
         needed = self.num_samples * self.num_views * row_bytes(self.parts)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"train.teacher_feature_dir: cannot create {self.dir}: {os_reason(e) or e}"
+            ) from None
         free = shutil.disk_usage(self.dir).free
         print(
             f"teacher cache: {needed / 2**30:.2f} GiB for {self.num_samples} images × {self.num_views} views in "
@@ -150,8 +156,11 @@ class TeacherCache:
 
     def _create(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         path = self.dir / f"{name}.bin"
-        with open(path, "wb") as f:  # sparse preallocation: the blocks fill as rows are written
-            f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        try:
+            with open(path, "wb") as f:  # sparse preallocation: the blocks fill as rows are written
+                f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        except OSError as e:
+            raise UserError(f"train.teacher_feature_dir: cannot write {path}: {os_reason(e) or e}") from None
 
     def _open(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.memmap:
         return np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r+", shape=shape)
@@ -176,16 +185,40 @@ class TeacherCache:
             values["logits_topk"], values["logits_index"] = top.values, top.indices
         else:
             values["logits"] = out.logits
-        for name, array in self.arrays.items():
-            array[sample_ids, slots] = values[name].detach().to("cpu").numpy().astype(array.dtype)
-        self.views[sample_ids, slots] = pack_views(view)
-        for array in (*self.arrays.values(), self.views):
-            array.flush()
+        rows = {name: values[name].detach().to("cpu").numpy() for name in self.arrays}
+        rows["views"] = pack_views(view)
+        self._write_rows(rows, sample_ids, slots)
         done = np.full(len(sample_ids), DONE, dtype=np.uint8)
         if shown_ids is not None:
             done[np.asarray(shown_ids) != np.asarray(sample_ids)] = STAND_IN
-        self.done[sample_ids, slots] = done
-        self.done.flush()
+        self._write_rows({"done": done}, sample_ids, slots)
+
+    def _write_rows(self, rows: dict[str, np.ndarray], sample_ids: np.ndarray, slots: np.ndarray) -> None:
+        """Write rows into the arrays' files and fsync them. Written through the file, not the memory map: a
+        block the sparse file cannot get (a full disk) is then an OSError here, where a store into the map would
+        kill the process with SIGBUS. The maps see the new rows (one page cache)."""
+        arrays = {**self.arrays, "views": self.views, "done": self.done}
+        for name, values in rows.items():
+            array = arrays[name]
+            values = np.ascontiguousarray(values, dtype=array.dtype).reshape(len(values), -1)
+            row_size = values.shape[1] * values.itemsize
+            path = self.dir / f"{name}.bin"
+            try:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    for value, sample, slot in zip(values, sample_ids, slots, strict=True):
+                        offset = (int(sample) * self.num_views + int(slot)) * row_size
+                        data, written = memoryview(value).cast("B"), 0
+                        while written < row_size:
+                            written += os.pwrite(fd, data[written:], offset + written)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise UserError(
+                    f"train.teacher_feature_dir: cannot write {path}: {os_reason(e) or e}; the rows written "
+                    "before are kept"
+                ) from None
 
     def read(self, sample_ids: np.ndarray, slots: np.ndarray, device: torch.device) -> ModelOutput:
         """The stored teacher outputs of these rows, as fp32 tensors on `device`."""

@@ -1,18 +1,29 @@
-"""Where metric rows go: metrics.jsonl always (flushed per row, so a live run can be read), TensorBoard optionally."""
+"""Where metric rows go: metrics.jsonl always (written per row, so a live run can be read), TensorBoard optionally.
+
+A row that cannot be written (full disk) is a one-line UserError; the rows before it stay as they were (a part of
+the failed row is cut off again)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from dali_kd.errors import UserError
+from dali_kd.io import os_reason
 
 
 class MetricsSink:
     def __init__(self, run_dir: Path, tensorboard: bool = False):
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed by close()
+        self.path = run_dir / "metrics.jsonl"
+        try:
+            # Unbuffered: every row reaches the file in write(), where a failure can be reported and undone.
+            self.file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {os_reason(e) or e}") from None
         self.tensorboard = None
         if tensorboard:
             try:
@@ -24,7 +35,17 @@ class MetricsSink:
             self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        data = memoryview((json.dumps(row) + "\n").encode())
+        start = self.file.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[self.file.write(data) :]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # else a reader skips the half row; a resumed run drops it
+                self.file.truncate(start)
+            raise UserError(
+                f"cannot write {self.path}: {os_reason(e) or e}; the rows written before are kept"
+            ) from None
         if self.tensorboard is not None:
             for name, value in row.items():
                 if name not in ("step", "epoch") and isinstance(value, int | float) and math.isfinite(value):
