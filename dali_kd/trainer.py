@@ -112,6 +112,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self._model_parts(),
             self._progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
+            data_files=self.parts.data_files,
         )  # fmt: skip
         if self.dist.is_main:
             # The scan's verdicts, then what the run itself set aside (carried over by a resumed run).

@@ -284,7 +284,6 @@ LATIN_1 = "root: café\n".encode("latin-1")
 TWICE = b"root: a\nimage_size: 32\nimage_size: 64\n"
 NOT_OURS = r"--resume: \S+ is not a dali_kd checkpoint, or it is damaged"
 ROW_KEYS = "'img_per_s', 'loss', 'step', 'step_ms'"
-WIRING = "trainer.py does not hand the file list to its Checkpointer yet (data_files=self.parts.data_files)"
 CLI_CASES = [  # (id, how to run it, what its one error line says); every fault exits 2
     ("resume-empty-file", lambda c: c.train("--resume", c.file("s.pt", b"")), rf"{NOT_OURS} \(the file is empty\)$"),
     ("resume-garbage", lambda c: c.train("--resume", c.file("s.pt", GARBAGE)), rf"^(?!.*weights_only).*{NOT_OURS} \("),
@@ -302,8 +301,8 @@ CLI_CASES = [  # (id, how to run it, what its one error line says); every fault 
     ("disk-full-mid-run", lambda c: c.disk_fills_up("tmpfs"),
      rf"cannot write checkpoint \S+/step_000000003\.pt: {NO_SPACE}; earlier checkpoints are untouched"),
     ("file-size-limit-mid-run", lambda c: c.disk_fills_up("limit"), rf"cannot write \S+: {TOO_LARGE}"),
-    pytest.param("data-changed", lambda c: c.data_changed(), r"the data changed since the checkpoint: 48 files then, "
-                 r"50 now \(2 added, 0 removed\); pass --allow", marks=pytest.mark.xfail(strict=True, reason=WIRING)),
+    ("data-changed", lambda c: c.data_changed(), r"the data changed since the checkpoint: 48 files then, "
+     r"50 now \(2 added, 0 removed\); pass --allow"),
 ]  # fmt: skip
 
 

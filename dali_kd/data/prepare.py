@@ -98,6 +98,9 @@ def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] 
 
 def write_quarantine(path: Path, entries: list[dict[str, str]]) -> None:
     """Append quarantine entries (scan or runtime) to the run directory's quarantine.jsonl."""
-    with open(path, "a") as f:
-        for entry in entries:
-            f.write(json.dumps(entry) + "\n")
+    try:
+        with open(path, "a") as f:
+            for entry in entries:
+                f.write(json.dumps(entry) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
