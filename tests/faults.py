@@ -46,3 +46,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, patter
     assert len(errors) == 1, out[-3000:]
     assert re.search(pattern, errors[0]), f"{errors[0]!r} does not match {pattern!r}"
     return errors[0]
+
+
+def fake_scontrol(tmp_path: Path) -> tuple[str, Path]:
+    """A `scontrol` that records its arguments: (a PATH that finds it first, the file it writes)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}", calls

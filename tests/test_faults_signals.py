@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.faults import ROOT, tiny_args
+from tests.faults import ROOT, fake_scontrol, tiny_args
 
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
 
@@ -24,15 +24,10 @@ DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
     ],
 )
 def test_a_stop_signal_during_start_up_exits_75_and_requeues(image_tree, tmp_path, fault, signal_name):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol.calls"
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    scontrol.chmod(0o755)
+    path, calls = fake_scontrol(tmp_path)
     env = {
         **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PATH": path,
         "SLURM_JOB_ID": "5150",
         "SLURM_PROCID": "0",
     }

@@ -18,6 +18,7 @@ from dali_kd.checkpoint import CheckpointDir, load
 from dali_kd.distributed import first_host
 from dali_kd.preemption import slurm_job_id
 from dali_kd.run_files import truncate_metrics
+from tests.faults import fake_scontrol
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
@@ -165,13 +166,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(
     ],
 )
 def test_sigusr1_saves_exits_75_requeues_and_resumes(base_args, reference, tmp_path, env, job):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol.calls"
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    scontrol.chmod(0o755)
-    slurm = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    path, calls = fake_scontrol(tmp_path)
+    slurm = {**env, "PATH": path, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     args = [a for a in base_args if a != "train.run_name=run"]  # under Slurm the run is named by the job
     stopped = run(args, tmp_path, "usr1-at-step", 6, env=slurm)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
