@@ -17,6 +17,7 @@ from dali_kd.demo_data import demo_dataset_ready, make_demo_dataset
 from dali_kd.errors import UserError
 from dali_kd.io import save_safetensors_atomic
 from dali_kd.models import create_model
+from dali_kd.runtime import autocast
 
 TEACHER_STEPS = 300
 TEACHER_LR = 2e-3
@@ -87,7 +88,7 @@ def train_demo_teacher(
     batches = iter(stream)
     for _ in tqdm(range(steps), desc="teacher", unit="step", disable=not show_progress):
         batch = next(batches)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,6 +13,7 @@ from dali_kd.data.loaders import make_eval_batches
 from dali_kd.errors import UserError
 from dali_kd.knn import extract_embeddings, knn_top1
 from dali_kd.models import FrozenTeacher, Student, model_outputs
+from dali_kd.runtime import autocast
 
 
 class KnnEvaluator:
@@ -66,7 +67,7 @@ def student_accuracy(
     device_type = evaluator.device.type
 
     def embed(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device_type, amp_dtype):
             return model_outputs(backbone, images, with_patches=False).pooled
 
     was_training = student.training

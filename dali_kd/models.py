@@ -16,6 +16,7 @@ from torch import nn
 from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec
 from dali_kd.errors import UserError
+from dali_kd.runtime import autocast
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -150,11 +151,7 @@ class FrozenTeacher(nn.Module):
 
     @torch.inference_mode()
     def _infer(self, images: torch.Tensor, with_patches: bool) -> ModelOutput:
-        with torch.autocast(
-            images.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
+        with autocast(images.device, self.autocast_dtype):
             return model_outputs(self.model, images, with_patches)
 
     def forward(self, images: torch.Tensor, with_patches: bool = False) -> ModelOutput:

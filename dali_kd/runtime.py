@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -30,6 +31,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` on the device's type; no autocast at all for None (full precision).
+
+    Not torch.autocast(enabled=False): that still refuses device types without autocast, such as the `meta`
+    stand-in device the device-contract test trains on."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -148,20 +148,21 @@ class CachedTeacher:
         self.counters = CacheCounters()
         self._probe_next = True
         self._fidelity: list[float] = []
+        self._probes: list[tuple[int, torch.Tensor]] = []  # (step, cosine on the device), read at the next log
 
     def targets(self, batch: Batch, step: int) -> ModelOutput:
         if batch.from_cache:
             return self._replayed(batch, step)
         out = self.live.targets(batch, step)
-        if batch.store is not None and bool(batch.store.any()):
+        if batch.store is not None and batch.store.any():
             self._store(batch, out)
         return out
 
     def _replayed(self, batch: Batch, step: int) -> ModelOutput:
         # The rows the stream replays (it knows which stand in for a file set aside).
-        ids = batch.host_ids if batch.host_ids is not None else batch.sample_ids.cpu().numpy()
+        ids = batch.ids_on_host()
         start = time.perf_counter()
-        out = self.cache.read(ids, batch.slots.numpy(), self.device)
+        out = self.cache.read(ids, batch.slots, self.device)
         self.counters.read_s += time.perf_counter() - start
         self.counters.read_bytes += len(ids) * self.cache.nbytes_per_row()
         self.counters.hits += len(ids)
@@ -170,10 +171,10 @@ class CachedTeacher:
         return out
 
     def _store(self, batch: Batch, out: ModelOutput) -> None:
-        mask = batch.store.numpy()
+        mask = batch.store
         # Rows belong to stream slots: a slot whose file was set aside stores its stand-in's view and targets.
-        shown = batch.sample_ids.cpu().numpy()[mask]
-        ids = batch.stream_ids.cpu().numpy()[mask] if batch.stream_ids is not None else shown
+        shown = batch.ids_on_host()[mask]
+        ids = batch.stream_ids_on_host()[mask]
         picked = torch.from_numpy(mask).to(self.device)
         rows = ModelOutput(
             *(None if t is None else t[picked] for t in (out.pooled, out.logits, out.patch_tokens))
@@ -182,30 +183,39 @@ class CachedTeacher:
             *(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip", "jitter"))
         )
         start = time.perf_counter()
-        self.cache.write(ids, batch.slots.numpy()[mask], rows, view, shown_ids=shown)
+        self.cache.write(ids, batch.slots[mask], rows, view, shown_ids=shown)
         self.counters.write_s += time.perf_counter() - start
         self.counters.write_bytes += len(ids) * self.cache.nbytes_per_row()
 
     def _probe(self, batch: Batch, cached: ModelOutput, step: int) -> None:
-        """Run the teacher on the replayed batch: its outputs must match the cached ones (fp16 rounding aside)."""
+        """Run the teacher on the replayed batch: its outputs must match the cached ones (fp16 rounding aside).
+
+        The cosine stays on the device until the next log row reads it (no host wait inside a step)."""
         self._probe_next = False
         live = self.live.teacher(batch.images, with_patches=self.live.with_patches)
         self.counters.probe_batches += 1
         a, b = (live.pooled, cached.pooled) if cached.pooled is not None else (live.logits, cached.logits)
-        cosine = float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min())
-        self._fidelity.append(cosine)
-        worst = self.counters.fidelity_min
-        self.counters.fidelity_min = cosine if worst is None else min(worst, cosine)
-        if cosine < FIDELITY_FLOOR and self.report:
-            message = (
-                f"WARNING: teacher cache fidelity {cosine:.4f} < {FIDELITY_FLOOR} at step {step}: the cached "
-                "targets do not match what the teacher gives on these views"
-                + (" (expected with train.cache_mode=fixed)" if self.mode == "fixed" else "")
-            )
-            tqdm.write(message)
-            warnings.warn(message, stacklevel=2)
+        self._probes.append((step, torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min()))
+
+    def _read_probes(self) -> None:
+        """The probes' cosines on the host: counted, and a warning for each one below the floor."""
+        probes, self._probes = self._probes, []
+        for step, on_device in probes:
+            cosine = float(on_device)
+            self._fidelity.append(cosine)
+            worst = self.counters.fidelity_min
+            self.counters.fidelity_min = cosine if worst is None else min(worst, cosine)
+            if cosine < FIDELITY_FLOOR and self.report:
+                message = (
+                    f"WARNING: teacher cache fidelity {cosine:.4f} < {FIDELITY_FLOOR} at step {step}: the cached "
+                    "targets do not match what the teacher gives on these views"
+                    + (" (expected with train.cache_mode=fixed)" if self.mode == "fixed" else "")
+                )
+                tqdm.write(message)
+                warnings.warn(message, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
+        self._read_probes()
         return {**self.live.state_dict(), **self.counters.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,12 +223,14 @@ class CachedTeacher:
         self.counters.load_state_dict(state)
 
     def interval_metrics(self) -> dict[str, float]:
+        self._read_probes()
         if not self._fidelity:
             return {}
         worst, self._fidelity = min(self._fidelity), []
         return {"cache_fidelity_cosine": worst}
 
     def summary(self) -> dict[str, Any]:
+        self._read_probes()
         c = self.counters
         return {
             **self.live.summary(),

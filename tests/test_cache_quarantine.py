@@ -61,7 +61,7 @@ def fill_directly(cache: TeacherCache, index: ImageIndex, skip: set[tuple[int, i
 
 def check_rows(cache: TeacherCache, index: ImageIndex, batch: Batch, renderer: DaliViewRenderer) -> None:
     """The batch's rows are done views of the images shown, and the images are those views of those files."""
-    ids, slots = batch.host_ids, batch.slots.numpy()
+    ids, slots = batch.host_ids, batch.slots
     assert len(batch) == BATCH and torch.equal(batch.sample_ids, torch.from_numpy(ids))
     assert cache.holds_own_view(ids, slots).all(), "only rows that hold a view of their own image"
     stored = cache.read(ids, slots, CPU).pooled
@@ -109,7 +109,7 @@ def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path):
         again = list(itertools.islice(resumed, 2))
     assert resumed.take_entries() == []
     for x, y in zip(following, again, strict=True):
-        assert np.array_equal(x.host_ids, y.host_ids) and torch.equal(x.slots, y.slots)
+        assert np.array_equal(x.host_ids, y.host_ids) and np.array_equal(x.slots, y.slots)
         assert torch.equal(x.images, y.images) and torch.equal(x.stream_ids, y.stream_ids)
     stream.close()
     resumed.close()
@@ -160,12 +160,12 @@ def test_a_fill_with_a_substituted_slot_completes_the_cache(index, tmp_path):
             fills += 1
             assert batch.stream_ids is not None and not batch.from_cache
             # What the trainer does with a fill batch: store the marked rows at the stream slots.
-            mask = batch.store.numpy()
+            mask = batch.store
             slot_ids, shown = batch.stream_ids.numpy()[mask], batch.sample_ids.numpy()[mask]
             picked = torch.from_numpy(mask)
             view = ViewRecord(*(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip",
                                                                             "jitter")))  # fmt: skip
-            slots = batch.slots.numpy()[mask]
+            slots = batch.slots[mask]
             cache.write(slot_ids, slots, signature(shown, slots), view, shown_ids=shown)
     assert fills == index.num_samples * VIEWS // BATCH
     assert cache.is_complete() and cache.rows_done() == index.num_samples * VIEWS

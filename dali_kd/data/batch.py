@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -38,16 +38,21 @@ class ViewRecord:
 
 @dataclass
 class Batch:
-    """images: float32 [B, 3, S, S], normalised; labels and sample_ids: int64 [B]; view: how each image was made.
+    """images: float32 (or the pipeline's output dtype) [B, 3, S, S], normalised; labels and sample_ids: int64 [B];
+    view: how each image was made.
 
     Multi-crop: images holds the global crops, [B, G, 3, S, S], and local_images the local ones, [B, N, 3, s, s]
     (None without local crops); view has a record per crop.
 
+    The device contract: every torch tensor of a Batch a stream yields is on the trainer's device (the stream moves
+    them; the trainer never does). What only the host reads (cache rows to write or replay) is numpy: host_ids,
+    host_stream_ids, slots, store. So the loop never waits for the device to learn an id.
+
     sample_ids index the dataset's sorted file list (dali_kd.data.dataset.ImageIndex), the same on every
     backend and rank, so a sample can be found again (teacher cache, quarantine, replay): the image shown.
-    stream_ids (training streams; int64 [B], on sample_ids' device): the sample id the stream scheduled at each
-    position, its slot. It differs from sample_ids only where the slot's file was set aside at runtime and a
-    same-class stand-in was shown instead; teacher-cache rows are written per slot (see dali_kd.data.cache_stream).
+    stream_ids (training streams; int64 [B]): the sample id the stream scheduled at each position, its slot. It
+    differs from sample_ids only where the slot's file was set aside at runtime and a same-class stand-in was shown
+    instead; teacher-cache rows are written per slot (see dali_kd.data.cache_stream).
     """
 
     images: torch.Tensor
@@ -57,11 +62,12 @@ class Batch:
     local_images: torch.Tensor | None = None
     # With the teacher cache: the view slot of each sample, whether the teacher's outputs come from the cache,
     # and which rows a live teacher should store (see dali_kd.data.cache_stream).
-    slots: torch.Tensor | None = None
+    slots: np.ndarray | None = None
     from_cache: bool = False
-    store: torch.Tensor | None = None
-    host_ids: np.ndarray | None = None  # sample ids already on the host (no device read needed)
+    store: np.ndarray | None = None
+    host_ids: np.ndarray | None = None  # sample_ids on the host
     stream_ids: torch.Tensor | None = None
+    host_stream_ids: np.ndarray | None = None  # stream_ids on the host
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -74,20 +80,38 @@ class Batch:
         """The views the teacher sees, [B, G, 3, S, S] (G = 1 for a one-view batch)."""
         return self.images if self.multi_crop else self.images.unsqueeze(1)
 
+    def ids_on_host(self) -> np.ndarray:
+        """sample_ids as numpy, without a device read where the stream kept a host copy."""
+        return self.host_ids if self.host_ids is not None else self.sample_ids.cpu().numpy()
+
+    def stream_ids_on_host(self) -> np.ndarray:
+        if self.host_stream_ids is not None:
+            return self.host_stream_ids
+        return self.stream_ids.cpu().numpy() if self.stream_ids is not None else self.ids_on_host()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every torch tensor of the batch by name (view record fields as view.<field>)."""
+        found = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        if self.view is not None:
+            found.update({f"view.{f.name}": getattr(self.view, f.name) for f in fields(self.view)})
+        return found
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            images=self.images.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
+        """The batch with every tensor on `device` (tensors already there are not copied); host fields kept."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return replace(
+            self,
+            images=move(self.images),
+            labels=move(self.labels),
+            sample_ids=move(self.sample_ids),
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
-            local_images=None
-            if self.local_images is None
-            else self.local_images.to(device, non_blocking=non_blocking),
-            slots=self.slots,
-            from_cache=self.from_cache,
-            store=self.store,
-            host_ids=self.host_ids,
-            stream_ids=None
-            if self.stream_ids is None
-            else self.stream_ids.to(device, non_blocking=non_blocking),
+            local_images=move(self.local_images),
+            stream_ids=move(self.stream_ids),
         )

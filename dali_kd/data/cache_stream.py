@@ -22,11 +22,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dali_kd.data.batch import Batch
+from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
@@ -34,6 +36,19 @@ from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.errors import TrainingStopped
 from dali_kd.teacher_cache import TeacherCache
 from pipelines.params import AugmentParams
+
+
+@dataclass
+class _Replay:
+    """One replayed batch, planned: its stream slots, the rows it shows (ids, view slots), how many rows stood in
+    for missing ones, and the host view record to render."""
+
+    position: int
+    stream_ids: np.ndarray
+    ids: np.ndarray
+    slots: np.ndarray
+    missing: int
+    view: ViewRecord
 
 
 class CachedViewStream:
@@ -86,8 +101,12 @@ class CachedViewStream:
         else:
             # Replay starts at the first batch boundary after K passes (that pass is stitched at the boundary).
             self.replay_start = math.ceil(fill_samples / batch_size) * batch_size if mode == "replay" else -1
+        self._labels = np.asarray(index.labels, dtype=np.int64)
         self._fill: DaliTrainStream | None = None
+        # Replay: views are rendered on a thread of their own, the next batch while the current one trains.
         self._renderer: DaliViewRenderer | None = None
+        self._render_thread: ThreadPoolExecutor | None = None
+        self._ahead: tuple[_Replay, Future] | None = None
         # Per pass, computed once: the shard's order and each image's replayed view.
         self._slot_cache: tuple[int, np.ndarray] | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -119,12 +138,12 @@ class CachedViewStream:
         self.position += len(batch)
         if self.mode == "fixed":
             # One stored view per sample; afterwards the targets of that view are looked up for any new view.
-            batch.slots = torch.zeros(len(batch), dtype=torch.int64)
-            batch.store = torch.from_numpy(passes == 0)
+            batch.slots = np.zeros(len(batch), dtype=np.int64)
+            batch.store = passes == 0
             batch.from_cache = bool((passes > 0).all())
         else:
-            batch.slots = torch.from_numpy(np.minimum(passes, self.num_views - 1))
-            batch.store = torch.from_numpy(passes < self.num_views)
+            batch.slots = np.minimum(passes, self.num_views - 1)
+            batch.store = passes < self.num_views
         return batch
 
     def _slots_of_pass(self, pass_index: int) -> np.ndarray:
@@ -133,34 +152,56 @@ class CachedViewStream:
             self._slot_cache = (pass_index, rng.integers(0, self.num_views, size=self.index.num_samples))
         return self._slot_cache[1]
 
-    def _replay_batch(self) -> Batch:
+    def _plan(self, position: int) -> _Replay:
+        """What the batch at `position` replays, by the runtime quarantine as it stands (main thread only)."""
         stream_ids = np.empty(self.batch_size, dtype=np.int64)
         scheduled = np.empty(self.batch_size, dtype=np.int64)
         for k in range(self.batch_size):
-            pass_index, offset = divmod(self.position + k, self.num_samples)
+            pass_index, offset = divmod(position + k, self.num_samples)
             stream_ids[k] = self._order(pass_index)[offset]
             scheduled[k] = self._slots_of_pass(pass_index)[stream_ids[k]]
+        ids, slots, missing = self._rows(stream_ids, scheduled)
+        return _Replay(position, stream_ids, ids, slots, missing, self.cache.read_views(ids, slots))
+
+    def _render(self, plan: _Replay) -> Future:
+        """Read the plan's files and render its views on the renderer's thread."""
+        if self._renderer is None:
+            self._renderer = DaliViewRenderer(self.index, self.params, self.batch_size, device=self.device)
+            self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali_kd-replay")
+        return self._render_thread.submit(self._renderer.render, plan.ids, plan.view)
+
+    def _replay_batch(self) -> Batch:
+        """The next replayed batch; the one after it starts rendering before this one is handed out.
+
+        Only this (the consumer's) thread plans batches and sets files aside, and a batch is planned after every
+        earlier batch was taken, so a prefetched batch is the batch an unprefetched stream would make.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0].position == self.position:
+            plan, rendering = ahead
+        else:
+            plan = self._plan(self.position)
+            rendering = self._render(plan)
         while True:
-            ids, slots, missing = self._rows(stream_ids, scheduled)
-            view = self.cache.read_views(ids, slots)
-            if self._renderer is None:
-                self._renderer = DaliViewRenderer(
-                    self.index, self.params, self.batch_size, device=self.device
-                )
             try:
-                images = self._renderer.render(torch.from_numpy(ids), view)
+                images = rendering.result()
                 break
             except RuntimeError as e:
                 # The file is set aside (or the run stops) and its slots read their stand-in's rows.
                 self.quarantine.set_aside(str(e))
+                plan = self._plan(self.position)
+                rendering = self._render(plan)
         self.position += self.batch_size
-        self._count_missing(missing)
-        labels = torch.tensor([self.index.labels[i] for i in ids], dtype=torch.int64)
-        return Batch(
-            images=images, labels=labels.to(self.device), sample_ids=torch.from_numpy(ids).to(self.device),
-            stream_ids=torch.from_numpy(stream_ids).to(self.device), view=view.to(self.device),
-            slots=torch.from_numpy(slots), from_cache=True, host_ids=ids,
+        self._count_missing(plan.missing)
+        following = self._plan(self.position)
+        self._ahead = (following, self._render(following))
+        ids = plan.ids
+        batch = Batch(
+            images=images, labels=torch.from_numpy(self._labels[ids]), sample_ids=torch.from_numpy(ids),
+            stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, slots=plan.slots, from_cache=True,
+            host_ids=ids, host_stream_ids=plan.stream_ids,
         )  # fmt: skip
+        return batch.to(self.device, non_blocking=True)
 
     def _rows(self, stream_ids: np.ndarray, scheduled: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """The rows to replay for these slots and view slots: (sample ids, view slots, how many stood in).
@@ -234,4 +275,8 @@ class CachedViewStream:
     def close(self) -> None:
         if self._fill is not None:
             self._fill.close()
+        if self._render_thread is not None:
+            self._render_thread.shutdown(wait=True, cancel_futures=True)
+            self._render_thread = None
+        self._ahead = None
         self._renderer = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from nvidia.dali import types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
@@ -79,7 +81,7 @@ class DaliTrainStream:
             prefetch_queue_depth=prefetch_batches,
             reader_seed=reader_seed,
         )
-        self._labels = torch.tensor(index.labels, dtype=torch.int64, device=self.device)
+        self._labels = np.asarray(index.labels, dtype=np.int64)
         self._build(checkpoint)
         # One pass of this shard, by the shard rule DALI's reader follows (shards may differ by one sample).
         epoch_size = int(self.pipe.reader_meta(READER_NAME)["epoch_size"])
@@ -90,11 +92,11 @@ class DaliTrainStream:
         while True:
             files, shown = self.quarantine.effective()
             # The reader reports each entry's slot id (its position in the list), whichever file it reads; the
-            # shown image's id is looked up in this table where the ids are, so no batch waits for the host.
+            # shown image's id is looked up in this table. The ids are host data (the reader's), so no batch
+            # waits for the device.
             self.pipe = train_pipeline(files, checkpoint=checkpoint, **self._settings)
             self.pipe.build()
-            # Moved to the ids' device at the first batch (the reader's ids are CPU data unless a graph moves them).
-            self._shown = torch.tensor(shown, dtype=torch.int64)
+            self._shown = np.asarray(shown, dtype=np.int64)
             outputs = list(train_outputs(self._settings["params"]))
             try:
                 # No reader_name: the iterator runs as long as the pipeline does, i.e. forever. It runs the
@@ -114,24 +116,32 @@ class DaliTrainStream:
                 self.quarantine.set_aside(str(e))  # warns, or stops the run
                 self._build(position)
                 continue
-            # DALI reuses its output buffers at the next iteration: clone what the trainer keeps.
-            stream_ids = out["sample_ids"].view(-1).clone()
-            if self._shown.device != stream_ids.device:
-                self._shown = self._shown.to(stream_ids.device)
-            sample_ids = self._shown[stream_ids]
-            yield Batch(
-                images=out["images"],
-                local_images=out.get("local_images"),
-                labels=self._labels[sample_ids],
-                sample_ids=sample_ids,
-                stream_ids=stream_ids,
-                view=ViewRecord(
-                    crop_anchor=out["crop_anchor"].clone(),
-                    crop_shape=out["crop_shape"].clone(),
-                    flip=out["flip"].to(torch.int64),
-                    jitter=out["jitter"].clone(),
-                ),
-            )
+            yield self._batch(out)
+
+    def _batch(self, out: dict[str, torch.Tensor]) -> Batch:
+        """The pipeline's outputs as a Batch with every tensor on the stream's device.
+
+        Images are already there on a GPU pipeline; the ids and view records are small host outputs, copied over.
+        DALI reuses its output buffers at the next iteration: what the trainer keeps is copied or cloned.
+        """
+        stream_ids = out["sample_ids"].view(-1).cpu().numpy().copy()
+        sample_ids = self._shown[stream_ids]
+        batch = Batch(
+            images=out["images"],
+            local_images=out.get("local_images"),
+            labels=torch.from_numpy(self._labels[sample_ids]),
+            sample_ids=torch.from_numpy(sample_ids),
+            stream_ids=torch.from_numpy(stream_ids),
+            view=ViewRecord(
+                crop_anchor=out["crop_anchor"].clone(),
+                crop_shape=out["crop_shape"].clone(),
+                flip=out["flip"].to(torch.int64),
+                jitter=out["jitter"].clone(),
+            ),
+            host_ids=sample_ids,
+            host_stream_ids=stream_ids,
+        )
+        return batch.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         """The pipeline's own checkpoint at the consumer's position (batches prefetched but not taken excluded)."""
@@ -158,7 +168,8 @@ def dali_eval_batches(
     device: torch.device | str = "cpu",
     num_threads: int = 2,
 ) -> Iterator[Batch]:
-    """Every sample exactly once, in index order; the last batch may be partial. Batch.view is None."""
+    """Every sample exactly once, in index order, every tensor on `device`; the last batch may be partial and
+    Batch.view is None."""
     device = torch.device(device)
     pipe = eval_pipeline(
         index.files, params, batch_size=batch_size, device_id=_device_id(device), num_threads=num_threads
@@ -167,10 +178,20 @@ def dali_eval_batches(
     iterator = DALIGenericIterator(
         [pipe], list(EVAL_OUTPUTS), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL
     )
-    labels = torch.tensor(index.labels, dtype=torch.int64, device=device)
+    labels = np.asarray(index.labels, dtype=np.int64)
     for (out,) in iterator:
-        sample_ids = out["sample_ids"].view(-1).clone()
-        yield Batch(images=out["images"].clone(), labels=labels[sample_ids], sample_ids=sample_ids)
+        sample_ids = out["sample_ids"].view(-1).cpu().numpy().copy()
+        batch = Batch(
+            images=out["images"].clone(),
+            labels=torch.from_numpy(labels[sample_ids]),
+            sample_ids=torch.from_numpy(sample_ids),
+            host_ids=sample_ids,
+        )
+        yield batch.to(device, non_blocking=True)
+
+
+# The replay pipeline's output types (see pipelines.params.DecodeParams.dtype).
+_TORCH_DTYPES = {types.DALIDataType.FLOAT: torch.float32, types.DALIDataType.FLOAT16: torch.float16}
 
 
 class DaliViewRenderer:
@@ -196,20 +217,29 @@ class DaliViewRenderer:
     def _build(self) -> None:
         self.pipe = replay_pipeline(**self._pipe_args)
         self.pipe.build()
+        self._copied = None  # on a GPU: the event after which the pipeline's output buffer may be reused
 
     def _run(self, columns: dict[str, list | np.ndarray]):
+        if self._copied is not None:
+            # The previous batch's copy out of DALI's buffer must be done before run() reuses that buffer.
+            self._copied.synchronize()
+            self._copied = None
         for name in REPLAY_INPUTS:
             self.pipe.feed_input(name, columns[name])
-        (images,) = self.pipe.run()
+        (images,) = self.pipe.run()  # host-synchronous: the output is ready when run() returns
         return images
 
-    def render(self, sample_ids: torch.Tensor, view: ViewRecord) -> torch.Tensor:
-        """The views of these samples' files, float32 [B, 3, S, S] on the renderer's device.
+    def render(self, sample_ids: np.ndarray | torch.Tensor, view: ViewRecord) -> torch.Tensor:
+        """The views of these samples' files, [B, 3, S, S] on the renderer's device.
+
+        sample_ids and view are read on the host (pass host copies: a device tensor costs a device read). On a GPU
+        DALI's output is copied once, device to device, into a torch tensor on torch's current stream; nothing
+        crosses to the host. Safe to call from a background thread (one call at a time).
 
         A file that cannot be read or decoded raises RuntimeError naming it (fed bytes carry no file name in
         DALI's own message, so the failing samples are found one by one); the renderer stays usable.
         """
-        ids = sample_ids.cpu().numpy()
+        ids = sample_ids.cpu().numpy() if isinstance(sample_ids, torch.Tensor) else np.asarray(sample_ids)
         if len(ids) != self.batch_size:
             raise ValueError(f"render needs exactly {self.batch_size} views, got {len(ids)}")
         encoded = []
@@ -225,14 +255,27 @@ class DaliViewRenderer:
             "flip": view.flip.cpu().numpy().astype(np.int32),
             "jitter": view.jitter.cpu().numpy().astype(np.float32),
         }
-        try:
-            images = self._run(columns)
-        except RuntimeError as e:
-            self._build()  # a pipeline that failed stays dead
-            raise RuntimeError(self._name_failures(ids, columns, str(e))) from None
-        if self.device.type == "cuda":
-            images = images.as_cpu()
-        return torch.from_numpy(np.array(images.as_tensor())).to(self.device)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            try:
+                images = self._run(columns)
+            except RuntimeError as e:
+                self._build()  # a pipeline that failed stays dead
+                raise RuntimeError(self._name_failures(ids, columns, str(e))) from None
+            # One copy out of DALI's buffer (reused at the next run) into memory torch owns, on torch's current
+            # stream where the output is on the GPU.
+            tensor = images.as_tensor()
+            on_gpu = self.device.type == "cuda"
+            out = torch.empty(
+                tensor.shape(), dtype=_TORCH_DTYPES[tensor.dtype], device=self.device if on_gpu else "cpu"
+            )
+            if on_gpu:
+                stream = torch.cuda.current_stream(self.device)
+                feed_ndarray(tensor, out, cuda_stream=stream)
+                self._copied = torch.cuda.Event()
+                self._copied.record(stream)
+            else:
+                feed_ndarray(tensor, out)
+        return out.to(self.device)  # only where the device is a stand-in (tests' meta) for a CPU pipeline
 
     def _name_failures(self, ids: np.ndarray, columns: dict[str, list | np.ndarray], error: str) -> str:
         """Render each distinct file alone to find the ones that fail: a message naming each, one per line."""

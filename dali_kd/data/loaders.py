@@ -68,7 +68,7 @@ def make_train_stream(
         persistent_workers=cfg.train.persistent_workers,
         shard_id=rank,
         num_shards=world_size,
-        pin_memory=device.type == "cuda",
+        device=device,
         start_position=state["position"] if state else 0,
         max_runtime_quarantine=cfg.data.max_runtime_quarantine,
         substitutions=substitutions,
@@ -78,7 +78,7 @@ def make_train_stream(
 def make_eval_batches(
     cfg: Config, index: ImageIndex, device: torch.device, batch_size: int
 ) -> Iterator[Batch]:
-    """Every sample of index once, in order, with the eval transform, as batches on `device`."""
+    """Every sample of index once, in order, with the eval transform, as batches with every tensor on `device`."""
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import dali_eval_batches
 
@@ -88,7 +88,6 @@ def make_eval_batches(
         return
     from dali_kd.data.torchvision_loader import torchvision_eval_batches
 
-    for batch in torchvision_eval_batches(
-        index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers
-    ):
-        yield batch.to(device, non_blocking=True)
+    yield from torchvision_eval_batches(
+        index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers, device=device
+    )

@@ -16,6 +16,7 @@ from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import shard_sample_ids, stream_keys, view_rng
+from dali_kd.data.transfer import one_ahead
 from pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
 
 # torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
@@ -235,6 +236,22 @@ class _StreamBatches(Sampler[list[ViewKey]]):
             yield [(position, slot, self.resolve(slot)) for position, slot in batch]
 
 
+def _host_batch(collated: tuple) -> tuple[Batch, list[tuple[int, str]]]:
+    """A collated (pinned) tuple as a host Batch with host copies of its ids, and the files that failed in it."""
+    images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed = collated
+    batch = Batch(
+        images=images,
+        local_images=local_images,
+        labels=labels,
+        sample_ids=ids,
+        stream_ids=slots,
+        view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
+        host_ids=ids.numpy().copy(),
+        host_stream_ids=slots.numpy().copy(),
+    )
+    return batch, failed
+
+
 def _collate_train(samples: list[tuple]) -> tuple:
     # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; the last
     # item lists the (sample id, reason) of files that failed to decode in this batch.
@@ -275,7 +292,7 @@ class TorchvisionTrainStream:
         persistent_workers: bool = False,
         shard_id: int = 0,
         num_shards: int = 1,
-        pin_memory: bool = False,
+        device: torch.device | str = "cpu",
         start_position: int = 0,
         max_runtime_quarantine: int = 100,
         substitutions: dict[int, int] | None = None,
@@ -289,6 +306,7 @@ class TorchvisionTrainStream:
         self.shard_ids = shard_sample_ids(index.num_samples, shard_id, num_shards)
         self.num_samples = len(self.shard_ids)
         self.batch_size = batch_size
+        self.device = torch.device(device)
         self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         self._loader: DataLoader | None = DataLoader(
             _TrainViews(index, params, seed, shard_id),
@@ -297,7 +315,8 @@ class TorchvisionTrainStream:
             ),
             num_workers=num_workers,
             collate_fn=_collate_train,
-            pin_memory=pin_memory,
+            # Pinned host batches: the copy to the GPU can then run asynchronously (dali_kd.data.transfer).
+            pin_memory=self.device.type == "cuda",
             # DataLoader rejects persistent workers without workers; the flag then simply has no meaning.
             persistent_workers=persistent_workers and num_workers > 0,
             # Its own generator: starting an iterator must not draw from torch's global RNG, which a resumed
@@ -320,22 +339,17 @@ class TorchvisionTrainStream:
         return self.quarantine.take_entries()
 
     def __iter__(self) -> Iterator[Batch]:
+        """Batches on the stream's device; the next batch's copy runs while the consumer works on this one."""
         if self._loader is None:
             raise RuntimeError("TorchvisionTrainStream is closed")
         self._active = iter(self._loader)
         self.position = self.start_position
-        for images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed in self._active:
-            self.position += len(ids)
+        for batch, failed in one_ahead(map(_host_batch, self._active), self.device):
+            # Counted and set aside as the consumer takes the batch, so state_dict() is the consumer's position.
+            self.position += len(batch)
             for sample_id, reason in failed:
                 self.quarantine.add(sample_id, reason)  # once per file; warns, or stops the run
-            yield Batch(
-                images=images,
-                local_images=local_images,
-                labels=labels,
-                sample_ids=ids,
-                stream_ids=slots,
-                view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
-            )
+            yield batch
 
     def worker_pids(self) -> list[int]:
         """The process ids of the running iterator's workers (none before iter(), without workers, or closed)."""
@@ -374,13 +388,26 @@ class _EvalImages(Dataset):
 
 
 def torchvision_eval_batches(
-    index: ImageIndex, params: EvalParams, batch_size: int, num_workers: int = 0
+    index: ImageIndex,
+    params: EvalParams,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
 ) -> Iterator[Batch]:
-    """Every sample once, in index order; the last batch may be partial and Batch.view is None."""
+    """Every sample once, in index order, on `device`; the last batch may be partial and Batch.view is None."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
     loader = DataLoader(
-        _EvalImages(index, params), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        _EvalImages(index, params),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
-    for images, labels, ids in loader:
-        yield Batch(images=images, labels=labels.to(torch.int64), sample_ids=ids.to(torch.int64))
+    host = (
+        (Batch(images=images, labels=labels.to(torch.int64), sample_ids=ids.to(torch.int64)), None)
+        for images, labels, ids in loader
+    )
+    for batch, _ in one_ahead(host, device):
+        yield batch

@@ -1,0 +1,108 @@
+"""The device contract: every training stream and the eval batches put every tensor of a Batch on the trainer's
+device, and the trainer never moves a batch itself.
+
+On this CPU machine PyTorch's `meta` device stands in for a GPU: models, optimizer and batches on `meta` run the
+forward, backward and AdamW step (shapes only, no arithmetic), and any host tensor mixed in raises "Tensor on device
+meta is not on the expected device cpu" — exactly the failure a CPU batch meets on CUDA. The DALI pipelines run in
+CPU-only mode, as a GPU pipeline's host outputs (ids, view records) do, so the streams must move them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dali_kd.data.batch import Batch
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import make_eval_batches
+from dali_kd.trainer import Trainer
+
+META = torch.device("meta")
+MULTI_CROP = ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2")
+PATHS = {
+    "dali": (),
+    "dali-multi-crop": MULTI_CROP,
+    "torchvision": ("data.backend=torchvision",),
+    "torchvision-multi-crop": ("data.backend=torchvision", *MULTI_CROP),
+}
+STEPS = 2
+
+
+def assert_on_device(batch: Batch, device: torch.device) -> None:
+    elsewhere = {name: str(t.device) for name, t in batch.tensors().items() if t.device != device}
+    assert not elsewhere, f"batch tensors not on {device}: {elsewhere}"
+
+
+def train_steps(trainer: Trainer, steps: int = STEPS) -> list[Batch]:
+    """Real training steps straight from the trainer's own stream (what fit() does, without the host-side logging
+    a meta tensor cannot answer)."""
+    batches = []
+    stream = iter(trainer.stream)
+    for _ in range(steps):
+        batch = next(stream)
+        assert_on_device(batch, trainer.device)
+        losses = trainer.train_step(batch)
+        assert {t.device for t in losses.values()} == {trainer.device}
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_training_stream_trains_on_the_trainers_device(tiny_config, path):
+    trainer = Trainer(tiny_config(*PATHS[path]), META, show_progress=False)
+    try:
+        batches = train_steps(trainer)
+    finally:
+        trainer.stream.close()
+    assert trainer.step == STEPS
+    # AdamW really stepped: its moments exist, on the device, for every trained parameter.
+    moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+    assert moments and {m.device for m in moments} == {META}
+    if "multi-crop" in path:
+        assert batches[0].multi_crop and batches[0].local_images is not None
+    # Host copies of the ids, for the cache and the quarantine, without reading the device.
+    assert batches[0].host_ids is not None and batches[0].host_stream_ids is not None
+
+
+def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
+    cache = ("train.cache_teacher_features=true", f"train.teacher_feature_dir={tmp_path / 'cache'}",
+             "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=1")  # fmt: skip
+    # The cache is filled by a real CPU run (writing rows reads the teacher's outputs, which meta has none of).
+    filler = Trainer(tiny_config(*cache), torch.device("cpu"), show_progress=False)
+    stream = iter(filler.stream)
+    while not filler.stream.replaying:
+        filler.train_step(next(stream))
+    filler.stream.close()
+    assert filler.cache.is_complete()
+
+    trainer = Trainer(tiny_config(*cache), META, show_progress=False)
+    try:
+        batches = train_steps(trainer)
+    finally:
+        trainer.stream.close()
+    assert all(b.from_cache for b in batches)
+    assert trainer.targets.counters.probe_batches == STEPS  # the probe's teacher ran on the device too
+    assert trainer.targets.live.forward_batches == 0
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_eval_batches_are_on_the_trainers_device(tiny_config, image_tree, backend):
+    cfg = tiny_config(f"data.backend={backend}")
+    index = ImageIndex.from_folder(image_tree / "val")
+    batches = list(make_eval_batches(cfg, index, META, batch_size=5))
+    for batch in batches:
+        assert_on_device(batch, META)
+    assert sum(len(b) for b in batches) == index.num_samples
+
+
+def test_a_cpu_run_keeps_its_batches_on_the_cpu_with_matching_host_ids(tiny_config):
+    trainer = Trainer(tiny_config("data.backend=torchvision"), torch.device("cpu"), show_progress=False)
+    try:
+        for batch in itertools.islice(trainer.stream, 2):
+            assert_on_device(batch, torch.device("cpu"))
+            assert torch.equal(batch.sample_ids, torch.from_numpy(batch.host_ids))
+            assert torch.equal(batch.stream_ids, torch.from_numpy(batch.host_stream_ids))
+    finally:
+        trainer.stream.close()
