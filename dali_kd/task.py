@@ -14,6 +14,7 @@ from dali_kd.data.batch import Batch
 from dali_kd.distributed import DistInfo
 from dali_kd.losses import distillation_losses, multi_crop_losses
 from dali_kd.models import ModelOutput, Student, StudentOutput
+from dali_kd.runtime import autocast
 from dali_kd.targets import view_major
 
 
@@ -59,9 +60,7 @@ class DistillTask:
         return self.forward(batch, targets)
 
     def forward(self, batch: Batch, targets: ModelOutput) -> dict[str, torch.Tensor]:
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
+        with autocast(self.device, self.amp_dtype):
             if batch.multi_crop:
                 local_images = None if batch.local_images is None else view_major(batch.local_images)
                 student_out, local_out = self.student_step(view_major(batch.images), local_images)
