@@ -5,7 +5,15 @@ Same files, same AugmentParams, same batch size for every path:
                original trainer's path) at several worker counts, including the original's 4
   dali_raw     the raw DALI CPU pipeline (pipelines.train_pipeline, pipe.run()) — what dali_kd's loader wraps
   dali_cpu     dali_kd's DALI loader in CPU-only mode (torch tensors out) at several thread counts
-  dali_gpu     dali_kd's DALI loader on the GPU (decode "mixed", hardware JPEG decoder where present)
+  dali_raw_gpu the raw DALI pipeline on the GPU (decode "mixed", hardware JPEG decoder where present)
+  dali_gpu     dali_kd's DALI loader on the GPU
+
+--decode window,full measures every DALI row with each decode side by side (window: only the crop window is
+decoded; full: the whole image, then the view is cut from it; see pipelines.params.DecodeParams) and gives each
+full-decode row its rate relative to the window row; --output-dtype sets what the DALI pipelines hand out. The
+loader rows take these only where dali_kd's loader accepts a `decode` argument; until then they run its own
+default (window, float32) and are left out for any other choice, and the multi-crop rows run float32
+(settings.loader_takes_decode in the JSON says which).
 
 Each is warmed up, then timed over several repeats: median, spread (min-max), CPU-seconds per image (this process
 and its DataLoader workers), and the ratio to torchvision at the same number of CPU workers/threads.
@@ -14,12 +22,14 @@ and its DataLoader workers), and the ratio to torchvision at the same number of 
 per image, the 2 global crops only, and 2 global + N local crops, and reports what the local crops cost per image
 (2+N crops time / global-only time; the original trainer paid about 3×).
 
-    python benchmarks/augment_throughput.py [--quick] [--multi-crop] [--json out.json] [--md out.md] [--png out.png]
+    python benchmarks/augment_throughput.py [--quick] [--multi-crop] [--decode window,full]
+        [--output-dtype float32|float16] [--json out.json] [--md out.md] [--png out.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -35,13 +45,22 @@ import torch
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
-from pipelines.params import AugmentParams, MultiCropParams
+from pipelines.params import (
+    DECODE_MODES,
+    DEFAULT_DECODE,
+    OUTPUT_DTYPES,
+    AugmentParams,
+    DecodeParams,
+    MultiCropParams,
+)
 from pipelines.pipelines import train_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_dataset import make_dataset  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Whether dali_kd's loader takes the decoder choices yet (the raw pipeline always does).
+LOADER_TAKES_DECODE = "decode" in inspect.signature(DaliTrainStream).parameters
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -101,23 +120,52 @@ def torchvision_batches(index, params, batch_size, workers):
     return make
 
 
-def dali_loader_batches(index, params, batch_size, threads, device):
+def loader_decode(decode: DecodeParams) -> dict:
+    """The loader's keyword for these decoder choices ({} for the loader's own default where it takes none)."""
+    if LOADER_TAKES_DECODE:
+        return {"decode": decode}
+    if decode != DecodeParams():
+        raise ValueError("dali_kd's loader does not take decoder choices yet")
+    return {}
+
+
+def dali_loader_batches(index, params, batch_size, threads, device, decode: DecodeParams = DEFAULT_DECODE):
+    choices = loader_decode(decode)  # raises here, before anything is measured
+
     def make():
         stream = DaliTrainStream(
-            index, params, batch_size=batch_size, seed=0, device=device, num_threads=threads
+            index, params, batch_size=batch_size, seed=0, device=device, num_threads=threads, **choices
         )
         return iter(stream), list, stream.close
 
     return make
 
 
-def dali_raw_batches(index, params, batch_size, threads):
+def dali_raw_batches(index, params, batch_size, threads, decode: DecodeParams, device_id: int | None = None):
     def make():
-        pipe = train_pipeline(index.files, params, batch_size=batch_size, seed=0, num_threads=threads)
+        pipe = train_pipeline(
+            index.files,
+            params,
+            batch_size=batch_size,
+            seed=0,
+            num_threads=threads,
+            device_id=device_id,
+            decode=decode,
+        )
         pipe.build()
         return (pipe.run() for _ in itertools.count()), list, lambda: None
 
     return make
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in DECODE_MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(
+            f"--decode takes a comma list of {', '.join(DECODE_MODES)}, got {text!r}"
+        )
+    return modes
 
 
 def parse_counts(text: str) -> list[int]:
@@ -127,6 +175,8 @@ def parse_counts(text: str) -> list[int]:
 def run(args) -> dict:
     cores = os.cpu_count() or 1
     params = AugmentParams(image_size=args.image_size)
+    decodes = {mode: DecodeParams(mode=mode, dtype=args.output_dtype) for mode in args.decode}
+    gpu = torch.cuda.is_available() and not args.no_gpu
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_dataset(Path(tmp) / "data", num_images=args.num_images, num_classes=10)
         index = ImageIndex.from_folder(data)
@@ -138,40 +188,56 @@ def run(args) -> dict:
         }
         results = []
 
-        def record(backend: str, workers: int, make, sync=None) -> None:
+        def record(backend: str, workers: int, make, sync=None, decode: str | None = None) -> None:
             queued = 2 * workers if backend == "torchvision" else 2
             row = {
                 "backend": backend,
                 "workers": workers,
+                "decode": decode,  # None: not a DALI row (PIL decodes the whole image)
                 **measure(make, queued=queued, sync=sync, **common),
             }
             results.append(row)
-            print(f"  {backend:<12} workers={workers:<3} {row['img_per_s']:8.1f} img/s", flush=True)
+            print(
+                f"  {backend:<12} workers={workers:<3} decode={decode or '-':<6} {row['img_per_s']:8.1f} img/s",
+                flush=True,
+            )
+
+        def record_loader(backend: str, threads: int, device: str, mode: str, sync=None) -> None:
+            try:
+                make = dali_loader_batches(index, params, args.batch_size, threads, device, decodes[mode])
+            except ValueError as e:
+                print(f"  {backend:<12} workers={threads:<3} decode={mode:<6} skipped: {e}", flush=True)
+                return
+            record(backend, threads, make, sync=sync, decode=mode)
 
         for workers in parse_counts(args.workers):
             record("torchvision", workers, torchvision_batches(index, params, args.batch_size, workers))
         for threads in parse_counts(args.dali_threads):
-            record("dali_raw", threads, dali_raw_batches(index, params, args.batch_size, threads))
-            record("dali_cpu", threads, dali_loader_batches(index, params, args.batch_size, threads, "cpu"))
-        if torch.cuda.is_available() and not args.no_gpu:
+            for mode, decode in decodes.items():
+                make = dali_raw_batches(index, params, args.batch_size, threads, decode)
+                record("dali_raw", threads, make, decode=mode)
+                record_loader("dali_cpu", threads, "cpu", mode)
+        if gpu:
             for threads in parse_counts(args.gpu_threads or str(cores)):
-                record(
-                    "dali_gpu",
-                    threads,
-                    dali_loader_batches(index, params, args.batch_size, threads, "cuda"),
-                    sync=torch.cuda.synchronize,
-                )
+                for mode, decode in decodes.items():
+                    make = dali_raw_batches(index, params, args.batch_size, threads, decode, device_id=0)
+                    record("dali_raw_gpu", threads, make, sync=torch.cuda.synchronize, decode=mode)
+                    record_loader("dali_gpu", threads, "cuda", mode, sync=torch.cuda.synchronize)
         multi_crop = measure_multi_crop(args, index, params, common) if args.multi_crop else []
     baseline = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "torchvision"}
     original = baseline.get(4)
-    raw = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "dali_raw"}
+    rate = {(r["backend"], r["workers"], r["decode"]): r["img_per_s"] for r in results}
     for r in results:
         # Equal CPU workers/threads; torchvision with 0 workers decodes in the main process, i.e. one core.
         same = baseline.get(r["workers"]) or (baseline.get(0) if r["workers"] == 1 else None)
         r["ratio_vs_torchvision_same_workers"] = r["img_per_s"] / same if same else None
         r["ratio_vs_torchvision_4_workers"] = r["img_per_s"] / original if original else None
-        if r["backend"] == "dali_cpu" and r["workers"] in raw:
-            r["ratio_vs_dali_raw"] = r["img_per_s"] / raw[r["workers"]]
+        raw = rate.get(("dali_raw", r["workers"], r["decode"]))
+        if r["backend"] == "dali_cpu" and raw:
+            r["ratio_vs_dali_raw"] = r["img_per_s"] / raw
+        window = rate.get((r["backend"], r["workers"], "window"))
+        if r["decode"] == "full" and window:
+            r["ratio_vs_window_decode"] = r["img_per_s"] / window
     return {
         "results": results,
         "multi_crop": multi_crop,
@@ -180,6 +246,9 @@ def run(args) -> dict:
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "augment": vars(params),
+            "decode": args.decode,
+            "output_dtype": args.output_dtype,
+            "loader_takes_decode": LOADER_TAKES_DECODE,
             **common,
         },
         "machine": machine_info(),
@@ -203,12 +272,14 @@ def measure_multi_crop(args, index, params: AugmentParams, common: dict) -> list
     """Each path with each crop setting; per-image cost relative to the same path's global-only setting."""
     cores = os.cpu_count() or 1
     workers = min(4, cores) if args.quick else cores
+    # Multi-crop always decodes the whole image once; the output dtype still applies where the loader takes it.
+    decode = DecodeParams(dtype=args.output_dtype) if LOADER_TAKES_DECODE else DecodeParams()
     paths = {
         "torchvision": lambda p: torchvision_batches(index, p, args.batch_size, workers),
-        "dali_cpu": lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cpu"),
+        "dali_cpu": lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cpu", decode),
     }
     if torch.cuda.is_available() and not args.no_gpu:
-        paths["dali_gpu"] = lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cuda")
+        paths["dali_gpu"] = lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cuda", decode)
     rows = []
     for backend, make in paths.items():
         sync = torch.cuda.synchronize if backend == "dali_gpu" else None
@@ -249,20 +320,26 @@ def machine_info() -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| backend | workers/threads | img/s (median) | spread | CPU-s/img | × torchvision same workers | × torchvision 4 workers |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | workers/threads | decode | img/s (median) | spread | CPU-s/img | × torchvision same workers "
+        "| × torchvision 4 workers | × window decode |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         same = r["ratio_vs_torchvision_same_workers"]
         four = r["ratio_vs_torchvision_4_workers"]
+        window = r.get("ratio_vs_window_decode")
         lines.append(
-            f"| {r['backend']} | {r['workers']} | {r['img_per_s']:.1f} | {r['img_per_s_min']:.0f}–{r['img_per_s_max']:.0f} "
-            f"| {r['cpu_s_per_img'] * 1000:.2f} ms | {f'{same:.2f}×' if same else '—'} | {f'{four:.2f}×' if four else '—'} |"
+            f"| {r['backend']} | {r['workers']} | {r['decode'] or '—'} | {r['img_per_s']:.1f} "
+            f"| {r['img_per_s_min']:.0f}–{r['img_per_s_max']:.0f} | {r['cpu_s_per_img'] * 1000:.2f} ms "
+            f"| {f'{same:.2f}×' if same else '—'} | {f'{four:.2f}×' if four else '—'} "
+            f"| {f'{window:.2f}×' if window else '—'} |"
         )
+    lines.append(f"\nDALI output dtype: {report['settings']['output_dtype']}")
     loaders = [r for r in report["results"] if "ratio_vs_dali_raw" in r]
     for r in loaders:
         lines.append(
-            f"\ndali_kd loader vs raw DALI pipeline, {r['workers']} threads: {r['ratio_vs_dali_raw']:.3f}×"
+            f"\ndali_kd loader vs raw DALI pipeline, {r['workers']} threads, {r['decode']} decode: "
+            f"{r['ratio_vs_dali_raw']:.3f}×"
         )
     if report.get("multi_crop"):
         lines += [
@@ -285,8 +362,14 @@ def bar_chart(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    labels = [f"{r['backend']}\n{r['workers']}" for r in rows]
-    colours = {"torchvision": "#7f7f7f", "dali_raw": "#aec7e8", "dali_cpu": "#1f77b4", "dali_gpu": "#2ca02c"}
+    labels = [f"{r['backend']}\n{r['workers']}" + (f" {r['decode']}" if r["decode"] else "") for r in rows]
+    colours = {
+        "torchvision": "#7f7f7f",
+        "dali_raw": "#aec7e8",
+        "dali_cpu": "#1f77b4",
+        "dali_raw_gpu": "#98df8a",
+        "dali_gpu": "#2ca02c",
+    }
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5), constrained_layout=True)
     values = [r["img_per_s"] for r in rows]
     errors = [
@@ -318,6 +401,15 @@ def main() -> None:
         "--gpu-threads", default=None, help="DALI GPU pipeline CPU threads (default: all cores)"
     )
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument(
+        "--decode",
+        type=parse_modes,
+        default=["window"],
+        help="DALI decode modes to measure side by side, a comma list of window,full (default: window)",
+    )
+    parser.add_argument(
+        "--output-dtype", choices=OUTPUT_DTYPES, default="float32", help="dtype the DALI pipelines hand out"
+    )
     parser.add_argument("--multi-crop", action="store_true", help="also measure DINO multi-crop per path")
     parser.add_argument("--local-crops", type=int, default=8, help="multi-crop: local crops per image")
     parser.add_argument("--local-size", type=int, default=96, help="multi-crop: local crop side, pixels")

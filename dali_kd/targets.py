@@ -267,6 +267,9 @@ def open_teacher_cache(
         "files": files_hash(train_index.files),
         "num_classes": 0 if probe.logits is None else int(probe.logits.shape[-1]),
         "mode": train.cache_mode,
+        # Both change the pixels a cached target was computed on (window edges; fp16 rounding).
+        "decode": cfg.data.decode,
+        "output_dtype": cfg.data.output_dtype,
     }
     views = 1 if train.cache_mode == "fixed" else train.cache_views_per_image
     args = (Path(train.teacher_feature_dir), identity, parts, train_index.num_samples, views)

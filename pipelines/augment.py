@@ -2,7 +2,8 @@
 decode, eval transform.
 
 Each function takes DataNodes and returns DataNodes; none owns a reader, so the same code serves the training
-pipeline, the replay pipeline, CPU-only mode and the GPU (only `decode_device` differs).
+pipeline, the replay pipeline, CPU-only mode and the GPU (only `decode_device` differs). A DecodeParams says how
+each decodes (crop window or whole image, the GPU decoder's tuning) and the dtype it hands out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
-from pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
+from pipelines.params import (
+    DEFAULT_DECODE,
+    IDENTITY_JITTER,
+    AugmentParams,
+    DecodeParams,
+    EvalParams,
+    MultiCropParams,
+)
+
+_OUTPUT_TYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
 
 
 @dataclass
@@ -85,13 +95,21 @@ def to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
 
 
 def render_view(
-    encoded: DataNode, view: View, params: AugmentParams, decode_device: str, hw: DataNode | None = None
+    encoded: DataNode,
+    view: View,
+    params: AugmentParams,
+    decode_device: str,
+    hw: DataNode | None = None,
+    decode: DecodeParams = DEFAULT_DECODE,
 ) -> DataNode:
-    """Decode only the view's crop window, then finish it (resize, colour-jitter, flip, normalise) to float CHW.
+    """Decode the view (decode.mode "window": its crop window only; "full": the whole image, then cut_view), then
+    finish it (resize, colour-jitter, flip, normalise) to CHW in decode.dtype.
 
     decode_device: "mixed" (GPU, hardware JPEG decoder where present) or "cpu" (DALI CPU-only mode).
     """
     hw = image_hw(encoded) if hw is None and view.window is None else hw
+    if decode.mode == "full":
+        return cut_view(decode_full(encoded, decode_device, decode), view, params, hw, decode.dtype)
     anchor, shape = _window(view, hw)
     images = fn.decoders.image_slice(
         encoded,
@@ -100,34 +118,45 @@ def render_view(
         axis_names="HW",
         device=decode_device,
         output_type=types.RGB,
+        **decode.decoder_options(decode_device),
     )
-    return finish_view(images, view, params)
+    return finish_view(images, view, params, dtype=decode.dtype)
 
 
-def decode_full(encoded: DataNode, decode_device: str) -> DataNode:
-    """The whole image, decoded once (multi-crop cuts every view from it)."""
-    return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+def decode_full(encoded: DataNode, decode_device: str, decode: DecodeParams = DEFAULT_DECODE) -> DataNode:
+    """The whole image, decoded once (multi-crop cuts every view from it). decode.mode plays no part here."""
+    return fn.decoders.image(
+        encoded, device=decode_device, output_type=types.RGB, **decode.decoder_options(decode_device)
+    )
 
 
-def cut_view(decoded: DataNode, view: View, params: AugmentParams, hw: DataNode) -> DataNode:
+def cut_view(
+    decoded: DataNode, view: View, params: AugmentParams, hw: DataNode | None, dtype: str = "float32"
+) -> DataNode:
     """A view cut from an already decoded image: its window resized straight out of the image, then jittered,
-    flipped and normalised.
+    flipped and normalised (to `dtype`).
 
     The resize reads the window as its region of interest (no copy of the crop first: one operator fewer per crop,
     about 8% faster on the CPU, measured); near the window's edges its filter may weigh the pixels just outside, so
-    these pixels can differ slightly from render_view's crop-then-resize. Replaying a record through this same graph
-    gives identical pixels.
+    these pixels can differ slightly from the window decode's crop-then-resize. Replaying a record through this
+    same graph gives identical pixels. hw may be None only for a view drawn in this graph (it has its window).
     """
     anchor, shape = _window(view, hw)
     start = fn.cast(anchor, dtype=types.FLOAT)
-    return finish_view(decoded, view, params, roi=(start, start + fn.cast(shape, dtype=types.FLOAT)))
+    return finish_view(
+        decoded, view, params, roi=(start, start + fn.cast(shape, dtype=types.FLOAT)), dtype=dtype
+    )
 
 
 def finish_view(
-    images: DataNode, view: View, params: AugmentParams, roi: tuple[DataNode, DataNode] | None = None
+    images: DataNode,
+    view: View,
+    params: AugmentParams,
+    roi: tuple[DataNode, DataNode] | None = None,
+    dtype: str = "float32",
 ) -> DataNode:
     """uint8 crop (or the `roi` (start, end) window of an image, in pixels) → resized to params.image_size,
-    colour-jittered, flipped and normalised float CHW.
+    colour-jittered, flipped and normalised CHW in `dtype` ("float32" or "float16").
 
     Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
     (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
@@ -142,20 +171,21 @@ def finish_view(
         saturation=view.jitter[2],
         hue=view.jitter[3] * 360.0,
     )
-    return normalize(images, params.mean, params.std, mirror=view.flip)
+    return normalize(images, params.mean, params.std, mirror=view.flip, dtype=dtype)
 
 
 def multi_crop(
-    encoded: DataNode, params: MultiCropParams, decode_device: str
+    encoded: DataNode, params: MultiCropParams, decode_device: str, decode: DecodeParams = DEFAULT_DECODE
 ) -> tuple[DataNode, DataNode | None, list[View]]:
     """DINO multi-crop from one decode: (global crops [G,3,S,S], local crops [N,3,s,s] or None, the G+N views).
 
-    Each crop draws its own window, flip and jitter; globals come first in the list of views.
+    Each crop draws its own window, flip and jitter; globals come first in the list of views. The image is always
+    decoded whole, once (decode.mode is not consulted: one window decode per crop would decode it G+N times).
     """
     hw = image_hw(encoded)
-    decoded = decode_full(encoded, decode_device)
+    decoded = decode_full(encoded, decode_device, decode)
     views = [draw_view(encoded, params.view_params(i), hw) for i in range(params.num_views)]
-    crops = [cut_view(decoded, view, params.view_params(i), hw) for i, view in enumerate(views)]
+    crops = [cut_view(decoded, view, params.view_params(i), hw, decode.dtype) for i, view in enumerate(views)]
     global_crops = fn.stack(*crops[: params.num_global])
     local_crops = fn.stack(*crops[params.num_global :]) if params.num_local else None
     return global_crops, local_crops, views
@@ -171,24 +201,39 @@ def stack_views(views: list[View]) -> View:
     )
 
 
-def normalize(images: DataNode, mean, std, mirror: DataNode | int = 0, crop: tuple[int, int] | None = None):
-    """uint8 HWC → float32 CHW, (x/255 - mean)/std, optionally mirrored and centre-cropped, in one kernel."""
+def normalize(
+    images: DataNode,
+    mean,
+    std,
+    mirror: DataNode | int = 0,
+    crop: tuple[int, int] | None = None,
+    dtype: str = "float32",
+):
+    """uint8 HWC → float CHW, (x/255 - mean)/std, optionally mirrored and centre-cropped, in one kernel.
+
+    dtype "float16" rounds the float32 result to half precision inside the same kernel (half the bytes out).
+    """
     kwargs = {"crop": list(crop)} if crop else {}
     return fn.crop_mirror_normalize(
         images,
         mirror=mirror,
         mean=[m * 255.0 for m in mean],
         std=[s * 255.0 for s in std],
-        dtype=types.FLOAT,
+        dtype=_OUTPUT_TYPES[dtype],
         output_layout="CHW",
         **kwargs,
     )
 
 
-def eval_transform(encoded: DataNode, params: EvalParams, decode_device: str) -> DataNode:
-    """Decode, resize the shorter side to resize_size, centre-crop image_size, normalise."""
-    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+def eval_transform(
+    encoded: DataNode, params: EvalParams, decode_device: str, decode: DecodeParams = DEFAULT_DECODE
+) -> DataNode:
+    """Decode the whole image (decode.mode is not consulted), resize the shorter side to resize_size, centre-crop
+    image_size, normalise to decode.dtype."""
+    images = decode_full(encoded, decode_device, decode)
     images = fn.resize(
         images, resize_shorter=params.resize_size, interp_type=types.INTERP_LINEAR, antialias=True
     )
-    return normalize(images, params.mean, params.std, crop=(params.image_size, params.image_size))
+    return normalize(
+        images, params.mean, params.std, crop=(params.image_size, params.image_size), dtype=decode.dtype
+    )

@@ -73,3 +73,63 @@ class MultiCropParams:
     def view_params(self, view: int) -> AugmentParams:
         """The parameters crop `view` (0-based, globals first) was drawn and rendered with."""
         return self.global_view if view < self.num_global else self.local_view
+
+
+DECODE_MODES = ("window", "full")
+OUTPUT_DTYPES = ("float32", "float16")
+# DecodeParams' fields that only the GPU ("mixed") decoder takes, named as DALI's decoder arguments.
+MIXED_DECODER_OPTIONS = (
+    "hw_decoder_load",
+    "device_memory_padding",
+    "host_memory_padding",
+    "preallocate_width_hint",
+    "preallocate_height_hint",
+)
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """How a pipeline decodes its images and what it hands out.
+
+    mode: "window" decodes only the view's crop window (fn.decoders.image_slice; fewer pixels to decode and
+    resize); "full" decodes the whole image and cuts the view from it (fn.decoders.image, then the resize reads
+    the window as its region of interest — multi-crop's graph, which always decodes the whole image once). The two
+    differ slightly at the window's edges, so a view replays to the same pixels only through the same mode.
+    hw_decoder_load, the memory paddings and the preallocation hints tune the GPU ("mixed") decoder only and never
+    change a pixel; CPU decoders are not given them. Their defaults are DALI 2.4's own, written out so that another
+    DALI release (some shipped hw_decoder_load=0.9) does not change them silently.
+    dtype: what crop_mirror_normalize writes, "float32" or "float16" (half the bytes per batch, rounded to fp16).
+    """
+
+    mode: str = "window"
+    # Share of the JPEGs sent to the GPU's hardware JPEG decoder where it has one (A100, H100); the rest: CUDA + CPU.
+    hw_decoder_load: float = 0.65
+    # nvJPEG's device buffer per thread and its two pinned host buffers per thread, in bytes; 0 = no preallocation.
+    device_memory_padding: int = 16 * 1024 * 1024
+    host_memory_padding: int = 8 * 1024 * 1024
+    # Image size the hardware decoder preallocates for, pixels; 0 = no hint.
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {self.mode!r}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.dtype!r}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:  # also refuses NaN
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        for name in MIXED_DECODER_OPTIONS[1:]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+
+    def decoder_options(self, decode_device: str) -> dict[str, float | int]:
+        """Keyword arguments for a DALI image decoder on `decode_device`: the mixed-only tuning, or nothing."""
+        if decode_device != "mixed":
+            return {}
+        return {name: getattr(self, name) for name in MIXED_DECODER_OPTIONS}
+
+
+# The default decode as one shared (frozen) value, for function defaults.
+DEFAULT_DECODE = DecodeParams()

@@ -1,12 +1,14 @@
 """The DALI pipelines: training (reader → one random view, or multi-crop), replay (given views) and evaluation.
 
 Each pipeline owns its reader (or external source) and calls the pure graphs of `pipelines.augment`.
-device_id=None builds a CPU-only pipeline (decode on the CPU); otherwise decode runs on that GPU ("mixed").
+device_id=None builds a CPU-only pipeline (decode on the CPU); otherwise decode runs on that GPU ("mixed"). Each
+takes a DecodeParams: crop window or whole-image decode, the GPU decoder's tuning, the output dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
@@ -14,8 +16,6 @@ from nvidia.dali.pipeline import Pipeline
 
 from pipelines.augment import (
     View,
-    cut_view,
-    decode_full,
     draw_view,
     eval_transform,
     image_hw,
@@ -23,7 +23,7 @@ from pipelines.augment import (
     render_view,
     stack_views,
 )
-from pipelines.params import AugmentParams, EvalParams, MultiCropParams
+from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 READER_NAME = "Reader"
 TRAIN_OUTPUTS = ("images", "sample_ids", "crop_anchor", "crop_shape", "flip", "jitter")
@@ -86,10 +86,12 @@ def train_pipeline(
     checkpoint: bytes | None = None,
     reader_seed: int | None = None,
     sample_ids: Sequence[int] | None = None,
+    decode: DecodeParams = DEFAULT_DECODE,
 ) -> Pipeline:
-    """Outputs train_outputs(params). One view (AugmentParams): images float32 [3,S,S], the sample id and its view
-    record, the crop window decoded alone. Multi-crop (MultiCropParams): each image decoded once, global crops
-    [G,3,S,S], local crops [N,3,s,s], and a record per crop ([V,2] anchors and shapes, [V] flips, [V,4] jitter).
+    """Outputs train_outputs(params). One view (AugmentParams): images [3,S,S] in decode.dtype, the sample id and
+    its view record, the view decoded as decode.mode says (its crop window alone, or the whole image). Multi-crop
+    (MultiCropParams): each image decoded once, global crops [G,3,S,S], local crops [N,3,s,s], and a record per
+    crop ([V,2] anchors and shapes, [V] flips, [V,4] jitter).
 
     checkpoint: bytes from an earlier pipeline's checkpoint(); the new pipeline continues exactly where that one
     stopped (reader position and shuffle, every random operator's state) if it is built over the same files with
@@ -97,6 +99,8 @@ def train_pipeline(
     reader_seed: seed of the file order; give every shard the same one so that their samples stay disjoint
     while `seed` (augmentations) differs per shard. Default: `seed`.
     sample_ids: the id each file entry reports (default: its position); a slot may read another file and say so.
+    decode: how to decode (multi-crop always decodes the whole image once) and the images' dtype; replay_pipeline
+    renders a record to the same pixels only with the same decode.mode and dtype.
     """
     shuffle_seed = seed if reader_seed is None else reader_seed
     ids = list(range(len(files))) if sample_ids is None else list(sample_ids)
@@ -121,13 +125,13 @@ def train_pipeline(
             files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=ids
         )
         if isinstance(params, MultiCropParams):
-            global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id))
+            global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id), decode)
             view = stack_views(views)
             images = (global_crops,) if local_crops is None else (global_crops, local_crops)
         else:
             hw = image_hw(encoded)  # one header parse serves both the draw and the decode
             view = draw_view(encoded, params, hw)
-            images = (render_view(encoded, view, params, _decode_device(device_id), hw),)
+            images = (render_view(encoded, view, params, _decode_device(device_id), hw, decode),)
         return *images, sample_id, view.crop_anchor, view.crop_shape, view.flip, view.jitter
 
     return pipe()
@@ -139,12 +143,17 @@ def replay_pipeline(
     device_id: int | None = None,
     num_threads: int = 2,
     full_decode: bool = False,
+    decode: DecodeParams = DEFAULT_DECODE,
 ) -> Pipeline:
     """Renders given views: feed REPLAY_INPUTS (encoded bytes and one view record per sample) with `feed_input`.
 
-    full_decode: cut the view from the whole decoded image, as multi-crop does (its records then replay to the
-    same pixels on every decoder); otherwise decode only the window, as the one-view pipeline does.
+    decode: give the DecodeParams the records were made with and each view renders to the same pixels again.
+    decode.mode "full" cuts the view from the whole decoded image, as multi-crop does — multi-crop records replay
+    with dataclasses.replace(decode, mode="full"), whatever mode one-view training used; "window" decodes only the
+    window. full_decode=True is the older spelling of mode "full" (kept for existing callers).
     """
+    if full_decode:
+        decode = replace(decode, mode="full")
 
     # Synchronous, no prefetch: each run() renders exactly the views fed just before it.
     @pipeline_def(
@@ -164,9 +173,7 @@ def replay_pipeline(
             )
         )
         view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
-        if full_decode:
-            return cut_view(decode_full(encoded, _decode_device(device_id)), view, params, image_hw(encoded))
-        return render_view(encoded, view, params, _decode_device(device_id))
+        return render_view(encoded, view, params, _decode_device(device_id), decode=decode)
 
     return pipe()
 
@@ -179,12 +186,15 @@ def eval_pipeline(
     num_threads: int = 2,
     shard_id: int = 0,
     num_shards: int = 1,
+    decode: DecodeParams = DEFAULT_DECODE,
 ) -> Pipeline:
-    """Outputs EVAL_OUTPUTS in file order; the last batch is padded (the iterator drops the padding)."""
+    """Outputs EVAL_OUTPUTS in file order; the last batch is padded (the iterator drops the padding).
+
+    decode: the GPU decoder's tuning and the images' dtype (eval always decodes the whole image)."""
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
     def pipe():
         encoded, sample_ids = _read(files, False, shard_id, num_shards, pad_last_batch=True)
-        return eval_transform(encoded, params, _decode_device(device_id)), sample_ids
+        return eval_transform(encoded, params, _decode_device(device_id), decode), sample_ids
 
     return pipe()

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, model_validator
 
 from dali_kd.config.sections import DataConfig, ModelConfig, Section, TrainConfig
-from pipelines.params import AugmentParams, EvalParams, MultiCropParams
+from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
 
@@ -95,6 +95,16 @@ class Config(Section):
                     "(got {data.num_global_crops}): cross pairs each global crop with the other ones; use "
                     "same or all, or more global crops"
                 )
+        # autocast_dtype() gives bf16 for precision bf16, or auto on cuda; anything else would feed fp16 images
+        # to fp32 weights.
+        if d.output_dtype == "float16" and not (
+            t.precision == "bf16" or (t.precision == "auto" and t.device == "cuda")
+        ):
+            raise conflict(
+                "{data.output_dtype} needs bf16 autocast (got {train.precision} with {train.device}): the models "
+                "would get half-precision images against float32 weights; set train.precision=bf16 or "
+                "data.output_dtype=float32"
+            )
         if t.cache_teacher_features:
             if d.backend != "dali":
                 raise conflict(
@@ -134,6 +144,19 @@ class Config(Section):
             local_view=replace(view, image_size=d.local_crop_size, crop_scale=d.local_crop_scale),
             num_global=d.num_global_crops,
             num_local=d.num_local_crops,
+        )
+
+    def decode_params(self) -> DecodeParams:
+        """How the DALI pipelines decode (window or whole image, the GPU decoder's tuning) and their output dtype."""
+        d = self.data
+        return DecodeParams(
+            mode=d.decode,
+            hw_decoder_load=d.hw_decoder_load,
+            device_memory_padding=d.device_memory_padding,
+            host_memory_padding=d.host_memory_padding,
+            preallocate_width_hint=d.preallocate_width_hint,
+            preallocate_height_hint=d.preallocate_height_hint,
+            dtype=d.output_dtype,
         )
 
     def eval_params(self) -> EvalParams:
