@@ -148,7 +148,9 @@ class CachedTeacher:
         self.counters = CacheCounters()
         self._probe_next = True
         self._fidelity: list[float] = []
-        self._probes: list[tuple[int, torch.Tensor]] = []  # (step, cosine on the device), read at the next log
+        self._probes: list[
+            tuple[int, torch.Tensor]
+        ] = []  # (step, cosine on the device), read at the next log
 
     def targets(self, batch: Batch, step: int) -> ModelOutput:
         if batch.from_cache:

@@ -326,7 +326,8 @@ def test_keys_free_on_resume_come_from_the_schema():
         "train.log_every_n_steps", "train.save_every_n_steps", "train.keep_last_checkpoints",
         "train.telemetry", "train.tensorboard", "train.device", "train.knn_k", "train.knn_bank_size",
         "train.eval_every_n_epochs", "train.num_workers", "train.persistent_workers",
-        "train.max_skipped_steps",
+        "train.max_skipped_steps", "data.hw_decoder_load", "data.device_memory_padding",
+        "data.host_memory_padding", "data.preallocate_width_hint", "data.preallocate_height_hint",
     }  # fmt: skip
     base = config_hash(load_config())
     for free in (

@@ -17,6 +17,7 @@ import torch
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_eval_batches
+from dali_kd.data.transfer import one_ahead
 from dali_kd.trainer import Trainer
 
 META = torch.device("meta")
@@ -106,3 +107,68 @@ def test_a_cpu_run_keeps_its_batches_on_the_cpu_with_matching_host_ids(tiny_conf
             assert torch.equal(batch.stream_ids, torch.from_numpy(batch.host_stream_ids))
     finally:
         trainer.stream.close()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_float16_images_reach_the_models_from_both_backends(tiny_config, image_tree, backend):
+    """data.output_dtype=float16: half the bytes per batch, under bf16 autocast the models take them as they come."""
+    cfg = tiny_config(f"data.backend={backend}", "data.output_dtype=float16", "train.precision=bf16")
+    trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
+    try:
+        batch = next(iter(trainer.stream))
+        assert batch.images.dtype == torch.float16
+        losses = trainer.train_step(batch)
+    finally:
+        trainer.stream.close()
+    assert torch.isfinite(losses["loss"])
+    val = ImageIndex.from_folder(image_tree / "val")
+    assert {b.images.dtype for b in make_eval_batches(cfg, val, torch.device("cpu"), 8)} == {torch.float16}
+
+
+@pytest.mark.parametrize("decode", ["window", "full"])
+def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_path, decode):
+    """The replay renderer decodes as the training pipeline did (data.decode), so a cached target's view comes back
+    exactly: with one view per image, every replayed image equals the image the teacher saw while filling."""
+    cfg = tiny_config(
+        f"data.decode={decode}", "train.cache_teacher_features=true", f"train.teacher_feature_dir={tmp_path}",
+        "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null",
+    )  # fmt: skip
+    trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
+    seen: dict[int, torch.Tensor] = {}
+    stream = iter(trainer.stream)
+    try:
+        while not trainer.stream.replaying:
+            batch = next(stream)
+            seen.update(zip(batch.host_ids.tolist(), batch.images.clone(), strict=True))
+            trainer.train_step(batch)
+        replayed = [next(stream) for _ in range(3)]
+    finally:
+        trainer.stream.close()
+    for batch in replayed:
+        assert batch.from_cache
+        for i, image in zip(batch.host_ids.tolist(), batch.images, strict=True):
+            assert torch.equal(image, seen[i]), f"sample {i} replayed to other pixels"
+
+
+def test_one_ahead_starts_the_next_copy_before_handing_out_a_batch():
+    """The look-ahead CUDA uses, on the CPU: batch N+1 is taken (and its copy started) before batch N is handed out;
+    every batch keeps its own payload and nothing is lost at the end."""
+    taken = []
+
+    def host_batches():
+        for i in range(4):
+            taken.append(i)
+            yield Batch(images=torch.full((1, 3, 2, 2), float(i)), labels=torch.tensor([i]),
+                        sample_ids=torch.tensor([i])), f"payload {i}"  # fmt: skip
+
+    handed = []
+    for batch, payload in one_ahead(host_batches(), META, ahead=True):
+        i = int(payload.split()[1])
+        assert taken[-1] == min(i + 1, 3), "the next batch is taken before this one is handed out"
+        assert_on_device(batch, META)
+        handed.append(i)
+    assert handed == [0, 1, 2, 3]
+    # Without the look-ahead (any device but CUDA) no batch is taken early.
+    taken.clear()
+    for _, payload in one_ahead(host_batches(), META):
+        assert taken[-1] == int(payload.split()[1])

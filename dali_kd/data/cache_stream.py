@@ -35,7 +35,7 @@ from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.errors import TrainingStopped
 from dali_kd.teacher_cache import TeacherCache
-from pipelines.params import AugmentParams
+from pipelines.params import DEFAULT_DECODE, AugmentParams
 
 
 @dataclass
@@ -76,6 +76,7 @@ class CachedViewStream:
     ):
         self.index, self.params, self.batch_size, self.seed = index, params, batch_size, seed
         self.cache, self.mode, self.device = cache, mode, torch.device(device)
+        self.decode = dali_kwargs.get("decode", DEFAULT_DECODE)  # the fill's decode: replay renders alike
         self.num_views = cache.num_views
         self.shard_ids = shard_sample_ids(index.num_samples, rank, world_size)
         self.num_samples = len(self.shard_ids)
@@ -166,7 +167,10 @@ class CachedViewStream:
     def _render(self, plan: _Replay) -> Future:
         """Read the plan's files and render its views on the renderer's thread."""
         if self._renderer is None:
-            self._renderer = DaliViewRenderer(self.index, self.params, self.batch_size, device=self.device)
+            self._renderer = DaliViewRenderer(
+                self.index, self.params, self.batch_size, device=self.device, decode=self.decode,
+                num_threads=self._dali_kwargs.get("num_threads", 2),
+            )  # fmt: skip
             self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali_kd-replay")
         return self._render_thread.submit(self._renderer.render, plan.ids, plan.view)
 

@@ -14,7 +14,7 @@ from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import shard_size
-from pipelines.params import AugmentParams, EvalParams, MultiCropParams
+from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams, EvalParams, MultiCropParams
 from pipelines.pipelines import (
     EVAL_OUTPUTS,
     READER_NAME,
@@ -59,12 +59,14 @@ class DaliTrainStream:
         substitutions: dict[int, int] | None = None,
         max_runtime_quarantine: int = 100,
         quarantine: RuntimeQuarantine | None = None,
+        decode: DecodeParams = DEFAULT_DECODE,
     ):
         """reader_seed: the file shuffle's seed, the same on every rank so shards stay disjoint (default: seed).
         checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped.
         params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample.
         quarantine: a runtime quarantine shared with the caller (then substitutions and max_runtime_quarantine
-        are its own)."""
+        are its own).
+        decode: crop-window or whole-image decode, the GPU decoder's tuning and the images' dtype."""
         self.device = torch.device(device)
         self.index = index
         if quarantine is None:
@@ -80,6 +82,7 @@ class DaliTrainStream:
             num_shards=num_shards,
             prefetch_queue_depth=prefetch_batches,
             reader_seed=reader_seed,
+            decode=decode,
         )
         self._labels = np.asarray(index.labels, dtype=np.int64)
         self._build(checkpoint)
@@ -167,12 +170,13 @@ def dali_eval_batches(
     batch_size: int,
     device: torch.device | str = "cpu",
     num_threads: int = 2,
+    decode: DecodeParams = DEFAULT_DECODE,
 ) -> Iterator[Batch]:
     """Every sample exactly once, in index order, every tensor on `device`; the last batch may be partial and
     Batch.view is None."""
     device = torch.device(device)
     pipe = eval_pipeline(
-        index.files, params, batch_size=batch_size, device_id=_device_id(device), num_threads=num_threads
+        index.files, params, batch_size, device_id=_device_id(device), num_threads=num_threads, decode=decode
     )
     pipe.build()
     iterator = DALIGenericIterator(
@@ -204,14 +208,18 @@ class DaliViewRenderer:
         batch_size: int,
         device: torch.device | str = "cpu",
         full_decode: bool = False,
+        decode: DecodeParams = DEFAULT_DECODE,
+        num_threads: int = 2,
     ):
-        """full_decode: True for records made by multi-crop (each crop is cut from the whole decoded image)."""
+        """decode: the DecodeParams the records were made with (same mode and dtype: same pixels).
+        full_decode: True for records made by multi-crop (each crop is cut from the whole decoded image)."""
         self.index = index
         self.device = torch.device(device)
         self.batch_size = batch_size
         self._pipe_args = dict(
-            params=params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode
-        )
+            params=params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode,
+            decode=decode, num_threads=num_threads,
+        )  # fmt: skip
         self._build()
 
     def _build(self) -> None:

@@ -12,6 +12,9 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
 
+# data.output_dtype as the torch dtype the torchvision backend casts its images to (DALI's graph writes it itself).
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
 
 def make_train_stream(
     cfg: Config,
@@ -36,7 +39,7 @@ def make_train_stream(
         return CachedViewStream(
             index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
             rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
-            max_runtime_quarantine=cfg.data.max_runtime_quarantine,
+            max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
         )  # fmt: skip
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
@@ -56,6 +59,7 @@ def make_train_stream(
             checkpoint=bytes(state["pipeline"].numpy()) if state else None,
             substitutions=substitutions,
             max_runtime_quarantine=cfg.data.max_runtime_quarantine,
+            decode=cfg.decode_params(),
         )
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 
@@ -70,6 +74,7 @@ def make_train_stream(
         num_shards=world_size,
         device=device,
         start_position=state["position"] if state else 0,
+        dtype=OUTPUT_DTYPES[cfg.data.output_dtype],
         max_runtime_quarantine=cfg.data.max_runtime_quarantine,
         substitutions=substitutions,
     )
@@ -83,11 +88,13 @@ def make_eval_batches(
         from dali_kd.data.dali_loader import dali_eval_batches
 
         yield from dali_eval_batches(
-            index, cfg.eval_params(), batch_size, device=device, num_threads=cfg.data.dali_threads
-        )
+            index, cfg.eval_params(), batch_size, device=device, num_threads=cfg.data.dali_threads,
+            decode=cfg.decode_params(),
+        )  # fmt: skip
         return
     from dali_kd.data.torchvision_loader import torchvision_eval_batches
 
     yield from torchvision_eval_batches(
-        index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers, device=device
-    )
+        index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers, device=device,
+        dtype=OUTPUT_DTYPES[cfg.data.output_dtype],
+    )  # fmt: skip

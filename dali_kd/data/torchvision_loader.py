@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -252,15 +253,15 @@ def _host_batch(collated: tuple) -> tuple[Batch, list[tuple[int, str]]]:
     return batch, failed
 
 
-def _collate_train(samples: list[tuple]) -> tuple:
+def _collate_train(samples: list[tuple], dtype: torch.dtype = torch.float32) -> tuple:
     # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; the last
     # item lists the (sample id, reason) of files that failed to decode in this batch.
     images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed = zip(
         *samples, strict=True
     )
     return (
-        torch.stack(images),
-        None if local_images[0] is None else torch.stack(local_images),
+        torch.stack(images).to(dtype),
+        None if local_images[0] is None else torch.stack(local_images).to(dtype),
         torch.tensor(labels, dtype=torch.int64),
         torch.tensor(ids, dtype=torch.int64),
         torch.tensor(slots, dtype=torch.int64),
@@ -296,7 +297,10 @@ class TorchvisionTrainStream:
         start_position: int = 0,
         max_runtime_quarantine: int = 100,
         substitutions: dict[int, int] | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
+        """device: where every tensor of a yielded Batch lives (see dali_kd.data.transfer for the copy).
+        dtype: the images' dtype; the workers cast them, so float16 also halves the bytes pinned and copied."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
@@ -314,7 +318,7 @@ class TorchvisionTrainStream:
                 self.shard_ids, seed, batch_size, self.quarantine.resolve, start_position
             ),
             num_workers=num_workers,
-            collate_fn=_collate_train,
+            collate_fn=functools.partial(_collate_train, dtype=dtype),
             # Pinned host batches: the copy to the GPU can then run asynchronously (dali_kd.data.transfer).
             pin_memory=self.device.type == "cuda",
             # DataLoader rejects persistent workers without workers; the flag then simply has no meaning.
@@ -371,10 +375,11 @@ class TorchvisionTrainStream:
 
 
 class _EvalImages(Dataset):
-    def __init__(self, index: ImageIndex, params: EvalParams):
+    def __init__(self, index: ImageIndex, params: EvalParams, dtype: torch.dtype = torch.float32):
         self.files = index.files
         self.labels = index.labels
         self.params = params
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.files)
@@ -383,7 +388,7 @@ class _EvalImages(Dataset):
         img = decode_rgb(self.files[sample_id])
         img = TF.resize(img, self.params.resize_size, InterpolationMode.BILINEAR, antialias=True)
         img = TF.center_crop(img, [self.params.image_size, self.params.image_size])
-        image = TF.normalize(TF.to_tensor(img), self.params.mean, self.params.std)
+        image = TF.normalize(TF.to_tensor(img), self.params.mean, self.params.std).to(self.dtype)
         return image, self.labels[sample_id], sample_id
 
 
@@ -393,13 +398,14 @@ def torchvision_eval_batches(
     batch_size: int,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[Batch]:
     """Every sample once, in index order, on `device`; the last batch may be partial and Batch.view is None."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     loader = DataLoader(
-        _EvalImages(index, params),
+        _EvalImages(index, params, dtype),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -45,10 +45,17 @@ class BatchMover:
         return batch
 
 
-def one_ahead(items: Iterable[tuple[Batch, T]], device: torch.device) -> Iterator[tuple[Batch, T]]:
-    """(batch, payload) pairs with each batch on `device`; batch N+1's copy is started before batch N is handed
-    out, so it runs while batch N's step does. Payloads travel with their batch, untouched."""
+def one_ahead(
+    items: Iterable[tuple[Batch, T]], device: torch.device, ahead: bool | None = None
+) -> Iterator[tuple[Batch, T]]:
+    """(batch, payload) pairs with each batch on `device`; on CUDA batch N+1's copy is started before batch N is
+    handed out, so it runs while batch N's step does. Elsewhere there is no copy to overlap, and no batch is taken
+    early (ahead=True forces the look-ahead anywhere, for tests). Payloads travel with their batch, untouched."""
     mover = BatchMover(device)
+    if not (mover.copy_stream is not None if ahead is None else ahead):
+        for batch, payload in items:
+            yield mover.start(batch), payload
+        return
     pending: tuple[Batch, T] | None = None
     for batch, payload in items:
         moving = (mover.start(batch), payload)
