@@ -84,6 +84,8 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
     finally:
         trainer.stream.close()
     assert all(b.from_cache for b in batches)
+    # The cached targets were read ahead by the stream, onto the device, off the step's path.
+    assert all(b.cached_targets is not None for b in batches)
     assert trainer.targets.counters.probe_batches == STEPS  # the probe's teacher ran on the device too
     assert trainer.targets.live.forward_batches == 0
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from dali_kd.models import ModelOutput
 
 
 @dataclass
@@ -68,6 +72,9 @@ class Batch:
     host_ids: np.ndarray | None = None  # sample_ids on the host
     stream_ids: torch.Tensor | None = None
     host_stream_ids: np.ndarray | None = None  # stream_ids on the host
+    # A replayed batch: the teacher's cached outputs for its rows, read ahead by the stream (and how long that took).
+    cached_targets: ModelOutput | None = None
+    cached_read_s: float = 0.0
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -98,6 +105,10 @@ class Batch:
         }
         if self.view is not None:
             found.update({f"view.{f.name}": getattr(self.view, f.name) for f in fields(self.view)})
+        if self.cached_targets is not None:
+            targets = self.cached_targets
+            found.update({f"cached_targets.{f.name}": getattr(targets, f.name) for f in fields(targets)})
+        found = {name: t for name, t in found.items() if t is not None}
         return found
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -114,4 +125,10 @@ class Batch:
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
             local_images=move(self.local_images),
             stream_ids=move(self.stream_ids),
+            cached_targets=None
+            if self.cached_targets is None
+            else replace(
+                self.cached_targets,
+                **{f.name: move(getattr(self.cached_targets, f.name)) for f in fields(self.cached_targets)},
+            ),
         )

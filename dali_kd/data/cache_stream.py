@@ -20,6 +20,7 @@ aside through the same quarantine and the batch is rendered again with its stand
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.errors import TrainingStopped
+from dali_kd.models import ModelOutput
 from dali_kd.teacher_cache import TeacherCache
 from pipelines.params import DEFAULT_DECODE, AugmentParams
 
@@ -165,14 +167,21 @@ class CachedViewStream:
         return _Replay(position, stream_ids, ids, slots, missing, self.cache.read_views(ids, slots))
 
     def _render(self, plan: _Replay) -> Future:
-        """Read the plan's files and render its views on the renderer's thread."""
+        """Read the plan's files, render its views and read its cached targets, on the renderer's thread."""
         if self._renderer is None:
             self._renderer = DaliViewRenderer(
                 self.index, self.params, self.batch_size, device=self.device, decode=self.decode,
                 num_threads=self._dali_kwargs.get("num_threads", 2),
             )  # fmt: skip
             self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali_kd-replay")
-        return self._render_thread.submit(self._renderer.render, plan.ids, plan.view)
+        return self._render_thread.submit(self._prepare, plan)
+
+    def _prepare(self, plan: _Replay) -> tuple[torch.Tensor, ModelOutput, float]:
+        """(images, the teacher's cached outputs for them, seconds spent reading those), all on the device."""
+        images = self._renderer.render(plan.ids, plan.view)
+        start = time.perf_counter()
+        targets = self.cache.read(plan.ids, plan.slots, self.device)
+        return images, targets, time.perf_counter() - start
 
     def _replay_batch(self) -> Batch:
         """The next replayed batch; the one after it starts rendering before this one is handed out.
@@ -188,7 +197,7 @@ class CachedViewStream:
             rendering = self._render(plan)
         while True:
             try:
-                images = rendering.result()
+                images, targets, read_s = rendering.result()
                 break
             except RuntimeError as e:
                 # The file is set aside (or the run stops) and its slots read their stand-in's rows.
@@ -203,7 +212,7 @@ class CachedViewStream:
         batch = Batch(
             images=images, labels=torch.from_numpy(self._labels[ids]), sample_ids=torch.from_numpy(ids),
             stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, slots=plan.slots, from_cache=True,
-            host_ids=ids, host_stream_ids=plan.stream_ids,
+            host_ids=ids, host_stream_ids=plan.stream_ids, cached_targets=targets, cached_read_s=read_s,
         )  # fmt: skip
         return batch.to(self.device, non_blocking=True)
 
