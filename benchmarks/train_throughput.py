@@ -1,8 +1,13 @@
 """End-to-end distillation step throughput with each data backend: the full step (teacher + student), measured by
 the trainer's own telemetry, side by side in one run.
 
-Reports steps/s, img/s, data stall %, the per-stage breakdown (data / teacher / student ms) and peak memory
-(host RSS, GPU allocated), excluding the first log interval (compilation, warm-up).
+Reports steps/s, img/s, data stall %, the per-stage breakdown (data / teacher / student ms), the GPU's JPEG decoder
+utilisation (NVML; null where there is none, e.g. on the CPU) and peak memory (host RSS, GPU allocated), excluding
+the first log interval (compilation, warm-up) and every interval that holds an epoch end's checkpoint write (a data
+set smaller than the run makes several epochs; writing the student and optimizer is not step time).
+
+Ratios the targets need (benchmarks/RESULTS.md): a cached step / a student-only step (dali+cache,
+dali+student-only), a multi-crop step / a global-only step, and with --compute-floor-ms the step / that floor.
 
     python benchmarks/train_throughput.py [--quick] [--teacher vit_base_patch16_224 --student vit_small_patch16_224
         --image-size 224 --batch-size 256 --device cuda] [--backends dali,torchvision] [--json out.json]
@@ -11,6 +16,7 @@ Reports steps/s, img/s, data stall %, the per-stage breakdown (data / teacher / 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -82,9 +88,18 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     summary = trainer.fit(out / mode)
-    rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()][1:]
+    all_rows = interval_steps(
+        [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
+    )
+    # Too short a run to leave any interval out: every interval but the first, then every one.
+    rows = measured_rows(all_rows, summary["steps_per_epoch"]) or all_rows[1:] or all_rows
     if variant == "cache":  # only the replayed steps, after the fill pass and the interval that switches over
         rows = [r for r in rows if r["step"] > per_pass + args.log_every]
+        if not rows:
+            raise SystemExit(
+                f"dali+cache: no replayed interval to measure: --steps must exceed the fill pass "
+                f"({per_pass} steps) by more than two log intervals"
+            )
 
     def mean(key):
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -103,13 +118,35 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
         "student_ms": mean("student_ms"),
         "data_stall_pct": mean("data_stall_pct"),
         "gpu_util_pct": mean("gpu_util_pct"),
+        "gpu_jpeg_util_pct": mean("gpu_jpeg_util_pct"),
         "verdict": summary["verdict"],
         "peak_rss_mb": summary["peak_rss_mb"],
         "device": str(device),
         "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "peak_gpu_used_mb": summary["peak_gpu_mem_mb"],
-        "measured_steps": len(rows) * args.log_every,
+        "measured_steps": sum(r["steps"] for r in rows),
     }
+
+
+def interval_steps(rows: list[dict]) -> list[dict]:
+    """The metrics rows, each with `steps`: how many steps its interval holds."""
+    previous, out = 0, []
+    for row in rows:
+        out.append({**row, "steps": row["step"] - previous})
+        previous = row["step"]
+    return out
+
+
+def measured_rows(rows: list[dict], steps_per_epoch: int) -> list[dict]:
+    """The rows that time training steps only: not the first interval (compilation, warm-up), nor one that holds
+    an epoch end, whose checkpoint is written inside it (after that step's own row)."""
+    kept = []
+    for row in rows:
+        start = row["step"] - row["steps"]
+        if start == 0 or any(end >= start for end in range(steps_per_epoch, row["step"], steps_per_epoch)):
+            continue
+        kept.append(row)
+    return kept
 
 
 def run_in_subprocess(backend: str, data: Path) -> dict:
@@ -139,15 +176,19 @@ def run_in_subprocess(backend: str, data: Path) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| backend | steps/s | img/s | step ms | data ms | teacher ms | student ms | data stall | verdict | peak RSS | peak GPU alloc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | steps/s | img/s | step ms | data ms | teacher ms | student ms | data stall | GPU JPEG decoder | verdict | peak RSS | peak GPU alloc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | failed: {r['error']} |" + " |" * 10)
+            continue
         gpu = f"{r['peak_gpu_allocated_mb']:.0f} MB" if r["peak_gpu_allocated_mb"] else "—"
+        jpeg = f"{r['gpu_jpeg_util_pct']:.0f}%" if r.get("gpu_jpeg_util_pct") is not None else "—"
         lines.append(
             f"| {r['backend']} | {r['steps_per_s']:.2f} | {r['img_per_s']:.1f} | {r['step_ms']:.1f} | "
             f"{r['data_ms']:.1f} | {r['teacher_ms']:.1f} | {r['student_ms']:.1f} | {r['data_stall_pct']:.1f}% | "
-            f"{r['verdict']} | {r['peak_rss_mb']:.0f} MB | {gpu} |"
+            f"{jpeg} | {r['verdict']} | {r['peak_rss_mb']:.0f} MB | {gpu} |"
         )
     return "\n".join(lines)
 
@@ -184,6 +225,18 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=4, help="torchvision DataLoader workers (original: 4)")
     parser.add_argument("--dali-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the backends one after another in this process: no start-up or recompilation per backend, "
+        "but peak host memory then covers all of them",
+    )
+    parser.add_argument(
+        "--compute-floor-ms",
+        type=float,
+        help="the step's compute floor (the issue's: 20 ms for ViT-B/16 -> ViT-S/16, 224 px, bf16, batch 256); "
+        "adds <backend>_step_vs_compute_floor",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -191,20 +244,40 @@ def main() -> None:
         args.steps, args.log_every, args.workers = 6, 2, 2
         args.local_crops, args.local_size = 4, 32
     backends = args.backends.split(",")
-    if len(backends) > 1:
-        # One process per backend, so that peak memory (host and GPU) belongs to that backend alone.
-        with tempfile.TemporaryDirectory() as tmp:
-            num_images = args.num_images or args.steps * args.batch_size
-            data = args.data or make_dataset(Path(tmp) / "data", num_images=num_images, num_classes=10)
-            results = [run_in_subprocess(backend, data) for backend in backends]
-    else:
-        device = resolve_device(args.device)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            num_images = args.num_images or args.steps * args.batch_size
-            data = args.data or make_dataset(tmp / "data", num_images=num_images, num_classes=10)
-            results = [run_backend(backends[0], data, tmp / "runs", args, device)]
-    by_mode = {r["backend"]: r for r in results}
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        num_images = args.num_images or args.steps * args.batch_size
+        data = args.data or make_dataset(Path(tmp) / "data", num_images=num_images, num_classes=10)
+        if len(backends) > 1 and not args.one_process:
+            # One process per backend, so that peak memory (host and GPU) belongs to that backend alone. The
+            # report is rewritten after each one: a run cut off at a time limit keeps the backends it finished.
+            for backend in backends:
+                try:
+                    results.append(run_in_subprocess(backend, data))
+                except subprocess.CalledProcessError as e:
+                    results.append(
+                        {"backend": backend, "error": f"exit {e.returncode} (its output is above)"}
+                    )
+                write_report(results, args)
+        else:
+            device = resolve_device(args.device)
+            for backend in backends:
+                results.append(run_backend(backend, data, Path(tmp) / "runs", args, device))
+                gc.collect()  # the finished run's trainer, its pipelines and device memory
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                write_report(results, args)
+    report = write_report(results, args)
+    print(markdown(report))
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.3f}")
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+def ratios_of(results: list[dict], compute_floor_ms: float | None) -> dict[str, float]:
+    """The side-by-side ratios the targets need, among the backends that ran."""
+    by_mode = {r["backend"]: r for r in results if "error" not in r}
     ratios = {}
     if "dali+cache" in by_mode and "dali+student-only" in by_mode:
         ratios["cached_vs_student_only_step"] = (
@@ -220,18 +293,23 @@ def main() -> None:
             )
     if "dali+cache" in by_mode and "dali" in by_mode:
         ratios["cached_vs_online_step"] = by_mode["dali+cache"]["step_ms"] / by_mode["dali"]["step_ms"]
+    if compute_floor_ms:
+        for mode, r in by_mode.items():
+            ratios[f"{mode}_step_vs_compute_floor"] = r["step_ms"] / compute_floor_ms
+    return ratios
+
+
+def write_report(results: list[dict], args) -> dict:
     report = {
         "results": results,
-        "ratios": ratios,
+        "ratios": ratios_of(results, args.compute_floor_ms),
         "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
         "machine": machine_info(),
     }
-    print(markdown(report))
-    for name, value in ratios.items():
-        print(f"{name}: {value:.3f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
         args.json.with_suffix(".md").write_text(markdown(report) + "\n")
+    return report
 
 
 if __name__ == "__main__":

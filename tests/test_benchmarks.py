@@ -17,6 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_paths  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
 
@@ -40,9 +41,10 @@ def test_make_dataset_is_imagenet_like_and_deterministic(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_result(tmp_path):
-    """benchmarks/gpu_check.sh at toy sizes on the CPU: the quick augmentation and step benchmarks inside it."""
+    """benchmarks/gpu_check.sh at toy sizes on the CPU: every part runs and leaves its result file, every training
+    path trains, and the last thing printed is the table of targets."""
     out = tmp_path / "out"
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out)}
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "WORK": str(tmp_path / "work")}
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
         capture_output=True,
@@ -51,47 +53,58 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    for part in gpu_paths.PARTS:
+        status = json.loads((out / "parts" / f"{part}.json").read_text())
+        assert status["rc"] == 0, (part, (out / f"{part}.log").read_text()[-3000:])
+    assert "python" in (out / "versions.txt").read_text()
+    assert "skipped" in (out / "gpu_tests.log").read_text()  # no GPU here
+
+    paths = json.loads((out / "paths" / "paths.json").read_text())
+    assert [r["path"] for r in paths["paths"]] == [p.name for p in gpu_paths.PATHS]
+    for record in paths["paths"]:
+        assert record["ok"] and record["compiled"], record
+        assert record["steps"] == record["expected_steps"] and record["ms_per_step"] > 0
+        assert set(record["batch_devices"].values()) == {"cpu"} and not record["off_device_fields"]
+    cache = next(r for r in paths["paths"] if r["path"] == "dali cache fill + replay")
+    assert cache["cache_hits"] > 0 and cache["replayed_batches"] > 0
+    multi_crop = next(r for r in paths["paths"] if r["path"] == "dali multi-crop")
+    assert "local_images" in multi_crop["batch_devices"]
+
+    reference = json.loads((out / "reference_step.json").read_text())
+    (ref,) = reference["results"]
+    for key in ("step_ms", "img_per_s", "data_stall_pct", "data_ms", "teacher_ms", "student_ms"):
+        assert ref[key] is not None and ref[key] >= 0, key
+    assert "gpu_jpeg_util_pct" in ref and ref["gpu_jpeg_util_pct"] is None  # no NVML on the CPU
+    assert reference["ratios"]["dali_step_vs_compute_floor"] == pytest.approx(ref["step_ms"] / 20)
+    cache_step = json.loads((out / "cache_step.json").read_text())
+    by_mode = {r["backend"]: r for r in cache_step["results"]}
+    assert set(by_mode) == {"dali+cache", "dali+student-only"}
+    assert cache_step["ratios"]["cached_vs_student_only_step"] == pytest.approx(
+        by_mode["dali+cache"]["step_ms"] / by_mode["dali+student-only"]["step_ms"]
+    )
+    assert by_mode["dali+cache"]["teacher_forward_batches"] > 0  # the fill pass
+    assert by_mode["dali+student-only"]["teacher_forward_batches"] == 0
+
     augment = json.loads((out / "augment.json").read_text())
     assert {r["backend"] for r in augment["results"]} == {"torchvision", "dali_raw", "dali_cpu"}
-    assert 4 in {r["workers"] for r in augment["results"] if r["backend"] == "torchvision"}, (
-        "the original's 4"
-    )
     for row in augment["results"]:
         assert row["img_per_s"] > 0 and row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"]
-        assert row["cpu_s_per_img"] > 0 and row["ratio_vs_torchvision_4_workers"] > 0
-    assert {"cpu_cores", "torch", "dali", "date"} <= set(augment["machine"])
-    crops = {(r["backend"], r["crops"]): r for r in augment["multi_crop"]}
-    assert set(crops) == {
+    multi = json.loads((out / "multi_crop.json").read_text())
+    crops = {(r["backend"], r["crops"]) for r in multi["multi_crop"]}
+    assert crops == {
         (backend, setting)
         for backend in ("torchvision", "dali_cpu")
         for setting in ("one view", "2 global", "2 global + 4 local")
     }
-    for (_, setting), row in crops.items():
-        assert row["img_per_s"] > 0
-        assert row["cost_vs_global_only"] == 1.0 if setting == "2 global" else row["cost_vs_global_only"] > 0
-    assert (out / "augment.md").read_text().startswith("| backend |")
-    assert (out / "augment.png").read_bytes()[:4] == b"\x89PNG"
-    step = json.loads((out / "train_step.json").read_text())
-    assert [r["backend"] for r in step["results"]] == ["dali", "torchvision"]
-    for row in step["results"]:
-        for key in (
-            "steps_per_s",
-            "img_per_s",
-            "data_ms",
-            "teacher_ms",
-            "student_ms",
-            "data_stall_pct",
-            "peak_rss_mb",
-        ):
-            assert row[key] is not None and row[key] >= 0, key
-    multi_crop = json.loads((out / "multi_crop_step.json").read_text())
-    assert [r["backend"] for r in multi_crop["results"]] == ["dali+globals", "dali+multicrop"]
-    assert multi_crop["ratios"]["dali_multicrop_vs_globals_step"] > 0
-    summary = (out / "summary.md").read_text()
-    assert "### augmentation" in summary and "### distillation step" in summary
-    assert "### multi-crop distillation step" in summary and "2 global + 4 local" in summary
-    costs = (out / "dali_op_costs.md").read_text().splitlines()
-    assert len(costs) == 7 and costs[-1].startswith("| + colour jitter (full) |")
+
+    summary = json.loads((out / "gpu_check.json").read_text())
+    met = {row["part"].split(" (")[0]: row["met"] for row in summary["targets"]}
+    assert met["training paths"] == "yes" and met["gpu tests"] == "n/a (skipped: no GPU)"
+    assert len(summary["targets"]) == 8
+    assert all(row["met"] == "n/a (not on a GPU)" for row in summary["targets"][2:]), summary["targets"]
+    table = (out / "gpu_check.md").read_text().strip()
+    assert result.stdout.strip().endswith(table) and table.startswith("| part | measured | target | met? |")
+    assert not any(p.stat().st_size > 2**20 for p in out.rglob("*")), "nothing big comes back from the visit"
 
 
 def test_telemetry_overhead_quick(tmp_path):
@@ -107,3 +120,175 @@ def test_telemetry_overhead_quick(tmp_path):
     assert report["step_ms_telemetry_on"] > 0 and report["step_ms_telemetry_off"] > 0
     assert report["direct_cost"]["per_step_ms"] > 0 and report["direct_overhead_pct"] >= 0
     assert "telemetry calls timed directly" in result.stdout
+
+
+def write_visit(out: Path, **overrides) -> Path:
+    """The result files a GPU visit leaves under $OUT, with made-up figures (each part's file, or None: absent)."""
+    files = {
+        "gpu_tests.log": "....\n12 passed, 1 warning in 31.02s\nexit 0\n",
+        "paths/paths.json": {
+            "device": "cuda",
+            "paths": [
+                {"path": p.name, "ok": True, "error": None, "ms_per_step": 12.5} for p in gpu_paths.PATHS
+            ],
+        },
+        "reference_step.json": {
+            "results": [
+                {"backend": "dali", "step_ms": 38.0, "img_per_s": 6737.0, "data_stall_pct": 2.5,
+                 "gpu_jpeg_util_pct": 41.0, "device": "cuda"}
+            ],
+            "ratios": {"dali_step_vs_compute_floor": 1.9},
+        },
+        "cache_step.json": {
+            "results": [
+                {"backend": "dali+cache", "step_ms": 24.0, "device": "cuda"},
+                {"backend": "dali+student-only", "step_ms": 20.0, "device": "cuda"},
+            ],
+            "ratios": {"cached_vs_student_only_step": 1.2},
+        },
+        "augment.json": {
+            "settings": {"image_size": 224},
+            "results": [
+                {"backend": "torchvision", "workers": 16, "decode": None, "img_per_s": 3000.0},
+                {"backend": "dali_raw_gpu", "workers": 8, "decode": "window", "img_per_s": 14000.0},
+                {"backend": "dali_gpu", "workers": 8, "decode": "window", "img_per_s": 13000.0},
+                {"backend": "dali_gpu", "workers": 8, "decode": "full", "img_per_s": 11000.0},
+            ],
+        },
+        "multi_crop.json": {
+            "multi_crop": [
+                {"backend": "dali_gpu", "crops": "2 global", "cost_vs_global_only": 1.0},
+                {"backend": "dali_gpu", "crops": "2 global + 8 local", "cost_vs_global_only": 1.6},
+                {"backend": "torchvision", "crops": "2 global + 8 local", "cost_vs_global_only": 1.9},
+            ]
+        },
+    }  # fmt: skip
+    files.update(overrides)
+    (out / "parts").mkdir(parents=True)
+    for part in gpu_paths.PARTS:
+        (out / "parts" / f"{part}.json").write_text(json.dumps({"part": part, "rc": 0, "timeout_s": 60}))
+    for name, content in files.items():
+        if content is not None:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return out
+
+
+def test_summary_says_which_gpu_targets_are_met(tmp_path):
+    summary = gpu_paths.summarize(write_visit(tmp_path / "out"))
+    met = [(row["part"], row["met"]) for row in summary["targets"]]
+    assert met == [
+        ("gpu tests", "yes"),
+        ("training paths (compiled student)", "yes"),
+        ("reference step ms/step", "yes"),  # 38 ms <= 40
+        ("reference step data stall", "yes"),  # 2.5% < 3%
+        ("cached step / student-only step", "no"),  # 1.2 > 1.15
+        ("DALI GPU augmentation, 224 px", "yes"),  # the loader's best, 13,000 >= 12,000
+        ("DALI GPU / torchvision 16 workers", "yes"),  # 13,000 / 3,000 = 4.3
+        ("multi-crop cost per image vs 2 global (dali_gpu)", "no"),  # 1.6 > 1.5
+    ]
+    measured = {row["part"]: row["measured"] for row in summary["targets"]}
+    assert "GPU JPEG decoder 41%" in measured["reference step ms/step"]
+    assert "window/full 1.18×" in measured["DALI GPU augmentation, 224 px"]
+    assert (tmp_path / "out" / "gpu_check.md").read_text().count("\n") == 2 + len(met)
+
+
+def test_summary_names_what_was_not_measured_and_why(tmp_path):
+    out = write_visit(
+        tmp_path / "out",
+        **{
+            "gpu_tests.log": "F...\n1 failed, 11 passed in 30.00s\nexit 1\n",
+            "reference_step.json": None,
+            "augment.json": {
+                "settings": {"image_size": 224},
+                "results": [
+                    {"backend": "torchvision", "workers": 16, "img_per_s": 4000.0},
+                    {"backend": "dali_gpu", "workers": 8, "decode": "window", "img_per_s": 11000.0},
+                ],
+            },
+        },
+    )
+    (out / "parts" / "reference_step.json").write_text(json.dumps({"rc": 124, "timeout_s": 75}))
+    (out / "parts" / "multi_crop.json").unlink()
+    (out / "multi_crop.json").unlink()
+    paths = json.loads((out / "paths" / "paths.json").read_text())
+    paths["paths"][2].update(ok=False, error="the cache path never replayed (cache_hits = 0)")
+    (out / "paths" / "paths.json").write_text(json.dumps(paths))
+
+    rows = {row["part"]: row for row in gpu_paths.summarize(out)["targets"]}
+    assert rows["gpu tests"]["met"] == "no"
+    assert rows["training paths (compiled student)"]["met"] == "no"
+    assert "never replayed" in rows["training paths (compiled student)"]["measured"]
+    for part in ("reference step ms/step", "reference step data stall"):
+        assert rows[part]["measured"] == "not measured: cut off at its 75 s limit"
+        assert rows[part]["met"] == "not measured"
+    assert rows["DALI GPU augmentation, 224 px"]["met"] == "no"  # 11,000 < 12,000
+    assert rows["DALI GPU / torchvision 16 workers"]["met"] == "no"  # 2.75x < 4x
+    assert rows["multi-crop cost per image vs 2 global"]["measured"] == "not measured: not started"
+
+
+def test_throughput_leaves_out_warm_up_and_checkpoint_intervals():
+    from train_throughput import interval_steps, measured_rows
+
+    rows = interval_steps([{"step": s} for s in range(4, 49, 4)])
+    assert {r["steps"] for r in rows} == {4}
+    # 16 steps an epoch: the checkpoints after steps 16 and 32 land in the intervals (16, 20] and (32, 36].
+    assert [r["step"] for r in measured_rows(rows, 16)] == [8, 12, 16, 24, 28, 32, 40, 44, 48]
+    # 6 steps an epoch, logs every 4: an epoch end inside an interval (after 6, 18, 30, 42) or at its start
+    # (after 12, 24, 36) leaves that interval out.
+    assert [r["step"] for r in measured_rows(rows, 6)] == [12, 24, 36, 48]
+
+
+def test_batch_device_check_finds_every_tensor_elsewhere():
+    import torch
+
+    from dali_kd.data.batch import Batch, ViewRecord
+
+    view = ViewRecord(
+        torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2, dtype=torch.int64), torch.ones(2, 4)
+    )
+    batch = Batch(
+        images=torch.zeros(2, 3, 8, 8),
+        labels=torch.zeros(2, dtype=torch.int64),
+        sample_ids=torch.arange(2),
+        view=view,
+        local_images=torch.zeros(2, 2, 3, 4, 4),
+        host_ids=np.arange(2),
+    )
+    names = {"images", "labels", "sample_ids", "local_images", "view.crop_anchor", "view.crop_shape"}
+    names |= {"view.flip", "view.jitter"}
+    assert set(gpu_paths.batch_tensors(batch)) == names  # numpy host fields are not tensors
+    assert gpu_paths.off_device_fields(batch, torch.device("cpu")) == {}
+    assert gpu_paths.off_device_fields(batch, torch.device("meta")) == dict.fromkeys(names, "cpu")
+    batch.labels = torch.zeros(2, device="meta")
+    assert gpu_paths.off_device_fields(batch, torch.device("cpu")) == {"labels": "meta"}
+    assert gpu_paths.on_device(torch.device("cuda", 0), torch.device("cuda"))
+    assert not gpu_paths.on_device(torch.device("cuda", 0), torch.device("cuda", 1))
+
+
+def test_gpu_sampler_reads_the_jpeg_decoder_utilisation_as_nvidia_ml_py_gives_it():
+    """nvidia-ml-py's nvmlDeviceGetJpgUtilization returns a list [utilisation %, sampling period µs]: read as the
+    reference step's gpu_jpeg_util_pct (a list once raised in the sampling thread and ended all GPU telemetry)."""
+    from types import SimpleNamespace
+
+    from dali_kd.telemetry.nvml import GpuSampler, jpeg_utilisation
+
+    nvml = SimpleNamespace(
+        NVML_TEMPERATURE_GPU=0,
+        NVML_CLOCK_SM=1,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=90, memory=10),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=2**30, total=2**37, free=0),
+        nvmlDeviceGetPowerUsage=lambda h: 500_000,
+        nvmlDeviceGetTemperature=lambda h, sensor: 50,
+        nvmlDeviceGetClockInfo=lambda h, clock: 1980,
+        nvmlDeviceGetJpgUtilization=lambda h: [37, 166_666],
+    )
+    sampler = GpuSampler([0], interval_s=3600, nvml=nvml)
+    sampler.sample_once()
+    folded = sampler.collect()[0]
+    sampler.close()
+    assert folded["gpu_jpeg_util_pct"] == 37.0 and folded["gpu_util_pct"] == 90.0
+    assert [jpeg_utilisation(r) for r in ((12, 5), 7, None, [], "n/a")] == [12.0, 7.0, None, None, None]

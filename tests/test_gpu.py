@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import make_train_stream
 from dali_kd.trainer import Trainer
 from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_paths import make_watcher, off_device_fields  # noqa: E402
+
 pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+MULTI_CROP = ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2")
+STREAMS = {
+    "dali": (),
+    "dali-multi-crop": MULTI_CROP,
+    "torchvision": ("data.backend=torchvision", "train.num_workers=2"),
+    "torchvision-multi-crop": ("data.backend=torchvision", "train.num_workers=2", *MULTI_CROP),
+}
 
 
 def test_gpu_stream_matches_cpu_structure_and_replays(image_tree):
@@ -71,3 +86,48 @@ def test_gpu_multi_crop_training_steps(tiny_config, tmp_path):
     cfg = tiny_config("train.device=cuda", "train.use_local_crops=true", "data.local_crop_size=16")
     summary = Trainer(cfg, torch.device("cuda"), show_progress=False).fit(tmp_path / "run")
     assert summary["steps"] == 6 and summary["device"].startswith("cuda")
+
+
+# ---- the device contract: every tensor of a training batch is on the trainer's device ---------------------------
+@pytest.mark.parametrize("path", list(STREAMS))
+def test_training_streams_on_cuda_put_every_batch_tensor_on_cuda(tiny_config, image_tree, path):
+    cfg = tiny_config("train.device=cuda", *STREAMS[path])
+    stream = make_train_stream(cfg, ImageIndex.from_folder(image_tree / "train"), CUDA)
+    try:
+        batches = list(itertools.islice(iter(stream), 3))
+    finally:
+        stream.close()
+    for batch in batches:
+        assert off_device_fields(batch, CUDA) == {}
+        assert batch.images.is_cuda and batch.labels.is_cuda and batch.sample_ids.is_cuda
+        if "multi-crop" in path:
+            assert batch.multi_crop and batch.local_images.is_cuda
+
+
+def test_replay_renderer_returns_cuda_tensors(image_tree):
+    index = ImageIndex.from_folder(image_tree / "train")
+    params = AugmentParams(image_size=32)
+    # Views drawn and recorded by the CPU pipeline, rendered again on the GPU from host records.
+    recorded = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cpu")))
+    renderer = DaliViewRenderer(index, params, batch_size=8, device="cuda")
+    images = renderer.render(recorded.sample_ids.cpu().numpy(), recorded.view.to("cpu"))
+    assert images.is_cuda and images.shape == (8, 3, 32, 32)
+    # The same views: the GPU decoder differs from the CPU one by rounding only.
+    assert (images.cpu() - recorded.images.cpu()).abs().mean() < 0.1
+
+
+def test_cached_replay_on_cuda_keeps_every_batch_tensor_on_cuda(tiny_config, tmp_path):
+    """A fill pass (teacher on the GPU), then replayed views rendered on the GPU; the fidelity probe runs the
+    teacher on replayed batches too."""
+    cfg = tiny_config(
+        "train.device=cuda",
+        "train.epochs=4",  # 12 steps: the 6-step fill pass, then 6 replayed
+        "train.cache_teacher_features=true",
+        f"train.teacher_feature_dir={tmp_path / 'cache'}",
+        "train.cache_views_per_image=1",
+        "train.cache_probe_every_n_steps=2",
+    )
+    watcher = make_watcher()
+    summary = Trainer(cfg, CUDA, show_progress=False, callbacks=[watcher]).fit(tmp_path / "run")
+    assert watcher.off_device == {}, watcher.off_device
+    assert watcher.batches == 12 and watcher.from_cache > 0 and summary["cache_hits"] > 0

@@ -29,6 +29,18 @@ _FOLD = {
 }
 
 
+def jpeg_utilisation(reading: Any) -> float | None:
+    """The JPEG decoder's utilisation % out of nvmlDeviceGetJpgUtilization's reply: nvidia-ml-py returns the list
+    [utilisation %, sampling period µs] (a tuple or a bare number elsewhere); anything else is null, never an
+    exception, which would end the sampling thread and with it every gpu_* field of the run."""
+    if isinstance(reading, (list, tuple)):
+        reading = reading[0] if reading else None
+    try:
+        return None if reading is None else float(reading)
+    except (TypeError, ValueError):
+        return None
+
+
 def _load_nvml():
     import pynvml
 
@@ -84,10 +96,7 @@ class GpuSampler:
                 "gpu_power_w": None if power is None else power / 1000.0,
                 "gpu_temp_c": self._query(nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU),
                 "gpu_sm_clock_mhz": self._query(nv.nvmlDeviceGetClockInfo, handle, nv.NVML_CLOCK_SM),
-                # nvmlDeviceGetJpgUtilization returns (utilisation %, sampling period µs).
-                "gpu_jpeg_util_pct": None
-                if jpeg is None
-                else float(jpeg[0] if isinstance(jpeg, tuple) else jpeg),
+                "gpu_jpeg_util_pct": jpeg_utilisation(jpeg),
             }
             with self._lock:
                 self._samples[index].append(sample)
