@@ -26,6 +26,13 @@ from pipelines.pipelines import (
 )
 
 
+def host_array(ids: torch.Tensor) -> np.ndarray:
+    """A copy of DALI's per-sample ids as a flat numpy array. The reader's ids are host outputs on every pipeline
+    (CPU or GPU), so this never waits for the device."""
+    assert ids.device.type == "cpu", f"expected the reader's host output, got a tensor on {ids.device}"
+    return ids.view(-1).numpy().copy()
+
+
 def _device_id(device: torch.device) -> int | None:
     """DALI's device_id: None builds a CPU-only pipeline."""
     if device.type == "cuda":
@@ -127,7 +134,7 @@ class DaliTrainStream:
         Images are already there on a GPU pipeline; the ids and view records are small host outputs, copied over.
         DALI reuses its output buffers at the next iteration: what the trainer keeps is copied or cloned.
         """
-        stream_ids = out["sample_ids"].view(-1).cpu().numpy().copy()
+        stream_ids = host_array(out["sample_ids"])
         sample_ids = self._shown[stream_ids]
         batch = Batch(
             images=out["images"],
@@ -184,7 +191,7 @@ def dali_eval_batches(
     )
     labels = np.asarray(index.labels, dtype=np.int64)
     for (out,) in iterator:
-        sample_ids = out["sample_ids"].view(-1).cpu().numpy().copy()
+        sample_ids = host_array(out["sample_ids"])
         batch = Batch(
             images=out["images"].clone(),
             labels=torch.from_numpy(labels[sample_ids]),
