@@ -127,29 +127,36 @@ def test_float16_images_reach_the_models_from_both_backends(tiny_config, image_t
     assert {b.images.dtype for b in make_eval_batches(cfg, val, torch.device("cpu"), 8)} == {torch.float16}
 
 
-@pytest.mark.parametrize("decode", ["window", "full"])
-def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_path, decode):
+@pytest.mark.parametrize(("decode", "render_ahead"), [("window", False), ("full", False), ("window", True)])
+def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_path, decode, render_ahead):
     """The replay renderer decodes as the training pipeline did (data.decode), so a cached target's view comes back
-    exactly: with one view per image, every replayed image equals the image the teacher saw while filling."""
+    exactly: with one view per image, every replayed image equals the image the teacher saw while filling; and so
+    do the cached targets the stream reads ahead. render_ahead: the GPU's way (a thread, one batch ahead)."""
     cfg = tiny_config(
         f"data.decode={decode}", "train.cache_teacher_features=true", f"train.teacher_feature_dir={tmp_path}",
         "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null",
     )  # fmt: skip
     trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
+    trainer.stream.render_ahead = render_ahead
     seen: dict[int, torch.Tensor] = {}
+    targets: dict[int, torch.Tensor] = {}
     stream = iter(trainer.stream)
     try:
         while not trainer.stream.replaying:
             batch = next(stream)
             seen.update(zip(batch.host_ids.tolist(), batch.images.clone(), strict=True))
+            out = trainer.teacher(batch.images)
+            targets.update(zip(batch.host_ids.tolist(), out.pooled, strict=True))
             trainer.train_step(batch)
         replayed = [next(stream) for _ in range(3)]
     finally:
         trainer.stream.close()
     for batch in replayed:
         assert batch.from_cache
-        for i, image in zip(batch.host_ids.tolist(), batch.images, strict=True):
-            assert torch.equal(image, seen[i]), f"sample {i} replayed to other pixels"
+        for k, i in enumerate(batch.host_ids.tolist()):
+            assert torch.equal(batch.images[k], seen[i]), f"sample {i} replayed to other pixels"
+            # The cached row of that view (stored as fp16: equal to its rounding).
+            assert torch.allclose(batch.cached_targets.pooled[k], targets[i], rtol=1e-2, atol=1e-2)
 
 
 def test_one_ahead_starts_the_next_copy_before_handing_out_a_batch():

@@ -74,11 +74,17 @@ class CachedViewStream:
         world_size: int = 1,
         state: dict | None = None,
         max_runtime_quarantine: int = 100,
+        render_ahead: bool | None = None,
         **dali_kwargs,
     ):
+        """render_ahead: render the next replayed batch on a thread of its own while the current one trains.
+        Default: on a GPU only. There the views are decoded and rendered on the GPU and the thread only reads
+        files and drives DALI; on the CPU the render competes with the student for the same cores, and measured
+        slower than rendering in turn (benchmarks/RESULTS.md)."""
         self.index, self.params, self.batch_size, self.seed = index, params, batch_size, seed
         self.cache, self.mode, self.device = cache, mode, torch.device(device)
         self.decode = dali_kwargs.get("decode", DEFAULT_DECODE)  # the fill's decode: replay renders alike
+        self.render_ahead = self.device.type == "cuda" if render_ahead is None else render_ahead
         self.num_views = cache.num_views
         self.shard_ids = shard_sample_ids(index.num_samples, rank, world_size)
         self.num_samples = len(self.shard_ids)
@@ -167,14 +173,23 @@ class CachedViewStream:
         return _Replay(position, stream_ids, ids, slots, missing, self.cache.read_views(ids, slots))
 
     def _render(self, plan: _Replay) -> Future:
-        """Read the plan's files, render its views and read its cached targets, on the renderer's thread."""
+        """Read the plan's files, render its views and read its cached targets: on the renderer's thread, or
+        (render_ahead off) right here, as a finished future."""
         if self._renderer is None:
             self._renderer = DaliViewRenderer(
                 self.index, self.params, self.batch_size, device=self.device, decode=self.decode,
                 num_threads=self._dali_kwargs.get("num_threads", 2),
             )  # fmt: skip
-            self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali_kd-replay")
-        return self._render_thread.submit(self._prepare, plan)
+            if self.render_ahead:
+                self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali_kd-replay")
+        if self._render_thread is not None:
+            return self._render_thread.submit(self._prepare, plan)
+        done: Future = Future()
+        try:
+            done.set_result(self._prepare(plan))
+        except RuntimeError as e:
+            done.set_exception(e)
+        return done
 
     def _prepare(self, plan: _Replay) -> tuple[torch.Tensor, ModelOutput, float]:
         """(images, the teacher's cached outputs for them, seconds spent reading those), all on the device."""
@@ -184,7 +199,8 @@ class CachedViewStream:
         return images, targets, time.perf_counter() - start
 
     def _replay_batch(self) -> Batch:
-        """The next replayed batch; the one after it starts rendering before this one is handed out.
+        """The next replayed batch; with render_ahead the one after it starts rendering before this one is handed
+        out.
 
         Only this (the consumer's) thread plans batches and sets files aside, and a batch is planned after every
         earlier batch was taken, so a prefetched batch is the batch an unprefetched stream would make.
@@ -206,8 +222,9 @@ class CachedViewStream:
                 rendering = self._render(plan)
         self.position += self.batch_size
         self._count_missing(plan.missing)
-        following = self._plan(self.position)
-        self._ahead = (following, self._render(following))
+        if self.render_ahead:
+            following = self._plan(self.position)
+            self._ahead = (following, self._render(following))
         ids = plan.ids
         batch = Batch(
             images=images, labels=torch.from_numpy(self._labels[ids]), sample_ids=torch.from_numpy(ids),
