@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared visit to a lent GPU machine (one H200 with 16 CPU cores; see ../shared/GPU.md), most important part
 # first, every part under its own time limit and all of them within BUDGET_S (270 s on the GPU):
-#   1. the `gpu` tests (tests/test_gpu.py)
+#   1. the `gpu` tests (tests/test_gpu.py, tests/test_decode_options.py)
 #   2. a few training steps of every path, student compiled (benchmarks/gpu_paths.py): DALI and torchvision
 #      online, DALI teacher cache fill + replay, DALI and torchvision multi-crop
 #   3. the reference step: ViT-B/16 teacher -> ViT-S/16 student, 224 px, bf16, batch 256, DALI, compiled student:
@@ -138,7 +138,8 @@ run_part() {
 python3 benchmarks/make_dataset.py "$WORK/data" --num-images "$NUM_IMAGES" > "$OUT/make_dataset.log" 2>&1 &
 data_pid=$!
 
-run_part gpu_tests "$LIMIT_TESTS" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+run_part gpu_tests "$LIMIT_TESTS" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+  tests/test_decode_options.py
 wait "$data_pid" || log "make_dataset failed: see make_dataset.log"
 wait "$versions_pid"
 cat "$OUT/versions.txt"
