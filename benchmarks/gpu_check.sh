@@ -98,7 +98,7 @@ EOF
 } > "$OUT/versions.txt" 2>&1 &
 versions_pid=$!
 
-summarize() { python3 benchmarks/gpu_paths.py summary "$OUT" > /dev/null 2>> "$OUT/log.txt"; }
+summarize() { python3 benchmarks/gpu_summary.py "$OUT" > /dev/null 2>> "$OUT/log.txt"; }
 
 parts_started=$(date +%s)
 failed_parts=()
@@ -144,7 +144,7 @@ wait "$data_pid" || log "make_dataset failed: see make_dataset.log"
 wait "$versions_pid"
 cat "$OUT/versions.txt"
 
-run_part paths "$LIMIT_PATHS" python3 benchmarks/gpu_paths.py paths "${PATHS[@]}" --out "$OUT/paths"
+run_part paths "$LIMIT_PATHS" python3 benchmarks/gpu_paths.py "${PATHS[@]}" --out "$OUT/paths"
 
 run_part reference_step "$LIMIT_REFERENCE" python3 benchmarks/train_throughput.py "${STEP[@]}" "${REFERENCE[@]}" \
   --compute-floor-ms 20 --data "$WORK/data" --json "$OUT/reference_step.json"

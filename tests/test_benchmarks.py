@@ -18,6 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_paths  # noqa: E402
+import gpu_summary  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for part in gpu_paths.PARTS:
+    for part in gpu_summary.PARTS:
         status = json.loads((out / "parts" / f"{part}.json").read_text())
         assert status["rc"] == 0, (part, (out / f"{part}.log").read_text()[-3000:])
     assert "python" in (out / "versions.txt").read_text()
@@ -165,7 +166,7 @@ def write_visit(out: Path, **overrides) -> Path:
     }  # fmt: skip
     files.update(overrides)
     (out / "parts").mkdir(parents=True)
-    for part in gpu_paths.PARTS:
+    for part in gpu_summary.PARTS:
         (out / "parts" / f"{part}.json").write_text(json.dumps({"part": part, "rc": 0, "timeout_s": 60}))
     for name, content in files.items():
         if content is not None:
@@ -175,7 +176,7 @@ def write_visit(out: Path, **overrides) -> Path:
 
 
 def test_summary_says_which_gpu_targets_are_met(tmp_path):
-    summary = gpu_paths.summarize(write_visit(tmp_path / "out"))
+    summary = gpu_summary.summarize(write_visit(tmp_path / "out"))
     met = [(row["part"], row["met"]) for row in summary["targets"]]
     assert met == [
         ("gpu tests", "yes"),
@@ -215,7 +216,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
     paths["paths"][2].update(ok=False, error="the cache path never replayed (cache_hits = 0)")
     (out / "paths" / "paths.json").write_text(json.dumps(paths))
 
-    rows = {row["part"]: row for row in gpu_paths.summarize(out)["targets"]}
+    rows = {row["part"]: row for row in gpu_summary.summarize(out)["targets"]}
     assert rows["gpu tests"]["met"] == "no"
     assert rows["training paths (compiled student)"]["met"] == "no"
     assert "never replayed" in rows["training paths (compiled student)"]["measured"]
@@ -257,7 +258,7 @@ def test_batch_device_check_finds_every_tensor_elsewhere():
     )
     names = {"images", "labels", "sample_ids", "local_images", "view.crop_anchor", "view.crop_shape"}
     names |= {"view.flip", "view.jitter"}
-    assert set(gpu_paths.batch_tensors(batch)) == names  # numpy host fields are not tensors
+    assert set(batch.tensors()) == names  # numpy host fields are not tensors
     assert gpu_paths.off_device_fields(batch, torch.device("cpu")) == {}
     assert gpu_paths.off_device_fields(batch, torch.device("meta")) == dict.fromkeys(names, "cpu")
     batch.labels = torch.zeros(2, device="meta")

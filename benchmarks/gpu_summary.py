@@ -1,0 +1,309 @@
+"""A GPU visit's table of targets: reads what `benchmarks/gpu_check.sh` left under its output folder and writes one
+JSON and one markdown table, each part's key figure against the issue's target (14, parts 5 and 6), measured or not.
+
+    python benchmarks/gpu_summary.py OUT          # writes OUT/gpu_check.json and OUT/gpu_check.md, prints the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from gpu_paths import PATHS  # noqa: E402
+
+# The targets of issue 14 on one H200 (benchmarks/RESULTS.md, "GPU figures").
+AUGMENT_MIN_IMG_S = 12_000
+AUGMENT_MIN_VS_TORCHVISION = 4.0
+TORCHVISION_WORKERS = 16
+REFERENCE_MAX_STEP_MS = 40.0  # 2x the 20 ms compute floor of ViT-B/16 -> ViT-S/16, 224 px, bf16, batch 256
+REFERENCE_MAX_STALL_PCT = 3.0
+CACHED_MAX_VS_STUDENT_ONLY = 1.15
+MULTI_CROP_MAX_COST = 1.5
+
+
+# ---- summary ------------------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def part_status(out: Path, part: str) -> dict[str, Any]:
+    """What gpu_check.sh noted about a part (exit code, seconds, its limit), or that it never started."""
+    return read_json(out / "parts" / f"{part}.json") or {"part": part, "rc": None, "note": "not started"}
+
+
+def why_missing(out: Path, part: str) -> str:
+    status = part_status(out, part)
+    if status.get("note"):
+        return f"not measured: {status['note']}"
+    if status.get("rc") in (124, 137):
+        return f"not measured: cut off at its {status.get('timeout_s')} s limit"
+    return f"not measured: exit {status.get('rc')} (see {part}.log)"
+
+
+def verdict(value: float | None, limit: float, at_most: bool, device: str | None) -> str:
+    if value is None:
+        return "not measured"
+    if device is None or not str(device).startswith("cuda"):
+        return "n/a (not on a GPU)"
+    return "yes" if (value <= limit if at_most else value >= limit) else "no"
+
+
+def pytest_counts(text: str) -> dict[str, int]:
+    """{'passed': 12, 'skipped': 1, ...} from pytest's last summary line."""
+    lines = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", lines[-1])} if lines else {}
+
+
+def augment_figures(report: dict) -> dict[str, Any]:
+    """DALI on the GPU, dali_kd's loader and the raw pipeline, per decode mode, vs torchvision with 16 workers, from
+    augment_throughput.py's JSON. Without GPU rows (the dry run) the CPU rows stand in, so the arithmetic runs."""
+    rows = report.get("results", [])
+    torchvision = {r["workers"]: r["img_per_s"] for r in rows if r["backend"] == "torchvision"}
+    baseline_workers = (
+        TORCHVISION_WORKERS if TORCHVISION_WORKERS in torchvision else max(torchvision, default=None)
+    )
+    device = "cuda" if any(r["backend"] in ("dali_gpu", "dali_raw_gpu") for r in rows) else "cpu"
+    loader, raw = ("dali_gpu", "dali_raw_gpu") if device == "cuda" else ("dali_cpu", "dali_raw")
+
+    def rates(backend: str) -> dict[str, float]:
+        by_decode: dict[str, float] = {}
+        for r in rows:
+            if r["backend"] == backend:
+                decode = r.get("decode") or "window"
+                by_decode[decode] = max(by_decode.get(decode, 0.0), r["img_per_s"])
+        return by_decode
+
+    loader_rates, raw_rates = rates(loader), rates(raw)
+    # What training gets is the loader; the raw pipeline only where the loader has no row.
+    measured = loader_rates or raw_rates
+    best = max(measured.values(), default=None)
+    baseline = torchvision.get(baseline_workers)
+    return {
+        "device": device,
+        "loader": loader,
+        "loader_img_per_s": loader_rates,
+        "raw_pipeline_img_per_s": raw_rates,
+        "best_img_per_s": best,
+        "torchvision_workers": baseline_workers,
+        "torchvision_img_per_s": baseline,
+        "dali_vs_torchvision": best / baseline if best and baseline else None,
+        "window_vs_full": measured["window"] / measured["full"]
+        if measured.get("window") and measured.get("full")
+        else None,
+    }
+
+
+def multi_crop_figures(report: dict) -> dict[str, Any]:
+    rows = report.get("multi_crop", [])
+    backend = "dali_gpu" if any(r["backend"] == "dali_gpu" for r in rows) else "dali_cpu"
+    costs = {
+        r["backend"]: r["cost_vs_global_only"]
+        for r in rows
+        if "local" in r["crops"] and r.get("cost_vs_global_only") is not None
+    }
+    return {
+        "device": "cuda" if backend == "dali_gpu" else "cpu",
+        "backend": backend,
+        "crops": next((r["crops"] for r in rows if "local" in r["crops"]), None),
+        "cost_vs_global_only": costs.get(backend),
+        "cost_by_backend": costs,
+    }
+
+
+def fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{unit}"
+
+
+def summarize(out: Path) -> dict[str, Any]:
+    """Every part's key figures and each target of the issue, measured or not, from the files under `out`."""
+    rows: list[dict[str, str]] = []
+    parts: dict[str, Any] = {}
+
+    def row(part: str, figure: str, target: str, met: str) -> None:
+        rows.append({"part": part, "measured": figure, "target": target, "met": met})
+
+    # gpu tests
+    text = (out / "gpu_tests.log").read_text() if (out / "gpu_tests.log").exists() else None
+    status = part_status(out, "gpu_tests")
+    if text is None or status.get("rc") is None:
+        row("gpu tests", why_missing(out, "gpu_tests"), "all pass", "not measured")
+    else:
+        counts = pytest_counts(text)
+        parts["gpu_tests"] = {"rc": status["rc"], **counts}
+        passed = status["rc"] == 0 and counts.get("passed", 0) > 0 and not counts.get("failed")
+        if not counts.get("passed") and counts.get("skipped"):
+            met = "n/a (skipped: no GPU)"
+        else:
+            met = "yes" if passed else "no"
+        row(
+            "gpu tests",
+            ", ".join(f"{n} {w}" for w, n in counts.items()) or f"exit {status['rc']}",
+            "all pass",
+            met,
+        )
+
+    # training paths
+    report = read_json(out / "paths" / "paths.json")
+    if report is None:
+        row(
+            "training paths (compiled student)",
+            why_missing(out, "paths"),
+            "every path trains",
+            "not measured",
+        )
+    else:
+        records = report["paths"]
+        parts["paths"] = records
+        ok = [r for r in records if r["ok"]]
+        failed = [f"{r['path']}: {r['error']}" for r in records if not r["ok"]]
+        missing = [p.name for p in PATHS if p.name not in {r["path"] for r in records}]
+        ms = [r["ms_per_step"] for r in records if r.get("ms_per_step") is not None]
+        figure = f"{len(ok)}/{len(PATHS)} ok on {report['device']}"
+        if ms:
+            figure += f", {min(ms):.1f}–{max(ms):.1f} ms/step"
+        if failed:
+            figure += "; " + "; ".join(failed)
+        if missing:
+            figure += "; not run: " + ", ".join(missing)
+        met = "yes" if len(ok) == len(PATHS) else "no"
+        row("training paths (compiled student)", figure, "every path trains, batches on the device", met)
+
+    # the reference step
+    report = read_json(out / "reference_step.json")
+    ref = next((r for r in (report or {}).get("results", []) if "step_ms" in r), None)
+    if ref is None:
+        reason = why_missing(out, "reference_step")
+        row("reference step ms/step", reason, f"≤ {REFERENCE_MAX_STEP_MS:.0f} ms", "not measured")
+        row("reference step data stall", reason, f"< {REFERENCE_MAX_STALL_PCT:.0f}%", "not measured")
+    else:
+        parts["reference_step"] = ref
+        device = ref.get("device")
+        row(
+            "reference step ms/step",
+            f"{ref['step_ms']:.1f} ms ({fmt(ref.get('img_per_s'), '.0f', ' img/s')}, "
+            f"GPU JPEG decoder {fmt(ref.get('gpu_jpeg_util_pct'), '.0f', '%')}, {device})",
+            f"≤ {REFERENCE_MAX_STEP_MS:.0f} ms (2× the 20 ms compute floor)",
+            verdict(ref["step_ms"], REFERENCE_MAX_STEP_MS, True, device),
+        )
+        stall = ref.get("data_stall_pct")
+        row(
+            "reference step data stall",
+            fmt(stall, ".2f", "%"),
+            f"< {REFERENCE_MAX_STALL_PCT:.0f}%",
+            verdict(stall, REFERENCE_MAX_STALL_PCT, True, device),
+        )
+
+    # cached step vs student-only step
+    report = read_json(out / "cache_step.json")
+    ratio = (report or {}).get("ratios", {}).get("cached_vs_student_only_step")
+    if ratio is None:
+        reason = why_missing(out, "cache_step") if report is None else "not measured: a backend failed"
+        row("cached step / student-only step", reason, f"≤ {CACHED_MAX_VS_STUDENT_ONLY}×", "not measured")
+    else:
+        by_mode = {r["backend"]: r for r in report["results"]}
+        parts["cache_step"] = {"ratio": ratio, "results": report["results"]}
+        device = by_mode["dali+cache"].get("device")
+        row(
+            "cached step / student-only step",
+            f"{ratio:.3f}× ({by_mode['dali+cache']['step_ms']:.1f} vs "
+            f"{by_mode['dali+student-only']['step_ms']:.1f} ms, {device})",
+            f"≤ {CACHED_MAX_VS_STUDENT_ONLY}×",
+            verdict(ratio, CACHED_MAX_VS_STUDENT_ONLY, True, device),
+        )
+
+    # augmentation
+    report = read_json(out / "augment.json")
+    if report is None:
+        reason = why_missing(out, "augment")
+        row("DALI GPU augmentation, 224 px", reason, f"≥ {AUGMENT_MIN_IMG_S:,} img/s", "not measured")
+        row(
+            "DALI GPU / torchvision 16 workers",
+            reason,
+            f"≥ {AUGMENT_MIN_VS_TORCHVISION:.0f}×",
+            "not measured",
+        )
+    else:
+        aug = augment_figures(report)
+        parts["augment"] = aug
+        size = report.get("settings", {}).get("image_size")
+
+        def listed(rates: dict[str, float]) -> str:
+            return ", ".join(f"{mode} decode {rate:,.0f}" for mode, rate in rates.items()) or "—"
+
+        stand_in = "" if aug["device"] == "cuda" else " (DALI CPU stands in: no GPU)"
+        window_full = f"; window/full {aug['window_vs_full']:.2f}×" if aug["window_vs_full"] else ""
+        row(
+            f"DALI GPU augmentation, {size} px",
+            f"loader {listed(aug['loader_img_per_s'])} img/s (raw pipeline {listed(aug['raw_pipeline_img_per_s'])})"
+            f"{window_full}{stand_in}",
+            f"≥ {AUGMENT_MIN_IMG_S:,} img/s at 224 px",
+            verdict(aug["best_img_per_s"], AUGMENT_MIN_IMG_S, False, aug["device"])
+            if size == 224 or aug["device"] != "cuda"
+            else f"n/a ({size} px)",
+        )
+        row(
+            f"DALI GPU / torchvision {aug['torchvision_workers']} workers",
+            f"{fmt(aug['dali_vs_torchvision'], '.2f', '×')} (torchvision "
+            f"{fmt(aug['torchvision_img_per_s'], ',.0f', ' img/s')}){stand_in}",
+            f"≥ {AUGMENT_MIN_VS_TORCHVISION:.0f}× torchvision with {TORCHVISION_WORKERS} workers",
+            verdict(aug["dali_vs_torchvision"], AUGMENT_MIN_VS_TORCHVISION, False, aug["device"])
+            if aug["torchvision_workers"] == TORCHVISION_WORKERS or aug["device"] != "cuda"
+            else f"n/a ({aug['torchvision_workers']} workers)",
+        )
+
+    # multi-crop
+    report = read_json(out / "multi_crop.json")
+    mc = multi_crop_figures(report) if report else None
+    if mc is None or mc["cost_vs_global_only"] is None:
+        reason = why_missing(out, "multi_crop") if report is None else "not measured: no multi-crop rows"
+        row("multi-crop cost per image vs 2 global", reason, f"≤ {MULTI_CROP_MAX_COST}×", "not measured")
+    else:
+        parts["multi_crop"] = mc
+        others = ", ".join(f"{b} {c:.2f}×" for b, c in mc["cost_by_backend"].items() if b != mc["backend"])
+        row(
+            f"multi-crop cost per image vs 2 global ({mc['backend']})",
+            f"{mc['cost_vs_global_only']:.2f}× ({mc['crops']}; {others})",
+            f"≤ {MULTI_CROP_MAX_COST}× (2 + 8 crops)",
+            verdict(mc["cost_vs_global_only"], MULTI_CROP_MAX_COST, True, mc["device"]),
+        )
+
+    versions = (out / "versions.txt").read_text().strip() if (out / "versions.txt").exists() else None
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions,
+        "part_status": {p: part_status(out, p) for p in PARTS},
+        "targets": rows,
+        "parts": parts,
+    }
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "gpu_check.md").write_text(summary_markdown(summary) + "\n")
+    return summary
+
+
+PARTS = ("gpu_tests", "paths", "reference_step", "cache_step", "augment", "multi_crop")
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = ["| part | measured | target | met? |", "|---|---|---|---|"]
+    for r in summary["targets"]:
+        lines.append(f"| {r['part']} | {r['measured'].replace('|', '/')} | {r['target']} | {r['met']} |")
+    return "\n".join(lines)
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="gpu_check.sh's output folder")
+    args = parser.parse_args(argv)
+    print(summary_markdown(summarize(args.out)))
+
+
+if __name__ == "__main__":
+    main()
