@@ -74,9 +74,6 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
-    def _model_parts(self) -> dict[str, Any]:
-        return {"student": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
-
     def _progress_parts(self) -> list[Any]:
         return [self.state, self.targets, self.guard]  # self.targets: a part a benchmark may swap
 
@@ -110,7 +107,7 @@ class Trainer:
         self.run_dir = run_dir
         state.start_clocks()
         self.checkpointer = Checkpointer(
-            run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self._model_parts(),
+            run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self.parts.model_parts(),
             self._progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
             data_files=self.parts.data_files,
         )  # fmt: skip
