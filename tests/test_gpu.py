@@ -131,3 +131,5 @@ def test_cached_replay_on_cuda_keeps_every_batch_tensor_on_cuda(tiny_config, tmp
     summary = Trainer(cfg, CUDA, show_progress=False, callbacks=[watcher]).fit(tmp_path / "run")
     assert watcher.off_device == {}, watcher.off_device
     assert watcher.batches == 12 and watcher.from_cache > 0 and summary["cache_hits"] > 0
+    # Replayed views rendered ahead on a thread and copied device to device: the teacher agrees with its cache.
+    assert summary["cache_fidelity_min"] > 0.999
