@@ -339,3 +339,21 @@ def test_keys_free_on_resume_come_from_the_schema():
         assert config_hash(load_config(overrides=[free])) == base, free
     for bound in ("train.batch_size=32", "data.augment.flip_prob=0", "train.optimizer.lr=0.001"):
         assert config_hash(load_config(overrides=[bound])) != base, bound
+
+
+def test_every_config_file_ships_inside_the_package():
+    """A wheel carries configs/ as dali_kd/configs (package data): every file there must match a package-data glob,
+    or `python -m dali_kd.train` after a plain `pip install` misses it."""
+    import fnmatch
+
+    from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs").resolve() == CONFIG_DIR and CONFIG_DIR / "demo" == DEMO_CONFIG_DIR
+    assert (root / "dali_kd" / "configs").resolve() == CONFIG_DIR, "dali_kd/configs links to configs/"
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["dali_kd"]
+    files = [f"configs/{p.relative_to(CONFIG_DIR).as_posix()}" for p in CONFIG_DIR.rglob("*") if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)

@@ -6,6 +6,7 @@ may change (how the run is observed, not what it computes).
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.params import IMAGENET_MEAN, IMAGENET_STD, DecodeParams
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The config files ship inside the package (dali_kd/configs links to the repository's configs/ folder, and a wheel
+# carries copies), so a plain `pip install` finds them as an editable install does.
+CONFIG_DIR = Path(str(resources.files("dali_kd").joinpath("configs"))).resolve()
 DEMO_CONFIG_DIR = CONFIG_DIR / "demo"
 SECTION_FILES = {"data": "data_config.yaml", "train": "train_config_kd.yaml", "model": "model_config_kd.yaml"}
 
