@@ -157,7 +157,7 @@ class DataConfig(Section):
     )
     output_dtype: Literal["float32", "float16"] = Field(
         "float32",
-        description="dtype of the images the DALI pipelines hand out: float16 halves the bytes each batch moves "
+        description="dtype of the images both backends hand out: float16 halves the bytes each batch moves "
         "and rounds the pixels to fp16; needs bf16 autocast (train.precision)",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

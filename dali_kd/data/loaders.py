@@ -13,7 +13,7 @@ from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
 
 # data.output_dtype as the torch dtype the torchvision backend casts its images to (DALI's graph writes it itself).
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def make_train_stream(
@@ -74,7 +74,7 @@ def make_train_stream(
         num_shards=world_size,
         device=device,
         start_position=state["position"] if state else 0,
-        dtype=OUTPUT_DTYPES[cfg.data.output_dtype],
+        dtype=TORCH_DTYPES[cfg.data.output_dtype],
         max_runtime_quarantine=cfg.data.max_runtime_quarantine,
         substitutions=substitutions,
     )
@@ -96,5 +96,5 @@ def make_eval_batches(
 
     yield from torchvision_eval_batches(
         index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers, device=device,
-        dtype=OUTPUT_DTYPES[cfg.data.output_dtype],
+        dtype=TORCH_DTYPES[cfg.data.output_dtype],
     )  # fmt: skip
