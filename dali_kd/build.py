@@ -22,8 +22,10 @@ from dali_kd.data.prepare import prepare_data
 from dali_kd.data.sampling import min_shard_size
 from dali_kd.data.stream import TrainStream
 from dali_kd.distributed import DistInfo
+from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
-from dali_kd.evaluation import KnnEvaluator
+from dali_kd.evaluation import Evaluator
+from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models
 from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.optim import build_optimizer, build_scheduler
@@ -40,7 +42,7 @@ class RunParts:
     train_index: ImageIndex
     val_index: ImageIndex | None
     scan_quarantine: list[dict[str, str]]  # files the scan set aside, for the run's quarantine.jsonl
-    evaluator: KnnEvaluator
+    evaluator: Evaluator
     teacher: FrozenTeacher
     teacher_id: dict[str, str]
     student: Student
@@ -54,10 +56,14 @@ class RunParts:
     cache: TeacherCache | None
     stream: TrainStream
     data_files: dict | None = None  # checkpoint.data_identity of train_index.files, for the Checkpointer
+    ema: StudentEma | None = None  # train.ema_decay
+    # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
+    inputs: dict[str, dict] | None = None
 
     def model_parts(self) -> dict:
         """What a checkpoint stores at its top level."""
-        return {"student": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        parts = {"student": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        return parts | ({"student_ema": self.ema} if self.ema is not None else {})
 
     def progress_parts(self) -> list:
         """The parts whose counters make up a checkpoint's progress dict."""
@@ -86,10 +92,12 @@ def build_run(
             f"train.batch_size={train.batch_size} is larger than each process's share of the data "
             f"({splits.train.num_samples} usable images / {dist.world_size} processes = {shard_samples})"
         )
-    evaluator = KnnEvaluator(cfg, splits.train, splits.val, device, dist.rank, dist.world_size)
+    evaluator = Evaluator(cfg, splits.train, splits.val, device, dist.rank, dist.world_size)
+    pipeline = InputSpec(cfg.view_size, cfg.data.augment.mean, cfg.data.augment.std)
     models = build_distill_models(
-        cfg.model, cfg.data.image_size, train.loss.patch_weight, train.use_local_crops, device, amp_dtype
-    )
+        cfg.model, cfg.data.image_size, train.loss.patch_weight, train.use_local_crops, device, amp_dtype,
+        teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
+    )  # fmt: skip
     task = DistillTask(models.student, train.loss, device, amp_dtype, dist, train.compile_student)
     optimizer = build_optimizer(models.student, train.optimizer)
     # Every rank takes the same number of steps: the smallest shard decides.
@@ -109,7 +117,11 @@ def build_run(
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
         NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache, stream=None,
         data_files=ckpt.data_identity(splits.train.files),
+        inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
     )  # fmt: skip
+    if train.ema_decay is not None:
+        # Made before a checkpoint is loaded into it, from the (seeded) initial student.
+        parts.ema = StudentEma(models.student, train.ema_decay, train.ema_warmup)
     stream_state = None
     if resume_from is not None:
         saved = ckpt.load(resume_from)

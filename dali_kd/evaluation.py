@@ -1,23 +1,44 @@
-"""k-NN evaluation across ranks: each rank embeds its shard of the bank and of the held-out split, all gather."""
+"""Evaluation across ranks: k-NN top-1 of the pooled embedding and top-1 through the classifier head.
+
+Each rank embeds its shard of the k-NN bank and of the held-out split; the embeddings (and the head's predictions)
+are gathered, so every rank gets the same numbers. One pass over the held-out images gives both results.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dali_kd import distributed
 from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_eval_batches
 from dali_kd.errors import UserError
-from dali_kd.knn import extract_embeddings, knn_top1
-from dali_kd.models import FrozenTeacher, Student, model_outputs
+from dali_kd.knn import knn_top1
+from dali_kd.models import FrozenTeacher, ModelOutput, Student
 from dali_kd.runtime import autocast
 
+# A model's pooled embedding and logits for a batch of pipeline images (the eval transform's).
+Outputs = Callable[[torch.Tensor], ModelOutput]
 
-class KnnEvaluator:
-    """k-NN top-1 of val images against an (optionally subsampled) bank of training images, eval transform."""
+
+@dataclass
+class EvalResult:
+    """Top-1 accuracies in percent; head_top1 is None when the head does not have the data's classes."""
+
+    knn_top1: float
+    head_top1: float | None
+
+    def as_dict(self, prefix: str) -> dict[str, float | None]:
+        return {f"{prefix}_knn_top1": self.knn_top1, f"{prefix}_head_top1": self.head_top1}
+
+
+class Evaluator:
+    """k-NN top-1 of val images against an (optionally subsampled) bank of training images, and top-1 through the
+    model's classifier head where it has one output per class (train.eval_head), with the eval transform."""
 
     def __init__(
         self,
@@ -34,7 +55,7 @@ class KnnEvaluator:
         bank = train_index.subset(cfg.train.knn_bank_size)
         if val_index is not None and min(bank.num_samples, val_index.num_samples) < world_size:
             raise UserError(
-                f"k-NN evaluation: {val_index.num_samples} val / {bank.num_samples} bank images are fewer than the "
+                f"evaluation: {val_index.num_samples} val / {bank.num_samples} bank images are fewer than the "
                 f"{world_size} processes (set data.val_root=null to skip it)"
             )
         self.bank = bank.shard(rank, world_size)
@@ -44,39 +65,56 @@ class KnnEvaluator:
     def enabled(self) -> bool:
         return self.val is not None
 
-    def _embed_all(self, embed: Callable[[torch.Tensor], torch.Tensor], index: ImageIndex):
-        batches = make_eval_batches(self.cfg, index, self.device, self.cfg.train.batch_size)
-        features, labels = extract_embeddings(embed, batches)
-        return distributed.gather_rows(features), distributed.gather_rows(labels)
+    def _head_scores(self, logits: torch.Tensor | None) -> bool:
+        return self.cfg.train.eval_head and logits is not None and logits.shape[-1] == self.num_classes
+
+    def _pass(self, outputs: Outputs, index: ImageIndex, with_head: bool):
+        """L2-normalised embeddings, labels and (with_head) the head's predicted classes, gathered over ranks."""
+        features, labels, predictions = [], [], []
+        for batch in make_eval_batches(self.cfg, index, self.device, self.cfg.train.batch_size):
+            out = outputs(batch.images)
+            features.append(F.normalize(out.pooled.float(), dim=-1))
+            labels.append(batch.labels)
+            if with_head and self._head_scores(out.logits):
+                predictions.append(out.logits.argmax(dim=-1))
+        gather = distributed.gather_rows
+        predicted = gather(torch.cat(predictions)) if predictions else None
+        return gather(torch.cat(features)), gather(torch.cat(labels)), predicted
 
     @torch.no_grad()
-    def accuracy(self, embed: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
-        """The same number on every rank (every rank holds the gathered embeddings)."""
+    def evaluate(self, outputs: Outputs) -> EvalResult | None:
+        """The same numbers on every rank; None without held-out images."""
         if self.val is None:
             return None
-        bank, bank_labels = self._embed_all(embed, self.bank)
-        queries, query_labels = self._embed_all(embed, self.val)
-        return knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, k=self.cfg.train.knn_k)
+        bank, bank_labels, _ = self._pass(outputs, self.bank, with_head=False)
+        queries, query_labels, predicted = self._pass(outputs, self.val, with_head=True)
+        knn = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, k=self.cfg.train.knn_k)
+        head = None
+        if predicted is not None:
+            head = 100.0 * float((predicted == query_labels).float().mean())
+        return EvalResult(knn, head)
 
 
-def student_accuracy(
-    evaluator: KnnEvaluator, student: Student, amp_dtype: torch.dtype | None
-) -> float | None:
-    """The student backbone's k-NN top-1 (eval mode for the evaluation, the previous mode restored after)."""
-    backbone = student.backbone
-    device_type = evaluator.device.type
+def evaluate_student(
+    evaluator: Evaluator,
+    student: Student,
+    amp_dtype: torch.dtype | None,
+    backbone: torch.nn.Module | None = None,
+) -> EvalResult | None:
+    """The student's results in eval mode (its previous mode restored after); backbone: evaluate these weights
+    (the student's EMA) with the student's input instead."""
 
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        with autocast(device_type, amp_dtype):
-            return model_outputs(backbone, images, with_patches=False).pooled
+    def outputs(images: torch.Tensor) -> ModelOutput:
+        with autocast(evaluator.device, amp_dtype):
+            return student.evaluate(images, backbone)
 
     was_training = student.training
     student.eval()
     try:
-        return evaluator.accuracy(embed)
+        return evaluator.evaluate(outputs)
     finally:
         student.train(was_training)
 
 
-def teacher_accuracy(evaluator: KnnEvaluator, teacher: FrozenTeacher) -> float | None:
-    return evaluator.accuracy(lambda images: teacher(images).pooled)
+def evaluate_teacher(evaluator: Evaluator, teacher: FrozenTeacher) -> EvalResult | None:
+    return evaluator.evaluate(teacher)

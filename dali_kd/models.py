@@ -16,7 +16,9 @@ from torch import nn
 from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec
 from dali_kd.errors import UserError
+from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
 from dali_kd.runtime import autocast
+from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -138,12 +140,17 @@ def model_outputs(model: nn.Module, images: torch.Tensor, with_patches: bool) ->
 
 
 class FrozenTeacher(nn.Module):
-    """The teacher: eval mode, no gradients, inference mode, bf16 autocast on GPU; `train()` cannot undo that."""
+    """The teacher: eval mode, no gradients, inference mode, bf16 autocast on GPU; `train()` cannot undo that.
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None):
+    input: turns the pipeline's images into the teacher's own size and normalisation (None: they already are)."""
+
+    def __init__(
+        self, model: nn.Module, autocast_dtype: torch.dtype | None, input: InputAdapter | None = None
+    ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.autocast_dtype = autocast_dtype
+        self.input = input
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         # Dropout, drop-path and batch-norm updates would change the targets: stay in eval whatever is asked.
@@ -151,6 +158,8 @@ class FrozenTeacher(nn.Module):
 
     @torch.inference_mode()
     def _infer(self, images: torch.Tensor, with_patches: bool) -> ModelOutput:
+        if self.input is not None:
+            images = self.input(images)
         with autocast(images.device, self.autocast_dtype):
             return model_outputs(self.model, images, with_patches)
 
@@ -178,18 +187,32 @@ def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
 
 
 class Student(nn.Module):
-    """The trained model plus projectors that map its features to the teacher's width (dropped after training)."""
+    """The trained model plus projectors that map its features to the teacher's width (dropped after training).
 
-    def __init__(self, backbone: nn.Module, teacher_dim: int, hidden_dim: int, with_patches: bool):
+    input: turns the pipeline's images into the student's own size and normalisation (None: they already are);
+    it is part of training, not of the shipped backbone (an exported student takes its input as preprocess.json
+    says)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        teacher_dim: int,
+        hidden_dim: int,
+        with_patches: bool,
+        input: InputAdapter | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
+        self.input = input
         self.with_patches = with_patches
         self.projector = _projector(backbone.num_features, teacher_dim, hidden_dim)
         self.patch_projector = (
             _projector(backbone.num_features, teacher_dim, hidden_dim) if with_patches else None
         )
 
-    def _views(self, images: torch.Tensor, with_patches: bool) -> StudentOutput:
+    def _views(self, images: torch.Tensor, with_patches: bool, resize: bool = True) -> StudentOutput:
+        if self.input is not None:
+            images = self.input(images, resize=resize)
         out = model_outputs(self.backbone, images, with_patches)
         patches = self.patch_projector(out.patch_tokens) if with_patches else None
         return StudentOutput(out, self.projector(out.pooled), patches)
@@ -203,7 +226,15 @@ class Student(nn.Module):
         MultiCropWrapper does) and torch.compile one graph.
         """
         main = self._views(images, self.with_patches)
-        return main, None if local_images is None else self._views(local_images, False)
+        # Local crops keep their own (smaller) size; only their normalisation is the student's.
+        return main, None if local_images is None else self._views(local_images, False, resize=False)
+
+    def evaluate(self, images: torch.Tensor, backbone: nn.Module | None = None) -> ModelOutput:
+        """The backbone's (or these weights', e.g. the EMA's) pooled embedding and logits for pipeline images
+        (eval mode is the caller's business)."""
+        if self.input is not None:
+            images = self.input(images)
+        return model_outputs(self.backbone if backbone is None else backbone, images, with_patches=False)
 
 
 def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
@@ -219,28 +250,70 @@ def embed_dim(model: nn.Module) -> int:
 @dataclass
 class DistillModels:
     """The frozen teacher, its identity (name + weights hash, what a checkpoint and the cache are tied to) and the
-    student with its projectors; use_patches: patch-token distillation applies to this pair."""
+    student with its projectors; use_patches: patch-token distillation applies to this pair; teacher_input /
+    student_input: what each model is fed (size and normalisation)."""
 
     teacher: FrozenTeacher
     teacher_id: dict[str, str]
     student: Student
     use_patches: bool
+    teacher_input: InputSpec
+    student_input: InputSpec
+
+
+def model_input(spec: ModelSpec, model: nn.Module, size: int, pipeline: InputSpec) -> InputSpec:
+    """The model's input: its size; the mean/std the config names, else its pretrained weights' (when loaded
+    pretrained), else the pipeline's (data.augment's, what a model trained here learnt with)."""
+    mean, std = spec.mean, spec.std
+    if mean is None or std is None:
+        pretrained = pretrained_normalisation(model) if getattr(spec, "pretrained", False) else None
+        fallback = pretrained or (pipeline.mean, pipeline.std)
+        mean = fallback[0] if mean is None else mean
+        std = fallback[1] if std is None else std
+    return InputSpec(size, tuple(mean), tuple(std))
+
+
+def _adapter(pipeline: InputSpec, model: InputSpec) -> InputAdapter | None:
+    adapter = InputAdapter(pipeline, model)
+    return None if adapter.is_identity else adapter
 
 
 def build_distill_models(
-    cfg: ModelConfig, image_size: int, patch_weight: float, any_size: bool, device: torch.device, amp_dtype
+    cfg: ModelConfig,
+    image_size: int,
+    patch_weight: float,
+    any_size: bool,
+    device: torch.device,
+    amp_dtype,
+    teacher_image_size: int | None = None,
+    pipeline: InputSpec | None = None,
 ) -> DistillModels:
     """Teacher and student by timm name; the student's head defaults to the teacher's class count.
 
-    any_size: the student also sees other input sizes (multi-crop's local crops; a ViT then interpolates).
+    image_size / teacher_image_size: each model's input side (the teacher's defaults to the student's).
+    pipeline: the views the data stream hands out (size and normalisation); each model gets them turned into its
+    own input on the device. any_size: the student also sees other input sizes (multi-crop's local crops; a ViT
+    then interpolates).
     """
+    teacher_size = teacher_image_size or image_size
+    if pipeline is None:
+        pipeline = InputSpec(max(image_size, teacher_size), IMAGENET_MEAN, IMAGENET_STD)
     teacher_classes = 1000 if cfg.teacher.num_classes is None else cfg.teacher.num_classes
     student_classes = teacher_classes if cfg.student.num_classes is None else cfg.student.num_classes
-    teacher = build_model(cfg.teacher, "teacher", image_size, teacher_classes)
+    teacher = build_model(cfg.teacher, "teacher", teacher_size, teacher_classes)
     backbone = build_model(cfg.student, "student", image_size, student_classes, any_size=any_size)
+    teacher_input = model_input(cfg.teacher, teacher, teacher_size, pipeline)
+    student_input = model_input(cfg.student, backbone, image_size, pipeline)
     teacher_id = {"name": cfg.teacher.name, "weights_hash": weights_hash(teacher)}
     use_patches = patch_weight > 0 and same_token_grid(teacher, backbone)
-    student = Student(backbone, embed_dim(teacher), cfg.projector_hidden_dim, with_patches=use_patches)
+    student = Student(
+        backbone,
+        embed_dim(teacher),
+        cfg.projector_hidden_dim,
+        with_patches=use_patches,
+        input=_adapter(pipeline, student_input),
+    )
+    frozen = FrozenTeacher(teacher, amp_dtype, input=_adapter(pipeline, teacher_input))
     return DistillModels(
-        FrozenTeacher(teacher.to(device), amp_dtype), teacher_id, student.to(device), use_patches
+        frozen.to(device), teacher_id, student.to(device), use_patches, teacher_input, student_input
     )

@@ -14,6 +14,8 @@ from dali_kd.models import Student
 from dali_kd.run_state import RunState
 
 if TYPE_CHECKING:
+    import torch
+
     from dali_kd.build import RunParts
 
 
@@ -40,9 +42,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
-def write_final(run_dir: Path, student: Student, summary: dict[str, Any]) -> None:
-    """The trained student (a bare timm state dict), its projectors (to resume distilling), and the summary."""
+def write_final(
+    run_dir: Path, student: Student, summary: dict[str, Any], ema_backbone: torch.nn.Module | None = None
+) -> None:
+    """The trained student (a bare timm state dict), its EMA's (the same keys), its projectors (to resume
+    distilling), and the summary."""
     save_safetensors_atomic(run_dir / "student.safetensors", student.backbone.state_dict())
+    if ema_backbone is not None:
+        save_safetensors_atomic(run_dir / "student_ema.safetensors", ema_backbone.state_dict())
     save_safetensors_atomic(run_dir / "projector.safetensors", student.projector.state_dict())
     if student.patch_projector is not None:
         save_safetensors_atomic(run_dir / "patch_projector.safetensors", student.patch_projector.state_dict())
@@ -63,6 +70,10 @@ def run_summary(
         "images_per_sec": images / state.train_s if state.train_s > 0 else None,
         "student_knn_top1": state.student_knn_top1,
         "teacher_knn_top1": state.teacher_knn_top1,
+        "student_head_top1": state.student_head_top1,
+        "teacher_head_top1": state.teacher_head_top1,
+        "student_ema_knn_top1": state.student_ema_knn_top1,
+        "student_ema_head_top1": state.student_ema_head_top1,
         "chance_top1": 100.0 / train_index.num_classes,
         "knn_history": state.knn_history,
         "num_classes": train_index.num_classes,
@@ -70,6 +81,9 @@ def run_summary(
         "num_val_images": val_index.num_samples if val_index else 0,
         "teacher": cfg.model.teacher.name,
         "student": cfg.model.student.name,
+        # What each model was fed (size, mean, std of its normalised input): the student's is what it expects
+        # when shipped (dali_kd.export writes it into preprocess.json).
+        "inputs": parts.inputs,
         "device": device,
         "backend": cfg.data.backend,
         "precision": str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else "fp32",

@@ -262,7 +262,7 @@ def open_teacher_cache(
 ) -> TeacherCache:
     """The teacher cache for this teacher, data and augmentation (rank 0 creates it, the others open it)."""
     train = cfg.train
-    size = cfg.data.image_size
+    size = cfg.view_size  # the views the cache's records describe (the teacher resizes them to its own input)
     probe = teacher(torch.zeros(1, 3, size, size, device=device), with_patches=with_patches)
     dtype = "float16" if train.cache_dtype == "fp16" else "float32"
     parts = parts_for(train.cache_outputs, probe, train.cache_logits_topk, dtype)
@@ -277,6 +277,10 @@ def open_teacher_cache(
         "decode": cfg.data.decode,
         "output_dtype": cfg.data.output_dtype,
     }
+    if teacher.input is not None:
+        # The teacher's own size and normalisation (only where they differ from the views', so that a cache built
+        # before teachers had their own input stays valid).
+        identity["teacher_input"] = teacher.input.model.to_dict()
     views = 1 if train.cache_mode == "fixed" else train.cache_views_per_image
     args = (Path(train.teacher_feature_dir), identity, parts, train_index.num_samples, views)
     cache = TeacherCache(*args, create=True, rebuild=train.cache_rebuild) if is_main else None

@@ -219,6 +219,16 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
             print(
                 f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
             )
+        if summary["student_head_top1"] is not None:
+            teacher_head = summary["teacher_head_top1"]
+            against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
+            print(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
+        if summary["student_ema_knn_top1"] is not None:
+            ema_head = summary["student_ema_head_top1"]
+            print(
+                f"student EMA k-NN top-1 {summary['student_ema_knn_top1']:.1f}%"
+                + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
+            )
         print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}", flush=True)
     return summary
 

@@ -22,7 +22,7 @@ from dali_kd.config import Config
 from dali_kd.data.batch import Batch
 from dali_kd.data.prepare import write_quarantine
 from dali_kd.distributed import DistInfo
-from dali_kd.evaluation import student_accuracy, teacher_accuracy
+from dali_kd.evaluation import EvalResult, evaluate_student, evaluate_teacher
 from dali_kd.optim import warmup_cosine
 from dali_kd.preemption import Preempted, StopSignal
 from dali_kd.run_files import progress_postfix, run_summary, start_run_dir, write_final
@@ -32,6 +32,12 @@ from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
 __all__ = ["Trainer", "resolve_device", "warmup_cosine"]
+
+
+def eval_line(result: EvalResult) -> str:
+    """k-NN top-1 42.0%, head top-1 51.3%"""
+    head = "" if result.head_top1 is None else f", head top-1 {result.head_top1:.1f}%"
+    return f"k-NN top-1 {result.knn_top1:.1f}%{head}"
 
 
 class Trainer:
@@ -58,6 +64,7 @@ class Trainer:
         self.teacher, self.student, self.cache, self.stream = p.teacher, p.student, p.cache, p.stream
         self.task, self.optimizer, self.scheduler = p.task, p.optimizer, p.scheduler
         self.state, self.guard, self.targets = p.state, p.guard, p.targets
+        self.ema = p.ema
         self.steps_per_epoch = p.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.resumed_from = resume_from
@@ -92,6 +99,8 @@ class Trainer:
             if self.cfg.train.optimizer.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.student, self.state.step + 1)
         self.scheduler.step()
         self.timer.mark()  # student
         self.state.step += 1
@@ -134,9 +143,11 @@ class Trainer:
         )
         try:
             if state.teacher_knn_top1 is None:
-                state.teacher_knn_top1 = teacher_accuracy(self.evaluator, self.teacher)
-                if state.teacher_knn_top1 is not None and self.dist.is_main:
-                    tqdm.write(f"teacher k-NN top-1: {state.teacher_knn_top1:.1f}%")
+                teacher = evaluate_teacher(self.evaluator, self.teacher)
+                if teacher is not None:
+                    state.teacher_knn_top1, state.teacher_head_top1 = teacher.knn_top1, teacher.head_top1
+                    if self.dist.is_main:
+                        tqdm.write(f"teacher: {eval_line(teacher)}")
             stream = iter(self.stream)
             self.student.train()
             self.monitor.restart_interval()
@@ -183,21 +194,37 @@ class Trainer:
         if state.epoch == cfg.epochs - 1 or (state.epoch + 1) % cfg.eval_every_n_epochs == 0:
             for callback in self.callbacks:
                 callback.on_evaluate(self)
-            knn = self.evaluate_student()
-            if knn is not None:
-                state.student_knn_top1 = knn
+            results = self.evaluate_student()
+            if results:
+                for name, result in results.items():
+                    for key, value in result.as_dict(name).items():
+                        setattr(state, key, value)
                 state.knn_history.append(
-                    {"epoch": state.epoch + 1, "step": state.step, "student_knn_top1": knn}
+                    {
+                        "epoch": state.epoch + 1,
+                        "step": state.step,
+                        **{k: v for name, r in results.items() for k, v in r.as_dict(name).items()},
+                    }
                 )
                 if self.dist.is_main:
-                    tqdm.write(f"epoch {state.epoch + 1}: student k-NN top-1 {knn:.1f}%")
+                    line = "; ".join(
+                        f"{name.replace('_', ' ').replace('ema', 'EMA')} {eval_line(r)}"
+                        for name, r in results.items()
+                    )
+                    tqdm.write(f"epoch {state.epoch + 1}: {line}")
             self.monitor.restart_interval()
         state.epoch += 1
         state.step_in_epoch = 0
         self.checkpointer.maybe_save(state.step, epoch_end=True)
 
-    def evaluate_student(self) -> float | None:
-        return student_accuracy(self.evaluator, self.student, self.amp_dtype)
+    def evaluate_student(self) -> dict[str, EvalResult]:
+        """{"student": ..., "student_ema": ...} (the EMA's when kept); empty without held-out images."""
+        results = {"student": evaluate_student(self.evaluator, self.student, self.amp_dtype)}
+        if self.ema is not None:
+            results["student_ema"] = evaluate_student(
+                self.evaluator, self.student, self.amp_dtype, self.ema.backbone
+            )
+        return {name: r for name, r in results.items() if r is not None}
 
     def log_interval(self) -> None:
         """The only host reads of the loop: loss sums (averaged over ranks) and stage events, once per interval."""
@@ -257,7 +284,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_finish(self, summary)
         if self.dist.is_main:
-            write_final(run_dir, self.student, summary)
+            write_final(run_dir, self.student, summary, self.ema.backbone if self.ema is not None else None)
             if summary["verdict"]:
                 tqdm.write(f"run: {self.monitor.summary_line(summary)}")
         distributed.barrier()

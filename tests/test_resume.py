@@ -28,6 +28,8 @@ SETTINGS = [
     "train.epochs=3", "train.max_steps_per_epoch=4", "train.batch_size=8", "train.save_every_n_steps=3",
     "train.keep_last_checkpoints=10", "train.log_every_n_steps=1", "train.eval_every_n_epochs=1",
     "train.optimizer.warmup_steps=2", "train.run_name=run",
+    # The student's EMA is checkpointed too: a resumed run must continue the same average.
+    "train.ema_decay=0.9",
 ]  # fmt: skip
 
 
@@ -146,6 +148,11 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(
     mine, theirs = load_file(run_dir / "student.safetensors"), load_file(reference / "student.safetensors")
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine), "final weights are not bit-identical"
+    mine, theirs = (
+        load_file(run_dir / "student_ema.safetensors"),
+        load_file(reference / "student_ema.safetensors"),
+    )
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine), "the EMA's weights are not bit-identical"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["world_size"] == 1
     if resumes_from is None:
@@ -154,6 +161,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(
         assert summary["resumed_from"].endswith(f"step_{resumes_from:09d}.pt")
     ref_summary = json.loads((reference / "summary.json").read_text())
     assert summary["student_knn_top1"] == ref_summary["student_knn_top1"]
+    assert summary["student_ema_knn_top1"] == ref_summary["student_ema_knn_top1"] is not None
     assert not list(checkpoints.path.glob(".step_*.tmp")), "leftovers are cleaned up by the next save"
 
 

@@ -129,9 +129,19 @@ class Config(Section):
                 )
         return self
 
+    @property
+    def teacher_image_size(self) -> int:
+        return self.data.teacher_image_size or self.data.image_size
+
+    @property
+    def view_size(self) -> int:
+        """Side of the views the pipelines cut: the larger of the student's and the teacher's input size (each
+        model gets the same view resized to its own size, see dali_kd.model_inputs)."""
+        return max(self.data.image_size, self.teacher_image_size)
+
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
-        return AugmentParams(image_size=self.data.image_size, **a.model_dump())
+        return AugmentParams(image_size=self.view_size, **a.model_dump())
 
     def crop_params(self) -> AugmentParams | MultiCropParams:
         """What the training stream makes: one view per image, or (train.use_local_crops) DINO multi-crop."""
@@ -160,10 +170,11 @@ class Config(Section):
         )
 
     def eval_params(self) -> EvalParams:
-        a = self.data.augment
-        return EvalParams(
-            image_size=self.data.image_size, resize_size=self.data.eval_resize, mean=a.mean, std=a.std
-        )
+        """The eval centre crop at the view size, resized so that it covers what data.eval_resize and
+        data.image_size cover (the same crop fraction), whichever model's size the view is cut at."""
+        a, d = self.data.augment, self.data
+        resize = round(d.eval_resize * self.view_size / d.image_size)
+        return EvalParams(image_size=self.view_size, resize_size=resize, mean=a.mean, std=a.std)
 
 
 def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:

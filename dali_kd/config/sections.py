@@ -90,10 +90,21 @@ class DataConfig(Section):
         "dali", description="dali (GPU or DALI CPU) or torchvision (PIL)"
     )
     image_size: int = Field(
-        224, ge=16, le=4096, description="Side of the square training and eval crops, pixels"
+        224,
+        ge=16,
+        le=4096,
+        description="Side of the student's input: the square training and eval crops, pixels",
     )
     eval_resize: int = Field(
         256, ge=16, le=4096, description="Eval: shorter side resized to this before the centre crop"
+    )
+    teacher_image_size: int | None = Field(
+        None,
+        ge=16,
+        le=4096,
+        description="Side of the teacher's input, pixels (e.g. a 224 px teacher and a 160 px student); null: "
+        "data.image_size. The pipeline cuts each view once at the larger size; each model gets it resized "
+        "(bilinear, antialiased) on the device, so both see the same view",
     )
     scan: Literal["header", "full", "off"] = Field(
         "header", description="Check every file before training: header/structure, full DALI decode, or off"
@@ -297,6 +308,24 @@ class TrainConfig(Section):
     tensorboard: bool = free_on_resume(
         False, description="Also write the metrics as TensorBoard scalars (run_dir/tensorboard)"
     )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the student's weights with this decay per step "
+        "(timm ModelEmaV3, e.g. 0.9998); evaluated beside the student and saved as student_ema.safetensors; "
+        "null: off",
+    )
+    ema_warmup: bool = Field(
+        True,
+        description="With ema_decay: let the EMA's decay grow toward ema_decay over the first steps (timm's "
+        "warm-up: 1 - (1 + step)^(-2/3)), so that a short run's average is not stuck near the initialisation",
+    )
+    eval_head: bool = free_on_resume(
+        True,
+        description="Also report the student's and the teacher's top-1 through their classifier heads, for a "
+        "head with as many outputs as the data has classes (class folders in sorted order, as ImageNet's)",
+    )
     knn_k: int = free_on_resume(20, ge=1, description="Neighbours in the k-NN evaluation")
     knn_bank_size: int | None = free_on_resume(
         None, ge=1, description="Training images (evenly spread) in the k-NN bank; null: all of them"
@@ -310,6 +339,22 @@ class TrainConfig(Section):
 
 class ModelSpec(Section):
     name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    mean: RGB | None = Field(
+        None,
+        description="The model's input normalisation mean (RGB, 0-1 scale); null: its pretrained weights' "
+        "(timm pretrained_cfg) when pretrained, else data.augment.mean",
+    )
+    std: RGB | None = Field(
+        None, description="The model's input normalisation std; null: as for mean (data.augment.std)"
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(cls, v: RGB | None) -> RGB | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("every entry must be > 0")
+        return v
+
     checkpoint: str | None = Field(
         None, description="Local weights (.safetensors, or a torch file); null: random init"
     )
