@@ -187,3 +187,14 @@ def test_a_mismatch_beyond_the_tolerance_exits_1(run_dir, tmp_path, monkeypatch,
     captured = capsys.readouterr()
     assert "max abs diff (safetensors vs torch, batch of 4): 0.5" in captured.out
     assert captured.err.splitlines() == ["error: max abs diff 0.5 is above --tolerance 0.1"]
+
+
+def test_a_damaged_config_yaml_is_one_line_naming_file_and_key(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export*"))
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("  batch_size:", "  batch_sise:", 1))
+    assert main([str(run), "--format", "safetensors"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {run / 'config.yaml'}: train.batch_sise: unknown key (did you mean 'batch_size'?)"
+    ]
