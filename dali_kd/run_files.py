@@ -77,6 +77,7 @@ def run_summary(
         "chance_top1": 100.0 / train_index.num_classes,
         "knn_history": state.knn_history,
         "num_classes": train_index.num_classes,
+        "class_names": list(train_index.class_names),  # label order, for an exported student (dali_kd.export)
         "num_train_images": train_index.num_samples,
         "num_val_images": val_index.num_samples if val_index else 0,
         "teacher": cfg.model.teacher.name,

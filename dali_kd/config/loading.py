@@ -191,3 +191,14 @@ def load_config(
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (tuples written as lists), as written into the run directory."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config_file(path: Path) -> Config:
+    """A resolved config as a run directory keeps it (config.yaml: the three sections in one file), validated by
+    the same rules as load_config."""
+    raw = read_yaml(path)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise UserError(_describe(errors[0], {section: str(path) for section in raw})) from None
