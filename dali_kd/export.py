@@ -179,7 +179,7 @@ def export(
     weights = source.read_student_weights(run_dir, ema)
     model, kwargs = source.build_student(cfg, weights)
     names = source.class_names(run_dir, cfg, kwargs["num_classes"])
-    spec = source.preprocess_spec(cfg, weights, kwargs, names)
+    spec = source.preprocess_spec(cfg, model, weights, kwargs, names)
     out = out or run_dir / ("export_ema" if ema else "export")
     _check_same_weights(out, spec)
     # The check batch differs in size from the traced one: a batch size baked into the graph fails it.

@@ -15,7 +15,8 @@ import dali_kd
 from dali_kd.config import Config
 from dali_kd.config.loading import load_config_file
 from dali_kd.errors import UserError
-from dali_kd.models import read_weights, strip_wrapper_prefixes
+from dali_kd.model_inputs import InputSpec
+from dali_kd.models import model_input, read_weights, strip_wrapper_prefixes
 
 # The checkpoint's whole Student is saved; its timm model is the `backbone.` part (the projectors stay behind).
 BACKBONE_PREFIX = "backbone."
@@ -137,12 +138,20 @@ def class_names(run_dir: Path, cfg: Config, num_classes: int) -> list[str] | Non
     return list(names) if len(names) == num_classes else None
 
 
+def student_input(cfg: Config, model: nn.Module) -> InputSpec:
+    """The size and normalisation the student was trained on, decided as training decided it
+    (dali_kd.models.model_input: model.student.mean/std, else its pretrained weights', else data.augment's)."""
+    pipeline = InputSpec(cfg.view_size, cfg.data.augment.mean, cfg.data.augment.std)
+    return model_input(cfg.model.student, model, cfg.data.image_size, pipeline)
+
+
 def preprocess_spec(
-    cfg: Config, weights: StudentWeights, kwargs: dict[str, Any], names: list[str] | None
+    cfg: Config, model: nn.Module, weights: StudentWeights, kwargs: dict[str, Any], names: list[str] | None
 ) -> dict[str, Any]:
     """How to feed the model exactly as dali_kd's evaluation did (pipelines/augment.py's eval graph, the
     torchvision backend's eval transform): resize, centre crop, scale to 0-1, normalise; NCHW float32 RGB."""
     d = cfg.data
+    fed = student_input(cfg, model)
     return {
         "model": cfg.model.student.name,
         "timm_kwargs": kwargs,
@@ -156,8 +165,8 @@ def preprocess_spec(
         "interpolation": "bilinear",
         "antialias": True,
         "scale": "pixels / 255 (0-1)",
-        "mean": list(d.augment.mean),
-        "std": list(d.augment.std),
+        "mean": list(fed.mean),
+        "std": list(fed.std),
         "channel_order": "RGB",
         "layout": "NCHW",
         "dtype": "float32",

@@ -117,6 +117,20 @@ def test_preprocess_json_says_how_the_run_evaluated(run_dir, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["class_names"] == spec["class_names"]
 
 
+def test_preprocess_json_gives_the_students_own_normalisation(run_dir, tmp_path):
+    """A student with its own statistics (model.student.mean/std) was fed those: the export says so."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export*"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["student"].update(mean=[0.1, 0.2, 0.3], std=[0.6, 0.7, 0.8])
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(run), "--format", "safetensors"]) == 0
+    spec = json.loads((run / "export" / "preprocess.json").read_text())
+    assert spec["mean"] == [0.1, 0.2, 0.3] and spec["std"] == [0.6, 0.7, 0.8]
+
+
 def test_ema_weights_are_exported_when_the_run_has_them(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export*"))
