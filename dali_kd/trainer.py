@@ -50,6 +50,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.dist = dist_info or DistInfo()
+        # A bar or a line per log interval, as the open console's mode says (dali_kd.console); rank 0 only.
         self.show_progress = show_progress and self.dist.is_main
         self.callbacks = list(callbacks or [])
         self.parts = build_run(cfg, device, self.dist, resume_from, allow_config_change)
