@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dali_kd import checkpoint as ckpt
-from dali_kd import distributed
+from dali_kd import console, distributed
 from dali_kd.checkpointer import restore
 from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
@@ -85,7 +85,7 @@ def build_run(
     splits = prepare_data(cfg, dist.is_main, distributed.barrier)
     if dist.is_main:
         for message in splits.messages:
-            print(message, flush=True)
+            console.info(message)
     shard_samples = min_shard_size(splits.train.num_samples, dist.world_size)
     if train.batch_size > shard_samples:
         raise UserError(
@@ -129,7 +129,7 @@ def build_run(
             saved, cfg, models.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
         )
         for warning in warnings if dist.is_main else ():
-            print(f"warning: {warning}", flush=True)
+            console.warning(f"warning: {warning}")
         stream_state = restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
     # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
     parts.stream = make_train_stream(

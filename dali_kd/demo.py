@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dali_kd import console
 from dali_kd.config import Config, load_config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_eval_batches, make_train_stream
@@ -54,7 +55,7 @@ def prepare_demo(
     train_root = Path(cfg.data.root).expanduser()
     data_dir = train_root.parent
     if prepare_data and not demo_dataset_ready(data_dir):
-        print(f"demo: generating the demo dataset in {data_dir} (first use only)", flush=True)
+        console.info(f"demo: generating the demo dataset in {data_dir} (first use only)")
         try:
             make_demo_dataset(data_dir)
         except OSError as e:
@@ -68,9 +69,7 @@ def train_demo_teacher(
     cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
 ) -> float:
     """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
-    print(
-        f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)", flush=True
-    )
+    console.info(f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)")
     # The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache).
     one_view = {"use_local_crops": False, "cache_teacher_features": False}
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=one_view)})
@@ -86,7 +85,15 @@ def train_demo_teacher(
     start = time.perf_counter()
     model.train()
     batches = iter(stream)
-    for _ in tqdm(range(steps), desc="teacher", unit="step", disable=not show_progress):
+    out = console.current()  # a bar only on a terminal: a Slurm .out file gets the start and end lines
+    bar = tqdm(
+        range(steps),
+        desc="teacher",
+        unit="step",
+        file=out.stream,
+        disable=not show_progress or out.mode != "tty",
+    )
+    for _ in bar:
         batch = next(batches)
         with autocast(device, amp):
             loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=0.1)
@@ -105,8 +112,7 @@ def train_demo_teacher(
                 correct += int((model(batch.images).argmax(1) == batch.labels).sum())
         accuracy = 100.0 * correct / val.num_samples
     save_safetensors_atomic(path, model.state_dict())
-    print(
-        f"demo: teacher val top-1 {accuracy:.1f}% after {time.perf_counter() - start:.0f} s, saved to {path}",
-        flush=True,
+    console.info(
+        f"demo: teacher val top-1 {accuracy:.1f}% after {time.perf_counter() - start:.0f} s, saved to {path}"
     )
     return accuracy

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from dali_kd import distributed
+from dali_kd import console, distributed
 from dali_kd.errors import TrainingStopped
 
 
@@ -29,7 +28,9 @@ class NonFiniteGuard:
             if not distributed.any_rank(not bool(finite), self.device):
                 return False
             self.skipped_steps += 1
-            tqdm.write(f"warning: non-finite loss at step {step}: step skipped ({self.skipped_steps} so far)")
+            console.warning(
+                f"warning: non-finite loss at step {step}: step skipped ({self.skipped_steps} so far)"
+            )
             if self.skipped_steps > self.max_skipped:
                 raise TrainingStopped(
                     f"loss was non-finite in {self.skipped_steps} steps (train.max_skipped_steps="

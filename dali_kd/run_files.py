@@ -92,18 +92,3 @@ def run_summary(
         "world_size": world_size,
         "quarantined_files": len(parts.scan_quarantine) + len(state.runtime_quarantine),
     }
-
-
-def progress_postfix(row: dict[str, Any]) -> str:
-    """loss, data/step ms, img/s, GPU utilisation and the interval's verdict, for the progress bar."""
-    parts = [f"loss={row['loss']:.4f}"]
-    if row.get("data_ms") is not None:
-        parts.append(f"data/step={row['data_ms']:.0f}/{row['step_ms']:.0f}ms")
-    else:
-        parts.append(f"step={row['step_ms']:.0f}ms")
-    parts.append(f"{row['img_per_s']:.0f}img/s")
-    if row.get("gpu_util_pct") is not None:
-        parts.append(f"gpu={row['gpu_util_pct']:.0f}%")
-    if row.get("verdict"):
-        parts.append(row["verdict"])
-    return " ".join(parts)

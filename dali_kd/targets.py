@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
 
-from dali_kd import distributed
+from dali_kd import console, distributed
 from dali_kd.config import Config
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
@@ -217,7 +216,7 @@ class CachedTeacher:
                     "targets do not match what the teacher gives on these views"
                     + (" (expected with train.cache_mode=fixed)" if self.mode == "fixed" else "")
                 )
-                tqdm.write(message)
+                console.warning(message)
                 warnings.warn(message, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dali_kd import console
 from dali_kd.data.batch import ViewRecord
 from dali_kd.errors import UserError
 from dali_kd.io import os_reason, write_text_atomic
@@ -137,10 +138,9 @@ class TeacherCache:
                 f"train.teacher_feature_dir: cannot create {self.dir}: {os_reason(e) or e}"
             ) from None
         free = shutil.disk_usage(self.dir).free
-        print(
+        console.info(
             f"teacher cache: {needed / 2**30:.2f} GiB for {self.num_samples} images × {self.num_views} views in "
-            f"{self.dir} ({free / 2**30:.1f} GiB free)",
-            flush=True,
+            f"{self.dir} ({free / 2**30:.1f} GiB free)"
         )
         if needed > free:
             raise UserError(

@@ -18,6 +18,7 @@ from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, Config, load_config
 from dali_kd.errors import TrainingStopped, UserError
 
 if TYPE_CHECKING:
+    from dali_kd.console import Console
     from dali_kd.distributed import DistInfo
 
 EXIT_STOPPED = 1
@@ -49,7 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-config-change", action="store_true", help="resume even if the config or the teacher changed"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: a plain line per train.log_every_n_steps and per message (the default when stdout "
+        "is not a terminal: Slurm, nohup, | tee)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only warnings, errors and the final summary (train.log has all)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="any dotted config key, e.g. train.batch_size=64"
     )
@@ -165,14 +176,30 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
     from dali_kd import distributed
+    from dali_kd.console import Console, RunLog, choose_mode
     from dali_kd.models import check_model_name
-    from dali_kd.runtime import resolve_device
-    from dali_kd.trainer import Trainer
 
     check_model_name(cfg.model.teacher.name, "teacher")
     check_model_name(cfg.model.student.name, "student")
     check_writable(Path(cfg.train.output_dir).expanduser())
     info = distributed.detect()
+    # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
+    mode = choose_mode(args.quiet, args.no_progress) if info.is_main else "quiet"
+    with Console(mode, log=RunLog() if info.is_main else None) as out:
+        try:
+            return _train(args, cfg, info, out, callbacks)
+        except BaseException as e:
+            out.record(ending_line(e))  # main() prints it to stderr; train.log keeps why the run ended
+            raise
+
+
+def _train(
+    args: argparse.Namespace, cfg: Config, info: DistInfo, out: Console, callbacks: list | None
+) -> dict:
+    from dali_kd import distributed
+    from dali_kd.runtime import resolve_device
+    from dali_kd.trainer import Trainer
+
     device = resolve_device(cfg.train.device, info.local_rank)
     distributed.init(info, device.type)
     try:
@@ -182,12 +209,12 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         from dali_kd.demo import demo_parts, prepare_demo
 
         if any(parts := demo_parts(cfg)):
-            _on_main(info, lambda: prepare_demo(cfg, device, not args.no_progress, *parts))
+            _on_main(info, lambda: prepare_demo(cfg, device, out.mode == "tty", *parts))
         # Everything that can be wrong with the data, models or checkpoint fails here, before the run dir exists.
         trainer = Trainer(
             cfg,
             device,
-            show_progress=not args.no_progress,
+            show_progress=True,  # a bar or plain lines, as the console's mode says
             dist_info=info,
             resume_from=resume_from,
             allow_config_change=args.allow_config_change,
@@ -195,7 +222,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         )
         if info.is_main:
             make_run_dir(run_dir)
-            print(f"run directory: {run_dir}", flush=True)
+            out.keep_log_in(run_dir)
+            out.info(f"run directory: {run_dir}")
             what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
             d = cfg.data
             crops = (
@@ -203,11 +231,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
                 if cfg.train.use_local_crops
                 else ""
             )
-            print(
+            out.info(
                 f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
                 f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}, {cfg.train.epochs} epochs × "
-                f"{trainer.steps_per_epoch} steps; {what}",
-                flush=True,
+                f"{trainer.steps_per_epoch} steps; {what}"
             )
         distributed.barrier()
         summary = trainer.fit(run_dir)
@@ -216,21 +243,34 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     if info.is_main:
         knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
         if knn is not None:
-            print(
+            out.summary(
                 f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
             )
         if summary["student_head_top1"] is not None:
             teacher_head = summary["teacher_head_top1"]
             against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
-            print(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
+            out.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
         if summary["student_ema_knn_top1"] is not None:
             ema_head = summary["student_ema_head_top1"]
-            print(
+            out.summary(
                 f"student EMA k-NN top-1 {summary['student_ema_knn_top1']:.1f}%"
                 + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
             )
-        print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}", flush=True)
+        out.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
     return summary
+
+
+def ending_line(e: BaseException) -> str:
+    """The line that says why a run ended early: main() prints it to stderr, train.log records it."""
+    from dali_kd.preemption import Preempted
+
+    if isinstance(e, UserError | TrainingStopped):
+        return f"error: {e}"
+    if isinstance(e, Preempted):
+        return f"preempted: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return f"error: {type(e).__name__}: {e} (a bug; the traceback is on stderr)"
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
@@ -241,18 +281,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     try:
         run(argv, callbacks)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(ending_line(e), file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(ending_line(e), file=sys.stderr)
         return EXIT_STOPPED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(ending_line(e), file=sys.stderr)
         return 130
     except Preempted as e:
         rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
         if rank0:
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            print(ending_line(e), file=sys.stderr, flush=True)
             requeue()
         return EXIT_PREEMPTED
     finally:

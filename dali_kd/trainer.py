@@ -12,32 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from dali_kd import distributed
+from dali_kd import console, distributed
 from dali_kd.build import build_run
 from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
 from dali_kd.config import Config
+from dali_kd.console import eval_line
 from dali_kd.data.batch import Batch
 from dali_kd.data.prepare import write_quarantine
 from dali_kd.distributed import DistInfo
 from dali_kd.evaluation import EvalResult, evaluate_student, evaluate_teacher
 from dali_kd.optim import warmup_cosine
 from dali_kd.preemption import Preempted, StopSignal
-from dali_kd.run_files import progress_postfix, run_summary, start_run_dir, write_final
+from dali_kd.run_files import run_summary, start_run_dir, write_final
 from dali_kd.runtime import resolve_device
 from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
 __all__ = ["Trainer", "resolve_device", "warmup_cosine"]
-
-
-def eval_line(result: EvalResult) -> str:
-    """k-NN top-1 42.0%, head top-1 51.3%"""
-    head = "" if result.head_top1 is None else f", head top-1 {result.head_top1:.1f}%"
-    return f"k-NN top-1 {result.knn_top1:.1f}%{head}"
 
 
 class Trainer:
@@ -56,6 +50,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.dist = dist_info or DistInfo()
+        # A bar or a line per log interval, as the open console's mode says (dali_kd.console); rank 0 only.
         self.show_progress = show_progress and self.dist.is_main
         self.callbacks = list(callbacks or [])
         self.parts = build_run(cfg, device, self.dist, resume_from, allow_config_change)
@@ -74,7 +69,8 @@ class Trainer:
         self.checkpointer: Checkpointer | None = None
         self.run_dir: Path | None = None
         self.interval = IntervalLosses(self.dist.world_size)
-        self.bar = tqdm(disable=True)
+        # Made by fit(): a bar on a terminal, else a line per log interval (show_progress=False: train.log only).
+        self.progress = console.current().progress(self.total_steps, 0, cfg.train.epochs, show=False)
         self._clock_was_running = False  # set while a checkpoint is written
 
     @property
@@ -134,12 +130,8 @@ class Trainer:
         )
         self.timer = self.monitor.timer
         stop = StopSignal()
-        self.bar = tqdm(
-            total=self.total_steps,
-            initial=state.step,
-            desc="distill",
-            unit="step",
-            disable=not self.show_progress,
+        self.progress = console.current().progress(
+            self.total_steps, state.step, cfg.train.epochs, show=self.show_progress
         )
         try:
             if state.teacher_knn_top1 is None:
@@ -147,7 +139,7 @@ class Trainer:
                 if teacher is not None:
                     state.teacher_knn_top1, state.teacher_head_top1 = teacher.knn_top1, teacher.head_top1
                     if self.dist.is_main:
-                        tqdm.write(f"teacher: {eval_line(teacher)}")
+                        console.info(eval_line(None, teacher.as_dict("teacher")))
             stream = iter(self.stream)
             self.student.train()
             self.monitor.restart_interval()
@@ -158,7 +150,7 @@ class Trainer:
                 self._end_epoch()
         finally:
             stop.restore()
-            self.bar.close()
+            self.progress.close()
             self.monitor.close()
             self.stream.close()
         return self._finish(run_dir)
@@ -178,7 +170,7 @@ class Trainer:
             self.timer.end_step()
             state.step_in_epoch += 1
             self.interval.add(losses, len(batch), counted=self.guard.counts(losses["loss"]))
-            self.bar.update(1)
+            self.progress.advance()
             if state.step % cfg.log_every_n_steps == 0 or state.step == self.total_steps:
                 self.log_interval()
             if state.step % agree_every == 0 and distributed.any_rank(stop.received is not None, self.device):
@@ -190,7 +182,7 @@ class Trainer:
         cfg, state = self.cfg.train, self.state
         verdict = self.monitor.end_epoch()
         if verdict is not None and self.dist.is_main:
-            tqdm.write(f"epoch {state.epoch + 1}: {verdict.line(advice=False)}")
+            console.info(f"epoch {state.epoch + 1}: {verdict.line(advice=False)}")
         if state.epoch == cfg.epochs - 1 or (state.epoch + 1) % cfg.eval_every_n_epochs == 0:
             for callback in self.callbacks:
                 callback.on_evaluate(self)
@@ -199,19 +191,10 @@ class Trainer:
                 for name, result in results.items():
                     for key, value in result.as_dict(name).items():
                         setattr(state, key, value)
-                state.knn_history.append(
-                    {
-                        "epoch": state.epoch + 1,
-                        "step": state.step,
-                        **{k: v for name, r in results.items() for k, v in r.as_dict(name).items()},
-                    }
-                )
+                said = {k: v for name, r in results.items() for k, v in r.as_dict(name).items()}
+                state.knn_history.append({"epoch": state.epoch + 1, "step": state.step, **said})
                 if self.dist.is_main:
-                    line = "; ".join(
-                        f"{name.replace('_', ' ').replace('ema', 'EMA')} {eval_line(r)}"
-                        for name, r in results.items()
-                    )
-                    tqdm.write(f"epoch {state.epoch + 1}: {line}")
+                    console.info(eval_line(state.epoch + 1, said))
             self.monitor.restart_interval()
         state.epoch += 1
         state.step_in_epoch = 0
@@ -236,7 +219,7 @@ class Trainer:
         row = self.monitor.log(state.step, state.epoch, means, self.interval.steps, images, lr)
         self.interval.reset()
         state.final_loss = row["loss"]
-        self.bar.set_postfix_str(progress_postfix(row), refresh=False)
+        self.progress.report(row)
         for callback in self.callbacks:
             callback.on_log(self, row)
 
@@ -264,7 +247,7 @@ class Trainer:
         self.state.runtime_quarantine.extend(new)
         if new and self.dist.is_main:
             write_quarantine(self.run_dir / "quarantine.jsonl", new)
-            tqdm.write(f"data: {len(new)} more file(s) set aside during training (see quarantine.jsonl)")
+            console.info(f"data: {len(new)} more file(s) set aside during training (see quarantine.jsonl)")
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
         self._gather_runtime_quarantine()
@@ -286,6 +269,6 @@ class Trainer:
         if self.dist.is_main:
             write_final(run_dir, self.student, summary, self.ema.backbone if self.ema is not None else None)
             if summary["verdict"]:
-                tqdm.write(f"run: {self.monitor.summary_line(summary)}")
+                console.info(f"run: {self.monitor.summary_line(summary)}")
         distributed.barrier()
         return summary

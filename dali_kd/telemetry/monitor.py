@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from dali_kd import console
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.process import ProcessSampler, peak_resident_mb
 from dali_kd.telemetry.sinks import MetricsSink
@@ -62,7 +62,7 @@ class RunMonitor:
         self.gpu = GpuSampler(gpu_indices, nvml=nvml) if enabled else None
         self.gpu_index = gpu_indices[0] if gpu_indices else None
         if self.gpu is not None and not self.gpu.available and announce:
-            tqdm.write(f"info: GPU telemetry off: {self.gpu.unavailable_reason}; gpu_* fields will be null")
+            console.info(f"info: GPU telemetry off: {self.gpu.unavailable_reason}; gpu_* fields will be null")
         self.process = ProcessSampler() if enabled else None
         self.sink = MetricsSink(run_dir, tensorboard=tensorboard) if write else None
         self.epoch_totals = _StageTotals()
