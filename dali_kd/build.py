@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.scheduler.scheduler import Scheduler
 
 from dali_kd import checkpoint as ckpt
 from dali_kd import console, distributed
@@ -28,7 +29,7 @@ from dali_kd.evaluation import Evaluator
 from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models
 from dali_kd.nonfinite import NonFiniteGuard
-from dali_kd.optim import build_optimizer, build_scheduler
+from dali_kd.optim import build_optimizer, build_scheduler, peak_lr
 from dali_kd.run_state import RunState
 from dali_kd.runtime import autocast_dtype, seed_everything
 from dali_kd.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
@@ -48,7 +49,7 @@ class RunParts:
     student: Student
     task: DistillTask
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: Scheduler
     steps_per_epoch: int
     state: RunState
     guard: NonFiniteGuard
@@ -99,7 +100,14 @@ def build_run(
         teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
     )  # fmt: skip
     task = DistillTask(models.student, train.loss, device, amp_dtype, dist, train.compile_student)
-    optimizer = build_optimizer(models.student, train.optimizer)
+    lr = peak_lr(train.optimizer, train.batch_size * dist.world_size)
+    if lr != train.optimizer.lr and dist.is_main:
+        print(
+            f"lr {lr:.4g}: train.optimizer.lr {train.optimizer.lr:.4g} scaled ({train.optimizer.lr_scale_rule}) "
+            f"from a batch of {train.optimizer.lr_scale_batch} to {train.batch_size * dist.world_size}",
+            flush=True,
+        )
+    optimizer = build_optimizer(models.student, train.optimizer, lr)
     # Every rank takes the same number of steps: the smallest shard decides.
     steps_per_epoch = min(train.max_steps_per_epoch, max(1, shard_samples // train.batch_size))
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)

@@ -1,36 +1,98 @@
-"""The student's optimiser and learning-rate schedule: AdamW (no decay on biases and norms), warm-up then cosine."""
+"""The student's optimiser and learning-rate schedule, both from timm: parameter groups, optimiser, warm-up + cosine.
+
+Parameter groups follow timm's rules: no weight decay on biases, norms and what the backbone's `no_weight_decay()`
+names (a ViT's pos_embed and cls_token); with `layer_decay`, timm's layer-wise lr scales from its `group_matcher()`.
+The projectors sit on top of the backbone, like its head: same decay rules, full lr.
+"""
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
+from timm.optim import (
+    create_optimizer_v2,
+    list_optimizers,
+    param_groups_layer_decay,
+    param_groups_weight_decay,
+)
+from timm.scheduler import CosineLRScheduler
+from torch import nn
 
 from dali_kd.config import OptimizerConfig
+from dali_kd.errors import UserError
+
+LOOKAHEAD = "lookahead_"  # timm's prefix that wraps any optimiser in Lookahead
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up from lr/warmup to lr, then cosine decay to min_lr at total_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+def peak_lr(opt: OptimizerConfig, global_batch: int) -> float:
+    """opt.lr, or, with lr_scale_batch, opt.lr scaled from that batch to this run's global batch (images per
+    update over all processes): linearly (DINO's lr × batch/256) or by the square root (timm's train.py)."""
+    if opt.lr_scale_batch is None:
+        return opt.lr
+    ratio = global_batch / opt.lr_scale_batch
+    return opt.lr * (ratio if opt.lr_scale_rule == "linear" else math.sqrt(ratio))
 
 
-def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr,
-        betas=opt.betas,
-    )
+def check_optimizer_name(name: str) -> None:
+    known = list_optimizers()
+    if name.lower().removeprefix(LOOKAHEAD) not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"train.optimizer.name: unknown timm optimizer '{name}'{hint}")
+
+
+def param_groups(student: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """The student's parameter groups: its backbone's by timm's rules, then the projectors' (full lr)."""
+    backbone = student.backbone
+    # Names the timm model itself exempts from decay (pos_embed, cls_token, ...): decaying them toward 0 hurts.
+    no_decay = set(getattr(backbone, "no_weight_decay", set)())
+    if layer_decay is None:
+        groups = param_groups_weight_decay(backbone, weight_decay, no_weight_decay_list=no_decay)
+    else:
+        if not hasattr(backbone, "group_matcher"):
+            raise UserError(
+                f"train.optimizer.layer_decay: the student {type(backbone).__name__} has no group_matcher() that "
+                "says which layer each parameter is in; set layer_decay: null"
+            )
+        groups = param_groups_layer_decay(
+            backbone, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay
+        )
+    heads = nn.ModuleDict({name: m for name, m in student.named_children() if m is not backbone})
+    groups += param_groups_weight_decay(heads, weight_decay)
+    grouped = sum(len(g["params"]) for g in groups)
+    assert grouped == sum(p.requires_grad for p in student.parameters()), "a student parameter is in no group"
+    return groups
+
+
+def build_optimizer(student: nn.Module, opt: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimiser `opt.name` over the student's parameter groups, at peak learning rate lr."""
+    check_optimizer_name(opt.name)
+    groups = param_groups(student, opt.weight_decay, opt.layer_decay)
+    # betas go to the optimisers that have them (timm drops them for the others, e.g. sgd).
+    return create_optimizer_v2(groups, opt.name, lr=lr, weight_decay=opt.weight_decay, betas=opt.betas)
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, opt: OptimizerConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
+) -> CosineLRScheduler:
+    """timm's cosine schedule, per update: call `step_update(n)` before update n (1-based); its lr is a function of
+    n alone, so a resumed run sets the same lr. The peak is the optimiser's lr (peak_lr), reached at update
+    warmup_steps (linear from 0: update n < warmup_steps gets lr·n/warmup_steps), then cosine to min_lr, which
+    the last update (total_steps) gets; layer-decay groups get their `lr_scale` share of it.
+    """
+    return CosineLRScheduler(
         optimizer,
-        lambda step: warmup_cosine(step, total_steps, opt.warmup_steps, opt.lr, opt.min_lr) / opt.lr,
+        t_initial=max(1, total_steps - opt.warmup_steps),
+        lr_min=opt.min_lr,
+        warmup_t=opt.warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,  # the cosine starts after the warm-up, as the run's total minus warm-up
+        t_in_epochs=False,
     )
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr now: the largest group's (layer decay scales the lower layers down, never up)."""
+    return max(group["lr"] for group in optimizer.param_groups)

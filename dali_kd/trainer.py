@@ -23,7 +23,7 @@ from dali_kd.data.batch import Batch
 from dali_kd.data.prepare import write_quarantine
 from dali_kd.distributed import DistInfo
 from dali_kd.evaluation import EvalResult, evaluate_student, evaluate_teacher
-from dali_kd.optim import warmup_cosine
+from dali_kd.optim import current_lr
 from dali_kd.preemption import Preempted, StopSignal
 from dali_kd.run_files import run_summary, start_run_dir, write_final
 from dali_kd.runtime import resolve_device
@@ -31,7 +31,7 @@ from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
-__all__ = ["Trainer", "resolve_device", "warmup_cosine"]
+__all__ = ["Trainer", "resolve_device"]
 
 
 class Trainer:
@@ -88,6 +88,8 @@ class Trainer:
         losses = self.task(batch, targets)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        # The lr of update n is a function of n alone (timm's step_update): a resumed run sets the same lr.
+        self.scheduler.step_update(self.state.step + 1)
         last = self.checkpointer.last if self.checkpointer else self.resumed_from
         if self.guard.should_skip(losses["loss"], self.state.step + 1, last):
             self.optimizer.zero_grad(set_to_none=True)
@@ -97,7 +99,6 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.student, self.state.step + 1)
-        self.scheduler.step()
         self.timer.mark()  # student
         self.state.step += 1
         return {k: v.detach() for k, v in losses.items()}
@@ -215,7 +216,7 @@ class Trainer:
         self.guard.check(state.step, self.checkpointer.last)
         means = {**self.interval.means(), **self.targets.interval_metrics()}
         images = self.interval.images * self.dist.world_size
-        lr = self.scheduler.get_last_lr()[0]
+        lr = current_lr(self.optimizer)  # the last update's
         row = self.monitor.log(state.step, state.epoch, means, self.interval.steps, images, lr)
         self.interval.reset()
         state.final_loss = row["loss"]

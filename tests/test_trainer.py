@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dali_kd.models import FrozenTeacher, build_model, strip_wrapper_prefixes
-from dali_kd.trainer import Trainer, warmup_cosine
+from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -113,13 +113,6 @@ def test_torch_checkpoint_loads_with_weights_only(tiny_config, tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in teacher.state_dict().items()}}, path)
     loaded = Trainer(tiny_config(f"model.teacher.checkpoint={path}"), CPU, show_progress=False).teacher.model
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in loaded.state_dict().items())
-
-
-def test_warmup_then_cosine():
-    lrs = [warmup_cosine(s, 100, 10, 1.0, 0.0) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
-    assert lrs[-1] < 0.01
 
 
 def test_frozen_teacher_output_is_trainable_target(tiny_config):

@@ -198,14 +198,44 @@ class DataConfig(Section):
 
 
 class OptimizerConfig(Section):
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW), reached after warm-up")
-    min_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine schedule")
-    weight_decay: float = Field(
-        0.05, ge=0, description="AdamW weight decay (not applied to biases and norms)"
+    name: str = Field(
+        "adamw",
+        description="timm optimizer (timm.optim.list_optimizers(): adamw, lamb, lion, sgd, ...); a lookahead_ "
+        "prefix wraps it in Lookahead",
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    warmup_steps: int = Field(500, ge=0, description="Linear warm-up steps before the cosine decay")
+    lr: float = Field(
+        5e-4,
+        gt=0,
+        description="Peak learning rate, reached at the end of warm-up (for lr_scale_batch, if set)",
+    )
+    min_lr: float = Field(
+        1e-6, ge=0, description="Learning rate of the last step, where the cosine ends (never scaled)"
+    )
+    weight_decay: float = Field(
+        0.05,
+        ge=0,
+        description="Weight decay; not on biases, norms and what the student names in no_weight_decay() "
+        "(a ViT's pos_embed, cls_token)",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Betas of Adam-style optimizers")
+    warmup_steps: int = Field(
+        500, ge=0, description="Linear warm-up from 0 to lr over these steps, then the cosine decay"
+    )
     grad_clip: float | None = Field(3.0, gt=0, description="Clip the gradient norm to this; null disables")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise lr decay (timm/BEiT): each layer below the top gets this factor more; null: off",
+    )
+    lr_scale_batch: int | None = Field(
+        None,
+        ge=1,
+        description="lr is given for this global batch; the run scales it to batch_size × processes; null: as is",
+    )
+    lr_scale_rule: Literal["linear", "sqrt"] = Field(
+        "linear", description="How lr_scale_batch scales lr: linear (DINO) or square root of the batch ratio"
+    )
 
 
 class LossConfig(Section):
