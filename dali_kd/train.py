@@ -165,7 +165,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
     from dali_kd import distributed
-    from dali_kd.models import check_model_name
+    from dali_kd.models import check_model_name, fetch_pretrained
     from dali_kd.runtime import resolve_device
     from dali_kd.trainer import Trainer
 
@@ -178,6 +178,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     try:
         # Decided before the demo's first-use preparation, so a refused run directory costs nothing.
         run_dir, resume_from = _on_main(info, lambda: choose_run(cfg, args.resume))
+        # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set); every
+        # rank then loads them from the cache when it builds its models.
+        _on_main(info, lambda: fetch_pretrained(cfg.model))
         # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
         from dali_kd.demo import demo_parts, prepare_demo
 
