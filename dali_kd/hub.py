@@ -189,7 +189,12 @@ def _download(source: _HubFiles | _UrlFile, cache: Path, name: str, where: str) 
             ) from None
         return path
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     def get(filename: str) -> Path:
         return Path(hf_hub_download(files.repo_id, filename, revision=files.revision, cache_dir=cache))
@@ -201,8 +206,10 @@ def _download(source: _HubFiles | _UrlFile, cache: Path, name: str, where: str) 
         for filename in files.candidates:
             try:
                 return get(filename)
-            except EntryNotFoundError:
-                continue
+            except EntryNotFoundError as e:
+                if isinstance(e, LocalEntryNotFoundError):  # not cached and the hub unreachable: no network
+                    raise
+                continue  # the repository has no such file: try the next
     except GatedRepoError:
         raise UserError(
             f"{where}: '{name}' is a gated repository on the Hugging Face hub: accept its terms on "

@@ -166,10 +166,8 @@ def build_model(
     """spec's model: random init, its pretrained weights (`weights`, else looked up when spec.pretrained), or
     its checkpoint file, which wins over pretrained when both are given."""
     check_model_name(spec.name, role)
-    if spec.checkpoint:
-        weights = None
-    elif weights is None:
-        weights = pretrained_weights(spec, role)
+    if weights is None:
+        weights = pretrained_weights(spec, role)  # None when a checkpoint wins
     drop_path_rate = getattr(spec, "drop_path_rate", 0.0)
     model = create_model(spec.name, image_size, num_classes, drop_path_rate, any_size, weights)
     if spec.checkpoint:
@@ -179,6 +177,12 @@ def build_model(
 
 def pretrained_weights(spec: ModelSpec, role: str) -> PretrainedWeights | None:
     """The pretrained weights spec asks for (None: random init, or a checkpoint file that wins over them)."""
+    if spec.name.startswith(HF_HUB_PREFIX) and (not spec.pretrained or spec.checkpoint):
+        # timm would fetch the model's config.json from the hub to build it: never at run time.
+        raise UserError(
+            f"model.{role}.name: {spec.name} is built from the hub with its pretrained weights (pretrained: true, "
+            "no checkpoint); for a random init or a checkpoint give the timm name instead"
+        )
     return (
         find_pretrained(spec.name, f"model.{role}.pretrained")
         if spec.pretrained and not spec.checkpoint

@@ -89,8 +89,11 @@ def test_a_checkpoint_file_wins_over_pretrained(hub_cache, tmp_path):
     # Nothing is looked up in the cache for it: an uncached name with a checkpoint builds offline.
     resnet = timm.create_model("test_resnet", num_classes=1000)
     save_file(resnet.state_dict(), str(path))
-    spec = ModelSpec(name=UNCACHED, pretrained=True, checkpoint=str(path))
-    assert same_weights(build_model(spec, "teacher", 32, 1000), resnet.state_dict())
+    teacher = ModelSpec(name=UNCACHED, pretrained=True, checkpoint=str(path))
+    models = build_distill_models(
+        ModelConfig(teacher=teacher, student={"name": "test_vit"}), 32, 0.0, False, CPU, None
+    )
+    assert same_weights(models.teacher.model, resnet.state_dict())
 
 
 def test_an_uncached_name_offline_is_one_line_naming_model_cache_and_fetch_command(hub_cache, tmp_path):
@@ -177,6 +180,18 @@ def test_model_names_with_tags_and_hub_names_are_checked():
         check_model_name("vit_bse_patch16_224.dino", "student")
     with pytest.raises(UserError, match="expected hf-hub:OWNER/REPO"):
         check_model_name("hf-hub:vit_base_patch16_224", "teacher")
+
+
+def test_a_hub_name_is_only_built_from_the_cache_with_its_weights(hub_cache, tmp_path):
+    # Without pretrained: true, timm would read the model's config.json from the hub: refused, not a download.
+    for spec in (
+        ModelSpec(name=f"hf-hub:timm/{TAGGED}"),
+        ModelSpec(name=f"hf-hub:timm/{TAGGED}", pretrained=True, checkpoint=str(tmp_path / "x.safetensors")),
+    ):
+        with pytest.raises(
+            UserError, match=r"model.student.name: hf-hub:timm/test_vit.r160_in1k is built from"
+        ):
+            build_model(spec, "student", 32, 1000)
 
 
 def test_fetch_says_where_a_cached_model_is_and_names_what_is_missing(hub_cache, tmp_path, capsys):
