@@ -1,4 +1,5 @@
-"""Teacher and student models: built by timm name, loaded from local weights, the teacher frozen for good."""
+"""Teacher and student models: built by timm name, with pretrained weights from the local caches or a checkpoint
+file, the teacher frozen for good."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec
 from dali_kd.errors import UserError
+from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
 from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
 from dali_kd.runtime import autocast
 from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
@@ -32,31 +34,72 @@ class ModelOutput:
     patch_tokens: torch.Tensor | None
 
 
-def check_model_name(name: str, role: str) -> None:
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+def check_model_name(name: str, role: str, key: str | None = None) -> None:
+    """A timm name, with or without a pretrained tag (`vit_base_patch16_224.augreg2_in21k_ft_in1k`), or an
+    `hf-hub:OWNER/REPO` name (its architecture is only known from its config.json, so it is checked when built).
+    key: where the name was written, for messages (default model.<role>.name)."""
+    key = key or f"model.{role}.name"
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX) :].partition("@")[0]
+        if len(repo.split("/")) != 2 or not all(repo.split("/")):
+            raise UserError(f"{key}: '{name}': expected hf-hub:OWNER/REPO, e.g. hf-hub:timm/resnet50.a1_in1k")
+        return
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"model.{role}.name: unknown timm model '{name}'{hint}")
+        raise UserError(f"{key}: unknown timm model '{name}'{hint}")
+    if tag:
+        tagged = timm.list_pretrained(f"{arch}.*")
+        if name not in tagged:
+            close = difflib.get_close_matches(name, tagged, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" ({arch} has {len(tagged)} tags)"
+            raise UserError(f"{key}: timm has no pretrained tag '{tag}' for {arch}{hint}")
 
 
 def create_model(
-    name: str, image_size: int, num_classes: int, drop_path_rate: float = 0.0, any_size: bool = False
+    name: str,
+    image_size: int,
+    num_classes: int,
+    drop_path_rate: float = 0.0,
+    any_size: bool = False,
+    weights: PretrainedWeights | None = None,
 ) -> nn.Module:
     """A timm model sized for image_size (ViT-style models take it as img_size; CNNs need nothing).
 
     any_size: also accept other input sizes (multi-crop's local crops); ViTs then interpolate their position
     embedding (timm's dynamic_img_size), CNNs already do.
+    weights: pretrained weights already on this machine (dali_kd.hub.find_pretrained); timm loads them, resampling
+    a ViT's position embedding to image_size and leaving a fresh head when num_classes differs from theirs.
     """
-    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    kwargs: dict = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    if weights is not None:
+        kwargs["pretrained"] = True
+        if weights.file is not None:  # timm reads this file instead of going to the hub
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights.file)}
+    timm_name = name if weights is None else weights.timm_name
     sizes = [{"img_size": image_size}, {}]  # models without an img_size argument take any size already
     if any_size:
         sizes.insert(0, {"img_size": image_size, "dynamic_img_size": True})
     for size in sizes[:-1]:
         try:
-            return timm.create_model(name, pretrained=False, num_classes=num_classes, **size, **kwargs)
+            return _create(timm_name, num_classes, weights, **size, **kwargs)
         except TypeError:
             continue
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **sizes[-1], **kwargs)
+    return _create(timm_name, num_classes, weights, **sizes[-1], **kwargs)
+
+
+def _create(timm_name: str, num_classes: int, weights: PretrainedWeights | None, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(timm_name, num_classes=num_classes, **kwargs)
+    except (RuntimeError, OSError) as e:
+        if weights is None:
+            raise
+        # A cached file that is truncated or belongs to another model: name it, so it can be deleted and fetched again.
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise UserError(
+            f"pretrained weights of '{weights.name}' in {weights.location} cannot be loaded: {detail[:300]}"
+        ) from None
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,13 +158,66 @@ def load_weights(model: nn.Module, path: Path, role: str) -> None:
 
 
 def build_model(
-    spec: ModelSpec, role: str, image_size: int, num_classes: int, any_size: bool = False
+    spec: ModelSpec,
+    role: str,
+    image_size: int,
+    num_classes: int,
+    any_size: bool = False,
+    weights: PretrainedWeights | None = None,
 ) -> nn.Module:
+    """spec's model: random init, its pretrained weights (`weights`, else looked up when spec.pretrained), or
+    its checkpoint file, which wins over pretrained when both are given."""
     check_model_name(spec.name, role)
-    model = create_model(spec.name, image_size, num_classes, getattr(spec, "drop_path_rate", 0.0), any_size)
+    if weights is None:
+        weights = pretrained_weights(spec, role)  # None when a checkpoint wins
+    drop_path_rate = getattr(spec, "drop_path_rate", 0.0)
+    model = create_model(spec.name, image_size, num_classes, drop_path_rate, any_size, weights)
     if spec.checkpoint:
         load_weights(model, Path(spec.checkpoint).expanduser(), role)
     return model
+
+
+def pretrained_weights(spec: ModelSpec, role: str) -> PretrainedWeights | None:
+    """The pretrained weights spec asks for (None: random init, or a checkpoint file that wins over them)."""
+    if spec.name.startswith(HF_HUB_PREFIX) and (not spec.pretrained or spec.checkpoint):
+        # timm would fetch the model's config.json from the hub to build it: never at run time.
+        raise UserError(
+            f"model.{role}.name: {spec.name} is built from the hub with its pretrained weights (pretrained: true, "
+            "no checkpoint); for a random init or a checkpoint give the timm name instead"
+        )
+    return (
+        find_pretrained(spec.name, f"model.{role}.pretrained")
+        if spec.pretrained and not spec.checkpoint
+        else None
+    )
+
+
+def fetch_pretrained(cfg: ModelConfig) -> None:
+    """Make sure the pretrained weights the config asks for are in the local cache (see dali_kd.hub), so that
+    building the models later reads them from there; says when a checkpoint wins over pretrained: true."""
+    for role in ("teacher", "student"):
+        spec: ModelSpec = getattr(cfg, role)
+        if spec.pretrained and spec.checkpoint:
+            print(
+                f"model.{role}: the weights come from model.{role}.checkpoint (it wins over pretrained: true)"
+            )
+        pretrained_weights(spec, role)
+
+
+def head_sizes(cfg: ModelConfig, teacher: PretrainedWeights | None) -> tuple[int, int]:
+    """(teacher, student) classifier sizes. null: the pretrained head's count (a random-init or checkpoint
+    teacher: 1000); the student's null: the teacher's, so that the logit loss applies."""
+    default = teacher.num_classes if teacher is not None else 1000
+    teacher_classes = default if cfg.teacher.num_classes is None else cfg.teacher.num_classes
+    if teacher is not None and teacher_classes not in (0, teacher.num_classes):
+        # timm would give the frozen teacher a fresh, random head: its logits would teach noise.
+        raise UserError(
+            f"model.teacher.num_classes={teacher_classes}, but the pretrained {cfg.teacher.name} has "
+            f"{teacher.num_classes or 'no'} classifier outputs: a frozen teacher with a new random head teaches "
+            f"random logits; use null (its own head) or 0 (no head, feature loss only)"
+        )
+    student_classes = teacher_classes if cfg.student.num_classes is None else cfg.student.num_classes
+    return teacher_classes, student_classes
 
 
 def _patch_grid(model: nn.Module) -> tuple[int, ...] | None:
@@ -261,12 +357,17 @@ class DistillModels:
     student_input: InputSpec
 
 
-def model_input(spec: ModelSpec, model: nn.Module, size: int, pipeline: InputSpec) -> InputSpec:
-    """The model's input: its size; the mean/std the config names, else its pretrained weights' (when loaded
-    pretrained), else the pipeline's (data.augment's, what a model trained here learnt with)."""
+def model_input(
+    spec: ModelSpec, model: nn.Module, size: int, pipeline: InputSpec, pretrained: bool | None = None
+) -> InputSpec:
+    """The model's input: its size; the mean/std the config names, else its pretrained weights' (when those are
+    what it loaded: `pretrained`, by default spec.pretrained without a checkpoint), else the pipeline's
+    (data.augment's, what a model trained here learnt with)."""
+    if pretrained is None:
+        pretrained = spec.pretrained and not spec.checkpoint
     mean, std = spec.mean, spec.std
     if mean is None or std is None:
-        pretrained = pretrained_normalisation(model) if getattr(spec, "pretrained", False) else None
+        pretrained = pretrained_normalisation(model) if pretrained else None
         fallback = pretrained or (pipeline.mean, pipeline.std)
         mean = fallback[0] if mean is None else mean
         std = fallback[1] if std is None else std
@@ -288,7 +389,7 @@ def build_distill_models(
     teacher_image_size: int | None = None,
     pipeline: InputSpec | None = None,
 ) -> DistillModels:
-    """Teacher and student by timm name; the student's head defaults to the teacher's class count.
+    """Teacher and student by timm name, pretrained or from a checkpoint file; heads sized by head_sizes.
 
     image_size / teacher_image_size: each model's input side (the teacher's defaults to the student's).
     pipeline: the views the data stream hands out (size and normalisation); each model gets them turned into its
@@ -298,12 +399,15 @@ def build_distill_models(
     teacher_size = teacher_image_size or image_size
     if pipeline is None:
         pipeline = InputSpec(max(image_size, teacher_size), IMAGENET_MEAN, IMAGENET_STD)
-    teacher_classes = 1000 if cfg.teacher.num_classes is None else cfg.teacher.num_classes
-    student_classes = teacher_classes if cfg.student.num_classes is None else cfg.student.num_classes
-    teacher = build_model(cfg.teacher, "teacher", teacher_size, teacher_classes)
-    backbone = build_model(cfg.student, "student", image_size, student_classes, any_size=any_size)
-    teacher_input = model_input(cfg.teacher, teacher, teacher_size, pipeline)
-    student_input = model_input(cfg.student, backbone, image_size, pipeline)
+    teacher_weights = pretrained_weights(cfg.teacher, "teacher")
+    student_weights = pretrained_weights(cfg.student, "student")
+    teacher_classes, student_classes = head_sizes(cfg, teacher_weights)
+    teacher = build_model(cfg.teacher, "teacher", teacher_size, teacher_classes, weights=teacher_weights)
+    backbone = build_model(
+        cfg.student, "student", image_size, student_classes, any_size=any_size, weights=student_weights
+    )
+    teacher_input = model_input(cfg.teacher, teacher, teacher_size, pipeline, teacher_weights is not None)
+    student_input = model_input(cfg.student, backbone, image_size, pipeline, student_weights is not None)
     teacher_id = {"name": cfg.teacher.name, "weights_hash": weights_hash(teacher)}
     use_patches = patch_weight > 0 and same_token_grid(teacher, backbone)
     student = Student(

@@ -197,6 +197,7 @@ def _train(
     args: argparse.Namespace, cfg: Config, info: DistInfo, out: Console, callbacks: list | None
 ) -> dict:
     from dali_kd import distributed
+    from dali_kd.models import fetch_pretrained
     from dali_kd.runtime import resolve_device
     from dali_kd.trainer import Trainer
 
@@ -205,6 +206,9 @@ def _train(
     try:
         # Decided before the demo's first-use preparation, so a refused run directory costs nothing.
         run_dir, resume_from = _on_main(info, lambda: choose_run(cfg, args.resume))
+        # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set); every
+        # rank then loads them from the cache when it builds its models.
+        _on_main(info, lambda: fetch_pretrained(cfg.model))
         # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
         from dali_kd.demo import demo_parts, prepare_demo
 

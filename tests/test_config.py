@@ -18,7 +18,9 @@ def test_shipped_configs_are_valid():
     real = load_config(*(CONFIG_DIR / f for f in SECTION_FILES.values()))
     assert real.train.max_steps_per_epoch == 500 and real.train.num_workers == 4
     assert not real.train.persistent_workers and not real.train.use_local_crops
-    assert real.model.teacher.name == "vit_base_patch16_224" and real.train.batch_size == 256
+    assert real.model.teacher.name == "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert real.model.teacher.pretrained
+    assert real.train.batch_size == 256
     demo = load_config()
     assert demo.data.backend == "dali" and demo.train.compile_student
 

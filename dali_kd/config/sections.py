@@ -368,7 +368,15 @@ class TrainConfig(Section):
 
 
 class ModelSpec(Section):
-    name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    name: str = Field(
+        description="timm model name, optionally with a pretrained tag (vit_base_patch16_224.augreg2_in21k_ft_in1k)"
+        " or hf-hub:OWNER/REPO"
+    )
+    pretrained: bool = Field(
+        False,
+        description="Load timm's pretrained weights for name from the Hugging Face hub cache (HF_HOME); "
+        "downloaded only when not cached and HF_HUB_OFFLINE is unset; a checkpoint wins when given",
+    )
     mean: RGB | None = Field(
         None,
         description="The model's input normalisation mean (RGB, 0-1 scale); null: its pretrained weights' "
@@ -386,10 +394,13 @@ class ModelSpec(Section):
         return v
 
     checkpoint: str | None = Field(
-        None, description="Local weights (.safetensors, or a torch file); null: random init"
+        None, description="Local weights (.safetensors, or a torch file); null: random init, or pretrained"
     )
     num_classes: int | None = Field(
-        None, ge=0, description="Classifier outputs; null: teacher 1000, student same as the teacher"
+        None,
+        ge=0,
+        description="Classifier outputs; null: the pretrained head's (else 1000) for the teacher, the "
+        "teacher's for the student",
     )
 
 

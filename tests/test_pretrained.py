@@ -1,0 +1,210 @@
+"""Teachers and students by pretrained timm name, from a Hugging Face hub cache built here (no network):
+the cached weights are the ones loaded, hf-hub: names too, a checkpoint wins, an uncached name is one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
+
+from dali_kd import fetch, train
+from dali_kd.checkpoint import weights_hash
+from dali_kd.config import ModelConfig, ModelSpec
+from dali_kd.errors import UserError
+from dali_kd.models import build_distill_models, build_model, check_model_name, head_sizes, pretrained_weights
+
+CPU = torch.device("cpu")
+TAGGED = (
+    "test_vit.r160_in1k"  # a real timm name whose weights timm takes from the hub (timm/test_vit.r160_in1k)
+)
+UNCACHED = "test_resnet.r160_in1k"  # the same, never put into the test cache
+
+
+def put_in_hub_cache(hub: Path, repo_id: str, model: torch.nn.Module, with_config: bool) -> Path:
+    """model's weights where huggingface_hub keeps repo_id's files: models--OWNER--NAME/snapshots/<commit>/,
+    with refs/main naming the commit (and config.json, which an hf-hub: name needs)."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "model.safetensors"))
+    if with_config:
+        save_config_for_hf(model, str(snapshot / "config.json"))
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline machine whose HF_HOME holds test_vit.r160_in1k (the weights of a seeded random model, so that
+    they differ from any fresh init); returns those weights."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(123)
+    model = timm.create_model("test_vit", num_classes=1000)
+    put_in_hub_cache(tmp_path / "hf" / "hub", f"timm/{TAGGED}", model, with_config=True)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(
+    model: torch.nn.Module, expected: dict[str, torch.Tensor], skip: tuple[str, ...] = ()
+) -> bool:
+    state = model.state_dict()
+    assert set(state) == set(expected)
+    return all(torch.equal(state[k], v) for k, v in expected.items() if k not in skip)
+
+
+@pytest.mark.parametrize("name", [TAGGED, f"hf-hub:timm/{TAGGED}"])
+def test_a_pretrained_model_by_name_has_exactly_the_cached_weights(hub_cache, name):
+    model = build_model(ModelSpec(name=name, pretrained=True), "teacher", 160, 1000)
+    assert same_weights(model, hub_cache)
+    random_init = build_model(ModelSpec(name=name.removeprefix("hf-hub:timm/")), "teacher", 160, 1000)
+    assert not same_weights(random_init, hub_cache), "pretrained: false stays a random init"
+
+
+def test_another_image_size_resamples_the_position_embedding_and_keeps_the_rest(hub_cache):
+    spec = ModelSpec(name=TAGGED, pretrained=True)
+    model = build_model(spec, "teacher", 32, 1000)  # the weights are for 160 px: 10x10 patches, here 2x2
+    assert model.pos_embed.shape == (1, 1 + 4, 64) and hub_cache["pos_embed"].shape == (1, 1 + 100, 64)
+    assert same_weights(model, hub_cache, skip=("pos_embed",))
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+    any_size = build_model(spec, "student", 32, 1000, any_size=True)  # multi-crop's local crops
+    assert same_weights(any_size, hub_cache, skip=("pos_embed",))
+    assert any_size(torch.zeros(1, 3, 16, 16)).shape == (1, 1000)
+
+
+def test_a_checkpoint_file_wins_over_pretrained(hub_cache, tmp_path):
+    other = timm.create_model("test_vit", num_classes=1000)
+    path = tmp_path / "mine.safetensors"
+    save_file(other.state_dict(), str(path))
+    model = build_model(ModelSpec(name=TAGGED, pretrained=True, checkpoint=str(path)), "teacher", 160, 1000)
+    assert same_weights(model, other.state_dict()) and not same_weights(model, hub_cache)
+    # Nothing is looked up in the cache for it: an uncached name with a checkpoint builds offline.
+    resnet = timm.create_model("test_resnet", num_classes=1000)
+    save_file(resnet.state_dict(), str(path))
+    teacher = ModelSpec(name=UNCACHED, pretrained=True, checkpoint=str(path))
+    models = build_distill_models(
+        ModelConfig(teacher=teacher, student={"name": "test_vit"}), 32, 0.0, False, CPU, None
+    )
+    assert same_weights(models.teacher.model, resnet.state_dict())
+
+
+def test_an_uncached_name_offline_is_one_line_naming_model_cache_and_fetch_command(hub_cache, tmp_path):
+    with pytest.raises(UserError) as raised:
+        build_model(ModelSpec(name=UNCACHED, pretrained=True), "teacher", 32, 1000)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("model.teacher.pretrained: ")
+    assert f"'{UNCACHED}'" in message
+    assert str(tmp_path / "hf" / "hub" / f"models--timm--{UNCACHED}") in message
+    assert message.endswith(f"HF_HOME={tmp_path / 'hf'} python -m dali_kd.fetch {UNCACHED}")
+
+
+def test_train_exits_2_before_any_run_directory_for_an_uncached_teacher(
+    hub_cache, image_tree, tmp_path, capsys
+):
+    code = train.main(
+        cli_args(image_tree, tmp_path, f"model.teacher.name={UNCACHED}", "model.teacher.pretrained=true")
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model.teacher.pretrained: ")
+    assert f"python -m dali_kd.fetch {UNCACHED}" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def cli_args(image_tree: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    return [
+        "--device", "cpu", "--no-progress", f"data.root={image_tree / 'train'}",
+        f"data.val_root={image_tree / 'val'}", "data.image_size=32", "data.eval_resize=36", "data.dali_threads=1",
+        "model.teacher.checkpoint=null", "model.teacher.num_classes=null", "model.student.name=test_vit",
+        "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.compile_student=false",
+        f"train.output_dir={tmp_path / 'runs'}", "train.run_name=pretrained", *overrides,
+    ]  # fmt: skip
+
+
+def test_a_short_distillation_from_a_cached_pretrained_teacher(hub_cache, image_tree, tmp_path, capsys):
+    args = cli_args(image_tree, tmp_path, f"model.teacher.name={TAGGED}", "model.teacher.pretrained=true")
+    assert train.main(args) == 0, capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "pretrained"
+    checkpoint = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1], weights_only=True)
+    assert checkpoint["step"] == 2
+    # The run's teacher is the cached one, at the run's 32 px (its position embedding resampled).
+    teacher = build_model(ModelSpec(name=TAGGED, pretrained=True), "teacher", 32, 1000)
+    assert same_weights(teacher, hub_cache, skip=("pos_embed",))
+    assert checkpoint["teacher"] == {"name": TAGGED, "weights_hash": weights_hash(teacher)}
+
+
+def test_head_sizes_follow_the_pretrained_head(hub_cache, tmp_path):
+    # A backbone without a classifier (as DINOv2's weights are): null gives the teacher no head, and the
+    # student the teacher's count, none: distillation is then on features only.
+    torch.manual_seed(0)
+    headless = timm.create_model("test_vit", num_classes=0)
+    put_in_hub_cache(tmp_path / "hf" / "hub", "me/test_vit_features", headless, with_config=True)
+    cfg = ModelConfig(
+        teacher=ModelSpec(name="hf-hub:me/test_vit_features", pretrained=True),
+        student={"name": "test_resnet"},
+    )
+    assert head_sizes(cfg, pretrained_weights(cfg.teacher, "teacher")) == (0, 0)
+    models = build_distill_models(cfg, 32, 0.0, False, CPU, None)
+    assert models.teacher.model.num_classes == 0 and models.student.backbone.num_classes == 0
+    assert same_weights(models.teacher.model, headless.state_dict(), skip=("pos_embed",))
+    out = models.teacher(torch.zeros(2, 3, 32, 32))
+    assert out.logits is None and out.pooled.shape == (2, 64)
+
+    with_head = ModelConfig(teacher=ModelSpec(name=TAGGED, pretrained=True), student={"name": "test_resnet"})
+    assert head_sizes(with_head, pretrained_weights(with_head.teacher, "teacher")) == (1000, 1000)
+    # A pretrained teacher with another class count would get a fresh random head: its logits teach noise.
+    four = with_head.model_copy(update={"teacher": ModelSpec(name=TAGGED, pretrained=True, num_classes=4)})
+    with pytest.raises(
+        UserError, match=r"model.teacher.num_classes=4, but the pretrained .* has 1000 .*random"
+    ):
+        head_sizes(four, pretrained_weights(four.teacher, "teacher"))
+    no_head = with_head.model_copy(update={"teacher": ModelSpec(name=TAGGED, pretrained=True, num_classes=0)})
+    assert head_sizes(no_head, pretrained_weights(no_head.teacher, "teacher")) == (0, 0)
+
+
+def test_model_names_with_tags_and_hub_names_are_checked():
+    check_model_name("vit_base_patch16_224.augreg2_in21k_ft_in1k", "teacher")
+    check_model_name("hf-hub:timm/vit_small_patch14_dinov2.lvd142m", "teacher")  # known only from its config
+    with pytest.raises(UserError, match=r"model.teacher.name: timm has no pretrained tag 'augreg2_in21k' .*"
+                       r"did you mean 'vit_base_patch16_224.augreg_in21k'"):  # fmt: skip
+        check_model_name("vit_base_patch16_224.augreg2_in21k", "teacher")
+    with pytest.raises(UserError, match=r"model.student.name: unknown timm model 'vit_bse_patch16_224.dino'"):
+        check_model_name("vit_bse_patch16_224.dino", "student")
+    with pytest.raises(UserError, match="expected hf-hub:OWNER/REPO"):
+        check_model_name("hf-hub:vit_base_patch16_224", "teacher")
+
+
+def test_a_hub_name_is_only_built_from_the_cache_with_its_weights(hub_cache, tmp_path):
+    # Without pretrained: true, timm would read the model's config.json from the hub: refused, not a download.
+    for spec in (
+        ModelSpec(name=f"hf-hub:timm/{TAGGED}"),
+        ModelSpec(name=f"hf-hub:timm/{TAGGED}", pretrained=True, checkpoint=str(tmp_path / "x.safetensors")),
+    ):
+        with pytest.raises(
+            UserError, match=r"model.student.name: hf-hub:timm/test_vit.r160_in1k is built from"
+        ):
+            build_model(spec, "student", 32, 1000)
+
+
+def test_fetch_says_where_a_cached_model_is_and_names_what_is_missing(hub_cache, tmp_path, capsys):
+    assert fetch.main([TAGGED]) == 0
+    out = capsys.readouterr().out
+    snapshot = next((tmp_path / "hf" / "hub" / f"models--timm--{TAGGED}" / "snapshots").iterdir())
+    assert f"{TAGGED}: already cached in {snapshot / 'model.safetensors'}" in out
+
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(
+        f"teacher: {{name: {UNCACHED}, pretrained: true}}\nstudent: {{name: test_vit, pretrained: false}}\n"
+    )
+    assert fetch.main(["--model_config", str(model_yaml)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {model_yaml}: model.teacher.pretrained: ")
+    assert err[0].endswith(f"python -m dali_kd.fetch {UNCACHED}")
