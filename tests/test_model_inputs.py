@@ -128,16 +128,14 @@ def test_a_pretrained_teacher_takes_its_weights_statistics_unless_the_config_nam
     teacher = build_model(cfg.model.teacher, "teacher", 32, 4)
     teacher.pretrained_cfg = {**teacher.pretrained_cfg, "mean": CLIP_MEAN, "std": CLIP_STD}
     pipeline = InputSpec(32, IMAGENET_MEAN, IMAGENET_STD)
-    spec = (
-        cfg.model.teacher.model_copy(update={"pretrained": True})
-        if "pretrained" in type(cfg.model.teacher).model_fields
-        else None
-    )
-    if spec is not None:
-        assert model_input(spec, teacher, 32, pipeline).mean == CLIP_MEAN
-        named = spec.model_copy(update={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
-        assert model_input(named, teacher, 32, pipeline).mean == (0.5, 0.5, 0.5)
-    # Weights trained here (a checkpoint, random init) learnt with the pipeline's statistics.
+    spec = cfg.model.teacher.model_copy(update={"pretrained": True})
+    assert model_input(spec, teacher, 32, pipeline).mean == CLIP_MEAN
+    named = spec.model_copy(update={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    assert model_input(named, teacher, 32, pipeline).mean == (0.5, 0.5, 0.5)
+    # Weights trained here (a checkpoint, which wins over pretrained; a random init) learnt with the pipeline's.
+    assert model_input(
+        spec.model_copy(update={"checkpoint": "t.safetensors"}), teacher, 32, pipeline
+    ).mean == (IMAGENET_MEAN)
     assert model_input(cfg.model.teacher, teacher, 32, pipeline).mean == IMAGENET_MEAN
 
 

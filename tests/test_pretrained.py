@@ -208,3 +208,49 @@ def test_fetch_says_where_a_cached_model_is_and_names_what_is_missing(hub_cache,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {model_yaml}: model.teacher.pretrained: ")
     assert err[0].endswith(f"python -m dali_kd.fetch {UNCACHED}")
+
+
+def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
+    tiny_config, tmp_path, monkeypatch
+):
+    """The issue's whole path: a teacher by hub name from the local cache, fed with its own mean/std (CLIP's,
+    not the pipeline's ImageNet statistics), distilled into a student with an EMA; head top-1, k-NN and the EMA's
+    results are reported for a teacher whose head has the data's classes."""
+    from dali_kd.data.dataset import ImageIndex
+    from dali_kd.data.loaders import make_eval_batches
+    from dali_kd.trainer import Trainer
+    from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
+
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    torch.manual_seed(7)
+    teacher = timm.create_model("test_vit", num_classes=4, img_size=32)
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "mean": clip_mean, "std": clip_std}
+    put_in_hub_cache(tmp_path / "hf" / "hub", "timm/kd_test_teacher", teacher, with_config=True)
+    cfg = tiny_config(
+        "model.teacher.name=hf-hub:timm/kd_test_teacher", "model.teacher.pretrained=true",
+        "model.teacher.num_classes=null", "data.backend=torchvision", "train.ema_decay=0.9",
+        "train.epochs=2", "train.max_steps_per_epoch=3",
+    )  # fmt: skip
+    trainer = Trainer(cfg, CPU, show_progress=False)
+    assert same_weights(trainer.teacher.model, teacher.state_dict())
+    summary = trainer.fit(tmp_path / "run")
+    assert summary["inputs"]["teacher"]["mean"] == pytest.approx(list(clip_mean))
+    assert summary["inputs"]["student"]["mean"] == pytest.approx(list(IMAGENET_MEAN))
+    for key in ("teacher_knn_top1", "teacher_head_top1", "student_knn_top1", "student_head_top1",
+                "student_ema_knn_top1", "student_ema_head_top1"):  # fmt: skip
+        assert 0 <= summary[key] <= 100, key
+    # The teacher's head top-1 is what its weights score on the val images normalised its own way.
+    val = ImageIndex.from_folder(cfg.data.val_root)
+    correct = total = 0
+    for batch in make_eval_batches(cfg, val, CPU, 8):
+        pixels = batch.images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(
+            IMAGENET_MEAN
+        ).view(1, 3, 1, 1)
+        own = (pixels - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            correct += int((teacher.eval()(own).argmax(-1) == batch.labels).sum())
+        total += len(batch)
+    assert summary["teacher_head_top1"] == pytest.approx(100.0 * correct / total)
