@@ -25,7 +25,9 @@ from dali_kd.errors import UserError
 from dali_kd.io import WriteFailed, atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.pt$")
-FORMAT_VERSION = 1
+# 2: timm's optimizer parameter groups and scheduler state, the student's EMA (issue 15). A format-1 checkpoint's
+# optimizer groups do not line up with format 2's, so it is refused by name rather than half loaded.
+FORMAT_VERSION = 2
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -156,7 +158,14 @@ def load(path: Path) -> dict[str, Any]:
         raise UserError(f"--resume: cannot read checkpoint {path}: {e.strerror}") from None
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is the user's to fix
         raise UserError(f"{not_ours} ({_why_unreadable(path, e)})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+    version = state.get("format") if isinstance(state, dict) else None
+    if isinstance(version, int) and 0 < version < FORMAT_VERSION:
+        raise UserError(
+            f"--resume: {path} was written by an earlier dali_kd (checkpoint format {version}, this one reads "
+            f"{FORMAT_VERSION}: the optimizer's parameter groups and the schedule changed); start a fresh run, "
+            "or finish this one with the dali_kd that wrote it"
+        )
+    if version != FORMAT_VERSION:
         raise UserError(f"{not_ours} (no dali_kd format {FORMAT_VERSION} header)")
     return state
 

@@ -174,3 +174,16 @@ def test_a_run_trains_at_the_scaled_lr_and_says_so(tiny_config, capsys):
         "lr 0.002: train.optimizer.lr 0.001 scaled (linear) from a batch of 4 to 8" in capsys.readouterr().out
     )
     assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.002] * 4)
+
+
+def test_a_checkpoint_from_before_timms_optimizer_is_refused_by_name(tmp_path):
+    """Format-1 checkpoints hold the old optimizer groups and LambdaLR state: one clear line, not a half load."""
+    from dali_kd.checkpoint import load
+    from dali_kd.errors import UserError
+
+    old = tmp_path / "step_000000004.pt"
+    torch.save({"format": 1, "step": 4, "optimizer": {}, "scheduler": {}}, old)
+    with pytest.raises(
+        UserError, match=r"written by an earlier dali_kd \(checkpoint format 1, this one reads 2"
+    ):
+        load(old)
