@@ -196,6 +196,22 @@ def test_a_killed_run_keeps_its_finished_shards_and_a_rerun_finishes_the_same_by
     assert shard_files(out) == shard_files(tmp_path / "fresh")
 
 
+def test_a_changed_source_file_rewrites_only_the_shard_that_holds_it(tmp_path):
+    src = write_tree(tmp_path / "src", num_classes=4, per_class=12)
+    out = tmp_path / "shards"
+    make_shards(src, out, SHARD_SIZE, show_progress=False)
+    changed = src / "class_2" / "3.jpg"
+    # Another image of the same size: the bytes change, the plan's file sizes do not.
+    data = bytearray(changed.read_bytes())
+    data[-100] ^= 0x01
+    changed.write_bytes(bytes(data))
+    rerun = make_shards(src, out, SHARD_SIZE, show_progress=False)
+    row = next(json.loads(line) for line in (out / fmt.SAMPLES_NAME).open() if '"class_2/3.jpg"' in line)
+    assert rerun.written == [fmt.shard_name(row[1])] and len(rerun.kept) > 3
+    make_shards(src, tmp_path / "fresh", SHARD_SIZE, show_progress=False)
+    assert shard_files(out) == shard_files(tmp_path / "fresh")
+
+
 def test_a_rerun_with_other_settings_is_refused_unless_overwrite(image_tree, tmp_path, capsys):
     src, out = image_tree / "train", tmp_path / "shards"
     assert main([str(src), str(out), "--shard-size", "40KB", "--no-progress"]) == 0

@@ -64,15 +64,8 @@ def padded(size: int) -> int:
 def member_header(name: str, size: int) -> bytes:
     """A ustar header with fixed metadata: nothing of the machine, the user or the time enters a shard."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-        size,
-        0,
-        FILE_MODE,
-        0,
-        0,
-        "",
-        "",
-    )
+    info.size, info.mode = size, FILE_MODE
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
 
 
