@@ -125,7 +125,8 @@ def test_samples_are_shuffled_across_shards_by_default_and_in_id_order_without(i
 def test_sharding_a_folder_twice_gives_byte_identical_shards(tmp_path):
     src = write_tree(tmp_path / "src", num_classes=4, per_class=12)
     make_shards(src, tmp_path / "a", SHARD_SIZE, show_progress=False)
-    (src / "class_0" / "0.jpg").touch()  # a new mtime: nothing of it may enter a shard's bytes
+    for path in src.rglob("*.jpg"):  # other file times: nothing of them may enter a shard's bytes
+        os.utime(path, (1_000_000_000, 1_000_000_000))
     make_shards(src, tmp_path / "b", SHARD_SIZE, show_progress=False)
     first, second = shard_files(tmp_path / "a"), shard_files(tmp_path / "b")
     assert len(first) > 5 and first.keys() == second.keys()
