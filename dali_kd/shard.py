@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO
@@ -82,7 +82,6 @@ class ShardPlan:
 
     number: int
     samples: list[Sample]
-    members: list[list[fmt.Member]] = field(default_factory=list)
     num_bytes: int = 0
     digest: str = ""
 
@@ -90,12 +89,18 @@ class ShardPlan:
     def name(self) -> str:
         return fmt.shard_name(self.number)
 
-    def lay_out(self, settings: dict[str, Any]) -> None:
-        pos = 0
+    @property
+    def members(self) -> list[list[fmt.Member]]:
+        """Each sample's members where they sit in the tar (computed when needed: tens of millions of samples)."""
+        out, pos = [], 0
         for s in self.samples:
             members, pos = fmt.sample_members(s.key, s.ext, s.size, s.label, pos)
-            self.members.append(members)
-        self.num_bytes = pos + len(fmt.END_OF_ARCHIVE)
+            out.append(members)
+        return out
+
+    def lay_out(self, settings: dict[str, Any]) -> None:
+        members = self.members
+        self.num_bytes = (members[-1][-1].offset + fmt.padded(members[-1][-1].size)) + len(fmt.END_OF_ARCHIVE)
         rows = [[s.id, s.path, s.label, s.size, s.mtime_ns] for s in self.samples]
         text = json.dumps(
             {"settings": settings, "samples": rows, "version": fmt.FORMAT_VERSION}, sort_keys=True
