@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dali_kd.cli import CommandLineParser
 from dali_kd.errors import UserError
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -28,13 +29,8 @@ TRACE_BATCH = 2
 EXIT_MISMATCH = 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other user error
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="python -m dali_kd.export",
         description="Write a run's student as ONNX, TorchScript or safetensors, with preprocess.json (resize, crop, "
         "mean, std, class names) beside it; the exported model is checked against torch on a random batch.",

@@ -11,16 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from dali_kd.cli import CommandLineParser
 from dali_kd.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other user error
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="python -m dali_kd.fetch",
         description="Download pretrained timm weights into the Hugging Face hub cache (HF_HOME) or the torch hub "
         "cache (TORCH_HOME), or say where they are cached already. Run it where there is network; train with "

@@ -12,7 +12,6 @@ match and writes the rest. The same inputs always give byte-identical shards. Th
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 from dali_kd import __version__
+from dali_kd.cli import CommandLineParser
 from dali_kd.config.sections import DataConfig
 from dali_kd.data import shards as fmt
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
@@ -140,7 +140,7 @@ def plan_shards(
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
-class Progress:
+class ShardingProgress:
     """A bar with files/s and MB/s on a terminal; elsewhere (a batch job's log) one line per finished shard."""
 
     def __init__(self, num_files: int, num_bytes: int, enabled: bool = True):
@@ -193,7 +193,9 @@ def _read_all(src: Path, samples: list[Sample], pool: ThreadPoolExecutor) -> Ite
         yield from zip(chunk, pool.map(read, chunk), strict=True)
 
 
-def write_shard(src: Path, out: Path, plan: ShardPlan, pool: ThreadPoolExecutor, progress: Progress) -> str:
+def write_shard(
+    src: Path, out: Path, plan: ShardPlan, pool: ThreadPoolExecutor, progress: ShardingProgress
+) -> str:
     """Write one shard (temporary name, fsync, rename) and its index; returns the shard's sha256."""
     digest = hashlib.sha256()
 
@@ -380,7 +382,7 @@ def make_shards(
     class_names, samples, splits = list_samples(src, file_list, scan, max_pixels, out / "scan")
     plans = plan_shards(samples, shard_size, seed, shuffle, settings)
 
-    progress = Progress(len(samples), sum(s.size for s in samples), enabled=show_progress)
+    progress = ShardingProgress(len(samples), sum(s.size for s in samples), enabled=show_progress)
     written, kept, shard_records = [], [], []
     try:
         for m in splits.messages:
@@ -473,7 +475,7 @@ def write_indexes(folder: str | os.PathLike) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dali_kd.shard", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m dali_kd.shard", description=__doc__.splitlines()[0])
     parser.add_argument("src", nargs="?", type=Path, help="an ImageFolder tree: SRC/<class>/<image>")
     parser.add_argument(
         "out", nargs="?", type=Path, help="where the shards, their indexes and manifest.json go"

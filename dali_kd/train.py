@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dali_kd.cli import CommandLineParser
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, Config, load_config
 from dali_kd.errors import TrainingStopped, UserError
 
@@ -24,13 +25,8 @@ if TYPE_CHECKING:
 EXIT_STOPPED = 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other user error
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="python -m dali_kd.train",
         description="Distil a frozen teacher into a student with DALI input pipelines. With no config flags it "
         f"runs the embedded demo ({DEMO_CONFIG_DIR}); real-use configs to edit are in {CONFIG_DIR}.",
