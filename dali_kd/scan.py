@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import struct
@@ -165,6 +166,11 @@ def check_file(path: Path, max_pixels: int) -> None:
         raise Reject("unreadable (permission denied)") from None
     except OSError as e:
         raise Reject(f"unreadable ({e.strerror})") from None
+    check_data(data, max_pixels, path)
+
+
+def check_data(data: bytes, max_pixels: int, path: Path | None = None) -> None:
+    """check_file on bytes already read (a sample in a shard: path None)."""
     if not data:
         raise Reject("empty file (0 bytes)")
     kind = sniff(data[:32])
@@ -177,7 +183,11 @@ def check_file(path: Path, max_pixels: int) -> None:
     if kind == "unknown":
         raise Reject("not an image: unrecognised content")
     width, height = (
-        check_jpeg(data) if kind == "jpeg" else check_png(data) if kind == "png" else check_other(path)
+        check_jpeg(data)
+        if kind == "jpeg"
+        else check_png(data)
+        if kind == "png"
+        else check_other(path if path is not None else io.BytesIO(data))
     )
     if width <= 0 or height <= 0:
         raise Reject(f"invalid dimensions {width}x{height}")
@@ -222,6 +232,13 @@ class _DaliDecoder:
 
 
 _decoder: _DaliDecoder | None = None
+
+
+def dali_decode_check(data: bytes) -> None:
+    """Reject unless DALI's CPU decoder decodes these bytes (one process-wide decoder, rebuilt after a failure)."""
+    global _decoder
+    _decoder = _decoder or _DaliDecoder()
+    _decoder.check(data)
 
 
 def _check_one(job: tuple[str, str, int, bool]) -> str | None:

@@ -8,7 +8,7 @@ takes a DecodeParams: crop window or whole-image decode, the GPU decoder's tunin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
@@ -31,6 +31,20 @@ TRAIN_OUTPUTS = ("images", "sample_ids", "crop_anchor", "crop_shape", "flip", "j
 MULTI_CROP_OUTPUTS = ("images", "local_images", "sample_ids", "crop_anchor", "crop_shape", "flip", "jitter")
 REPLAY_INPUTS = ("encoded", "crop_anchor", "crop_shape", "flip", "jitter")
 EVAL_OUTPUTS = ("images", "sample_ids")
+# From shards the reader reports each sample's source_info ("<tar>:<offset>:<key>.<ext>", zero-padded bytes), and
+# the stream reads the sample id from the key: it takes the place of the sample_ids output.
+SOURCE_INFO = "source_info"
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """What fn.readers.webdataset reads: tar shards, their index files, the image members' extensions (';'
+    separated) and the shuffle buffer's size."""
+
+    paths: tuple[str, ...]
+    index_paths: tuple[str, ...]
+    image_ext: str
+    shuffle_buffer: int = 1024
 
 
 def _decode_device(device_id: int | None) -> str:
@@ -66,15 +80,40 @@ def _read(
     return encoded, fn.cast(sample_ids, dtype=types.INT64)
 
 
-def train_outputs(params: AugmentParams | MultiCropParams) -> tuple[str, ...]:
-    """The output names of train_pipeline for these params (no local_images without local crops)."""
-    if not isinstance(params, MultiCropParams):
-        return TRAIN_OUTPUTS
-    return tuple(n for n in MULTI_CROP_OUTPUTS if n != "local_images" or params.num_local)
+def _read_shards(shards: ShardFiles, shard_id: int, num_shards: int, seed: int):
+    """fn.readers.webdataset over the shards: each pass reads the shards in a new order (the same on every rank,
+    seeded, so the ranks' blocks stay disjoint within a pass) through a shuffle buffer; it reads by offset through
+    the index files and reports each sample's source_info, whose key is the sample id."""
+    encoded = fn.readers.webdataset(
+        paths=list(shards.paths),
+        index_paths=list(shards.index_paths),
+        ext=[shards.image_ext],
+        missing_component_behavior="error",
+        name=READER_NAME,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=True,
+        initial_fill=shards.shuffle_buffer,
+        seed=seed,
+        shuffle_after_epoch=True,
+        shuffle_after_epoch_seed=seed,
+        # Plain reads, not mmap, as for files: a shard damaged during a run must be an error, not a SIGBUS.
+        dont_use_mmap=True,
+    )
+    return encoded, fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
+
+
+def train_outputs(params: AugmentParams | MultiCropParams, from_shards: bool = False) -> tuple[str, ...]:
+    """The output names of train_pipeline for these params (no local_images without local crops); from shards
+    source_info stands where sample_ids is."""
+    names = TRAIN_OUTPUTS
+    if isinstance(params, MultiCropParams):
+        names = tuple(n for n in MULTI_CROP_OUTPUTS if n != "local_images" or params.num_local)
+    return tuple(SOURCE_INFO if n == "sample_ids" and from_shards else n for n in names)
 
 
 def train_pipeline(
-    files: Sequence[str],
+    files: Sequence[str] | ShardFiles,
     params: AugmentParams | MultiCropParams,
     batch_size: int,
     seed: int,
@@ -101,8 +140,15 @@ def train_pipeline(
     sample_ids: the id each file entry reports (default: its position); a slot may read another file and say so.
     decode: how to decode (multi-crop always decodes the whole image once) and the images' dtype; replay_pipeline
     renders a record to the same pixels only with the same decode.mode and dtype.
+    files as ShardFiles: read the tar shards (fn.readers.webdataset); SOURCE_INFO replaces sample_ids.
     """
     shuffle_seed = seed if reader_seed is None else reader_seed
+    from_shards = isinstance(files, ShardFiles)
+    if from_shards:
+        return _train_pipe(
+            lambda: _read_shards(files, shard_id, num_shards, shuffle_seed), params, batch_size, seed,
+            device_id, num_threads, prefetch_queue_depth, checkpoint, decode,
+        )  # fmt: skip
     ids = list(range(len(files))) if sample_ids is None else list(sample_ids)
     # DALI's reader ignores its seed when it reshuffles every pass (shuffle_after_epoch: each pass's order comes
     # from a fixed seed and the list it was given), so the seed permutes that list: another seed, another order
@@ -110,6 +156,16 @@ def train_pipeline(
     # reports its own id.
     order = np.random.default_rng(shuffle_seed).permutation(len(files)).tolist()
     files, ids = [files[i] for i in order], [ids[i] for i in order]
+    return _train_pipe(
+        lambda: _read(files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=ids), params,
+        batch_size, seed, device_id, num_threads, prefetch_queue_depth, checkpoint, decode,
+    )  # fmt: skip
+
+
+def _train_pipe(
+    read, params, batch_size, seed, device_id, num_threads, prefetch_queue_depth, checkpoint, decode
+) -> Pipeline:
+    """The training pipeline around a reader: `read()` makes the reader's (encoded, id) nodes."""
 
     @pipeline_def(
         batch_size=batch_size,
@@ -121,9 +177,7 @@ def train_pipeline(
         checkpoint=checkpoint,
     )
     def pipe():
-        encoded, sample_id = _read(
-            files, True, shard_id, num_shards, False, seed=shuffle_seed, sample_ids=ids
-        )
+        encoded, sample_id = read()
         if isinstance(params, MultiCropParams):
             global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id), decode)
             view = stack_views(views)
@@ -196,5 +250,41 @@ def eval_pipeline(
     def pipe():
         encoded, sample_ids = _read(files, False, shard_id, num_shards, pad_last_batch=True)
         return eval_transform(encoded, params, _decode_device(device_id), decode), sample_ids
+
+    return pipe()
+
+
+def fed_eval_pipeline(
+    batches,
+    params: EvalParams,
+    batch_size: int,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    decode: DecodeParams = DEFAULT_DECODE,
+) -> Pipeline:
+    """eval_pipeline's outputs for samples fed by the caller: `batches` yields (encoded images, their sample ids as
+    int64 arrays of shape [1]), at most batch_size each, the last one possibly smaller; the pipeline ends with it.
+    Shards are evaluated this way: each sample read by offset, in index order."""
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    def pipe():
+        encoded, sample_ids = fn.external_source(
+            source=batches, num_outputs=2, dtype=[types.UINT8, types.INT64], batch=True
+        )
+        return eval_transform(encoded, params, _decode_device(device_id), decode), sample_ids
+
+    return pipe()
+
+
+def shard_order_pipeline(
+    shards: ShardFiles, batch_size: int, seed: int, shard_id: int = 0, num_shards: int = 1
+) -> Pipeline:
+    """The training reader alone (same arguments, same order of samples), outputting only SOURCE_INFO: which
+    samples a batch of the training pipeline held. Give it index files whose entries are 1 byte long and it reads
+    next to nothing."""
+
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=seed)
+    def pipe():
+        return _read_shards(shards, shard_id, num_shards, seed)[1]
 
     return pipe()

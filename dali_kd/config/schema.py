@@ -105,6 +105,11 @@ class Config(Section):
                 "would get half-precision images against float32 weights; set train.precision=bf16 or "
                 "data.output_dtype=float32"
             )
+        if d.format == "shards" and d.file_list:
+            raise conflict(
+                "{data.file_list} with {data.format}: a shard folder holds the samples it was made from; make "
+                "shards from the list instead (python -m dali_kd.shard --file-list LIST SRC OUT)"
+            )
         if t.cache_teacher_features:
             if d.backend != "dali":
                 raise conflict(

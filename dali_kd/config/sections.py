@@ -89,6 +89,17 @@ class DataConfig(Section):
     backend: Literal["dali", "torchvision"] = Field(
         "dali", description="dali (GPU or DALI CPU) or torchvision (PIL)"
     )
+    format: Literal["folder", "shards"] = Field(
+        "folder",
+        description="folder: image files (ImageFolder tree); shards: tar shards made by python -m dali_kd.shard "
+        "(data.root and data.val_root then name a shard folder or its manifest.json)",
+    )
+    shuffle_buffer: int = Field(
+        1024,
+        ge=1,
+        description="data.format shards: samples DALI's webdataset reader shuffles in a buffer (on top of a new "
+        "shard order every pass); larger mixes more and holds more encoded images in host memory",
+    )
     image_size: int = Field(
         224,
         ge=16,

@@ -123,7 +123,7 @@ class CachedViewStream:
             self._fill = DaliTrainStream(
                 index, params, batch_size, seed + rank, device=device,
                 checkpoint=bytes(state["pipeline"].numpy()) if state.get("pipeline") is not None else None,
-                quarantine=self.quarantine, **self._dali_kwargs,
+                quarantine=self.quarantine, start_position=self.position, **self._dali_kwargs,
             )  # fmt: skip
 
     @property

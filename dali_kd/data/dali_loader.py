@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,13 +16,19 @@ from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import shard_size
+from dali_kd.data.shard_index import ids_from_source_info
+from dali_kd.data.shards import READER_IMAGE_EXT
 from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams, EvalParams, MultiCropParams
 from pipelines.pipelines import (
     EVAL_OUTPUTS,
     READER_NAME,
     REPLAY_INPUTS,
+    SOURCE_INFO,
+    ShardFiles,
     eval_pipeline,
+    fed_eval_pipeline,
     replay_pipeline,
+    shard_order_pipeline,
     train_outputs,
     train_pipeline,
 )
@@ -67,15 +75,23 @@ class DaliTrainStream:
         max_runtime_quarantine: int = 100,
         quarantine: RuntimeQuarantine | None = None,
         decode: DecodeParams = DEFAULT_DECODE,
+        shuffle_buffer: int = 1024,
+        start_position: int = 0,
     ):
         """reader_seed: the file shuffle's seed, the same on every rank so shards stay disjoint (default: seed).
         checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped.
         params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample.
         quarantine: a runtime quarantine shared with the caller (then substitutions and max_runtime_quarantine
         are its own).
-        decode: crop-window or whole-image decode, the GPU decoder's tuning and the images' dtype."""
+        decode: crop-window or whole-image decode, the GPU decoder's tuning and the images' dtype.
+        From shards (index.shards): fn.readers.webdataset, shuffle_buffer samples in its shuffle buffer;
+        start_position (samples the stream had yielded at `checkpoint`) lets a decode failure be traced to the
+        samples of its batch."""
         self.device = torch.device(device)
         self.index = index
+        self.shuffle_buffer = shuffle_buffer
+        self.position = start_position
+        self._index_dir: tempfile.TemporaryDirectory | None = None  # rewritten index files (from shards)
         if quarantine is None:
             quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         self.quarantine = quarantine
@@ -97,24 +113,71 @@ class DaliTrainStream:
         epoch_size = int(self.pipe.reader_meta(READER_NAME)["epoch_size"])
         self.num_samples = shard_size(epoch_size, shard_id, num_shards)
 
+    def _shard_files(self, sizes_of_one: bool = False) -> ShardFiles:
+        """The shards as the reader reads them: each slot set aside points at its stand-in's bytes (in the same
+        tar) through a rewritten index; the other shards are read through their own index files. sizes_of_one:
+        every entry 1 byte long (the same order of samples, next to nothing read)."""
+        layout = self.index.shards
+        substituted = self.quarantine.substituted()
+        rewrite = {layout.shard_of[i] for i in substituted}
+        index_paths = list(layout.index_paths)
+        if sizes_of_one or rewrite or not layout.whole:
+            if self._index_dir is None:
+                self._index_dir = tempfile.TemporaryDirectory(prefix="dali_kd-shard-index-")
+            kind = "probe" if sizes_of_one else f"q{len(substituted)}"
+            for shard in range(len(index_paths)) if sizes_of_one or not layout.whole else sorted(rewrite):
+                text = layout.index_text(shard, substituted, entry_size=1 if sizes_of_one else None)
+                path = os.path.join(self._index_dir.name, f"{kind}-{shard:06d}.idx")
+                with open(path, "w") as f:
+                    f.write(text)
+                index_paths[shard] = path
+        return ShardFiles(
+            paths=layout.tar_paths,
+            index_paths=tuple(index_paths),
+            image_ext=READER_IMAGE_EXT,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+
+    def _batch_samples(self, position: int) -> list[int]:
+        """The slots of the batch at stream position `position`: the reader alone, over 1-byte index entries, run
+        from the start up to that batch (the same order the training reader follows)."""
+        s = self._settings
+        seed = s["seed"] if s["reader_seed"] is None else s["reader_seed"]
+        probe = shard_order_pipeline(
+            self._shard_files(sizes_of_one=True), s["batch_size"], seed, s["shard_id"], s["num_shards"]
+        )
+        probe.build()
+        for _ in range(position // s["batch_size"]):
+            probe.run()
+        (info,) = probe.run()
+        return ids_from_source_info(np.array(info[k]) for k in range(len(info)))
+
+    def _set_aside(self, error: str, position: int) -> None:
+        if self.index.shards is None:
+            self.quarantine.set_aside(error)  # the folder path: the file is named, or changed during the run
+        else:
+            self.quarantine.set_aside(error, candidates=lambda: self._batch_samples(position))
+
     def _build(self, checkpoint: bytes | None) -> None:
         """A pipeline at `checkpoint` (None: the start) reading each slot's resolved file."""
+        from_shards = self.index.shards is not None
         while True:
             files, shown = self.quarantine.effective()
-            # The reader reports each entry's slot id (its position in the list), whichever file it reads; the
-            # shown image's id is looked up in this table. The ids are host data (the reader's), so no batch
-            # waits for the device.
-            self.pipe = train_pipeline(files, checkpoint=checkpoint, **self._settings)
+            # The reader reports each entry's slot id (its position in the list, or from shards its key),
+            # whichever file it reads; the shown image's id is looked up in this table. The ids are host data
+            # (the reader's), so no batch waits for the device.
+            source = self._shard_files() if from_shards else files
+            self.pipe = train_pipeline(source, checkpoint=checkpoint, **self._settings)
             self.pipe.build()
             self._shown = np.asarray(shown, dtype=np.int64)
-            outputs = list(train_outputs(self._settings["params"]))
+            outputs = list(train_outputs(self._settings["params"], from_shards))
             try:
                 # No reader_name: the iterator runs as long as the pipeline does, i.e. forever. It runs the
                 # first batch already, so a file broken since the scan can fail here too.
                 self._iterator = DALIGenericIterator([self.pipe], outputs, size=-1, auto_reset=False)
                 return
             except RuntimeError as e:
-                self.quarantine.set_aside(str(e))  # warns, or stops the run
+                self._set_aside(str(e), self.position)  # warns, or stops the run
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -123,10 +186,12 @@ class DaliTrainStream:
             try:
                 (out,) = next(self._iterator)
             except RuntimeError as e:
-                self.quarantine.set_aside(str(e))  # warns, or stops the run
+                self._set_aside(str(e), self.position)  # warns, or stops the run
                 self._build(position)
                 continue
-            yield self._batch(out)
+            batch = self._batch(out)
+            self.position += len(batch)
+            yield batch
 
     def _batch(self, out: dict[str, torch.Tensor]) -> Batch:
         """The pipeline's outputs as a Batch with every tensor on the stream's device.
@@ -134,7 +199,10 @@ class DaliTrainStream:
         Images are already there on a GPU pipeline; the ids and view records are small host outputs, copied over.
         DALI reuses its output buffers at the next iteration: what the trainer keeps is copied or cloned.
         """
-        stream_ids = host_array(out["sample_ids"])
+        if SOURCE_INFO in out:
+            stream_ids = np.asarray(ids_from_source_info(out[SOURCE_INFO].numpy()), dtype=np.int64)
+        else:
+            stream_ids = host_array(out["sample_ids"])
         sample_ids = self._shown[stream_ids]
         batch = Batch(
             images=out["images"],
@@ -160,6 +228,7 @@ class DaliTrainStream:
             "backend": "dali",
             "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8),
             "substitutions": self.quarantine.state_dict(),
+            "position": self.position,
         }
 
     def take_entries(self) -> list[dict[str, str]]:
@@ -169,6 +238,9 @@ class DaliTrainStream:
     def close(self) -> None:
         self._iterator = None
         self.pipe = None
+        if self._index_dir is not None:
+            self._index_dir.cleanup()
+            self._index_dir = None
 
 
 def dali_eval_batches(
@@ -182,13 +254,27 @@ def dali_eval_batches(
     """Every sample exactly once, in index order, every tensor on `device`; the last batch may be partial and
     Batch.view is None."""
     device = torch.device(device)
-    pipe = eval_pipeline(
-        index.files, params, batch_size, device_id=_device_id(device), num_threads=num_threads, decode=decode
-    )
-    pipe.build()
-    iterator = DALIGenericIterator(
-        [pipe], list(EVAL_OUTPUTS), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL
-    )
+    if index.shards is not None:
+        # From shards: each sample read by offset, in index order (a subset or a rank's block reads only its own).
+        pipe = fed_eval_pipeline(
+            _fed_batches(index, batch_size), params, batch_size, device_id=_device_id(device),
+            num_threads=num_threads, decode=decode,
+        )  # fmt: skip
+        pipe.build()
+        iterator = DALIGenericIterator([pipe], list(EVAL_OUTPUTS), size=-1)
+    else:
+        pipe = eval_pipeline(
+            index.files,
+            params,
+            batch_size,
+            device_id=_device_id(device),
+            num_threads=num_threads,
+            decode=decode,
+        )
+        pipe.build()
+        iterator = DALIGenericIterator(
+            [pipe], list(EVAL_OUTPUTS), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL
+        )
     labels = np.asarray(index.labels, dtype=np.int64)
     for (out,) in iterator:
         sample_ids = host_array(out["sample_ids"])
@@ -199,6 +285,15 @@ def dali_eval_batches(
             host_ids=sample_ids,
         )
         yield batch.to(device, non_blocking=True)
+
+
+def _fed_batches(index: ImageIndex, batch_size: int) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+    for start in range(0, index.num_samples, batch_size):
+        ids = range(start, min(start + batch_size, index.num_samples))
+        yield (
+            [np.frombuffer(index.read_bytes(i), dtype=np.uint8) for i in ids],
+            [np.array([i], dtype=np.int64) for i in ids],
+        )
 
 
 # The replay pipeline's output types (see pipelines.params.DecodeParams.dtype).
@@ -260,7 +355,7 @@ class DaliViewRenderer:
         encoded = []
         for i in ids.tolist():
             try:
-                encoded.append(np.fromfile(self.index.files[i], dtype=np.uint8))
+                encoded.append(np.frombuffer(self.index.read_bytes(i), dtype=np.uint8))
             except OSError as e:
                 raise RuntimeError(f"failed to read {self.index.files[i]} ({e.strerror})") from None
         columns = {

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from dali_kd.data.sampling import shard_bounds
 from dali_kd.errors import UserError
+
+if TYPE_CHECKING:
+    from dali_kd.data.shard_index import ShardLayout
 
 # Extensions DALI's image decoder handles; anything else in a class folder is not an image.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm", ".pgm")
@@ -174,12 +179,39 @@ def list_tree(
 
 @dataclass(frozen=True)
 class ImageIndex:
-    """files[i] has class labels[i]; i is the sample id. Classes are the sorted sub-folder names."""
+    """files[i] has class labels[i]; i is the sample id. Classes are the sorted sub-folder names.
+
+    Where a sample's bytes come from: the file files[i], or (data.format shards) a byte range of a tar shard, which
+    `shards` holds; then files[i] names the sample as DALI's webdataset reader does ("<tar>:<offset>:<member>").
+    Read bytes through read_bytes / image_file and both formats read alike."""
 
     root: Path
     files: tuple[str, ...]
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
+    shards: ShardLayout | None = None
+
+    def read_bytes(self, sample_id: int) -> bytes:
+        """The sample's encoded image (OSError if it cannot be read): the file, or one pread from its shard."""
+        if self.shards is not None:
+            return self.shards.read(sample_id)
+        with open(self.files[sample_id], "rb") as f:
+            return f.read()
+
+    def image_file(self, sample_id: int) -> str | BinaryIO:
+        """What PIL opens: the file's path, or the sample's bytes from its shard."""
+        return self.files[sample_id] if self.shards is None else io.BytesIO(self.read_bytes(sample_id))
+
+    def can_stand_in(self, sample_id: int, other: int) -> bool:
+        """Whether `other` may be read in sample_id's slot: any image (folder), one of the same tar (shards: DALI's
+        reader reads a slot's bytes from its own tar)."""
+        return self.shards is None or self.shards.shard_of[sample_id] == self.shards.shard_of[other]
+
+    def where(self, sample_id: int) -> dict[str, str]:
+        """The quarantine entry's fields naming the sample: its path, and in shards also its shard and key."""
+        if self.shards is None:
+            return {"path": self.files[sample_id]}
+        return {"path": self.files[sample_id], **self.shards.where(sample_id)}
 
     @property
     def num_samples(self) -> int:
@@ -296,17 +328,21 @@ class ImageIndex:
     def shard(self, shard_id: int, num_shards: int) -> ImageIndex:
         """The contiguous block [r*N//n, (r+1)*N//n) of the files, as DALI's readers shard."""
         begin, end = shard_bounds(self.num_samples, shard_id, num_shards)
-        return ImageIndex(self.root, self.files[begin:end], self.labels[begin:end], self.class_names)
+        return self.take(list(range(begin, end)))
+
+    def take(self, keep: list[int]) -> ImageIndex:
+        """The samples `keep`, renumbered 0..len(keep)-1 in this order."""
+        return ImageIndex(
+            root=self.root,
+            files=tuple(self.files[i] for i in keep),
+            labels=tuple(self.labels[i] for i in keep),
+            class_names=self.class_names,
+            shards=None if self.shards is None else self.shards.take(keep),
+        )
 
     def subset(self, max_samples: int | None) -> ImageIndex:
         """At most max_samples files, evenly spread over the index (so every class stays represented)."""
         if max_samples is None or max_samples >= self.num_samples:
             return self
         step = self.num_samples / max_samples
-        keep = [int(i * step) for i in range(max_samples)]
-        return ImageIndex(
-            root=self.root,
-            files=tuple(self.files[i] for i in keep),
-            labels=tuple(self.labels[i] for i in keep),
-            class_names=self.class_names,
-        )
+        return self.take([int(i * step) for i in range(max_samples)])

@@ -40,6 +40,7 @@ def make_train_stream(
             index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
             rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
             max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
+            shuffle_buffer=cfg.data.shuffle_buffer,
         )  # fmt: skip
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
@@ -60,6 +61,8 @@ def make_train_stream(
             substitutions=substitutions,
             max_runtime_quarantine=cfg.data.max_runtime_quarantine,
             decode=cfg.decode_params(),
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            start_position=int(state.get("position", 0)) if state else 0,
         )
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 

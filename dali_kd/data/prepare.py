@@ -75,7 +75,27 @@ def _split(
     return ImageIndex.from_paths(root, paths, class_names, where, required), quarantine, messages
 
 
+def prepare_shards(cfg: Config) -> DataSplits:
+    """data.format shards: the manifests' samples (scanned when the shards were made, so no scan here); every shard
+    is checked at start (size and index), see dali_kd.data.shard_index."""
+    from dali_kd.data.shard_index import index_from_shards
+
+    train = index_from_shards(cfg.data.root, f"data.root {cfg.data.root}")
+    val = None
+    if cfg.data.val_root:
+        val = index_from_shards(cfg.data.val_root, f"data.val_root {cfg.data.val_root}", train.class_names)
+    messages = [
+        f"data: {split} split: {index.num_samples} samples in {len(index.shards.tar_paths)} shard(s) of "
+        f"{index.root}"
+        for split, index in (("train", train), ("val", val))
+        if index is not None
+    ]
+    return DataSplits(train, val, [], messages)
+
+
 def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> DataSplits:
+    if getattr(cfg.data, "format", "folder") == "shards":
+        return prepare_shards(cfg)
     if admits_images_over_decoder_limit(None if cfg.data.scan == "off" else cfg.data.max_image_pixels):
         quiet_too_large_image_lines()  # DALI decodes such images, but prints a red error line for each
     root = Path(cfg.data.root).expanduser()

@@ -54,16 +54,28 @@ class RuntimeQuarantine:
         """For every slot (sample id) of the index, the sample id of the image it shows."""
         return [self.resolve(i) for i in range(self.index.num_samples)]
 
+    def substituted(self) -> dict[int, int]:
+        """Each set-aside slot -> the image it shows (the end of its chain)."""
+        return {i: self.resolve(i) for i in self.substitutions}
+
     def effective(self) -> tuple[list[str], list[int]]:
         """The file each slot should read and that file's sample id: set-aside slots read their resolved stand-in."""
         ids = self.shown_ids()
         return [self.index.files[i] for i in ids], ids
 
-    def culprits(self, error_text: str) -> list[int]:
-        """Sample ids of the files a decode error is about: named in the message, else changed during the run."""
+    def culprits(self, error_text: str, candidates: Callable[[], list[int]] | None = None) -> list[int]:
+        """Sample ids of the files a decode error is about: named in the message, else among `candidates` (the
+        samples the failing batch held, where the stream can say) those that fail a check, else (folder) files
+        changed during the run, else (shards) every sample that fails a check."""
         named = {self._id_of[p] for p in PATH_RE.findall(error_text) if p in self._id_of}
         if named:
             return sorted(i for i in named if not self.is_set_aside(i))
+        if candidates is not None:
+            return sorted({i for i in candidates() if not self.is_set_aside(i) and self.fails_check(i)})
+        if self.index.shards is not None:
+            return [
+                i for i in range(self.index.num_samples) if not self.is_set_aside(i) and self.fails_check(i)
+            ]
         from dali_kd.scan import Reject, check_file
 
         changed = []
@@ -75,12 +87,25 @@ class RuntimeQuarantine:
                 changed.append(i)
         return changed
 
-    def set_aside(self, error_text: str) -> list[int]:
-        """Quarantine the culprits of a decode error (stopping the run if none can be named or too many pile up)."""
+    def fails_check(self, sample_id: int) -> bool:
+        """Whether the sample's bytes cannot be read, or fail the scan's header check or DALI's CPU decode."""
+        from dali_kd.scan import Reject, check_data, dali_decode_check
+
+        try:
+            data = self.index.read_bytes(sample_id)
+            check_data(data, max_pixels=1 << 62)
+            dali_decode_check(data)
+        except (OSError, Reject):
+            return True
+        return False
+
+    def set_aside(self, error_text: str, candidates: Callable[[], list[int]] | None = None) -> list[int]:
+        """Quarantine the culprits of a decode error (stopping the run if none can be named or too many pile up).
+        candidates: the samples the failing batch held, if the stream can tell (see culprits)."""
         first_line = next(
             (ln.strip() for ln in error_text.splitlines() if "fail" in ln.lower()), error_text[:200]
         )
-        bad = self.culprits(error_text)
+        bad = self.culprits(error_text, candidates)
         if not bad:
             raise TrainingStopped(f"decoding failed and the file could not be identified: {first_line[:300]}")
         for sample_id in bad:
@@ -102,22 +127,29 @@ class RuntimeQuarantine:
             f"set aside {path}: it failed to decode ({reason}); continuing without it", stacklevel=3
         )
         self.entries.append(
-            {"path": path, "reason": f"decode failed during training: {reason}", "found": "runtime"}
+            {
+                **self.index.where(sample_id),
+                "reason": f"decode failed during training: {reason}",
+                "found": "runtime",
+            }
         )
         return True
 
     def replacement(self, sample_id: int, usable: Callable[[int], bool] | None = None) -> int:
-        """The next image of the same class that is still good (cyclically), and `usable` where given."""
+        """The next image of the same class that is still good (cyclically), and `usable` where given; from
+        shards one of the same tar (index.can_stand_in: DALI's reader reads a slot from its own tar)."""
         label, n = self.index.labels[sample_id], self.index.num_samples
         for step in range(1, n):
             other = (sample_id + step) % n
             if (
                 self.index.labels[other] == label
                 and not self.is_set_aside(other)
+                and self.index.can_stand_in(sample_id, other)
                 and (usable is None or usable(other))
             ):
                 return other
-        raise TrainingStopped(f"class {self.index.class_names[label]} has no decodable image left")
+        where = f" in {self.index.where(sample_id)['shard']}" if self.index.shards is not None else ""
+        raise TrainingStopped(f"class {self.index.class_names[label]} has no decodable image left{where}")
 
     def state_dict(self) -> dict[str, int]:
         """The substitutions with string keys (as checkpoints store them); the constructor takes them back."""

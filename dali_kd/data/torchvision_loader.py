@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -28,8 +29,8 @@ CROP_ATTEMPTS = 10
 ViewKey = tuple[int, int, int]
 
 
-def decode_rgb(path: str) -> Image.Image:
-    """Decode as DALI does: EXIF orientation applied, 16-bit scaled (not clipped) to 8 bits, alpha dropped."""
+def decode_rgb(path: str | BinaryIO) -> Image.Image:
+    """Decode (a file's path, or a sample's bytes from a shard) as DALI does: EXIF orientation applied, 16-bit scaled (not clipped) to 8 bits, alpha dropped."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
@@ -160,6 +161,7 @@ class _TrainViews(Dataset):
     """
 
     def __init__(self, index: ImageIndex, params: AugmentParams | MultiCropParams, seed: int, shard_id: int):
+        self.index = index
         self.files = index.files
         self.labels = index.labels
         self.params = params
@@ -173,10 +175,10 @@ class _TrainViews(Dataset):
         n = len(self.files)
         for step in range(n):
             candidate = (start + step) % n
-            if self.labels[candidate] != self.labels[slot]:
+            if self.labels[candidate] != self.labels[slot] or not self.index.can_stand_in(slot, candidate):
                 continue
             try:
-                return decode_rgb(self.files[candidate]), candidate, failed
+                return decode_rgb(self.index.image_file(candidate)), candidate, failed
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 failed.append((candidate, f"{type(e).__name__}: {str(e)[:150]}"))
         raise RuntimeError(f"no image of class {self.labels[slot]} decodes")
@@ -376,6 +378,7 @@ class TorchvisionTrainStream:
 
 class _EvalImages(Dataset):
     def __init__(self, index: ImageIndex, params: EvalParams, dtype: torch.dtype = torch.float32):
+        self.index = index
         self.files = index.files
         self.labels = index.labels
         self.params = params
@@ -385,7 +388,7 @@ class _EvalImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
-        img = decode_rgb(self.files[sample_id])
+        img = decode_rgb(self.index.image_file(sample_id))
         img = TF.resize(img, self.params.resize_size, InterpolationMode.BILINEAR, antialias=True)
         img = TF.center_crop(img, [self.params.image_size, self.params.image_size])
         image = TF.normalize(TF.to_tensor(img), self.params.mean, self.params.std).to(self.dtype)

@@ -1,0 +1,212 @@
+"""Training from tar shards (data.format shards): the manifest read into an ImageIndex, and where each sample's
+bytes lie in its shard.
+
+Sample ids are the manifest's (line i of samples.jsonl is sample i), which are the ids training from the folder
+gives; a sample's key in its tar is its id. Every reader reads by offset: DALI's webdataset reader through the
+index files, the replay renderer, the torchvision backend and the quarantine by one os.pread each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali_kd.data import shards as fmt
+from dali_kd.data.dataset import ImageIndex
+from dali_kd.errors import UserError
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Per sample: its shard (a number into tar_paths), the byte offset and size of its image in that tar, and
+    its member name. index_paths[k] is tar k's DALI index; `whole` says the samples are the manifest's, all of them
+    in id order (so a key is the sample id and the index files on disk describe exactly these samples)."""
+
+    tar_paths: tuple[str, ...]
+    index_paths: tuple[str, ...]
+    shard_of: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    members: tuple[str, ...]
+    whole: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "_fds", {})
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def __getstate__(
+        self,
+    ):  # open file descriptors stay with their process (DataLoader workers open their own)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    fd = self._fds[shard] = os.open(self.tar_paths[shard], os.O_RDONLY)
+        return fd
+
+    def read(self, sample_id: int) -> bytes:
+        """The sample's image bytes: one pread at its offset (OSError if the shard cannot be read)."""
+        size = self.sizes[sample_id]
+        data = os.pread(self._fd(self.shard_of[sample_id]), size, self.offsets[sample_id])
+        if len(data) != size:
+            raise OSError(0, f"{self.tar_paths[self.shard_of[sample_id]]} ends inside sample {sample_id}")
+        return data
+
+    def key(self, sample_id: int) -> str:
+        return fmt.split_name(self.members[sample_id])[0]
+
+    def where(self, sample_id: int) -> dict[str, str]:
+        return {
+            "shard": os.path.basename(self.tar_paths[self.shard_of[sample_id]]),
+            "key": self.key(sample_id),
+        }
+
+    def take(self, keep: list[int]) -> ShardLayout:
+        return ShardLayout(
+            tar_paths=self.tar_paths,
+            index_paths=self.index_paths,
+            shard_of=tuple(self.shard_of[i] for i in keep),
+            offsets=tuple(self.offsets[i] for i in keep),
+            sizes=tuple(self.sizes[i] for i in keep),
+            members=tuple(self.members[i] for i in keep),
+            whole=self.whole and keep == list(range(len(self.offsets))),
+        )
+
+    def index_text(
+        self, shard: int, image_of: dict[int, int] | None = None, entry_size: int | None = None
+    ) -> str:
+        """A DALI index of tar `shard` listing its image members only (in tar order, as the index on disk lists its
+        samples, so a reader goes through the same order): image_of maps a sample id to the sample whose bytes its
+        entry points at (a stand-in in the same tar); the entry keeps its own member name, hence its id."""
+        image_of = image_of or {}
+        ids = sorted((i for i, s in enumerate(self.shard_of) if s == shard), key=lambda i: self.offsets[i])
+        lines = [f"{fmt.INDEX_VERSION} {len(ids)}"]
+        for i in ids:
+            j = image_of.get(i, i)
+            ext = fmt.split_name(self.members[i])[1]
+            size = self.sizes[j] if entry_size is None else entry_size
+            lines.append(f"{ext} {self.offsets[j]} {size} {self.members[i]}")
+        return "\n".join(lines) + "\n"
+
+
+def manifest_folder(path: str | os.PathLike) -> Path:
+    """The shard folder that data.root / data.val_root names (the folder or its manifest.json)."""
+    path = Path(path).expanduser()
+    return path.parent if path.name == fmt.MANIFEST_NAME else path
+
+
+def _check_index(where: str, index_path: Path, tar: str, rows: list[list]) -> None:
+    """The index must list the manifest's samples of this tar, at their offsets: a stale or damaged index would make
+    DALI read wrong bytes or fail mid-run."""
+    try:
+        lines = index_path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the index {index_path} ({e.strerror or e})") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != fmt.INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(rows):
+        raise UserError(
+            f"{where}: bad index {index_path}: expected a first line '{fmt.INDEX_VERSION} {len(rows)}' "
+            f"(rewrite it with python -m dali_kd.shard --index-only {index_path.parent})"
+        )
+    expected = {(r[2], r[3]) for r in rows}
+    listed = set()
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if len(fields) % 4 or not fields:
+            raise UserError(
+                f"{where}: bad index {index_path}:{number}: expected '<ext> <offset> <size> <name>' ..."
+            )
+        for k in range(0, len(fields), 4):
+            ext, offset, size = fields[k : k + 3]
+            if ext != fmt.LABEL_EXT:
+                if not (offset.isdigit() and size.isdigit()):
+                    raise UserError(
+                        f"{where}: bad index {index_path}:{number}: offset and size must be numbers"
+                    )
+                listed.add((int(offset), int(size)))
+    if listed != expected:
+        raise UserError(
+            f"{where}: index {index_path} does not match the manifest's samples of {tar} "
+            f"(rewrite it with python -m dali_kd.shard --index-only {index_path.parent})"
+        )
+
+
+def index_from_shards(
+    root: str | os.PathLike, where: str, class_names: tuple[str, ...] | None = None
+) -> ImageIndex:
+    """The ImageIndex of a shard folder; each shard is checked at start (present, of its recorded size, its index
+    matching the manifest), so a truncated tar or a bad index is a one-line error here, not a failure mid-run.
+    class_names: the training split's classes (a val split's labels are mapped to them by name)."""
+    folder = manifest_folder(root)
+    manifest = fmt.read_manifest(folder)
+    names = tuple(manifest["class_names"])
+    label_map = list(range(len(names)))
+    if class_names is not None:
+        unknown = [n for n in names if n not in class_names]
+        if unknown:
+            raise UserError(f"{where}: classes not in the training split: {', '.join(unknown[:5])}")
+        label_map = [class_names.index(n) for n in names]
+    try:
+        rows = [json.loads(line) for line in (folder / manifest.get("samples", fmt.SAMPLES_NAME)).open()]
+    except OSError as e:
+        raise UserError(f"{where}: cannot read {folder / fmt.SAMPLES_NAME} ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: {folder / fmt.SAMPLES_NAME} is damaged ({e.msg})") from None
+    records = manifest["shards"]
+    if len(rows) != manifest["num_samples"] or any(row[0] != i for i, row in enumerate(rows)):
+        raise UserError(f"{where}: {fmt.SAMPLES_NAME} does not list samples 0..{manifest['num_samples'] - 1}")
+    by_shard: list[list[list]] = [[] for _ in records]
+    for row in rows:
+        by_shard[row[1]].append(row)
+    tar_paths, index_paths = [], []
+    for number, record in enumerate(records):
+        tar, idx = folder / record["name"], folder / record["index"]
+        try:
+            size = tar.stat().st_size
+        except OSError as e:
+            raise UserError(f"{where}: shard {tar} cannot be read ({e.strerror or e})") from None
+        if size != record["bytes"]:
+            raise UserError(
+                f"{where}: shard {tar} is {size} bytes, the manifest says {record['bytes']} "
+                "(truncated or rewritten; make the shards again)"
+            )
+        _check_index(where, idx, record["name"], by_shard[number])
+        tar_paths.append(str(tar))
+        index_paths.append(str(idx))
+    members = tuple(f"{fmt.sample_key(r[0])}.{fmt.image_ext(r[5])}" for r in rows)
+    layout = ShardLayout(
+        tar_paths=tuple(tar_paths),
+        index_paths=tuple(index_paths),
+        shard_of=tuple(r[1] for r in rows),
+        offsets=tuple(r[2] for r in rows),
+        sizes=tuple(r[3] for r in rows),
+        members=members,
+    )
+    return ImageIndex(
+        root=folder,
+        # DALI's source_info of each sample, so an error that names it names the sample.
+        files=tuple(f"{tar_paths[r[1]]}:{r[2]}:{m}" for r, m in zip(rows, members, strict=True)),
+        labels=tuple(label_map[r[4]] for r in rows),
+        class_names=names if class_names is None else tuple(class_names),
+        shards=layout,
+    )
+
+
+def ids_from_source_info(info) -> list[int]:
+    """Sample ids from DALI's source_info bytes (one zero-padded row per sample, '<tar>:<offset>:<key>.<ext>')."""
+    out = []
+    for row in info:
+        text = bytes(row).rstrip(b"\0").decode()
+        out.append(int(fmt.split_name(text.rsplit(":", 1)[1])[0]))
+    return out
