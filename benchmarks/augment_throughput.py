@@ -18,11 +18,19 @@ default (window, float32) and are left out for any other choice, and the multi-c
 Each is warmed up, then timed over several repeats: median, spread (min-max), CPU-seconds per image (this process
 and its DataLoader workers), and the ratio to torchvision at the same number of CPU workers/threads.
 
+--format folder,shards measures every path from both formats of the same images: the image files, and the tar
+shards `python -m dali_kd.shard` makes of them (written once into --work, and kept there for the next run), each
+shards row next to its folder row with its rate relative to it. It also counts the dataset files dali_kd's DALI
+loader opens per 1,000 images in each format: a child process reads the images under `strace -f -e trace=open,openat`
+and every open of a path under the image folder or the shard folder is counted (setup — listing, manifest, index
+files — apart from reading); without strace the count is derived from the design and marked so.
+
 --multi-crop adds DINO multi-crop per path (torchvision, DALI CPU, DALI GPU), at one worker/thread count: one view
 per image, the 2 global crops only, and 2 global + N local crops, and reports what the local crops cost per image
 (2+N crops time / global-only time; the original trainer paid about 3×).
 
     python benchmarks/augment_throughput.py [--quick] [--multi-crop] [--decode window,full]
+        [--format folder,shards] [--work DIR] [--shard-size 10MB]
         [--output-dtype float32|float16] [--json out.json] [--md out.md] [--png out.png]
 """
 
@@ -32,9 +40,13 @@ import argparse
 import inspect
 import itertools
 import json
+import math
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,10 +54,20 @@ from pathlib import Path
 
 import torch
 
-from dali_kd.data.dali_loader import DaliTrainStream
-from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.torchvision_loader import TorchvisionTrainStream
-from pipelines.params import (
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
+# The checkout this script sits in, not whichever dali_kd the environment installed (a worktree measures its own
+# code; the child that counts file opens imports the same).
+sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
+
+from make_dataset import make_dataset  # noqa: E402
+
+from dali_kd.data.dali_loader import DaliTrainStream  # noqa: E402
+from dali_kd.data.dataset import ImageIndex  # noqa: E402
+from dali_kd.data.shard_index import index_from_shards  # noqa: E402
+from dali_kd.data.shards import READER_IMAGE_EXT  # noqa: E402
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream  # noqa: E402
+from pipelines.params import (  # noqa: E402
     DECODE_MODES,
     DEFAULT_DECODE,
     OUTPUT_DTYPES,
@@ -53,12 +75,10 @@ from pipelines.params import (
     DecodeParams,
     MultiCropParams,
 )
-from pipelines.pipelines import train_pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_dataset import make_dataset  # noqa: E402
+from pipelines.pipelines import ShardFiles, train_pipeline  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+FORMATS = ("folder", "shards")
 # Whether dali_kd's loader takes the decoder choices yet (the raw pipeline always does).
 LOADER_TAKES_DECODE = "decode" in inspect.signature(DaliTrainStream).parameters
 
@@ -141,10 +161,18 @@ def dali_loader_batches(index, params, batch_size, threads, device, decode: Deco
     return make
 
 
+def reader_source(index: ImageIndex) -> list[str] | ShardFiles:
+    """What the raw pipeline reads: the image files, or the tar shards through their index files."""
+    if index.shards is None:
+        return list(index.files)
+    layout = index.shards
+    return ShardFiles(paths=layout.tar_paths, index_paths=layout.index_paths, image_ext=READER_IMAGE_EXT)
+
+
 def dali_raw_batches(index, params, batch_size, threads, decode: DecodeParams, device_id: int | None = None):
     def make():
         pipe = train_pipeline(
-            index.files,
+            reader_source(index),
             params,
             batch_size=batch_size,
             seed=0,
@@ -168,8 +196,42 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+def parse_formats(text: str) -> list[str]:
+    formats = list(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise argparse.ArgumentTypeError(f"--format takes a comma list of {', '.join(FORMATS)}, got {text!r}")
+    return formats
+
+
 def parse_counts(text: str) -> list[int]:
     return sorted({int(x) for x in text.split(",") if x.strip()})
+
+
+def dataset_indexes(args, work: Path) -> dict[str, ImageIndex]:
+    """The same images in each format asked for: the folder (given or generated into work/data), and its shards,
+    made once into work/shards by dali_kd.shard (a rerun with the same settings keeps the shards it finds)."""
+    data = args.data or make_dataset(work / "data", num_images=args.num_images, num_classes=10)
+    indexes = {}
+    for fmt in args.format:
+        if fmt == "folder":
+            indexes[fmt] = ImageIndex.from_folder(data)
+        else:
+            from dali_kd.shard import make_shards, parse_size
+
+            made = make_shards(data, work / "shards", parse_size(args.shard_size), show_progress=False)
+            print(
+                f"  shards: {len(made.manifest['shards'])} tars of {args.shard_size} in {made.out} "
+                f"({len(made.written)} written, {len(made.kept)} kept from an earlier run)",
+                flush=True,
+            )
+            indexes[fmt] = index_from_shards(made.out, where="--format shards")
+    return indexes
+
+
+def dataset_root(index: ImageIndex) -> Path:
+    """The folder whose files make up the dataset: the image tree, or the shard folder (tars, index files,
+    manifest)."""
+    return Path(os.path.dirname(index.shards.tar_paths[0])) if index.shards else Path(index.root)
 
 
 def run(args) -> dict:
@@ -178,8 +240,8 @@ def run(args) -> dict:
     decodes = {mode: DecodeParams(mode=mode, dtype=args.output_dtype) for mode in args.decode}
     gpu = torch.cuda.is_available() and not args.no_gpu
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_dataset(Path(tmp) / "data", num_images=args.num_images, num_classes=10)
-        index = ImageIndex.from_folder(data)
+        work = args.work or Path(tmp)
+        indexes = dataset_indexes(args, work)
         common = {
             "batch_size": args.batch_size,
             "warmup": args.warmup,
@@ -188,61 +250,88 @@ def run(args) -> dict:
         }
         results = []
 
-        def record(backend: str, workers: int, make, sync=None, decode: str | None = None) -> None:
+        def record(backend: str, workers: int, make, fmt: str, sync=None, decode: str | None = None) -> None:
             queued = 2 * workers if backend == "torchvision" else 2
             row = {
                 "backend": backend,
                 "workers": workers,
                 "decode": decode,  # None: not a DALI row (PIL decodes the whole image)
+                "format": fmt,
                 **measure(make, queued=queued, sync=sync, **common),
             }
             results.append(row)
             print(
-                f"  {backend:<12} workers={workers:<3} decode={decode or '-':<6} {row['img_per_s']:8.1f} img/s",
+                f"  {backend:<12} workers={workers:<3} decode={decode or '-':<6} {fmt:<6} "
+                f"{row['img_per_s']:8.1f} img/s",
                 flush=True,
             )
 
-        def record_loader(backend: str, threads: int, device: str, mode: str, sync=None) -> None:
+        def record_loader(backend: str, threads: int, device: str, mode: str, fmt: str, sync=None) -> None:
             try:
-                make = dali_loader_batches(index, params, args.batch_size, threads, device, decodes[mode])
+                make = dali_loader_batches(
+                    indexes[fmt], params, args.batch_size, threads, device, decodes[mode]
+                )
             except ValueError as e:
                 print(f"  {backend:<12} workers={threads:<3} decode={mode:<6} skipped: {e}", flush=True)
                 return
-            record(backend, threads, make, sync=sync, decode=mode)
+            record(backend, threads, make, fmt, sync=sync, decode=mode)
 
+        # The formats of each setting are measured one right after the other, so a slow spell of this shared
+        # machine falls on both rather than on one.
         for workers in parse_counts(args.workers):
-            record("torchvision", workers, torchvision_batches(index, params, args.batch_size, workers))
+            for fmt, index in indexes.items():
+                record(
+                    "torchvision", workers, torchvision_batches(index, params, args.batch_size, workers), fmt
+                )
         for threads in parse_counts(args.dali_threads):
             for mode, decode in decodes.items():
-                make = dali_raw_batches(index, params, args.batch_size, threads, decode)
-                record("dali_raw", threads, make, decode=mode)
-                record_loader("dali_cpu", threads, "cpu", mode)
+                for fmt, index in indexes.items():
+                    make = dali_raw_batches(index, params, args.batch_size, threads, decode)
+                    record("dali_raw", threads, make, fmt, decode=mode)
+                    record_loader("dali_cpu", threads, "cpu", mode, fmt)
         if gpu:
             for threads in parse_counts(args.gpu_threads or str(cores)):
                 for mode, decode in decodes.items():
-                    make = dali_raw_batches(index, params, args.batch_size, threads, decode, device_id=0)
-                    record("dali_raw_gpu", threads, make, sync=torch.cuda.synchronize, decode=mode)
-                    record_loader("dali_gpu", threads, "cuda", mode, sync=torch.cuda.synchronize)
-        multi_crop = measure_multi_crop(args, index, params, common) if args.multi_crop else []
-    baseline = {r["workers"]: r["img_per_s"] for r in results if r["backend"] == "torchvision"}
-    original = baseline.get(4)
-    rate = {(r["backend"], r["workers"], r["decode"]): r["img_per_s"] for r in results}
+                    for fmt, index in indexes.items():
+                        make = dali_raw_batches(index, params, args.batch_size, threads, decode, device_id=0)
+                        record("dali_raw_gpu", threads, make, fmt, sync=torch.cuda.synchronize, decode=mode)
+                        record_loader("dali_gpu", threads, "cuda", mode, fmt, sync=torch.cuda.synchronize)
+        first = next(iter(indexes.values()))
+        multi_crop = measure_multi_crop(args, first, params, common) if args.multi_crop else []
+        threads = max(parse_counts(args.dali_threads))
+        files_opened = (
+            [count_opens(fmt, index, args, threads) for fmt, index in indexes.items()]
+            if args.format != ["folder"] and args.open_count_images
+            else []
+        )
+    baseline = {(r["format"], r["workers"]): r["img_per_s"] for r in results if r["backend"] == "torchvision"}
+    rate = {(r["backend"], r["workers"], r["decode"], r["format"]): r["img_per_s"] for r in results}
     for r in results:
+        fmt = r["format"]
+        original = baseline.get((fmt, 4))
         # Equal CPU workers/threads; torchvision with 0 workers decodes in the main process, i.e. one core.
-        same = baseline.get(r["workers"]) or (baseline.get(0) if r["workers"] == 1 else None)
+        same = baseline.get((fmt, r["workers"])) or (baseline.get((fmt, 0)) if r["workers"] == 1 else None)
         r["ratio_vs_torchvision_same_workers"] = r["img_per_s"] / same if same else None
         r["ratio_vs_torchvision_4_workers"] = r["img_per_s"] / original if original else None
-        raw = rate.get(("dali_raw", r["workers"], r["decode"]))
+        raw = rate.get(("dali_raw", r["workers"], r["decode"], fmt))
         if r["backend"] == "dali_cpu" and raw:
             r["ratio_vs_dali_raw"] = r["img_per_s"] / raw
-        window = rate.get((r["backend"], r["workers"], "window"))
+        window = rate.get((r["backend"], r["workers"], "window", fmt))
         if r["decode"] == "full" and window:
             r["ratio_vs_window_decode"] = r["img_per_s"] / window
+        folder = rate.get((r["backend"], r["workers"], r["decode"], "folder"))
+        if fmt != "folder" and folder:
+            r["ratio_vs_folder"] = r["img_per_s"] / folder
     return {
         "results": results,
         "multi_crop": multi_crop,
+        "files_opened": files_opened,
         "settings": {
-            "num_images": index.num_samples,
+            "num_images": first.num_samples,
+            "num_images_per_format": {fmt: index.num_samples for fmt, index in indexes.items()},
+            "format": args.format,
+            "shard_size": args.shard_size if "shards" in args.format else None,
+            "num_shards": len(indexes["shards"].shards.tar_paths) if "shards" in indexes else None,
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "augment": vars(params),
@@ -253,6 +342,124 @@ def run(args) -> dict:
         },
         "machine": machine_info(),
     }
+
+
+OPEN_CALL = re.compile(r'^\s*\d+\s+([\d.]+)\s+(?:open|openat)\((?:[^,"]+,\s*)?"((?:[^"\\]|\\.)*)"')
+
+
+def count_opens(fmt: str, index: ImageIndex, args, threads: int) -> dict:
+    """Dataset files dali_kd's DALI loader (CPU) opens, per 1,000 images, counted from the open calls themselves.
+
+    A child process builds the loader, warms it up and reads about args.open_count_images images, printing when the
+    reading starts and ends; strace logs every open/openat of every thread with its time. Opens of a path under the
+    dataset's folder are counted: before the reading starts (setup: listing, manifest, index files, the first
+    batches) and during it (per image). Without strace (or where ptrace is not allowed) the figure is derived from
+    the design instead: folder = one open per image, shards = each tar once per pass.
+    """
+    root = dataset_root(index)
+    batches = max(1, math.ceil(args.open_count_images / args.batch_size))
+    call = (
+        f"import augment_throughput as a; a.read_for_open_count({fmt!r}, {str(root)!r}, {args.image_size}, "
+        f"{args.batch_size}, {threads}, {batches})"
+    )
+    strace = strace_command()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "opens.log"
+        command = [sys.executable, "-c", call]
+        if strace:
+            command = [*strace, "-o", str(log), *command]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]),
+        }
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"the open-count child ({fmt}) failed:\n{result.stderr[-3000:]}")
+        span = json.loads(result.stdout.strip().splitlines()[-1])
+        opened = parse_open_log(log.read_text(), root, span["start"], span["end"]) if strace else None
+    row = {"format": fmt, "images_read": span["images"], "loader_threads": threads}
+    if opened is not None:
+        row.update(
+            method="measured (strace -f, open/openat calls on paths under the dataset folder)", **opened
+        )
+    else:
+        num_tars = len(index.shards.tar_paths) if index.shards else 0
+        passes = span["images"] / index.num_samples
+        reading = span["images"] if fmt == "folder" else round(num_tars * passes)
+        row.update(method="derived, not measured (strace missing or not allowed): folder 1 open per image, shards 1 per tar per pass",
+                   setup=None, reading=reading, distinct_files=None, setup_by_kind=None)  # fmt: skip
+    row["per_1000_images"] = 1000 * row["reading"] / span["images"]
+    print(
+        f"  files opened, {fmt}: {row['per_1000_images']:.1f} per 1,000 images "
+        f"({row['reading']} opens for {span['images']} images, setup {row['setup']}; {row['method']})",
+        flush=True,
+    )
+    return row
+
+
+def strace_command() -> list[str] | None:
+    """strace logging every thread's open/openat calls with their times and whole paths, or None where strace is
+    missing or may not trace (ptrace refused in some containers)."""
+    path = shutil.which("strace")
+    if not path:
+        return None
+    command = [path, "-f", "-ttt", "-s", "4096", "-e", "trace=open,openat"]
+    probe = subprocess.run([*command, "-o", os.devnull, "true"], capture_output=True)
+    return command if probe.returncode == 0 else None
+
+
+def parse_open_log(text: str, root: Path, start: float, end: float) -> dict:
+    """Opens of paths under root in an `strace -f -ttt` log: before `start` (setup) and between start and end."""
+    prefix = str(root.resolve()) + os.sep
+    setup = reading = 0
+    distinct = set()
+    setup_by_kind: dict[
+        str, int
+    ] = {}  # by suffix (".tar", ".idx", ".JPEG"; "folder" for none): what setup opens
+    for line in text.splitlines():
+        m = OPEN_CALL.match(line)
+        if not m:
+            continue  # a "<... resumed>" line: its call was logged (and counted) where it began
+        t, path = float(m.group(1)), m.group(2)
+        if not os.path.abspath(path).startswith(prefix) and os.path.abspath(path) != prefix.rstrip(os.sep):
+            continue
+        if t < start:
+            setup += 1
+            kind = os.path.splitext(path)[1] or "folder"
+            setup_by_kind[kind] = setup_by_kind.get(kind, 0) + 1
+        elif t <= end:
+            reading += 1
+            distinct.add(path)
+    return {
+        "setup": setup,
+        "reading": reading,
+        "distinct_files": len(distinct),
+        "setup_by_kind": setup_by_kind,
+    }
+
+
+def read_for_open_count(
+    fmt: str, root: str, image_size: int, batch_size: int, threads: int, batches: int
+) -> None:
+    """The child of count_opens: build dali_kd's DALI loader (CPU) over the dataset, drain its first batches and
+    prefetch queue, then read `batches` batches; prints the reading's start and end times (the clock strace's -ttt
+    uses) and the images read, as one JSON line."""
+    index = (
+        ImageIndex.from_folder(root) if fmt == "folder" else index_from_shards(root, where="--format shards")
+    )
+    stream = DaliTrainStream(
+        index, AugmentParams(image_size=image_size), batch_size=batch_size, seed=0, device="cpu",
+        num_threads=threads,
+    )  # fmt: skip
+    iterator = iter(stream)
+    for _ in range(3):  # the first batch and the two the loader prepares ahead
+        next(iterator)
+    start = time.time()
+    for _ in range(batches):
+        next(iterator)
+    end = time.time()
+    stream.close()
+    print(json.dumps({"start": start, "end": end, "images": batches * batch_size}), flush=True)
 
 
 def crop_settings(params: AugmentParams, args) -> dict[str, AugmentParams | MultiCropParams]:
@@ -319,26 +526,48 @@ def machine_info() -> dict:
 
 
 def markdown(report: dict) -> str:
+    formats = report["settings"].get("format", ["folder"]) != ["folder"]
     lines = [
-        "| backend | workers/threads | decode | img/s (median) | spread | CPU-s/img | × torchvision same workers "
-        "| × torchvision 4 workers | × window decode |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | workers/threads | decode |"
+        + (" format |" if formats else "")
+        + " img/s (median) | spread | CPU-s/img | × torchvision same workers "
+        "| × torchvision 4 workers | × window decode |" + (" × folder |" if formats else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if formats else ""),
     ]
     for r in report["results"]:
         same = r["ratio_vs_torchvision_same_workers"]
         four = r["ratio_vs_torchvision_4_workers"]
         window = r.get("ratio_vs_window_decode")
+        folder = r.get("ratio_vs_folder")
         lines.append(
-            f"| {r['backend']} | {r['workers']} | {r['decode'] or '—'} | {r['img_per_s']:.1f} "
+            f"| {r['backend']} | {r['workers']} | {r['decode'] or '—'} |"
+            + (f" {r['format']} |" if formats else "")
+            + f" {r['img_per_s']:.1f} "
             f"| {r['img_per_s_min']:.0f}–{r['img_per_s_max']:.0f} | {r['cpu_s_per_img'] * 1000:.2f} ms "
             f"| {f'{same:.2f}×' if same else '—'} | {f'{four:.2f}×' if four else '—'} "
             f"| {f'{window:.2f}×' if window else '—'} |"
+            + (f" {f'{folder:.2f}×' if folder else '—'} |" if formats else "")
         )
+    if report.get("files_opened"):
+        lines += [
+            "",
+            "| format | dataset files opened per 1,000 images | opens while reading | images read "
+            "| distinct files | opens at setup | how counted |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["files_opened"]:
+            lines.append(
+                f"| {r['format']} | {r['per_1000_images']:.1f} | {r['reading']} | {r['images_read']} "
+                f"| {r['distinct_files'] if r['distinct_files'] is not None else '—'} "
+                f"| {r['setup'] if r['setup'] is not None else '—'}{setup_kinds(r)} | {r['method']} |"
+            )
     lines.append(f"\nDALI output dtype: {report['settings']['output_dtype']}")
     loaders = [r for r in report["results"] if "ratio_vs_dali_raw" in r]
     for r in loaders:
         lines.append(
-            f"\ndali_kd loader vs raw DALI pipeline, {r['workers']} threads, {r['decode']} decode: "
+            f"\ndali_kd loader vs raw DALI pipeline, {r['workers']} threads, {r['decode']} decode"
+            + (f", {r['format']}" if formats else "")
+            + ": "
             f"{r['ratio_vs_dali_raw']:.3f}×"
         )
     if report.get("multi_crop"):
@@ -355,6 +584,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def setup_kinds(row: dict) -> str:
+    kinds = row.get("setup_by_kind")
+    return f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" if kinds else ""
+
+
 def bar_chart(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -362,7 +596,12 @@ def bar_chart(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    labels = [f"{r['backend']}\n{r['workers']}" + (f" {r['decode']}" if r["decode"] else "") for r in rows]
+    labels = [
+        f"{r['backend']}\n{r['workers']}"
+        + (f" {r['decode']}" if r["decode"] else "")
+        + (f"\n{r['format']}" if r.get("format", "folder") != "folder" else "")
+        for r in rows
+    ]
     colours = {
         "torchvision": "#7f7f7f",
         "dali_raw": "#aec7e8",
@@ -408,6 +647,29 @@ def main() -> None:
         help="DALI decode modes to measure side by side, a comma list of window,full (default: window)",
     )
     parser.add_argument(
+        "--format",
+        type=parse_formats,
+        default=["folder"],
+        help="dataset formats to measure side by side, a comma list of folder,shards (default: folder)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="keeps the generated images and their shards between runs (default: a temp folder)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        default="10MB",
+        help="--format shards: about this much per tar, as dali_kd.shard takes it (default 10MB: the generated 400 "
+        "images span several tars; the tool's own default, 1GB, holds ~10k ImageNet images)",
+    )
+    parser.add_argument(
+        "--open-count-images",
+        type=int,
+        default=1024,
+        help="--format with shards: images the DALI loader reads while its file opens are counted (0: no count)",
+    )
+    parser.add_argument(
         "--output-dtype", choices=OUTPUT_DTYPES, default="float32", help="dtype the DALI pipelines hand out"
     )
     parser.add_argument("--multi-crop", action="store_true", help="also measure DINO multi-crop per path")
@@ -424,6 +686,7 @@ def main() -> None:
         args.num_images, args.batch_size, args.warmup, args.batches, args.repeats = 96, 16, 1, 12, 3
         args.workers, args.dali_threads = f"0,{min(2, cores)},4", f"{min(2, cores)}"
         args.local_crops, args.local_size = 4, 48
+        args.open_count_images = 256
     report = run(args)
     table = markdown(report)
     print(table)

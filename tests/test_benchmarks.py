@@ -293,3 +293,61 @@ def test_gpu_sampler_reads_the_jpeg_decoder_utilisation_as_nvidia_ml_py_gives_it
     sampler.close()
     assert folded["gpu_jpeg_util_pct"] == 37.0 and folded["gpu_util_pct"] == 90.0
     assert [jpeg_utilisation(r) for r in ((12, 5), 7, None, [], "n/a")] == [12.0, 7.0, None, None, None]
+
+
+def test_open_count_takes_opens_of_dataset_paths_from_an_strace_log(tmp_path):
+    """augment_throughput's file-open count: setup and reading apart, by the call's time; a thread's interrupted
+    call counted once; paths outside the dataset folder (libraries, a sibling folder sharing its name's prefix)
+    left out."""
+    from augment_throughput import parse_open_log
+
+    root = (tmp_path / "data").resolve()
+    log = "\n".join([
+        f'101 10.000001 openat(AT_FDCWD, "{root}/a/1.JPEG", O_RDONLY|O_CLOEXEC) = 3',
+        f'101 11.000001 openat(AT_FDCWD, "{root}/a/2.JPEG", O_RDONLY) = 3',
+        f'102 11.500001 openat(AT_FDCWD, "{root}/a/2.JPEG", O_RDONLY <unfinished ...>',
+        "102 11.600001 <... openat resumed>) = 4",
+        f'101 11.700001 openat(AT_FDCWD, "{root}2/x.JPEG", O_RDONLY) = 3',
+        '101 11.800001 openat(AT_FDCWD, "/usr/lib/libc.so.6", O_RDONLY) = 3',
+        f'101 11.900001 open("{root}/b/3.JPEG", O_RDONLY) = 3',
+        f'101 13.000001 openat(AT_FDCWD, "{root}/b/4.JPEG", O_RDONLY) = 3',
+    ])  # fmt: skip
+    assert parse_open_log(log, root, start=10.5, end=12.0) == {
+        "setup": 1,
+        "reading": 3,
+        "distinct_files": 2,
+        "setup_by_kind": {".JPEG": 1},
+    }
+
+
+@pytest.mark.slow
+def test_augment_throughput_measures_folder_and_shards_of_the_same_images(tmp_path):
+    """--format folder,shards (about 30 s on 2 cores: DALI pipelines and two traced child processes): every path
+    from both formats of the same images, each shards row with its rate relative to its folder row, and the dataset
+    files the loader opens per 1,000 images: one per image from the folder, far fewer from shards."""
+    out = tmp_path / "augment.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "augment_throughput.py"), "--format", "folder,shards",
+        "--work", str(tmp_path / "work"), "--shard-size", "400KB", "--num-images", "24", "--image-size", "32",
+        "--batch-size", "8", "--workers", "0", "--dali-threads", "1", "--warmup", "1", "--batches", "1",
+        "--repeats", "1", "--open-count-images", "48", "--no-gpu", "--json", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["num_images_per_format"] == {"folder": 24, "shards": 24}
+    assert report["settings"]["num_shards"] > 1
+    rows = {(r["backend"], r["format"]): r for r in report["results"]}
+    assert set(rows) == {
+        (b, f) for b in ("torchvision", "dali_raw", "dali_cpu") for f in ("folder", "shards")
+    }
+    for backend in ("torchvision", "dali_raw", "dali_cpu"):
+        shards, folder = rows[backend, "shards"], rows[backend, "folder"]
+        assert shards["ratio_vs_folder"] == pytest.approx(shards["img_per_s"] / folder["img_per_s"])
+        assert "ratio_vs_folder" not in folder
+    opened = {r["format"]: r for r in report["files_opened"]}
+    assert opened["folder"]["images_read"] == opened["shards"]["images_read"] == 48
+    # The folder reader opens each image it reads (give or take the batches it prepares ahead).
+    assert 500 <= opened["folder"]["per_1000_images"] <= 1500, opened
+    assert opened["shards"]["per_1000_images"] <= opened["folder"]["per_1000_images"] / 4, opened
+    assert "× folder" in (tmp_path / "augment.md").read_text()
