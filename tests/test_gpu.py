@@ -133,3 +133,21 @@ def test_cached_replay_on_cuda_keeps_every_batch_tensor_on_cuda(tiny_config, tmp
     assert watcher.batches == 12 and watcher.from_cache > 0 and summary["cache_hits"] > 0
     # Replayed views rendered ahead on a thread and copied device to device: the teacher agrees with its cache.
     assert summary["cache_fidelity_min"] > 0.999
+
+
+def test_each_model_gets_its_own_input_on_cuda(tiny_config, tmp_path):
+    """A 48 px teacher with CLIP statistics and a 32 px student from one 48 px view, bf16 autocast, fp16 images:
+    the adapters run on the device and the run evaluates head and k-NN, with an EMA (none of it has met a GPU)."""
+    cfg = tiny_config(
+        "train.device=cuda", "train.precision=bf16", "data.output_dtype=float16", "data.teacher_image_size=48",
+        "model.teacher.mean=[0.48145466,0.4578275,0.40821073]", "model.teacher.std=[0.26862954,0.26130258,0.27577711]",
+        "train.ema_decay=0.9", "train.epochs=1", "train.max_steps_per_epoch=2",
+    )  # fmt: skip
+    trainer = Trainer(cfg, CUDA, show_progress=False)
+    batch = next(iter(trainer.stream))
+    assert batch.images.is_cuda and batch.images.dtype == torch.float16 and batch.images.shape[-1] == 48
+    student_view = trainer.student.input(batch.images)
+    assert student_view.is_cuda and student_view.shape[-1] == 32
+    summary = trainer.fit(tmp_path / "run")
+    assert summary["student_knn_top1"] is not None and summary["student_ema_knn_top1"] is not None
+    assert summary["inputs"]["teacher"]["size"] == 48
