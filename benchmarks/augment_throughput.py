@@ -298,12 +298,11 @@ def run(args) -> dict:
                         record_loader("dali_gpu", threads, "cuda", mode, fmt, sync=torch.cuda.synchronize)
         first = next(iter(indexes.values()))
         multi_crop = measure_multi_crop(args, first, params, common) if args.multi_crop else []
-        threads = max(parse_counts(args.dali_threads))
-        files_opened = (
-            [count_opens(fmt, index, args, threads) for fmt, index in indexes.items()]
-            if args.format != ["folder"] and args.open_count_images
-            else []
-        )
+        files_opened = []
+        if args.format != ["folder"] and args.open_count_images:
+            # The counting reader's threads: the most the run measured (2 when it measured no DALI CPU rows).
+            threads = max(parse_counts(args.dali_threads) or [2])
+            files_opened = [count_opens(fmt, index, args, threads) for fmt, index in indexes.items()]
     baseline = {(r["format"], r["workers"]): r["img_per_s"] for r in results if r["backend"] == "torchvision"}
     rate = {(r["backend"], r["workers"], r["decode"], r["format"]): r["img_per_s"] for r in results}
     for r in results:
