@@ -16,7 +16,8 @@ import torch
 
 from dali_kd import console, distributed
 from dali_kd.config import Config
-from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.config.sections import MIX_KEYS
+from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.models import FrozenTeacher, ModelOutput
 from dali_kd.teacher_cache import TeacherCache, files_hash, parts_for
@@ -184,9 +185,7 @@ class CachedTeacher:
         rows = ModelOutput(
             *(None if t is None else t[picked] for t in (out.pooled, out.logits, out.patch_tokens))
         )
-        view = ViewRecord(
-            *(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip", "jitter"))
-        )
+        view = batch.view.take(picked)  # a mixed view's mix part (partner, its view, λ, box) included
         start = time.perf_counter()
         self.cache.write(ids, batch.slots[mask], rows, view, shown_ids=shown)
         self.counters.write_s += time.perf_counter() - start
@@ -261,6 +260,7 @@ def open_teacher_cache(
 ) -> TeacherCache:
     """The teacher cache for this teacher, data and augmentation (rank 0 creates it, the others open it)."""
     train = cfg.train
+    mixed = cfg.data.augment.mix != "none"
     size = cfg.view_size  # the views the cache's records describe (the teacher resizes them to its own input)
     probe = teacher(torch.zeros(1, 3, size, size, device=device), with_patches=with_patches)
     dtype = "float16" if train.cache_dtype == "fp16" else "float32"
@@ -268,7 +268,8 @@ def open_teacher_cache(
     identity = {
         "teacher": teacher_id,
         "image_size": size,
-        "augment": cfg.data.augment.model_dump(mode="json"),
+        # The mix keys only where mixing is on: caches built before they existed stay valid.
+        "augment": cfg.data.augment.model_dump(mode="json", exclude=None if mixed else MIX_KEYS),
         "files": files_hash(train_index.files),
         "num_classes": 0 if probe.logits is None else int(probe.logits.shape[-1]),
         "mode": train.cache_mode,
@@ -282,10 +283,10 @@ def open_teacher_cache(
         identity["teacher_input"] = teacher.input.model.to_dict()
     views = 1 if train.cache_mode == "fixed" else train.cache_views_per_image
     args = (Path(train.teacher_feature_dir), identity, parts, train_index.num_samples, views)
-    cache = TeacherCache(*args, create=True, rebuild=train.cache_rebuild) if is_main else None
+    cache = TeacherCache(*args, create=True, rebuild=train.cache_rebuild, mixed=mixed) if is_main else None
     distributed.barrier()
     if cache is None:
-        cache = TeacherCache(*args, create=False)
+        cache = TeacherCache(*args, create=False, mixed=mixed)
     if train.cache_mode == "fixed" and is_main:
         warnings.warn(
             "train.cache_mode=fixed: the student sees new random views but learns the targets of one fixed view "

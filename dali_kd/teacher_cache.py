@@ -24,13 +24,16 @@ import numpy as np
 import torch
 
 from dali_kd import console
-from dali_kd.data.batch import ViewRecord
+from dali_kd.data.batch import MixRecord, ViewRecord
 from dali_kd.errors import UserError
 from dali_kd.io import os_reason, write_text_atomic
 from dali_kd.models import ModelOutput
 from pipelines import PIPELINE_VERSION
 
 VIEW_FIELDS = 9  # anchor (2), shape (2), flip (1), jitter (4)
+# With data.augment.mix, per row also the mix part of its view record (dali_kd.data.batch.MixRecord): the partner's
+# sample id (int64, its own array) and its view, λ and the box (float32; box coordinates are whole pixels).
+MIX_FIELDS = VIEW_FIELDS + 1 + 4
 FORMAT_VERSION = 1
 # Done bytes: 0 not written, DONE a view of the row's own sample, STAND_IN a view of the image shown in its place.
 DONE = 1
@@ -68,8 +71,9 @@ def parts_for(outputs: list[str], teacher_out: ModelOutput, topk: int | None, dt
     return parts
 
 
-def row_bytes(parts: list[Part]) -> int:
-    return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts) + VIEW_FIELDS * 4 + 1
+def row_bytes(parts: list[Part], mixed: bool = False) -> int:
+    mix = (MIX_FIELDS * 4 + 8) if mixed else 0
+    return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts) + VIEW_FIELDS * 4 + 1 + mix
 
 
 def files_hash(files: tuple[str, ...]) -> str:
@@ -77,7 +81,9 @@ def files_hash(files: tuple[str, ...]) -> str:
 
 
 class TeacherCache:
-    """Open (create, or check and reuse) the cache in `directory` for `num_samples` × `num_views` rows."""
+    """Open (create, or check and reuse) the cache in `directory` for `num_samples` × `num_views` rows.
+
+    mixed: the views are mixed (data.augment.mix): every row also stores its view's mix part."""
 
     def __init__(
         self,
@@ -88,9 +94,11 @@ class TeacherCache:
         num_views: int,
         create: bool,
         rebuild: bool = False,
+        mixed: bool = False,
     ):
         self.dir = Path(directory).expanduser()
         self.parts = parts
+        self.mixed = mixed
         self.num_samples, self.num_views = num_samples, num_views
         self.header = {
             "format": FORMAT_VERSION,
@@ -99,6 +107,8 @@ class TeacherCache:
             "num_samples": num_samples,
             "num_views": num_views,
             "parts": [[p.name, list(p.shape), p.dtype] for p in parts],
+            # Only in a mixed cache's header, so that caches built before mixing existed stay valid.
+            **({"mix_rows": MIX_FIELDS} if mixed else {}),
         }
         header_path = self.dir / "header.json"
         if create:
@@ -121,6 +131,15 @@ class TeacherCache:
         self.arrays = {p.name: self._open(p.name, p.dtype, (num_samples, num_views, *p.shape)) for p in parts}
         self.views = self._open("views", "float32", (num_samples, num_views, VIEW_FIELDS))
         self.done = self._open("done", "uint8", (num_samples, num_views))
+        self.mix_arrays = (
+            {name: self._open(name, dtype, shape) for name, dtype, shape in self._mix_layout()}
+            if mixed
+            else {}
+        )
+
+    def _mix_layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        rows = (self.num_samples, self.num_views)
+        return [("mix_partner", "int64", rows), ("mix", "float32", (*rows, MIX_FIELDS))]
 
     @staticmethod
     def _read_header(path: Path) -> dict | None:
@@ -130,7 +149,7 @@ class TeacherCache:
             return None
 
     def _allocate(self, header_path: Path) -> None:
-        needed = self.num_samples * self.num_views * row_bytes(self.parts)
+        needed = self.num_samples * self.num_views * row_bytes(self.parts, self.mixed)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -151,6 +170,8 @@ class TeacherCache:
             self._create(part.name, part.dtype, (self.num_samples, self.num_views, *part.shape))
         self._create("views", "float32", (self.num_samples, self.num_views, VIEW_FIELDS))
         self._create("done", "uint8", (self.num_samples, self.num_views))
+        for name, dtype, shape in self._mix_layout() if self.mixed else ():
+            self._create(name, dtype, shape)
         # The header last: a cache without one is incomplete and is allocated again.
         write_text_atomic(header_path, json.dumps(self.header, indent=1))
 
@@ -187,6 +208,11 @@ class TeacherCache:
             values["logits"] = out.logits
         rows = {name: values[name].detach().to("cpu").numpy() for name in self.arrays}
         rows["views"] = pack_views(view)
+        if self.mixed:
+            if view.mix is None:
+                raise AssertionError("a mixed cache stores mixed views only")
+            rows["mix_partner"] = view.mix.partner_id.detach().to("cpu").numpy()
+            rows["mix"] = pack_mix(view.mix)
         self._write_rows(rows, sample_ids, slots)
         done = np.full(len(sample_ids), DONE, dtype=np.uint8)
         if shown_ids is not None:
@@ -197,7 +223,7 @@ class TeacherCache:
         """Write rows into the arrays' files and fsync them. Written through the file, not the memory map: a
         block the sparse file cannot get (a full disk) is then an OSError here, where a store into the map would
         kill the process with SIGBUS. The maps see the new rows (one page cache)."""
-        arrays = {**self.arrays, "views": self.views, "done": self.done}
+        arrays = {**self.arrays, **self.mix_arrays, "views": self.views, "done": self.done}
         for name, values in rows.items():
             array = arrays[name]
             values = np.ascontiguousarray(values, dtype=array.dtype).reshape(len(values), -1)
@@ -242,7 +268,18 @@ class TeacherCache:
         return int(self.header["num_classes"])
 
     def read_views(self, sample_ids: np.ndarray, slots: np.ndarray) -> ViewRecord:
-        return unpack_views(self.views[sample_ids, slots])
+        """The stored view records of these rows (a mixed cache's with their mix part), on the host."""
+        view = unpack_views(self.views[sample_ids, slots])
+        if self.mixed:
+            partner_id = np.ascontiguousarray(self.mix_arrays["mix_partner"][sample_ids, slots])
+            view.mix = unpack_mix(partner_id, self.mix_arrays["mix"][sample_ids, slots])
+        return view
+
+    def partners(self, sample_ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The partner sample id each of these rows' views was mixed with (the row's own id in an unmixed cache)."""
+        if not self.mixed:
+            return np.asarray(sample_ids)
+        return np.asarray(self.mix_arrays["mix_partner"][sample_ids, slots])
 
     def is_done(self, sample_ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Whether these rows were written (DONE or STAND_IN)."""
@@ -260,7 +297,7 @@ class TeacherCache:
         return int(np.count_nonzero(self.done))
 
     def nbytes_per_row(self) -> int:
-        return row_bytes(self.parts)
+        return row_bytes(self.parts, self.mixed)
 
 
 def pack_views(view: ViewRecord) -> np.ndarray:
@@ -272,4 +309,20 @@ def unpack_views(rows: np.ndarray) -> ViewRecord:
     t = torch.from_numpy(np.ascontiguousarray(rows))
     return ViewRecord(
         crop_anchor=t[:, 0:2], crop_shape=t[:, 2:4], flip=t[:, 4].round().long(), jitter=t[:, 5:9]
+    )
+
+
+def pack_mix(mix: MixRecord) -> np.ndarray:
+    """A mix part as float32 rows: the partner's view (VIEW_FIELDS), λ, the box (the partner id is stored apart)."""
+    columns = [torch.from_numpy(pack_views(mix.partner_view)), mix.lam.unsqueeze(1), mix.box]
+    return torch.cat([c.detach().float().cpu() for c in columns], dim=1).numpy()
+
+
+def unpack_mix(partner_id: np.ndarray, rows: np.ndarray) -> MixRecord:
+    t = torch.from_numpy(np.ascontiguousarray(rows))
+    return MixRecord(
+        partner_id=torch.from_numpy(partner_id).long(),
+        partner_view=unpack_views(rows[:, :VIEW_FIELDS]),
+        lam=t[:, VIEW_FIELDS].contiguous(),
+        box=t[:, VIEW_FIELDS + 1 :].round().long(),
     )

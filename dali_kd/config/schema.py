@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-from dali_kd.config.sections import DataConfig, ModelConfig, Section, TrainConfig
+from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
 from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
@@ -126,6 +126,11 @@ class Config(Section):
                     "{train.cache_outputs} with {train.cache_teacher_features}: the cache's fidelity probe "
                     "compares the pooled embedding or the logits; add pooled or logits"
                 )
+            if d.augment.mix != "none" and t.cache_mode == "fixed":
+                raise conflict(
+                    "{data.augment.mix} with {train.cache_mode}: fixed mode shows fresh views (and fresh "
+                    "partners) against the targets of one stored mixed view; use train.cache_mode=replay"
+                )
             if t.loss.feature_weight > 0 and "pooled" not in t.cache_outputs:
                 raise conflict(
                     "{train.loss.feature_weight} needs pooled in {train.cache_outputs} with "
@@ -146,7 +151,7 @@ class Config(Section):
 
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
-        return AugmentParams(image_size=self.view_size, **a.model_dump())
+        return AugmentParams(image_size=self.view_size, **a.model_dump(exclude=MIX_KEYS))
 
     def crop_params(self) -> AugmentParams | MultiCropParams:
         """What the training stream makes: one view per image, or (train.use_local_crops) DINO multi-crop."""

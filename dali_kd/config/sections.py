@@ -56,6 +56,26 @@ class AugmentConfig(Section):
     )
     mean: RGB = Field(IMAGENET_MEAN, description="Normalisation mean (RGB, 0-1 scale)")
     std: RGB = Field(IMAGENET_STD, description="Normalisation std (RGB, 0-1 scale)")
+    # Function matching (Beyer et al., CVPR 2022): a mixed image shown to the teacher and the student alike, after
+    # the four augmentations above; done on the device by dali_kd.data.mixing, not by the pipelines.
+    mix: Literal["none", "mixup", "cutmix", "both"] = Field(
+        "none",
+        description="Mix each image with another of its batch after augmentation, for teacher and student alike: "
+        "mixup (a blend), cutmix (a box pasted from the partner), both (each mixed sample picks one of the two "
+        "with probability 0.5) or none",
+    )
+    mix_alpha: float = Field(
+        0.8, gt=0, description="mixup: the blend weight λ of the image itself is drawn from Beta(α, α)"
+    )
+    cutmix_alpha: float = Field(
+        1.0, gt=0, description="cutmix: the kept area fraction λ is drawn from Beta(α, α) (box area 1 - λ)"
+    )
+    mix_prob: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Probability that a sample is mixed (per sample; the others pass unchanged)",
+    )
 
     @field_validator("crop_scale")
     @classmethod
@@ -75,6 +95,10 @@ class AugmentConfig(Section):
         if any(s <= 0 for s in v):
             raise ValueError("every entry must be > 0")
         return v
+
+
+# The AugmentConfig keys of the mixing step (the rest are the DALI/torchvision augmentations: AugmentParams).
+MIX_KEYS = frozenset({"mix", "mix_alpha", "cutmix_alpha", "mix_prob"})
 
 
 class DataConfig(Section):

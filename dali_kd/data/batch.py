@@ -13,6 +13,44 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class MixRecord:
+    """How each image was mixed with a partner image of its batch (data.augment.mix; dali_kd.data.mixing).
+
+    partner_id:   int64 [B], the sample id of the partner image (the sample's own id where it was not mixed).
+    partner_view: the partner's ViewRecord (its crops, in the same layout as the sample's own record).
+    lam:          float32 [B], the weight of the sample's own image in the blend outside the box (mixup: λ;
+                  cutmix and unmixed samples: 1).
+    box:          int64 [B, 4], (top, left, bottom, right) in view pixels (the pipeline's view size), where the
+                  partner's pixels replace the sample's (cutmix); empty (top == bottom) otherwise.
+    mixed = where(in box, partner, lam * own + (1 - lam) * partner).
+    """
+
+    partner_id: torch.Tensor
+    partner_view: ViewRecord
+    lam: torch.Tensor
+    box: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MixRecord:
+        return MixRecord(
+            self.partner_id.to(device, non_blocking=non_blocking),
+            self.partner_view.to(device, non_blocking=non_blocking),
+            self.lam.to(device, non_blocking=non_blocking),
+            self.box.to(device, non_blocking=non_blocking),
+        )
+
+    def take(self, rows: torch.Tensor) -> MixRecord:
+        return MixRecord(self.partner_id[rows], self.partner_view.take(rows), self.lam[rows], self.box[rows])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "partner_id": self.partner_id,
+            **{f"partner_view.{k}": v for k, v in self.partner_view.tensors().items()},
+            "lam": self.lam,
+            "box": self.box,
+        }
+
+
+@dataclass
 class ViewRecord:
     """The parameters of each sample's augmented view; feeding them back renders the same pixels.
 
@@ -21,23 +59,49 @@ class ViewRecord:
     flip:        int64 [B], 1 where the view is mirrored left-right.
     jitter:      float32 [B, 4], (brightness, contrast, saturation, hue) with torchvision's meaning:
                  multiplicative factors and a hue shift in turns; identity is (1, 1, 1, 0).
+    mix:         with data.augment.mix, how the rendered view was then mixed with a partner (else None).
     With multi-crop every field gains a view axis after the batch axis ([B, V, 2], [B, V], [B, V, 4]): the
-    global crops first, then the local ones.
+    global crops first, then the local ones (the mix part's per-sample fields keep [B]: one partner, λ and box
+    for all of a sample's crops).
     """
 
     crop_anchor: torch.Tensor
     crop_shape: torch.Tensor
     flip: torch.Tensor
     jitter: torch.Tensor
+    mix: MixRecord | None = None
+
+    CROP_FIELDS = ("crop_anchor", "crop_shape", "flip", "jitter")
+
+    def _crop_fields(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.CROP_FIELDS}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewRecord:
         return ViewRecord(
-            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+            **{k: v.to(device, non_blocking=non_blocking) for k, v in self._crop_fields().items()},
+            mix=None if self.mix is None else self.mix.to(device, non_blocking=non_blocking),
         )
 
     def select(self, view: int) -> ViewRecord:
         """One crop's record out of a multi-crop record: [B, ...] fields, as a one-view batch has."""
-        return ViewRecord(**{f.name: getattr(self, f.name)[:, view] for f in fields(self)})
+        mix = self.mix
+        if mix is not None:
+            mix = MixRecord(mix.partner_id, mix.partner_view.select(view), mix.lam, mix.box)
+        return ViewRecord(**{k: v[:, view] for k, v in self._crop_fields().items()}, mix=mix)
+
+    def take(self, rows: torch.Tensor) -> ViewRecord:
+        """The records of these rows (an index or a boolean mask over the batch), mix part included."""
+        return ViewRecord(
+            **{k: v[rows] for k, v in self._crop_fields().items()},
+            mix=None if self.mix is None else self.mix.take(rows),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the record by name (the mix part's as mix.<field>)."""
+        found = dict(self._crop_fields())
+        if self.mix is not None:
+            found.update({f"mix.{k}": v for k, v in self.mix.tensors().items()})
+        return found
 
 
 @dataclass
@@ -104,7 +168,7 @@ class Batch:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         if self.view is not None:
-            found.update({f"view.{f.name}": getattr(self.view, f.name) for f in fields(self.view)})
+            found.update({f"view.{name}": t for name, t in self.view.tensors().items()})
         if self.cached_targets is not None:
             targets = self.cached_targets
             found.update({f"cached_targets.{f.name}": getattr(targets, f.name) for f in fields(targets)})

@@ -15,6 +15,11 @@ to (i itself unless i's file was set aside) with r's own row: r never failed, so
 that is not done (or holds another image's view) is never replayed: another view slot of the same image stands
 in, else a same-class image's row (counted in `missing_rows`). A file that fails to decode during replay is set
 aside through the same quarantine and the batch is rendered again with its stand-in's rows.
+
+Mixed views (data.augment.mix): a row's record names the partner image and its view, λ and the box; a replay renders
+the partner's view too and mixes the two as the fill did (dali_kd.data.mixing.mix_images), so the student and the
+fidelity probe see the pixels the cached target was computed on. A row whose partner's file has been set aside
+since cannot be rendered: it counts as not usable, like a row that is not done.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.mixing import mix_images
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.errors import TrainingStopped
@@ -194,6 +200,11 @@ class CachedViewStream:
     def _prepare(self, plan: _Replay) -> tuple[torch.Tensor, ModelOutput, float]:
         """(images, the teacher's cached outputs for them, seconds spent reading those), all on the device."""
         images = self._renderer.render(plan.ids, plan.view)
+        mix = plan.view.mix
+        if mix is not None:
+            partners = self._renderer.render(mix.partner_id.numpy(), mix.partner_view)
+            lam, box = mix.lam.to(images.device), mix.box.to(images.device)
+            images = mix_images(images, partners, lam, box)
         start = time.perf_counter()
         targets = self.cache.read(plan.ids, plan.slots, self.device)
         return images, targets, time.perf_counter() - start
@@ -241,7 +252,7 @@ class CachedViewStream:
         """
         ids = np.array([self.quarantine.resolve(i) for i in stream_ids.tolist()], dtype=np.int64)
         slots = scheduled.copy()
-        usable = self.cache.holds_own_view(ids, slots)
+        usable = self._replayable(ids, slots)
         for k in np.flatnonzero(~usable).tolist():
             ids[k], slots[k] = self._stand_in_row(int(ids[k]), int(slots[k]))
         return ids, slots, int((~usable).sum())
@@ -249,8 +260,18 @@ class CachedViewStream:
     def _own_slot(self, sample_id: int, first: int) -> int | None:
         """The first view slot from `first` on (cyclically) whose row holds a view of sample_id, if any."""
         order = (first + np.arange(self.num_views)) % self.num_views
-        own = self.cache.holds_own_view(np.full(self.num_views, sample_id), order)
+        own = self._replayable(np.full(self.num_views, sample_id), order)
         return int(order[np.argmax(own)]) if own.any() else None
+
+    def _replayable(self, ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Rows that hold a view of their own sample and (mixed views) whose partner's file is still good."""
+        usable = self.cache.holds_own_view(ids, slots)
+        if self.cache.mixed:
+            partners = self.cache.partners(ids, slots)
+            usable &= np.array(
+                [not self.quarantine.is_set_aside(int(p)) for p in partners.tolist()], dtype=bool
+            )
+        return usable
 
     def _stand_in_row(self, sample_id: int, slot: int) -> tuple[int, int]:
         own = self._own_slot(sample_id, slot)

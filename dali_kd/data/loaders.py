@@ -9,6 +9,7 @@ import torch
 from dali_kd.config import Config
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.mixing import MixingStream, MixParams
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
 
@@ -27,7 +28,22 @@ def make_train_stream(
 ) -> TrainStream:
     """The training stream for `data.backend` (the teacher-cache stream when `cache` is given), as a TrainStream
     (dali_kd.data.stream); `state` (an earlier stream's state_dict()) continues that stream exactly where it
-    stopped, with the same runtime substitutions."""
+    stopped, with the same runtime substitutions. With data.augment.mix its batches leave mixed
+    (dali_kd.data.mixing), on every backend."""
+    stream = _backend_stream(cfg, index, device, rank, world_size, state, cache)
+    mix = MixParams.from_config(cfg.data.augment)
+    return stream if mix is None else MixingStream(stream, mix, cfg.train.seed, rank, state)
+
+
+def _backend_stream(
+    cfg: Config,
+    index: ImageIndex,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    state: dict | None,
+    cache,
+) -> TrainStream:
     if state is not None and state.get("backend") != cfg.data.backend:
         raise UserError(
             f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
