@@ -1,4 +1,7 @@
-"""The embedded demo's dataset: synthetic shape and texture classes, written as an ImageFolder tree of JPEGs."""
+"""The embedded demo's dataset: synthetic shape and texture classes, written as an ImageFolder tree of JPEGs.
+
+Two class sets: `shapes` (the demo: ten classes that differ in kind) and `fine` (a harder set for benchmarks: five
+pairs that differ in one detail each, such as a circle and an ellipse, drawn among random line clutter)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,22 @@ CLASS_NAMES = (
     "grid",
 )
 
+# The harder set: each class has a near twin (aspect, corners, a second ring, a 45-degree turn), and the random
+# resized crop's aspect jitter can make a circle look like an ellipse, so the labels need the finer cues.
+FINE_CLASS_NAMES = (
+    "circle",
+    "ellipse",
+    "square",
+    "rectangle",
+    "triangle",
+    "hexagon",
+    "ring",
+    "double_ring",
+    "plus",
+    "x_cross",
+)
+CLASS_SETS = {"shapes": CLASS_NAMES, "fine": FINE_CLASS_NAMES}
+
 MARKER_NAME = "COMPLETE"
 _MARKER_TMP = f".{MARKER_NAME}.tmp"
 SPLITS = ("train", "val")
@@ -39,8 +58,15 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _params(num_classes: int, train_per_class: int, val_per_class: int, image_size: int, seed: int) -> dict:
-    return {
+def _params(
+    num_classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    image_size: int,
+    seed: int,
+    classes: str = "shapes",
+) -> dict:
+    params = {
         "format_version": FORMAT_VERSION,
         "num_classes": int(num_classes),
         "train_per_class": int(train_per_class),
@@ -48,12 +74,21 @@ def _params(num_classes: int, train_per_class: int, val_per_class: int, image_si
         "image_size": int(image_size),
         "seed": int(seed),
     }
+    # Named only when not the demo's, so demo datasets already on disk keep matching their marker.
+    return params if classes == "shapes" else {**params, "classes": classes}
+
+
+def _class_names(params: dict) -> tuple[str, ...]:
+    return CLASS_SETS[params.get("classes", "shapes")]
 
 
 def _validate(params: dict) -> None:
-    if not 2 <= params["num_classes"] <= len(CLASS_NAMES):
+    classes = params.get("classes", "shapes")
+    if classes not in CLASS_SETS:
+        raise ValueError(f"demo data: classes must be one of {', '.join(CLASS_SETS)}, got {classes!r}")
+    if not 2 <= params["num_classes"] <= len(CLASS_SETS[classes]):
         raise ValueError(
-            f"demo data: num_classes must be in [2, {len(CLASS_NAMES)}], got {params['num_classes']}"
+            f"demo data: num_classes must be in [2, {len(CLASS_SETS[classes])}], got {params['num_classes']}"
         )
     for key in ("train_per_class", "val_per_class"):
         if params[key] < 1:
@@ -64,11 +99,11 @@ def _validate(params: dict) -> None:
         raise ValueError(f"demo data: seed must be >= 0, got {params['seed']}")
 
 
-def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _colour_pair(rng: np.random.Generator, min_gap: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     # A luminance gap keeps the shape visible in grey and after jitter; the hues themselves carry no label.
     while True:
         fg, bg = rng.uniform(0.0, 1.0, size=(2, 3)).astype(np.float32)
-        if abs(float(fg @ _LUMA) - float(bg @ _LUMA)) >= 0.3:
+        if abs(float(fg @ _LUMA) - float(bg @ _LUMA)) >= min_gap:
             return fg, bg
 
 
@@ -80,6 +115,22 @@ def _soft(inside: np.ndarray) -> np.ndarray:
 def _periodic(coord: np.ndarray, period: float, phase: float) -> np.ndarray:
     """Signed distance-like wave: positive on the bands, slope one pixel per pixel at the edges."""
     return period / (2 * math.pi) * np.sin(2 * math.pi * coord / period + phase)
+
+
+def _polygon(u: np.ndarray, v: np.ndarray, sides: int, inradius: float) -> np.ndarray:
+    """Signed distance-like field of a regular polygon (positive inside), centred at u = v = 0."""
+    edges = [inradius - (u * math.cos(a) + v * math.sin(a)) for a in np.arange(sides) * 2 * math.pi / sides]
+    return np.minimum.reduce(edges)
+
+
+def _ring(distance: np.ndarray, radius: float, half_width: float) -> np.ndarray:
+    return half_width - np.abs(distance - radius)
+
+
+def _cross(u: np.ndarray, v: np.ndarray, arm: float, half_width: float) -> np.ndarray:
+    bar_h = np.minimum(half_width - np.abs(v), arm - np.abs(u))
+    bar_v = np.minimum(half_width - np.abs(u), arm - np.abs(v))
+    return np.maximum(bar_h, bar_v)
 
 
 def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -103,26 +154,41 @@ def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "ring":
         radius = rng.uniform(0.24, 0.38) * s
         half_width = rng.uniform(0.035, 0.06) * s
-        return _soft(half_width - np.abs(np.hypot(xx - cx, yy - cy) - radius))
+        return _soft(_ring(np.hypot(xx - cx, yy - cy), radius, half_width))
     if kind == "square":
         u, v = rotated(any_turn)
         half_side = rng.uniform(0.18, 0.3) * s
         return _soft(half_side - np.maximum(np.abs(u), np.abs(v)))
     if kind == "triangle":
         u, v = rotated(any_turn)
-        inradius = rng.uniform(0.13, 0.2) * s
-        sides = [
-            inradius - (u * math.cos(a) + v * math.sin(a)) for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)
-        ]
-        return _soft(np.minimum(np.minimum(sides[0], sides[1]), sides[2]))
-    if kind == "cross":
-        # Kept near upright: at 45 degrees a plus would become an x, which is still a cross but needlessly varied.
+        return _soft(_polygon(u, v, 3, rng.uniform(0.13, 0.2) * s))
+    if kind in ("cross", "plus"):
+        # Kept near upright: at 45 degrees a plus would become an x (the fine set's x_cross).
         u, v = rotated(math.radians(rng.uniform(-15.0, 15.0)))
-        arm = rng.uniform(0.26, 0.4) * s
-        half_width = rng.uniform(0.06, 0.1) * s
-        bar_h = np.minimum(half_width - np.abs(v), arm - np.abs(u))
-        bar_v = np.minimum(half_width - np.abs(u), arm - np.abs(v))
-        return _soft(np.maximum(bar_h, bar_v))
+        return _soft(_cross(u, v, rng.uniform(0.26, 0.4) * s, rng.uniform(0.06, 0.1) * s))
+    # The fine set's twins: the same drawing as their partner class but for one detail.
+    if kind == "x_cross":
+        u, v = rotated(math.radians(45.0 + rng.uniform(-15.0, 15.0)))
+        return _soft(_cross(u, v, rng.uniform(0.26, 0.4) * s, rng.uniform(0.06, 0.1) * s))
+    if kind == "ellipse":
+        u, v = rotated(any_turn)
+        radius, aspect = rng.uniform(0.22, 0.38) * s, rng.uniform(0.5, 0.65)
+        # Distance along the minor axis's scale: a close enough stand-in for the true distance at these aspects.
+        return _soft(radius * aspect * (1.0 - np.hypot(u / radius, v / (radius * aspect))))
+    if kind == "rectangle":
+        u, v = rotated(any_turn)
+        half_long = rng.uniform(0.2, 0.32) * s
+        half_short = half_long * rng.uniform(0.45, 0.6)
+        return _soft(np.minimum(half_long - np.abs(u), half_short - np.abs(v)))
+    if kind == "hexagon":
+        u, v = rotated(any_turn)
+        return _soft(_polygon(u, v, 6, rng.uniform(0.18, 0.3) * s))
+    if kind == "double_ring":
+        distance = np.hypot(xx - cx, yy - cy)
+        outer = rng.uniform(0.3, 0.4) * s
+        half_width = rng.uniform(0.025, 0.04) * s
+        inner = outer * rng.uniform(0.5, 0.65)
+        return _soft(np.maximum(_ring(distance, outer, half_width), _ring(distance, inner, half_width)))
     if kind == "stripes_h":
         _, v = rotated(small_turn)
         return _soft(_periodic(v, rng.uniform(0.12, 0.25) * s, rng.uniform(0, 2 * math.pi)))
@@ -154,27 +220,47 @@ def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     raise AssertionError(f"unknown demo class {kind!r}")
 
 
-def render_demo_image(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One random image of class `kind`: uint8 [size, size, 3]."""
-    fg, bg = _colour_pair(rng)
+def _clutter(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Coverage of 3 to 6 thin straight segments anywhere in the image: edges that belong to no class."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    coverage = np.zeros((size, size), dtype=np.float32)
+    for _ in range(int(rng.integers(3, 7))):
+        start = rng.uniform(0, size, size=2)
+        angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.15, 0.45) * size
+        direction = np.array([math.cos(angle), math.sin(angle)])
+        # Distance to the segment: project onto it, clamp to its ends.
+        t = np.clip((xx - start[0]) * direction[0] + (yy - start[1]) * direction[1], 0.0, length)
+        distance = np.hypot(xx - start[0] - t * direction[0], yy - start[1] - t * direction[1])
+        coverage = np.maximum(coverage, _soft(rng.uniform(0.6, 1.2) - distance))
+    return coverage
+
+
+def render_demo_image(kind: str, size: int, rng: np.random.Generator, clutter: bool = False) -> np.ndarray:
+    """One random image of class `kind`: uint8 [size, size, 3]; `clutter` (the fine set) draws random segments
+    over it in a third colour and narrows the luminance gap between shape and background."""
+    fg, bg = _colour_pair(rng, min_gap=0.2 if clutter else 0.3)
     alpha = _coverage(kind, size, rng)[..., None]
     # A smooth lighting gradient and sensor-like noise keep the task from being solved by exact pixel values.
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     angle = rng.uniform(0, 2 * math.pi)
     gradient = rng.uniform(0.0, 0.3) * (math.cos(angle) * xx + math.sin(angle) * yy)
     image = bg * (1 - alpha) + fg * alpha + gradient[..., None]
+    if clutter:
+        lines = _clutter(size, rng)[..., None]
+        image = image * (1 - lines) + rng.uniform(0.0, 1.0, size=3).astype(np.float32) * lines
     image += rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
     return (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
 def _write_split(folder: Path, split: str, count: int, params: dict) -> None:
-    for label, kind in enumerate(CLASS_NAMES[: params["num_classes"]]):
+    clutter = params.get("classes", "shapes") != "shapes"
+    for label, kind in enumerate(_class_names(params)[: params["num_classes"]]):
         class_dir = folder / split / kind
         class_dir.mkdir(parents=True)
         for i in range(count):
             # One generator per image: an image does not change when the counts of other classes or splits do.
             rng = np.random.default_rng([params["seed"], _SPLIT_CODES[split], label, i])
-            pixels = render_demo_image(kind, params["image_size"], rng)
+            pixels = render_demo_image(kind, params["image_size"], rng, clutter)
             Image.fromarray(pixels).save(class_dir / f"{i:05d}.jpg", quality=JPEG_QUALITY)
 
 
@@ -192,10 +278,12 @@ def demo_dataset_ready(
     val_per_class: int = 40,
     image_size: int = 96,
     seed: int = 0,
+    classes: str = "shapes",
 ) -> bool:
     """True when root holds a complete demo dataset made with exactly these parameters."""
     return _ready(
-        Path(root).expanduser(), _params(num_classes, train_per_class, val_per_class, image_size, seed)
+        Path(root).expanduser(),
+        _params(num_classes, train_per_class, val_per_class, image_size, seed, classes),
     )
 
 
@@ -233,6 +321,7 @@ def make_demo_dataset(
     val_per_class: int = 40,
     image_size: int = 96,
     seed: int = 0,
+    classes: str = "shapes",
 ) -> Path:
     """Write root/{train,val}/<class>/<i>.jpg and then root/COMPLETE; a no-op when that dataset is already there.
 
@@ -240,7 +329,7 @@ def make_demo_dataset(
     interrupted run leaves no marker and the next call regenerates.
     """
     root = Path(root).expanduser()
-    params = _params(num_classes, train_per_class, val_per_class, image_size, seed)
+    params = _params(num_classes, train_per_class, val_per_class, image_size, seed, classes)
     _validate(params)
     if _ready(root, params):
         return root

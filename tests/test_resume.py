@@ -97,6 +97,13 @@ def reference(base_args, tmp_path_factory):
 VARIANTS = {
     "torchvision": ["data.backend=torchvision", "train.num_workers=2"],
     "multi-crop": ["train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2"],
+    # Function matching through the command line: the mix draws follow the batch number the checkpoint restores.
+    "mixed-multi-crop": [
+        "train.use_local_crops=true",
+        "data.local_crop_size=16",
+        "data.num_local_crops=2",
+        "data.augment.mix=both",
+    ],
 }
 
 
@@ -121,6 +128,7 @@ VARIANTS = {
         ),  # SIGKILL in the epoch-2 evaluation, before its epoch-end checkpoint
         ("kill-before-step", 11, 9, "torchvision"),
         ("kill-before-step", 7, 6, "multi-crop"),
+        ("kill-before-step", 11, 9, "mixed-multi-crop"),
     ],
 )
 def test_sigkill_then_resume_matches_the_uninterrupted_run(
