@@ -12,6 +12,7 @@ import torch
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
+from dali_kd.data.mixing import mix_images
 from dali_kd.trainer import Trainer
 from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
@@ -21,6 +22,7 @@ from gpu_paths import make_watcher, off_device_fields  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
 MULTI_CROP = ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2")
 STREAMS = {
     "dali": (),
@@ -151,3 +153,29 @@ def test_each_model_gets_its_own_input_on_cuda(tiny_config, tmp_path):
     summary = trainer.fit(tmp_path / "run")
     assert summary["student_knn_top1"] is not None and summary["student_ema_knn_top1"] is not None
     assert summary["inputs"]["teacher"]["size"] == 48
+
+
+def test_mixed_views_on_cuda_replay_from_their_record(tiny_config, tmp_path):
+    """Function matching on the GPU: the mixing step runs on CUDA after DALI's mixed decoder, the record renders the
+    same mixed pixels again (to the GPU decoder's rounding), mixed multi-crop trains, and a cached run replays
+    mixed views (none of it has met a GPU)."""
+    cfg = tiny_config("train.device=cuda", "data.augment.mix=both", "train.epochs=1")
+    trainer = Trainer(cfg, CUDA, show_progress=False)
+    batch = next(iter(trainer.stream))
+    mix = batch.view.mix
+    assert batch.images.is_cuda and mix is not None and mix.lam.is_cuda
+    renderer = DaliViewRenderer(trainer.train_index, cfg.augment_params(), len(batch), device="cuda")
+    own = renderer.render(batch.sample_ids.cpu().numpy(), batch.view.to(CPU))
+    partner = renderer.render(mix.partner_id.cpu().numpy(), mix.partner_view.to(CPU))
+    again = mix_images(own, partner, mix.lam, mix.box)
+    assert (again.float() - batch.images.float()).abs().max() < 0.05
+    trainer.stream.close()
+    multi_crop = tiny_config("train.device=cuda", "data.augment.mix=both", *MULTI_CROP, "train.epochs=1")
+    assert Trainer(multi_crop, CUDA, show_progress=False).fit(tmp_path / "multi-crop")["steps"] > 0
+    cached = tiny_config(
+        "train.device=cuda", "data.augment.mix=mixup", "train.cache_teacher_features=true",
+        f"train.teacher_feature_dir={tmp_path / 'cache'}", "train.cache_views_per_image=1", "train.epochs=3",
+        "train.max_steps_per_epoch=6", "train.cache_probe_every_n_steps=2",
+    )  # fmt: skip
+    summary = Trainer(cached, CUDA, show_progress=False).fit(tmp_path / "run")
+    assert summary["cache_hits"] > 0 and summary["cache_fidelity_min"] > 0.999
