@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dali_kd.cli import CommandLineParser
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, Config, load_config
+from dali_kd.config.presets import find_preset
 from dali_kd.errors import TrainingStopped, UserError
 
 if TYPE_CHECKING:
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_config", type=Path, help="data YAML (default: the demo's)")
     parser.add_argument("--train_config", type=Path, help="train YAML (default: the demo's)")
     parser.add_argument("--model_config", type=Path, help="model YAML (default: the demo's)")
+    parser.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        metavar="NAME|PATH",
+        help="a preset YAML (or the name of one in configs/presets, e.g. function_matching) applied over the three "
+        "files; repeatable, in order; KEY=VALUE overrides still win",
+    )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="overrides train.device")
     parser.add_argument("--max_steps_per_epoch", type=int, help="overrides train.max_steps_per_epoch")
     parser.add_argument(
@@ -159,16 +168,24 @@ def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
     return result
 
 
-def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
-    """Train as the command line says; callbacks (dali_kd.callbacks.Callback) watch the run."""
-    # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
-    args = build_parser().parse_intermixed_args(argv)
+def config_from_args(args: argparse.Namespace) -> tuple[Config, list[Path]]:
+    """The run's config as the parsed command line gives it (files < presets < flags and KEY=VALUE), and the
+    preset files that went into it."""
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
     if args.max_steps_per_epoch is not None:
         overrides.append(f"train.max_steps_per_epoch={args.max_steps_per_epoch}")
-    cfg = load_config(args.data_config, args.train_config, args.model_config, overrides)
+    presets = [find_preset(p) for p in args.preset]
+    cfg = load_config(args.data_config, args.train_config, args.model_config, overrides, presets=presets)
+    return cfg, presets
+
+
+def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Train as the command line says; callbacks (dali_kd.callbacks.Callback) watch the run."""
+    # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
+    args = build_parser().parse_intermixed_args(argv)
+    cfg, presets = config_from_args(args)
 
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
     from dali_kd import distributed
@@ -182,6 +199,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
     mode = choose_mode(args.quiet, args.no_progress) if info.is_main else "quiet"
     with Console(mode, log=RunLog() if info.is_main else None) as out:
+        if presets:
+            # The resolved config.yaml holds what they set; this line (and train.log) says where it came from.
+            out.info(
+                f"presets: {', '.join(map(str, presets))} (over the config files; KEY=VALUE overrides win)"
+            )
         try:
             return _train(args, cfg, info, out, callbacks)
         except BaseException as e:

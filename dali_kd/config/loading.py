@@ -1,5 +1,5 @@
-"""Loading a config: three YAML files plus KEY=VALUE overrides, validated; the first problem becomes one
-`UserError` line naming where it was set and the dotted key(s), with a did-you-mean for typos."""
+"""Loading a config: three YAML files, presets over them, then KEY=VALUE overrides, validated; the first problem
+becomes one `UserError` line naming where it was set and the dotted key(s), with a did-you-mean for typos."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from dali_kd.config.presets import find_preset
 from dali_kd.config.schema import Config, ConfigConflict
 from dali_kd.config.sections import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES
 from dali_kd.errors import UserError
@@ -114,7 +115,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def _parse_file(path: Path) -> Any:
+    """A YAML file's contents (anything, None for an empty file); unreadable, not UTF-8 or not YAML: a UserError."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -136,6 +138,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    data = _parse_file(path)
     if data is None:
         # An empty file would silently mean "all defaults" (and a missing data.root further on): say so here.
         raise UserError(
@@ -147,14 +154,60 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_preset(path: Path) -> dict[str, dict[str, Any]]:
+    """A preset file: top-level sections among data/train/model, each a mapping of the keys it sets (nested as in
+    the section files); anything else is one UserError naming the file."""
+    data = _parse_file(path)
+    if data is None:
+        raise UserError(
+            f"{path}: no settings in the preset (empty or only comments); a preset holds sections data:, train: "
+            "or model: with the keys it sets, e.g. data: {augment: {mix: mixup}}"
+        )
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections (data:, train:, model:) at the top level")
+    for section, keys in data.items():
+        if section not in SECTION_FILES:
+            close = difflib.get_close_matches(str(section), list(SECTION_FILES), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(
+                f"{path}: unknown section '{section}' ({hint}a preset holds data:, train: and/or model:)"
+            )
+        if not isinstance(keys, dict) or not keys:
+            raise UserError(
+                f"{path}: {section}: expected a mapping of the {section} keys the preset sets (got {keys!r})"
+            )
+    return data
+
+
+def _apply_preset(node: dict[str, Any], keys: dict[str, Any], prefix: str, where: str, sources: dict) -> None:
+    """Deep-merge a preset's keys into the raw config: a mapping merges into the section below it, a value
+    replaces; every key it sets (and every section it makes) is recorded as set by `where`, so an error in it
+    names the preset."""
+    for key, value in keys.items():
+        dotted = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            child = node.get(key)
+            if not isinstance(child, dict):
+                # A section the preset made (or a value it turned into one) is the preset's: an unknown
+                # section's error names the preset, not the file.
+                child = node[key] = {}
+                sources[dotted] = where
+            _apply_preset(child, value, dotted, where, sources)
+        else:
+            node[key] = value
+            sources[dotted] = where
+
+
 def load_config(
     data_config: Path | None = None,
     train_config: Path | None = None,
     model_config: Path | None = None,
     overrides: list[str] = (),  # type: ignore[assignment]
     config_dir: Path = DEMO_CONFIG_DIR,
+    presets: list[str | Path] = (),  # type: ignore[assignment]
 ) -> Config:
-    """Read the three files (a missing flag takes the file of that name in config_dir), apply overrides, validate."""
+    """Read the three files (a missing flag takes the file of that name in config_dir), then each preset in order
+    (a path, or a name in configs/presets), then the overrides, which win; validate."""
     paths = {
         "data": Path(data_config) if data_config else config_dir / SECTION_FILES["data"],
         "train": Path(train_config) if train_config else config_dir / SECTION_FILES["train"],
@@ -162,6 +215,10 @@ def load_config(
     }
     raw: dict[str, Any] = {section: read_yaml(path) for section, path in paths.items()}
     sources: dict[str, str] = {section: str(path) for section, path in paths.items()}
+    for preset in presets:
+        path = find_preset(preset)
+        for section, keys in read_preset(path).items():
+            _apply_preset(raw[section], keys, section, str(path), sources)
     for item in overrides:
         keys, value = parse_override(item)
         if keys[0] not in raw:
