@@ -351,3 +351,39 @@ def test_augment_throughput_measures_folder_and_shards_of_the_same_images(tmp_pa
     assert 500 <= opened["folder"]["per_1000_images"] <= 1500, opened
     assert opened["shards"]["per_1000_images"] <= opened["folder"]["per_1000_images"] / 4, opened
     assert "× folder" in (tmp_path / "augment.md").read_text()
+
+
+@pytest.mark.slow
+def test_function_matching_quick_runs_each_arm_and_tabulates_the_difference(tmp_path):
+    """benchmarks/function_matching.py --quick: a tiny fine set and its teacher are made, each arm is a real
+    dali_kd.train run whose mixing setting reached its config, and the report pairs every mixed arm with the
+    unmixed run of the same dataset and schedule."""
+    out = tmp_path / "fm"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "function_matching.py"),
+            "--quick",
+            "--datasets",
+            "fine",
+            "--arms",
+            "off,on+cache",
+            "--cache-views",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "fm.json"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "fm.json").read_text())["results"]
+    assert [r["mix"] for r in rows] == ["none", "mixup+cache2"]
+    assert all(r["steps"] == 2 and r["student_knn_top1"] is not None for r in rows)
+    mixed = (out / "fine-x1-mixup+cache2" / "config.yaml").read_text()
+    assert "mix: mixup" in mixed and "cache_views_per_image: 2" in mixed
+    assert "mix: none" in (out / "fine-x1-none" / "config.yaml").read_text()
+    assert "| fine | 1× | mixup+cache2 |" in result.stdout
