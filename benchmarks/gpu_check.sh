@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared visit to a lent GPU machine (one H200 with 16 CPU cores; see ../shared/GPU.md), most important part
-# first, every part under its own time limit and all of them within BUDGET_S (270 s on the GPU):
+# first, every part under its own time limit and all of them within BUDGET_S (285 s on the GPU):
 #   1. the `gpu` tests (tests/test_gpu.py, tests/test_decode_options.py)
 #   2. a few training steps of every path, student compiled (benchmarks/gpu_paths.py): DALI and torchvision
 #      online, DALI teacher cache fill + replay, DALI and torchvision multi-crop
@@ -41,12 +41,14 @@ if [ "$DRY_RUN" != 1 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .devwhl/extra/*.whl
   fi
   export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  BUDGET_S=${BUDGET_S:-270}
+  BUDGET_S=${BUDGET_S:-285}
   WORK=${WORK:-${TMPDIR:-/tmp}/dali_kd_gpu_check}
   NUM_IMAGES=4096  # 16 steps a pass at batch 256; ~10 s to make on 16 cores, while the gpu tests run
-  # Seconds per part, 270 in all; the compiling parts get most (a cold torch.compile: one graph for the reference
+  # Seconds per part, 285 in all; the compiling parts get most (a cold torch.compile: one graph for the reference
   # student, two for the paths' tiny student; the cache part reuses the reference's from the on-disk cache).
   LIMIT_TESTS=40 LIMIT_PATHS=55 LIMIT_REFERENCE=85 LIMIT_CACHE=40 LIMIT_AUGMENT=25 LIMIT_MULTI_CROP=25
+  LIMIT_MIX=15
+  MIX=(--device cuda --batch-size 256 --size 224 --dtype float16 --repeats 50)
   PATHS=(--device cuda --num-images 256 --batch-size 32 --steps 6 --image-size 64 --local-size 32 --local-crops 8
          --workers 8 --dali-threads 8)
   STEP=(--teacher vit_base_patch16_224 --student vit_small_patch16_224 --image-size 224 --batch-size 256
@@ -65,6 +67,8 @@ else
   WORK=${WORK:-${TMPDIR:-/tmp}/dali_kd_gpu_check_dry}
   NUM_IMAGES=32  # 4 steps a pass at batch 8
   LIMIT_TESTS=60 LIMIT_PATHS=120 LIMIT_REFERENCE=90 LIMIT_CACHE=120 LIMIT_AUGMENT=90 LIMIT_MULTI_CROP=90
+  LIMIT_MIX=60
+  MIX=(--device cpu --batch-size 8 --size 32 --repeats 3)
   # torch.compile's eager backend: every path still traces compiled, without minutes of C++ code generation.
   PATHS=(--device cpu --data "$WORK/data" --batch-size 8 --steps 3 --image-size 32 --local-size 16 --local-crops 2
          --workers 0 --dali-threads 2 --compile-backend eager)
@@ -151,6 +155,9 @@ run_part reference_step "$LIMIT_REFERENCE" python3 benchmarks/train_throughput.p
 
 run_part cache_step "$LIMIT_CACHE" python3 benchmarks/train_throughput.py "${STEP[@]}" "${CACHE[@]}" \
   --data "$WORK/data" --json "$OUT/cache_step.json"
+
+# Function matching's mixing step per batch, at the reference step's batch and size (its share of that step).
+run_part mix_cost "$LIMIT_MIX" python3 benchmarks/mix_cost.py "${MIX[@]}" --json "$OUT/mix_cost.json"
 
 run_part augment "$LIMIT_AUGMENT" python3 benchmarks/augment_throughput.py "${AUGMENT[@]}" --data "$WORK/data" \
   --json "$OUT/augment.json"

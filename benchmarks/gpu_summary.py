@@ -23,6 +23,7 @@ REFERENCE_MAX_STEP_MS = 40.0  # 2x the 20 ms compute floor of ViT-B/16 -> ViT-S/
 REFERENCE_MAX_STALL_PCT = 3.0
 CACHED_MAX_VS_STUDENT_ONLY = 1.15
 MULTI_CROP_MAX_COST = 1.5
+MIX_MAX_SHARE_PCT = 2.0  # issue 17: mixing "should be noise on the GPU": at most 2% of the reference step
 
 
 # ---- summary ------------------------------------------------------------------------------------------------------
@@ -218,6 +219,32 @@ def summarize(out: Path) -> dict[str, Any]:
             verdict(ratio, CACHED_MAX_VS_STUDENT_ONLY, True, device),
         )
 
+    # function matching's mixing step, as a share of the reference step (same batch and view size)
+    report = read_json(out / "mix_cost.json")
+    target = f"≤ {MIX_MAX_SHARE_PCT:.0f}% of the reference step"
+    if report is None:
+        row("mixing per batch / reference step", why_missing(out, "mix_cost"), target, "not measured")
+    else:
+        worst = max(report["ms"].values())
+        parts["mix_cost"] = report
+        figure = ", ".join(f"{kind} {ms:.2f}" for kind, ms in report["ms"].items())
+        figure += f" ms per batch of {report['batch_size']} × {report['size']}² ({report['device']})"
+        if ref is None:
+            row(
+                "mixing per batch / reference step",
+                f"{figure}; no reference step to compare",
+                target,
+                "not measured",
+            )
+        else:
+            share = 100 * worst / ref["step_ms"]
+            row(
+                "mixing per batch / reference step",
+                f"{share:.2f}% ({figure}; step {ref['step_ms']:.1f} ms)",
+                target,
+                verdict(share, MIX_MAX_SHARE_PCT, True, report["device"]),
+            )
+
     # augmentation
     report = read_json(out / "augment.json")
     if report is None:
@@ -287,7 +314,7 @@ def summarize(out: Path) -> dict[str, Any]:
     return summary
 
 
-PARTS = ("gpu_tests", "paths", "reference_step", "cache_step", "augment", "multi_crop")
+PARTS = ("gpu_tests", "paths", "reference_step", "cache_step", "mix_cost", "augment", "multi_crop")
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -147,6 +147,9 @@ def write_visit(out: Path, **overrides) -> Path:
             ],
             "ratios": {"cached_vs_student_only_step": 1.2},
         },
+        "mix_cost.json": {
+            "device": "cuda", "batch_size": 256, "size": 224, "ms": {"mixup": 0.3, "cutmix": 0.25, "both": 0.4},
+        },
         "augment.json": {
             "settings": {"image_size": 224},
             "results": [
@@ -184,6 +187,7 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
         ("reference step ms/step", "yes"),  # 38 ms <= 40
         ("reference step data stall", "yes"),  # 2.5% < 3%
         ("cached step / student-only step", "no"),  # 1.2 > 1.15
+        ("mixing per batch / reference step", "yes"),  # the worst kind, 0.4 ms of 38 ms: 1.05% <= 2%
         ("DALI GPU augmentation, 224 px", "yes"),  # the loader's best, 13,000 >= 12,000
         ("DALI GPU / torchvision 16 workers", "yes"),  # 13,000 / 3,000 = 4.3
         ("multi-crop cost per image vs 2 global (dali_gpu)", "no"),  # 1.6 > 1.5
@@ -191,6 +195,9 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
     measured = {row["part"]: row["measured"] for row in summary["targets"]}
     assert "GPU JPEG decoder 41%" in measured["reference step ms/step"]
     assert "window/full 1.18×" in measured["DALI GPU augmentation, 224 px"]
+    assert measured["mixing per batch / reference step"].startswith(
+        "1.05% (mixup 0.30, cutmix 0.25, both 0.40 ms"
+    )
     assert (tmp_path / "out" / "gpu_check.md").read_text().count("\n") == 2 + len(met)
 
 
@@ -226,6 +233,9 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
     assert rows["DALI GPU augmentation, 224 px"]["met"] == "no"  # 11,000 < 12,000
     assert rows["DALI GPU / torchvision 16 workers"]["met"] == "no"  # 2.75x < 4x
     assert rows["multi-crop cost per image vs 2 global"]["measured"] == "not measured: not started"
+    # The mixing step's share needs the reference step it is a share of.
+    assert rows["mixing per batch / reference step"]["met"] == "not measured"
+    assert "no reference step to compare" in rows["mixing per batch / reference step"]["measured"]
 
 
 def test_throughput_leaves_out_warm_up_and_checkpoint_intervals():
