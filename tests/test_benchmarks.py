@@ -102,7 +102,9 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     met = {row["part"].split(" (")[0]: row["met"] for row in summary["targets"]}
     assert met["training paths"] == "yes" and met["gpu tests"] == "n/a (skipped: no GPU)"
     assert len(summary["targets"]) == 9
-    assert met["mixing per batch / reference step"] == "n/a (not on a GPU)", "the mix_cost part ran and was read"
+    assert met["mixing per batch / reference step"] == "n/a (not on a GPU)", (
+        "the mix_cost part ran and was read"
+    )
     assert all(row["met"] == "n/a (not on a GPU)" for row in summary["targets"][2:]), summary["targets"]
     table = (out / "gpu_check.md").read_text().strip()
     assert result.stdout.strip().endswith(table) and table.startswith("| part | measured | target | met? |")
