@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from dali_kd.config import Config, resume_free_keys
+from dali_kd.config import NO_DEFAULT, Config, key_default, resume_free_keys
 from dali_kd.errors import UserError
 from dali_kd.io import WriteFailed, atomic_write
 
@@ -198,6 +198,23 @@ def data_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None
     return f"the data changed since the checkpoint: {saved['count']} files then, {now['count']} now ({how})"
 
 
+def config_changes(state: dict[str, Any], cfg: Config) -> list[str]:
+    """The dotted keys whose value differs from the checkpoint's config, sorted.
+
+    A key the checkpoint's config lacks (a newer dali_kd added it) counts as changed only when it is set away from
+    its default: upgrading dali_kd in the middle of a run must not make the run's own checkpoints unresumable."""
+    if state["config_hash"] == config_hash(cfg):
+        return []
+    saved, now = state["config_fingerprint"], config_fingerprint(cfg)
+    missing = object()
+    return sorted(
+        key
+        for key in set(saved) | set(now)
+        if saved.get(key, missing) != now.get(key, missing)
+        and not (key not in saved and key_default(key) is not NO_DEFAULT and key_default(key) == now[key])
+    )
+
+
 def check_compatible(
     state: dict[str, Any],
     cfg: Config,
@@ -228,10 +245,8 @@ def check_compatible(
             f"(weights {state['teacher']['weights_hash']}), this run has {teacher_id['name']} "
             f"(weights {teacher_id['weights_hash']}); pass --allow-config-change to resume anyway"
         )
-    if state["config_hash"] != config_hash(cfg):
-        saved = state["config_fingerprint"]
-        now = config_fingerprint(cfg)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    changed = config_changes(state, cfg)
+    if changed:
         raise UserError(
             f"--resume {path}: the config differs from the checkpoint's in {', '.join(changed[:5])}; "
             "pass --allow-config-change to resume anyway"

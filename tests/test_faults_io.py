@@ -11,6 +11,7 @@ Run as a script, this module is a `dali_kd.train` whose output disk fills up aft
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -361,6 +362,49 @@ def test_a_resume_on_a_changed_file_list_is_refused_or_warned(trained, image_tre
     torch.save(state, changed)
     build_run(cfg, torch.device("cpu"), DistInfo(), resume_from=changed).stream.close()
     assert "warning" not in capsys.readouterr().out
+
+
+# ---- a checkpoint from an older dali_kd ------------------------------------------------------------------------
+def test_a_checkpoint_from_before_new_config_keys_resumes(trained, image_tree, tmp_path):
+    """Upgrading dali_kd mid-run adds config keys (this round: data.augment.mix and its three); the checkpoint's
+    config lacks them. Left at their defaults they train what the old version trained, so the run resumes; set
+    away from the default they are a change, refused by name."""
+    from dali_kd.checkpoint import config_changes, config_fingerprint, config_hash
+    from dali_kd.config import load_config
+
+    state = torch.load(trained / "checkpoints" / "step_000000003.pt", weights_only=True)
+    added = {f"data.augment.{key}" for key in ("mix", "mix_alpha", "cutmix_alpha", "mix_prob")}
+    assert added <= set(state["config_fingerprint"]), "the checkpoint has the keys this test removes"
+    old = {k: v for k, v in state["config_fingerprint"].items() if k not in added}
+    state["config_fingerprint"] = old
+    state["config_hash"] = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    older = tmp_path / "step_000000003.pt"
+    torch.save(state, older)
+
+    args = [a for a in [*tiny_args(image_tree, tmp_path), *RUN_ARGS] if "=" in a]
+    same = load_config(overrides=args)
+    assert config_hash(same) != state["config_hash"] and set(config_fingerprint(same)) - set(old) == added
+    assert config_changes(state, same) == []
+    mixed = load_config(overrides=[*args, "data.augment.mix=mixup"])
+    assert config_changes(state, mixed) == ["data.augment.mix"]
+    assert config_changes(state, load_config(overrides=[*args, "train.optimizer.lr=0.1"])) == [
+        "train.optimizer.lr"
+    ]
+    # A key the checkpoint has and this dali_kd does not (renamed or removed) is a change too.
+    gone = {**state, "config_fingerprint": {**old, "train.retired_key": 1}}
+    assert config_changes(gone, same) == ["train.retired_key"]
+
+    # Through the CLI: the older checkpoint resumes at its step and finishes the run.
+    resumed = train_as(0o022, [*tiny_args(image_tree, tmp_path), *RUN_ARGS, "--resume", str(older)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 4/4" in resumed.stdout and "step 3/4" not in resumed.stdout, resumed.stdout[-2000:]
+    refused = train_as(
+        0o022,
+        [*tiny_args(image_tree, tmp_path), *RUN_ARGS, "--resume", str(older), "data.augment.mix=cutmix"],
+        tmp_path,
+    )
+    assert refused.returncode == 2
+    assert "the config differs from the checkpoint's in data.augment.mix;" in refused.stderr, refused.stderr
 
 
 def test_checkpoints_remember_the_file_list(tiny_config, tmp_path):

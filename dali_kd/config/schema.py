@@ -7,7 +7,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, TypeAdapter, model_validator
 
 from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
 from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
@@ -197,3 +197,27 @@ def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> 
         elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume") == "free":
             keys.add(f"{prefix}{name}")
     return keys
+
+
+NO_DEFAULT = object()  # key_default's answer for a required or unknown key
+
+
+def key_default(key: str) -> Any:
+    """A dotted key's default as `model_dump(mode="json")` writes it, or `NO_DEFAULT` (a required or unknown key).
+
+    The resume check uses it for keys a newer dali_kd added: a key the checkpoint's config does not have, set to its
+    default here, trains what the older version trained (new keys default to the old behaviour)."""
+    model: type[BaseModel] = Config
+    *sections, leaf = key.split(".")
+    for name in sections:
+        field = model.model_fields.get(name)
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return NO_DEFAULT
+        model = ann
+    field = model.model_fields.get(leaf)
+    if field is None or field.is_required():
+        return NO_DEFAULT
+    return TypeAdapter(field.annotation).dump_python(
+        field.get_default(call_default_factory=True), mode="json"
+    )
