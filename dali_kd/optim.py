@@ -8,6 +8,7 @@ The projectors sit on top of the backbone, like its head: same decay rules, full
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 
 import torch
@@ -82,15 +83,23 @@ def build_scheduler(
     warmup_steps (linear from 0: update n < warmup_steps gets lr·n/warmup_steps), then cosine to min_lr, which
     the last update (total_steps) gets; layer-decay groups get their `lr_scale` share of it.
     """
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - opt.warmup_steps),
-        lr_min=opt.min_lr,
-        warmup_t=opt.warmup_steps,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,  # the cosine starts after the warm-up, as the run's total minus warm-up
-        t_in_epochs=False,
-    )
+    # A run whose budget is at most the warm-up plus one update (a smoke run, a 1-step demo) has a one-update cosine;
+    # timm then warns that the schedule "will have no effect", which only alarms: that update gets min_lr, as above.
+    timm_log = logging.getLogger(CosineLRScheduler.__module__)
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, total_steps - opt.warmup_steps),
+            lr_min=opt.min_lr,
+            warmup_t=opt.warmup_steps,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,  # the cosine starts after the warm-up, as the run's total minus warm-up
+            t_in_epochs=False,
+        )
+    finally:
+        timm_log.setLevel(level)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 
 import pytest
@@ -95,6 +96,16 @@ def test_warmup_longer_than_the_run_stays_linear():
     """A run shorter than its warm-up (the tests' tiny runs) only climbs, as before."""
     new = lrs(8, OptimizerConfig(warmup_steps=500))
     assert new == pytest.approx([old_warmup_cosine(s, 8, 500, 1.0, 1e-6) for s in range(8)], rel=1e-12)
+
+
+def test_a_one_update_cosine_is_quiet_and_ends_at_min_lr(caplog):
+    """A smoke run (warm-up plus one update) must not print timm's "no effect" warning: its last update still gets
+    min_lr, the schedule's promise."""
+    with caplog.at_level(logging.WARNING):
+        new = lrs(3, OptimizerConfig(warmup_steps=2, min_lr=0.01))
+    assert new == pytest.approx([0.5, 1.0, 0.01])
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET, "level restored"
 
 
 def test_lr_of_an_update_survives_a_checkpoint_round_trip():
