@@ -16,6 +16,7 @@ from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES, load_conf
 from dali_kd.config.presets import PRESET_DIR, available_presets, find_preset
 from dali_kd.errors import UserError
 from dali_kd.train import build_parser, config_from_args, main
+from tests.faults import tiny_args
 
 FUNCTION_MATCHING = PRESET_DIR / "function_matching.yaml"
 REAL_FILES = [CONFIG_DIR / f for f in SECTION_FILES.values()]
@@ -171,16 +172,9 @@ def test_a_run_started_with_a_preset_resumes_with_the_same_preset(image_tree, tm
     the preset out changes the config and is refused like any other change."""
     # Not train.seed: that would also change the random-init test teacher, refused for its own reason.
     preset = write(tmp_path / "mine.yaml", "train: {optimizer: {lr: 0.001}}\ndata: {augment: {mix: mixup}}\n")
-    args = [
-        "--data_config", str(DEMO_CONFIG_DIR / "data_config.yaml"), "--device", "cpu", "--no-progress",
-        f"data.root={image_tree / 'train'}", f"data.val_root={image_tree / 'val'}", "data.image_size=32",
-        "data.eval_resize=36", "data.dali_threads=1", "data.scan=off", "model.teacher.name=test_resnet",
-        "model.teacher.checkpoint=null", "model.teacher.num_classes=4", "model.student.name=test_vit",
-        "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2", "train.compile_student=false",
-        "train.eval_every_n_epochs=1", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=fm",
-    ]  # fmt: skip
+    args = [*tiny_args(image_tree, tmp_path / "runs"), "data.scan=off", "train.eval_every_n_epochs=1"]
     assert main([*args, "--preset", str(preset)]) == 0
-    run_dir = tmp_path / "runs" / "fm"
+    run_dir = tmp_path / "runs" / "fault"
     said = capsys.readouterr().out
     assert f"presets: {preset} (over the config files" in said
     assert f"presets: {preset}" in (run_dir / "train.log").read_text()
