@@ -232,6 +232,12 @@ def test_mixing_with_a_fixed_cache_is_refused(tiny_config, tmp_path):
         )  # fmt: skip
 
 
+def test_mixing_one_image_a_batch_is_refused(tiny_config):
+    with pytest.raises(UserError, match=r"data\.augment\.mix=cutmix needs a partner .* train\.batch_size=1 "):
+        tiny_config("data.augment.mix=cutmix", "train.batch_size=1")
+    tiny_config("data.augment.mix=cutmix", "train.batch_size=2")  # the smallest batch that mixes
+
+
 def test_a_cache_without_mixing_keeps_its_identity_and_a_mixed_run_refuses_it(tiny_config, tmp_path):
     common = (
         "train.cache_teacher_features=true", "train.cache_views_per_image=1", "train.epochs=1",

@@ -110,6 +110,11 @@ class Config(Section):
                 "{data.file_list} with {data.format}: a shard folder holds the samples it was made from; make "
                 "shards from the list instead (python -m dali_kd.shard --file-list LIST SRC OUT)"
             )
+        if d.augment.mix != "none" and t.batch_size < 2:
+            raise conflict(
+                "{data.augment.mix} needs a partner for each image in its batch, and {train.batch_size} leaves "
+                "none: each image would be mixed with itself; raise train.batch_size or set data.augment.mix=none"
+            )
         if t.cache_teacher_features:
             if d.backend != "dali":
                 raise conflict(
