@@ -17,8 +17,9 @@ in, else a same-class image's row (counted in `missing_rows`). A file that fails
 aside through the same quarantine and the batch is rendered again with its stand-in's rows.
 
 Mixed views (data.augment.mix): a row's record names the partner image and its view, λ and the box; a replay renders
-the partner's view too and mixes the two as the fill did (dali_kd.data.mixing.mix_images), so the student and the
-fidelity probe see the pixels the cached target was computed on. A row whose partner's file has been set aside
+the partner's view too (for the rows that were mixed) and mixes the two as the fill did
+(dali_kd.data.mixing.mix_images), so the student and the fidelity probe see the pixels the cached target was
+computed on. A row whose partner's file has been set aside
 since cannot be rendered: it counts as not usable, like a row that is not done.
 """
 
@@ -202,9 +203,15 @@ class CachedViewStream:
         images = self._renderer.render(plan.ids, plan.view)
         mix = plan.view.mix
         if mix is not None:
-            partners = self._renderer.render(mix.partner_id.numpy(), mix.partner_view)
-            lam, box = mix.lam.to(images.device), mix.box.to(images.device)
-            images = mix_images(images, partners, lam, box)
+            # Only the rows that show their partner: an unmixed row (λ = 1, empty box) mixes to its own view
+            # exactly, so rendering its partner (itself) again would only cost a decode (data.augment.mix_prob < 1).
+            rows = torch.nonzero((mix.lam < 1) | (mix.box[:, 2] > mix.box[:, 0])).squeeze(1)
+            if len(rows):
+                shown = mix.take(rows)
+                partners = self._renderer.render(shown.partner_id.numpy(), shown.partner_view)
+                on = rows.to(images.device)
+                lam, box = shown.lam.to(images.device), shown.box.to(images.device)
+                images[on] = mix_images(images[on], partners, lam, box)
         start = time.perf_counter()
         targets = self.cache.read(plan.ids, plan.slots, self.device)
         return images, targets, time.perf_counter() - start

@@ -340,7 +340,7 @@ class DaliViewRenderer:
         return images
 
     def render(self, sample_ids: np.ndarray | torch.Tensor, view: ViewRecord) -> torch.Tensor:
-        """The views of these samples' files, [B, 3, S, S] on the renderer's device.
+        """The views of these samples' files, [B, 3, S, S] on the renderer's device (B up to the batch size).
 
         sample_ids and view are read on the host (pass host copies: a device tensor costs a device read). On a GPU
         DALI's output is copied once, device to device, into a torch tensor on torch's current stream; nothing
@@ -350,8 +350,8 @@ class DaliViewRenderer:
         DALI's own message, so the failing samples are found one by one); the renderer stays usable.
         """
         ids = sample_ids.cpu().numpy() if isinstance(sample_ids, torch.Tensor) else np.asarray(sample_ids)
-        if len(ids) != self.batch_size:
-            raise ValueError(f"render needs exactly {self.batch_size} views, got {len(ids)}")
+        if not 0 < len(ids) <= self.batch_size:
+            raise ValueError(f"render takes 1 to {self.batch_size} views, got {len(ids)}")
         encoded = []
         for i in ids.tolist():
             try:
