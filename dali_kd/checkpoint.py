@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from dali_kd.config import NO_DEFAULT, Config, key_default, resume_free_keys
+from dali_kd.config import Config, key_default, resume_free_keys
 from dali_kd.errors import UserError
 from dali_kd.io import WriteFailed, atomic_write
 
@@ -211,7 +211,7 @@ def config_changes(state: dict[str, Any], cfg: Config) -> list[str]:
         key
         for key in set(saved) | set(now)
         if saved.get(key, missing) != now.get(key, missing)
-        and not (key not in saved and key_default(key) is not NO_DEFAULT and key_default(key) == now[key])
+        and not (key not in saved and key_default(key) == now[key])
     )
 
 

@@ -229,7 +229,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
         stream.close()
     assert batch.from_cache and batch.view.mix is not None
     assert torch.equal(batch.images, torch.stack([filled[int(i)] for i in batch.stream_ids]))
-    shown = int(((batch.view.mix.lam < 1) | (batch.view.mix.box[:, 2] > batch.view.mix.box[:, 0])).sum())
+    shown = int(batch.view.mix.shows_partner().sum())
     assert 0 < shown < len(batch), "the batch holds mixed and unmixed rows"
     assert rendered == [len(batch), shown], "its own views, then the partners of the mixed rows only"
     live = trainer.teacher(batch.images)

@@ -2,7 +2,7 @@
 (dali_kd.config.schema), and loading from YAML files and overrides (dali_kd.config.loading)."""
 
 from dali_kd.config.loading import dump_config, load_config, parse_override, read_yaml
-from dali_kd.config.schema import NO_DEFAULT, Config, ConfigConflict, key_default, resume_free_keys
+from dali_kd.config.schema import Config, ConfigConflict, key_default, resume_free_keys
 from dali_kd.config.sections import (
     CONFIG_DIR,
     DEMO_CONFIG_DIR,
@@ -20,7 +20,7 @@ from dali_kd.config.sections import (
 )
 
 __all__ = [
-    "CONFIG_DIR", "DEMO_CONFIG_DIR", "NO_DEFAULT", "SECTION_FILES", "AugmentConfig", "Config", "ConfigConflict", "DataConfig",
+    "CONFIG_DIR", "DEMO_CONFIG_DIR", "SECTION_FILES", "AugmentConfig", "Config", "ConfigConflict", "DataConfig",
     "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig", "Section", "StudentSpec", "TrainConfig",
     "dump_config", "free_on_resume", "key_default", "load_config", "parse_override", "read_yaml", "resume_free_keys",
 ]  # fmt: skip

@@ -204,7 +204,7 @@ def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> 
     return keys
 
 
-NO_DEFAULT = object()  # key_default's answer for a required or unknown key
+NO_DEFAULT = object()  # key_default's answer for a required or unknown key: equal to no value
 
 
 def key_default(key: str) -> Any:

@@ -41,6 +41,12 @@ class MixRecord:
     def take(self, rows: torch.Tensor) -> MixRecord:
         return MixRecord(self.partner_id[rows], self.partner_view.take(rows), self.lam[rows], self.box[rows])
 
+    def shows_partner(self) -> torch.Tensor:
+        """bool [B]: the rows whose pixels hold some of the partner (λ < 1 or a box with an area); the others are
+        their own view exactly."""
+        box = self.box
+        return (self.lam < 1) | ((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             "partner_id": self.partner_id,

@@ -19,8 +19,8 @@ aside through the same quarantine and the batch is rendered again with its stand
 Mixed views (data.augment.mix): a row's record names the partner image and its view, λ and the box; a replay renders
 the partner's view too (for the rows that were mixed) and mixes the two as the fill did
 (dali_kd.data.mixing.mix_images), so the student and the fidelity probe see the pixels the cached target was
-computed on. A row whose partner's file has been set aside
-since cannot be rendered: it counts as not usable, like a row that is not done.
+computed on. A row whose partner's file has been set aside since cannot be rendered: it counts as not usable, like
+a row that is not done.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class CachedViewStream:
         if mix is not None:
             # Only the rows that show their partner: an unmixed row (λ = 1, empty box) mixes to its own view
             # exactly, so rendering its partner (itself) again would only cost a decode (data.augment.mix_prob < 1).
-            rows = torch.nonzero((mix.lam < 1) | (mix.box[:, 2] > mix.box[:, 0])).squeeze(1)
+            rows = torch.nonzero(mix.shows_partner()).squeeze(1)
             if len(rows):
                 shown = mix.take(rows)
                 partners = self._renderer.render(shown.partner_id.numpy(), shown.partner_view)
