@@ -70,9 +70,17 @@ def train_demo_teacher(
 ) -> float:
     """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
     console.info(f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)")
-    # The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache).
+    # The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache,
+    # mixing: a mixed image against its own image's label would teach it a wrong answer, and the teacher file is
+    # shared by every later demo run).
     one_view = {"use_local_crops": False, "cache_teacher_features": False}
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=one_view)})
+    unmixed = cfg.data.augment.model_copy(update={"mix": "none"})
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update=one_view),
+            "data": cfg.data.model_copy(update={"augment": unmixed}),
+        }
+    )
     torch.manual_seed(cfg.train.seed)
     index = ImageIndex.from_config(cfg.data.root, cfg.data.file_list)
     model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)
