@@ -143,4 +143,16 @@ def build_run(
     parts.stream = make_train_stream(
         cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
     )
+    evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
+
+
+def set_aside_files(split: str, parts: RunParts) -> set[str]:
+    """The files of a split set aside so far (ImageIndex.files entries), for evaluation to skip: those the run has
+    recorded (a resumed run's too), and for the k-NN bank, drawn from the training files, the training stream's."""
+    files = {e["path"] for e in parts.state.runtime_quarantine if e.get("split", "train") == split}
+    if split == "train":
+        files |= {
+            parts.train_index.files[int(slot)] for slot in parts.stream.state_dict().get("substitutions", {})
+        }
+    return files

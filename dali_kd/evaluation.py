@@ -6,7 +6,7 @@ are gathered, so every rank gets the same numbers. One pass over the held-out im
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dali_kd import distributed
 from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.eval_quarantine import EvalQuarantine
 from dali_kd.data.loaders import make_eval_batches
 from dali_kd.errors import UserError
 from dali_kd.knn import knn_top1
@@ -38,7 +39,11 @@ class EvalResult:
 
 class Evaluator:
     """k-NN top-1 of val images against an (optionally subsampled) bank of training images, and top-1 through the
-    model's classifier head where it has one output per class (train.eval_head), with the eval transform."""
+    model's classifier head where it has one output per class (train.eval_head), with the eval transform.
+
+    Files set aside (by the training stream, see skip_files, or by a failed decode here) are left out of
+    both; take_entries() gives the ones set aside here, as quarantine entries.
+    """
 
     def __init__(
         self,
@@ -60,6 +65,20 @@ class Evaluator:
             )
         self.bank = bank.shard(rank, world_size)
         self.val = val_index.shard(rank, world_size) if val_index is not None else None
+        limit, backend = cfg.data.max_runtime_quarantine, cfg.data.backend
+        self.quarantines = [EvalQuarantine("train", self.bank, backend, limit)]
+        if self.val is not None:
+            self.quarantines.append(EvalQuarantine("val", self.val, backend, limit))
+
+    def skip_files(self, files: Callable[[str], Iterable[str]]) -> None:
+        """files(split): the files of a split ("train" for the bank, "val") set aside elsewhere so far (ImageIndex.files
+        entries), asked before each pass; evaluation skips them."""
+        for quarantine in self.quarantines:
+            quarantine.skip_files = lambda split=quarantine.split: files(split)
+
+    def take_entries(self) -> list[dict[str, str]]:
+        """Files set aside in evaluation since the last call, as quarantine entries (with their split)."""
+        return [entry for quarantine in self.quarantines for entry in quarantine.take_entries()]
 
     @property
     def enabled(self) -> bool:
@@ -68,10 +87,14 @@ class Evaluator:
     def _head_scores(self, logits: torch.Tensor | None) -> bool:
         return self.cfg.train.eval_head and logits is not None and logits.shape[-1] == self.num_classes
 
-    def _pass(self, outputs: Outputs, index: ImageIndex, with_head: bool):
-        """L2-normalised embeddings, labels and (with_head) the head's predicted classes, gathered over ranks."""
+    def _pass(self, outputs: Outputs, quarantine: EvalQuarantine, with_head: bool):
+        """L2-normalised embeddings, labels and (with_head) the head's predicted classes of the split's usable
+        images, gathered over ranks."""
         features, labels, predictions = [], [], []
-        for batch in make_eval_batches(self.cfg, index, self.device, self.cfg.train.batch_size):
+        batch_size = self.cfg.train.batch_size
+        for batch in quarantine.batches(
+            lambda index: make_eval_batches(self.cfg, index, self.device, batch_size), batch_size
+        ):
             out = outputs(batch.images)
             features.append(F.normalize(out.pooled.float(), dim=-1))
             labels.append(batch.labels)
@@ -86,8 +109,8 @@ class Evaluator:
         """The same numbers on every rank; None without held-out images."""
         if self.val is None:
             return None
-        bank, bank_labels, _ = self._pass(outputs, self.bank, with_head=False)
-        queries, query_labels, predicted = self._pass(outputs, self.val, with_head=True)
+        bank, bank_labels, _ = self._pass(outputs, self.quarantines[0], with_head=False)
+        queries, query_labels, predicted = self._pass(outputs, self.quarantines[1], with_head=True)
         knn = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, k=self.cfg.train.knn_k)
         head = None
         if predicted is not None:

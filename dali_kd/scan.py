@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
-import struct
 import sys
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,20 +24,15 @@ from pathlib import Path
 from dali_kd.data.dataset import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.errors import UserError
+from dali_kd.image_headers import Reject, check_data
 from dali_kd.io import write_text_atomic
+
+__all__ = ["Reject", "check_data", "check_file", "dali_decode_check", "scan"]
 
 # Named like images or like the audio files DALI's file reader also lists: these are checked.
 CHECKED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {".gif", ".wav", ".flac", ".ogg"}
 DEFAULT_MAX_PIXELS = 100_000_000
 CACHE_VERSION = 1
-SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-UNSUPPORTED_SOF = {0xC3: "lossless JPEG", 0xC7: "lossless JPEG", 0xCB: "lossless JPEG", 0xCF: "lossless JPEG",
-                   0xC5: "hierarchical JPEG", 0xC6: "hierarchical JPEG", 0xCD: "hierarchical JPEG",
-                   0xCE: "hierarchical JPEG"}  # fmt: skip
-
-
-class Reject(Exception):
-    """A file training must not see; the message is the reason written to the quarantine."""
 
 
 @dataclass(frozen=True)
@@ -54,108 +46,6 @@ class FileCheck:
     reason: str | None  # None: good
 
 
-# ---- format checks from content --------------------------------------------------------------------------------
-def sniff(head: bytes) -> str:
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head.startswith(b"BM"):
-        return "bmp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE" or head[:4] in (b"fLaC", b"OggS") or head[:3] == b"ID3":
-        return "audio"
-    if head.startswith(b"\x00\x00\x00\x0cjP  ") or head.startswith(b"\xff\x4f\xff\x51"):
-        return "jpeg2000"
-    if len(head) >= 2 and head[0:1] == b"P" and head[1:2] in b"123456":
-        return "pnm"
-    stripped = head.lstrip()[:15].lower()
-    if stripped.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body", b"{")):
-        return "text"
-    return "unknown"
-
-
-def check_jpeg(data: bytes) -> tuple[int, int]:
-    """Walk the marker segments up to the scan; dimensions from the frame header; an end-of-image marker at the end."""
-    pos, size, dims = 2, len(data), None
-    while True:
-        if pos + 4 > size:
-            raise Reject("truncated JPEG (ends inside its headers)")
-        if data[pos] != 0xFF:
-            raise Reject(f"corrupt JPEG: invalid marker at byte {pos}")
-        while data[pos] == 0xFF and pos + 1 < size:  # fill bytes
-            pos += 1
-        marker = data[pos]
-        pos += 1
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            continue
-        if marker in (0xD8, 0xD9, 0x00):
-            raise Reject(f"corrupt JPEG: unexpected marker 0x{marker:02X} at byte {pos - 1}")
-        length = struct.unpack(">H", data[pos : pos + 2])[0]
-        if length < 2 or pos + length > size:
-            raise Reject("truncated JPEG (a header segment runs past the end of the file)")
-        if marker in SOF_MARKERS:
-            if marker in UNSUPPORTED_SOF:
-                raise Reject(f"{UNSUPPORTED_SOF[marker]}: DALI cannot decode it")
-            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
-            dims = (width, height)
-        if marker == 0xDA:  # start of scan: the entropy-coded data follows
-            break
-        pos += length
-    if dims is None:
-        raise Reject("corrupt JPEG: no frame header before the image data")
-    # Cameras may append data after the image (MPO, gain maps), so look near the end, not at the last two bytes;
-    # but only after the scan starts: an EXIF thumbnail in the headers ends with an end-of-image marker of its own.
-    if data.find(b"\xff\xd9", max(pos + length, size - 4096)) < 0:
-        raise Reject("truncated JPEG (no end-of-image marker)")
-    return dims
-
-
-def _chunk_name(kind: bytes) -> str:
-    return repr(kind.decode("ascii")) if kind.isalpha() else f"0x{kind.hex()}"
-
-
-def check_png(data: bytes) -> tuple[int, int]:
-    """Walk every chunk with its CRC up to IEND; refuse animated PNG (DALI decodes it as a blank image)."""
-    pos, size, dims = 8, len(data), None
-    while True:
-        if pos + 8 > size:
-            raise Reject("truncated PNG (no IEND chunk)")
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        end = pos + 12 + length
-        if end > size:
-            raise Reject(f"truncated PNG (chunk {_chunk_name(kind)} runs past the end of the file)")
-        crc = struct.unpack(">I", data[end - 4 : end])[0]
-        if zlib.crc32(data[pos + 4 : end - 4]) != crc:
-            raise Reject(f"corrupt PNG (bad CRC in chunk {_chunk_name(kind)})")
-        if kind == b"IHDR":
-            dims = struct.unpack(">II", data[pos + 8 : pos + 16])
-        elif kind == b"acTL":
-            raise Reject("animated PNG: DALI decodes it as a blank image")
-        elif kind == b"IEND":
-            break
-        pos = end
-    if dims is None:
-        raise Reject("corrupt PNG (no IHDR chunk)")
-    return dims
-
-
-def check_other(path: Path) -> tuple[int, int]:
-    """BMP, TIFF, WebP, JPEG 2000, PNM: Pillow reads the dimensions from the header without decoding."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except Exception as e:  # noqa: BLE001 - anything Pillow cannot even open is not trainable
-        raise Reject(f"unreadable image header ({type(e).__name__})") from None
-
-
 def check_file(path: Path, max_pixels: int) -> None:
     """Raise Reject with the reason if training must not see this file."""
     if path.is_symlink() and not path.exists():
@@ -167,32 +57,6 @@ def check_file(path: Path, max_pixels: int) -> None:
     except OSError as e:
         raise Reject(f"unreadable ({e.strerror})") from None
     check_data(data, max_pixels, path)
-
-
-def check_data(data: bytes, max_pixels: int, path: Path | None = None) -> None:
-    """check_file on bytes already read (a sample in a shard: path None)."""
-    if not data:
-        raise Reject("empty file (0 bytes)")
-    kind = sniff(data[:32])
-    if kind == "audio":
-        raise Reject("audio file, not an image")
-    if kind == "gif":
-        raise Reject("GIF: DALI cannot decode GIF")
-    if kind == "text":
-        raise Reject("not an image: HTML/XML/JSON text")
-    if kind == "unknown":
-        raise Reject("not an image: unrecognised content")
-    width, height = (
-        check_jpeg(data)
-        if kind == "jpeg"
-        else check_png(data)
-        if kind == "png"
-        else check_other(path if path is not None else io.BytesIO(data))
-    )
-    if width <= 0 or height <= 0:
-        raise Reject(f"invalid dimensions {width}x{height}")
-    if width * height > max_pixels:
-        raise Reject(f"too large: {width}x{height} pixels is over the cap of {max_pixels}")
 
 
 # ---- full decode with DALI's own CPU decoder --------------------------------------------------------------------

@@ -141,6 +141,7 @@ class Trainer:
                     state.teacher_knn_top1, state.teacher_head_top1 = teacher.knn_top1, teacher.head_top1
                     if self.dist.is_main:
                         console.info(eval_line(None, teacher.as_dict("teacher")))
+                self._gather_runtime_quarantine()  # what evaluation set aside
             stream = iter(self.stream)
             self.student.train()
             self.monitor.restart_interval()
@@ -196,6 +197,7 @@ class Trainer:
                 state.knn_history.append({"epoch": state.epoch + 1, "step": state.step, **said})
                 if self.dist.is_main:
                     console.info(eval_line(state.epoch + 1, said))
+            self._gather_runtime_quarantine()  # what evaluation set aside
             self.monitor.restart_interval()
         state.epoch += 1
         state.step_in_epoch = 0
@@ -238,8 +240,9 @@ class Trainer:
             callback.on_checkpoint(self, path)
 
     def _gather_runtime_quarantine(self) -> None:
-        """Files any rank set aside since the last call: into the run state and the run's quarantine file."""
-        taken = self.stream.take_entries()
+        """Files any rank set aside (training or evaluation) since the last call: into the run state and the run's
+        quarantine file."""
+        taken = self.stream.take_entries() + self.evaluator.take_entries()  # evaluation's carry their split
         new = [
             {"split": "train", **e}
             for rank_entries in distributed.gather_objects(taken)
@@ -248,7 +251,7 @@ class Trainer:
         self.state.runtime_quarantine.extend(new)
         if new and self.dist.is_main:
             write_quarantine(self.run_dir / "quarantine.jsonl", new)
-            console.info(f"data: {len(new)} more file(s) set aside during training (see quarantine.jsonl)")
+            console.info(f"data: {len(new)} more file(s) set aside during the run (see quarantine.jsonl)")
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
         self._gather_runtime_quarantine()

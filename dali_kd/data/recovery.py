@@ -66,7 +66,8 @@ class RuntimeQuarantine:
     def culprits(self, error_text: str, candidates: Callable[[], list[int]] | None = None) -> list[int]:
         """Sample ids of the files a decode error is about: named in the message, else among `candidates` (the
         samples the failing batch held, where the stream can say) those that fail a check, else (folder) files
-        changed during the run, else (shards) every sample that fails a check."""
+        changed during the run, else (folder) every file whose header check fails, else (shards) every sample that
+        fails a check."""
         named = {self._id_of[p] for p in PATH_RE.findall(error_text) if p in self._id_of}
         if named:
             return sorted(i for i in named if not self.is_set_aside(i))
@@ -85,7 +86,17 @@ class RuntimeQuarantine:
                     check_file(Path(path), max_pixels=1 << 62)
             except (OSError, Reject):
                 changed.append(i)
-        return changed
+        if changed:
+            return changed
+        # A file can go bad with its size and time unchanged (as the scan cache saw it): check every header.
+        broken = []
+        for i, path in enumerate(self.index.files):
+            try:
+                if not self.is_set_aside(i):
+                    check_file(Path(path), max_pixels=1 << 62)
+            except Reject:
+                broken.append(i)
+        return broken
 
     def fails_check(self, sample_id: int) -> bool:
         """Whether the sample's bytes cannot be read, or fail the scan's header check or DALI's CPU decode."""

@@ -142,6 +142,28 @@ def _check_index(where: str, index_path: Path, tar: str, rows: list[list]) -> No
         )
 
 
+# A row of samples.jsonl: [id, shard, offset, size, label, original path].
+ROW_FIELDS = ("id", "shard", "offset", "size", "label", "path")
+
+
+def _check_row(where: str, samples_path: Path, number: int, row, num_shards: int, num_classes: int) -> None:
+    """One line of samples.jsonl, of the types and within the ranges training reads it with."""
+    at = f"{where}: {samples_path}:{number}"
+    if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
+        raise UserError(f"{at}: expected [{', '.join(ROW_FIELDS)}], not {json.dumps(row)[:60]}")
+    for name, value in zip(ROW_FIELDS[:5], row[:5], strict=True):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{at}: field '{name}' must be a whole number, not {json.dumps(value)[:40]}")
+    if not isinstance(row[5], str):
+        raise UserError(f"{at}: field 'path' must be a file name, not {json.dumps(row[5])[:40]}")
+    if row[1] >= num_shards:
+        raise UserError(f"{at}: field 'shard' is {row[1]}, but the manifest lists {num_shards} shard(s)")
+    if row[4] >= num_classes:
+        raise UserError(
+            f"{at}: field 'label' is {row[4]}, but the manifest's class_names has {num_classes} classes (0..{num_classes - 1})"
+        )
+
+
 def index_from_shards(
     root: str | os.PathLike, where: str, class_names: tuple[str, ...] | None = None
 ) -> ImageIndex:
@@ -164,8 +186,17 @@ def index_from_shards(
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: {folder / fmt.SAMPLES_NAME} is damaged ({e.msg})") from None
     records = manifest["shards"]
+    samples_path = folder / manifest.get("samples", fmt.SAMPLES_NAME)
+    for number, row in enumerate(rows, start=1):
+        _check_row(where, samples_path, number, row, len(records), len(names))
     if len(rows) != manifest["num_samples"] or any(row[0] != i for i, row in enumerate(rows)):
         raise UserError(f"{where}: {fmt.SAMPLES_NAME} does not list samples 0..{manifest['num_samples'] - 1}")
+    empty = sorted(set(range(len(names))) - {row[4] for row in rows})
+    if empty:
+        raise UserError(
+            f"{where}: {folder / fmt.MANIFEST_NAME}: field 'class_names' lists {names[empty[0]]!r}, which no sample "
+            f"of {samples_path.name} has ({len(empty)} such class(es)); the class list must be the samples' classes"
+        )
     by_shard: list[list[list]] = [[] for _ in records]
     for row in rows:
         by_shard[row[1]].append(row)

@@ -195,4 +195,39 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise UserError(
             f"{path}: shard format version {manifest.get('format_version')}, this dali_kd reads {FORMAT_VERSION}"
         )
+    check_manifest_fields(path, manifest)
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _field_error(path: Path, field: str, expected: str, value: Any) -> UserError:
+    return UserError(f"{path}: field '{field}' must be {expected}, not {json.dumps(value)[:60]}")
+
+
+def check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """The fields training reads, of the types it reads them as (a hand-edited manifest is one line, not a
+    traceback later)."""
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise _field_error(path, "class_names", "a list of class names", names)
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"{path}: field 'class_names' lists {twice!r} twice")
+    if not _is_count(manifest.get("num_samples")):
+        raise _field_error(path, "num_samples", "a whole number", manifest.get("num_samples"))
+    if not isinstance(manifest.get("samples", SAMPLES_NAME), str):
+        raise _field_error(path, "samples", "a file name", manifest.get("samples"))
+    records = manifest.get("shards")
+    if not isinstance(records, list) or not records:
+        raise _field_error(path, "shards", "a list of shards", records)
+    for k, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise _field_error(path, f"shards[{k}]", "an object", record)
+        for key in ("name", "index"):
+            if not isinstance(record.get(key), str) or not record.get(key):
+                raise _field_error(path, f"shards[{k}].{key}", "a file name", record.get(key))
+        if not _is_count(record.get("bytes")):
+            raise _field_error(path, f"shards[{k}].bytes", "a whole number", record.get("bytes"))
