@@ -48,6 +48,28 @@ from step_parts import markdown as split_markdown  # noqa: E402
 FLOOR_MODES = {"dali": True, "torchvision": True, "dali+cache": False, "dali+student-only": False}
 
 
+def step_overrides(args, data: Path, out: Path, backend: str, run_name: str) -> list[str]:
+    """The config of the benchmark's step: its models, size, batch and precision over `data`, runs under `out`."""
+    return [
+        f"data.root={data}",
+        "data.val_root=null",
+        f"data.backend={backend}",
+        f"data.image_size={args.image_size}",
+        f"data.dali_threads={args.dali_threads}",
+        f"model.teacher.name={args.teacher}",
+        "model.teacher.checkpoint=null",
+        f"model.student.name={args.student}",
+        f"train.batch_size={args.batch_size}",
+        "data.scan=off",  # generated, known-good images (and no scan cache left in the user's home)
+        f"train.log_every_n_steps={args.log_every}",
+        f"train.compile_student={str(args.compile).lower()}",
+        f"train.num_workers={args.workers}",
+        f"train.precision={args.precision}",
+        f"train.output_dir={out}",
+        f"train.run_name={run_name}",
+    ]
+
+
 def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) -> dict:
     """mode: a backend (dali, torchvision), or dali+cache (teacher cache: one fill pass, then replay),
     dali+student-only (constant targets: what a step costs without any teacher), <backend>+globals (multi-crop with
@@ -69,27 +91,7 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
             "train.cache_teacher_features=true", f"train.teacher_feature_dir={out / 'cache'}",
             "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null",
         ]  # fmt: skip
-    cfg = load_config(
-        overrides=[
-            f"data.root={data}",
-            "data.val_root=null",
-            f"data.backend={backend}",
-            f"data.image_size={args.image_size}",
-            f"data.dali_threads={args.dali_threads}",
-            f"model.teacher.name={args.teacher}",
-            "model.teacher.checkpoint=null",
-            f"model.student.name={args.student}",
-            f"train.batch_size={args.batch_size}",
-            "data.scan=off",  # generated, known-good images (and no scan cache left in the user's home)
-            f"train.log_every_n_steps={args.log_every}",
-            f"train.compile_student={str(args.compile).lower()}",
-            f"train.num_workers={args.workers}",
-            f"train.precision={args.precision}",
-            f"train.output_dir={out}",
-            f"train.run_name={mode}",
-            *extra,
-        ]
-    )
+    cfg = load_config(overrides=step_overrides(args, data, out, backend, mode) + extra)
     optimizer_clock = OptimizerClock()
     trainer = Trainer(cfg, device, show_progress=False, callbacks=[optimizer_clock])
     if variant == "student-only":

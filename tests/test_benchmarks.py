@@ -400,3 +400,39 @@ def test_function_matching_quick_runs_each_arm_and_tabulates_the_difference(tmp_
     assert "mix: mixup" in mixed and "cache_views_per_image: 2" in mixed
     assert "mix: none" in (out / "fine-x1-none" / "config.yaml").read_text()
     assert "| fine | 1× | mixup+cache2 |" in result.stdout
+
+
+def test_step_profile_summary_counts_device_time_idle_gaps_and_host_syncs():
+    """step_profile's summary from profiler events (made up here, as the GPU profiler gives them): busy share of the
+    step window, idle gaps with the host op running then, the kernels by device time, host syncs and value reads
+    counted within the profiled steps only."""
+    from types import SimpleNamespace
+
+    from step_profile import summarize
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device=DeviceType.CPU):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(
+            name=name, time_range=span, device_type=device, self_cpu_time_total=end - start
+        )
+
+    gpu = DeviceType.CUDA
+    events = [
+        event("ProfilerStep*", 0, 1000), event("ProfilerStep*", 1000, 2000),
+        event("ProfilerStep*", 2000, 3000),  # the extra step (the final drain): left out
+        event("cudaStreamSynchronize", 500, 510), event("aten::_local_scalar_dense", 600, 601),
+        event("cudaStreamSynchronize", 2500, 2600),
+        event("aten::copy_", 1000, 1050), event("aten::to", 990, 1060),
+        event("k1", 100, 400, gpu), event("k2", 450, 900, gpu), event("Memcpy DtoH (Device -> Pinned)", 950, 960, gpu),
+        event("k1", 1100, 1900, gpu), event("k3", 2100, 2900, gpu),
+    ]  # fmt: skip
+    summary = summarize(events, steps=2)
+    assert summary["steps"] == 2 and summary["window_ms"] == 2.0
+    assert summary["gpu_busy_pct"] == pytest.approx(100 * (300 + 450 + 10 + 800) / 2000)
+    assert summary["host_syncs"] == {"cudaStreamSynchronize": 1, "Memcpy DtoH": 1}
+    assert summary["host_syncs_per_step"] == 1.0 and summary["value_reads_per_step"] == 0.5
+    largest = summary["idle"]["largest_gaps"][0]
+    assert largest["ms"] == pytest.approx(0.14) and largest["host_was_in"] == "aten::copy_"
+    assert [(k["name"], k["calls"]) for k in summary["top_kernels"]] == [("k1", 2), ("k2", 1)]
+    assert summary["top_kernels"][0]["ms_per_step"] == pytest.approx(1.1 / 2)
