@@ -265,6 +265,11 @@ def main() -> None:
         help="the floor's torch.compile backend (eager: no code generation)",
     )
     parser.add_argument("--floor-steps", type=int, default=20, help="timed calls of each part of the floor")
+    parser.add_argument(
+        "--floor-from",
+        type=Path,
+        help="with --floor: take the floor from this earlier report of the same visit (its 'floor') when it has one",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -309,8 +314,16 @@ def main() -> None:
 
 
 def run_floor(args) -> dict:
-    """The floor of this run's step (its models, size, batch and precision), measured here and now; the device
-    memory it held is given back before the training runs."""
+    """The floor of this run's step (its models, size, batch and precision), measured here and now (or read from
+    --floor-from when that report measured one for the same models); the device memory it held is given back
+    before the training runs."""
+    if args.floor_from is not None and args.floor_from.is_file():
+        earlier = json.loads(args.floor_from.read_text()).get("floor")
+        same = earlier and (earlier["teacher"], earlier["student"], earlier["batch_size"]) == (
+            args.teacher, args.student, args.batch_size,
+        )  # fmt: skip
+        if same:
+            return {**earlier, "from": str(args.floor_from)}
     cfg = load_config(overrides=floor_overrides(args))
     device = resolve_device(args.device)
     floor = measure_floor(cfg, device, steps=args.floor_steps, warmup=5, compile_backend=args.floor_backend)

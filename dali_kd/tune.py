@@ -4,8 +4,9 @@ and the KEY=VALUE overrides that made it faster on this machine.
 It takes the same config files, presets and overrides as `python -m dali_kd.train`. Every candidate trains in a
 fresh Trainer (the trainer's own step, data stream and telemetry) in a temporary run directory: a few warm-up
 steps, then --steps timed steps, and the run is stopped. Candidates are measured --repeats times in interleaved
-rounds, so that a machine getting slower or faster over the minutes touches every candidate alike; compile caches
-carry over from one candidate to the next (same process, torch's on-disk caches).
+rounds, so that a machine getting slower or faster over the minutes touches every candidate alike (with one
+round, the defaults are timed first and again last, so that their spread still measures the noise); compile
+caches carry over from one candidate to the next (same process, torch's on-disk caches).
 
 How it decides: a candidate's ms/step is the median of its repeats; the noise is the largest spread between the
 repeats of any one setting (max - min over median), at least 1%. An override is printed as faster only where
@@ -173,8 +174,10 @@ def tune(
     """Time every runnable candidate `repeats` times in interleaved rounds (loader: load_config's file arguments);
     a candidate whose overrides the schema rejects, or whose run fails, gets a note instead."""
     total = warmup + steps
-    for round_index in range(repeats):
-        order = candidates if round_index % 2 == 0 else candidates[::-1]
+    rounds = [candidates if r % 2 == 0 else candidates[::-1] for r in range(repeats)]
+    if repeats == 1 and len(candidates) > 1:
+        rounds.append(candidates[:1])  # the defaults again, last: the noise
+    for round_index, order in enumerate(rounds):
         for number, candidate in enumerate(order):
             if candidate.note is not None:
                 continue
@@ -194,7 +197,7 @@ def tune(
                 )
                 candidate.ms.clear()
                 continue
-            report(f"round {round_index + 1}/{repeats}: {candidate.name}: {candidate.ms[-1]:.2f} ms/step")
+            report(f"round {round_index + 1}/{len(rounds)}: {candidate.name}: {candidate.ms[-1]:.2f} ms/step")
     return candidates
 
 
@@ -262,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_intermixed_args(argv)
-    if args.repeats < 2 or args.steps < 1 or args.warmup < 1:
-        raise UserError("--repeats must be >= 2 (the noise is their spread), --steps and --warmup >= 1")
+    if min(args.repeats, args.steps, args.warmup) < 1:
+        raise UserError("--repeats, --steps and --warmup must be >= 1")
     loader = {
         "data_config": args.data_config,
         "train_config": args.train_config,
