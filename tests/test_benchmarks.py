@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,11 @@ def test_make_dataset_is_imagenet_like_and_deterministic(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_result(tmp_path):
-    """benchmarks/gpu_check.sh at toy sizes on the CPU: every part runs and leaves its result file, every training
-    path trains, and the last thing printed is the table of targets."""
-    out = tmp_path / "out"
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "WORK": str(tmp_path / "work")}
+    """benchmarks/gpu_check.sh at toy sizes on the CPU: every part runs and leaves its result file in the one
+    archive that comes back beside the table (at most 8 files), every training path trains, every step is set
+    beside its floor, the ablation and the profile are tabulated, and the last thing printed is the table."""
+    sent = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(sent), "WORK": str(tmp_path / "work")}
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
         capture_output=True,
@@ -54,6 +56,11 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert {p.name for p in sent.iterdir()} == {"gpu_check.tar.gz", "gpu_check.md", "log.txt"}
+    out = tmp_path / "unpacked"
+    out.mkdir()
+    with tarfile.open(sent / "gpu_check.tar.gz") as archive:
+        archive.extractall(out, filter="data")
     for part in gpu_summary.PARTS:
         status = json.loads((out / "parts" / f"{part}.json").read_text())
         assert status["rc"] == 0, (part, (out / f"{part}.log").read_text()[-3000:])
@@ -76,7 +83,24 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     for key in ("step_ms", "img_per_s", "data_stall_pct", "data_ms", "teacher_ms", "student_ms"):
         assert ref[key] is not None and ref[key] >= 0, key
     assert "gpu_jpeg_util_pct" in ref and ref["gpu_jpeg_util_pct"] is None  # no NVML on the CPU
-    assert reference["ratios"]["dali_step_vs_compute_floor"] == pytest.approx(ref["step_ms"] / 20)
+    floor = reference["floor"]
+    assert reference["ratios"]["dali_step_vs_floor"] == pytest.approx(ref["step_ms"] / floor["step_ms"])
+    split = ref["split"]
+    assert split["optimizer_timed_apart"] and split["parts_ms"]["optimizer_ms"] > 0
+    assert split["parts_ms"]["student_ms"] + split["parts_ms"]["optimizer_ms"] == pytest.approx(
+        ref["student_ms"]
+    )
+    assert split["vs_floor"]["step"] == pytest.approx(ref["step_ms"] / floor["step_ms"])
+    ablation = json.loads((out / "ablation.json").read_text())
+    assert [c["name"] for c in ablation["candidates"]][:2] == ["defaults", "train.telemetry=false"]
+    assert len(ablation["candidates"][0]["ms"]) == 2  # timed first and last: the noise
+    assert "| defaults |" in (out / "ablation.log").read_text()
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["steps"] == 2 and profile["top_ops"] and profile["gpu_busy_pct"] is None
+    tiny = json.loads((out / "tiny_step.json").read_text())
+    assert tiny["results"][0]["step_ms"] > 0 and tiny["floor"]["student"] == "resnet10t"
+    op_costs = json.loads((out / "dali_op_costs.json").read_text())
+    assert [r["stage"] for r in op_costs["stages"]][0] == "decode crop window"
     cache_step = json.loads((out / "cache_step.json").read_text())
     by_mode = {r["backend"]: r for r in cache_step["results"]}
     assert set(by_mode) == {"dali+cache", "dali+student-only"}
@@ -85,6 +109,10 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     )
     assert by_mode["dali+cache"]["teacher_forward_batches"] > 0  # the fill pass
     assert by_mode["dali+student-only"]["teacher_forward_batches"] == 0
+    assert cache_step["floor"]["from"].endswith("reference_step.json"), "the visit's floor, measured once"
+    assert cache_step["ratios"]["dali+student-only_step_vs_floor"] == pytest.approx(
+        by_mode["dali+student-only"]["step_ms"] / floor["student_ms"]
+    )
 
     augment = json.loads((out / "augment.json").read_text())
     assert {r["backend"] for r in augment["results"]} == {"torchvision", "dali_raw", "dali_cpu"}
@@ -101,12 +129,16 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     met = {row["part"].split(" (")[0]: row["met"] for row in summary["targets"]}
     assert met["training paths"] == "yes" and met["gpu tests"] == "n/a (skipped: no GPU)"
-    assert len(summary["targets"]) == 9
+    assert len(summary["targets"]) == 15
     assert met["mixing per batch / reference step"] == "n/a (not on a GPU)", (
         "the mix_cost part ran and was read"
     )
-    assert all(row["met"] == "n/a (not on a GPU)" for row in summary["targets"][2:]), summary["targets"]
-    table = (out / "gpu_check.md").read_text().strip()
+    measured = [row for row in summary["targets"][2:] if row["met"] != "info"]
+    assert all(row["met"] == "n/a (not on a GPU)" for row in measured), summary["targets"]
+    assert [row["part"] for row in summary["targets"] if row["met"] == "info"] == [
+        "ablation: fastest overrides", "tiny step: fixed cost per step", "DALI CPU mode: CPU ms per image by stage",
+    ]  # fmt: skip
+    table = (sent / "gpu_check.md").read_text().strip()
     assert result.stdout.strip().endswith(table) and table.startswith("| part | measured | target | met? |")
     assert not any(p.stat().st_size > 2**20 for p in out.rglob("*")), "nothing big comes back from the visit"
 
