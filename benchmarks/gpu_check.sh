@@ -96,7 +96,7 @@ else
   PROFILE=(--warmup 1 --steps 2)
   CACHE=(--backends dali+cache,dali+student-only --one-process --steps 8 --log-every 1 --floor --floor-backend eager
          --floor-steps 2)
-  TINY=(--teacher resnet10t --student resnet10t --image-size 32 --batch-size 8 --dali-threads 2 --device cpu
+  TINY=(--teacher test_resnet --student test_vit --image-size 32 --batch-size 8 --dali-threads 2 --device cpu
         --backends dali --steps 4 --log-every 1 --floor --floor-backend eager --floor-steps 2)
   AUGMENT=(--batch-size 8 --workers 2 --dali-threads 2 --warmup 1 --batches 2 --repeats 2)
   MULTI_CROP=(--multi-crop --batch-size 8 --workers "" --dali-threads "" --warmup 1 --batches 2 --repeats 2

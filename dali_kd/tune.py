@@ -284,7 +284,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         options = [c for c in options if any(w in c.name for w in words)]
     candidates = [Candidate("defaults", []), *options, *(Candidate(e, [e]) for e in args.extra)]
     print(f"tuning {cfg.model.teacher.name} → {cfg.model.student.name}, batch {cfg.train.batch_size} on {device}: "
-          f"{len(candidates)} candidates × {args.repeats} rounds × ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
+          f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
+          f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:
         tune(loader, overrides, candidates, device, args.steps, args.warmup, args.repeats, Path(tmp))
         if candidates[0].ms_per_step is None:

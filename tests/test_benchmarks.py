@@ -53,7 +53,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=900,  # ~4 minutes on 2 free cores; slower on a busy machine
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert {p.name for p in sent.iterdir()} == {"gpu_check.tar.gz", "gpu_check.md", "log.txt"}
@@ -98,7 +98,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     profile = json.loads((out / "profile.json").read_text())
     assert profile["steps"] == 2 and profile["top_ops"] and profile["gpu_busy_pct"] is None
     tiny = json.loads((out / "tiny_step.json").read_text())
-    assert tiny["results"][0]["step_ms"] > 0 and tiny["floor"]["student"] == "resnet10t"
+    assert tiny["results"][0]["step_ms"] > 0 and tiny["floor"]["student"] == "test_vit"
     op_costs = json.loads((out / "dali_op_costs.json").read_text())
     assert [r["stage"] for r in op_costs["stages"]][0] == "decode crop window"
     cache_step = json.loads((out / "cache_step.json").read_text())
@@ -173,14 +173,16 @@ def write_visit(out: Path, **overrides) -> Path:
                 {"backend": "dali", "step_ms": 38.0, "img_per_s": 6737.0, "data_stall_pct": 2.5,
                  "gpu_jpeg_util_pct": 41.0, "device": "cuda"}
             ],
-            "ratios": {"dali_step_vs_compute_floor": 1.9},
+            "ratios": {"dali_step_vs_floor": 1.2},
+            "floor": {"step_ms": 31.7, "student_ms": 19.0, "teacher_ms": 12.0, "optimizer_ms": 1.0},
         },
         "cache_step.json": {
             "results": [
                 {"backend": "dali+cache", "step_ms": 24.0, "device": "cuda"},
                 {"backend": "dali+student-only", "step_ms": 20.0, "device": "cuda"},
             ],
-            "ratios": {"cached_vs_student_only_step": 1.2},
+            "ratios": {"cached_vs_student_only_step": 1.2, "dali+student-only_step_vs_floor": 1.05},
+            "floor": {"step_ms": 31.7, "student_ms": 19.0, "teacher_ms": 12.0, "optimizer_ms": 1.0},
         },
         "mix_cost.json": {
             "device": "cuda", "batch_size": 256, "size": 224, "ms": {"mixup": 0.3, "cutmix": 0.25, "both": 0.4},
@@ -219,13 +221,19 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
     assert met == [
         ("gpu tests", "yes"),
         ("training paths (compiled student)", "yes"),
+        ("reference step / same-run floor", "no"),  # 1.2x > 1.0x
         ("reference step ms/step", "yes"),  # 38 ms <= 40
-        ("reference step data stall", "yes"),  # 2.5% < 3%
-        ("cached step / student-only step", "no"),  # 1.2 > 1.15
+        ("reference step data stall", "no"),  # 2.5% >= 2%
+        ("cached step / student-only step", "no"),  # 1.2 > 1.05
+        ("student-only step / its floor", "yes"),  # 1.05 <= 1.10
         ("mixing per batch / reference step", "yes"),  # the worst kind, 0.4 ms of 38 ms: 1.05% <= 2%
         ("DALI GPU augmentation, 224 px", "yes"),  # the loader's best, 13,000 >= 12,000
         ("DALI GPU / torchvision 16 workers", "yes"),  # 13,000 / 3,000 = 4.3
         ("multi-crop cost per image vs 2 global (dali_gpu)", "no"),  # 1.6 > 1.5
+        ("ablation: fastest overrides", "not measured"),  # parts this visit's files leave out
+        ("profile: GPU busy, host syncs per step", "not measured"),
+        ("tiny step: fixed cost per step", "not measured"),
+        ("DALI CPU mode: CPU ms per image by stage", "not measured"),
     ]
     measured = {row["part"]: row["measured"] for row in summary["targets"]}
     assert "GPU JPEG decoder 41%" in measured["reference step ms/step"]
