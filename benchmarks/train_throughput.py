@@ -7,7 +7,10 @@ the first log interval (compilation, warm-up) and every interval that holds an e
 set smaller than the run makes several epochs; writing the student and optimizer is not step time).
 
 Ratios the targets need (benchmarks/RESULTS.md): a cached step / a student-only step (dali+cache,
-dali+student-only), a multi-crop step / a global-only step, and with --compute-floor-ms the step / that floor.
+dali+student-only), a multi-crop step / a global-only step, and with --floor each one-view step / its floor
+measured in the same run (benchmarks/step_floor.py: the same models on synthetic tensors in the leanest loop),
+the step split into data / teacher / student / optimizer / rest with each part as a multiple of its floor
+(benchmarks/step_parts.py). --compute-floor-ms divides by a given figure instead (kept for older commands).
 
     python benchmarks/train_throughput.py [--quick] [--teacher vit_base_patch16_224 --student vit_small_patch16_224
         --image-size 224 --batch-size 256 --device cuda] [--backends dali,torchvision] [--json out.json]
@@ -36,6 +39,35 @@ from dali_kd.trainer import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import machine_info  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
+from step_floor import floor_overrides, measure_floor  # noqa: E402
+from step_floor import markdown as floor_markdown  # noqa: E402
+from step_parts import OptimizerClock, split  # noqa: E402
+from step_parts import markdown as split_markdown  # noqa: E402
+
+# The modes whose step is the floor's computation (one view); the teacher runs in the first two.
+FLOOR_MODES = {"dali": True, "torchvision": True, "dali+cache": False, "dali+student-only": False}
+
+
+def step_overrides(args, data: Path, out: Path, backend: str, run_name: str) -> list[str]:
+    """The config of the benchmark's step: its models, size, batch and precision over `data`, runs under `out`."""
+    return [
+        f"data.root={data}",
+        "data.val_root=null",
+        f"data.backend={backend}",
+        f"data.image_size={args.image_size}",
+        f"data.dali_threads={args.dali_threads}",
+        f"model.teacher.name={args.teacher}",
+        "model.teacher.checkpoint=null",
+        f"model.student.name={args.student}",
+        f"train.batch_size={args.batch_size}",
+        "data.scan=off",  # generated, known-good images (and no scan cache left in the user's home)
+        f"train.log_every_n_steps={args.log_every}",
+        f"train.compile_student={str(args.compile).lower()}",
+        f"train.num_workers={args.workers}",
+        f"train.precision={args.precision}",
+        f"train.output_dir={out}",
+        f"train.run_name={run_name}",
+    ]
 
 
 def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) -> dict:
@@ -59,28 +91,9 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
             "train.cache_teacher_features=true", f"train.teacher_feature_dir={out / 'cache'}",
             "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null",
         ]  # fmt: skip
-    cfg = load_config(
-        overrides=[
-            f"data.root={data}",
-            "data.val_root=null",
-            f"data.backend={backend}",
-            f"data.image_size={args.image_size}",
-            f"data.dali_threads={args.dali_threads}",
-            f"model.teacher.name={args.teacher}",
-            "model.teacher.checkpoint=null",
-            f"model.student.name={args.student}",
-            f"train.batch_size={args.batch_size}",
-            "data.scan=off",  # generated, known-good images (and no scan cache left in the user's home)
-            f"train.log_every_n_steps={args.log_every}",
-            f"train.compile_student={str(args.compile).lower()}",
-            f"train.num_workers={args.workers}",
-            f"train.precision={args.precision}",
-            f"train.output_dir={out}",
-            f"train.run_name={mode}",
-            *extra,
-        ]
-    )
-    trainer = Trainer(cfg, device, show_progress=False)
+    cfg = load_config(overrides=step_overrides(args, data, out, backend, mode) + extra)
+    optimizer_clock = OptimizerClock()
+    trainer = Trainer(cfg, device, show_progress=False, callbacks=[optimizer_clock])
     if variant == "student-only":
         size = cfg.data.image_size
         constant = trainer.teacher(torch.zeros(args.batch_size, 3, size, size, device=device))
@@ -125,6 +138,8 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
         "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "peak_gpu_used_mb": summary["peak_gpu_mem_mb"],
         "measured_steps": sum(r["steps"] for r in rows),
+        # The optimiser step, timed apart (part of student_ms): see step_parts.OptimizerClock.
+        "optimizer_ms": optimizer_clock.mean_over([r["step"] for r in rows]),
     }
 
 
@@ -157,6 +172,7 @@ def run_in_subprocess(backend: str, data: Path) -> dict:
             i = argv.index(flag)
             del argv[i : i + 2]
         argv = [a for a in argv if not a.startswith(flag + "=")]
+    argv = [a for a in argv if a != "--floor"]  # measured once, by the parent
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -237,6 +253,23 @@ def main() -> None:
         help="the step's compute floor (the issue's: 20 ms for ViT-B/16 -> ViT-S/16, 224 px, bf16, batch 256); "
         "adds <backend>_step_vs_compute_floor",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="measure the step's floor first, in this run (benchmarks/step_floor.py), and report every one-view "
+        "step as a multiple of it, split into data / teacher / student / optimizer / rest",
+    )
+    parser.add_argument(
+        "--floor-backend",
+        default="inductor",
+        help="the floor's torch.compile backend (eager: no code generation)",
+    )
+    parser.add_argument("--floor-steps", type=int, default=20, help="timed calls of each part of the floor")
+    parser.add_argument(
+        "--floor-from",
+        type=Path,
+        help="with --floor: take the floor from this earlier report of the same visit (its 'floor') when it has one",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -245,6 +278,10 @@ def main() -> None:
         args.local_crops, args.local_size = 4, 32
     backends = args.backends.split(",")
     results: list[dict] = []
+    args.measured_floor = None
+    if args.floor and any(b in FLOOR_MODES for b in backends):
+        args.measured_floor = run_floor(args)
+        print(floor_markdown(args.measured_floor), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         num_images = args.num_images or args.steps * args.batch_size
         data = args.data or make_dataset(Path(tmp) / "data", num_images=num_images, num_classes=10)
@@ -269,13 +306,48 @@ def main() -> None:
                 write_report(results, args)
     report = write_report(results, args)
     print(markdown(report))
+    print(split_markdown(report["results"]))
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.3f}")
     if any("error" in r for r in results):
         sys.exit(1)
 
 
-def ratios_of(results: list[dict], compute_floor_ms: float | None) -> dict[str, float]:
+def run_floor(args) -> dict:
+    """The floor of this run's step (its models, size, batch and precision), measured here and now (or read from
+    --floor-from when that report measured one for the same models); the device memory it held is given back
+    before the training runs."""
+    if args.floor_from is not None and args.floor_from.is_file():
+        earlier = json.loads(args.floor_from.read_text()).get("floor")
+        same = earlier and (earlier["teacher"], earlier["student"], earlier["batch_size"]) == (
+            args.teacher, args.student, args.batch_size,
+        )  # fmt: skip
+        if same:
+            return {**earlier, "from": str(args.floor_from)}
+    cfg = load_config(overrides=floor_overrides(args))
+    device = resolve_device(args.device)
+    floor = measure_floor(cfg, device, steps=args.floor_steps, warmup=5, compile_backend=args.floor_backend)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return floor
+
+
+def with_splits(results: list[dict], floor: dict | None) -> list[dict]:
+    """Each result with its step split (step_parts.split): against the floor for the one-view modes."""
+    out = []
+    for r in results:
+        if "error" in r:
+            out.append(r)
+            continue
+        mode_floor = floor if r["backend"] in FLOOR_MODES else None
+        out.append({**r, "split": split(r, mode_floor, FLOOR_MODES.get(r["backend"], True))})
+    return out
+
+
+def ratios_of(
+    results: list[dict], compute_floor_ms: float | None, floor: dict | None = None
+) -> dict[str, float]:
     """The side-by-side ratios the targets need, among the backends that ran."""
     by_mode = {r["backend"]: r for r in results if "error" not in r}
     ratios = {}
@@ -296,19 +368,29 @@ def ratios_of(results: list[dict], compute_floor_ms: float | None) -> dict[str, 
     if compute_floor_ms:
         for mode, r in by_mode.items():
             ratios[f"{mode}_step_vs_compute_floor"] = r["step_ms"] / compute_floor_ms
+    if floor is not None:
+        for mode, with_teacher in FLOOR_MODES.items():
+            if mode in by_mode:
+                base = floor["step_ms"] if with_teacher else floor["student_ms"]
+                ratios[f"{mode}_step_vs_floor"] = by_mode[mode]["step_ms"] / base
     return ratios
 
 
 def write_report(results: list[dict], args) -> dict:
+    floor = getattr(args, "measured_floor", None)
     report = {
-        "results": results,
-        "ratios": ratios_of(results, args.compute_floor_ms),
-        "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
+        "results": with_splits(results, floor),
+        "floor": floor,
+        "ratios": ratios_of(results, args.compute_floor_ms, floor),
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("json", "measured_floor")},
         "machine": machine_info(),
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
-        args.json.with_suffix(".md").write_text(markdown(report) + "\n")
+        tables = [markdown(report), split_markdown(report["results"])]
+        if floor is not None:
+            tables.insert(0, floor_markdown(floor))
+        args.json.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
     return report
 
 
