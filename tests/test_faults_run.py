@@ -30,7 +30,7 @@ def test_a_second_run_into_a_running_runs_directory_is_refused_and_the_first_is_
                 break
         else:
             pytest.fail(f"the first run ended early: {first.stderr.read()[-3000:]}")
-        code = train.main(args)
+        code = train.main([*args, "--resume", "auto"])  # as a second Slurm job with the same run name would
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, err
         assert len(err) == 1 and err[0].startswith(

@@ -71,6 +71,9 @@ def test_a_checkpoint_brings_back_the_ema_every_random_stream_and_the_data_strea
                 self.at_checkpoint["ema"] = {k: v.clone() for k, v in self.at_checkpoint["ema"].items()}
 
         def on_step(self, trainer, batch):
+            # A part of the run that draws from every global stream (a user's callback, an augmentation), so
+            # that no stream is still at its seeded start when the checkpoint is written.
+            random.random(), np.random.rand(), torch.rand(1)
             if trainer.step == 2:  # the first batch after the checkpoint of step 2
                 self.next_batch = (batch.images.clone(), batch.sample_ids.clone())
 
@@ -78,8 +81,6 @@ def test_a_checkpoint_brings_back_the_ema_every_random_stream_and_the_data_strea
     Trainer(cfg, CPU, show_progress=False, callbacks=[watch]).fit(tmp_path / "run")
     saved = watch.at_checkpoint
     assert saved is not None and saved["path"].name == "step_000000002.pt"
-    # Other draws in between, so that a stream left alone by the restore would show.
-    random.random(), np.random.rand(), torch.rand(1)
 
     resumed = Trainer(cfg, CPU, show_progress=False, resume_from=saved["path"])
     assert same_rng(saved["rng"], ckpt.rng_state()) == [], "a random stream was not restored"
