@@ -51,11 +51,17 @@ def test_a_new_run_directory_is_never_one_that_exists(tiny_config, tmp_path):
     first = claim_unused(tmp_path, "r")
     assert first.path == tmp_path / "r"
     (tmp_path / "r-2").mkdir()
-    assert claim_unused(tmp_path, "r").path == tmp_path / "r-3", "r is held, r-2 exists"
+    third = claim_unused(tmp_path, "r")
+    assert third.path == tmp_path / "r-3", "r is held, r-2 exists"
     cfg = tiny_config("train.run_name=null")
     one, _ = choose_run(cfg, "none")
     two, _ = choose_run(cfg, "none")  # started in the same second: the same dated name
     assert two.path != one.path and two.path.parent == one.path.parent and two.path.is_dir()
+    for held in (first, third, one, two):
+        held.release()
+    made = (first.path, third.path, one.path, two.path)
+    assert not any(path.exists() for path in made), "a claim let go with nothing written removes its folder"
+    assert (tmp_path / "r-2").is_dir(), "a folder the claims did not make stays"
 
 
 @pytest.mark.parametrize("resume", ["auto", "none"])
