@@ -1,7 +1,8 @@
 """Step checkpoints: atomic files in <run>/checkpoints/, keep-last-K, and the identity checks that guard a resume.
 
 A checkpoint is written under a temporary name, fsynced and renamed, so a file named step_*.pt is always complete;
-an interrupted write leaves only a temporary file, which is never loaded and is cleaned up on the next save.
+an interrupted write leaves only a temporary file, which is never loaded and is removed when a run next claims
+the run directory.
 Loading uses torch.load(weights_only=True): the file holds tensors, numbers, strings, lists and dicts only.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from dali_kd.config import Config, key_default, resume_free_keys
 from dali_kd.errors import UserError
-from dali_kd.io import WriteFailed, atomic_write
+from dali_kd.io import PROCESS_TOKEN, WriteFailed, atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.pt$")
 # 2: timm's optimizer parameter groups and scheduler state, the student's EMA (issue 15). A format-1 checkpoint's
@@ -130,10 +131,16 @@ class CheckpointDir:
             ) from None
         for old in self.complete()[: -self.keep_last]:
             old.unlink(missing_ok=True)
-        # Leftovers of writes that were killed half-way.
-        for tmp in self.path.glob(".step_*.tmp"):
+        # This process's own leftovers only: a temporary file of another process may be a write in progress.
+        for tmp in self.path.glob(f".step_*.{PROCESS_TOKEN}.*.tmp"):
             tmp.unlink(missing_ok=True)
         return path
+
+    def remove_leftovers(self) -> None:
+        """Remove every half-written checkpoint: only for the run that holds the run directory (dali_kd.run_dir),
+        when whoever left them has ended."""
+        for tmp in self.path.glob(".step_*.tmp") if self.path.is_dir() else ():
+            tmp.unlink(missing_ok=True)
 
 
 def _why_unreadable(path: Path, error: Exception) -> str:

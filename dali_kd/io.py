@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,9 @@ def _read_umask() -> int:
 
 UMASK = _read_umask()
 FILE_MODE = 0o666 & ~UMASK  # what open() would give a new file
+# In every temporary name this process makes: a cleanup removes its own leftovers, never another process's
+# write in progress (a host name and pid could repeat across the nodes sharing a filesystem; this does not).
+PROCESS_TOKEN = secrets.token_hex(6)
 
 
 class WriteFailed(UserError):
@@ -71,7 +75,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     replaced = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.{PROCESS_TOKEN}.", suffix=".tmp", dir=path.parent
+        )
         os.close(fd)
         tmp = Path(tmp_name)
         with open(tmp, "wb") as f:  # f.name is the temporary path (a writer may need it)

@@ -7,7 +7,8 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the job is requeued and resumes by itself
 JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
@@ -28,47 +29,63 @@ class Preempted(BaseException):
         self.checkpoint = checkpoint
 
 
-def preempt_at_once() -> Callable[[], None]:
-    """From the first second of a run until its loop starts (scan, demo, models, compilation), SIGUSR1/SIGTERM
-    end it as preempted straight away (exit 75, requeued): there is nothing to save yet, and Slurm's grace time
-    (--signal=USR1@90) is shorter than a cold scan. The loop then installs StopSignal, and restores this after.
-    Returns a function that puts the previous handlers back."""
-
-    def handle(signum, frame) -> None:
-        raise Preempted(None, signal.Signals(signum).name)
-
-    previous = {}
-    for name in StopSignal.SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            previous[signum] = signal.signal(signum, handle)
-
-    def restore() -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-    return restore
-
-
 class StopSignal:
-    """Installs handlers that only set a flag: the training loop decides when it is safe to stop."""
+    """Handlers for SIGUSR1/SIGTERM that record the signal; the run acts on it at a point where that is safe.
+
+    Acting inside the handler is not: a signal lands at any bytecode, and an exception raised there in the middle
+    of an import leaves a module half-imported, or is swallowed (a finaliser, a library's callback) and the signal
+    is lost. So the handler only records it, and `check()` (called at safe points: after the imports, between
+    start-up stages, every step) turns it into Preempted. Within `interrupting()` (start-up work after the imports:
+    a cold scan, the demo's preparation, building the models) the handler also raises at once, since Slurm's grace
+    time (--signal=USR1@90) is shorter than a cold scan and there is nothing to save yet; what it raised is still
+    recorded, so a swallowed raise is caught by the next check.
+
+    Nested instances (the command's, then the training loop's) share what they saw: a new one starts with the
+    signal its predecessor recorded, and hands back what it recorded when `restore()` puts the predecessor back.
+    """
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
     def __init__(self):
         self.received: str | None = None
+        self._interrupt = False
         self._previous = {}
         for name in self.SIGNALS:
             signum = getattr(signal, name, None)
             if signum is not None:
                 self._previous[signum] = signal.signal(signum, self._handle)
+        for handler in self._previous.values():
+            if isinstance(outer := getattr(handler, "__self__", None), StopSignal):
+                self.received = self.received or outer.received
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        self.received = self.received or name
+        if self._interrupt:
+            self._interrupt = False  # once: a second signal must not break the unwinding of the first
+            raise Preempted(None, name)
+
+    def check(self) -> None:
+        """A safe point before the first step: Preempted if a stop signal arrived (nothing saved yet)."""
+        if self.received is not None:
+            raise Preempted(None, self.received)
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """Start-up work within which a stop signal ends the run at once (checked on the way in and out)."""
+        self.check()
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
+        self.check()
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+            if isinstance(outer := getattr(handler, "__self__", None), StopSignal):
+                outer.received = outer.received or self.received
 
 
 def slurm_job_id() -> str | None:

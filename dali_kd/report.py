@@ -5,17 +5,21 @@ Works on a finished run and on one still in progress (summary.json not written y
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from dali_kd.cli import CommandLineParser
 from dali_kd.errors import UserError
 from dali_kd.io import atomic_write
 from dali_kd.telemetry.verdict import judge
 
 ROW_KEYS = {"step", "loss", "img_per_s", "step_ms"}  # in every row dali_kd writes; the report reads them
+# Also read, where a row has them: null when not measured (no telemetry, no GPU).
+MEASURED_KEYS = (
+    "data_ms", "teacher_ms", "student_ms", "gpu_util_pct", "gpu_mem_used_mb", "proc_cpu_pct", "proc_rss_mb",
+)  # fmt: skip
 STAGE_COLOURS = {"data": "#d62728", "teacher": "#1f77b4", "student": "#2ca02c", "other": "#c7c7c7"}
 
 
@@ -38,10 +42,24 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
             raise UserError(
                 f"{path}: not a dali_kd run (line {number} lacks {', '.join(repr(k) for k in missing)})"
             )
+        check_numbers(path, number, row)
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: no complete rows yet")
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_numbers(path: Path, number: int, row: dict[str, Any]) -> None:
+    """Every value the report reads is a number (null only where dali_kd writes null: what was not measured)."""
+    optional = [k for k in row if k in MEASURED_KEYS or k.startswith("loss_")]
+    for key in [*sorted(ROW_KEYS), *optional]:
+        value = row[key]
+        if not _is_number(value) and not (value is None and key in optional):
+            raise UserError(f"{path}: line {number}: {key!r} is {json.dumps(value)}, expected a number")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -164,7 +182,7 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dali_kd.report", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m dali_kd.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     try:

@@ -10,7 +10,6 @@ Writes OUT/good.txt (one <class>/<file> per line: the list training uses) and OU
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from dali_kd.cli import CommandLineParser
 from dali_kd.data.dataset import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.errors import UserError
@@ -232,7 +232,7 @@ def scan(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dali_kd.scan", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m dali_kd.scan", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="an ImageFolder tree: ROOT/<class>/<image>")
     parser.add_argument(
         "--out", type=Path, help="where good.txt and quarantine.jsonl go (default: the user cache)"

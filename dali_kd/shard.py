@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 from dali_kd import __version__
-from dali_kd.cli import CommandLineParser
+from dali_kd.cli import CommandLineParser, int_in_range
 from dali_kd.config.sections import DataConfig
 from dali_kd.data import shards as fmt
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
@@ -483,13 +483,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shard-size", default=DEFAULT_SHARD_SIZE, help="about this much per shard (default 1GB)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="the shuffle that spreads samples over shards")
+    parser.add_argument(
+        "--seed",
+        type=int_in_range(0, 2**32 - 1),
+        default=0,
+        help="the shuffle that spreads samples over shards (0 to 2**32-1, as train.seed)",
+    )
     parser.add_argument(
         "--no-shuffle", action="store_true", help="shards in sample-id order (class by class)"
     )
     parser.add_argument("--scan", choices=("header", "full", "off"), default="header", help="as data.scan")
     parser.add_argument(
-        "--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are set aside"
+        "--max-image-pixels",
+        type=int_in_range(1),
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images are set aside",
     )
     parser.add_argument(
         "--file-list", help="shard only these files (one <class>/<image> per line), as data.file_list"

@@ -6,11 +6,17 @@ Also the entry point of every rank under `torchrun` or `srun`; exit codes: 0 don
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python -m dali_kd.train`: before anything else is imported, a stop signal is recorded rather than fatal;
+    # main() acts on it once the imports are done.
+    from dali_kd.preemption import StopSignal
+
+    _SIGNALS_DURING_IMPORTS = StopSignal()
+
 import argparse
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +28,7 @@ from dali_kd.errors import TrainingStopped, UserError
 if TYPE_CHECKING:
     from dali_kd.console import Console
     from dali_kd.distributed import DistInfo
+    from dali_kd.preemption import StopSignal
 
 EXIT_STOPPED = 1
 
@@ -72,86 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _newest_run_with_checkpoints(output_dir: Path) -> Path | None:
-    from dali_kd.checkpoint import CheckpointDir
-
-    newest, newest_mtime = None, -1.0
-    for run_dir in output_dir.iterdir() if output_dir.is_dir() else ():
-        latest = CheckpointDir(run_dir, 1).latest() if run_dir.is_dir() else None
-        if latest is not None and latest.stat().st_mtime > newest_mtime:
-            newest, newest_mtime = run_dir, latest.stat().st_mtime
-    return newest
-
-
-def unused_run_dir(output_dir: Path, name: str) -> Path:
-    """output_dir/name, or name-2, name-3, ... if that exists: a new run never shares another's directory."""
-    run_dir, number = output_dir / name, 2
-    while run_dir.exists():
-        run_dir, number = output_dir / f"{name}-{number}", number + 1
-    return run_dir
-
-
-def existing_run_files(run_dir: Path) -> list[str]:
-    """What a run has left in run_dir (complete checkpoints, metrics, summary); empty for a new directory."""
-    from dali_kd.checkpoint import CheckpointDir
-
-    found = ["checkpoints"] if CheckpointDir(run_dir, 1).latest() is not None else []
-    return found + [name for name in ("metrics.jsonl", "summary.json") if (run_dir / name).exists()]
-
-
-def choose_run(cfg: Config, resume: str) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from). A resumed run continues its own run directory; a fresh
-    run never writes into another run's (checkpoints would be mixed, and --resume auto would pick the old)."""
-    from dali_kd.checkpoint import CheckpointDir
-    from dali_kd.preemption import slurm_job_id
-
-    output_dir = Path(cfg.train.output_dir).expanduser()
-    new_name = f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if resume not in ("auto", "none"):
-        path = Path(resume).expanduser()
-        if not path.is_file():
-            raise UserError(f"--resume: checkpoint not found: {path}")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        if cfg.train.run_name:
-            run_dir = output_dir / cfg.train.run_name
-        return run_dir or unused_run_dir(output_dir, new_name), path
-    if cfg.train.run_name:
-        run_dir = output_dir / cfg.train.run_name
-    elif slurm_job_id():
-        # A requeued job keeps its id, so it finds its own run directory again.
-        run_dir = output_dir / f"{cfg.model.student.name}-slurm{slurm_job_id()}"
-    elif resume == "auto" and (found := _newest_run_with_checkpoints(output_dir)) is not None:
-        run_dir = found
-    else:
-        return unused_run_dir(output_dir, new_name), None
-    if resume == "auto":
-        return run_dir, CheckpointDir(run_dir, 1).latest()
-    if left := existing_run_files(run_dir):
-        raise UserError(
-            f"run directory {run_dir} already holds a run ({', '.join(left)}): resume it with --resume auto, "
-            "or choose another train.run_name"
-        )
-    return run_dir, None
-
-
-def check_writable(output_dir: Path) -> None:
-    """Fail before any work if the run directory could not be created (the nearest existing folder decides)."""
-    existing = output_dir
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"train.output_dir: {existing} is not a directory, so {output_dir} cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"train.output_dir: {existing} is not writable, so {output_dir} cannot be created")
-
-
-def make_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"train.output_dir: cannot create run directory {run_dir}: {e.strerror}") from None
-
-
 def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
     """decide() on rank 0, its result on every rank; its UserError is raised on every rank (none waits)."""
     from dali_kd import distributed
@@ -181,69 +108,97 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[Path]]:
     return cfg, presets
 
 
-def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
-    """Train as the command line says; callbacks (dali_kd.callbacks.Callback) watch the run."""
+def run(argv: list[str] | None = None, callbacks: list | None = None, stop: StopSignal | None = None) -> dict:
+    """Train as the command line says; callbacks (dali_kd.callbacks.Callback) watch the run. stop: the signal
+    handlers main() installed (SIGUSR1/SIGTERM end the start-up at once, then the loop at a step boundary)."""
     # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
     args = build_parser().parse_intermixed_args(argv)
     cfg, presets = config_from_args(args)
 
-    # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads.
+    # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads. All
+    # the heavy imports happen here, while a stop signal is only recorded (an import cut short by an exception
+    # leaves a half-made module behind); the first check comes right after.
+    import dali_kd.demo  # noqa: F401 - the heavy imports, all here: torch, numpy, timm, DALI
+    import dali_kd.trainer  # noqa: F401
     from dali_kd import distributed
     from dali_kd.console import Console, RunLog, choose_mode
     from dali_kd.models import check_model_name
+    from dali_kd.preemption import StopSignal
+    from dali_kd.run_dir import check_writable
 
-    check_model_name(cfg.model.teacher.name, "teacher")
-    check_model_name(cfg.model.student.name, "student")
-    check_writable(Path(cfg.train.output_dir).expanduser())
-    info = distributed.detect()
-    # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
-    mode = choose_mode(args.quiet, args.no_progress) if info.is_main else "quiet"
-    with Console(mode, log=RunLog() if info.is_main else None) as out:
-        if presets:
-            # The resolved config.yaml holds what they set; this line (and train.log) says where it came from.
-            out.info(
-                f"presets: {', '.join(map(str, presets))} (over the config files; KEY=VALUE overrides win)"
-            )
-        try:
-            return _train(args, cfg, info, out, callbacks)
-        except BaseException as e:
-            out.record(ending_line(e))  # main() prints it to stderr; train.log keeps why the run ended
-            raise
+    own_stop = stop is None
+    stop = stop or StopSignal()
+    try:
+        stop.check()
+        check_model_name(cfg.model.teacher.name, "teacher")
+        check_model_name(cfg.model.student.name, "student")
+        check_writable(Path(cfg.train.output_dir).expanduser())
+        info = distributed.detect()
+        # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
+        mode = choose_mode(args.quiet, args.no_progress) if info.is_main else "quiet"
+        with Console(mode, log=RunLog() if info.is_main else None) as out:
+            if presets:
+                # The resolved config.yaml holds what they set; this line (and train.log) says where it came from.
+                out.info(
+                    f"presets: {', '.join(map(str, presets))} (over the config files; KEY=VALUE overrides win)"
+                )
+            try:
+                return _train(args, cfg, info, out, callbacks, stop)
+            except BaseException as e:
+                out.record(ending_line(e))  # main() prints it to stderr; train.log keeps why the run ended
+                raise
+    finally:
+        if own_stop:
+            stop.restore()
 
 
 def _train(
-    args: argparse.Namespace, cfg: Config, info: DistInfo, out: Console, callbacks: list | None
+    args: argparse.Namespace,
+    cfg: Config,
+    info: DistInfo,
+    out: Console,
+    callbacks: list | None,
+    stop: StopSignal,
 ) -> dict:
     from dali_kd import distributed
+    from dali_kd.demo import demo_parts, prepare_demo
     from dali_kd.models import fetch_pretrained
+    from dali_kd.run_dir import choose_run
     from dali_kd.runtime import resolve_device
     from dali_kd.trainer import Trainer
 
-    device = resolve_device(cfg.train.device, info.local_rank)
-    distributed.init(info, device.type)
-    try:
-        # Decided before the demo's first-use preparation, so a refused run directory costs nothing.
-        run_dir, resume_from = _on_main(info, lambda: choose_run(cfg, args.resume))
-        # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set); every
-        # rank then loads them from the cache when it builds its models.
-        _on_main(info, lambda: fetch_pretrained(cfg.model))
-        # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
-        from dali_kd.demo import demo_parts, prepare_demo
+    claims = []  # rank 0's hold on the run directory, from before any work until the run ends
 
-        if any(parts := demo_parts(cfg)):
-            _on_main(info, lambda: prepare_demo(cfg, device, out.mode == "tty", *parts))
-        # Everything that can be wrong with the data, models or checkpoint fails here, before the run dir exists.
-        trainer = Trainer(
-            cfg,
-            device,
-            show_progress=True,  # a bar or plain lines, as the console's mode says
-            dist_info=info,
-            resume_from=resume_from,
-            allow_config_change=args.allow_config_change,
-            callbacks=callbacks,
-        )
+    def claim_run() -> tuple[Path, Path | None]:
+        held, resume_from = choose_run(cfg, args.resume)
+        claims.append(held)
+        return held.path, resume_from
+
+    device = resolve_device(cfg.train.device, info.local_rank)
+    try:
+        # Start-up: nothing to save yet, and a cold scan outlasts Slurm's grace time, so a stop signal ends it
+        # at once (exit 75, requeued).
+        with stop.interrupting():
+            distributed.init(info, device.type)
+            # Claimed before the demo's first-use preparation, so a refused run directory costs nothing.
+            run_dir, resume_from = _on_main(info, claim_run)
+            # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set);
+            # every rank then loads them from the cache when it builds its models.
+            _on_main(info, lambda: fetch_pretrained(cfg.model))
+            # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
+            if any(parts := demo_parts(cfg)):
+                _on_main(info, lambda: prepare_demo(cfg, device, out.mode == "tty", *parts))
+            # Everything that can be wrong with the data, models or checkpoint fails here, before any run file.
+            trainer = Trainer(
+                cfg,
+                device,
+                show_progress=True,  # a bar or plain lines, as the console's mode says
+                dist_info=info,
+                resume_from=resume_from,
+                allow_config_change=args.allow_config_change,
+                callbacks=callbacks,
+            )
         if info.is_main:
-            make_run_dir(run_dir)
             out.keep_log_in(run_dir)
             out.info(f"run directory: {run_dir}")
             what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
@@ -262,6 +217,8 @@ def _train(
         summary = trainer.fit(run_dir)
     finally:
         distributed.shutdown()
+        for held in claims:
+            held.release()  # a directory it made for a run that wrote nothing is removed again
     if info.is_main:
         knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
         if knn is not None:
@@ -296,12 +253,13 @@ def ending_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    from dali_kd.preemption import EXIT_PREEMPTED, Preempted, preempt_at_once, requeue
+    from dali_kd.preemption import EXIT_PREEMPTED, Preempted, StopSignal, requeue
 
-    # First thing: a job signalled during start-up is requeued, not dropped.
-    restore_signals = preempt_at_once()
+    # First thing: a job signalled during start-up is requeued, not dropped (a signal the module's own handler
+    # recorded while it was imported is taken over).
+    stop = StopSignal()
     try:
-        run(argv, callbacks)
+        run(argv, callbacks, stop)
     except UserError as e:
         print(ending_line(e), file=sys.stderr)
         return 2
@@ -318,7 +276,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
             requeue()
         return EXIT_PREEMPTED
     finally:
-        restore_signals()
+        stop.restore()
+    if stop.received is not None:
+        # After the last step (the final evaluation, the final weights): the run is complete, nothing to requeue.
+        print(
+            f"{stop.received} received after the last step: the run finished and wrote its final weights",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,14 +1,17 @@
-"""Stop signals are honoured from the first second: during start-up (scan, models, data stream) SIGUSR1 or
-SIGTERM ends the run at once with exit 75 and a Slurm requeue — nothing to save yet, nothing left behind."""
+"""Stop signals are honoured from the command's first line: while it imports they are recorded and end the run at
+the next safe point; during start-up (scan, models, data stream) SIGUSR1 or SIGTERM ends the run at once with exit
+75 and a Slurm requeue — nothing to save yet, nothing left behind; after the last step the run finishes its writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
 
+from dali_kd import train
 from tests.faults import ROOT, fake_scontrol, tiny_args
 
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
@@ -50,3 +53,120 @@ def test_the_start_up_handlers_are_put_back_when_main_returns(tiny_config):
     before = signal.getsignal(signal.SIGUSR1)
     assert train.main(["data.root=/no/such/folder"]) == 2
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+# ---- while the command is importing: recorded, acted on at the next safe point --------------------------------
+def test_a_stop_signal_while_importing_is_recorded_and_ends_the_start_up_at_the_next_safe_point():
+    import signal
+
+    from dali_kd.preemption import Preempted, StopSignal
+
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # in the middle of an import: nothing may be raised there
+        assert stop.received == "SIGTERM"
+        with pytest.raises(Preempted, match="^SIGTERM received: before the first step, nothing to save$"):
+            stop.check()  # the safe point after the imports
+    finally:
+        stop.restore()
+
+
+def test_a_stop_signal_raised_during_start_up_and_swallowed_there_is_not_lost():
+    import signal
+
+    from dali_kd.preemption import Preempted, StopSignal
+
+    stop = StopSignal()
+    try:
+        # Raised at once in the start-up work, and swallowed there by a library (a finaliser, a callback).
+        swallowed = contextlib.suppress(Preempted)
+        with pytest.raises(Preempted, match="^SIGUSR1 received"), stop.interrupting(), swallowed:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        stop.restore()
+
+
+def test_the_loops_handler_takes_over_a_signal_the_command_recorded_and_hands_back_its_own():
+    import signal
+
+    from dali_kd.preemption import StopSignal
+
+    command = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        loop = StopSignal()
+        assert loop.received == "SIGUSR1", "a signal recorded before the loop started was dropped"
+        loop.restore()
+        assert command.received == "SIGUSR1"
+    finally:
+        command.restore()
+
+
+IMPORT_WATCH = """
+import runpy, signal, sys
+seen = {}
+def watch(event, args):
+    if event == "import" and args[0] in ("pydantic", "yaml", "numpy", "torch") and args[0] not in seen:
+        seen[args[0]] = signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+sys.addaudithook(watch)
+sys.argv = ["dali_kd.train", *sys.argv[1:]]
+try:
+    runpy.run_module("dali_kd.train", run_name="__main__")
+finally:
+    print("handled before", sorted(m for m, handled in seen.items() if handled), file=sys.stderr)
+    print("unhandled before", sorted(m for m, handled in seen.items() if not handled), file=sys.stderr)
+"""
+
+
+def test_python_m_dali_kd_train_handles_stop_signals_before_it_imports_anything_heavy(tmp_path):
+    # A config mistake ends the run after pydantic and yaml are imported (torch and numpy are not needed).
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_WATCH, "train.seed=-1"], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )  # fmt: skip
+    assert "train.seed" in result.stderr, result.stderr[-3000:]
+    assert "handled before ['pydantic', 'yaml']" in result.stderr, result.stderr[-3000:]
+    assert "unhandled before []" in result.stderr
+
+
+def test_sigterm_right_after_start_exits_75_with_one_line(image_tree, tmp_path):
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dali_kd.train", *tiny_args(image_tree, tmp_path / "runs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    # As soon as the process catches SIGTERM (its handler is in place), while it is still importing.
+    status = f"/proc/{process.pid}/status"
+    while process.poll() is None:
+        with open(status) as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught & (1 << (signal.SIGTERM - 1)):
+            break
+        os.sched_yield()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err[-3000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("preempted:")] == [
+        "preempted: SIGTERM received: before the first step, nothing to save"
+    ]
+    assert not (tmp_path / "runs").exists(), "nothing left behind"
+
+
+def test_sigterm_while_the_final_weights_are_written_finishes_them_and_exits_0(image_tree, tmp_path, capsys):
+    import signal
+
+    from dali_kd.callbacks import Callback
+
+    class TermAtFinish(Callback):
+        def on_finish(self, trainer, summary):  # just before the final weights and summary.json are written
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run_dir = tmp_path / "runs" / "fault"
+    assert train.main(tiny_args(image_tree, tmp_path / "runs"), callbacks=[TermAtFinish()]) == 0
+    err = capsys.readouterr().err
+    assert "SIGTERM received after the last step: the run finished and wrote its final weights" in err
+    assert "nothing to save" not in err
+    assert (run_dir / "student.safetensors").is_file() and (run_dir / "summary.json").is_file()

@@ -106,6 +106,27 @@ def test_an_uncached_name_offline_is_one_line_naming_model_cache_and_fetch_comma
     assert message.endswith(f"HF_HOME={tmp_path / 'hf'} python -m dali_kd.fetch {UNCACHED}")
 
 
+def test_offline_nothing_is_downloaded_and_the_message_names_the_setting(hub_cache, monkeypatch):
+    import huggingface_hub
+    import torch.hub
+
+    from dali_kd.hub import find_pretrained
+
+    tried = []
+
+    def no_network(*args, **kwargs):
+        tried.append(args)
+        raise AssertionError("a download was attempted with HF_HUB_OFFLINE=1")
+
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, name, no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(UserError) as raised:
+        find_pretrained(UNCACHED, "model.teacher.pretrained")
+    assert tried == [], "a download was attempted on an offline machine"
+    assert "HF_HUB_OFFLINE is set" in str(raised.value)
+
+
 def test_train_exits_2_before_any_run_directory_for_an_uncached_teacher(
     hub_cache, image_tree, tmp_path, capsys
 ):

@@ -6,7 +6,6 @@ import json
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -58,51 +57,47 @@ def test_telemetry_off_keeps_rows_but_no_stage_times(tiny_config, tmp_path):
     assert row["step_ms"] > 0 and row["data_ms"] is None and row["verdict"] is None
 
 
-def big_jpeg_tree(root, per_class=12):
-    rng = np.random.default_rng(0)
-    base = np.linspace(0, 255, 1600, dtype=np.float32)[None, :, None].repeat(1200, 0).repeat(3, 2)
-    for c in range(2):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            # Smooth content plus noise: a realistic JPEG, expensive to decode at this size.
-            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / f"c{c}" / f"{i}.jpg", quality=90)
-    return root
+def monitored_run(
+    tmp_path, monkeypatch, first_ms: tuple, then_ms: tuple, steps: int = 6, every: int = 2
+) -> dict:
+    """The run summary of a monitor whose clock says each step took these stage times (data, teacher, student,
+    the rest): what a run measures, without depending on how fast or loaded this machine is."""
+    from dali_kd.telemetry import monitor as monitor_module
+    from dali_kd.telemetry import timing
+
+    clock = SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(monitor_module, "time", clock)
+    monitor = RunMonitor(tmp_path, CPU, announce=False)
+    for step in range(1, steps + 1):
+        monitor.timer.start_step()
+        *stages, rest = first_ms if step <= every else then_ms
+        for ms in stages:
+            clock.now += ms / 1000
+            monitor.timer.mark()
+        clock.now += rest / 1000
+        monitor.timer.end_step()
+        if step % every == 0:
+            monitor.log(step, 0, {"loss": 1.0}, every, 4 * every, 1e-3)
+    monitor.close()
+    return monitor.summary()
 
 
-def test_a_starved_loader_is_input_bound(tiny_config, tmp_path):
-    """The original's CPU path with no workers, big JPEGs and tiny models: the GPU (here CPU) waits for data."""
-    data = big_jpeg_tree(tmp_path / "big")
-    cfg = tiny_config(
-        f"data.root={data}",
-        "data.val_root=null",
-        "data.backend=torchvision",
-        "train.num_workers=0",
-        "model.teacher.name=test_vit",
-        "model.teacher.num_classes=2",
-        "train.epochs=1",
-        "train.max_steps_per_epoch=6",
-        "train.batch_size=4",
-        "train.log_every_n_steps=2",
-    )
-    summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
+def test_a_starved_loader_is_input_bound(tmp_path, monkeypatch):
+    """The original's CPU path with no workers and big JPEGs: each step waits for its batch far longer than the
+    models take (the first interval, with its warm-up, is left out of the run's verdict)."""
+    summary = monitored_run(tmp_path, monkeypatch, first_ms=(60, 5, 900, 5), then_ms=(240, 8, 20, 4))
     assert summary["verdict"] == "input-bound", summary
     assert "dali" in summary["advice"]
+    assert summary["data_ms"] == pytest.approx(240)
 
 
-def test_a_huge_teacher_on_small_inputs_is_teacher_bound(tiny_config, tmp_path):
-    cfg = tiny_config(
-        "model.teacher.name=resnet50",
-        "data.image_size=128",
-        "data.val_root=null",
-        "train.epochs=1",
-        "train.max_steps_per_epoch=6",
-        "train.batch_size=8",
-        "train.log_every_n_steps=2",
-    )
-    summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
+def test_a_huge_teacher_on_small_inputs_is_teacher_bound(tmp_path, monkeypatch):
+    summary = monitored_run(tmp_path, monkeypatch, first_ms=(5, 60, 900, 5), then_ms=(4, 180, 30, 6))
     assert summary["verdict"] == "teacher-bound", summary
     assert "cache teacher features" in summary["advice"]
+    assert summary["teacher_ms"] == pytest.approx(180)
 
 
 @pytest.mark.parametrize(

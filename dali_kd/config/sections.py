@@ -343,7 +343,12 @@ class TrainConfig(Section):
     )
     # What a real run needs besides.
     epochs: int = Field(100, ge=1, description="Number of (step-capped) epochs")
-    seed: int = Field(0, ge=0, description="Seed for shuffling, augmentations and initialisation")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for shuffling, augmentations and initialisation (0 to 2**32-1)",
+    )
     device: Literal["auto", "cuda", "cpu"] = free_on_resume(
         "auto", description="auto: cuda when available, else cpu"
     )
@@ -352,7 +357,7 @@ class TrainConfig(Section):
     )
     output_dir: str = free_on_resume("runs", description="Run directories are created under this folder")
     run_name: str | None = free_on_resume(
-        None, description="Run directory name; null: <student>-<date>-<time>"
+        None, description="Run directory name (one folder inside output_dir); null: <student>-<date>-<time>"
     )
     log_every_n_steps: int = free_on_resume(50, ge=1, description="One metrics.jsonl row per this many steps")
     save_every_n_steps: int | None = free_on_resume(
@@ -400,6 +405,14 @@ class TrainConfig(Section):
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, v: str | None) -> str | None:
+        # A name that is a path would put the run (config, checkpoints, weights) outside output_dir.
+        if v is not None and (v in ("", ".", "..") or "/" in v or "\\" in v or "\0" in v):
+            raise ValueError("must be one folder name inside train.output_dir (no '/', not '.' or '..')")
+        return v
 
 
 class ModelSpec(Section):

@@ -5,7 +5,8 @@ cleanup at all), SIGUSR1, or a NaN input.
     python tests/drivers/run_with_fault.py FAULT STEP [RANK] -- <dali_kd.train arguments>
 
 FAULT: kill-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
-(record only writes, per rank, the sample ids each step trained on, and the final weights), or a stop signal during
+(record only writes, per rank, the sample ids each step trained on, and the final weights) | pause-at-step (prints
+"paused" and waits for a line on stdin: a run that is still going while a test starts another), or a stop signal during
 start-up, before any step: SIGNAL-during-scan | SIGNAL-during-models | SIGNAL-during-stream (SIGNAL: usr1 | term;
 STEP is then ignored).
 """
@@ -50,6 +51,9 @@ def main() -> int:
                     os.kill(os.getpid(), signal.SIGUSR1)
                 if fault == "nan-at-step":
                     batch.images = batch.images * float("nan")
+                if fault == "pause-at-step":
+                    print("paused", flush=True)
+                    sys.stdin.readline()
 
         def on_evaluate(self, trainer):
             if fault == "kill-during-eval" and trainer.step == step:
