@@ -8,7 +8,7 @@ takes a DecodeParams: crop window or whole-image decode, the GPU decoder's tunin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
@@ -19,10 +19,9 @@ from pipelines.augment import (
     draw_view,
     eval_transform,
     image_hw,
-    multi_crop,
     render_view,
-    stack_views,
 )
+from pipelines.multi_crop import multi_crop, replay_crop
 from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 READER_NAME = "Reader"
@@ -179,8 +178,7 @@ def _train_pipe(
     def pipe():
         encoded, sample_id = read()
         if isinstance(params, MultiCropParams):
-            global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id), decode)
-            view = stack_views(views)
+            global_crops, local_crops, view = multi_crop(encoded, params, _decode_device(device_id), decode)
             images = (global_crops,) if local_crops is None else (global_crops, local_crops)
         else:
             hw = image_hw(encoded)  # one header parse serves both the draw and the decode
@@ -201,13 +199,11 @@ def replay_pipeline(
 ) -> Pipeline:
     """Renders given views: feed REPLAY_INPUTS (encoded bytes and one view record per sample) with `feed_input`.
 
-    decode: give the DecodeParams the records were made with and each view renders to the same pixels again.
-    decode.mode "full" cuts the view from the whole decoded image, as multi-crop does — multi-crop records replay
-    with dataclasses.replace(decode, mode="full"), whatever mode one-view training used; "window" decodes only the
-    window. full_decode=True is the older spelling of mode "full" (kept for existing callers).
+    decode: give the DecodeParams the records were made with and each view renders to the same pixels again
+    (decode.mode "full" cuts the view from the whole decoded image, "window" decodes only the window).
+    full_decode=True: the records were made by multi-crop; each renders through multi-crop's chain (always from
+    the whole image, whatever decode.mode) with `params` its crop kind's (MultiCropParams.view_params).
     """
-    if full_decode:
-        decode = replace(decode, mode="full")
 
     # Synchronous, no prefetch: each run() renders exactly the views fed just before it.
     @pipeline_def(
@@ -227,6 +223,8 @@ def replay_pipeline(
             )
         )
         view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
+        if full_decode:
+            return replay_crop(encoded, view, params, _decode_device(device_id), decode)
         return render_view(encoded, view, params, _decode_device(device_id), decode=decode)
 
     return pipe()
