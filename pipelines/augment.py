@@ -1,5 +1,5 @@
-"""Pure DALI graph functions: draw a random view, render a view (crop, flip, jitter, normalise), eval transform
-(multi-crop's batched chains: pipelines.multi_crop).
+"""Pure DALI graph functions: draw a random view, render a view (crop, flip, jitter, normalise), multi-crop from one
+decode with a chain per crop, eval transform (multi-crop's batched chains: pipelines.multi_crop).
 
 Each function takes DataNodes and returns DataNodes; none owns a reader, so the same code serves the training
 pipeline, the replay pipeline, CPU-only mode and the GPU (only `decode_device` differs). A DecodeParams says how
@@ -21,6 +21,7 @@ from pipelines.params import (
     AugmentParams,
     DecodeParams,
     EvalParams,
+    MultiCropParams,
 )
 
 _OUTPUT_TYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
@@ -171,6 +172,33 @@ def finish_view(
         hue=view.jitter[3] * 360.0,
     )
     return normalize(images, params.mean, params.std, mirror=view.flip, dtype=dtype)
+
+
+def multi_crop(
+    encoded: DataNode, params: MultiCropParams, decode_device: str, decode: DecodeParams = DEFAULT_DECODE
+) -> tuple[DataNode, DataNode | None, list[View]]:
+    """DINO multi-crop from one decode: (global crops [G,3,S,S], local crops [N,3,s,s] or None, the G+N views).
+
+    Each crop draws its own window, flip and jitter; globals come first in the list of views. The image is always
+    decoded whole, once (decode.mode is not consulted: one window decode per crop would decode it G+N times).
+    """
+    hw = image_hw(encoded)
+    decoded = decode_full(encoded, decode_device, decode)
+    views = [draw_view(encoded, params.view_params(i), hw) for i in range(params.num_views)]
+    crops = [cut_view(decoded, view, params.view_params(i), hw, decode.dtype) for i, view in enumerate(views)]
+    global_crops = fn.stack(*crops[: params.num_global])
+    local_crops = fn.stack(*crops[params.num_global :]) if params.num_local else None
+    return global_crops, local_crops, views
+
+
+def stack_views(views: list[View]) -> View:
+    """Per-crop records stacked per sample: anchor/shape [V,2], flip [V], jitter [V,4]."""
+    return View(
+        crop_anchor=fn.stack(*(v.crop_anchor for v in views)),
+        crop_shape=fn.stack(*(v.crop_shape for v in views)),
+        flip=fn.stack(*(v.flip for v in views)),
+        jitter=fn.stack(*(v.jitter for v in views)),
+    )
 
 
 def normalize(

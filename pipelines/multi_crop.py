@@ -1,5 +1,6 @@
-"""DINO multi-crop as two batched chains: every global crop of a sample as the frames of one sequence, every local
-crop as the frames of another, each chain drawn and rendered by the same few operators whatever its crop count.
+"""DINO multi-crop as two batched chains (MultiCropParams.graph "batched"; augment.multi_crop is the graph with a
+chain per crop): every global crop of a sample as the frames of one sequence, every local crop as the frames of
+another, each chain drawn and rendered by the same few operators whatever its crop count.
 
 A chain of V crops draws V windows, flips and jitter factors per sample in array arithmetic (shape [V, ...]), stacks
 the decoded image V times as frames, and renders all frames at once with per-frame arguments. fn.resize takes one
