@@ -512,9 +512,12 @@ def measure_multi_crop(args, index, params: AugmentParams, common: dict) -> list
         sync = torch.cuda.synchronize if backend == "dali_gpu" else None
         queued = 2 * workers if backend == "torchvision" else 2
         by_setting = {}
+        settings = crop_settings(params, args)
         if graph is not None and graph != resolve_multi_crop_graph("auto", backend == "dali_gpu"):
             backend = f"{backend} ({graph})"
-        for setting, crop_params in crop_settings(params, args).items():
+            # One view has no multi-crop graph: measured once, in the default graph's rows.
+            del settings["one view"]
+        for setting, crop_params in settings.items():
             row = {"backend": backend, "workers": workers, "crops": setting}
             if graph is not None:
                 row["graph"] = graph
