@@ -27,9 +27,13 @@ files — apart from reading); without strace the count is derived from the desi
 
 --multi-crop adds DINO multi-crop per path (torchvision, DALI CPU, DALI GPU), at one worker/thread count: one view
 per image, the 2 global crops only, and 2 global + N local crops, and reports what the local crops cost per image
-(2+N crops time / global-only time; the original trainer paid about 3×).
+(2+N crops time / global-only time; the original trainer paid about 3×). --multi-crop-graph batched,per_crop
+measures the DALI rows with each multi-crop graph side by side (data.multi_crop_graph; default auto, the graph each
+device picks); a row of the graph auto would not pick on its device says so in its backend, e.g.
+"dali_gpu (per_crop)", and every DALI row carries the graph it ran in "graph".
 
-    python benchmarks/augment_throughput.py [--quick] [--multi-crop] [--decode window,full]
+    python benchmarks/augment_throughput.py [--quick] [--multi-crop] [--multi-crop-graph batched,per_crop]
+        [--decode window,full]
         [--format folder,shards] [--work DIR] [--shard-size 10MB]
         [--output-dtype float32|float16] [--json out.json] [--md out.md] [--png out.png]
 """
@@ -50,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,10 +75,12 @@ from dali_kd.data.torchvision_loader import TorchvisionTrainStream  # noqa: E402
 from pipelines.params import (  # noqa: E402
     DECODE_MODES,
     DEFAULT_DECODE,
+    MULTI_CROP_GRAPHS,
     OUTPUT_DTYPES,
     AugmentParams,
     DecodeParams,
     MultiCropParams,
+    resolve_multi_crop_graph,
 )
 from pipelines.pipelines import ShardFiles, train_pipeline  # noqa: E402
 
@@ -194,6 +201,15 @@ def parse_modes(text: str) -> list[str]:
             f"--decode takes a comma list of {', '.join(DECODE_MODES)}, got {text!r}"
         )
     return modes
+
+
+def parse_graphs(text: str) -> list[str]:
+    graphs = list(dict.fromkeys(g.strip() for g in text.split(",") if g.strip()))
+    if not graphs or any(g not in MULTI_CROP_GRAPHS for g in graphs):
+        raise argparse.ArgumentTypeError(
+            f"--multi-crop-graph takes a comma list of {', '.join(MULTI_CROP_GRAPHS)}, got {text!r}"
+        )
+    return graphs
 
 
 def parse_formats(text: str) -> list[str]:
@@ -480,19 +496,31 @@ def measure_multi_crop(args, index, params: AugmentParams, common: dict) -> list
     workers = min(4, cores) if args.quick else cores
     # Multi-crop always decodes the whole image once; the output dtype still applies where the loader takes it.
     decode = DecodeParams(dtype=args.output_dtype) if LOADER_TAKES_DECODE else DecodeParams()
-    paths = {
-        "torchvision": lambda p: torchvision_batches(index, p, args.batch_size, workers),
-        "dali_cpu": lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cpu", decode),
-    }
+    paths = {("torchvision", None): lambda p: torchvision_batches(index, p, args.batch_size, workers)}
+    devices = {"dali_cpu": "cpu"}
     if torch.cuda.is_available() and not args.no_gpu:
-        paths["dali_gpu"] = lambda p: dali_loader_batches(index, p, args.batch_size, workers, "cuda", decode)
+        devices["dali_gpu"] = "cuda"
+    for backend, device in devices.items():
+        # Each multi-crop graph asked for, once: auto stands for one of the other two on each device.
+        on_gpu = device == "cuda"
+        for graph in dict.fromkeys(resolve_multi_crop_graph(g, on_gpu) for g in args.multi_crop_graph):
+            paths[backend, graph] = lambda p, device=device, graph=graph: dali_loader_batches(
+                index, with_graph(p, graph), args.batch_size, workers, device, decode
+            )
     rows = []
-    for backend, make in paths.items():
+    for (backend, graph), make in paths.items():
         sync = torch.cuda.synchronize if backend == "dali_gpu" else None
         queued = 2 * workers if backend == "torchvision" else 2
         by_setting = {}
-        for setting, crop_params in crop_settings(params, args).items():
+        settings = crop_settings(params, args)
+        if graph is not None and graph != resolve_multi_crop_graph("auto", backend == "dali_gpu"):
+            backend = f"{backend} ({graph})"
+            # One view has no multi-crop graph: measured once, in the default graph's rows.
+            del settings["one view"]
+        for setting, crop_params in settings.items():
             row = {"backend": backend, "workers": workers, "crops": setting}
+            if graph is not None:
+                row["graph"] = graph
             row.update(measure(make(crop_params), queued=queued, sync=sync, **common))
             by_setting[setting] = row["img_per_s"]
             rows.append(row)
@@ -501,6 +529,11 @@ def measure_multi_crop(args, index, params: AugmentParams, common: dict) -> list
             # Cost per image relative to the global-only pipeline: rate ratio inverted.
             row["cost_vs_global_only"] = by_setting["2 global"] / row["img_per_s"]
     return rows
+
+
+def with_graph(params: AugmentParams | MultiCropParams, graph: str) -> AugmentParams | MultiCropParams:
+    """params with its multi-crop graph set (one view has none)."""
+    return replace(params, graph=graph) if isinstance(params, MultiCropParams) else params
 
 
 def machine_info() -> dict:
@@ -674,6 +707,13 @@ def main() -> None:
     parser.add_argument("--multi-crop", action="store_true", help="also measure DINO multi-crop per path")
     parser.add_argument("--local-crops", type=int, default=8, help="multi-crop: local crops per image")
     parser.add_argument("--local-size", type=int, default=96, help="multi-crop: local crop side, pixels")
+    parser.add_argument(
+        "--multi-crop-graph",
+        type=parse_graphs,
+        default=["auto"],
+        help="multi-crop: DALI graphs to measure side by side, a comma list of auto,batched,per_crop "
+        "(data.multi_crop_graph; default auto)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)

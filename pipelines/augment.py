@@ -1,5 +1,5 @@
 """Pure DALI graph functions: draw a random view, render a view (crop, flip, jitter, normalise), multi-crop from one
-decode, eval transform.
+decode with a chain per crop, eval transform (multi-crop's batched chains: pipelines.multi_crop).
 
 Each function takes DataNodes and returns DataNodes; none owns a reader, so the same code serves the training
 pipeline, the replay pipeline, CPU-only mode and the GPU (only `decode_device` differs). A DecodeParams says how
@@ -208,10 +208,12 @@ def normalize(
     mirror: DataNode | int = 0,
     crop: tuple[int, int] | None = None,
     dtype: str = "float32",
+    layout: str = "CHW",
 ):
     """uint8 HWC → float CHW, (x/255 - mean)/std, optionally mirrored and centre-cropped, in one kernel.
 
     dtype "float16" rounds the float32 result to half precision inside the same kernel (half the bytes out).
+    layout "FCHW" for a sequence of frames (FHWC in).
     """
     kwargs = {"crop": list(crop)} if crop else {}
     return fn.crop_mirror_normalize(
@@ -220,7 +222,7 @@ def normalize(
         mean=[m * 255.0 for m in mean],
         std=[s * 255.0 for s in std],
         dtype=_OUTPUT_TYPES[dtype],
-        output_layout="CHW",
+        output_layout=layout,
         **kwargs,
     )
 

@@ -46,25 +46,44 @@ class EvalParams:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+# How the DALI pipelines cut multi-crop (MultiCropParams.graph): "per_crop", one resize → colour → normalise chain
+# per crop; "batched", two chains (globals, locals) whose operator count does not grow with the crop count; "auto",
+# batched on a GPU pipeline and per_crop in DALI's CPU mode.
+MULTI_CROP_GRAPHS = ("auto", "batched", "per_crop")
+
+
+def resolve_multi_crop_graph(graph: str, on_gpu: bool) -> str:
+    """The graph "auto" stands for on this pipeline: batched on a GPU, where each operator costs a launch per crop,
+    per_crop in DALI's CPU mode, where its warp_affine costs more than the resizes it replaces."""
+    if graph not in MULTI_CROP_GRAPHS:
+        raise ValueError(f"multi-crop graph must be one of {', '.join(MULTI_CROP_GRAPHS)}, got {graph!r}")
+    if graph != "auto":
+        return graph
+    return "batched" if on_gpu else "per_crop"
+
+
 @dataclass(frozen=True)
 class MultiCropParams:
     """DINO-style multi-crop: each image is decoded once and cut into `num_global` global and `num_local` local crops.
 
     global_view and local_view are full AugmentParams (size, scale, flip, jitter), so each crop kind has its own
     size and scale range while every crop draws its own window, flip and jitter. Global crops come first in
-    every per-crop record.
+    every per-crop record. graph: which DALI graph cuts them (MULTI_CROP_GRAPHS; the two draw different random
+    windows, so a record replays only through the graph that drew it); the torchvision backend ignores it.
     """
 
     global_view: AugmentParams
     local_view: AugmentParams
     num_global: int = 2
     num_local: int = 8
+    graph: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_global < 1 or self.num_local < 0:
             raise ValueError(
                 f"need num_global >= 1 and num_local >= 0, got {self.num_global}, {self.num_local}"
             )
+        resolve_multi_crop_graph(self.graph, on_gpu=False)  # refuses an unknown graph
 
     @property
     def num_views(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
+from pipelines import multi_crop as batched
 from pipelines.augment import (
     View,
     draw_view,
@@ -23,7 +24,14 @@ from pipelines.augment import (
     render_view,
     stack_views,
 )
-from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams, EvalParams, MultiCropParams
+from pipelines.params import (
+    DEFAULT_DECODE,
+    AugmentParams,
+    DecodeParams,
+    EvalParams,
+    MultiCropParams,
+    resolve_multi_crop_graph,
+)
 
 READER_NAME = "Reader"
 TRAIN_OUTPUTS = ("images", "sample_ids", "crop_anchor", "crop_shape", "flip", "jitter")
@@ -179,9 +187,7 @@ def _train_pipe(
     def pipe():
         encoded, sample_id = read()
         if isinstance(params, MultiCropParams):
-            global_crops, local_crops, views = multi_crop(encoded, params, _decode_device(device_id), decode)
-            view = stack_views(views)
-            images = (global_crops,) if local_crops is None else (global_crops, local_crops)
+            images, view = _multi_crop(encoded, params, device_id, decode)
         else:
             hw = image_hw(encoded)  # one header parse serves both the draw and the decode
             view = draw_view(encoded, params, hw)
@@ -191,6 +197,17 @@ def _train_pipe(
     return pipe()
 
 
+def _multi_crop(encoded, params: MultiCropParams, device_id: int | None, decode: DecodeParams):
+    """(the global crops, and the local crops if any), the stacked records: by the graph params.graph names."""
+    decode_device = _decode_device(device_id)
+    if resolve_multi_crop_graph(params.graph, on_gpu=device_id is not None) == "batched":
+        global_crops, local_crops, view = batched.multi_crop(encoded, params, decode_device, decode)
+    else:
+        global_crops, local_crops, views = multi_crop(encoded, params, decode_device, decode)
+        view = stack_views(views)
+    return ((global_crops,) if local_crops is None else (global_crops, local_crops)), view
+
+
 def replay_pipeline(
     params: AugmentParams,
     batch_size: int,
@@ -198,16 +215,19 @@ def replay_pipeline(
     num_threads: int = 2,
     full_decode: bool = False,
     decode: DecodeParams = DEFAULT_DECODE,
+    multi_crop_graph: str = "auto",
 ) -> Pipeline:
     """Renders given views: feed REPLAY_INPUTS (encoded bytes and one view record per sample) with `feed_input`.
 
-    decode: give the DecodeParams the records were made with and each view renders to the same pixels again.
-    decode.mode "full" cuts the view from the whole decoded image, as multi-crop does — multi-crop records replay
-    with dataclasses.replace(decode, mode="full"), whatever mode one-view training used; "window" decodes only the
-    window. full_decode=True is the older spelling of mode "full" (kept for existing callers).
+    decode: give the DecodeParams the records were made with and each view renders to the same pixels again
+    (decode.mode "full" cuts the view from the whole decoded image, "window" decodes only the window).
+    full_decode=True: the records were made by multi-crop; each renders from the whole image (whatever
+    decode.mode) with `params` its crop kind's (MultiCropParams.view_params), through the graph
+    multi_crop_graph names (MultiCropParams.graph of the run that drew them; "auto" resolves on this
+    pipeline's device as it did on the training pipeline's): per_crop cuts it as one-view mode "full" does,
+    batched as a batched chain of one crop.
     """
-    if full_decode:
-        decode = replace(decode, mode="full")
+    graph = resolve_multi_crop_graph(multi_crop_graph, on_gpu=device_id is not None) if full_decode else None
 
     # Synchronous, no prefetch: each run() renders exactly the views fed just before it.
     @pipeline_def(
@@ -227,7 +247,10 @@ def replay_pipeline(
             )
         )
         view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
-        return render_view(encoded, view, params, _decode_device(device_id), decode=decode)
+        if graph == "batched":
+            return batched.replay_crop(encoded, view, params, _decode_device(device_id), decode)
+        replay_decode = replace(decode, mode="full") if graph == "per_crop" else decode
+        return render_view(encoded, view, params, _decode_device(device_id), decode=replay_decode)
 
     return pipe()
 

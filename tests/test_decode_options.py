@@ -109,10 +109,17 @@ def test_replay_in_the_training_mode_gives_identical_pixels(files, mode):
     assert np.abs(replay(files, batch, decode=other) - batch[0]).max() > 0, "replay ignored decode.mode"
 
 
-def test_full_decode_keyword_still_means_whole_image(files):
-    """dali_kd's view renderer still says full_decode=True for multi-crop records."""
+def test_full_decode_keyword_means_multi_crop_records(files):
+    """dali_kd's view renderer says full_decode=True for multi-crop records: the per-crop graph (auto's choice in
+    CPU mode) cuts them as one-view mode "full" does, the batched graph through its own chain
+    (test_multi_crop checks that both replay exactly)."""
     batch = first_batch(files, DecodeParams(mode="full"))
+    np.testing.assert_array_equal(replay(files, batch, decode=DecodeParams(mode="full")), batch[0])
     np.testing.assert_array_equal(replay(files, batch, full_decode=True), batch[0])
+    np.testing.assert_array_equal(
+        replay(files, batch, full_decode=True, multi_crop_graph="per_crop"), batch[0]
+    )
+    assert np.abs(replay(files, batch, full_decode=True, multi_crop_graph="batched") - batch[0]).max() > 0
     np.testing.assert_array_equal(
         replay(files, batch, full_decode=False), first_batch(files, DecodeParams())[0]
     )

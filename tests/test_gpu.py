@@ -62,7 +62,9 @@ def test_gpu_and_cpu_decode_agree(image_tree):
     assert (cpu - gpu).abs().mean() < 0.05
 
 
-def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree):
+@pytest.mark.parametrize("graph", ["auto", "per_crop"])
+def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree, graph):
+    """auto is the batched graph on a GPU; the per-crop graph is the CPU's default."""
     index = ImageIndex.from_folder(image_tree / "train")
     view = AugmentParams(image_size=32)
     params = MultiCropParams(
@@ -70,6 +72,7 @@ def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree):
         local_view=AugmentParams(**{**vars(view), "image_size": 16}),
         num_global=2,
         num_local=4,
+        graph=graph,
     )
     batch = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cuda")))
     assert batch.images.is_cuda and batch.images.shape == (8, 2, 3, 32, 32)
@@ -79,7 +82,12 @@ def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree):
     ]
     for v, crop in enumerate(crops):
         renderer = DaliViewRenderer(
-            index, params.view_params(v), batch_size=8, device="cuda", full_decode=True
+            index,
+            params.view_params(v),
+            batch_size=8,
+            device="cuda",
+            full_decode=True,
+            multi_crop_graph=graph,
         )
         assert (renderer.render(batch.sample_ids, batch.view.select(v)) - crop).abs().max() < 0.05
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -13,24 +14,29 @@ from PIL import Image
 import dali_kd.data.torchvision_loader as tv_loader
 from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil
+from dali_kd.errors import UserError
 from dali_kd.losses import distillation_losses, multi_crop_losses, view_pairs
 from dali_kd.trainer import Trainer
-from pipelines.params import AugmentParams, MultiCropParams
+from pipelines.params import AugmentParams, MultiCropParams, resolve_multi_crop_graph
 from pipelines.pipelines import train_pipeline
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(AugmentParams().mean).view(1, 1, 3, 1, 1)
 STD = torch.tensor(AugmentParams().std).view(1, 1, 3, 1, 1)
+# The DALI multi-crop graphs (MultiCropParams.graph): every record must replay through the graph that drew it.
+GRAPHS = ("batched", "per_crop")
 
 
-def multi_crop_params(num_global=2, num_local=4, **augment) -> MultiCropParams:
+def multi_crop_params(num_global=2, num_local=4, graph="auto", **augment) -> MultiCropParams:
     view = AugmentParams(image_size=40, **augment)
     return MultiCropParams(
         global_view=AugmentParams(**{**vars(view), "crop_scale": (0.4, 1.0)}),
         local_view=AugmentParams(**{**vars(view), "image_size": 16, "crop_scale": (0.05, 0.3)}),
         num_global=num_global,
         num_local=num_local,
+        graph=graph,
     )
 
 
@@ -101,19 +107,76 @@ def test_global_and_local_crops_respect_their_scale_ranges(index, backend):
         assert good / total >= 0.9, f"{kind} crops: {good} of {total} in range"
 
 
-def test_dali_decodes_each_image_once(index):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_dali_decodes_each_image_once(index, graph):
     """The multi-crop graph holds one full-image decoder and no crop decoder: every crop is cut from one decode."""
-    pipe = train_pipeline(index.files, multi_crop_params(num_local=6), batch_size=4, seed=0, num_threads=1)
+    params = multi_crop_params(num_local=6, graph=graph)
+    pipe = train_pipeline(index.files, params, batch_size=4, seed=0, num_threads=1)
     pipe.build()
     kinds = [op._op.schema_name for op in pipe._ops]
     decoders = [k for k in kinds if k.startswith("decoders__")]
     assert decoders == ["decoders__Image"], decoders
-    assert kinds.count("Resize") == 8, "one cut per crop (2 global + 6 local), each resized out of the decode"
+    if graph == "per_crop":
+        assert kinds.count("Resize") == 8, (
+            "one cut per crop (2 global + 6 local), each resized out of the decode"
+        )
     one_view = train_pipeline(index.files, AugmentParams(image_size=40), batch_size=4, seed=0, num_threads=1)
     one_view.build()
     assert [op._op.schema_name for op in one_view._ops if op._op.schema_name.startswith("decoders__")] == [
         "decoders__ImageSlice"
     ], "one view decodes its window only"
+
+
+def graph_operators(pipe, path) -> set[str]:
+    """The operators of a built pipeline, read from its DOT graph (Pipeline.save_graph_to_dot_file)."""
+    pipe.save_graph_to_dot_file(str(path))
+    return {name for edge in re.findall(r"(\S+) -> (\S+);", path.read_text()) for name in edge}
+
+
+def test_dali_batched_multi_crop_graph_does_not_grow_with_the_crop_count(index, tmp_path):
+    """All crops of a kind are cut by one chain of operators: 2 + 8 crops build as many as 2 + 3. (Not 2 + 2:
+    there the globals' and the locals' stacks of the image are the same expression, which DALI builds once.) The
+    per-crop graph, counted the same way, grows: the count sees the chains."""
+    counts = {}
+    for graph, num_local in itertools.product(GRAPHS, (3, 8)):
+        params = multi_crop_params(num_local=num_local, graph=graph)
+        pipe = train_pipeline(index.files, params, 4, seed=0, num_threads=1)
+        pipe.build()
+        counts[graph, num_local] = len(graph_operators(pipe, tmp_path / f"{graph}-{num_local}.dot"))
+    assert counts["batched", 3] == counts["batched", 8], counts
+    assert counts["per_crop", 8] > counts["per_crop", 3], counts
+
+
+def test_auto_graph_is_per_crop_in_dali_cpu_mode(index, tiny_config):
+    """The default (auto) builds the per-crop graph on a CPU pipeline and the batched one on a GPU: the same
+    crops as per_crop here, other crops than batched (whose windows come from other random numbers)."""
+    assert tiny_config("train.use_local_crops=true").crop_params().graph == "auto"
+    assert resolve_multi_crop_graph("auto", on_gpu=True) == "batched"
+    assert resolve_multi_crop_graph("auto", on_gpu=False) == "per_crop"
+    first = {
+        graph: batches(DaliTrainStream(index, multi_crop_params(num_local=2, graph=graph), 4, seed=3), 1)[0]
+        for graph in ("auto", *GRAPHS)
+    }
+    assert torch.equal(first["auto"].local_images, first["per_crop"].local_images)
+    assert torch.equal(first["auto"].view.crop_anchor, first["per_crop"].view.crop_anchor)
+    assert not torch.equal(first["auto"].view.crop_anchor, first["batched"].view.crop_anchor)
+    # A renderer left at auto replays the CPU stream's records too.
+    renderer = DaliViewRenderer(index, multi_crop_params().local_view, batch_size=4, full_decode=True)
+    again = renderer.render(first["auto"].sample_ids, first["auto"].view.select(2))
+    assert torch.equal(again, first["auto"].local_images[:, 0])
+
+
+def test_resume_refuses_another_multi_crop_graph(index, tiny_config):
+    """A checkpoint records the graph its stream resolved; auto on another device (or another setting) would build
+    the other graph, into which the pipeline's state does not restore: refused in one line."""
+    cfg = tiny_config("train.use_local_crops=true", "data.num_local_crops=2", "data.local_crop_size=16")
+    stream = make_train_stream(cfg, index, CPU)
+    state = stream.state_dict()
+    stream.close()
+    assert state["multi_crop_graph"] == "per_crop"
+    with pytest.raises(UserError, match="cut by the batched graph, this run would use per_crop"):
+        make_train_stream(cfg, index, CPU, state={**state, "multi_crop_graph": "batched"})
+    make_train_stream(cfg, index, CPU, state=state).close()
 
 
 def test_torchvision_decodes_each_image_once(index, monkeypatch):
@@ -132,11 +195,14 @@ def test_torchvision_decodes_each_image_once(index, monkeypatch):
     assert len(calls) == 8 and sorted(calls) == sorted(index.files[i] for i in batch.sample_ids.tolist())
 
 
-def test_every_dali_crop_replays_from_its_record(index):
-    params = multi_crop_params(num_local=3)
+@pytest.mark.parametrize(("graph", "num_local"), [("batched", 3), ("batched", 8), ("per_crop", 3)])
+def test_every_dali_crop_replays_from_its_record(index, graph, num_local):
+    params = multi_crop_params(num_local=num_local, graph=graph)
     (batch,) = batches(DaliTrainStream(index, params, batch_size=8, seed=4), 1)
     for v in range(params.num_views):
-        renderer = DaliViewRenderer(index, params.view_params(v), batch_size=8, full_decode=True)
+        renderer = DaliViewRenderer(
+            index, params.view_params(v), batch_size=8, full_decode=True, multi_crop_graph=graph
+        )
         again = renderer.render(batch.sample_ids, batch.view.select(v))
         assert torch.equal(again, crop(batch, v)), f"crop {v} does not replay to the same pixels"
 
@@ -154,24 +220,31 @@ def test_every_torchvision_crop_replays_from_its_record(index):
             assert torch.equal(again, crop(batch, v)[i])
 
 
-def test_each_crop_has_its_own_flip_and_jitter(index):
-    params = multi_crop_params(num_local=6, flip_prob=0.5, jitter_prob=1.0)
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_each_crop_has_its_own_flip_and_jitter(index, graph):
+    params = multi_crop_params(num_local=6, graph=graph, flip_prob=0.5, jitter_prob=1.0)
     (batch,) = batches(DaliTrainStream(index, params, batch_size=16, seed=6), 1)
     flips = batch.view.flip.float()
     # Per sample the 8 crops' flips are independent coin flips: some samples have both kinds.
     assert ((flips.sum(1) > 0) & (flips.sum(1) < 8)).float().mean() > 0.5
     # Jitter factors differ from crop to crop (jitter_prob=1: all drawn).
     assert all(len({tuple(j) for j in sample.tolist()}) == 8 for sample in batch.view.jitter)
-    # And a flipped crop really is mirrored: the replay with the flip bit cleared is its mirror image.
-    renderer = DaliViewRenderer(index, params.global_view, batch_size=16, full_decode=True)
-    view = batch.view.select(0)
-    view.flip = 1 - view.flip
-    unflipped = renderer.render(batch.sample_ids, view)
-    assert torch.equal(unflipped.flip(-1), batch.images[:, 0])
+    # And every flipped crop really is mirrored: the replay with its flip bit turned over is its mirror image.
+    for v in range(params.num_views):
+        renderer = DaliViewRenderer(
+            index, params.view_params(v), batch_size=16, full_decode=True, multi_crop_graph=graph
+        )
+        view = batch.view.select(v)
+        view.flip = 1 - view.flip
+        turned = renderer.render(batch.sample_ids, view)
+        assert torch.equal(turned.flip(-1), crop(batch, v)), f"crop {v}"
+        assert not torch.equal(turned, crop(batch, v)), f"crop {v}: the flip bit changed nothing"
 
 
-def test_no_local_crops_means_global_crops_only(index):
-    (batch,) = batches(DaliTrainStream(index, multi_crop_params(num_local=0), batch_size=4, seed=0), 1)
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_no_local_crops_means_global_crops_only(index, graph):
+    params = multi_crop_params(num_local=0, graph=graph)
+    (batch,) = batches(DaliTrainStream(index, params, batch_size=4, seed=0), 1)
     assert batch.images.shape == (4, 2, 3, 40, 40) and batch.local_images is None
     assert batch.view.flip.shape == (4, 2)
 

@@ -169,6 +169,7 @@ class Config(Section):
             local_view=replace(view, image_size=d.local_crop_size, crop_scale=d.local_crop_scale),
             num_global=d.num_global_crops,
             num_local=d.num_local_crops,
+            graph=d.multi_crop_graph,
         )
 
     def decode_params(self) -> DecodeParams:

@@ -225,6 +225,15 @@ class DataConfig(Section):
     local_crop_scale: FloatRange = Field(
         (0.05, 0.32), description="Multi-crop: area fraction range of the local crops"
     )
+    # The two graphs draw different random windows: a resume keeps the key (and a DALI checkpoint restores only into
+    # the graph that wrote it).
+    multi_crop_graph: Literal["auto", "batched", "per_crop"] = Field(
+        "auto",
+        description="Multi-crop, DALI backend: cut the crops by one resize/colour/normalise chain per crop "
+        "(per_crop) or by two chains whose operator count does not grow with the crop count (batched: the image "
+        "as frames, one warp_affine per frame); auto: batched on a GPU, per_crop in DALI's CPU mode, whose "
+        "warp_affine is slower than its resize",
+    )
 
     @field_validator("global_crop_scale", "local_crop_scale")
     @classmethod

@@ -18,7 +18,14 @@ from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import shard_size
 from dali_kd.data.shard_index import ids_from_source_info
 from dali_kd.data.shards import READER_IMAGE_EXT
-from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams, EvalParams, MultiCropParams
+from pipelines.params import (
+    DEFAULT_DECODE,
+    AugmentParams,
+    DecodeParams,
+    EvalParams,
+    MultiCropParams,
+    resolve_multi_crop_graph,
+)
 from pipelines.pipelines import (
     EVAL_OUTPUTS,
     READER_NAME,
@@ -46,6 +53,11 @@ def _device_id(device: torch.device) -> int | None:
     if device.type == "cuda":
         return device.index if device.index is not None else torch.cuda.current_device()
     return None
+
+
+def stream_multi_crop_graph(params: MultiCropParams, device: torch.device | str) -> str:
+    """The multi-crop graph ("batched" or "per_crop") a stream on `device` builds for params.graph."""
+    return resolve_multi_crop_graph(params.graph, on_gpu=_device_id(torch.device(device)) is not None)
 
 
 class DaliTrainStream:
@@ -90,6 +102,10 @@ class DaliTrainStream:
         self.device = torch.device(device)
         self.index = index
         self.shuffle_buffer = shuffle_buffer
+        # The graph that cuts multi-crop here ("auto" resolved): its pipeline checkpoints restore only into it.
+        self.multi_crop_graph = (
+            stream_multi_crop_graph(params, self.device) if isinstance(params, MultiCropParams) else None
+        )
         self.position = start_position
         self._index_dir: tempfile.TemporaryDirectory | None = None  # rewritten index files (from shards)
         if quarantine is None:
@@ -229,6 +245,7 @@ class DaliTrainStream:
             "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8),
             "substitutions": self.quarantine.state_dict(),
             "position": self.position,
+            **({"multi_crop_graph": self.multi_crop_graph} if self.multi_crop_graph else {}),
         }
 
     def take_entries(self) -> list[dict[str, str]]:
@@ -312,15 +329,17 @@ class DaliViewRenderer:
         full_decode: bool = False,
         decode: DecodeParams = DEFAULT_DECODE,
         num_threads: int = 2,
+        multi_crop_graph: str = "auto",
     ):
         """decode: the DecodeParams the records were made with (same mode and dtype: same pixels).
-        full_decode: True for records made by multi-crop (each crop is cut from the whole decoded image)."""
+        full_decode: True for records made by multi-crop (each crop is cut from the whole decoded image), through
+        multi_crop_graph, the MultiCropParams.graph they were drawn with (on a stream of the same device)."""
         self.index = index
         self.device = torch.device(device)
         self.batch_size = batch_size
         self._pipe_args = dict(
             params=params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode,
-            decode=decode, num_threads=num_threads,
+            decode=decode, num_threads=num_threads, multi_crop_graph=multi_crop_graph,
         )  # fmt: skip
         self._build()
 

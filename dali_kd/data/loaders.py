@@ -12,6 +12,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.mixing import MixingStream, MixParams
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
+from pipelines.params import MultiCropParams
 
 # data.output_dtype as the torch dtype the torchvision backend casts its images to (DALI's graph writes it itself).
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -61,6 +62,8 @@ def _backend_stream(
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
 
+        if state is not None:
+            _check_multi_crop_graph(cfg, device, state)
         return DaliTrainStream(
             index,
             cfg.crop_params(),
@@ -97,6 +100,23 @@ def _backend_stream(
         max_runtime_quarantine=cfg.data.max_runtime_quarantine,
         substitutions=substitutions,
     )
+
+
+def _check_multi_crop_graph(cfg: Config, device: torch.device, state: dict) -> None:
+    """Refuse to resume multi-crop through another graph than the checkpoint's (data.multi_crop_graph=auto picks
+    by device, and train.device may change on resume): its pipeline state and random draws belong to that graph."""
+    from dali_kd.data.dali_loader import stream_multi_crop_graph
+
+    saved = state.get("multi_crop_graph")
+    params = cfg.crop_params()
+    if saved is None or not isinstance(params, MultiCropParams):
+        return
+    now = stream_multi_crop_graph(params, device)
+    if now != saved:
+        raise UserError(
+            f"--resume: the checkpoint's multi-crop was cut by the {saved} graph, this run would use {now} "
+            f"(data.multi_crop_graph={params.graph} on {device.type}); set data.multi_crop_graph={saved}"
+        )
 
 
 def make_eval_batches(
