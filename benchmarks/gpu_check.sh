@@ -72,7 +72,7 @@ if [ "$DRY_RUN" != 1 ]; then
         --dali-threads 8 --device cuda --backends dali --steps 120 --log-every 20 --floor)
   AUGMENT=(--batch-size 256 --workers 16 --dali-threads "" --gpu-threads 8 --warmup 2 --batches 4 --repeats 3)
   MULTI_CROP=(--multi-crop --batch-size 128 --workers "" --dali-threads "" --gpu-threads 8 --warmup 1 --batches 3
-              --repeats 2)
+              --repeats 2 --multi-crop-graph batched,per_crop)
   OP_COSTS=(--device cpu --threads 16 --batch-size 64)
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -33,6 +33,7 @@ from dali_kd.cli import CommandLineParser
 from dali_kd.config import Config, load_config
 from dali_kd.config.presets import find_preset
 from dali_kd.errors import UserError
+from pipelines.params import resolve_multi_crop_graph
 
 MIN_NOISE_PCT = 1.0
 
@@ -92,6 +93,17 @@ def speed_options(cfg: Config, on_gpu: bool) -> list[Candidate]:
         *_others("data.hw_decoder_load", [0.65, 0.9, 1.0], d.hw_decoder_load, gpu_dali),
         *_others("data.prefetch_batches", [1, 4], d.prefetch_batches, dali),
         *_others("data.dali_threads", threads, d.dali_threads, dali),
+        # Multi-crop's two DALI graphs: one chain per crop, or all crops of a chain as frames (data.multi_crop_graph).
+        *(
+            _others(
+                "data.multi_crop_graph",
+                ["batched", "per_crop"],
+                resolve_multi_crop_graph(d.multi_crop_graph, on_gpu),
+                dali,
+            )
+            if cfg.train.use_local_crops
+            else []
+        ),
     ]
 
 
