@@ -12,7 +12,8 @@ from PIL import Image
 
 from dali_kd.config import load_config
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# Real odd and broken image files from Pillow's and DALI_extra's test assets (sources and licences: SOURCES.md there).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dali_kd.image_headers import Reject, check_data
 from dali_kd.scan import scan
-from tests.conftest import SHARED_FIXTURES
+from tests.conftest import FIXTURES
 
 MAX_PIXELS = 1 << 40
 # Pillow warns about the damaged headers it reads (what these tests make): not this module's business.
@@ -133,13 +133,11 @@ def test_damaged_files_never_raise_anything_but_reject(kind):
 
 
 def odd_images() -> list[Path]:
-    folder = SHARED_FIXTURES / "odd-images"
-    return (
-        sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".md") if folder.is_dir() else []
-    )
+    files = sorted(p for p in (FIXTURES / "odd-images").rglob("*") if p.is_file() and p.suffix != ".md")
+    assert files, "tests/fixtures/odd-images is missing"
+    return files
 
 
-@pytest.mark.skipif(not odd_images(), reason="needs ../shared/fixtures/odd-images")
 def test_real_broken_files_and_their_damaged_copies_never_raise():
     rng = np.random.default_rng(7)
     for path in odd_images():

@@ -20,10 +20,9 @@ from PIL import Image
 
 from dali_kd.scan import check_file, scan
 from dali_kd.trainer import Trainer
-from tests.conftest import SHARED_FIXTURES, write_tree
+from tests.conftest import FIXTURES, write_tree
 
-ODD = SHARED_FIXTURES / "odd-images"
-needs_fixtures = pytest.mark.skipif(not ODD.is_dir(), reason="../shared/fixtures is not beside this clone")
+ODD = FIXTURES / "odd-images"
 
 # The real fixtures DALI 2.4 cannot take (see fixtures/odd-images/SOURCES.md), with the start of the reason.
 BROKEN_FIXTURES = {
@@ -137,7 +136,6 @@ def odd_but_valid(root: Path) -> dict[str, bytes]:
 
 
 # ---- the scan's per-file checks --------------------------------------------------------------------------------
-@needs_fixtures
 def test_scan_reason_for_every_real_fixture(tmp_path):
     root = tmp_path / "tree"
     for sub in ("pillow", "dali_extra"):
@@ -249,11 +247,10 @@ def mixed_tree(root: Path) -> set[str]:
             (root / "class_0" / name).write_bytes(data)
             broken.add(f"class_0/{name}")
     odd_but_valid(root / "class_1")
-    if ODD.is_dir():
-        for rel in BROKEN_FIXTURES:
-            target = root / "class_1" / Path(rel).name
-            shutil.copy(ODD / rel, target)
-            broken.add(f"class_1/{target.name}")
+    for rel in BROKEN_FIXTURES:
+        target = root / "class_1" / Path(rel).name
+        shutil.copy(ODD / rel, target)
+        broken.add(f"class_1/{target.name}")
     return broken
 
 
@@ -326,11 +323,10 @@ def test_backends_decode_odd_but_valid_files_alike(tmp_path):
     from dali_kd.data.torchvision_loader import decode_rgb
 
     names = odd_but_valid(tmp_path)
-    if ODD.is_dir():
-        for rel in ("pillow/pil_sample_cmyk.jpg", "pillow/hopper_orientation_6.jpg", "pillow/p_16.png",
-                    "pillow/pil123rgba.png", "pillow/l_trns.png", "dali_extra/single_missnamed_jpeg_0_png.jpeg"):  # fmt: skip
-            shutil.copy(ODD / rel, tmp_path / Path(rel).name)
-            names[Path(rel).name] = b""
+    for rel in ("pillow/pil_sample_cmyk.jpg", "pillow/hopper_orientation_6.jpg", "pillow/p_16.png",
+                "pillow/pil123rgba.png", "pillow/l_trns.png", "dali_extra/single_missnamed_jpeg_0_png.jpeg"):  # fmt: skip
+        shutil.copy(ODD / rel, tmp_path / Path(rel).name)
+        names[Path(rel).name] = b""
     for name in names:
         dali = dali_decode(tmp_path / name).astype(int)
         pil = np.asarray(decode_rgb(str(tmp_path / name))).astype(int)

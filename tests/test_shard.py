@@ -23,7 +23,7 @@ from dali_kd.data import shards as fmt
 from dali_kd.data.prepare import prepare_data
 from dali_kd.errors import UserError
 from dali_kd.shard import main, make_shards, parse_size, write_indexes
-from tests.conftest import SHARED_FIXTURES, write_tree
+from tests.conftest import FIXTURES, write_tree
 from tests.faults import ROOT, assert_one_line_error
 
 SHARD_SIZE = 40_000  # about six images of the test tree per shard
@@ -151,12 +151,9 @@ def test_broken_files_never_enter_a_shard_and_are_in_the_quarantine(tmp_path):
     assert fmt.read_manifest(out)["num_samples"] == 12
 
 
-@pytest.mark.skipif(
-    not (SHARED_FIXTURES / "odd-images").is_dir(), reason="../shared/fixtures is not beside this clone"
-)
 def test_real_broken_files_stay_out_of_shards(tmp_path):
     src = write_tree(tmp_path / "src", num_classes=2, per_class=2)
-    odd = sorted(p for p in (SHARED_FIXTURES / "odd-images").rglob("*") if p.is_file() and p.suffix != ".md")
+    odd = sorted(p for p in (FIXTURES / "odd-images").rglob("*") if p.is_file() and p.suffix != ".md")
     for n, path in enumerate(odd):
         shutil.copy(path, src / f"class_{n % 2}" / f"{n:02d}-{path.name}")
     result = make_shards(src, tmp_path / "shards", SHARD_SIZE, show_progress=False)
