@@ -285,25 +285,6 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, expected):
     assert not (tmp_path / "runs").exists(), "no run directory before the config is valid"
 
 
-def test_readme_config_reference_lists_every_key():
-    from pydantic import BaseModel
-
-    from dali_kd.config import Config
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-    def keys(model, prefix=""):
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                yield from keys(ann, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}"
-
-    missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
-    assert not missing, f"README config reference lacks: {missing}"
-
-
 def test_cli_accepts_overrides_between_flags():
     from dali_kd.train import build_parser
 
