@@ -248,21 +248,16 @@ class TeacherCache:
 
     def read(self, sample_ids: np.ndarray, slots: np.ndarray, device: torch.device) -> ModelOutput:
         """The stored teacher outputs of these rows, as fp32 tensors on `device`."""
+        return self.read_rows(sample_ids, slots).to_output(device)
 
-        def take(name):
-            return torch.from_numpy(np.ascontiguousarray(self.arrays[name][sample_ids, slots])).to(device)
-
-        logits = None
-        if "logits" in self.arrays:
-            logits = take("logits").float()
-        elif "logits_topk" in self.arrays:
-            # The rest of the distribution is below the k-th logit: a floor far under it keeps its mass ~0.
-            top, index = take("logits_topk").float(), take("logits_index").long()
-            logits = torch.full((len(sample_ids), self.header_classes()), -1e4, device=device)
-            logits.scatter_(1, index, top)
-        pooled = take("pooled").float() if "pooled" in self.arrays else None
-        tokens = take("tokens").float() if "tokens" in self.arrays else None
-        return ModelOutput(pooled=pooled, logits=logits, patch_tokens=tokens)
+    def read_rows(self, sample_ids: np.ndarray, slots: np.ndarray, pin_memory: bool = False) -> CachedRows:
+        """These rows' stored arrays, copied into host memory as stored (fp16 stays fp16: half the bytes to move).
+        pin_memory: page-locked, so that CachedRows.to_output copies them to a GPU without blocking the host."""
+        arrays = {}
+        for name, array in self.arrays.items():
+            rows = torch.from_numpy(np.ascontiguousarray(array[sample_ids, slots]))
+            arrays[name] = rows.pin_memory() if pin_memory else rows
+        return CachedRows(arrays, self.header_classes() if "logits_topk" in arrays else 0)
 
     def header_classes(self) -> int:
         return int(self.header["num_classes"])
@@ -298,6 +293,32 @@ class TeacherCache:
 
     def nbytes_per_row(self) -> int:
         return row_bytes(self.parts, self.mixed)
+
+
+@dataclass
+class CachedRows:
+    """Teacher-cache rows read into host memory as stored (TeacherCache.read_rows), not yet on the device."""
+
+    arrays: dict[str, torch.Tensor]
+    num_classes: int  # the classes a top-k row scatters into (0 without top-k logits)
+
+    def to_output(self, device: torch.device) -> ModelOutput:
+        """The teacher's outputs as fp32 tensors on `device`; from pinned rows the copy does not block the host."""
+
+        def take(name):
+            return self.arrays[name].to(device, non_blocking=True)
+
+        logits = None
+        if "logits" in self.arrays:
+            logits = take("logits").float()
+        elif "logits_topk" in self.arrays:
+            # The rest of the distribution is below the k-th logit: a floor far under it keeps its mass ~0.
+            top, index = take("logits_topk").float(), take("logits_index").long()
+            logits = torch.full((len(top), self.num_classes), -1e4, device=device)
+            logits.scatter_(1, index, top)
+        pooled = take("pooled").float() if "pooled" in self.arrays else None
+        tokens = take("tokens").float() if "tokens" in self.arrays else None
+        return ModelOutput(pooled=pooled, logits=logits, patch_tokens=tokens)
 
 
 def pack_views(view: ViewRecord) -> np.ndarray:

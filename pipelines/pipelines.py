@@ -255,6 +255,46 @@ def replay_pipeline(
     return pipe()
 
 
+def replay_ahead_pipeline(
+    source,
+    params: AugmentParams,
+    batch_size: int,
+    device_id: int | None = None,
+    num_threads: int = 2,
+    prefetch_queue_depth: int = 2,
+    decode: DecodeParams = DEFAULT_DECODE,
+    from_paths: bool = False,
+) -> Pipeline:
+    """replay_pipeline's render, pulling its inputs: DALI calls `source()` for each batch it schedules, up to
+    prefetch_queue_depth batches before run() hands that batch out, and renders them on its own threads (or GPU)
+    meanwhile. source() returns the REPLAY_INPUTS columns of one batch of 1 to batch_size views.
+
+    from_paths: the first column holds each file's path (UTF-8 bytes) and DALI reads the files on its own threads;
+    otherwise it holds the encoded bytes. Same decode as the records were made with: same pixels.
+    """
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=0,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
+    def pipe():
+        first, anchor, shape, flip, jitter = fn.external_source(
+            source=source,
+            num_outputs=len(REPLAY_INPUTS),
+            batch=True,
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
+        )
+        # Plain reads, not mmap: a file damaged during the run must be an error, not a SIGBUS.
+        encoded = fn.io.file.read(first, dont_use_mmap=True) if from_paths else first
+        view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
+        return render_view(encoded, view, params, _decode_device(device_id), decode=decode)
+
+    return pipe()
+
+
 def eval_pipeline(
     files: Sequence[str],
     params: EvalParams,

@@ -71,20 +71,20 @@ def check_rows(cache: TeacherCache, index: ImageIndex, batch: Batch, renderer: D
 
 
 def replay_stream(
-    index: ImageIndex, cache: TeacherCache, state: dict | None = None, render_ahead: bool = False
+    index: ImageIndex, cache: TeacherCache, state: dict | None = None, prefetch_batches: int = 2
 ) -> CachedViewStream:
     return CachedViewStream(index, PARAMS, BATCH, seed=0, cache=cache, mode="replay", device=CPU, state=state,
-                            num_threads=1, max_runtime_quarantine=5, render_ahead=render_ahead)  # fmt: skip
+                            num_threads=1, max_runtime_quarantine=5, prefetch_batches=prefetch_batches)  # fmt: skip
 
 
-@pytest.mark.parametrize("render_ahead", [False, True], ids=["in-turn", "ahead"])
-def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path, render_ahead):
-    """Rendering in turn (the CPU) or one batch ahead on a thread (the GPU's way) sets the same file aside at the
-    same batch and resumes to the same batches."""
+@pytest.mark.parametrize("prefetch_batches", [1, 2, 3], ids=["in-turn", "ahead", "two-ahead"])
+def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path, prefetch_batches):
+    """Rendering in turn or DALI rendering batches ahead sets the same file aside at the same batch and resumes to
+    the same batches."""
     cache = open_cache(tmp_path / "cache", index)
     fill_directly(cache, index)
     assert cache.is_complete()
-    stream = replay_stream(index, cache, render_ahead=render_ahead)
+    stream = replay_stream(index, cache, prefetch_batches=prefetch_batches)
     assert stream.replaying, "a complete cache is replayed from the start"
     renderer = DaliViewRenderer(index, PARAMS, BATCH)
     victim = index.files.index(str(tmp_path / "tree" / "class_0" / "2.jpg"))
@@ -108,7 +108,7 @@ def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path, re
     state = stream.state_dict()
     assert state["substitutions"] == {str(victim): stand_in}
     following = list(itertools.islice(it, 2))
-    resumed = replay_stream(index, cache, state, render_ahead=render_ahead)
+    resumed = replay_stream(index, cache, state, prefetch_batches)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = list(itertools.islice(resumed, 2))

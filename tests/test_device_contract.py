@@ -127,17 +127,16 @@ def test_float16_images_reach_the_models_from_both_backends(tiny_config, image_t
     assert {b.images.dtype for b in make_eval_batches(cfg, val, torch.device("cpu"), 8)} == {torch.float16}
 
 
-@pytest.mark.parametrize(("decode", "render_ahead"), [("window", False), ("full", False), ("window", True)])
-def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_path, decode, render_ahead):
+@pytest.mark.parametrize(("decode", "prefetch"), [("window", 1), ("full", 1), ("window", 2)])
+def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_path, decode, prefetch):
     """The replay renderer decodes as the training pipeline did (data.decode), so a cached target's view comes back
     exactly: with one view per image, every replayed image equals the image the teacher saw while filling; and so
-    do the cached targets the stream reads ahead. render_ahead: the GPU's way (a thread, one batch ahead)."""
+    do the cached targets the stream reads ahead. prefetch: replayed batches DALI renders ahead (1: in turn)."""
     cfg = tiny_config(
         f"data.decode={decode}", "train.cache_teacher_features=true", f"train.teacher_feature_dir={tmp_path}",
-        "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null",
+        "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=null", f"data.prefetch_batches={prefetch}",
     )  # fmt: skip
     trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
-    trainer.stream.render_ahead = render_ahead
     seen: dict[int, torch.Tensor] = {}
     targets: dict[int, torch.Tensor] = {}
     stream = iter(trainer.stream)

@@ -160,7 +160,7 @@ class DataConfig(Section):
     )
     dali_threads: int = free_on_resume(4, ge=1, le=256, description="DALI CPU worker threads per process")
     prefetch_batches: int = free_on_resume(
-        2, ge=1, le=16, description="Batches DALI prepares ahead of the trainer"
+        2, ge=1, le=16, description="Batches DALI prepares ahead (live or replayed)"
     )
     # Decoder choices (DALI backend). decode and output_dtype change the pixels a step sees (slightly), so a resume
     # keeps them; the GPU decoder's tuning only changes how fast the same pixels come.

@@ -29,28 +29,28 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dali_kd.data.batch import Batch, ViewRecord
-from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
+from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.mixing import mix_images
 from dali_kd.data.recovery import RuntimeQuarantine
+from dali_kd.data.replay_ahead import ViewsAhead
 from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.errors import TrainingStopped
-from dali_kd.models import ModelOutput
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache import CachedRows, TeacherCache
 from pipelines.params import DEFAULT_DECODE, AugmentParams
 
 
 @dataclass
 class _Replay:
     """One replayed batch, planned: its stream slots, the rows it shows (ids, view slots), how many rows stood in
-    for missing ones, and the host view record to render."""
+    for missing ones, the host view record, the rows' cached targets (read when planned, and how long that took),
+    and what to render: the rows' own views, then the partners of the rows that show one (a RenderJob)."""
 
     position: int
     stream_ids: np.ndarray
@@ -58,6 +58,10 @@ class _Replay:
     slots: np.ndarray
     missing: int
     view: ViewRecord
+    rows: CachedRows
+    read_s: float
+    render_ids: np.ndarray
+    render_view: ViewRecord
 
 
 class CachedViewStream:
@@ -81,17 +85,14 @@ class CachedViewStream:
         world_size: int = 1,
         state: dict | None = None,
         max_runtime_quarantine: int = 100,
-        render_ahead: bool | None = None,
         **dali_kwargs,
     ):
-        """render_ahead: render the next replayed batch on a thread of its own while the current one trains.
-        Default: on a GPU only. There the views are decoded and rendered on the GPU and the thread only reads
-        files and drives DALI; on the CPU the render competes with the student for the same cores, and measured
-        slower than rendering in turn (benchmarks/RESULTS.md)."""
+        """dali_kwargs: DaliTrainStream's settings for the fill; replay renders with the same decode, threads and
+        prefetch_batches (the replayed batches DALI renders ahead of the consumer: 1 renders each in turn)."""
         self.index, self.params, self.batch_size, self.seed = index, params, batch_size, seed
         self.cache, self.mode, self.device = cache, mode, torch.device(device)
         self.decode = dali_kwargs.get("decode", DEFAULT_DECODE)  # the fill's decode: replay renders alike
-        self.render_ahead = self.device.type == "cuda" if render_ahead is None else render_ahead
+        self.prefetch_batches = int(dali_kwargs.get("prefetch_batches", 2))
         self.num_views = cache.num_views
         self.shard_ids = shard_sample_ids(index.num_samples, rank, world_size)
         self.num_samples = len(self.shard_ids)
@@ -105,6 +106,8 @@ class CachedViewStream:
         self.position = int(state.get("position", 0))
         # Replayed positions whose scheduled row was not usable and another row stood in (cumulative).
         self.missing_rows = int(state.get("missing_rows", 0))
+        # Views rendered for the replayed batches handed out (their own, plus partners of mixed rows), cumulative.
+        self.views_rendered = 0
         self._warned_missing = False
         fill_samples = self.num_views * self.num_samples
         if "replay_start" in state:
@@ -119,10 +122,8 @@ class CachedViewStream:
             self.replay_start = math.ceil(fill_samples / batch_size) * batch_size if mode == "replay" else -1
         self._labels = np.asarray(index.labels, dtype=np.int64)
         self._fill: DaliTrainStream | None = None
-        # Replay: views are rendered on a thread of their own, the next batch while the current one trains.
-        self._renderer: DaliViewRenderer | None = None
-        self._render_thread: ThreadPoolExecutor | None = None
-        self._ahead: tuple[_Replay, Future] | None = None
+        # Replay: DALI renders the planned batches ahead of the consumer (built at the first replayed batch).
+        self._ahead: ViewsAhead[_Replay] | None = None
         # Per pass, computed once: the shard's order and each image's replayed view.
         self._slot_cache: tuple[int, np.ndarray] | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -169,7 +170,16 @@ class CachedViewStream:
         return self._slot_cache[1]
 
     def _plan(self, position: int) -> _Replay:
-        """What the batch at `position` replays, by the runtime quarantine as it stands (main thread only)."""
+        """What the batch at `position` replays, by the runtime quarantine as it stands, with its cached targets
+        read into host memory (consumer's thread only).
+
+        Batches are planned ahead (data.prefetch_batches - 1 of them) while the consumer's thread asks for the
+        current one; the rows are read then too. A replay writes no rows, and the quarantine changes only when a
+        batch fails to render, after which every batch from the consumer's position is planned again: so a batch
+        planned ahead is the batch an unprefetched stream would make. The rows' read (a gather of a few KB per row
+        from the memory-mapped arrays, into pinned memory on a GPU) stays on this thread: it is small beside the
+        render, and done a batch early it leaves the step only an asynchronous copy to the device.
+        """
         stream_ids = np.empty(self.batch_size, dtype=np.int64)
         scheduled = np.empty(self.batch_size, dtype=np.int64)
         for k in range(self.batch_size):
@@ -177,77 +187,64 @@ class CachedViewStream:
             stream_ids[k] = self._order(pass_index)[offset]
             scheduled[k] = self._slots_of_pass(pass_index)[stream_ids[k]]
         ids, slots, missing = self._rows(stream_ids, scheduled)
-        return _Replay(position, stream_ids, ids, slots, missing, self.cache.read_views(ids, slots))
-
-    def _render(self, plan: _Replay) -> Future:
-        """Read the plan's files, render its views and read its cached targets: on the renderer's thread, or
-        (render_ahead off) right here, as a finished future."""
-        if self._renderer is None:
-            self._renderer = DaliViewRenderer(
-                self.index, self.params, self.batch_size, device=self.device, decode=self.decode,
-                num_threads=self._dali_kwargs.get("num_threads", 2),
-            )  # fmt: skip
-            if self.render_ahead:
-                self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali_kd-replay")
-        if self._render_thread is not None:
-            return self._render_thread.submit(self._prepare, plan)
-        done: Future = Future()
-        try:
-            done.set_result(self._prepare(plan))
-        except RuntimeError as e:
-            done.set_exception(e)
-        return done
-
-    def _prepare(self, plan: _Replay) -> tuple[torch.Tensor, ModelOutput, float]:
-        """(images, the teacher's cached outputs for them, seconds spent reading those), all on the device."""
-        images = self._renderer.render(plan.ids, plan.view)
-        mix = plan.view.mix
-        if mix is not None:
+        view = self.cache.read_views(ids, slots)
+        start = time.perf_counter()
+        rows = self.cache.read_rows(ids, slots, pin_memory=self.device.type == "cuda")
+        read_s = time.perf_counter() - start
+        render_ids, render_view = ids, ViewRecord(view.crop_anchor, view.crop_shape, view.flip, view.jitter)
+        if view.mix is not None:
             # Only the rows that show their partner: an unmixed row (λ = 1, empty box) mixes to its own view
             # exactly, so rendering its partner (itself) again would only cost a decode (data.augment.mix_prob < 1).
-            rows = torch.nonzero(mix.shows_partner()).squeeze(1)
-            if len(rows):
-                shown = mix.take(rows)
-                partners = self._renderer.render(shown.partner_id.numpy(), shown.partner_view)
-                on = rows.to(images.device)
-                lam, box = shown.lam.to(images.device), shown.box.to(images.device)
-                images[on] = mix_images(images[on], partners, lam, box)
-        start = time.perf_counter()
-        targets = self.cache.read(plan.ids, plan.slots, self.device)
-        return images, targets, time.perf_counter() - start
+            shown = view.mix.take(torch.nonzero(view.mix.shows_partner()).squeeze(1))
+            partner = shown.partner_view
+            render_ids = np.concatenate([ids, shown.partner_id.numpy()])
+            render_view = ViewRecord(
+                *(torch.cat([getattr(render_view, f), getattr(partner, f)]) for f in ViewRecord.CROP_FIELDS)
+            )
+        return _Replay(position, stream_ids, ids, slots, missing, view, rows, read_s, render_ids, render_view)
+
+    def _plans(self, position: int) -> Iterator[_Replay]:
+        """The plans of the batches from `position` on, one per batch."""
+        while True:
+            yield self._plan(position)
+            position += self.batch_size
+
+    def _views_ahead(self) -> ViewsAhead[_Replay]:
+        return ViewsAhead(
+            self._plans(self.position), self.index, self.params,
+            max_views=2 * self.batch_size if self.cache.mixed else self.batch_size, device=self.device,
+            depth=self.prefetch_batches, decode=self.decode, num_threads=self._dali_kwargs.get("num_threads", 2),
+        )  # fmt: skip
 
     def _replay_batch(self) -> Batch:
-        """The next replayed batch; with render_ahead the one after it starts rendering before this one is handed
-        out.
-
-        Only this (the consumer's) thread plans batches and sets files aside, and a batch is planned after every
-        earlier batch was taken, so a prefetched batch is the batch an unprefetched stream would make.
-        """
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0].position == self.position:
-            plan, rendering = ahead
-        else:
-            plan = self._plan(self.position)
-            rendering = self._render(plan)
+        """The next replayed batch; DALI is already rendering the ones after it (data.prefetch_batches)."""
         while True:
             try:
-                images, targets, read_s = rendering.result()
+                if self._ahead is None:
+                    self._ahead = self._views_ahead()
+                plan, rendered = next(self._ahead)
                 break
             except RuntimeError as e:
-                # The file is set aside (or the run stops) and its slots read their stand-in's rows.
+                # The file is set aside (or the run stops) and the batches from here on are planned again: the
+                # slots of the file read their stand-in's rows.
+                self._ahead = None
                 self.quarantine.set_aside(str(e))
-                plan = self._plan(self.position)
-                rendering = self._render(plan)
+        images = rendered[: self.batch_size]
+        mix = plan.view.mix
+        if len(rendered) > self.batch_size:
+            shown = mix.shows_partner()
+            on = torch.nonzero(shown).squeeze(1).to(images.device)
+            lam, box = mix.lam[shown].to(images.device), mix.box[shown].to(images.device)
+            images[on] = mix_images(images[on], rendered[self.batch_size :], lam, box)
         self.position += self.batch_size
+        self.views_rendered += len(plan.render_ids)
         self._count_missing(plan.missing)
-        if self.render_ahead:
-            following = self._plan(self.position)
-            self._ahead = (following, self._render(following))
         ids = plan.ids
         batch = Batch(
             images=images, labels=torch.from_numpy(self._labels[ids]), sample_ids=torch.from_numpy(ids),
             stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, slots=plan.slots, from_cache=True,
-            host_ids=ids, host_stream_ids=plan.stream_ids, cached_targets=targets, cached_read_s=read_s,
+            host_ids=ids, host_stream_ids=plan.stream_ids, cached_targets=plan.rows.to_output(self.device),
+            cached_read_s=plan.read_s,
         )  # fmt: skip
         return batch.to(self.device, non_blocking=True)
 
@@ -333,8 +330,6 @@ class CachedViewStream:
     def close(self) -> None:
         if self._fill is not None:
             self._fill.close()
-        if self._render_thread is not None:
-            self._render_thread.shutdown(wait=True, cancel_futures=True)
-            self._render_thread = None
-        self._ahead = None
-        self._renderer = None
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None

@@ -317,6 +317,33 @@ def _fed_batches(index: ImageIndex, batch_size: int) -> Iterator[tuple[list[np.n
 _TORCH_DTYPES = {types.DALIDataType.FLOAT: torch.float32, types.DALIDataType.FLOAT16: torch.float16}
 
 
+def view_columns(view: ViewRecord) -> dict[str, np.ndarray]:
+    """A one-view record as the replay pipelines' record inputs (REPLAY_INPUTS after "encoded"), on the host."""
+    return {
+        "crop_anchor": view.crop_anchor.cpu().numpy().astype(np.float32),
+        "crop_shape": view.crop_shape.cpu().numpy().astype(np.float32),
+        "flip": view.flip.cpu().numpy().astype(np.int32),
+        "jitter": view.jitter.cpu().numpy().astype(np.float32),
+    }
+
+
+def copy_out(images, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """One copy of a pipeline's dense output out of DALI's buffer (reused at a later run) into memory torch owns:
+    on a GPU device to device on torch's current stream, with the event after which DALI may reuse its buffer
+    (synchronize it before the pipeline's next run); on the CPU a host copy (and no event)."""
+    tensor = images.as_tensor()
+    on_gpu = device.type == "cuda"
+    out = torch.empty(tensor.shape(), dtype=_TORCH_DTYPES[tensor.dtype], device=device if on_gpu else "cpu")
+    if not on_gpu:
+        feed_ndarray(tensor, out)
+        return out, None
+    stream = torch.cuda.current_stream(device)
+    feed_ndarray(tensor, out, cuda_stream=stream)
+    copied = torch.cuda.Event()
+    copied.record(stream)
+    return out, copied
+
+
 class DaliViewRenderer:
     """Renders recorded views again (same pixels): the replay pipeline fed with file bytes and view records."""
 
@@ -377,33 +404,14 @@ class DaliViewRenderer:
                 encoded.append(np.frombuffer(self.index.read_bytes(i), dtype=np.uint8))
             except OSError as e:
                 raise RuntimeError(f"failed to read {self.index.files[i]} ({e.strerror})") from None
-        columns = {
-            "encoded": encoded,
-            "crop_anchor": view.crop_anchor.cpu().numpy().astype(np.float32),
-            "crop_shape": view.crop_shape.cpu().numpy().astype(np.float32),
-            "flip": view.flip.cpu().numpy().astype(np.int32),
-            "jitter": view.jitter.cpu().numpy().astype(np.float32),
-        }
+        columns = {"encoded": encoded, **view_columns(view)}
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             try:
                 images = self._run(columns)
             except RuntimeError as e:
                 self._build()  # a pipeline that failed stays dead
                 raise RuntimeError(self._name_failures(ids, columns, str(e))) from None
-            # One copy out of DALI's buffer (reused at the next run) into memory torch owns, on torch's current
-            # stream where the output is on the GPU.
-            tensor = images.as_tensor()
-            on_gpu = self.device.type == "cuda"
-            out = torch.empty(
-                tensor.shape(), dtype=_TORCH_DTYPES[tensor.dtype], device=self.device if on_gpu else "cpu"
-            )
-            if on_gpu:
-                stream = torch.cuda.current_stream(self.device)
-                feed_ndarray(tensor, out, cuda_stream=stream)
-                self._copied = torch.cuda.Event()
-                self._copied.record(stream)
-            else:
-                feed_ndarray(tensor, out)
+            out, self._copied = copy_out(images, self.device)
         return out.to(self.device)  # only where the device is a stand-in (tests' meta) for a CPU pipeline
 
     def _name_failures(self, ids: np.ndarray, columns: dict[str, list | np.ndarray], error: str) -> str:
