@@ -101,7 +101,9 @@ def build_optimizer(
     optimizer = create_optimizer_v2(
         groups, opt.name, lr=lr, weight_decay=opt.weight_decay, betas=opt.betas, **extra
     )
-    inner = getattr(optimizer, "base_optimizer", optimizer)  # Lookahead's wrapped optimiser
+    inner = getattr(
+        optimizer, "_base_optimizer", optimizer
+    )  # timm's Lookahead loads into the optimiser it wraps
     if "fused" in inner.defaults:
         inner.register_load_state_dict_post_hook(functools.partial(_keep_fused, fused=bool(fused)))
     return optimizer

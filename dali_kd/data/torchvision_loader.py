@@ -241,20 +241,8 @@ class _StreamBatches(Sampler[list[ViewKey]]):
 
 def _host_batch(collated: tuple) -> tuple[Batch, list[tuple[int, str]]]:
     """A collated (pinned) tuple as a host Batch with host copies of its ids, and the files that failed in it."""
-    (
-        images,
-        local_images,
-        labels,
-        ids,
-        slots,
-        anchors,
-        shapes,
-        flips,
-        jitters,
-        failed,
-        host_ids,
-        host_slots,
-    ) = collated
+    images, local_images, labels, ids, slots, anchors, shapes, flips, jitters = collated[:9]
+    failed, host_ids, host_slots = collated[9:]
     batch = Batch(
         images=images,
         local_images=local_images,
