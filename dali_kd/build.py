@@ -107,7 +107,7 @@ def build_run(
             f"from a batch of {train.optimizer.lr_scale_batch} to {train.batch_size * dist.world_size}",
             flush=True,
         )
-    optimizer = build_optimizer(models.student, train.optimizer, lr)
+    optimizer = build_optimizer(models.student, train.optimizer, lr, device)
     # Every rank takes the same number of steps: the smallest shard decides.
     steps_per_epoch = min(train.max_steps_per_epoch, max(1, shard_samples // train.batch_size))
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dali_kd.checkpoint import weights_hash
-from dali_kd.config import ModelConfig, ModelSpec
+from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
 from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
 from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
@@ -235,36 +235,66 @@ def model_outputs(model: nn.Module, images: torch.Tensor, with_patches: bool) ->
     return ModelOutput(pooled=pooled, logits=logits, patch_tokens=patches)
 
 
+# The layers whose weights autocast casts to its dtype on every call (a teacher's weights never need a gradient, so
+# autocast keeps no cached copy of them); exact types, so that a subclass with its own weight arithmetic (timm's
+# StdConv2d standardises its weight) keeps computing it in fp32.
+AUTOCAST_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast, once, the weights autocast would cast to `dtype` on every forward: under autocast the model then
+    computes exactly what it computed before (autocast casts linear and conv inputs to `dtype` anyway; norms and
+    the other fp32 parameters stay fp32), without the per-step weight casts."""
+    for module in model.modules():
+        if type(module) in AUTOCAST_WEIGHT_LAYERS:
+            module.to(dtype)
+
+
 class FrozenTeacher(nn.Module):
     """The teacher: eval mode, no gradients, inference mode, bf16 autocast on GPU; `train()` cannot undo that.
 
-    input: turns the pipeline's images into the teacher's own size and normalisation (None: they already are)."""
+    input: turns the pipeline's images into the teacher's own size and normalisation (None: they already are).
+    With an autocast dtype, its linear and conv weights are cast to it once, here (see cast_autocast_weights):
+    hash the weights (`weights_hash`) before. compile: torch.compile its forward (input adapter included), which
+    runs under inference mode.
+    """
 
     def __init__(
-        self, model: nn.Module, autocast_dtype: torch.dtype | None, input: InputAdapter | None = None
+        self,
+        model: nn.Module,
+        autocast_dtype: torch.dtype | None,
+        input: InputAdapter | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        if autocast_dtype is not None:
+            cast_autocast_weights(self.model, autocast_dtype)
         self.autocast_dtype = autocast_dtype
         self.input = input
+        self.compiled = compile
+        self._outputs = torch.compile(self._eager_outputs) if compile else self._eager_outputs
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         # Dropout, drop-path and batch-norm updates would change the targets: stay in eval whatever is asked.
         return super().train(False)
 
-    @torch.inference_mode()
-    def _infer(self, images: torch.Tensor, with_patches: bool) -> ModelOutput:
+    def _eager_outputs(self, images: torch.Tensor, with_patches: bool) -> ModelOutput:
         if self.input is not None:
             images = self.input(images)
         with autocast(images.device, self.autocast_dtype):
             return model_outputs(self.model, images, with_patches)
 
     def forward(self, images: torch.Tensor, with_patches: bool = False) -> ModelOutput:
-        out = self._infer(images, with_patches)
-        # Targets in fp32, cloned outside inference mode: an inference tensor cannot be saved for the
-        # student's backward pass.
+        with torch.inference_mode():
+            out = self._outputs(images, with_patches)
+        # Targets in fp32, copied outside inference mode (one kernel, a cast where they are bf16): an inference
+        # tensor cannot be saved for the student's backward pass.
         return ModelOutput(
-            *(None if t is None else t.float().clone() for t in (out.pooled, out.logits, out.patch_tokens))
+            *(
+                None if t is None else t.to(torch.float32, copy=True)
+                for t in (out.pooled, out.logits, out.patch_tokens)
+            )
         )
 
 
@@ -379,6 +409,11 @@ def _adapter(pipeline: InputSpec, model: InputSpec) -> InputAdapter | None:
     return None if adapter.is_identity else adapter
 
 
+def teacher_compile(spec: TeacherSpec, device: torch.device) -> bool:
+    """model.teacher.compile: auto compiles on CUDA only (on the CPU the first compile outweighs a short run)."""
+    return device.type == "cuda" if spec.compile == "auto" else spec.compile
+
+
 def build_distill_models(
     cfg: ModelConfig,
     image_size: int,
@@ -417,7 +452,13 @@ def build_distill_models(
         with_patches=use_patches,
         input=_adapter(pipeline, student_input),
     )
-    frozen = FrozenTeacher(teacher, amp_dtype, input=_adapter(pipeline, teacher_input))
+    # After weights_hash: the teacher's identity is its fp32 weights, whatever it computes in.
+    frozen = FrozenTeacher(
+        teacher,
+        amp_dtype,
+        input=_adapter(pipeline, teacher_input),
+        compile=teacher_compile(cfg.teacher, device),
+    )
     return DistillModels(
         frozen.to(device), teacher_id, student.to(device), use_patches, teacher_input, student_input
     )

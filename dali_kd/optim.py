@@ -8,12 +8,15 @@ The projectors sit on top of the backbone, like its head: same decay rules, full
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import logging
 import math
 
 import torch
 from timm.optim import (
     create_optimizer_v2,
+    get_optimizer_info,
     list_optimizers,
     param_groups_layer_decay,
     param_groups_weight_decay,
@@ -25,6 +28,9 @@ from dali_kd.config import OptimizerConfig
 from dali_kd.errors import UserError
 
 LOOKAHEAD = "lookahead_"  # timm's prefix that wraps any optimiser in Lookahead
+# What train.optimizer.fused=auto fuses on CUDA: torch's Adam and AdamW (the others' fused kernels are narrower:
+# Adagrad's runs on the CPU only).
+FUSED_BY_DEFAULT = frozenset({"adam", "adamw"})
 
 
 def peak_lr(opt: OptimizerConfig, global_batch: int) -> float:
@@ -67,12 +73,55 @@ def param_groups(student: nn.Module, weight_decay: float, layer_decay: float | N
     return groups
 
 
-def build_optimizer(student: nn.Module, opt: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """timm's optimiser `opt.name` over the student's parameter groups, at peak learning rate lr."""
+def use_fused(opt: OptimizerConfig, device: torch.device) -> bool:
+    """train.optimizer.fused, resolved: auto fuses adam and adamw on CUDA; true needs a torch optimiser that has a
+    fused implementation (torch's fused=True; timm hands the keyword through)."""
+    name = opt.name.lower().removeprefix(LOOKAHEAD)
+    if opt.fused == "auto":
+        return device.type == "cuda" and name in FUSED_BY_DEFAULT
+    if opt.fused and "fused" not in inspect.signature(get_optimizer_info(name).opt_class.__init__).parameters:
+        raise UserError(
+            f"train.optimizer.fused=true: the optimizer '{opt.name}' has no fused implementation (torch has one "
+            "for adam, adamw, sgd, momentum and adagrad); set train.optimizer.fused to auto or false"
+        )
+    return opt.fused
+
+
+def build_optimizer(
+    student: nn.Module, opt: OptimizerConfig, lr: float, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """timm's optimiser `opt.name` over the student's parameter groups, at peak learning rate lr; fused kernels
+    where use_fused says (device: where the student's parameters live; None: the CPU)."""
     check_optimizer_name(opt.name)
+    fused = use_fused(opt, device or torch.device("cpu"))
     groups = param_groups(student, opt.weight_decay, opt.layer_decay)
-    # betas go to the optimisers that have them (timm drops them for the others, e.g. sgd).
-    return create_optimizer_v2(groups, opt.name, lr=lr, weight_decay=opt.weight_decay, betas=opt.betas)
+    # betas go to the optimisers that have them (timm drops them for the others, e.g. sgd); fused=... only where
+    # asked, for timm's own optimisers have no such keyword.
+    extra = {"fused": True} if fused else {}
+    optimizer = create_optimizer_v2(
+        groups, opt.name, lr=lr, weight_decay=opt.weight_decay, betas=opt.betas, **extra
+    )
+    inner = getattr(
+        optimizer, "_base_optimizer", optimizer
+    )  # timm's Lookahead loads into the optimiser it wraps
+    if "fused" in inner.defaults:
+        inner.register_load_state_dict_post_hook(functools.partial(_keep_fused, fused=bool(fused)))
+    return optimizer
+
+
+def _keep_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """A loaded state dict brings the saving run's choice of kernels (its param groups' `fused`); this run's config
+    decides instead. A fused optimiser keeps each parameter's step count on the parameter's device (no host read
+    per step); the unfused one on the host."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused or None
+        if fused:
+            group["foreach"] = None
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                device = param.device if fused else torch.device("cpu")
+                optimizer.state[param]["step"] = step.to(device=device, dtype=torch.float32)
 
 
 def build_scheduler(

@@ -95,6 +95,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             if self.cfg.train.optimizer.grad_clip is not None:
+                # The norm and the scaling stay on the device (torch's multi-tensor kernels on CPU and CUDA); no
+                # error_if_nonfinite, which reads the norm: the guard above flags a non-finite loss.
                 torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
             self.optimizer.step()
             if self.ema is not None:

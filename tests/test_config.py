@@ -311,7 +311,7 @@ def test_keys_free_on_resume_come_from_the_schema():
         "train.eval_every_n_epochs", "train.num_workers", "train.persistent_workers",
         "train.max_skipped_steps", "data.hw_decoder_load", "data.device_memory_padding",
         "data.host_memory_padding", "data.preallocate_width_hint", "data.preallocate_height_hint",
-        "train.eval_head",
+        "train.eval_head", "model.teacher.compile", "train.optimizer.fused",
     }  # fmt: skip
     base = config_hash(load_config())
     for free in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -187,3 +188,79 @@ def test_mixed_views_on_cuda_replay_from_their_record(tiny_config, tmp_path):
     )  # fmt: skip
     summary = Trainer(cached, CUDA, show_progress=False).fit(tmp_path / "run")
     assert summary["cache_hits"] > 0 and summary["cache_fidelity_min"] > 0.999
+
+
+# ---- no host synchronisation in a steady step -----------------------------------------------------------------
+SYNC_FREE_PATHS = {
+    "dali": (),
+    "torchvision": ("data.backend=torchvision", "train.num_workers=2"),
+    "teacher-cache": ("train.cache_teacher_features=true", "train.cache_views_per_image=1"),
+    "multi-crop": MULTI_CROP,
+    "mixup": ("data.augment.mix=mixup",),
+    "ema": ("train.ema_decay=0.9",),
+}
+WARM_UP_STEPS = 2  # the first steps compile the teacher and the student
+FILL_STEPS = (
+    6  # 48 images, batch 8, one view each: the cache's fill pass, whose writes copy targets to the host
+)
+
+
+@contextlib.contextmanager
+def sync_errors(on: bool):
+    """Any host synchronisation torch makes in this block raises (set_sync_debug_mode is process-wide)."""
+    torch.cuda.set_sync_debug_mode("error" if on else "default")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class CheckedStream:
+    """The trainer's data stream, each next batch fetched under sync_errors(checking())."""
+
+    def __init__(self, stream, checking):
+        self._stream, self._checking = stream, checking
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __iter__(self):
+        batches = iter(self._stream)
+        while True:
+            with sync_errors(self._checking()):
+                batch = next(batches)
+            yield batch
+
+
+@pytest.mark.parametrize("path", list(SYNC_FREE_PATHS))
+def test_steady_steps_never_synchronise_the_host_with_the_gpu(tiny_config, tmp_path, path):
+    """At least 20 steps of every path (data, teacher or cache, student, optimizer, EMA) run under
+    torch.cuda.set_sync_debug_mode("error"); the log steps' reads, checkpoints and evaluations stay outside (they
+    run between steps), as do the warm-up steps that compile and the teacher cache's fill pass."""
+    cache = (f"train.teacher_feature_dir={tmp_path / 'cache'}",) if path == "teacher-cache" else ()
+    cfg = tiny_config(
+        "train.device=cuda", "train.epochs=5", "train.max_steps_per_epoch=6", "train.log_every_n_steps=10",
+        "train.eval_every_n_epochs=5", *SYNC_FREE_PATHS[path], *cache,
+    )  # fmt: skip
+    trainer = Trainer(cfg, CUDA, show_progress=False)
+    first_checked = WARM_UP_STEPS + (FILL_STEPS if cache else 0)
+    checked = []
+
+    def checking() -> bool:  # the step about to run is trainer.step + 1
+        return trainer.step + 1 > first_checked
+
+    trainer.stream = CheckedStream(trainer.stream, checking)
+    step = trainer.train_step
+
+    def checked_step(batch):
+        on = checking()
+        if on:
+            checked.append(batch.from_cache)
+        with sync_errors(on):
+            return step(batch)
+
+    trainer.train_step = checked_step
+    summary = trainer.fit(tmp_path / "run")
+    assert summary["steps"] == 30 and len(checked) >= 20
+    if cache:
+        assert all(checked), "a checked step of the cache path was not a replayed one"

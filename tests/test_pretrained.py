@@ -13,7 +13,7 @@ from timm.models._hub import save_config_for_hf
 
 from dali_kd import fetch, train
 from dali_kd.checkpoint import weights_hash
-from dali_kd.config import ModelConfig, ModelSpec
+from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
 from dali_kd.models import build_distill_models, build_model, check_model_name, head_sizes, pretrained_weights
 
@@ -89,7 +89,7 @@ def test_a_checkpoint_file_wins_over_pretrained(hub_cache, tmp_path):
     # Nothing is looked up in the cache for it: an uncached name with a checkpoint builds offline.
     resnet = timm.create_model("test_resnet", num_classes=1000)
     save_file(resnet.state_dict(), str(path))
-    teacher = ModelSpec(name=UNCACHED, pretrained=True, checkpoint=str(path))
+    teacher = TeacherSpec(name=UNCACHED, pretrained=True, checkpoint=str(path))
     models = build_distill_models(
         ModelConfig(teacher=teacher, student={"name": "test_vit"}), 32, 0.0, False, CPU, None
     )
@@ -169,7 +169,7 @@ def test_head_sizes_follow_the_pretrained_head(hub_cache, tmp_path):
     headless = timm.create_model("test_vit", num_classes=0)
     put_in_hub_cache(tmp_path / "hf" / "hub", "me/test_vit_features", headless, with_config=True)
     cfg = ModelConfig(
-        teacher=ModelSpec(name="hf-hub:me/test_vit_features", pretrained=True),
+        teacher=TeacherSpec(name="hf-hub:me/test_vit_features", pretrained=True),
         student={"name": "test_resnet"},
     )
     assert head_sizes(cfg, pretrained_weights(cfg.teacher, "teacher")) == (0, 0)
@@ -179,10 +179,12 @@ def test_head_sizes_follow_the_pretrained_head(hub_cache, tmp_path):
     out = models.teacher(torch.zeros(2, 3, 32, 32))
     assert out.logits is None and out.pooled.shape == (2, 64)
 
-    with_head = ModelConfig(teacher=ModelSpec(name=TAGGED, pretrained=True), student={"name": "test_resnet"})
+    with_head = ModelConfig(
+        teacher=TeacherSpec(name=TAGGED, pretrained=True), student={"name": "test_resnet"}
+    )
     assert head_sizes(with_head, pretrained_weights(with_head.teacher, "teacher")) == (1000, 1000)
     # A pretrained teacher with another class count would get a fresh random head: its logits teach noise.
-    four = with_head.model_copy(update={"teacher": ModelSpec(name=TAGGED, pretrained=True, num_classes=4)})
+    four = with_head.model_copy(update={"teacher": TeacherSpec(name=TAGGED, pretrained=True, num_classes=4)})
     with pytest.raises(
         UserError, match=r"model.teacher.num_classes=4, but the pretrained .* has 1000 .*random"
     ):

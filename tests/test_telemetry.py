@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from dali_kd import report
 from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
 from dali_kd.data import dali_loader
+from dali_kd.teacher_cache import TeacherCache
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.verdict import judge
@@ -191,9 +195,25 @@ def test_without_nvml_fields_are_null_and_reason_given(tmp_path):
     assert all(row[field] is None for field in GPU_FIELDS)
 
 
-def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path, monkeypatch):
-    """Every host read of a tensor (item, float, int, tolist, numpy) happens in a log step, a checkpoint or an
-    evaluation — never in an ordinary step."""
+# Every training path the spy runs: each touches its own part of the step (stream, targets, mixing, EMA).
+HOT_LOOP_PATHS = {
+    "dali": (),
+    # Its PIL work runs in a DataLoader worker, as in a real run (train.num_workers defaults to 4).
+    "torchvision": ("data.backend=torchvision", "train.num_workers=1"),
+    "teacher-cache": ("train.cache_teacher_features=true", "train.cache_views_per_image=1"),
+    "multi-crop": ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2"),
+    "mixup": ("data.augment.mix=mixup",),
+    "ema": ("train.ema_decay=0.9",),
+}
+# The host reads of a tensor: each waits for the device on a GPU.
+HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")
+
+
+@pytest.mark.parametrize("path", list(HOT_LOOP_PATHS))
+def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path, monkeypatch, path):
+    """Every host read of a tensor (item, float, int, bool, tolist, numpy, cpu) and every torch.cuda.synchronize
+    happens in a log step, a checkpoint or an evaluation — never in an ordinary step — on every training path.
+    The teacher-cache path fills the cache in its first 6 steps and replays it in the next 6."""
     state = {"allowed": 0, "violations": [], "logged": []}
 
     def allow(method):
@@ -206,23 +226,34 @@ def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path
 
         return wrapped
 
-    def spy(name):
-        original = getattr(torch.Tensor, name)
+    def caller() -> str:
+        """The innermost frame of this project's code (or of the library it called) that made the read."""
+        frames = [f for f in traceback.extract_stack()[:-2] if "/tests/" not in f.filename]
+        ours = [f for f in frames if "/dali_kd/" in f.filename or "/pipelines/" in f.filename]
+        frame = (ours or frames)[-1]
+        return f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})"
 
-        def read(self, *args, **kwargs):
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def read(*args, **kwargs):
             if not state["allowed"]:
-                state["violations"].append(name)
-            return original(self, *args, **kwargs)
+                state["violations"].append(f"{name} in {caller()}")
+            return original(*args, **kwargs)
 
-        monkeypatch.setattr(torch.Tensor, name, read)
+        monkeypatch.setattr(owner, name, read)
 
-    # AdamW keeps its step counter in a host-side tensor by design (no device sync): not the loop's reads.
+    # Unfused AdamW (the CPU's default) keeps its step counter in a host-side tensor by design: no device read.
     monkeypatch.setattr(torch.optim.AdamW, "step", allow(torch.optim.AdamW.step))
+    cache = (f"train.teacher_feature_dir={tmp_path / 'cache'}",) if path == "teacher-cache" else ()
     trainer = Trainer(
-        tiny_config("train.epochs=2", "train.max_steps_per_epoch=6", "train.log_every_n_steps=3"),
+        tiny_config(
+            "train.epochs=2", "train.max_steps_per_epoch=6", "train.log_every_n_steps=3",
+            *HOT_LOOP_PATHS[path], *cache,
+        ),
         CPU,
         show_progress=False,
-    )
+    )  # fmt: skip
 
     class Logged(Callback):
         def on_log(self, trainer, row):
@@ -235,11 +266,22 @@ def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path
     monkeypatch.setattr(Checkpointer, "save", allow(Checkpointer.save))
     # DALI's reader hands its sample ids out as host data on every pipeline: reading them waits for nothing.
     monkeypatch.setattr(dali_loader, "host_array", allow(dali_loader.host_array))
-    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy"):
-        spy(name)
-    trainer.fit(tmp_path / "run")
+    # A pass of a DataLoader starts by drawing its seed on the host (torch's sampler): once a pass, not a step.
+    monkeypatch.setattr(DataLoader, "__iter__", allow(DataLoader.__iter__))
+    # The cache's fill pass copies each batch's targets to the host to store them: the one read a fill step makes
+    # by nature (its replay pass must make none). Replay renders views from records read from the cache file.
+    monkeypatch.setattr(TeacherCache, "write", allow(TeacherCache.write))
+    monkeypatch.setattr(dali_loader.DaliViewRenderer, "render", allow(dali_loader.DaliViewRenderer.render))
+    for name in HOST_READS:
+        spy(torch.Tensor, name)
+    # Without CUDA the real one would raise: a call is what counts.
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    spy(torch.cuda, "synchronize")
+    summary = trainer.fit(tmp_path / "run")
     assert state["logged"] == [3, 6, 9, 12]
-    assert state["violations"] == []
+    if path == "teacher-cache":
+        assert summary["cache_hits"] > 0
+    assert not state["violations"], "\n".join(sorted(set(state["violations"])))
 
 
 def test_report_draws_a_finished_and_a_live_run(tiny_config, tmp_path, capsys):

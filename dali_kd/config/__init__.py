@@ -15,12 +15,13 @@ from dali_kd.config.sections import (
     OptimizerConfig,
     Section,
     StudentSpec,
+    TeacherSpec,
     TrainConfig,
     free_on_resume,
 )
 
 __all__ = [
     "CONFIG_DIR", "DEMO_CONFIG_DIR", "SECTION_FILES", "AugmentConfig", "Config", "ConfigConflict", "DataConfig",
-    "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig", "Section", "StudentSpec", "TrainConfig",
+    "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig", "Section", "StudentSpec", "TeacherSpec", "TrainConfig",
     "dump_config", "free_on_resume", "key_default", "load_config", "parse_override", "read_yaml", "resume_free_keys",
 ]  # fmt: skip

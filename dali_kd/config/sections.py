@@ -280,6 +280,12 @@ class OptimizerConfig(Section):
     lr_scale_rule: Literal["linear", "sqrt"] = Field(
         "linear", description="How lr_scale_batch scales lr: linear (DINO) or square root of the batch ratio"
     )
+    fused: Literal["auto"] | bool = free_on_resume(
+        "auto",
+        description="Run the optimizer as torch's fused kernels (one launch for all parameters): auto: on CUDA "
+        "for adam and adamw; true: wherever torch has a fused version of the optimizer (adam, adamw, sgd, ...); "
+        "false: torch's default (foreach) implementation",
+    )
 
 
 class LossConfig(Section):
@@ -345,7 +351,11 @@ class TrainConfig(Section):
         description="Fidelity probe: run the teacher on a replayed batch every N steps; null: never",
     )
     cache_rebuild: bool = Field(False, description="Rebuild a cache that was built for something else")
-    compile_student: bool = Field(True, description="torch.compile the student (never the teacher)")
+    compile_student: bool = Field(
+        True,
+        description="torch.compile the student's forward together with its distillation losses (the teacher has "
+        "its own switch, model.teacher.compile)",
+    )
     num_workers: int = free_on_resume(4, ge=0, description="DataLoader workers of the torchvision backend")
     persistent_workers: bool = free_on_resume(
         False, description="Keep torchvision DataLoader workers between epochs"
@@ -461,12 +471,21 @@ class ModelSpec(Section):
     )
 
 
+class TeacherSpec(ModelSpec):
+    compile: Literal["auto"] | bool = free_on_resume(
+        "auto",
+        description="torch.compile the frozen teacher's forward (it runs under inference mode, its weights cast "
+        "once to bf16 when train.precision is bf16); auto: on CUDA, off on the CPU (where the first compile "
+        "costs more than a short run gains)",
+    )
+
+
 class StudentSpec(ModelSpec):
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth while training")
 
 
 class ModelConfig(Section):
-    teacher: ModelSpec
+    teacher: TeacherSpec
     student: StudentSpec
     projector_hidden_dim: int = Field(
         0, ge=0, description="Hidden width of the student→teacher feature projector; 0: one linear layer"

@@ -241,7 +241,8 @@ class _StreamBatches(Sampler[list[ViewKey]]):
 
 def _host_batch(collated: tuple) -> tuple[Batch, list[tuple[int, str]]]:
     """A collated (pinned) tuple as a host Batch with host copies of its ids, and the files that failed in it."""
-    images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed = collated
+    images, local_images, labels, ids, slots, anchors, shapes, flips, jitters = collated[:9]
+    failed, host_ids, host_slots = collated[9:]
     batch = Batch(
         images=images,
         local_images=local_images,
@@ -249,15 +250,16 @@ def _host_batch(collated: tuple) -> tuple[Batch, list[tuple[int, str]]]:
         sample_ids=ids,
         stream_ids=slots,
         view=ViewRecord(crop_anchor=anchors, crop_shape=shapes, flip=flips, jitter=jitters),
-        host_ids=ids.numpy().copy(),
-        host_stream_ids=slots.numpy().copy(),
+        host_ids=host_ids,
+        host_stream_ids=host_slots,
     )
     return batch, failed
 
 
 def _collate_train(samples: list[tuple], dtype: torch.dtype = torch.float32) -> tuple:
-    # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; the last
-    # item lists the (sample id, reason) of files that failed to decode in this batch.
+    # A tuple of tensors (not a Batch) so that the DataLoader's pin_memory thread can pin every field; then the
+    # (sample id, reason) of files that failed to decode in this batch, and the ids and slots as numpy arrays made
+    # here in the worker, so that the training process never reads a tensor to learn them.
     images, local_images, labels, ids, slots, anchors, shapes, flips, jitters, failed = zip(
         *samples, strict=True
     )
@@ -272,6 +274,8 @@ def _collate_train(samples: list[tuple], dtype: torch.dtype = torch.float32) -> 
         torch.tensor(flips, dtype=torch.int64),
         torch.tensor(jitters, dtype=torch.float32),
         [item for sample in failed for item in sample],
+        np.asarray(ids, dtype=np.int64),
+        np.asarray(slots, dtype=np.int64),
     )
 
 
