@@ -102,10 +102,9 @@ def build_run(
     task = DistillTask(models.student, train.loss, device, amp_dtype, dist, train.compile_student)
     lr = peak_lr(train.optimizer, train.batch_size * dist.world_size)
     if lr != train.optimizer.lr and dist.is_main:
-        print(
+        console.info(
             f"lr {lr:.4g}: train.optimizer.lr {train.optimizer.lr:.4g} scaled ({train.optimizer.lr_scale_rule}) "
-            f"from a batch of {train.optimizer.lr_scale_batch} to {train.batch_size * dist.world_size}",
-            flush=True,
+            f"from a batch of {train.optimizer.lr_scale_batch} to {train.batch_size * dist.world_size}"
         )
     optimizer = build_optimizer(models.student, train.optimizer, lr, device)
     # Every rank takes the same number of steps: the smallest shard decides.

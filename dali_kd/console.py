@@ -1,25 +1,37 @@
 """How a run talks: a tqdm bar on a terminal, plain lines elsewhere (Slurm, nohup, `| tee`), or only warnings, errors
 and the final summary (--quiet); every line also goes to the run directory's train.log.
 
-The command line opens one Console for the run (`with Console(...)`); deeper modules say things through `info()` and
-`warning()`, which reach the open console — like print reaches sys.stdout — or, with none open (a test, a notebook
-building a Trainer), plain lines on sys.stdout.
+All of it goes through the standard `logging` package, on the `dali_kd` logger: deeper modules say things with
+`info()` and `warning()` (or any `dali_kd.*` logger). The command line opens one Console for the run (`with
+Console(...)`), which gives the logger its handlers for the run: the terminal (filtered by mode and rank, through
+tqdm.contrib.logging under a bar) and train.log. With none open (a test, a notebook building a Trainer) the lines go
+to sys.stdout. The logger does not propagate: its lines are the program's output, not diagnostics, and a notebook's
+root handler would print each of them twice (set `logging.getLogger("dali_kd").propagate = True` to collect them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_kd.io import os_reason
 
 MODES = ("tty", "plain", "quiet")
 LOG_NAME = "train.log"
+logger = logging.getLogger("dali_kd")
+logger.setLevel(logging.INFO)
+logger.propagate = False
+# Where a record may show on the terminal (its `terminal` attribute; absent: by level and mode): "always" (the final
+# summary, also with --quiet), "plain" (an interval line: a terminal has the bar instead), "never" (train.log only).
+TERMINAL = "terminal"
 # What eval_line calls each result (all of them percentages); a result it does not know is named by its key.
 EVAL_NAMES = {
     "student_knn_top1": "student k-NN top-1",
@@ -89,129 +101,223 @@ def eval_line(epoch: int | None, results: dict[str, float | None]) -> str:
     return ", ".join(said) if epoch is None else f"epoch {epoch}: {', '.join(said)}"
 
 
-# ---- where they go -----------------------------------------------------------------------------------------------
-class RunLog:
-    """<run_dir>/train.log, appended to (a resumed run continues it), each line stamped with the time it was said.
+# ---- saying them -------------------------------------------------------------------------------------------------
+def info(line: str) -> None:
+    """A message: what the run found, did or measured."""
+    logger.info(line)
 
-    Lines said before the run directory exists wait here until open_in(). Losing the log must never stop training:
-    a write that fails (a full disk) is reported once by the caller and the log is given up."""
+
+def warning(line: str) -> None:
+    """Something the user should know even with --quiet."""
+    logger.warning(line)
+
+
+def summary(line: str) -> None:
+    """The final summary: said in every mode."""
+    logger.info(line, extra={TERMINAL: "always"})
+
+
+def record(line: str) -> None:
+    """train.log only: e.g. the error line that main() prints to stderr itself."""
+    logger.info(line, extra={TERMINAL: "never"})
+
+
+# ---- where they go -----------------------------------------------------------------------------------------------
+class TerminalFilter(logging.Filter):
+    """What the terminal shows in a mode (None: the mode sys.stdout calls for at each line, as with no run open)."""
+
+    def __init__(self, mode: str | None):
+        super().__init__()
+        self.mode = mode
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mode = self.mode or choose_mode()
+        shown = getattr(record, TERMINAL, None)
+        if shown is None:
+            return mode != "quiet" or record.levelno >= logging.WARNING
+        return shown == "always" or (shown == "plain" and mode == "plain")
+
+
+class RankFilter(logging.Filter):
+    """Rank 0 talks for the run; the other ranks say only their warnings and errors."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+class Stdout(logging.StreamHandler):
+    """sys.stdout as it is at each line (pytest's capsys, a notebook's redirect), a bar kept below on a terminal."""
 
     def __init__(self):
+        super().__init__()
+        self.addFilter(TerminalFilter(None))
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass  # always sys.stdout
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)  # with no bar open: a plain line
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class Stamped(logging.Formatter):
+    """train.log's lines: each stamped with the time it was said."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = f"{datetime.fromtimestamp(record.created):%Y-%m-%d %H:%M:%S}"
+        return "\n".join(f"{stamp} {part}" for part in record.getMessage().splitlines() or [""])
+
+
+class RunLog(logging.Handler):
+    """<run_dir>/train.log, appended to (a resumed run continues it): every line in every mode.
+
+    Lines said before the run directory exists wait here until open_in(). Losing the log must never stop training:
+    a write that fails (a full disk) is one warning on the terminal, and the log is given up."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(Stamped())
         self.path: Path | None = None
         self.failed = False
         self._waiting: list[str] = []
         self._file: TextIO | None = None
 
-    def open_in(self, run_dir: Path) -> str | None:
-        """Start writing to run_dir/train.log (the waiting lines first); the reason if that failed."""
+    def open_in(self, run_dir: Path) -> None:
+        """Start writing to run_dir/train.log, the waiting lines first."""
         if self._file is not None or self.failed:
-            return None
+            return
         self.path = run_dir / LOG_NAME
         try:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         except OSError as e:
-            return self._give_up(e)
+            self._give_up(e)
+            return
         waiting, self._waiting = self._waiting, []
-        return self._write("".join(waiting))
+        self._write("".join(waiting))
 
-    def write(self, line: str) -> str | None:
-        """Append (or keep until open_in) one line; the reason the first time a write fails, else None."""
+    def emit(self, record: logging.LogRecord) -> None:
         if self.failed:
-            return None
-        stamp = f"{datetime.now():%Y-%m-%d %H:%M:%S}"
-        text = "".join(f"{stamp} {part}\n" for part in line.splitlines() or [""])
+            return
+        text = self.format(record) + "\n"
         if self._file is None:
             self._waiting.append(text)
-            return None
-        return self._write(text)
+        else:
+            self._write(text)
 
-    def _write(self, text: str) -> str | None:
+    def _write(self, text: str) -> None:
         try:
             self._file.write(text)
             self._file.flush()  # a `tail -f train.log` sees each line as it is said
         except OSError as e:
-            return self._give_up(e)
-        return None
+            self._give_up(e)
 
-    def _give_up(self, error: OSError) -> str:
+    def _give_up(self, error: OSError) -> None:
         self.failed = True
         self._waiting = []
         self.close()
-        return f"cannot write {self.path}: {os_reason(error) or error}; training goes on without train.log"
+        why = os_reason(error) or error
+        logger.warning(f"warning: cannot write {self.path}: {why}; training goes on without train.log")
 
     def close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):  # a full disk: reported by the write that failed first
                 self._file.close()
             self._file = None
+        super().close()
 
 
 class Console:
-    """One run's output. mode: tty (a tqdm bar, lines written above it), plain (no bar: a flushed line per log
-    interval and per message), quiet (only warnings, errors and the final summary). stream: the terminal side
-    (sys.stdout at the time of each write by default); log: the run's train.log, which gets every line in every mode."""
+    """One run's output, while the `with` lasts. mode: tty (a tqdm bar, lines written above it), plain (no bar: a
+    flushed line per log interval and per message), quiet (only warnings, errors and the final summary). rank: the
+    process's rank (the others say only warnings and errors). train_log: keep train.log (rank 0 of a run), which
+    gets every line in every mode once keep_log_in() says where."""
 
-    def __init__(self, mode: str, stream: TextIO | None = None, log: RunLog | None = None):
+    def __init__(self, mode: str, rank: int = 0, train_log: bool = False):
         if mode not in MODES:
             raise ValueError(f"console mode {mode!r} is not one of {MODES}")
         self.mode = mode
-        self.log = log
-        self._stream = stream
-
-    @property
-    def stream(self) -> TextIO:
-        return sys.stdout if self._stream is None else self._stream
-
-    def info(self, line: str) -> None:
-        """A message: what the run found, did or measured."""
-        self._say(line, terminal=self.mode != "quiet")
-
-    def warning(self, line: str) -> None:
-        """Something the user should know even with --quiet."""
-        self._say(line, terminal=True)
-
-    def summary(self, line: str) -> None:
-        """The final summary: said in every mode."""
-        self._say(line, terminal=True)
-
-    def interval(self, line: str, show: bool = True) -> None:
-        """A log interval's line: on the terminal in plain mode only (a terminal has the bar instead)."""
-        self._say(line, terminal=show and self.mode == "plain")
-
-    def record(self, line: str) -> None:
-        """train.log only: e.g. the error line that main() prints to stderr itself."""
-        self._say(line, terminal=False)
+        self.stream: TextIO = sys.stdout
+        self.log = RunLog() if train_log else None
+        self.terminal = logging.StreamHandler(self.stream)
+        self.terminal.addFilter(RankFilter(rank))
+        self.terminal.addFilter(TerminalFilter(mode))
+        self._set_aside: list[logging.Handler] = []
+        self._stack = contextlib.ExitStack()
 
     def keep_log_in(self, run_dir: Path) -> None:
         """The run directory exists: train.log starts there, with the lines said so far."""
-        if self.log is not None and (failure := self.log.open_in(run_dir)):
-            self._to_terminal(f"warning: {failure}")
+        if self.log is not None:
+            self.log.open_in(run_dir)
 
     def progress(self, total_steps: int, initial: int, num_epochs: int, show: bool = True) -> Progress:
         return Progress(self, total_steps, initial, num_epochs, show)
 
-    def _say(self, line: str, terminal: bool) -> None:
-        if terminal:
-            self._to_terminal(line)
-        if self.log is not None and (failure := self.log.write(line)):
-            self._to_terminal(f"warning: {failure}")
-
-    def _to_terminal(self, line: str) -> None:
-        if self.mode == "tty":
-            tqdm.write(line, file=self.stream)  # clears the bar, writes the line, redraws the bar below it
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()  # a Slurm .out file shows each line when it is said
-
-    # The console the process talks through while the `with` lasts.
     def __enter__(self) -> Console:
+        self.stream = self.terminal.stream = sys.stdout
+        # This run's handlers stand in for those of no run (or of an outer Console); others' (pytest's) stay.
+        self._set_aside = [h for h in logger.handlers if _ours(h)]
+        for handler in self._set_aside:
+            logger.removeHandler(handler)
+        for handler in self._handlers():
+            logger.addHandler(handler)
+        if self.mode == "tty":
+            # The terminal's lines go through tqdm.write: it clears the bar, writes the line, redraws the bar.
+            self._stack.enter_context(logging_redirect_tqdm([logger]))
+        self._stack.enter_context(_warnings_said())
         _open.append(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         _open.remove(self)
+        self._stack.close()
+        for handler in self._handlers():
+            logger.removeHandler(handler)
+        for handler in self._set_aside:
+            logger.addHandler(handler)
         if self.log is not None:
             self.log.close()
+
+    def _handlers(self) -> list[logging.Handler]:
+        return [self.terminal] + ([self.log] if self.log is not None else [])
+
+
+def _ours(handler: logging.Handler) -> bool:
+    """A handler a Console or the no-run default put there (tqdm's stand-in for a terminal copies its filters)."""
+    return isinstance(handler, RunLog) or any(isinstance(f, TerminalFilter) for f in handler.filters)
+
+
+@contextlib.contextmanager
+def _warnings_said():
+    """dali_kd's own warnings.warn calls (a file set aside, a cache mode's caveat) become warning lines of the run,
+    on the terminal and in train.log; other packages' warnings keep Python's format on stderr."""
+    show = warnings.showwarning
+
+    def said(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            logger.warning(f"warning: {message}")
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = said
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class Progress:
@@ -219,7 +325,7 @@ class Progress:
     interval; train.log gets the line in every mode (also with show=False, which keeps the terminal silent)."""
 
     def __init__(self, console: Console, total_steps: int, initial: int, num_epochs: int, show: bool = True):
-        self.console, self.total_steps, self.num_epochs, self.show = console, total_steps, num_epochs, show
+        self.total_steps, self.num_epochs, self.show = total_steps, num_epochs, show
         self.bar = tqdm(
             total=total_steps,
             initial=initial,
@@ -234,7 +340,8 @@ class Progress:
 
     def report(self, row: dict[str, Any]) -> None:
         """One log interval's metrics row (RunMonitor.log)."""
-        self.console.interval(interval_line(row, self.total_steps, self.num_epochs), self.show)
+        line = interval_line(row, self.total_steps, self.num_epochs)
+        logger.info(line, extra={TERMINAL: "plain" if self.show else "never"})
         if not self.bar.disable:
             self.bar.set_postfix_str(bar_postfix(row), refresh=False)
 
@@ -243,16 +350,10 @@ class Progress:
 
 
 _open: list[Console] = []
+if not logger.handlers:  # the lines said with no run open
+    logger.addHandler(Stdout())
 
 
 def current() -> Console:
-    """The open console, or plain lines on sys.stdout (a bar on a terminal) when none is open."""
+    """The open console, or one in the mode sys.stdout calls for (a bar on a terminal) when none is open."""
     return _open[-1] if _open else Console(choose_mode())
-
-
-def info(line: str) -> None:
-    current().info(line)
-
-
-def warning(line: str) -> None:
-    current().warning(line)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from dali_kd import console
 from dali_kd.errors import UserError
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -254,7 +255,7 @@ def find_pretrained(name: str, where: str, download: bool | None = None) -> Pret
         if not download:
             why = "HF_HUB_OFFLINE is set" if offline() else "downloads are off here"
             raise UserError(_not_found(name, where, source, why))
-        print(f"{where}: downloading the pretrained weights of {name} into the cache", flush=True)
+        console.info(f"{where}: downloading the pretrained weights of {name} into the cache")
         path, downloaded = _download(source, cache, name, where), True
     if isinstance(source, _HubFiles) and source.with_config:
         # An `hf-hub:` name: timm reads the snapshot folder as a local model (config.json + weights).

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from dali_kd import console
 from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
@@ -198,7 +199,7 @@ def fetch_pretrained(cfg: ModelConfig) -> None:
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg, role)
         if spec.pretrained and spec.checkpoint:
-            print(
+            console.info(
                 f"model.{role}: the weights come from model.{role}.checkpoint (it wins over pretrained: true)"
             )
         pretrained_weights(spec, role)

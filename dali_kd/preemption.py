@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -97,21 +96,22 @@ def slurm_job_id() -> str | None:
 
 def requeue() -> bool:
     """Ask Slurm to requeue this job (rank 0 only). No shell; the id is validated; failures are reported, not fatal."""
+    from dali_kd import console  # here: the module loads first of all, before the signal handlers go in
+
     job = slurm_job_id()
     if job is None:
         if os.environ.get("SLURM_JOB_ID"):
-            print(
-                f"warning: not requeueing: unexpected Slurm job id {os.environ['SLURM_JOB_ID']!r}",
-                file=sys.stderr,
+            console.warning(
+                f"warning: not requeueing: unexpected Slurm job id {os.environ['SLURM_JOB_ID']!r}"
             )
         return False
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"warning: scontrol requeue {job} failed: {e}", file=sys.stderr)
+        console.warning(f"warning: scontrol requeue {job} failed: {e}")
         return False
     if result.returncode != 0:
-        print(f"warning: scontrol requeue {job} failed: {result.stderr.strip()[:200]}", file=sys.stderr)
+        console.warning(f"warning: scontrol requeue {job} failed: {result.stderr.strip()[:200]}")
         return False
-    print(f"requeued Slurm job {job}; it will resume from the checkpoint", flush=True)
+    console.info(f"requeued Slurm job {job}; it will resume from the checkpoint")
     return True

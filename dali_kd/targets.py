@@ -216,7 +216,6 @@ class CachedTeacher:
                     + (" (expected with train.cache_mode=fixed)" if self.mode == "fixed" else "")
                 )
                 console.warning(message)
-                warnings.warn(message, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         self._read_probes()

@@ -120,8 +120,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None, stop: Stop
     # leaves a half-made module behind); the first check comes right after.
     import dali_kd.demo  # noqa: F401 - the heavy imports, all here: torch, numpy, timm, DALI
     import dali_kd.trainer  # noqa: F401
-    from dali_kd import distributed
-    from dali_kd.console import Console, RunLog, choose_mode
+    from dali_kd import console, distributed
+    from dali_kd.console import Console, choose_mode
     from dali_kd.models import check_model_name
     from dali_kd.preemption import StopSignal
     from dali_kd.run_dir import check_writable
@@ -135,17 +135,19 @@ def run(argv: list[str] | None = None, callbacks: list | None = None, stop: Stop
         check_writable(Path(cfg.train.output_dir).expanduser())
         info = distributed.detect()
         # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
-        mode = choose_mode(args.quiet, args.no_progress) if info.is_main else "quiet"
-        with Console(mode, log=RunLog() if info.is_main else None) as out:
+        mode = choose_mode(args.quiet, args.no_progress)
+        with Console(mode, rank=info.rank, train_log=info.is_main) as out:
             if presets:
                 # The resolved config.yaml holds what they set; this line (and train.log) says where it came from.
-                out.info(
+                console.info(
                     f"presets: {', '.join(map(str, presets))} (over the config files; KEY=VALUE overrides win)"
                 )
             try:
                 return _train(args, cfg, info, out, callbacks, stop)
             except BaseException as e:
-                out.record(ending_line(e))  # main() prints it to stderr; train.log keeps why the run ended
+                console.record(
+                    ending_line(e)
+                )  # main() prints it to stderr; train.log keeps why the run ended
                 raise
     finally:
         if own_stop:
@@ -160,7 +162,7 @@ def _train(
     callbacks: list | None,
     stop: StopSignal,
 ) -> dict:
-    from dali_kd import distributed
+    from dali_kd import console, distributed
     from dali_kd.demo import demo_parts, prepare_demo
     from dali_kd.models import fetch_pretrained
     from dali_kd.run_dir import choose_run
@@ -200,7 +202,7 @@ def _train(
             )
         if info.is_main:
             out.keep_log_in(run_dir)
-            out.info(f"run directory: {run_dir}")
+            console.info(f"run directory: {run_dir}")
             what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
             d = cfg.data
             crops = (
@@ -208,7 +210,7 @@ def _train(
                 if cfg.train.use_local_crops
                 else ""
             )
-            out.info(
+            console.info(
                 f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
                 f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}, {cfg.train.epochs} epochs × "
                 f"{trainer.steps_per_epoch} steps; {what}"
@@ -222,20 +224,20 @@ def _train(
     if info.is_main:
         knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
         if knn is not None:
-            out.summary(
+            console.summary(
                 f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
             )
         if summary["student_head_top1"] is not None:
             teacher_head = summary["teacher_head_top1"]
             against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
-            out.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
+            console.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
         if summary["student_ema_knn_top1"] is not None:
             ema_head = summary["student_ema_head_top1"]
-            out.summary(
+            console.summary(
                 f"student EMA k-NN top-1 {summary['student_ema_knn_top1']:.1f}%"
                 + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
             )
-        out.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
+        console.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
     return summary
 
 

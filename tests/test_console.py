@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from dali_kd import console
 from dali_kd.callbacks import Callback
 from dali_kd.config import DEMO_CONFIG_DIR
-from dali_kd.console import Console, RunLog, choose_mode, eval_line, interval_line
+from dali_kd.console import Console, choose_mode, eval_line, interval_line
 from dali_kd.errors import UserError
 from dali_kd.train import main
 from dali_kd.trainer import Trainer
@@ -60,6 +62,38 @@ def test_off_a_terminal_a_run_prints_plain_lines_and_train_log_keeps_them(image_
     assert any(line.startswith("epoch 1: student k-NN top-1 ") for line in lines), out
     assert lines[-1].startswith("3 steps in "), "the final summary comes last"
     assert log_lines(tmp_path / "runs" / "talk") == lines, "train.log holds what the terminal got"
+
+
+def test_train_log_gets_every_line_the_library_says_warnings_and_the_lr_line_included(
+    image_tree, tmp_path, capsys
+):
+    args = cli_args(
+        image_tree, tmp_path, "train.optimizer.lr=0.001", "train.optimizer.lr_scale_batch=4",
+        "train.cache_teacher_features=true", "train.cache_mode=fixed", "train.cache_probe_every_n_steps=null",
+        f"train.teacher_feature_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "lr 0.002: train.optimizer.lr 0.001 scaled (linear) from a batch of 4 to 8" in lines
+    fixed = [line for line in lines if "train.cache_mode=fixed" in line]
+    assert len(fixed) == 1 and fixed[0].startswith("warning: train.cache_mode=fixed: the student sees"), lines
+    assert "cache_mode=fixed" not in captured.err, (
+        "said once, as a line of the run, not as a Python warning too"
+    )
+    assert log_lines(tmp_path / "runs" / "talk") == lines, "train.log holds what the terminal got"
+
+
+def test_ranks_other_than_0_say_only_their_warnings_and_keep_no_train_log(tmp_path, capsys):
+    with Console("plain", rank=1) as out:
+        console.info("data: 3 files set aside")
+        console.summary("3 steps in 4 s")
+        console.warning("warning: non-finite loss at step 2: step skipped (1 so far)")
+        out.keep_log_in(tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: non-finite loss at step 2: step skipped (1 so far)"
+    ]
+    assert not (tmp_path / "train.log").exists()
 
 
 def test_quiet_prints_only_the_final_summary_and_train_log_keeps_everything(image_tree, tmp_path, capsys):
@@ -131,11 +165,12 @@ def test_the_mode_follows_the_terminal_unless_a_flag_says_otherwise():
     assert choose_mode(quiet=True, no_progress=True, stream=log_file) == "quiet"
 
 
-def test_a_terminal_keeps_the_bar_with_messages_above_it(tiny_config, tmp_path):
+def test_a_terminal_keeps_the_bar_with_messages_above_it(tiny_config, tmp_path, monkeypatch):
     terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with Console(choose_mode(stream=terminal), stream=terminal, log=RunLog()) as out:
+    with Console(choose_mode(), train_log=True) as out:
         trainer = Trainer(tiny_config("train.epochs=1"), CPU)  # show_progress defaults to True
         out.keep_log_in(run_dir)
         trainer.fit(run_dir)
