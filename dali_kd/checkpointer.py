@@ -101,7 +101,6 @@ class Checkpointer:
             "epoch": progress.pop("epoch"),
             "step_in_epoch": progress.pop("step_in_epoch"),
             **{name: part.state_dict() for name, part in self.models.items()},
-            "scaler": None,  # bf16 autocast needs no loss scaling
             "stream": streams,
             "rng": rngs,
             "progress": progress,

@@ -20,7 +20,6 @@ from dali_kd.errors import UserError
 from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
 from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
 from dali_kd.runtime import autocast
-from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -421,8 +420,9 @@ def build_distill_models(
     any_size: bool,
     device: torch.device,
     amp_dtype,
+    *,
+    pipeline: InputSpec,
     teacher_image_size: int | None = None,
-    pipeline: InputSpec | None = None,
 ) -> DistillModels:
     """Teacher and student by timm name, pretrained or from a checkpoint file; heads sized by head_sizes.
 
@@ -432,8 +432,6 @@ def build_distill_models(
     then interpolates).
     """
     teacher_size = teacher_image_size or image_size
-    if pipeline is None:
-        pipeline = InputSpec(max(image_size, teacher_size), IMAGENET_MEAN, IMAGENET_STD)
     teacher_weights = pretrained_weights(cfg.teacher, "teacher")
     student_weights = pretrained_weights(cfg.student, "student")
     teacher_classes, student_classes = head_sizes(cfg, teacher_weights)

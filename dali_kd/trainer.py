@@ -26,12 +26,11 @@ from dali_kd.evaluation import EvalResult, evaluate_student, evaluate_teacher
 from dali_kd.optim import current_lr
 from dali_kd.preemption import Preempted, StopSignal
 from dali_kd.run_files import run_summary, start_run_dir, write_final
-from dali_kd.runtime import resolve_device
 from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
-__all__ = ["Trainer", "resolve_device"]
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -77,9 +76,6 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
-    def _progress_parts(self) -> list[Any]:
-        return [self.state, self.targets, self.guard]  # self.targets: a part a benchmark may swap
-
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Teacher targets, student forward/backward, clipped AdamW step; losses stay on the device."""
@@ -116,7 +112,7 @@ class Trainer:
         state.start_clocks()
         self.checkpointer = Checkpointer(
             run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self.parts.model_parts(),
-            self._progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
+            self.parts.progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
             data_files=self.parts.data_files,
         )  # fmt: skip
         if self.dist.is_main:

@@ -155,13 +155,13 @@ def finish_view(
     roi: tuple[DataNode, DataNode] | None = None,
     dtype: str = "float32",
 ) -> DataNode:
-    """uint8 crop (or the `roi` (start, end) window of an image, in pixels) → resized to params.image_size,
+    """uint8 crop (or the `roi` (start, end) window of an image, in pixels) → resized to params.view_size,
     colour-jittered, flipped and normalised CHW in `dtype` ("float32" or "float16").
 
     Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
     (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
     """
-    size = params.image_size
+    size = params.view_size
     window = {"roi_start": roi[0], "roi_end": roi[1]} if roi is not None else {}
     images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, **window)
     images = fn.color_twist(
@@ -231,11 +231,11 @@ def eval_transform(
     encoded: DataNode, params: EvalParams, decode_device: str, decode: DecodeParams = DEFAULT_DECODE
 ) -> DataNode:
     """Decode the whole image (decode.mode is not consulted), resize the shorter side to resize_size, centre-crop
-    image_size, normalise to decode.dtype."""
+    view_size, normalise to decode.dtype."""
     images = decode_full(encoded, decode_device, decode)
     images = fn.resize(
         images, resize_shorter=params.resize_size, interp_type=types.INTERP_LINEAR, antialias=True
     )
     return normalize(
-        images, params.mean, params.std, crop=(params.image_size, params.image_size), dtype=decode.dtype
+        images, params.mean, params.std, crop=(params.view_size, params.view_size), dtype=decode.dtype
     )

@@ -120,7 +120,7 @@ def cut_views(
         frames = fn.expand_dims(decoded, axes=[0], new_axis_names="F")  # a view of the image, no copy
     else:
         frames = fn.stack(*[decoded] * num_views, axis=0, axis_name="F")
-    grid = SUPERSAMPLE * params.image_size
+    grid = SUPERSAMPLE * params.view_size
     frames = fn.warp_affine(
         frames,
         matrix=fn.per_frame(_grid_to_window(anchor, size, grid)),
@@ -128,7 +128,7 @@ def cut_views(
         interp_type=types.INTERP_LINEAR,
         fill_value=0,
     )
-    side = params.image_size
+    side = params.view_size
     frames = fn.resize(frames, size=[side, side], interp_type=types.INTERP_LINEAR, antialias=True)
     # The flip as a map of whole pixels (x -> side-1-x, samples at pixel centres exactly): a flipped crop is the
     # exact mirror of the same crop unflipped, which folding the flip into the window's map would not give.

@@ -23,7 +23,7 @@ class AugmentParams:
     With probability 1 - jitter_prob no jitter is applied and the recorded factors are the identity (1, 1, 1, 0).
     """
 
-    image_size: int = 224
+    view_size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
@@ -38,9 +38,9 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    """Evaluation transform: resize the shorter side to resize_size, centre-crop image_size, normalise."""
+    """Evaluation transform: resize the shorter side to resize_size, centre-crop view_size, normalise."""
 
-    image_size: int = 224
+    view_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
