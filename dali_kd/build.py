@@ -111,14 +111,15 @@ def build_run(
     # Every rank takes the same number of steps: the smallest shard decides.
     steps_per_epoch = min(train.max_steps_per_epoch, max(1, shard_samples // train.batch_size))
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
-    targets: TeacherTargets = LiveTeacher(models.teacher, models.use_patches)
+    live = LiveTeacher(models.teacher, models.use_patches)
+    targets: TeacherTargets = live
     cache = None
     if train.cache_teacher_features:
         cache = open_teacher_cache(
             cfg, models.teacher, models.teacher_id, splits.train, models.use_patches, device, dist.is_main
         )
         targets = CachedTeacher(
-            targets, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
+            live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
         )
     parts = RunParts(
         amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,

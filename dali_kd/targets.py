@@ -269,7 +269,7 @@ def open_teacher_cache(
         "teacher": teacher_id,
         "image_size": size,
         # The mix keys only where mixing is on: caches built before they existed stay valid.
-        "augment": cfg.data.augment.model_dump(mode="json", exclude=None if mixed else MIX_KEYS),
+        "augment": cfg.data.augment.model_dump(mode="json", exclude=None if mixed else set(MIX_KEYS)),
         "files": files_hash(train_index.files),
         "num_classes": 0 if probe.logits is None else int(probe.logits.shape[-1]),
         "mode": train.cache_mode,

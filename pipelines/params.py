@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,7 +144,7 @@ class DecodeParams:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
 
-    def decoder_options(self, decode_device: str) -> dict[str, float | int]:
+    def decoder_options(self, decode_device: str) -> dict[str, Any]:
         """Keyword arguments for a DALI image decoder on `decode_device`: the mixed-only tuning, or nothing."""
         if decode_device != "mixed":
             return {}

@@ -156,7 +156,7 @@ class Config(Section):
 
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
-        return AugmentParams(view_size=self.view_size, **a.model_dump(exclude=MIX_KEYS))
+        return AugmentParams(view_size=self.view_size, **a.model_dump(exclude=set(MIX_KEYS)))
 
     def crop_params(self) -> AugmentParams | MultiCropParams:
         """What the training stream makes: one view per image, or (train.use_local_crops) DINO multi-crop."""
@@ -224,6 +224,7 @@ def key_default(key: str) -> Any:
     field = model.model_fields.get(leaf)
     if field is None or field.is_required():
         return NO_DEFAULT
+    assert field.annotation is not None  # every config field is annotated
     return TypeAdapter(field.annotation).dump_python(
         field.get_default(call_default_factory=True), mode="json"
     )
