@@ -203,7 +203,7 @@ def load_config(
     data_config: Path | None = None,
     train_config: Path | None = None,
     model_config: Path | None = None,
-    overrides: list[str] = (),  # type: ignore[assignment]
+    overrides: Sequence[str] = (),
     config_dir: Path = DEMO_CONFIG_DIR,
     presets: Sequence[str | Path] = (),
 ) -> Config:
