@@ -252,7 +252,7 @@ def dataset_root(index: ImageIndex) -> Path:
 
 def run(args) -> dict:
     cores = os.cpu_count() or 1
-    params = AugmentParams(image_size=args.image_size)
+    params = AugmentParams(view_size=args.image_size)
     decodes = {mode: DecodeParams(mode=mode, dtype=args.output_dtype) for mode in args.decode}
     gpu = torch.cuda.is_available() and not args.no_gpu
     with tempfile.TemporaryDirectory() as tmp:
@@ -463,7 +463,7 @@ def read_for_open_count(
         ImageIndex.from_folder(root) if fmt == "folder" else index_from_shards(root, where="--format shards")
     )
     stream = DaliTrainStream(
-        index, AugmentParams(image_size=image_size), batch_size=batch_size, seed=0, device="cpu",
+        index, AugmentParams(view_size=image_size), batch_size=batch_size, seed=0, device="cpu",
         num_threads=threads,
     )  # fmt: skip
     iterator = iter(stream)

@@ -69,7 +69,7 @@ def build(
         anchor, shape = to_pixels(view.crop_anchor, hw), to_pixels(view.crop_shape, hw)
         images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", device=decode, **tuning)
         if cut >= 2:
-            size = [params.image_size, params.image_size]
+            size = [params.view_size, params.view_size]
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
         if cut >= 3:
             images = normalize(images, params.mean, params.std, mirror=view.flip, dtype=decode_params.dtype)
@@ -127,7 +127,7 @@ def main() -> None:
     batches, repeats = (2, 1) if args.quick else (8, 3)
     if args.quick:
         args.num_images, args.batch_size = 48, 16
-    params = AugmentParams(image_size=224)
+    params = AugmentParams(view_size=224)
     decode = DecodeParams(dtype=args.output_dtype)  # window decode: the cuts below are the window pipeline's
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,7 +53,7 @@ def filled_cache(directory: Path, index: ImageIndex, feature: int = 384) -> Teac
 def run_once(args, index, cache, prefetch: int, step) -> tuple[float, float]:
     """(median data ms, ms per batch) over args.batches batches after 2 warm-up batches."""
     stream = CachedViewStream(
-        index, AugmentParams(image_size=args.size), args.batch_size, seed=0, cache=cache, mode="replay",
+        index, AugmentParams(view_size=args.size), args.batch_size, seed=0, cache=cache, mode="replay",
         device=torch.device(args.device), num_threads=args.threads, prefetch_batches=prefetch,
     )  # fmt: skip
     it = iter(stream)

@@ -7,7 +7,7 @@ the task, optimiser, schedule, counters and teacher targets; then a checkpoint's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,7 +55,8 @@ class RunParts:
     guard: NonFiniteGuard
     targets: TeacherTargets
     cache: TeacherCache | None
-    stream: TrainStream
+    # Built last, at the checkpoint's position (after the restore into the other parts): set by build_run.
+    stream: TrainStream = field(init=False)
     data_files: dict | None = None  # checkpoint.data_identity of train_index.files, for the Checkpointer
     ema: StudentEma | None = None  # train.ema_decay
     # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
@@ -110,19 +111,20 @@ def build_run(
     # Every rank takes the same number of steps: the smallest shard decides.
     steps_per_epoch = min(train.max_steps_per_epoch, max(1, shard_samples // train.batch_size))
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
-    targets: TeacherTargets = LiveTeacher(models.teacher, models.use_patches)
+    live = LiveTeacher(models.teacher, models.use_patches)
+    targets: TeacherTargets = live
     cache = None
     if train.cache_teacher_features:
         cache = open_teacher_cache(
             cfg, models.teacher, models.teacher_id, splits.train, models.use_patches, device, dist.is_main
         )
         targets = CachedTeacher(
-            targets, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
+            live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
         )
     parts = RunParts(
         amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
-        NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache, stream=None,
+        NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache,
         data_files=ckpt.data_identity(splits.train.files),
         inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
     )  # fmt: skip

@@ -63,7 +63,10 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 # ---- RNG states as weights_only-loadable values ---------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(
+        np_state, tuple
+    )  # legacy=True: the MT19937 tuple (numpy's stubs type the default as a dict)
     state = {
         "python": random.getstate(),
         "numpy": {

@@ -67,7 +67,8 @@ class Checkpointer:
         if preempted or epoch_end:
             return True
         # A periodic save that falls on an epoch's last step waits for the epoch end (after its evaluation).
-        periodic = bool(self.save_every) and step % self.save_every == 0
+        every = self.save_every
+        periodic = bool(every and step % every == 0)
         return periodic and step % self.steps_per_epoch != 0
 
     def maybe_save(self, step: int, epoch_end: bool = False, preempted: bool = False) -> bool:
@@ -101,7 +102,6 @@ class Checkpointer:
             "epoch": progress.pop("epoch"),
             "step_in_epoch": progress.pop("step_in_epoch"),
             **{name: part.state_dict() for name, part in self.models.items()},
-            "scaler": None,  # bf16 autocast needs no loss scaling
             "stream": streams,
             "rng": rngs,
             "progress": progress,

@@ -217,6 +217,7 @@ class RunLog(logging.Handler):
             self._write(text)
 
     def _write(self, text: str) -> None:
+        assert self._file is not None  # called once open_in opened it
         try:
             self._file.write(text)
             self._file.flush()  # a `tail -f train.log` sees each line as it is said

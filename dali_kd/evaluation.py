@@ -6,6 +6,7 @@ are gathered, so every rank gets the same numbers. One pass over the held-out im
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ class Evaluator:
         """files(split): the files of a split ("train" for the bank, "val") set aside elsewhere so far (ImageIndex.files
         entries), asked before each pass; evaluation skips them."""
         for quarantine in self.quarantines:
-            quarantine.skip_files = lambda split=quarantine.split: files(split)
+            quarantine.skip_files = functools.partial(files, quarantine.split)
 
     def take_entries(self) -> list[dict[str, str]]:
         """Files set aside in evaluation since the last call, as quarantine entries (with their split)."""
@@ -96,9 +97,10 @@ class Evaluator:
             lambda index: make_eval_batches(self.cfg, index, self.device, batch_size), batch_size
         ):
             out = outputs(batch.images)
+            assert out.pooled is not None  # a model's own outputs always have it
             features.append(F.normalize(out.pooled.float(), dim=-1))
             labels.append(batch.labels)
-            if with_head and self._head_scores(out.logits):
+            if with_head and out.logits is not None and self._head_scores(out.logits):
                 predictions.append(out.logits.argmax(dim=-1))
         gather = distributed.gather_rows
         predicted = gather(torch.cat(predictions)) if predictions else None

@@ -89,7 +89,7 @@ def student_num_classes(cfg: Config) -> int:
 def timm_kwargs(name: str, image_size: int, num_classes: int) -> dict[str, Any]:
     """The timm.create_model arguments that rebuild the student (ViT-style models take img_size, CNNs refuse it);
     what the safetensors export prints and records, so a user builds the same model."""
-    kwargs = {"num_classes": num_classes, "img_size": image_size}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "img_size": image_size}
     try:
         timm.create_model(name, pretrained=False, **kwargs)
     except TypeError:

@@ -120,7 +120,7 @@ def _source(name: str, where: str) -> tuple[_HubFiles | _UrlFile, int | None]:
         else:  # timm prefers a safetensors copy of a pickled file when the repository has one
             candidates = (*_safe_alternatives(filename), filename)
         return _HubFiles(repo_id, revision or None, candidates, with_config=False), num_classes
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         return _UrlFile(cfg.url), num_classes
     raise UserError(f"{where}: timm has no downloadable weights for '{name}'")
 
@@ -171,8 +171,8 @@ def _cached(source: _HubFiles | _UrlFile, cache: Path) -> Path | None:
     if source.with_config and _cached_hub_file(source, "config.json", cache) is None:
         return None
     for filename in source.candidates:
-        if (path := _cached_hub_file(source, filename, cache)) is not None:
-            return path
+        if (found := _cached_hub_file(source, filename, cache)) is not None:
+            return found
     return None
 
 

@@ -65,7 +65,7 @@ def os_reason(error: BaseException) -> str | None:
     return None
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call write(f) on a temporary file, fsync it, and move it over `path`; on failure the old file (if any) stays.
 
     Raises WriteFailed when the OS refuses (full disk, file-size limit, permissions); other errors pass through."""

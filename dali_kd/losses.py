@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +39,7 @@ def feature_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tor
 def distillation_losses(
     cfg: LossConfig,
     student_pooled: torch.Tensor,
-    teacher_pooled: torch.Tensor,
+    teacher_pooled: torch.Tensor | None,
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     student_patches: torch.Tensor | None = None,
@@ -51,6 +53,8 @@ def distillation_losses(
     parts: dict[str, torch.Tensor] = {}
     total = student_pooled.new_zeros((), dtype=torch.float32)
     if cfg.feature_weight > 0:
+        # The config refuses a feature loss without the teacher's pooled output (a cache storing none).
+        assert teacher_pooled is not None
         parts["loss_feature"] = feature_loss(cfg.feature, student_pooled.float(), teacher_pooled.float())
         total = total + cfg.feature_weight * parts["loss_feature"]
     if cfg.patch_weight > 0 and student_patches is not None and teacher_patches is not None:
@@ -90,6 +94,10 @@ def view_pairs(
     return global_pairs, local_pairs
 
 
+@overload
+def _pick(outputs: torch.Tensor, index: list[int]) -> torch.Tensor: ...
+@overload
+def _pick(outputs: torch.Tensor | None, index: list[int]) -> torch.Tensor | None: ...
 def _pick(outputs: torch.Tensor | None, index: list[int]) -> torch.Tensor | None:
     """[V, B, ...] outputs → the chosen views concatenated along the batch: [len(index) * B, ...].
 
@@ -103,7 +111,7 @@ def multi_crop_losses(
     cfg: LossConfig,
     num_global: int,
     student_pooled: torch.Tensor,
-    teacher_pooled: torch.Tensor,
+    teacher_pooled: torch.Tensor | None,
     student_logits: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     student_patches: torch.Tensor | None = None,
@@ -141,5 +149,8 @@ def multi_crop_losses(
             out[f"{name}_{kind}"] = value
         weighted.append((parts["loss"], weight * len(pairs)))
     # Global pairs always exist (at least one global crop, weight 1), so the total weight is positive.
-    out["loss"] = sum(loss * w for loss, w in weighted) / sum(w for _, w in weighted)
+    total = weighted[0][0] * weighted[0][1]
+    for loss, w in weighted[1:]:
+        total = total + loss * w
+    out["loss"] = total / sum(w for _, w in weighted)
     return out

@@ -8,6 +8,7 @@ multiply-add, so the view record, the teacher cache and the student all stay abo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,6 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 RGB = tuple[float, float, float]
+
+
+def rgb(values: Sequence[float]) -> RGB:
+    """Three per-channel values (red, green, blue) as floats."""
+    r, g, b = values
+    return float(r), float(g), float(b)
 
 
 @dataclass(frozen=True)
@@ -35,12 +42,15 @@ def pretrained_normalisation(model: nn.Module) -> tuple[RGB, RGB] | None:
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None or len(mean) != 3 or len(std) != 3:
         return None
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return rgb(mean), rgb(std)
 
 
 class InputAdapter(nn.Module):
     """Pipeline images → this model's input: resized to `model.size` when they differ, re-normalised when the
     statistics differ; the identity (the same tensor back) when neither does."""
+
+    scale: torch.Tensor  # buffers (see __init__)
+    shift: torch.Tensor
 
     def __init__(self, pipeline: InputSpec, model: InputSpec):
         super().__init__()

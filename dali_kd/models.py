@@ -8,7 +8,7 @@ import difflib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -19,18 +19,18 @@ from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
 from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
-from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
+from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation, rgb
 from dali_kd.runtime import autocast
-from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
 class ModelOutput:
-    """pooled: [B, D] embedding before the classifier; logits: [B, C] or None; patch_tokens: [B, N, D] or None."""
+    """pooled: [B, D] embedding before the classifier (None only from a teacher cache that stores none);
+    logits: [B, C] or None; patch_tokens: [B, N, D] or None."""
 
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     logits: torch.Tensor | None
     patch_tokens: torch.Tensor | None
 
@@ -117,6 +117,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Weights from .safetensors, or a torch file loaded with weights_only=True (state dict, or one nested in it)."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -227,12 +228,19 @@ def _patch_grid(model: nn.Module) -> tuple[int, ...] | None:
     return tuple(grid) if grid is not None and hasattr(model, "num_prefix_tokens") else None
 
 
+def _timm(model: nn.Module) -> Any:
+    """The model as timm builds it: its methods and sizes (forward_features, num_features, ...) are timm's, which
+    nn.Module's types do not list."""
+    return model
+
+
 def model_outputs(model: nn.Module, images: torch.Tensor, with_patches: bool) -> ModelOutput:
     """Pooled embedding, logits and (ViTs) patch tokens from one pass of a timm model."""
-    tokens = model.forward_features(images)
-    pooled = model.forward_head(tokens, pre_logits=True)
-    logits = model.get_classifier()(pooled) if model.num_classes > 0 else None
-    patches = tokens[:, model.num_prefix_tokens :] if with_patches else None
+    timm_model = _timm(model)
+    tokens = timm_model.forward_features(images)
+    pooled = timm_model.forward_head(tokens, pre_logits=True)
+    logits = timm_model.get_classifier()(pooled) if timm_model.num_classes > 0 else None
+    patches = tokens[:, timm_model.num_prefix_tokens :] if with_patches else None
     return ModelOutput(pooled=pooled, logits=logits, patch_tokens=patches)
 
 
@@ -332,16 +340,20 @@ class Student(nn.Module):
         self.backbone = backbone
         self.input = input
         self.with_patches = with_patches
-        self.projector = _projector(backbone.num_features, teacher_dim, hidden_dim)
+        self.projector = _projector(embed_dim(backbone), teacher_dim, hidden_dim)
         self.patch_projector = (
-            _projector(backbone.num_features, teacher_dim, hidden_dim) if with_patches else None
+            _projector(embed_dim(backbone), teacher_dim, hidden_dim) if with_patches else None
         )
 
     def _views(self, images: torch.Tensor, with_patches: bool, resize: bool = True) -> StudentOutput:
         if self.input is not None:
             images = self.input(images, resize=resize)
         out = model_outputs(self.backbone, images, with_patches)
-        patches = self.patch_projector(out.patch_tokens) if with_patches else None
+        patches = None
+        if with_patches:
+            assert self.patch_projector is not None  # built with_patches
+            patches = self.patch_projector(out.patch_tokens)
+        assert out.pooled is not None  # a model's own outputs always have it
         return StudentOutput(out, self.projector(out.pooled), patches)
 
     def forward(
@@ -371,7 +383,7 @@ def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
 
 
 def embed_dim(model: nn.Module) -> int:
-    return int(model.num_features)
+    return int(_timm(model).num_features)
 
 
 @dataclass
@@ -398,11 +410,11 @@ def model_input(
         pretrained = spec.pretrained and not spec.checkpoint
     mean, std = spec.mean, spec.std
     if mean is None or std is None:
-        pretrained = pretrained_normalisation(model) if pretrained else None
-        fallback = pretrained or (pipeline.mean, pipeline.std)
+        weights_norm = pretrained_normalisation(model) if pretrained else None
+        fallback = weights_norm or (pipeline.mean, pipeline.std)
         mean = fallback[0] if mean is None else mean
         std = fallback[1] if std is None else std
-    return InputSpec(size, tuple(mean), tuple(std))
+    return InputSpec(size, rgb(mean), rgb(std))
 
 
 def _adapter(pipeline: InputSpec, model: InputSpec) -> InputAdapter | None:
@@ -422,8 +434,9 @@ def build_distill_models(
     any_size: bool,
     device: torch.device,
     amp_dtype,
+    *,
+    pipeline: InputSpec,
     teacher_image_size: int | None = None,
-    pipeline: InputSpec | None = None,
 ) -> DistillModels:
     """Teacher and student by timm name, pretrained or from a checkpoint file; heads sized by head_sizes.
 
@@ -433,8 +446,6 @@ def build_distill_models(
     then interpolates).
     """
     teacher_size = teacher_image_size or image_size
-    if pipeline is None:
-        pipeline = InputSpec(max(image_size, teacher_size), IMAGENET_MEAN, IMAGENET_STD)
     teacher_weights = pretrained_weights(cfg.teacher, "teacher")
     student_weights = pretrained_weights(cfg.student, "student")
     teacher_classes, student_classes = head_sizes(cfg, teacher_weights)

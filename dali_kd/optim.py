@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import math
+from typing import Any
 
 import torch
 from timm.optim import (
@@ -53,6 +54,7 @@ def check_optimizer_name(name: str) -> None:
 def param_groups(student: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict]:
     """The student's parameter groups: its backbone's by timm's rules, then the projectors' (full lr)."""
     backbone = student.backbone
+    assert isinstance(backbone, nn.Module)
     # Names the timm model itself exempts from decay (pos_embed, cls_token, ...): decaying them toward 0 hurts.
     no_decay = set(getattr(backbone, "no_weight_decay", set)())
     if layer_decay is None:
@@ -79,7 +81,9 @@ def use_fused(opt: OptimizerConfig, device: torch.device) -> bool:
     name = opt.name.lower().removeprefix(LOOKAHEAD)
     if opt.fused == "auto":
         return device.type == "cuda" and name in FUSED_BY_DEFAULT
-    if opt.fused and "fused" not in inspect.signature(get_optimizer_info(name).opt_class.__init__).parameters:
+    opt_class = get_optimizer_info(name).opt_class
+    # apex and bitsandbytes optimisers are named by import path (timm imports them when built); none is torch's.
+    if opt.fused and (isinstance(opt_class, str) or "fused" not in inspect.signature(opt_class).parameters):
         raise UserError(
             f"train.optimizer.fused=true: the optimizer '{opt.name}' has no fused implementation (torch has one "
             "for adam, adamw, sgd, momentum and adagrad); set train.optimizer.fused to auto or false"
@@ -97,7 +101,7 @@ def build_optimizer(
     groups = param_groups(student, opt.weight_decay, opt.layer_decay)
     # betas go to the optimisers that have them (timm drops them for the others, e.g. sgd); fused=... only where
     # asked, for timm's own optimisers have no such keyword.
-    extra = {"fused": True} if fused else {}
+    extra: dict[str, Any] = {"fused": True} if fused else {}
     optimizer = create_optimizer_v2(
         groups, opt.name, lr=lr, weight_decay=opt.weight_decay, betas=opt.betas, **extra
     )

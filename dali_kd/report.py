@@ -86,12 +86,13 @@ def text_summary(rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> 
         f"throughput: {_mean(_series(rows[1:] or rows, 'img_per_s')):.1f} img/s (mean after the first interval)",
     ]
     later = rows[1:] or rows
-    stage_means = {s: _mean(_series(later, f"{s}_ms")) for s in ("data", "teacher", "student", "step")}
-    if stage_means["data"] is not None:
-        verdict = judge(*(stage_means[s] for s in ("data", "teacher", "student", "step")))
+    data, teacher, student, step = (
+        _mean(_series(later, f"{s}_ms")) for s in ("data", "teacher", "student", "step")
+    )
+    if data is not None and teacher is not None and student is not None and step is not None:
+        verdict = judge(data, teacher, student, step)
         lines.append(
-            f"step {stage_means['step']:.1f} ms = data {stage_means['data']:.1f} + teacher "
-            f"{stage_means['teacher']:.1f} + student {stage_means['student']:.1f} ms (+ other)"
+            f"step {step:.1f} ms = data {data:.1f} + teacher {teacher:.1f} + student {student:.1f} ms (+ other)"
         )
         lines.append(f"verdict: {verdict.line()}")
     gpu = _mean(_series(later, "gpu_util_pct"))

@@ -219,7 +219,7 @@ def scan(
     for (rel, size, mtime), reason in zip(todo, reasons, strict=True):
         checks[rel] = FileCheck(rel, size, mtime, mode, reason)
     good = [rel for rel in files if checks[rel].reason is None]
-    quarantined = [{"path": rel, "reason": checks[rel].reason} for rel in files if checks[rel].reason]
+    quarantined = [{"path": rel, "reason": reason} for rel in files if (reason := checks[rel].reason)]
     write_text_atomic(out / "good.txt", "".join(f"{rel}\n" for rel in good))
     write_text_atomic(out / "quarantine.jsonl", "".join(json.dumps(q) + "\n" for q in quarantined))
     entries = {rel: [v.size, v.mtime_ns, v.mode, v.reason] for rel, v in checks.items()}

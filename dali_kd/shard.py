@@ -50,8 +50,8 @@ READ_THREADS = (
 def parse_size(text: str) -> int:
     """'1GB' -> 10**9, '512MiB' -> 2**29: a size needs its unit (B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", text)
-    unit = match and UNITS.get(match.group(2).lower())
-    if not unit:
+    unit = UNITS.get(match.group(2).lower()) if match else None
+    if match is None or not unit:
         raise UserError(f"--shard-size {text!r}: expected a size with its unit, such as 512MB, 1GB or 2GiB")
     size = int(float(match.group(1)) * unit)
     if size < 1:
@@ -331,7 +331,7 @@ def list_samples(src: Path, file_list: str | None, scan: str, max_pixels: int, s
     data = DataConfig(
         root=str(src), file_list=file_list, scan=scan, scan_dir=str(scan_dir), max_image_pixels=max_pixels
     )
-    splits = prepare_data(SimpleNamespace(data=data))  # prepare_data reads only cfg.data
+    splits = prepare_data(SimpleNamespace(data=data))  # type: ignore[arg-type]  # prepare_data reads only cfg.data
     index = splits.train
     samples = []
     for i, (path, label) in enumerate(zip(index.files, index.labels, strict=True)):
@@ -383,7 +383,8 @@ def make_shards(
     plans = plan_shards(samples, shard_size, seed, shuffle, settings)
 
     progress = ShardingProgress(len(samples), sum(s.size for s in samples), enabled=show_progress)
-    written, kept, shard_records = [], [], []
+    written: list[str] = []
+    kept, shard_records = [], []
     try:
         for m in splits.messages:
             progress.line(m) if progress.tty else print(m, flush=True)

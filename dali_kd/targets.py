@@ -167,6 +167,7 @@ class CachedTeacher:
             out = batch.cached_targets
             self.counters.read_s += batch.cached_read_s
         else:
+            assert batch.slots is not None  # a replayed batch names its rows' slots
             start = time.perf_counter()
             out = self.cache.read(ids, batch.slots, self.device)
             self.counters.read_s += time.perf_counter() - start
@@ -177,7 +178,9 @@ class CachedTeacher:
         return out
 
     def _store(self, batch: Batch, out: ModelOutput) -> None:
-        mask = batch.store
+        mask, slots, batch_view = batch.store, batch.slots, batch.view
+        # A filling batch says which rows to store, in which slots, and their views.
+        assert mask is not None and slots is not None and batch_view is not None
         # Rows belong to stream slots: a slot whose file was set aside stores its stand-in's view and targets.
         shown = batch.ids_on_host()[mask]
         ids = batch.stream_ids_on_host()[mask]
@@ -185,9 +188,9 @@ class CachedTeacher:
         rows = ModelOutput(
             *(None if t is None else t[picked] for t in (out.pooled, out.logits, out.patch_tokens))
         )
-        view = batch.view.take(picked)  # a mixed view's mix part (partner, its view, λ, box) included
+        view = batch_view.take(picked)  # a mixed view's mix part (partner, its view, λ, box) included
         start = time.perf_counter()
-        self.cache.write(ids, batch.slots[mask], rows, view, shown_ids=shown)
+        self.cache.write(ids, slots[mask], rows, view, shown_ids=shown)
         self.counters.write_s += time.perf_counter() - start
         self.counters.write_bytes += len(ids) * self.cache.nbytes_per_row()
 
@@ -199,6 +202,7 @@ class CachedTeacher:
         live = self.live.teacher(batch.images, with_patches=self.live.with_patches)
         self.counters.probe_batches += 1
         a, b = (live.pooled, cached.pooled) if cached.pooled is not None else (live.logits, cached.logits)
+        assert a is not None and b is not None  # the config makes a cache store pooled or logits
         self._probes.append((step, torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min()))
 
     def _read_probes(self) -> None:
@@ -268,7 +272,7 @@ def open_teacher_cache(
         "teacher": teacher_id,
         "image_size": size,
         # The mix keys only where mixing is on: caches built before they existed stay valid.
-        "augment": cfg.data.augment.model_dump(mode="json", exclude=None if mixed else MIX_KEYS),
+        "augment": cfg.data.augment.model_dump(mode="json", exclude=None if mixed else set(MIX_KEYS)),
         "files": files_hash(train_index.files),
         "num_classes": 0 if probe.logits is None else int(probe.logits.shape[-1]),
         "mode": train.cache_mode,
@@ -281,6 +285,7 @@ def open_teacher_cache(
         # before teachers had their own input stays valid).
         identity["teacher_input"] = teacher.input.model.to_dict()
     views = 1 if train.cache_mode == "fixed" else train.cache_views_per_image
+    assert train.teacher_feature_dir  # the config asks for it with the cache
     args = (Path(train.teacher_feature_dir), identity, parts, train_index.num_samples, views)
     cache = TeacherCache(*args, create=True, rebuild=train.cache_rebuild, mixed=mixed) if is_main else None
     distributed.barrier()

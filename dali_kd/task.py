@@ -90,15 +90,15 @@ class StudentLosses(nn.Module):
         ) -> torch.Tensor | None:
             if global_part is None or local_part is None:
                 return by_view(global_part)
-            return torch.cat([by_view(global_part), by_view(local_part)])
+            return torch.cat([global_part.unflatten(0, (-1, size)), local_part.unflatten(0, (-1, size))])
 
         local_raw = None if local_out is None else local_out.raw
+        student_pooled = all_views(student_out.projected, None if local_out is None else local_out.projected)
+        assert student_pooled is not None  # the globals' projection is always there
         return multi_crop_losses(
             self.loss,
             images.shape[1],
-            student_pooled=all_views(
-                student_out.projected, None if local_out is None else local_out.projected
-            ),
+            student_pooled=student_pooled,
             teacher_pooled=by_view(targets.pooled),
             student_logits=all_views(student_out.raw.logits, None if local_raw is None else local_raw.logits),
             teacher_logits=by_view(targets.logits) if logits_match(student_out.raw, targets) else None,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,17 @@ class Part:
     dtype: str  # numpy dtype name
 
 
-def parts_for(outputs: list[str], teacher_out: ModelOutput, topk: int | None, dtype: str) -> list[Part]:
+def _present(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"the teacher's outputs lack {name}, which this cache stores")
+    return value
+
+
+def parts_for(outputs: Sequence[str], teacher_out: ModelOutput, topk: int | None, dtype: str) -> list[Part]:
     """The arrays needed to store `outputs` (pooled, logits, tokens) of this teacher's outputs (one sample)."""
     parts = []
     if "pooled" in outputs:
+        assert teacher_out.pooled is not None  # the live teacher's outputs always have it
         parts.append(Part("pooled", tuple(teacher_out.pooled.shape[1:]), dtype))
     if "logits" in outputs:
         if teacher_out.logits is None:
@@ -200,13 +208,14 @@ class TeacherCache:
         sample_ids are the rows (a batch's stream_ids); shown_ids, where given, the images the views were cut from
         (the batch's sample_ids): a row whose image is another sample's is marked STAND_IN, not DONE.
         """
-        values = {"pooled": out.pooled, "tokens": out.patch_tokens}
+        values: dict[str, torch.Tensor | None] = {"pooled": out.pooled, "tokens": out.patch_tokens}
         if "logits_topk" in self.arrays:
+            assert out.logits is not None  # a cache stores logits only of a teacher that has them
             top = out.logits.topk(self.arrays["logits_topk"].shape[-1], dim=-1)
             values["logits_topk"], values["logits_index"] = top.values, top.indices
         else:
             values["logits"] = out.logits
-        rows = {name: values[name].detach().to("cpu").numpy() for name in self.arrays}
+        rows = {name: _present(values[name], name).detach().to("cpu").numpy() for name in self.arrays}
         rows["views"] = pack_views(view)
         if self.mixed:
             if view.mix is None:
@@ -234,7 +243,7 @@ class TeacherCache:
                 try:
                     for value, sample, slot in zip(values, sample_ids, slots, strict=True):
                         offset = (int(sample) * self.num_views + int(slot)) * row_size
-                        data, written = memoryview(value).cast("B"), 0
+                        data, written = value.data.cast("B"), 0
                         while written < row_size:
                             written += os.pwrite(fd, data[written:], offset + written)
                     os.fsync(fd)

@@ -83,7 +83,7 @@ def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
     """decide() on rank 0, its result on every rank; its UserError is raised on every rank (none waits)."""
     from dali_kd import distributed
 
-    outcome = None
+    outcome: tuple[Any, str | None] | None = None
     if info.is_main:
         try:
             outcome = (decide(), None)

@@ -26,12 +26,11 @@ from dali_kd.evaluation import EvalResult, evaluate_student, evaluate_teacher
 from dali_kd.optim import current_lr
 from dali_kd.preemption import Preempted, StopSignal
 from dali_kd.run_files import run_summary, start_run_dir, write_final
-from dali_kd.runtime import resolve_device
 from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
 
-__all__ = ["Trainer", "resolve_device"]
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -77,8 +76,24 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
-    def _progress_parts(self) -> list[Any]:
-        return [self.state, self.targets, self.guard]  # self.targets: a part a benchmark may swap
+    # ---- what fit() makes for its run directory --------------------------------------------------------------
+    @property
+    def _checkpointer(self) -> Checkpointer:
+        if self.checkpointer is None:
+            raise RuntimeError("no checkpointer outside fit()")
+        return self.checkpointer
+
+    @property
+    def _monitor(self) -> RunMonitor:
+        if self.monitor is None:
+            raise RuntimeError("no run monitor outside fit()")
+        return self.monitor
+
+    @property
+    def _run_dir(self) -> Path:
+        if self.run_dir is None:
+            raise RuntimeError("no run directory outside fit()")
+        return self.run_dir
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -116,7 +131,7 @@ class Trainer:
         state.start_clocks()
         self.checkpointer = Checkpointer(
             run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self.parts.model_parts(),
-            self._progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
+            self.parts.progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
             data_files=self.parts.data_files,
         )  # fmt: skip
         if self.dist.is_main:
@@ -178,13 +193,13 @@ class Trainer:
             if state.step % cfg.log_every_n_steps == 0 or state.step == self.total_steps:
                 self.log_interval()
             if state.step % agree_every == 0 and distributed.any_rank(stop.received is not None, self.device):
-                self.checkpointer.maybe_save(state.step, preempted=True)
-                raise Preempted(self.checkpointer.last, stop.received or "stop signal on another rank")
-            self.checkpointer.maybe_save(state.step)
+                self._checkpointer.maybe_save(state.step, preempted=True)
+                raise Preempted(self._checkpointer.last, stop.received or "stop signal on another rank")
+            self._checkpointer.maybe_save(state.step)
 
     def _end_epoch(self) -> None:
         cfg, state = self.cfg.train, self.state
-        verdict = self.monitor.end_epoch()
+        verdict = self._monitor.end_epoch()
         if verdict is not None and self.dist.is_main:
             console.info(f"epoch {state.epoch + 1}: {verdict.line(advice=False)}")
         if state.epoch == cfg.epochs - 1 or (state.epoch + 1) % cfg.eval_every_n_epochs == 0:
@@ -200,10 +215,10 @@ class Trainer:
                 if self.dist.is_main:
                     console.info(eval_line(state.epoch + 1, said))
             self._gather_runtime_quarantine()  # what evaluation set aside
-            self.monitor.restart_interval()
+            self._monitor.restart_interval()
         state.epoch += 1
         state.step_in_epoch = 0
-        self.checkpointer.maybe_save(state.step, epoch_end=True)
+        self._checkpointer.maybe_save(state.step, epoch_end=True)
 
     def evaluate_student(self) -> dict[str, EvalResult]:
         """{"student": ..., "student_ema": ...} (the EMA's when kept); empty without held-out images."""
@@ -217,11 +232,11 @@ class Trainer:
     def log_interval(self) -> None:
         """The only host reads of the loop: loss sums (averaged over ranks) and stage events, once per interval."""
         state = self.state
-        self.guard.check(state.step, self.checkpointer.last)
+        self.guard.check(state.step, self._checkpointer.last)
         means = {**self.interval.means(), **self.targets.interval_metrics()}
         images = self.interval.images * self.dist.world_size
         lr = current_lr(self.optimizer)  # the last update's
-        row = self.monitor.log(state.step, state.epoch, means, self.interval.steps, images, lr)
+        row = self._monitor.log(state.step, state.epoch, means, self.interval.steps, images, lr)
         self.interval.reset()
         state.final_loss = row["loss"]
         self.progress.report(row)
@@ -231,7 +246,7 @@ class Trainer:
     # ---- checkpoints and the end -----------------------------------------------------------------------------
     def _before_save(self) -> None:
         """Never save a NaN-poisoned state; checkpoint time is not training time; files set aside go in too."""
-        self.guard.check(self.state.step, self.checkpointer.last)
+        self.guard.check(self.state.step, self._checkpointer.last)
         self._clock_was_running = self.state.pause_training_clock()
         self._gather_runtime_quarantine()
 
@@ -252,7 +267,7 @@ class Trainer:
         ]
         self.state.runtime_quarantine.extend(new)
         if new and self.dist.is_main:
-            write_quarantine(self.run_dir / "quarantine.jsonl", new)
+            write_quarantine(self._run_dir / "quarantine.jsonl", new)
             console.info(f"data: {len(new)} more file(s) set aside during the run (see quarantine.jsonl)")
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
@@ -263,11 +278,15 @@ class Trainer:
             **run_summary(cfg, state, self.parts, self.dist.world_size, str(self.device)),
             **self.targets.summary(),
             # Replayed rows that did not hold their image's own view and were replaced (see CachedViewStream).
-            **({"cache_missing_rows": self.stream.missing_rows} if self.cache is not None else {}),
+            **(
+                {"cache_missing_rows": getattr(self.stream, "missing_rows", 0)}
+                if self.cache is not None
+                else {}
+            ),
             "skipped_steps": self.guard.skipped_steps,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "last_checkpoint": str(self.checkpointer.last) if self.checkpointer.last else None,
-            **self.monitor.summary(),
+            "last_checkpoint": str(self._checkpointer.last) if self._checkpointer.last else None,
+            **self._monitor.summary(),
             "wall_s": state.wall_s,
         }
         for callback in self.callbacks:
@@ -275,6 +294,6 @@ class Trainer:
         if self.dist.is_main:
             write_final(run_dir, self.student, summary, self.ema.backbone if self.ema is not None else None)
             if summary["verdict"]:
-                console.info(f"run: {self.monitor.summary_line(summary)}")
+                console.info(f"run: {self._monitor.summary_line(summary)}")
         distributed.barrier()
         return summary

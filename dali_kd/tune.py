@@ -166,6 +166,7 @@ def measure_step(cfg: Config, device, warmup: int, steps: int) -> float:
     with Console("quiet"):
         trainer = Trainer(cfg, device, show_progress=False, callbacks=[clock])
         try:
+            assert cfg.train.run_name is not None  # the tuning overrides name each run
             trainer.fit(Path(cfg.train.output_dir) / cfg.train.run_name)
         except _Measured:
             pass
@@ -221,13 +222,15 @@ def noise_pct(candidates: list[Candidate]) -> float:
 def fastest_overrides(candidates: list[Candidate], noise: float) -> list[str]:
     """Per key, the fastest value that beat the defaults (candidates[0]) by more than the noise."""
     base = candidates[0].ms_per_step
+    assert base is not None  # the caller refuses untimed defaults
     best: dict[str, Candidate] = {}
     for c in candidates[1:]:
-        if c.ms_per_step is None or len(c.overrides) != 1:
+        ms = c.ms_per_step
+        if ms is None or len(c.overrides) != 1:
             continue
-        if 100 * (c.ms_per_step - base) / base < -noise:
+        if 100 * (ms - base) / base < -noise:
             key = c.overrides[0].partition("=")[0]
-            if key not in best or c.ms_per_step < best[key].ms_per_step:
+            if key not in best or ms < (best[key].ms_per_step or float("inf")):
                 best[key] = c
     return [c.overrides[0] for c in best.values()]
 

@@ -9,11 +9,13 @@ each decodes (crop window or whole image, the GPU decoder's tuning) and the dtyp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
-from nvidia.dali import fn, types
+from nvidia.dali import fn
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
+from nvidia.dali.types import DALIDataType, DALIImageType, DALIInterpType  # types.FLOAT etc. are untyped
 
 from pipelines.params import (
     DEFAULT_DECODE,
@@ -24,7 +26,7 @@ from pipelines.params import (
     MultiCropParams,
 )
 
-_OUTPUT_TYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
+_OUTPUT_TYPES = {"float32": DALIDataType.FLOAT, "float16": DALIDataType.FLOAT16}
 
 
 @dataclass
@@ -44,7 +46,7 @@ class View:
 
 def image_hw(encoded: DataNode) -> DataNode:
     """(height, width) of each encoded image, read from its header without decoding (float32)."""
-    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+    shape = fn.peek_image_shape(encoded, dtype=DALIDataType.FLOAT)
     return shape[0:2]
 
 
@@ -59,39 +61,47 @@ def draw_view(encoded: DataNode, params: AugmentParams, hw: DataNode | None = No
     # random_crop_generator implements RandomResizedCrop's 10 tries + centre fallback on the (H, W) shape;
     # its aspect ratio is width/height as in torchvision.
     anchor, shape = fn.random_crop_generator(
-        fn.cast(hw, dtype=types.INT64),
+        fn.cast(hw, dtype=DALIDataType.INT64),
         random_area=list(params.crop_scale),
         random_aspect_ratio=list(params.crop_ratio),
         num_attempts=10,
     )
-    flip = fn.random.coin_flip(probability=params.flip_prob, dtype=types.INT32)
+    flip = fn.random.coin_flip(probability=params.flip_prob, dtype=DALIDataType.INT32)
     # Jitter factors: centre + u * strength with u ~ U[-1, 1] per factor, or exactly the centre (identity) when
     # the jitter is not applied (probability 1 - jitter_prob).
-    apply = fn.random.coin_flip(probability=params.jitter_prob, dtype=types.UINT8)
+    apply = fn.random.coin_flip(probability=params.jitter_prob, dtype=DALIDataType.UINT8)
     strengths = np.array(
         [params.brightness, params.contrast, params.saturation, params.hue], dtype=np.float32
     )
     spread = fn.random.uniform(range=[-1.0, 1.0], shape=[4]) * (apply * strengths)
     jitter = spread + np.array(IDENTITY_JITTER, dtype=np.float32)
     return View(
-        crop_anchor=fn.cast(anchor, dtype=types.FLOAT) / hw,
-        crop_shape=fn.cast(shape, dtype=types.FLOAT) / hw,
+        crop_anchor=fn.cast(anchor, dtype=DALIDataType.FLOAT) / hw,
+        crop_shape=fn.cast(shape, dtype=DALIDataType.FLOAT) / hw,
         flip=flip,
         jitter=jitter,
         window=(anchor, shape),
     )
 
 
-def _window(view: View, hw: DataNode) -> tuple[DataNode, DataNode]:
-    """The view's crop window in whole pixels: as drawn, or converted back from the relative record."""
+def _window(view: View, hw: DataNode | None) -> tuple[DataNode, DataNode]:
+    """The view's crop window in whole pixels: as drawn, or converted back from the relative record (which needs
+    the image's size, hw)."""
     if view.window is not None:
         return view.window
+    if hw is None:
+        raise ValueError("a replayed view needs its image's (height, width) to find its crop window")
     return to_pixels(view.crop_anchor, hw), to_pixels(view.crop_shape, hw)
+
+
+def resized(images: DataNode, **options: Any) -> DataNode:
+    """fn.resize of one input, which gives one output (DALI's stubs type the result as any number of them)."""
+    return cast(DataNode, fn.resize(images, **options))
 
 
 def to_pixels(relative: DataNode, hw: DataNode) -> DataNode:
     # Rounding recovers the generator's integer window exactly: a/H in float32 times H is within 0.5 of a.
-    return fn.cast(dmath.floor(relative * hw + 0.5), dtype=types.INT32)
+    return fn.cast(dmath.floor(relative * hw + 0.5), dtype=DALIDataType.INT32)
 
 
 def render_view(
@@ -117,7 +127,7 @@ def render_view(
         shape,
         axis_names="HW",
         device=decode_device,
-        output_type=types.RGB,
+        output_type=DALIImageType.RGB,
         **decode.decoder_options(decode_device),
     )
     return finish_view(images, view, params, dtype=decode.dtype)
@@ -126,7 +136,7 @@ def render_view(
 def decode_full(encoded: DataNode, decode_device: str, decode: DecodeParams = DEFAULT_DECODE) -> DataNode:
     """The whole image, decoded once (multi-crop cuts every view from it). decode.mode plays no part here."""
     return fn.decoders.image(
-        encoded, device=decode_device, output_type=types.RGB, **decode.decoder_options(decode_device)
+        encoded, device=decode_device, output_type=DALIImageType.RGB, **decode.decoder_options(decode_device)
     )
 
 
@@ -142,9 +152,9 @@ def cut_view(
     same graph gives identical pixels. hw may be None only for a view drawn in this graph (it has its window).
     """
     anchor, shape = _window(view, hw)
-    start = fn.cast(anchor, dtype=types.FLOAT)
+    start = fn.cast(anchor, dtype=DALIDataType.FLOAT)
     return finish_view(
-        decoded, view, params, roi=(start, start + fn.cast(shape, dtype=types.FLOAT)), dtype=dtype
+        decoded, view, params, roi=(start, start + fn.cast(shape, dtype=DALIDataType.FLOAT)), dtype=dtype
     )
 
 
@@ -155,15 +165,17 @@ def finish_view(
     roi: tuple[DataNode, DataNode] | None = None,
     dtype: str = "float32",
 ) -> DataNode:
-    """uint8 crop (or the `roi` (start, end) window of an image, in pixels) → resized to params.image_size,
+    """uint8 crop (or the `roi` (start, end) window of an image, in pixels) → resized to params.view_size,
     colour-jittered, flipped and normalised CHW in `dtype` ("float32" or "float16").
 
     Colour jitter is DALI's color_twist: brightness and saturation as in torchvision, hue in degrees
     (the record keeps turns), contrast centred on mid-grey rather than on the image mean.
     """
-    size = params.image_size
-    window = {"roi_start": roi[0], "roi_end": roi[1]} if roi is not None else {}
-    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, **window)
+    size = params.view_size
+    window: dict[str, Any] = {"roi_start": roi[0], "roi_end": roi[1]} if roi is not None else {}
+    images = resized(
+        images, size=[size, size], interp_type=DALIInterpType.INTERP_LINEAR, antialias=True, **window
+    )
     images = fn.color_twist(
         images,
         brightness=view.jitter[0],
@@ -215,7 +227,7 @@ def normalize(
     dtype "float16" rounds the float32 result to half precision inside the same kernel (half the bytes out).
     layout "FCHW" for a sequence of frames (FHWC in).
     """
-    kwargs = {"crop": list(crop)} if crop else {}
+    kwargs: dict[str, Any] = {"crop": list(crop)} if crop else {}
     return fn.crop_mirror_normalize(
         images,
         mirror=mirror,
@@ -231,11 +243,11 @@ def eval_transform(
     encoded: DataNode, params: EvalParams, decode_device: str, decode: DecodeParams = DEFAULT_DECODE
 ) -> DataNode:
     """Decode the whole image (decode.mode is not consulted), resize the shorter side to resize_size, centre-crop
-    image_size, normalise to decode.dtype."""
+    view_size, normalise to decode.dtype."""
     images = decode_full(encoded, decode_device, decode)
-    images = fn.resize(
-        images, resize_shorter=params.resize_size, interp_type=types.INTERP_LINEAR, antialias=True
+    images = resized(
+        images, resize_shorter=params.resize_size, interp_type=DALIInterpType.INTERP_LINEAR, antialias=True
     )
     return normalize(
-        images, params.mean, params.std, crop=(params.image_size, params.image_size), dtype=decode.dtype
+        images, params.mean, params.std, crop=(params.view_size, params.view_size), dtype=decode.dtype
     )

@@ -13,13 +13,15 @@ chain of one crop: the same operators, the same pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
-from nvidia.dali import fn, types
+from nvidia.dali import fn
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
+from nvidia.dali.types import DALIDataType, DALIInterpType
 
-from pipelines.augment import View, decode_full, image_hw, normalize, to_pixels
+from pipelines.augment import View, decode_full, image_hw, normalize, resized, to_pixels
 from pipelines.params import DEFAULT_DECODE, IDENTITY_JITTER, AugmentParams, DecodeParams, MultiCropParams
 
 # torchvision's RandomResizedCrop: this many tries at a random window before the centre crop.
@@ -44,14 +46,20 @@ def multi_crop(
         return global_crops, None, global_views
     local_views = draw_views(hw, params.local_view, params.num_local)
     local_crops = cut_views(decoded, local_views, params.local_view, params.num_local, hw, decode.dtype)
-    views = View(
-        *(fn.cat(a, b, axis=0) for a, b in zip(_fields(global_views), _fields(local_views), strict=True))
+    views = _view(
+        fn.cat(a, b, axis=0) for a, b in zip(_fields(global_views), _fields(local_views), strict=True)
     )
     return global_crops, local_crops, views
 
 
 def _fields(view: View) -> tuple[DataNode, DataNode, DataNode, DataNode]:
     return view.crop_anchor, view.crop_shape, view.flip, view.jitter
+
+
+def _view(fields: Iterable[DataNode]) -> View:
+    """A View of the four record fields in _fields' order (no pixel window)."""
+    anchor, shape, flip, jitter = fields
+    return View(anchor, shape, flip, jitter)
 
 
 def draw_views(hw: DataNode, params: AugmentParams, num_views: int) -> View:
@@ -68,11 +76,11 @@ def draw_views(hw: DataNode, params: AugmentParams, num_views: int) -> View:
     aspect = dmath.exp(fn.random.uniform(range=log_ratio, shape=shape))  # width / height, as torchvision
     w = dmath.floor(dmath.sqrt(area * aspect) + 0.5)
     h = dmath.floor(dmath.sqrt(area / aspect) + 0.5)
-    fits = fn.cast((w >= 1.0) & (w <= width) & (h >= 1.0) & (h <= height), dtype=types.FLOAT)
+    fits = fn.cast((w >= 1.0) & (w <= width) & (h >= 1.0) & (h <= height), dtype=DALIDataType.FLOAT)
     # The first try that fits: its index is the least of (index, or NUM_ATTEMPTS where it does not fit).
     attempt = np.arange(NUM_ATTEMPTS, dtype=np.float32)
     first = fn.reductions.min((1.0 - fits) * NUM_ATTEMPTS + attempt, axes=[1], keep_dims=True)
-    chosen = fn.cast(first == attempt, dtype=types.FLOAT)  # one-hot per view; all zero when no try fit
+    chosen = fn.cast(first == attempt, dtype=DALIDataType.FLOAT)  # one-hot per view; all zero when no try fit
     found = fn.reductions.sum(chosen, axes=[1])
     # The centre crop's window: the whole image, narrowed to the nearest allowed aspect ratio.
     centre_w = dmath.min(width, dmath.floor(height * params.crop_ratio[1] + 0.5))
@@ -85,9 +93,11 @@ def draw_views(hw: DataNode, params: AugmentParams, num_views: int) -> View:
     y = y + (1.0 - found) * dmath.floor((height - h) * 0.5)
     x = x + (1.0 - found) * dmath.floor((width - w) * 0.5)
     anchor, size = fn.stack(y, x, axis=1), fn.stack(h, w, axis=1)
-    flip = fn.random.coin_flip(probability=params.flip_prob, dtype=types.INT32, shape=[num_views])
+    flip = fn.random.coin_flip(probability=params.flip_prob, dtype=DALIDataType.INT32, shape=[num_views])
     # Jitter factors as in augment.draw_view: centre + u * strength, or the identity (probability 1 - jitter_prob).
-    apply = fn.random.coin_flip(probability=params.jitter_prob, dtype=types.UINT8, shape=[num_views, 1])
+    apply = fn.random.coin_flip(
+        probability=params.jitter_prob, dtype=DALIDataType.UINT8, shape=[num_views, 1]
+    )
     strengths = np.array(
         [params.brightness, params.contrast, params.saturation, params.hue], dtype=np.float32
     )
@@ -113,30 +123,32 @@ def cut_views(
     """
     if views.window is not None:
         anchor, size = views.window
+    elif hw is None:
+        raise ValueError("replayed views need their images' (height, width) to find their crop windows")
     else:
-        anchor = fn.cast(to_pixels(views.crop_anchor, hw), dtype=types.FLOAT)
-        size = fn.cast(to_pixels(views.crop_shape, hw), dtype=types.FLOAT)
+        anchor = fn.cast(to_pixels(views.crop_anchor, hw), dtype=DALIDataType.FLOAT)
+        size = fn.cast(to_pixels(views.crop_shape, hw), dtype=DALIDataType.FLOAT)
     if num_views == 1:
         frames = fn.expand_dims(decoded, axes=[0], new_axis_names="F")  # a view of the image, no copy
     else:
         frames = fn.stack(*[decoded] * num_views, axis=0, axis_name="F")
-    grid = SUPERSAMPLE * params.image_size
+    grid = SUPERSAMPLE * params.view_size
     frames = fn.warp_affine(
         frames,
         matrix=fn.per_frame(_grid_to_window(anchor, size, grid)),
         size=[grid, grid],
-        interp_type=types.INTERP_LINEAR,
+        interp_type=DALIInterpType.INTERP_LINEAR,
         fill_value=0,
     )
-    side = params.image_size
-    frames = fn.resize(frames, size=[side, side], interp_type=types.INTERP_LINEAR, antialias=True)
+    side = params.view_size
+    frames = resized(frames, size=[side, side], interp_type=DALIInterpType.INTERP_LINEAR, antialias=True)
     # The flip as a map of whole pixels (x -> side-1-x, samples at pixel centres exactly): a flipped crop is the
     # exact mirror of the same crop unflipped, which folding the flip into the window's map would not give.
     frames = fn.warp_affine(
         frames,
         matrix=fn.per_frame(_mirror(views.flip, side)),
         size=[side, side],
-        interp_type=types.INTERP_LINEAR,
+        interp_type=DALIInterpType.INTERP_LINEAR,
     )
     jitter = views.jitter
     frames = fn.color_twist(
@@ -160,7 +172,7 @@ def _grid_to_window(anchor: DataNode, size: DataNode, grid: int) -> DataNode:
 
 def _mirror(flip: DataNode, side: int) -> DataNode:
     """Per frame, [[1, 0, 0], [0, 1, 0]] (unchanged) or [[-1, 0, side], [0, 1, 0]] (mirrored left to right)."""
-    flip = fn.cast(flip, dtype=types.FLOAT)
+    flip = fn.cast(flip, dtype=DALIDataType.FLOAT)
     zero = flip * 0.0
     row_x = fn.stack(1.0 - 2.0 * flip, zero, flip * float(side), axis=1)
     row_y = fn.stack(zero, zero + 1.0, zero, axis=1)
@@ -177,6 +189,6 @@ def replay_crop(
     """One recorded multi-crop view per sample (anchor and shape [2], flip [], jitter [4]) rendered again: a chain
     of one crop through cut_views, [3,S,S]."""
     hw = image_hw(encoded)
-    one = View(*(fn.expand_dims(field, axes=[0]) for field in _fields(view)))
+    one = _view(fn.expand_dims(field, axes=[0]) for field in _fields(view))
     crops = cut_views(decode_full(encoded, decode_device, decode), one, params, 1, hw, decode.dtype)
     return fn.squeeze(crops, axes=[0])

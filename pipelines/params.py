@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +24,7 @@ class AugmentParams:
     With probability 1 - jitter_prob no jitter is applied and the recorded factors are the identity (1, 1, 1, 0).
     """
 
-    image_size: int = 224
+    view_size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
@@ -38,9 +39,9 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    """Evaluation transform: resize the shorter side to resize_size, centre-crop image_size, normalise."""
+    """Evaluation transform: resize the shorter side to resize_size, centre-crop view_size, normalise."""
 
-    image_size: int = 224
+    view_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -143,7 +144,7 @@ class DecodeParams:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
 
-    def decoder_options(self, decode_device: str) -> dict[str, float | int]:
+    def decoder_options(self, decode_device: str) -> dict[str, Any]:
         """Keyword arguments for a DALI image decoder on `decode_device`: the mixed-only tuning, or nothing."""
         if decode_device != "mixed":
             return {}

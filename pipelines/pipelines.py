@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import Pipeline
+from nvidia.dali import fn, pipeline_def
+from nvidia.dali.pipeline import DataNode, Pipeline
+from nvidia.dali.types import DALIDataType
 
 from pipelines import multi_crop as batched
 from pipelines.augment import (
@@ -70,7 +72,7 @@ def _read(
 ):
     # The reader's "label" carries the sample id (index into files); the trainer maps ids to class labels, which
     # keeps one id per file for replay, caching and quarantine.
-    encoded, sample_ids = fn.readers.file(
+    encoded, ids = fn.readers.file(
         files=list(files),
         labels=list(range(len(files))) if sample_ids is None else list(sample_ids),
         name=READER_NAME,
@@ -85,36 +87,39 @@ def _read(
         # with SIGBUS instead of raising an error the trainer can recover from (and mmap gains little on NFS).
         dont_use_mmap=True,
     )
-    return encoded, fn.cast(sample_ids, dtype=types.INT64)
+    return encoded, fn.cast(ids, dtype=DALIDataType.INT64)
 
 
 def _read_shards(shards: ShardFiles, shard_id: int, num_shards: int, seed: int):
     """fn.readers.webdataset over the shards: each pass reads the shards in a new order (the same on every rank,
     seeded, so the ranks' blocks stay disjoint within a pass) through a shuffle buffer; it reads by offset through
     the index files and reports each sample's source_info, whose key is the sample id."""
-    encoded = fn.readers.webdataset(
-        paths=list(shards.paths),
-        index_paths=list(shards.index_paths),
-        ext=[shards.image_ext],
-        missing_component_behavior="error",
-        name=READER_NAME,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=True,
-        initial_fill=shards.shuffle_buffer,
-        seed=seed,
-        shuffle_after_epoch=True,
-        shuffle_after_epoch_seed=seed,
-        # Plain reads, not mmap, as for files: a shard damaged during a run must be an error, not a SIGBUS.
-        dont_use_mmap=True,
-    )
+    encoded = cast(
+        DataNode,
+        fn.readers.webdataset(
+            paths=list(shards.paths),
+            index_paths=list(shards.index_paths),
+            ext=[shards.image_ext],
+            missing_component_behavior="error",
+            name=READER_NAME,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=True,
+            initial_fill=shards.shuffle_buffer,
+            seed=seed,
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=seed,
+            # Plain reads, not mmap, as for files: a shard damaged during a run must be an error, not a SIGBUS.
+            dont_use_mmap=True,
+        ),
+    )  # one ext: one output
     return encoded, fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
 
 
 def train_outputs(params: AugmentParams | MultiCropParams, from_shards: bool = False) -> tuple[str, ...]:
     """The output names of train_pipeline for these params (no local_images without local crops); from shards
     source_info stands where sample_ids is."""
-    names = TRAIN_OUTPUTS
+    names: tuple[str, ...] = TRAIN_OUTPUTS
     if isinstance(params, MultiCropParams):
         names = tuple(n for n in MULTI_CROP_OUTPUTS if n != "local_images" or params.num_local)
     return tuple(SOURCE_INFO if n == "sample_ids" and from_shards else n for n in names)
@@ -151,10 +156,10 @@ def train_pipeline(
     files as ShardFiles: read the tar shards (fn.readers.webdataset); SOURCE_INFO replaces sample_ids.
     """
     shuffle_seed = seed if reader_seed is None else reader_seed
-    from_shards = isinstance(files, ShardFiles)
-    if from_shards:
+    if isinstance(files, ShardFiles):
+        shards = files
         return _train_pipe(
-            lambda: _read_shards(files, shard_id, num_shards, shuffle_seed), params, batch_size, seed,
+            lambda: _read_shards(shards, shard_id, num_shards, shuffle_seed), params, batch_size, seed,
             device_id, num_threads, prefetch_queue_depth, checkpoint, decode,
         )  # fmt: skip
     ids = list(range(len(files))) if sample_ids is None else list(sample_ids)
@@ -233,7 +238,7 @@ def replay_pipeline(
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=device_id,
+        device_id=device_id,  # type: ignore[arg-type]  # None: CPU-only, as DALI documents; its stub says int
         seed=0,
         prefetch_queue_depth=1,
         exec_async=False,
@@ -243,7 +248,15 @@ def replay_pipeline(
         encoded, anchor, shape, flip, jitter = (
             fn.external_source(name=name, dtype=dtype)
             for name, dtype in zip(
-                REPLAY_INPUTS, (types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT), strict=True
+                REPLAY_INPUTS,
+                (
+                    DALIDataType.UINT8,
+                    DALIDataType.FLOAT,
+                    DALIDataType.FLOAT,
+                    DALIDataType.INT32,
+                    DALIDataType.FLOAT,
+                ),
+                strict=True,
             )
         )
         view = View(crop_anchor=anchor, crop_shape=shape, flip=flip, jitter=jitter)
@@ -276,7 +289,7 @@ def replay_ahead_pipeline(
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=device_id,
+        device_id=device_id,  # type: ignore[arg-type]  # None: CPU-only (see above)
         seed=0,
         prefetch_queue_depth=prefetch_queue_depth,
     )
@@ -285,7 +298,13 @@ def replay_ahead_pipeline(
             source=source,
             num_outputs=len(REPLAY_INPUTS),
             batch=True,
-            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
+            dtype=[
+                DALIDataType.UINT8,
+                DALIDataType.FLOAT,
+                DALIDataType.FLOAT,
+                DALIDataType.INT32,
+                DALIDataType.FLOAT,
+            ],
         )
         # Plain reads, not mmap: a file damaged during the run must be an error, not a SIGBUS.
         encoded = fn.io.file.read(first, dont_use_mmap=True) if from_paths else first
@@ -309,7 +328,7 @@ def eval_pipeline(
 
     decode: the GPU decoder's tuning and the images' dtype (eval always decodes the whole image)."""
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)  # type: ignore[arg-type]  # None: CPU-only
     def pipe():
         encoded, sample_ids = _read(files, False, shard_id, num_shards, pad_last_batch=True)
         return eval_transform(encoded, params, _decode_device(device_id), decode), sample_ids
@@ -329,10 +348,10 @@ def fed_eval_pipeline(
     int64 arrays of shape [1]), at most batch_size each, the last one possibly smaller; the pipeline ends with it.
     Shards are evaluated this way: each sample read by offset, in index order."""
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0)  # type: ignore[arg-type]  # None: CPU-only
     def pipe():
         encoded, sample_ids = fn.external_source(
-            source=batches, num_outputs=2, dtype=[types.UINT8, types.INT64], batch=True
+            source=batches, num_outputs=2, dtype=[DALIDataType.UINT8, DALIDataType.INT64], batch=True
         )
         return eval_transform(encoded, params, _decode_device(device_id), decode), sample_ids
 
@@ -346,7 +365,7 @@ def shard_order_pipeline(
     samples a batch of the training pipeline held. Give it index files whose entries are 1 byte long and it reads
     next to nothing."""
 
-    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=seed)
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=seed)  # type: ignore[call-overload]  # None: CPU-only
     def pipe():
         return _read_shards(shards, shard_id, num_shards, seed)[1]
 

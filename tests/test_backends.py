@@ -27,7 +27,7 @@ def first_batch(stream):
 
 
 def test_same_structure(index):
-    params = AugmentParams(image_size=32)
+    params = AugmentParams(view_size=32)
     dali = first_batch(DaliTrainStream(index, params, batch_size=8, seed=0))
     tv = first_batch(TorchvisionTrainStream(index, params, batch_size=8, seed=0, num_workers=0))
     for a, b in [(dali, tv), (dali.view, tv.view)]:
@@ -39,7 +39,7 @@ def test_same_structure(index):
 
 def test_comparable_statistics(index):
     """Over many random views, per-channel means and spreads of the two backends agree closely."""
-    params = AugmentParams(image_size=32)
+    params = AugmentParams(view_size=32)
     dali = torch.cat([b.images for b in itertools.islice(DaliTrainStream(index, params, 16, seed=0), 12)])
     tv_stream = TorchvisionTrainStream(index, params, 16, seed=0, num_workers=0)
     tv = torch.cat([b.images for b in itertools.islice(iter(tv_stream), 12)])
@@ -51,7 +51,7 @@ def test_comparable_statistics(index):
 
 def test_same_view_renders_nearly_the_same_pixels(index):
     """One recorded view (crop, flip, brightness) rendered by DALI and by PIL: small resampling differences only."""
-    params = AugmentParams(image_size=32)
+    params = AugmentParams(view_size=32)
     ids = torch.tensor([1, 9, 20, 33])
     view = ViewRecord(
         crop_anchor=torch.tensor([[0.1, 0.2], [0.0, 0.0], [0.3, 0.1], [0.2, 0.25]]),
@@ -82,7 +82,7 @@ def test_same_view_renders_nearly_the_same_pixels(index):
 
 def test_eval_batches_agree(image_tree):
     val = ImageIndex.from_folder(image_tree / "val")
-    params = EvalParams(image_size=32, resize_size=36)
+    params = EvalParams(view_size=32, resize_size=36)
     dali = torch.cat([b.images for b in dali_eval_batches(val, params, batch_size=8)])
     tv = torch.cat([b.images for b in torchvision_eval_batches(val, params, batch_size=8)])
     assert dali.shape == tv.shape

@@ -22,7 +22,7 @@ from dali_kd.teacher_cache import DONE, STAND_IN, Part, TeacherCache
 from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
-PARAMS = AugmentParams(image_size=16)
+PARAMS = AugmentParams(view_size=16)
 CPU = torch.device("cpu")
 BATCH = 4
 VIEWS = 2

@@ -16,7 +16,7 @@ from dali_kd.data.dali_loader import DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
 from pipelines.params import AugmentParams
 
-PARAMS = AugmentParams(image_size=32)
+PARAMS = AugmentParams(view_size=32)
 
 
 @pytest.fixture(scope="module")

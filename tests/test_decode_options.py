@@ -23,7 +23,7 @@ from pipelines.augment import decode_full
 from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 from pipelines.pipelines import REPLAY_INPUTS, eval_pipeline, replay_pipeline, train_pipeline
 
-PARAMS = AugmentParams(image_size=32)
+PARAMS = AugmentParams(view_size=32)
 BATCH = 8
 # GPU-decoder tuning far from DALI's defaults: on the CPU it must change nothing.
 TUNED = DecodeParams(
@@ -126,8 +126,8 @@ def test_full_decode_keyword_means_multi_crop_records(files):
 
 
 def test_multi_crop_decodes_the_whole_image_whatever_the_mode(files):
-    view = AugmentParams(image_size=32)
-    params = MultiCropParams(view, replace(view, image_size=16), num_global=2, num_local=2)
+    view = AugmentParams(view_size=32)
+    params = MultiCropParams(view, replace(view, view_size=16), num_global=2, num_local=2)
     window, full = (first_batch(files, DecodeParams(mode=m), params) for m in ("window", "full"))
     for a, b in zip(window, full, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -35,7 +35,7 @@ STREAMS = {
 
 def test_gpu_stream_matches_cpu_structure_and_replays(image_tree):
     index = ImageIndex.from_folder(image_tree / "train")
-    params = AugmentParams(image_size=32)
+    params = AugmentParams(view_size=32)
     gpu = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cuda")))
     assert gpu.images.is_cuda and gpu.labels.is_cuda and gpu.images.shape == (8, 3, 32, 32)
     images = gpu.images.clone()
@@ -67,10 +67,10 @@ def test_gpu_and_cpu_decode_agree(image_tree):
 def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree, graph):
     """auto is the batched graph on a GPU; the per-crop graph is the CPU's default."""
     index = ImageIndex.from_folder(image_tree / "train")
-    view = AugmentParams(image_size=32)
+    view = AugmentParams(view_size=32)
     params = MultiCropParams(
         global_view=view,
-        local_view=AugmentParams(**{**vars(view), "image_size": 16}),
+        local_view=AugmentParams(**{**vars(view), "view_size": 16}),
         num_global=2,
         num_local=4,
         graph=graph,
@@ -117,7 +117,7 @@ def test_training_streams_on_cuda_put_every_batch_tensor_on_cuda(tiny_config, im
 
 def test_replay_renderer_returns_cuda_tensors(image_tree):
     index = ImageIndex.from_folder(image_tree / "train")
-    params = AugmentParams(image_size=32)
+    params = AugmentParams(view_size=32)
     # Views drawn and recorded by the CPU pipeline, rendered again on the GPU from host records.
     recorded = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cpu")))
     renderer = DaliViewRenderer(index, params, batch_size=8, device="cuda")

@@ -11,11 +11,14 @@ from dali_kd.checkpoint import weights_hash
 from dali_kd.config import LossConfig, ModelConfig, OptimizerConfig
 from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
+from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models, create_model
 from dali_kd.optim import build_optimizer, use_fused
 from dali_kd.task import DistillTask
+from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 CPU = torch.device("cpu")
+VIEWS = InputSpec(32, IMAGENET_MEAN, IMAGENET_STD)  # the views a data stream would hand out
 CUDA = torch.device("cuda")
 
 
@@ -27,7 +30,7 @@ def model_config(teacher: str, student: str, compile: bool | str = "auto") -> Mo
 
 def build(cfg: ModelConfig, amp_dtype: torch.dtype | None, patch_weight: float = 0.0):
     torch.manual_seed(0)
-    return build_distill_models(cfg, 32, patch_weight, False, CPU, amp_dtype)
+    return build_distill_models(cfg, 32, patch_weight, False, CPU, amp_dtype, pipeline=VIEWS)
 
 
 @pytest.mark.slow

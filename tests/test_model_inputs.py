@@ -88,10 +88,10 @@ def test_a_larger_teacher_and_a_smaller_student_see_the_same_view_at_their_own_s
 def test_eval_covers_the_same_field_of_view_at_the_view_size(tiny_config):
     cfg = tiny_config("data.teacher_image_size=48")  # image_size 32, eval_resize 36
     params = cfg.eval_params()
-    assert (params.image_size, params.resize_size) == (48, 54), "36/32 of the crop, as for the student alone"
-    assert cfg.augment_params().image_size == 48
+    assert (params.view_size, params.resize_size) == (48, 54), "36/32 of the crop, as for the student alone"
+    assert cfg.augment_params().view_size == 48
     plain = tiny_config().eval_params()
-    assert (plain.image_size, plain.resize_size) == (32, 36)
+    assert (plain.view_size, plain.resize_size) == (32, 36)
 
 
 def test_a_teacher_with_its_own_statistics_gets_them_and_the_student_keeps_the_pipelines(

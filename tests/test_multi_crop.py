@@ -30,10 +30,10 @@ GRAPHS = ("batched", "per_crop")
 
 
 def multi_crop_params(num_global=2, num_local=4, graph="auto", **augment) -> MultiCropParams:
-    view = AugmentParams(image_size=40, **augment)
+    view = AugmentParams(view_size=40, **augment)
     return MultiCropParams(
         global_view=AugmentParams(**{**vars(view), "crop_scale": (0.4, 1.0)}),
-        local_view=AugmentParams(**{**vars(view), "image_size": 16, "crop_scale": (0.05, 0.3)}),
+        local_view=AugmentParams(**{**vars(view), "view_size": 16, "crop_scale": (0.05, 0.3)}),
         num_global=num_global,
         num_local=num_local,
         graph=graph,
@@ -120,7 +120,7 @@ def test_dali_decodes_each_image_once(index, graph):
         assert kinds.count("Resize") == 8, (
             "one cut per crop (2 global + 6 local), each resized out of the decode"
         )
-    one_view = train_pipeline(index.files, AugmentParams(image_size=40), batch_size=4, seed=0, num_threads=1)
+    one_view = train_pipeline(index.files, AugmentParams(view_size=40), batch_size=4, seed=0, num_threads=1)
     one_view.build()
     assert [op._op.schema_name for op in one_view._ops if op._op.schema_name.startswith("decoders__")] == [
         "decoders__ImageSlice"

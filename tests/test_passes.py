@@ -19,7 +19,7 @@ from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 from tests.test_shards_training import _spoil_sample
 
-PARAMS = AugmentParams(image_size=16)
+PARAMS = AugmentParams(view_size=16)
 NUM_SAMPLES = 48  # 4 classes of 12
 
 

@@ -30,7 +30,7 @@ def take(stream, n):
 
 
 def test_train_batch_shapes_dtypes_and_ranges(index):
-    stream = DaliTrainStream(index, AugmentParams(image_size=40), batch_size=8, seed=0)
+    stream = DaliTrainStream(index, AugmentParams(view_size=40), batch_size=8, seed=0)
     (batch,) = take(stream, 1)
     assert batch.images.shape == (8, 3, 40, 40) and batch.images.dtype == torch.float32
     assert batch.labels.dtype == torch.int64 and batch.sample_ids.dtype == torch.int64
@@ -44,7 +44,7 @@ def test_train_batch_shapes_dtypes_and_ranges(index):
 
 
 def test_crop_windows_respect_scale_and_ratio(index):
-    params = AugmentParams(image_size=16, crop_scale=(0.3, 0.6), crop_ratio=(0.8, 1.25))
+    params = AugmentParams(view_size=16, crop_scale=(0.3, 0.6), crop_ratio=(0.8, 1.25))
     stream = DaliTrainStream(index, params, batch_size=16, seed=1)
     sizes = {i: Image.open(f).size for i, f in enumerate(index.files)}  # (W, H)
     in_range = total = 0
@@ -64,7 +64,7 @@ def test_crop_windows_respect_scale_and_ratio(index):
 
 def test_jitter_factors_in_range_and_identity_when_off(index):
     params = AugmentParams(
-        image_size=16, jitter_prob=0.5, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.05
+        view_size=16, jitter_prob=0.5, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.05
     )
     jitter = torch.cat(
         [b.view.jitter for b in take(DaliTrainStream(index, params, batch_size=16, seed=2), 6)]
@@ -74,23 +74,21 @@ def test_jitter_factors_in_range_and_identity_when_off(index):
         assert (values >= centre - strength - 1e-6).all() and (values <= centre + strength + 1e-6).all()
     identity = (jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all(dim=1).float().mean()
     assert 0.25 < identity < 0.75, "about half the views should be un-jittered with jitter_prob=0.5"
-    off = AugmentParams(image_size=16, jitter_prob=0.0)
+    off = AugmentParams(view_size=16, jitter_prob=0.0)
     jitter = take(DaliTrainStream(index, off, batch_size=16, seed=2), 1)[0].view.jitter
     assert (jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all()
 
 
 def test_flip_probability_is_honoured(index):
-    never = take(
-        DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=0.0), batch_size=16, seed=3), 3
-    )
+    never = take(DaliTrainStream(index, AugmentParams(view_size=16, flip_prob=0.0), batch_size=16, seed=3), 3)
     always = take(
-        DaliTrainStream(index, AugmentParams(image_size=16, flip_prob=1.0), batch_size=16, seed=3), 3
+        DaliTrainStream(index, AugmentParams(view_size=16, flip_prob=1.0), batch_size=16, seed=3), 3
     )
     assert all((b.view.flip == 0).all() for b in never) and all((b.view.flip == 1).all() for b in always)
 
 
 def test_replayed_views_render_the_same_pixels(index):
-    params = AugmentParams(image_size=32)
+    params = AugmentParams(view_size=32)
     (batch,) = take(DaliTrainStream(index, params, batch_size=8, seed=4), 1)
     images = batch.images.clone()
     again = DaliViewRenderer(index, params, batch_size=8).render(batch.sample_ids, batch.view)
@@ -105,7 +103,7 @@ def test_replayed_views_render_the_same_pixels(index):
 
 
 def test_flip_really_mirrors(index):
-    params = AugmentParams(image_size=24)
+    params = AugmentParams(view_size=24)
     renderer = DaliViewRenderer(index, params, batch_size=4)
     ids = torch.tensor([0, 5, 17, 30])
     view = ViewRecord(
@@ -123,7 +121,7 @@ def test_flip_really_mirrors(index):
 
 def test_stream_reshuffles_each_pass_and_crosses_pass_boundaries(index):
     n = index.num_samples  # 48
-    stream = DaliTrainStream(index, AugmentParams(image_size=16), batch_size=10, seed=5)
+    stream = DaliTrainStream(index, AugmentParams(view_size=16), batch_size=10, seed=5)
     ids = torch.cat([b.sample_ids for b in take(stream, 15)]).tolist()  # 150 ids = 3 passes + 6
     passes = [ids[p * n : (p + 1) * n] for p in range(3)]
     for order in passes:
@@ -160,13 +158,13 @@ def test_the_seed_sets_the_file_order_and_the_shards_stay_disjoint(index):
 
 def test_eval_batches_cover_each_sample_once_in_order(image_tree):
     val = ImageIndex.from_folder(image_tree / "val")
-    batches = list(dali_eval_batches(val, EvalParams(image_size=24, resize_size=28), batch_size=5))
+    batches = list(dali_eval_batches(val, EvalParams(view_size=24, resize_size=28), batch_size=5))
     ids = torch.cat([b.sample_ids for b in batches]).tolist()
     assert ids == list(range(val.num_samples))
     assert [len(b) for b in batches] == [5, 5, 5, 1]
     assert batches[0].images.shape[1:] == (3, 24, 24) and batches[0].view is None
     # Deterministic: the eval transform has no randomness.
-    again = next(iter(dali_eval_batches(val, EvalParams(image_size=24, resize_size=28), batch_size=5)))
+    again = next(iter(dali_eval_batches(val, EvalParams(view_size=24, resize_size=28), batch_size=5)))
     assert torch.equal(again.images, batches[0].images)
 
 
@@ -178,7 +176,7 @@ def test_eval_centre_crop_matches_a_hand_made_reference(tmp_path):
     (tmp_path / "a").mkdir()
     Image.fromarray(img).save(tmp_path / "a" / "x.png")
     index = ImageIndex.from_folder(tmp_path)
-    (batch,) = list(dali_eval_batches(index, EvalParams(image_size=20, resize_size=20), batch_size=1))
+    (batch,) = list(dali_eval_batches(index, EvalParams(view_size=20, resize_size=20), batch_size=1))
     pixels = batch.images * STD + MEAN
     assert pixels[0, :, :, :8].max() < 0.05 and pixels[0, :, :, 12:].min() > 0.95
 

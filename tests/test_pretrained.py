@@ -15,9 +15,12 @@ from dali_kd import fetch, train
 from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
+from dali_kd.model_inputs import InputSpec
 from dali_kd.models import build_distill_models, build_model, check_model_name, head_sizes, pretrained_weights
+from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 CPU = torch.device("cpu")
+VIEWS = InputSpec(32, IMAGENET_MEAN, IMAGENET_STD)  # the views a data stream would hand out
 TAGGED = (
     "test_vit.r160_in1k"  # a real timm name whose weights timm takes from the hub (timm/test_vit.r160_in1k)
 )
@@ -91,7 +94,7 @@ def test_a_checkpoint_file_wins_over_pretrained(hub_cache, tmp_path):
     save_file(resnet.state_dict(), str(path))
     teacher = TeacherSpec(name=UNCACHED, pretrained=True, checkpoint=str(path))
     models = build_distill_models(
-        ModelConfig(teacher=teacher, student={"name": "test_vit"}), 32, 0.0, False, CPU, None
+        ModelConfig(teacher=teacher, student={"name": "test_vit"}), 32, 0.0, False, CPU, None, pipeline=VIEWS
     )
     assert same_weights(models.teacher.model, resnet.state_dict())
 
@@ -173,7 +176,7 @@ def test_head_sizes_follow_the_pretrained_head(hub_cache, tmp_path):
         student={"name": "test_resnet"},
     )
     assert head_sizes(cfg, pretrained_weights(cfg.teacher, "teacher")) == (0, 0)
-    models = build_distill_models(cfg, 32, 0.0, False, CPU, None)
+    models = build_distill_models(cfg, 32, 0.0, False, CPU, None, pipeline=VIEWS)
     assert models.teacher.model.num_classes == 0 and models.student.backbone.num_classes == 0
     assert same_weights(models.teacher.model, headless.state_dict(), skip=("pos_embed",))
     out = models.teacher(torch.zeros(2, 3, 32, 32))

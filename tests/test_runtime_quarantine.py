@@ -22,7 +22,7 @@ from dali_kd.errors import TrainingStopped
 from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
-PARAMS = AugmentParams(image_size=16)
+PARAMS = AugmentParams(view_size=16)
 GARBAGE = b"<html>gone</html>"
 
 

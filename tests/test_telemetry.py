@@ -335,3 +335,12 @@ def test_tensorboard_gets_the_same_scalars(tiny_config, tmp_path):
 )
 def test_verdict_thresholds_at_their_boundaries(stages, expected):
     assert judge(*stages).name == expected
+
+
+def test_a_metrics_file_that_times_only_some_stages_reports_without_the_breakdown():
+    """Rows that time the data stage but not the teacher and student (another tool's file, or a hand-cut one):
+    the report still reads them, leaving out the step breakdown and the verdict it cannot compute."""
+    rows = [{"step": s, "loss": 0.5, "img_per_s": 10.0, "step_ms": 5.0, "data_ms": 2.0} for s in (1, 2)]
+    text = report.text_summary(rows, None)
+    assert "loss: 0.5000 → 0.5000" in text
+    assert "verdict" not in text and "teacher" not in text

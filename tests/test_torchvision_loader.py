@@ -24,7 +24,7 @@ from dali_kd.data.torchvision_loader import (
 from dali_kd.demo_data import make_demo_dataset
 from pipelines.params import AugmentParams, EvalParams
 
-PARAMS = AugmentParams(image_size=24, crop_scale=(0.25, 1.0))
+PARAMS = AugmentParams(view_size=24, crop_scale=(0.25, 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_worker_count_does_not_change_the_stream(train_index):
 
 
 def test_recorded_views_render_again_exactly(train_index):
-    params = AugmentParams(image_size=24, crop_scale=(0.25, 1.0), jitter_prob=1.0, flip_prob=0.5)
+    params = AugmentParams(view_size=24, crop_scale=(0.25, 1.0), jitter_prob=1.0, flip_prob=0.5)
     batches = _take(train_index, 2, params=params, batch_size=6, seed=5)
     views = 0
     for batch in batches:
@@ -196,7 +196,7 @@ def test_sample_crop_falls_back_to_a_centre_crop():
 
 
 def test_stream_crop_records_respect_scale_and_ratio(train_index):
-    params = AugmentParams(image_size=16, crop_scale=(0.3, 0.8), crop_ratio=(0.75, 4 / 3))
+    params = AugmentParams(view_size=16, crop_scale=(0.3, 0.8), crop_ratio=(0.75, 4 / 3))
     view = _take(train_index, 1, params=params, batch_size=24)[0].view
     area = view.crop_shape[:, 0] * view.crop_shape[:, 1]
     # The demo images are square, so the relative aspect is the pixel aspect; 40 px rounding allows ~5%.
@@ -222,9 +222,9 @@ def test_jitter_factors_in_range_and_applied_with_jitter_prob():
 
 
 def test_stream_jitter_identity_when_off_and_in_range_when_on(train_index):
-    off = _take(train_index, 1, params=AugmentParams(image_size=16, jitter_prob=0.0), batch_size=12)[0]
+    off = _take(train_index, 1, params=AugmentParams(view_size=16, jitter_prob=0.0), batch_size=12)[0]
     assert torch.equal(off.view.jitter, torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(12, 4))
-    on = _take(train_index, 1, params=AugmentParams(image_size=16, jitter_prob=1.0), batch_size=12)[0]
+    on = _take(train_index, 1, params=AugmentParams(view_size=16, jitter_prob=1.0), batch_size=12)[0]
     j = on.view.jitter
     assert (j[:, 0] - 1).abs().max() <= 0.4 and (j[:, 1] - 1).abs().max() <= 0.4
     assert (j[:, 2] - 1).abs().max() <= 0.2 and j[:, 3].abs().max() <= 0.1
@@ -233,7 +233,7 @@ def test_stream_jitter_identity_when_off_and_in_range_when_on(train_index):
 
 def test_flip_share_follows_flip_prob(train_index):
     def share(flip_prob: float) -> float:
-        params = AugmentParams(image_size=8, flip_prob=flip_prob, jitter_prob=0.0)
+        params = AugmentParams(view_size=8, flip_prob=flip_prob, jitter_prob=0.0)
         return (
             torch.cat([b.view.flip for b in _take(train_index, 4, params=params, batch_size=100)])
             .float()
@@ -254,7 +254,7 @@ def test_shards_are_disjoint_contiguous_and_cover_everything(train_index):
     for shard_id in range(3):
         stream = TorchvisionTrainStream(
             train_index,
-            AugmentParams(image_size=8),
+            AugmentParams(view_size=8),
             batch_size=4,
             seed=0,
             num_workers=0,
@@ -285,7 +285,7 @@ def test_bad_stream_arguments(train_index):
 
 def test_eval_batches_cover_the_index_in_order(demo_root, train_index):
     val = ImageIndex.from_folder(demo_root / "val", train_index.class_names)
-    params = EvalParams(image_size=16, resize_size=20)
+    params = EvalParams(view_size=16, resize_size=20)
     batches = list(torchvision_eval_batches(val, params, batch_size=4))
     assert [len(b) for b in batches] == [4, 4, 1]
     assert _stream_ids(batches) == list(range(val.num_samples))
@@ -325,7 +325,7 @@ def test_view_is_relative_to_the_exif_transposed_image(tmp_path):
     exif[0x0112] = 6
     img.save(tmp_path / "r.png", exif=exif)
     index = ImageIndex(root=tmp_path, files=(str(tmp_path / "r.png"),), labels=(0,), class_names=("a",))
-    params = AugmentParams(image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1 / 3, 1 / 3), jitter_prob=0.0)
+    params = AugmentParams(view_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1 / 3, 1 / 3), jitter_prob=0.0)
     view = _take(index, 1, params=params, batch_size=1)[0].view
     # The decoded image is 20 wide and 60 tall, so a 1:3 window covers it whole.
     assert torch.allclose(view.crop_shape, torch.tensor([[1.0, 1.0]]))

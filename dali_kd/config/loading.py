@@ -4,6 +4,7 @@ becomes one `UserError` line naming where it was set and the dotted key(s), with
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _source(key: str, sources: dict[str, str]) -> str:
     return "config"
 
 
-def _describe(error: dict[str, Any], sources: dict[str, str]) -> str:
+def _describe(error: Mapping[str, Any], sources: dict[str, str]) -> str:
     loc = tuple(error["loc"])
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, ConfigConflict):
@@ -136,8 +137,8 @@ def _parse_file(path: Path) -> Any:
         raise UserError(f"{path}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        at = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{at} not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return data
 
 
@@ -202,9 +203,9 @@ def load_config(
     data_config: Path | None = None,
     train_config: Path | None = None,
     model_config: Path | None = None,
-    overrides: list[str] = (),  # type: ignore[assignment]
+    overrides: Sequence[str] = (),
     config_dir: Path = DEMO_CONFIG_DIR,
-    presets: list[str | Path] = (),  # type: ignore[assignment]
+    presets: Sequence[str | Path] = (),
 ) -> Config:
     """Read the three files (a missing flag takes the file of that name in config_dir), then each preset in order
     (a path, or a name in configs/presets), then the overrides, which win; validate."""
@@ -217,8 +218,8 @@ def load_config(
     sources: dict[str, str] = {section: str(path) for section, path in paths.items()}
     for preset in presets:
         path = find_preset(preset)
-        for section, keys in read_preset(path).items():
-            _apply_preset(raw[section], keys, section, str(path), sources)
+        for section, preset_keys in read_preset(path).items():
+            _apply_preset(raw[section], preset_keys, section, str(path), sources)
     for item in overrides:
         keys, value = parse_override(item)
         if keys[0] not in raw:

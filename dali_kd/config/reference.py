@@ -99,6 +99,7 @@ def _row(key: str, field: FieldInfo) -> str:
         default = "required"
     else:
         value = field.get_default(call_default_factory=True)
+        assert field.annotation is not None  # every config field is annotated
         default = f"`{_show(TypeAdapter(field.annotation).dump_python(value, mode='json'))}`"
     extra = field.json_schema_extra
     resume = "free" if isinstance(extra, dict) and extra.get("resume") == "free" else "kept"

@@ -156,7 +156,7 @@ class Config(Section):
 
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
-        return AugmentParams(image_size=self.view_size, **a.model_dump(exclude=MIX_KEYS))
+        return AugmentParams(view_size=self.view_size, **a.model_dump(exclude=set(MIX_KEYS)))
 
     def crop_params(self) -> AugmentParams | MultiCropParams:
         """What the training stream makes: one view per image, or (train.use_local_crops) DINO multi-crop."""
@@ -166,7 +166,7 @@ class Config(Section):
         view = self.augment_params()
         return MultiCropParams(
             global_view=replace(view, crop_scale=d.global_crop_scale),
-            local_view=replace(view, image_size=d.local_crop_size, crop_scale=d.local_crop_scale),
+            local_view=replace(view, view_size=d.local_crop_size, crop_scale=d.local_crop_scale),
             num_global=d.num_global_crops,
             num_local=d.num_local_crops,
             graph=d.multi_crop_graph,
@@ -190,7 +190,7 @@ class Config(Section):
         data.image_size cover (the same crop fraction), whichever model's size the view is cut at."""
         a, d = self.data.augment, self.data
         resize = round(d.eval_resize * self.view_size / d.image_size)
-        return EvalParams(image_size=self.view_size, resize_size=resize, mean=a.mean, std=a.std)
+        return EvalParams(view_size=self.view_size, resize_size=resize, mean=a.mean, std=a.std)
 
 
 def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
@@ -224,6 +224,7 @@ def key_default(key: str) -> Any:
     field = model.model_fields.get(leaf)
     if field is None or field.is_required():
         return NO_DEFAULT
+    assert field.annotation is not None  # every config field is annotated
     return TypeAdapter(field.annotation).dump_python(
         field.get_default(call_default_factory=True), mode="json"
     )

@@ -189,9 +189,9 @@ class Batch:
 
         return replace(
             self,
-            images=move(self.images),
-            labels=move(self.labels),
-            sample_ids=move(self.sample_ids),
+            images=self.images.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
             local_images=move(self.local_images),
             stream_ids=move(self.stream_ids),

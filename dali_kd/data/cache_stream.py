@@ -147,6 +147,7 @@ class CachedViewStream:
                     self._fill, fill_iter = None, None
                 yield self._replay_batch()
             else:
+                assert fill_iter is not None  # a stream that is not replaying fills
                 yield self._fill_batch(next(fill_iter))
 
     def _fill_batch(self, batch: Batch) -> Batch:
@@ -198,9 +199,10 @@ class CachedViewStream:
             shown = view.mix.take(torch.nonzero(view.mix.shows_partner()).squeeze(1))
             partner = shown.partner_view
             render_ids = np.concatenate([ids, shown.partner_id.numpy()])
-            render_view = ViewRecord(
-                *(torch.cat([getattr(render_view, f), getattr(partner, f)]) for f in ViewRecord.CROP_FIELDS)
+            anchor, shape, flip, jitter = (
+                torch.cat([getattr(render_view, f), getattr(partner, f)]) for f in ViewRecord.CROP_FIELDS
             )
+            render_view = ViewRecord(anchor, shape, flip, jitter)
         return _Replay(position, stream_ids, ids, slots, missing, view, rows, read_s, render_ids, render_view)
 
     def _plans(self, position: int) -> Iterator[_Replay]:
@@ -232,6 +234,7 @@ class CachedViewStream:
         images = rendered[: self.batch_size]
         mix = plan.view.mix
         if len(rendered) > self.batch_size:
+            assert mix is not None  # only a mixed batch renders partners
             shown = mix.shows_partner()
             on = torch.nonzero(shown).squeeze(1).to(images.device)
             lam, box = mix.lam[shown].to(images.device), mix.box[shown].to(images.device)
@@ -291,7 +294,9 @@ class CachedViewStream:
                 f"teacher cache {self.cache.dir}: no row of class {label} can be replayed (none done); "
                 "delete the cache or set train.cache_rebuild=true"
             ) from None
-        return other, self._own_slot(other, slot)
+        own = self._own_slot(other, slot)
+        assert own is not None  # `usable` chose it for having one
+        return other, own
 
     def _count_missing(self, missing: int) -> None:
         if not missing:

@@ -6,10 +6,12 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from nvidia.dali import types
+from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy, feed_ndarray
 
 from dali_kd.data.batch import Batch, ViewRecord
@@ -111,7 +113,7 @@ class DaliTrainStream:
         if quarantine is None:
             quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         self.quarantine = quarantine
-        self._settings = dict(
+        self._settings: dict[str, Any] = dict(
             params=params,
             batch_size=batch_size,
             seed=seed,
@@ -124,9 +126,11 @@ class DaliTrainStream:
             decode=decode,
         )
         self._labels = np.asarray(index.labels, dtype=np.int64)
-        self._build(checkpoint)
+        self.pipe: Pipeline | None = None  # both None once closed
+        self._iterator: DALIGenericIterator | None = None
+        pipe = self._build(checkpoint)
         # One pass of this shard, by the shard rule DALI's reader follows (shards may differ by one sample).
-        epoch_size = int(self.pipe.reader_meta(READER_NAME)["epoch_size"])
+        epoch_size = int(pipe.reader_meta(READER_NAME)["epoch_size"])
         self.num_samples = shard_size(epoch_size, shard_id, num_shards)
 
     def _shard_files(self, sizes_of_one: bool = False) -> ShardFiles:
@@ -134,6 +138,7 @@ class DaliTrainStream:
         tar) through a rewritten index; the other shards are read through their own index files. sizes_of_one:
         every entry 1 byte long (the same order of samples, next to nothing read)."""
         layout = self.index.shards
+        assert layout is not None, "only a stream read from shards has shard files"
         substituted = self.quarantine.substituted()
         rewrite = {layout.shard_of[i] for i in substituted}
         index_paths = list(layout.index_paths)
@@ -174,8 +179,8 @@ class DaliTrainStream:
         else:
             self.quarantine.set_aside(error, candidates=lambda: self._batch_samples(position))
 
-    def _build(self, checkpoint: bytes | None) -> None:
-        """A pipeline at `checkpoint` (None: the start) reading each slot's resolved file."""
+    def _build(self, checkpoint: bytes | None) -> Pipeline:
+        """A pipeline at `checkpoint` (None: the start) reading each slot's resolved file (returned, built)."""
         from_shards = self.index.shards is not None
         while True:
             files, shown = self.quarantine.effective()
@@ -183,24 +188,30 @@ class DaliTrainStream:
             # whichever file it reads; the shown image's id is looked up in this table. The ids are host data
             # (the reader's), so no batch waits for the device.
             source = self._shard_files() if from_shards else files
-            self.pipe = train_pipeline(source, checkpoint=checkpoint, **self._settings)
-            self.pipe.build()
+            self.pipe = pipe = train_pipeline(source, checkpoint=checkpoint, **self._settings)
+            pipe.build()
             self._shown = np.asarray(shown, dtype=np.int64)
             outputs = list(train_outputs(self._settings["params"], from_shards))
             try:
                 # No reader_name: the iterator runs as long as the pipeline does, i.e. forever. It runs the
                 # first batch already, so a file broken since the scan can fail here too.
-                self._iterator = DALIGenericIterator([self.pipe], outputs, size=-1, auto_reset=False)
-                return
+                self._iterator = DALIGenericIterator([pipe], outputs, size=-1, auto_reset=False)
+                return pipe
             except RuntimeError as e:
                 self._set_aside(str(e), self.position)  # warns, or stops the run
+
+    @property
+    def _live(self) -> DALIGenericIterator:
+        if self._iterator is None:
+            raise RuntimeError("the data stream is closed")
+        return self._iterator
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             # The position before this batch (~0.1 ms): where to rebuild from if the batch holds a bad file.
-            position = self._iterator.checkpoints()[0]
+            position = self._live.checkpoints()[0]
             try:
-                (out,) = next(self._iterator)
+                (out,) = next(self._live)
             except RuntimeError as e:
                 self._set_aside(str(e), self.position)  # warns, or stops the run
                 self._build(position)
@@ -239,7 +250,7 @@ class DaliTrainStream:
 
     def state_dict(self) -> dict:
         """The pipeline's own checkpoint at the consumer's position (batches prefetched but not taken excluded)."""
-        (state,) = self._iterator.checkpoints()
+        (state,) = self._live.checkpoints()
         return {
             "backend": "dali",
             "pipeline": torch.frombuffer(bytearray(state), dtype=torch.uint8),
@@ -364,7 +375,7 @@ class DaliViewRenderer:
         self.index = index
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self._pipe_args = dict(
+        self._pipe_args: dict[str, Any] = dict(
             params=params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode,
             decode=decode, num_threads=num_threads, multi_crop_graph=multi_crop_graph,
         )  # fmt: skip
@@ -373,7 +384,8 @@ class DaliViewRenderer:
     def _build(self) -> None:
         self.pipe = replay_pipeline(**self._pipe_args)
         self.pipe.build()
-        self._copied = None  # on a GPU: the event after which the pipeline's output buffer may be reused
+        # On a GPU: the event after which the pipeline's output buffer may be reused.
+        self._copied: torch.cuda.Event | None = None
 
     def _run(self, columns: dict[str, list | np.ndarray]):
         if self._copied is not None:
@@ -404,7 +416,7 @@ class DaliViewRenderer:
                 encoded.append(np.frombuffer(self.index.read_bytes(i), dtype=np.uint8))
             except OSError as e:
                 raise RuntimeError(f"failed to read {self.index.files[i]} ({e.strerror})") from None
-        columns = {"encoded": encoded, **view_columns(view)}
+        columns: dict[str, list | np.ndarray] = {"encoded": encoded, **view_columns(view)}
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             try:
                 images = self._run(columns)

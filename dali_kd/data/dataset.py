@@ -154,6 +154,7 @@ def list_tree(
             at = where.get(real)
             if at is not None:
                 first = listed[at]
+                assert first is not None  # `where` points at listed entries only
                 if first[2] and not via_link:  # the file's own place in the tree wins over a link to it
                     duplicates.append((first[1], rel))
                     listed[at] = None

@@ -125,8 +125,10 @@ def mix_batch(batch: Batch, draw: MixDraw) -> Batch:
     if local_images is not None:
         local_box = scale_box(box, batch.images.shape[-1], local_images.shape[-1])
         local_images = mix_images(local_images, local_images[partner], lam, local_box)
-    record = MixRecord(batch.sample_ids[partner], batch.view.take(partner), lam, box)
-    return replace(batch, images=images, local_images=local_images, view=replace(batch.view, mix=record))
+    view = batch.view
+    assert view is not None  # both streams record every batch's views
+    record = MixRecord(batch.sample_ids[partner], view.take(partner), lam, box)
+    return replace(batch, images=images, local_images=local_images, view=replace(view, mix=record))
 
 
 def mix_generator(seed: int, rank: int, batch_number: int) -> np.random.Generator:

@@ -45,7 +45,6 @@ def _split(
     else:
         out = Path(cfg.data.scan_dir).expanduser() / split if cfg.data.scan_dir else None
         # Rank 0 scans; the others then read the same verdicts from its cache.
-        result = None
         if is_main:
             result = scan(root, out, full=cfg.data.scan == "full", max_pixels=cfg.data.max_image_pixels)
         barrier()
@@ -88,7 +87,7 @@ def prepare_shards(cfg: Config) -> DataSplits:
         f"data: {split} split: {index.num_samples} samples in {len(index.shards.tar_paths)} shard(s) of "
         f"{index.root}"
         for split, index in (("train", train), ("val", val))
-        if index is not None
+        if index is not None and index.shards is not None
     ]
     return DataSplits(train, val, [], messages)
 
@@ -103,7 +102,9 @@ def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] 
     train, train_bad, train_msg = _split(
         cfg, "train", root, cfg.data.file_list, classes, is_main, barrier, None
     )
-    val, val_bad, val_msg = None, [], []
+    val: ImageIndex | None = None
+    val_bad: list[dict[str, str]] = []
+    val_msg: list[str] = []
     if cfg.data.val_root:
         val_root = Path(cfg.data.val_root).expanduser()
         val_classes = ImageIndex.class_folders(val_root)

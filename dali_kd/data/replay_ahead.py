@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Iterator
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
+from nvidia.dali.pipeline import Pipeline
 
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliViewRenderer, _device_id, copy_out, view_columns
@@ -72,15 +73,16 @@ class ViewsAhead(Generic[Job]):
         self._first: Job | None = next(jobs)
         self._last_columns: list | None = None
         self._copied: torch.cuda.Event | None = None
-        self._renderer_args = dict(
+        self._renderer_args: dict[str, Any] = dict(
             index=index, params=params, batch_size=max_views, device=self.device, decode=decode,
             num_threads=num_threads,
         )  # fmt: skip
-        self.pipe = replay_ahead_pipeline(
+        pipe = replay_ahead_pipeline(
             self._next_columns, params, max_views, device_id=_device_id(self.device), num_threads=num_threads,
             prefetch_queue_depth=depth, decode=decode, from_paths=index.shards is None,
         )  # fmt: skip
-        self.pipe.build()
+        pipe.build()
+        self.pipe: Pipeline | None = pipe  # None once closed
 
     def _next_columns(self) -> list:
         """DALI's external source (called in the consumer's thread while it schedules a batch): the next job's
@@ -93,6 +95,7 @@ class ViewsAhead(Generic[Job]):
                 job = next(self._jobs)
             except Exception as e:  # StopIteration included: it must not end DALI's epoch
                 self._in_flight.append(e)
+                assert self._last_columns is not None  # the first job was taken at construction
                 return self._last_columns
         self._in_flight.append(job)
         self._last_columns = self._columns(job)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dali_kd.data import shards as fmt
@@ -32,6 +32,9 @@ class ShardLayout:
     sizes: tuple[int, ...]
     members: tuple[str, ...]
     whole: bool = True
+    # Per process (see __getstate__): the open tars and the lock that opens them.
+    _fds: dict[int, int] = field(init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_fds", {})

@@ -104,7 +104,7 @@ def _render(
     params: AugmentParams,
 ) -> torch.Tensor:
     top, left, h, w = _pixel_box(anchor, shape, img.height, img.width)
-    size = [params.image_size, params.image_size]
+    size = [params.view_size, params.view_size]
     # On a PIL image this is crop-then-resize with PIL's bilinear filter, which antialiases when shrinking.
     out = TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True)
     if flip:
@@ -394,7 +394,7 @@ class _EvalImages(Dataset):
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
         img = decode_rgb(self.index.image_file(sample_id))
         img = TF.resize(img, self.params.resize_size, InterpolationMode.BILINEAR, antialias=True)
-        img = TF.center_crop(img, [self.params.image_size, self.params.image_size])
+        img = TF.center_crop(img, [self.params.view_size, self.params.view_size])
         image = TF.normalize(TF.to_tensor(img), self.params.mean, self.params.std).to(self.dtype)
         return image, self.labels[sample_id], sample_id
 

@@ -93,7 +93,9 @@ class RunMonitor:
             else None
         )
         gpu = (
-            self.gpu.collect().get(self.gpu_index, {}) if self.gpu is not None and self.gpu.available else {}
+            self.gpu.collect().get(self.gpu_index, {})
+            if self.gpu is not None and self.gpu.available and self.gpu_index is not None
+            else {}
         )
         row.update({field: gpu.get(field) for field in GPU_FIELDS})
         if row["gpu_mem_used_mb"] is not None:

@@ -114,7 +114,7 @@ class GpuSampler:
         for index, rows in samples.items():
             folded: dict[str, float | None] = {}
             for field in GPU_FIELDS:
-                values = [r[field] for r in rows if r.get(field) is not None]
+                values = [v for r in rows if (v := r.get(field)) is not None]
                 if not values:
                     folded[field] = None
                 elif _FOLD[field] == "max":
