@@ -128,7 +128,8 @@ def measure_floor(
         teacher = torch.compile(teacher, backend=compile_backend)
     task = DistillTask(models.student, cfg.train.loss, device, amp_dtype, compile=False)
     if compiled:
-        task.student_step = torch.compile(models.student, backend=compile_backend)
+        # The student's forward with its losses, one graph, as the trainer compiles it.
+        task.student_step = torch.compile(task.forward_with_loss, backend=compile_backend)
     optimizer, fused = fused_optimizer(models.student, cfg)
     clip = cfg.train.optimizer.grad_clip
     params = [p for p in models.student.parameters() if p.requires_grad]
