@@ -480,7 +480,7 @@ def read_for_open_count(
 def crop_settings(params: AugmentParams, args) -> dict[str, AugmentParams | MultiCropParams]:
     """One view; the 2 global crops only; 2 global + N local crops (the issue's sizes and scales)."""
     global_view = AugmentParams(**{**vars(params), "crop_scale": (0.32, 1.0)})
-    local_view = AugmentParams(**{**vars(params), "image_size": args.local_size, "crop_scale": (0.05, 0.32)})
+    local_view = AugmentParams(**{**vars(params), "view_size": args.local_size, "crop_scale": (0.05, 0.32)})
     return {
         "one view": params,
         "2 global": MultiCropParams(global_view, local_view, num_global=2, num_local=0),
