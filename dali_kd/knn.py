@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
+import torch.nn.functional as F
+
+from dali_kd.data.batch import Batch
+
+
+@torch.no_grad()
+def extract_embeddings(
+    embed: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised embeddings and labels of every batch, on the batches' device."""
+    features, labels = [], []
+    for batch in batches:
+        features.append(F.normalize(embed(batch.images).float(), dim=-1))
+        labels.append(batch.labels)
+    return torch.cat(features), torch.cat(labels)
 
 
 @torch.no_grad()
