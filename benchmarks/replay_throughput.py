@@ -30,7 +30,7 @@ from benchmarks.make_dataset import make_dataset  # noqa: E402
 from dali_kd.data.batch import ViewRecord  # noqa: E402
 from dali_kd.data.cache_stream import CachedViewStream  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
-from dali_kd.models import ModelOutput  # noqa: E402
+from dali_kd.data.outputs import ModelOutput  # noqa: E402
 from dali_kd.teacher_cache import Part, TeacherCache  # noqa: E402
 from pipelines.params import AugmentParams  # noqa: E402
 

@@ -26,6 +26,7 @@ from dali_kd.distributed import DistInfo
 from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
 from dali_kd.evaluation import Evaluator
+from dali_kd.identity import data_identity
 from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models
 from dali_kd.nonfinite import NonFiniteGuard
@@ -56,7 +57,7 @@ class RunParts:
     targets: TeacherTargets
     cache: TeacherCache | None
     stream: TrainStream
-    data_files: dict | None = None  # checkpoint.data_identity of train_index.files, for the Checkpointer
+    data_files: dict | None = None  # identity.data_identity of train_index.files, for the Checkpointer
     ema: StudentEma | None = None  # train.ema_decay
     # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
     inputs: dict[str, dict] | None = None
@@ -124,7 +125,7 @@ def build_run(
         amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
         NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache, stream=None,
-        data_files=ckpt.data_identity(splits.train.files),
+        data_files=data_identity(splits.train.files),
         inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
     )  # fmt: skip
     if train.ema_decay is not None:

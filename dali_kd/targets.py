@@ -19,8 +19,10 @@ from dali_kd.config import Config
 from dali_kd.config.sections import MIX_KEYS
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.models import FrozenTeacher, ModelOutput
-from dali_kd.teacher_cache import TeacherCache, files_hash, parts_for
+from dali_kd.data.outputs import ModelOutput, view_major
+from dali_kd.identity import files_hash
+from dali_kd.models import FrozenTeacher
+from dali_kd.teacher_cache import TeacherCache, parts_for
 
 # A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
 FIDELITY_FLOOR = 0.999
@@ -40,11 +42,6 @@ class TeacherTargets(Protocol):
         ...
 
     def summary(self) -> dict[str, Any]: ...
-
-
-def view_major(crops: torch.Tensor) -> torch.Tensor:
-    """[B, V, ...] crops → [V*B, ...], crop 0 of every sample first (how DINO batches its crops)."""
-    return crops.transpose(0, 1).flatten(0, 1)
 
 
 class LiveTeacher:

@@ -15,9 +15,10 @@ from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
 from dali_kd.config import LossConfig
 from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
-from dali_kd.models import FrozenTeacher, ModelOutput, Student, create_model
+from dali_kd.models import FrozenTeacher, Student, create_model
 from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.run_state import RunState
 from dali_kd.targets import CachedTeacher, ConstantTargets, LiveTeacher

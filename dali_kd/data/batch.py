@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from dali_kd.models import ModelOutput
+    from dali_kd.data.outputs import ModelOutput
 
 
 @dataclass
