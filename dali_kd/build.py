@@ -33,9 +33,10 @@ from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.optim import build_optimizer, build_scheduler, peak_lr
 from dali_kd.run_state import RunState
 from dali_kd.runtime import autocast_dtype, seed_everything
-from dali_kd.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 from dali_kd.task import DistillTask
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache.store import TeacherCache
+from dali_kd.teacher_cache.stream import make_cached_train_stream
+from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 
 
 @dataclass
@@ -141,9 +142,14 @@ def build_run(
             console.warning(f"warning: {warning}")
         stream_state = restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
     # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
-    parts.stream = make_train_stream(
-        cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
-    )
+    if cache is None:
+        parts.stream = make_train_stream(
+            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state
+        )
+    else:
+        parts.stream = make_cached_train_stream(
+            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
+        )
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from dali_kd.data.batch import Batch, ViewRecord
-from dali_kd.data.cache_stream import CachedViewStream
-from dali_kd.data.dali_loader import DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
-from dali_kd.teacher_cache import DONE, STAND_IN, Part, TeacherCache
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
+from dali_kd.teacher_cache.store import DONE, STAND_IN, Part, TeacherCache
+from dali_kd.teacher_cache.stream import CachedViewStream
 from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 

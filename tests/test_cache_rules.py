@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from dali_kd.data.batch import ViewRecord
-from dali_kd.data.cache_stream import CachedViewStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.models import FrozenTeacher, create_model
-from dali_kd.targets import open_teacher_cache
-from dali_kd.teacher_cache import TeacherCache, parts_for
+from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.stream import CachedViewStream
+from dali_kd.teacher_cache.targets import open_teacher_cache
 
 CPU = torch.device("cpu")
 

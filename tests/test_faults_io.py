@@ -122,7 +122,7 @@ def _report(d: Path, big: bool) -> None:
 def _teacher_cache(d: Path, big: bool) -> None:
     from dali_kd.data.batch import ViewRecord
     from dali_kd.data.outputs import ModelOutput
-    from dali_kd.teacher_cache import Part, TeacherCache
+    from dali_kd.teacher_cache.store import Part, TeacherCache
 
     # 100 images × 2 views × 128 fp32: the pooled array is 100 KiB, sparse until rows are written.
     cache = TeacherCache(
@@ -211,7 +211,7 @@ def test_a_refused_write_is_one_line_and_keeps_what_was_saved(medium, writer):
     assert snapshot(d) == before, "a file saved before the refused write changed"
     assert not list(d.rglob("*.tmp")), "a temporary file was left"
     if writer == "teacher_cache":
-        from dali_kd.teacher_cache import DONE
+        from dali_kd.teacher_cache.store import DONE
 
         done = np.fromfile(d / "cache" / "done.bin", dtype=np.uint8).reshape(100, 2)
         assert done[0, 0] == DONE and done.sum() == DONE, "the first row counts, the refused ones do not"

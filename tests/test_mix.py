@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from dali_kd.callbacks import Callback
 from dali_kd.data.batch import Batch, ViewRecord
-from dali_kd.data.dali_loader import DaliViewRenderer
-from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.mixing import MixParams, draw_mix, mix_batch, mix_generator, mix_images
 from dali_kd.errors import UserError
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
+from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -214,7 +214,9 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     # And the replay stream itself: its batches are the stored mixes, pixel for pixel, and it renders a partner
     # only for the rows that were mixed (mix_prob 0.8: some rows were not).
     filled = {int(i): image for b in kept.fill for i, image in zip(b.stream_ids, b.images, strict=True)}
-    stream = make_train_stream(cfg, trainer.train_index, CPU, cache=cache)  # complete cache: replays at once
+    stream = make_cached_train_stream(
+        cfg, trainer.train_index, CPU, cache=cache
+    )  # complete cache: replays at once
     try:
         batch = next(iter(stream))
     finally:

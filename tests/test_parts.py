@@ -21,9 +21,9 @@ from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
 from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.run_state import RunState
-from dali_kd.targets import CachedTeacher, ConstantTargets, LiveTeacher
 from dali_kd.task import DistillTask
-from dali_kd.teacher_cache import TeacherCache, parts_for
+from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -114,13 +114,6 @@ def test_probe_every_n_steps_and_counters_survive_a_state_round_trip(tmp_path, t
     again = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=3, device=CPU)
     again.load_state_dict(cached.state_dict())
     assert again.summary() | {"cache_read_mb_s": 0} == cached.summary() | {"cache_read_mb_s": 0}
-
-
-def test_constant_targets_are_the_same_whatever_the_batch(teacher):
-    out = teacher(torch.zeros(2, 3, 32, 32))
-    constant = ConstantTargets(out)
-    assert constant.targets(batch_of(torch.randn(2, 3, 32, 32), [0, 1])) is out
-    assert constant.summary() == {"teacher_forward_batches": 0}
 
 
 def test_distill_task_one_view_and_multi_crop(teacher):

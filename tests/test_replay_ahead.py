@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dali_kd.data.batch import Batch
-from dali_kd.data.cache_stream import CachedViewStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import TrainingStopped
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache.store import TeacherCache
+from dali_kd.teacher_cache.stream import CachedViewStream
 from tests.conftest import write_tree
 from tests.test_cache_quarantine import BATCH, CPU, PARAMS, VIEWS, fill_directly, open_cache
 

@@ -17,7 +17,8 @@ from dali_kd import report
 from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
 from dali_kd.data import dali_loader
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
+from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.verdict import judge
@@ -271,7 +272,7 @@ def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path
     # The cache's fill pass copies each batch's targets to the host to store them: the one read a fill step makes
     # by nature (its replay pass must make none). Replay renders views from records read from the cache file.
     monkeypatch.setattr(TeacherCache, "write", allow(TeacherCache.write))
-    monkeypatch.setattr(dali_loader.DaliViewRenderer, "render", allow(dali_loader.DaliViewRenderer.render))
+    monkeypatch.setattr(DaliViewRenderer, "render", allow(DaliViewRenderer.render))
     for name in HOST_READS:
         spy(torch.Tensor, name)
     # Without CUDA the real one would raise: a call is what counts.

@@ -126,7 +126,7 @@ class Batch:
     backend and rank, so a sample can be found again (teacher cache, quarantine, replay): the image shown.
     stream_ids (training streams; int64 [B]): the sample id the stream scheduled at each position, its slot. It
     differs from sample_ids only where the slot's file was set aside at runtime and a same-class stand-in was shown
-    instead; teacher-cache rows are written per slot (see dali_kd.data.cache_stream).
+    instead; teacher-cache rows are written per slot (see dali_kd.teacher_cache.stream).
     """
 
     images: torch.Tensor
@@ -135,7 +135,7 @@ class Batch:
     view: ViewRecord | None = None
     local_images: torch.Tensor | None = None
     # With the teacher cache: the view slot of each sample, whether the teacher's outputs come from the cache,
-    # and which rows a live teacher should store (see dali_kd.data.cache_stream).
+    # and which rows a live teacher should store (see dali_kd.teacher_cache.stream).
     slots: np.ndarray | None = None
     from_cache: bool = False
     store: np.ndarray | None = None

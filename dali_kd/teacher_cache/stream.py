@@ -34,16 +34,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dali_kd.config import Config
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import check_resumed_backend, with_mixing
 from dali_kd.data.mixing import mix_images
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.replay_ahead import ViewsAhead
 from dali_kd.data.sampling import pass_order, shard_sample_ids
+from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
-from dali_kd.teacher_cache import CachedRows, TeacherCache
+from dali_kd.teacher_cache.replay_ahead import ViewsAhead
+from dali_kd.teacher_cache.store import CachedRows, TeacherCache
 from pipelines.params import DEFAULT_DECODE, AugmentParams
+
+
+def make_cached_train_stream(
+    cfg: Config,
+    index: ImageIndex,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict | None = None,
+    *,
+    cache: TeacherCache,
+) -> TrainStream:
+    """The training stream of a run with a teacher cache (fill, then replay, as train.cache_mode says), resumed and
+    mixed as dali_kd.data.loaders.make_train_stream resumes and mixes the others."""
+    check_resumed_backend(cfg, state)
+    stream = CachedViewStream(
+        index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
+        rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
+        max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    return with_mixing(stream, cfg, rank, state)
 
 
 @dataclass

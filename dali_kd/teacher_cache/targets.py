@@ -22,7 +22,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput, view_major
 from dali_kd.identity import files_hash
 from dali_kd.models import FrozenTeacher
-from dali_kd.teacher_cache import TeacherCache, parts_for
+from dali_kd.teacher_cache.store import TeacherCache, parts_for
 
 # A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
 FIDELITY_FLOOR = 0.999
@@ -67,28 +67,6 @@ class LiveTeacher:
 
     def summary(self) -> dict[str, Any]:
         return {"teacher_forward_batches": self.forward_batches}
-
-
-class ConstantTargets:
-    """The same targets for every batch: the student's cost alone, as the step benchmark's student-only mode needs."""
-
-    def __init__(self, output: ModelOutput):
-        self.output = output
-
-    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
-        return self.output
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def interval_metrics(self) -> dict[str, float]:
-        return {}
-
-    def summary(self) -> dict[str, Any]:
-        return {"teacher_forward_batches": 0}
 
 
 @dataclass
