@@ -256,7 +256,7 @@ def test_steady_steps_never_synchronise_the_host_with_the_gpu(tiny_config, tmp_p
     def checked_step(batch):
         on = checking()
         if on:
-            checked.append(batch.from_cache)
+            checked.append(batch.cache is not None and batch.cache.from_cache)
         with sync_errors(on):
             return step(batch)
 

@@ -50,10 +50,10 @@ def replay(index, cache, prefetch_batches: int, state: dict | None = None) -> Ca
 def same(x: Batch, y: Batch) -> bool:
     return (
         np.array_equal(x.host_ids, y.host_ids)
-        and np.array_equal(x.slots, y.slots)
+        and np.array_equal(x.cache.slots, y.cache.slots)
         and torch.equal(x.stream_ids, y.stream_ids)
         and torch.equal(x.images, y.images)
-        and torch.equal(x.cached_targets.pooled, y.cached_targets.pooled)
+        and torch.equal(x.cache.targets.pooled, y.cache.targets.pooled)
     )
 
 

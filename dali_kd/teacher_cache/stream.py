@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dali_kd.config import Config
-from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.data.batch import Batch, CacheFields, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import check_resumed_backend, with_mixing
@@ -92,8 +92,9 @@ class _Replay:
 class CachedViewStream:
     """The TrainStream of a run with a teacher cache: fill batches from DaliTrainStream, then replayed views.
 
-    Fill batches carry `slots` (the view slot of each row) and `store` (which rows to write, at `stream_ids`);
-    replayed ones `from_cache`, `host_ids` and `slots`: the rows whose targets belong to the rendered views.
+    Fill batches carry `cache.slots` (the view slot of each row) and `cache.store` (which rows to write, at
+    `stream_ids`); replayed ones `cache.from_cache`, `cache.targets`, `host_ids` and `cache.slots`: the rows whose
+    targets belong to the rendered views.
     `state_dict()` adds the position, the replay start, the runtime substitutions and `missing_rows`.
     """
 
@@ -180,12 +181,15 @@ class CachedViewStream:
         self.position += len(batch)
         if self.mode == "fixed":
             # One stored view per sample; afterwards the targets of that view are looked up for any new view.
-            batch.slots = np.zeros(len(batch), dtype=np.int64)
-            batch.store = passes == 0
-            batch.from_cache = bool((passes > 0).all())
+            batch.cache = CacheFields(
+                slots=np.zeros(len(batch), dtype=np.int64),
+                store=passes == 0,
+                from_cache=bool((passes > 0).all()),
+            )
         else:
-            batch.slots = np.minimum(passes, self.num_views - 1)
-            batch.store = passes < self.num_views
+            batch.cache = CacheFields(
+                slots=np.minimum(passes, self.num_views - 1), store=passes < self.num_views
+            )
         return batch
 
     def _slots_of_pass(self, pass_index: int) -> np.ndarray:
@@ -267,9 +271,11 @@ class CachedViewStream:
         ids = plan.ids
         batch = Batch(
             images=images, labels=torch.from_numpy(self._labels[ids]), sample_ids=torch.from_numpy(ids),
-            stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, slots=plan.slots, from_cache=True,
-            host_ids=ids, host_stream_ids=plan.stream_ids, cached_targets=plan.rows.to_output(self.device),
-            cached_read_s=plan.read_s,
+            stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, host_ids=ids,
+            host_stream_ids=plan.stream_ids,
+            cache=CacheFields(
+                plan.slots, from_cache=True, targets=plan.rows.to_output(self.device), read_s=plan.read_s
+            ),
         )  # fmt: skip
         return batch.to(self.device, non_blocking=True)
 

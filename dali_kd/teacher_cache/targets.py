@@ -17,7 +17,7 @@ import torch
 from dali_kd import console, distributed
 from dali_kd.config import Config
 from dali_kd.config.sections import MIX_KEYS
-from dali_kd.data.batch import Batch
+from dali_kd.data.batch import Batch, CacheFields
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput, view_major
 from dali_kd.identity import files_hash
@@ -102,9 +102,9 @@ class CacheCounters:
 class CachedTeacher:
     """Targets from the teacher cache for replayed batches; the live teacher (which fills the cache) otherwise.
 
-    A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `slots`); a live
-    batch stores the rows marked in `store`, at the stream slot each sample stands for (`stream_ids`). A fidelity
-    probe runs the live teacher on the first replayed batch of every process start and every N steps.
+    A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `cache.slots`); a
+    live batch stores the rows marked in `cache.store`, at the stream slot each sample stands for (`stream_ids`).
+    A fidelity probe runs the live teacher on the first replayed batch of every process start and every N steps.
     """
 
     def __init__(
@@ -128,22 +128,23 @@ class CachedTeacher:
         ] = []  # (step, cosine on the device), read at the next log
 
     def targets(self, batch: Batch, step: int) -> ModelOutput:
-        if batch.from_cache:
-            return self._replayed(batch, step)
+        cache_fields = batch.cache
+        if cache_fields is not None and cache_fields.from_cache:
+            return self._replayed(batch, cache_fields, step)
         out = self.live.targets(batch, step)
-        if batch.store is not None and batch.store.any():
-            self._store(batch, out)
+        if cache_fields is not None and cache_fields.store is not None and cache_fields.store.any():
+            self._store(batch, cache_fields, out)
         return out
 
-    def _replayed(self, batch: Batch, step: int) -> ModelOutput:
+    def _replayed(self, batch: Batch, cache_fields: CacheFields, step: int) -> ModelOutput:
         # The rows the stream replays (it knows which stand in for a file set aside).
         ids = batch.ids_on_host()
-        if batch.cached_targets is not None:  # read ahead by the replay stream, off the step's path
-            out = batch.cached_targets
-            self.counters.read_s += batch.cached_read_s
+        if cache_fields.targets is not None:  # read ahead by the replay stream, off the step's path
+            out = cache_fields.targets
+            self.counters.read_s += cache_fields.read_s
         else:
             start = time.perf_counter()
-            out = self.cache.read(ids, batch.slots, self.device)
+            out = self.cache.read(ids, cache_fields.slots, self.device)
             self.counters.read_s += time.perf_counter() - start
         self.counters.read_bytes += len(ids) * self.cache.nbytes_per_row()
         self.counters.hits += len(ids)
@@ -151,8 +152,8 @@ class CachedTeacher:
             self._probe(batch, out, step)
         return out
 
-    def _store(self, batch: Batch, out: ModelOutput) -> None:
-        mask = batch.store
+    def _store(self, batch: Batch, cache_fields: CacheFields, out: ModelOutput) -> None:
+        mask = cache_fields.store
         # Rows belong to stream slots: a slot whose file was set aside stores its stand-in's view and targets.
         shown = batch.ids_on_host()[mask]
         ids = batch.stream_ids_on_host()[mask]
@@ -162,7 +163,7 @@ class CachedTeacher:
         )
         view = batch.view.take(picked)  # a mixed view's mix part (partner, its view, λ, box) included
         start = time.perf_counter()
-        self.cache.write(ids, batch.slots[mask], rows, view, shown_ids=shown)
+        self.cache.write(ids, cache_fields.slots[mask], rows, view, shown_ids=shown)
         self.counters.write_s += time.perf_counter() - start
         self.counters.write_bytes += len(ids) * self.cache.nbytes_per_row()
 
