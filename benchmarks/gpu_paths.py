@@ -82,7 +82,7 @@ def make_watcher():
                 torch.cuda.synchronize(trainer.device)
             self.times.append(time.perf_counter())
             self.batches += 1
-            self.from_cache += bool(batch.from_cache)
+            self.from_cache += batch.cache is not None and batch.cache.from_cache
             if not self.devices:
                 self.devices = {name: str(t.device) for name, t in batch.tensors().items()}
             self.off_device.update(off_device_fields(batch, trainer.device))

@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
 from benchmarks.make_dataset import make_dataset  # noqa: E402
 from dali_kd.data.batch import ViewRecord  # noqa: E402
-from dali_kd.data.cache_stream import CachedViewStream  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
-from dali_kd.models import ModelOutput  # noqa: E402
-from dali_kd.teacher_cache import Part, TeacherCache  # noqa: E402
+from dali_kd.data.outputs import ModelOutput  # noqa: E402
+from dali_kd.teacher_cache.store import Part, TeacherCache  # noqa: E402
+from dali_kd.teacher_cache.stream import CachedViewStream  # noqa: E402
 from pipelines.params import AugmentParams  # noqa: E402
 
 

@@ -28,12 +28,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dali_kd.config import load_config
+from dali_kd.data.batch import Batch
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.runtime import resolve_device
-from dali_kd.targets import ConstantTargets
 from dali_kd.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +48,28 @@ from step_parts import markdown as split_markdown  # noqa: E402
 
 # The modes whose step is the floor's computation (one view); the teacher runs in the first two.
 FLOOR_MODES = {"dali": True, "torchvision": True, "dali+cache": False, "dali+student-only": False}
+
+
+class ConstantTargets:
+    """The same targets for every batch: the student's cost alone, as the step benchmark's student-only mode needs."""
+
+    def __init__(self, output: ModelOutput):
+        self.output = output
+
+    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
+        return self.output
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def interval_metrics(self) -> dict[str, float]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {"teacher_forward_batches": 0}
 
 
 def step_overrides(args, data: Path, out: Path, backend: str, run_name: str) -> list[str]:

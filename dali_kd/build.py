@@ -26,15 +26,17 @@ from dali_kd.distributed import DistInfo
 from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
 from dali_kd.evaluation import Evaluator
+from dali_kd.identity import data_identity
 from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models
 from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.optim import build_optimizer, build_scheduler, peak_lr
 from dali_kd.run_state import RunState
 from dali_kd.runtime import autocast_dtype, seed_everything
-from dali_kd.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 from dali_kd.task import DistillTask
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache.store import TeacherCache
+from dali_kd.teacher_cache.stream import make_cached_train_stream
+from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 
 
 @dataclass
@@ -57,7 +59,7 @@ class RunParts:
     cache: TeacherCache | None
     # Built last, at the checkpoint's position (after the restore into the other parts): set by build_run.
     stream: TrainStream = field(init=False)
-    data_files: dict | None = None  # checkpoint.data_identity of train_index.files, for the Checkpointer
+    data_files: dict | None = None  # identity.data_identity of train_index.files, for the Checkpointer
     ema: StudentEma | None = None  # train.ema_decay
     # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
     inputs: dict[str, dict] | None = None
@@ -125,7 +127,7 @@ def build_run(
         amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
         NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache,
-        data_files=ckpt.data_identity(splits.train.files),
+        data_files=data_identity(splits.train.files),
         inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
     )  # fmt: skip
     if train.ema_decay is not None:
@@ -141,9 +143,14 @@ def build_run(
             console.warning(f"warning: {warning}")
         stream_state = restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
     # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
-    parts.stream = make_train_stream(
-        cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
-    )
+    if cache is None:
+        parts.stream = make_train_stream(
+            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state
+        )
+    else:
+        parts.stream = make_cached_train_stream(
+            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
+        )
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
 

@@ -7,25 +7,49 @@ Subclass `Callback` and override what you need; `Trainer(..., callbacks=[...])` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from dali_kd.config import Config
+from dali_kd.run_state import RunState
 
 if TYPE_CHECKING:
     from dali_kd.data.batch import Batch
-    from dali_kd.trainer import Trainer
+
+
+class TrainerView(Protocol):
+    """What a callback reads of the run (dali_kd.trainer.Trainer is one): a Protocol, so that the hooks need not
+    import the loop that calls them. Read-only here, as a callback reads them."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def state(self) -> RunState: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def student(self) -> torch.nn.Module: ...
+    @property
+    def teacher(self) -> torch.nn.Module: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
 
 
 class Callback:
-    def on_step(self, trainer: Trainer, batch: Batch) -> None:
+    def on_step(self, trainer: TrainerView, batch: Batch) -> None:
         """Before step `trainer.step + 1` trains on `batch` (which may be changed in place)."""
 
-    def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         """After a metrics row was made (rank 0 writes it); `row["step"]` is its last step."""
 
-    def on_evaluate(self, trainer: Trainer) -> None:
+    def on_evaluate(self, trainer: TrainerView) -> None:
         """Before the student's k-NN evaluation at an epoch end."""
 
-    def on_checkpoint(self, trainer: Trainer, path: Path | None) -> None:
+    def on_checkpoint(self, trainer: TrainerView, path: Path | None) -> None:
         """After a checkpoint was written (`path` on rank 0; the newest checkpoint on the others)."""
 
-    def on_finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+    def on_finish(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         """After the last step, before the final weights and summary are written."""

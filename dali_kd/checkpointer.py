@@ -16,6 +16,7 @@ from dali_kd import distributed
 from dali_kd.config import Config
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import UserError
+from dali_kd.identity import config_fingerprint, config_hash
 
 
 class Stateful(Protocol):
@@ -48,7 +49,7 @@ class Checkpointer:
         dict (run state, teacher targets, NaN guard); stream_state: this rank's data-stream position;
         before_save: runs first on every rank (a last check, gathering what must be saved with the state);
         after_save: runs last on every rank, with the path written; data_files: the training files'
-        `checkpoint.data_identity`, so that a resume on a changed file list is refused."""
+        `identity.data_identity`, so that a resume on a changed file list is refused."""
         self.files = ckpt.CheckpointDir(run_dir, cfg.train.keep_last_checkpoints)
         self.cfg = cfg
         self.dist = dist
@@ -106,8 +107,8 @@ class Checkpointer:
             "rng": rngs,
             "progress": progress,
             "world_size": self.dist.world_size,
-            "config_hash": ckpt.config_hash(self.cfg),
-            "config_fingerprint": ckpt.config_fingerprint(self.cfg),
+            "config_hash": config_hash(self.cfg),
+            "config_fingerprint": config_fingerprint(self.cfg),
             "teacher": self.teacher_id,
             "data_files": self.data_files,
         }

@@ -15,24 +15,15 @@ import torch
 from torch import nn
 
 from dali_kd import console
-from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
+from dali_kd.identity import weights_hash
 from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation, rgb
 from dali_kd.runtime import autocast
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-@dataclass
-class ModelOutput:
-    """pooled: [B, D] embedding before the classifier (None only from a teacher cache that stores none);
-    logits: [B, C] or None; patch_tokens: [B, N, D] or None."""
-
-    pooled: torch.Tensor | None
-    logits: torch.Tensor | None
-    patch_tokens: torch.Tensor | None
 
 
 def check_model_name(name: str, role: str, key: str | None = None) -> None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_kd.cli import CommandLineParser
-from dali_kd.data.dataset import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
+from dali_kd.data.file_tree import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.errors import UserError
 from dali_kd.image_headers import Reject, check_data
 from dali_kd.io import write_text_atomic

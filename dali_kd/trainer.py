@@ -1,7 +1,7 @@
 """The distillation loop: step-capped epochs over one data stream; each step is targets → task → backward, clip, step.
 
 The parts it drives, each in its own module: the data stream (dali_kd.data.loaders), the teacher targets
-(dali_kd.targets), the distillation task (dali_kd.task), the run state (dali_kd.run_state), the checkpointer
+(dali_kd.teacher_cache.targets), the distillation task (dali_kd.task), the run state (dali_kd.run_state), the checkpointer
 (dali_kd.checkpointer), the NaN guard (dali_kd.nonfinite), telemetry (dali_kd.telemetry) and the run files
 (dali_kd.run_files).
 """

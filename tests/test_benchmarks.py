@@ -476,3 +476,17 @@ def test_step_profile_summary_counts_device_time_idle_gaps_and_host_syncs():
     assert largest["ms"] == pytest.approx(0.14) and largest["host_was_in"] == "aten::copy_"
     assert [(k["name"], k["calls"]) for k in summary["top_kernels"]] == [("k1", 2), ("k2", 1)]
     assert summary["top_kernels"][0]["ms_per_step"] == pytest.approx(1.1 / 2)
+
+
+def test_constant_targets_are_the_same_whatever_the_batch():
+    import torch
+    from train_throughput import ConstantTargets
+
+    from dali_kd.data.batch import Batch
+    from dali_kd.data.outputs import ModelOutput
+
+    out = ModelOutput(torch.randn(2, 4), None, None)
+    constant = ConstantTargets(out)
+    batch = Batch(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.int64), torch.arange(2))
+    assert constant.targets(batch) is out
+    assert constant.summary() == {"teacher_forward_batches": 0}

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from dali_kd.data.batch import Batch, ViewRecord
-from dali_kd.data.cache_stream import CachedViewStream
-from dali_kd.data.dali_loader import DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.models import ModelOutput
-from dali_kd.teacher_cache import DONE, STAND_IN, Part, TeacherCache
+from dali_kd.data.outputs import ModelOutput
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
+from dali_kd.teacher_cache.store import DONE, STAND_IN, Part, TeacherCache
+from dali_kd.teacher_cache.stream import CachedViewStream
 from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
@@ -61,7 +61,7 @@ def fill_directly(cache: TeacherCache, index: ImageIndex, skip: set[tuple[int, i
 
 def check_rows(cache: TeacherCache, index: ImageIndex, batch: Batch, renderer: DaliViewRenderer) -> None:
     """The batch's rows are done views of the images shown, and the images are those views of those files."""
-    ids, slots = batch.host_ids, batch.slots
+    ids, slots = batch.host_ids, batch.cache.slots
     assert len(batch) == BATCH and torch.equal(batch.sample_ids, torch.from_numpy(ids))
     assert cache.holds_own_view(ids, slots).all(), "only rows that hold a view of their own image"
     stored = cache.read(ids, slots, CPU).pooled
@@ -114,7 +114,7 @@ def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path, pr
         again = list(itertools.islice(resumed, 2))
     assert resumed.take_entries() == []
     for x, y in zip(following, again, strict=True):
-        assert np.array_equal(x.host_ids, y.host_ids) and np.array_equal(x.slots, y.slots)
+        assert np.array_equal(x.host_ids, y.host_ids) and np.array_equal(x.cache.slots, y.cache.slots)
         assert torch.equal(x.images, y.images) and torch.equal(x.stream_ids, y.stream_ids)
     stream.close()
     resumed.close()
@@ -136,7 +136,9 @@ def test_a_row_that_is_not_done_is_never_replayed(index, tmp_path):
     seen_none = seen_half = 0
     for batch in batches:
         check_rows(cache, index, batch, renderer)
-        rows = zip(batch.stream_ids.tolist(), batch.host_ids.tolist(), batch.slots.tolist(), strict=True)
+        rows = zip(
+            batch.stream_ids.tolist(), batch.host_ids.tolist(), batch.cache.slots.tolist(), strict=True
+        )
         for slot_id, shown, slot in rows:
             if slot_id == none:
                 seen_none += 1
@@ -163,14 +165,14 @@ def test_a_fill_with_a_substituted_slot_completes_the_cache(index, tmp_path):
         while not stream.replaying:
             batch = next(it)
             fills += 1
-            assert batch.stream_ids is not None and not batch.from_cache
+            assert batch.stream_ids is not None and not batch.cache.from_cache
             # What the trainer does with a fill batch: store the marked rows at the stream slots.
-            mask = batch.store
+            mask = batch.cache.store
             slot_ids, shown = batch.stream_ids.numpy()[mask], batch.sample_ids.numpy()[mask]
             picked = torch.from_numpy(mask)
             view = ViewRecord(*(getattr(batch.view, f)[picked] for f in ("crop_anchor", "crop_shape", "flip",
                                                                             "jitter")))  # fmt: skip
-            slots = batch.slots[mask]
+            slots = batch.cache.slots[mask]
             cache.write(slot_ids, slots, signature(shown, slots), view, shown_ids=shown)
     assert fills == index.num_samples * VIEWS // BATCH
     assert cache.is_complete() and cache.rows_done() == index.num_samples * VIEWS

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from dali_kd.data.batch import ViewRecord
-from dali_kd.data.cache_stream import CachedViewStream
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
-from dali_kd.models import FrozenTeacher, ModelOutput, create_model
-from dali_kd.targets import open_teacher_cache
-from dali_kd.teacher_cache import TeacherCache, parts_for
+from dali_kd.models import FrozenTeacher, create_model
+from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.stream import CachedViewStream
+from dali_kd.teacher_cache.targets import open_teacher_cache
 
 CPU = torch.device("cpu")
 
@@ -54,7 +55,9 @@ def test_a_fresh_run_on_a_partly_filled_cache_fills_it_first(cache_and_index, ti
     fill(cache, ids[:-1], np.ones_like(ids[:-1]))  # ... and all second views but one
     assert not cache.is_complete()
     batch = first_batch(cache, index, tiny_config())
-    assert not batch.from_cache and bool(batch.store.all()), "a partly filled cache was taken as complete"
+    assert not batch.cache.from_cache and bool(batch.cache.store.all()), (
+        "a partly filled cache was taken as complete"
+    )
 
 
 def test_a_fresh_run_on_a_complete_cache_replays_at_once(cache_and_index, tiny_config):
@@ -63,7 +66,7 @@ def test_a_fresh_run_on_a_complete_cache_replays_at_once(cache_and_index, tiny_c
     for slot in (0, 1):
         fill(cache, ids, np.full_like(ids, slot))
     assert cache.is_complete()
-    assert first_batch(cache, index, tiny_config()).from_cache
+    assert first_batch(cache, index, tiny_config()).cache.from_cache
 
 
 @pytest.mark.parametrize(

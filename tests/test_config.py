@@ -301,8 +301,8 @@ def test_yaml_off_means_off():
 
 
 def test_keys_free_on_resume_come_from_the_schema():
-    from dali_kd.checkpoint import config_hash
     from dali_kd.config import resume_free_keys
+    from dali_kd.identity import config_hash
 
     assert resume_free_keys() == {
         "data.val_root", "data.dali_threads", "data.prefetch_batches", "train.output_dir", "train.run_name",

@@ -83,9 +83,9 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
         batches = train_steps(trainer)
     finally:
         trainer.stream.close()
-    assert all(b.from_cache for b in batches)
+    assert all(b.cache.from_cache for b in batches)
     # The cached targets were read ahead by the stream, onto the device, off the step's path.
-    assert all(b.cached_targets is not None for b in batches)
+    assert all(b.cache.targets is not None for b in batches)
     assert trainer.targets.counters.probe_batches == STEPS  # the probe's teacher ran on the device too
     assert trainer.targets.live.forward_batches == 0
 
@@ -151,11 +151,11 @@ def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_pa
     finally:
         trainer.stream.close()
     for batch in replayed:
-        assert batch.from_cache
+        assert batch.cache.from_cache
         for k, i in enumerate(batch.host_ids.tolist()):
             assert torch.equal(batch.images[k], seen[i]), f"sample {i} replayed to other pixels"
             # The cached row of that view (stored as fp16: equal to its rounding).
-            assert torch.allclose(batch.cached_targets.pooled[k], targets[i], rtol=1e-2, atol=1e-2)
+            assert torch.allclose(batch.cache.targets.pooled[k], targets[i], rtol=1e-2, atol=1e-2)
 
 
 def test_one_ahead_starts_the_next_copy_before_handing_out_a_batch():

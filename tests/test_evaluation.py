@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.evaluation import Evaluator
-from dali_kd.models import ModelOutput
 from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")

@@ -121,8 +121,8 @@ def _report(d: Path, big: bool) -> None:
 
 def _teacher_cache(d: Path, big: bool) -> None:
     from dali_kd.data.batch import ViewRecord
-    from dali_kd.models import ModelOutput
-    from dali_kd.teacher_cache import Part, TeacherCache
+    from dali_kd.data.outputs import ModelOutput
+    from dali_kd.teacher_cache.store import Part, TeacherCache
 
     # 100 images × 2 views × 128 fp32: the pooled array is 100 KiB, sparse until rows are written.
     cache = TeacherCache(
@@ -211,7 +211,7 @@ def test_a_refused_write_is_one_line_and_keeps_what_was_saved(medium, writer):
     assert snapshot(d) == before, "a file saved before the refused write changed"
     assert not list(d.rglob("*.tmp")), "a temporary file was left"
     if writer == "teacher_cache":
-        from dali_kd.teacher_cache import DONE
+        from dali_kd.teacher_cache.store import DONE
 
         done = np.fromfile(d / "cache" / "done.bin", dtype=np.uint8).reshape(100, 2)
         assert done[0, 0] == DONE and done.sum() == DONE, "the first row counts, the refused ones do not"
@@ -330,10 +330,10 @@ def test_cli_fault_is_one_line(case, how, says, tmp_path, image_tree, trained):
 # ---- a changed file list --------------------------------------------------------------------------------------
 def test_a_resume_on_a_changed_file_list_is_refused_or_warned(trained, image_tree, tmp_path, capsys):
     from dali_kd.build import build_run
-    from dali_kd.checkpoint import data_identity
     from dali_kd.config import load_config
     from dali_kd.data.dataset import ImageIndex
     from dali_kd.distributed import DistInfo
+    from dali_kd.identity import data_identity
 
     files = ImageIndex.from_folder(image_tree / "train").files
     state = torch.load(trained / "checkpoints" / "step_000000004.pt", weights_only=True)
@@ -369,8 +369,9 @@ def test_a_checkpoint_from_before_new_config_keys_resumes(trained, image_tree, t
     """Upgrading dali_kd mid-run adds config keys (this round: data.augment.mix and its three); the checkpoint's
     config lacks them. Left at their defaults they train what the old version trained, so the run resumes; set
     away from the default they are a change, refused by name."""
-    from dali_kd.checkpoint import config_changes, config_fingerprint, config_hash
+    from dali_kd.checkpoint import config_changes
     from dali_kd.config import load_config
+    from dali_kd.identity import config_fingerprint, config_hash
 
     state = torch.load(trained / "checkpoints" / "step_000000003.pt", weights_only=True)
     added = {f"data.augment.{key}" for key in ("mix", "mix_alpha", "cutmix_alpha", "mix_prob")}
@@ -410,9 +411,10 @@ def test_a_checkpoint_from_before_new_config_keys_resumes(trained, image_tree, t
 
 
 def test_checkpoints_remember_the_file_list(tiny_config, tmp_path):
-    from dali_kd.checkpoint import data_change, data_identity
+    from dali_kd.checkpoint import data_change
     from dali_kd.checkpointer import Checkpointer
     from dali_kd.distributed import DistInfo
+    from dali_kd.identity import data_identity
     from dali_kd.run_state import RunState
 
     files = tuple(f"c/{i}.jpg" for i in range(48))

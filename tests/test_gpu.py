@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
+from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.mixing import mix_images
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.trainer import Trainer
 from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
@@ -255,7 +256,7 @@ def test_steady_steps_never_synchronise_the_host_with_the_gpu(tiny_config, tmp_p
     def checked_step(batch):
         on = checking()
         if on:
-            checked.append(batch.from_cache)
+            checked.append(batch.cache is not None and batch.cache.from_cache)
         with sync_errors(on):
             return step(batch)
 

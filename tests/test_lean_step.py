@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dali_kd.checkpoint import weights_hash
 from dali_kd.config import LossConfig, ModelConfig, OptimizerConfig
 from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
+from dali_kd.identity import weights_hash
 from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models, create_model
 from dali_kd.optim import build_optimizer, use_fused

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from dali_kd.callbacks import Callback
 from dali_kd.data.batch import Batch, ViewRecord
-from dali_kd.data.dali_loader import DaliViewRenderer
-from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.mixing import MixParams, draw_mix, mix_batch, mix_generator, mix_images
 from dali_kd.errors import UserError
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
+from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -173,7 +173,7 @@ class KeepFillBatches(Callback):
         self.replayed = 0
 
     def on_step(self, trainer, batch):
-        if batch.from_cache:
+        if batch.cache is not None and batch.cache.from_cache:
             self.replayed += 1
         else:
             self.fill.append(batch)
@@ -198,7 +198,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
         and json.loads((tmp_path / "cache" / "header.json").read_text())["augment"]["mix"] == "both"
     )
     for batch in kept.fill:
-        ids, slots = batch.stream_ids.numpy(), batch.slots
+        ids, slots = batch.stream_ids.numpy(), batch.cache.slots
         record = cache.read_views(ids, slots)
         assert torch.equal(record.mix.partner_id, batch.view.mix.partner_id)
         assert torch.equal(record.mix.box, batch.view.mix.box) and torch.equal(
@@ -214,12 +214,14 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     # And the replay stream itself: its batches are the stored mixes, pixel for pixel, and it renders a partner
     # only for the rows that were mixed (mix_prob 0.8: some rows were not).
     filled = {int(i): image for b in kept.fill for i, image in zip(b.stream_ids, b.images, strict=True)}
-    stream = make_train_stream(cfg, trainer.train_index, CPU, cache=cache)  # complete cache: replays at once
+    stream = make_cached_train_stream(
+        cfg, trainer.train_index, CPU, cache=cache
+    )  # complete cache: replays at once
     try:
         batch = next(iter(stream))
     finally:
         stream.close()
-    assert batch.from_cache and batch.view.mix is not None
+    assert batch.cache.from_cache and batch.view.mix is not None
     assert torch.equal(batch.images, torch.stack([filled[int(i)] for i in batch.stream_ids]))
     shown = int(batch.view.mix.shows_partner().sum())
     assert 0 < shown < len(batch), "the batch holds mixed and unmixed rows"
@@ -227,7 +229,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
         "its own views, then partners of the mixed rows only"
     )
     live = trainer.teacher(batch.images)
-    assert torch.nn.functional.cosine_similarity(live.pooled, batch.cached_targets.pooled).min() > 0.999
+    assert torch.nn.functional.cosine_similarity(live.pooled, batch.cache.targets.pooled).min() > 0.999
     unmixed = render(trainer, batch.sample_ids, batch.view)
     assert not torch.equal(unmixed, batch.images)
 

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 import dali_kd.data.torchvision_loader as tv_loader
-from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer
+from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil
 from dali_kd.errors import UserError
 from dali_kd.losses import distillation_losses, multi_crop_losses, view_pairs
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.trainer import Trainer
 from pipelines.params import AugmentParams, MultiCropParams, resolve_multi_crop_graph
 from pipelines.pipelines import train_pipeline

@@ -16,15 +16,16 @@ from safetensors.torch import load_file
 from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
 from dali_kd.config import LossConfig
-from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.data.batch import Batch, CacheFields, ViewRecord
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
-from dali_kd.models import FrozenTeacher, ModelOutput, Student, create_model
+from dali_kd.models import FrozenTeacher, Student, create_model
 from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.run_state import RunState
-from dali_kd.targets import CachedTeacher, ConstantTargets, LiveTeacher
 from dali_kd.task import DistillTask
-from dali_kd.teacher_cache import TeacherCache, parts_for
+from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -71,10 +72,10 @@ def test_cached_teacher_fills_rows_at_stream_slots_then_replays_them(tmp_path, t
     images = torch.randn(4, 3, 32, 32)
     # Slot 3's file was set aside: the stream showed sample 2 there.
     fill = batch_of(images, [0, 1, 2, 2], stream_ids=torch.tensor([0, 1, 2, 3]),
-                    slots=np.zeros(4, dtype=np.int64), store=np.ones(4, dtype=bool))  # fmt: skip
+                    cache=CacheFields(np.zeros(4, dtype=np.int64), store=np.ones(4, dtype=bool)))  # fmt: skip
     live = cached.targets(fill, step=1)
     assert cache.is_done(np.arange(4), np.zeros(4, dtype=np.int64)).all()
-    replay = batch_of(images, [0, 1, 2, 2], slots=np.zeros(4, dtype=np.int64), from_cache=True,
+    replay = batch_of(images, [0, 1, 2, 2], cache=CacheFields(np.zeros(4, dtype=np.int64), from_cache=True),
                       host_ids=np.array([0, 1, 2, 3]))  # fmt: skip
     out = cached.targets(replay, step=2)
     assert torch.allclose(out.pooled, live.pooled, atol=1e-6) and torch.allclose(
@@ -93,8 +94,10 @@ def test_the_fidelity_probe_fails_when_cached_rows_do_not_match_the_views(tmp_pa
     cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=None, device=CPU)
     images = torch.randn(4, 3, 32, 32)
     slots = np.zeros(4, dtype=np.int64)
-    cached.targets(batch_of(images, [0, 1, 2, 3], slots=slots, store=np.ones(4, dtype=bool)), step=1)
-    other = batch_of(torch.randn(4, 3, 32, 32), [0, 1, 2, 3], slots=slots, from_cache=True)
+    cached.targets(
+        batch_of(images, [0, 1, 2, 3], cache=CacheFields(slots, store=np.ones(4, dtype=bool))), step=1
+    )
+    other = batch_of(torch.randn(4, 3, 32, 32), [0, 1, 2, 3], cache=CacheFields(slots, from_cache=True))
     cached.targets(other, step=2)
     # The probe's cosine is read on the host at the next log row (no wait for the device inside a step).
     capsys.readouterr()
@@ -113,21 +116,16 @@ def test_probe_every_n_steps_and_counters_survive_a_state_round_trip(tmp_path, t
     cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=3, device=CPU)
     images = torch.randn(4, 3, 32, 32)
     slots = np.zeros(4, dtype=np.int64)
-    cached.targets(batch_of(images, [0, 1, 2, 3], slots=slots, store=np.ones(4, dtype=bool)), step=1)
+    cached.targets(
+        batch_of(images, [0, 1, 2, 3], cache=CacheFields(slots, store=np.ones(4, dtype=bool))), step=1
+    )
     for step in range(2, 8):
-        cached.targets(batch_of(images, [0, 1, 2, 3], slots=slots, from_cache=True), step=step)
+        cached.targets(batch_of(images, [0, 1, 2, 3], cache=CacheFields(slots, from_cache=True)), step=step)
     # The first replayed batch (step 2), then steps 3 and 6.
     assert cached.summary()["teacher_probe_batches"] == 3
     again = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=3, device=CPU)
     again.load_state_dict(cached.state_dict())
     assert again.summary() | {"cache_read_mb_s": 0} == cached.summary() | {"cache_read_mb_s": 0}
-
-
-def test_constant_targets_are_the_same_whatever_the_batch(teacher):
-    out = teacher(torch.zeros(2, 3, 32, 32))
-    constant = ConstantTargets(out)
-    assert constant.targets(batch_of(torch.randn(2, 3, 32, 32), [0, 1])) is out
-    assert constant.summary() == {"teacher_forward_batches": 0}
 
 
 def test_distill_task_one_view_and_multi_crop(teacher):

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from dali_kd.data.batch import ViewRecord
-from dali_kd.data.dali_loader import DaliTrainStream, DaliViewRenderer, dali_eval_batches
+from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import UserError
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from pipelines.params import AugmentParams, EvalParams
 
 MEAN = torch.tensor(AugmentParams().mean).view(1, 3, 1, 1)

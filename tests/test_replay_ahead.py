@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dali_kd.data.batch import Batch
-from dali_kd.data.cache_stream import CachedViewStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import TrainingStopped
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache.store import TeacherCache
+from dali_kd.teacher_cache.stream import CachedViewStream
 from tests.conftest import write_tree
 from tests.test_cache_quarantine import BATCH, CPU, PARAMS, VIEWS, fill_directly, open_cache
 
@@ -50,10 +50,10 @@ def replay(index, cache, prefetch_batches: int, state: dict | None = None) -> Ca
 def same(x: Batch, y: Batch) -> bool:
     return (
         np.array_equal(x.host_ids, y.host_ids)
-        and np.array_equal(x.slots, y.slots)
+        and np.array_equal(x.cache.slots, y.cache.slots)
         and torch.equal(x.stream_ids, y.stream_ids)
         and torch.equal(x.images, y.images)
-        and torch.equal(x.cached_targets.pooled, y.cached_targets.pooled)
+        and torch.equal(x.cache.targets.pooled, y.cache.targets.pooled)
     )
 
 

@@ -19,6 +19,7 @@ from dali_kd.data.sampling import min_shard_size, shard_bounds, shard_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import TrainingStopped
+from dali_kd.teacher_cache.stream import make_cached_train_stream
 from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
@@ -192,8 +193,8 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
 
 # ---- the protocol and the shard rule ------------------------------------------------------------------------------
 def test_every_backend_is_a_train_stream(tiny_config, tmp_path):
-    from dali_kd.data.cache_stream import CachedViewStream
-    from dali_kd.teacher_cache import Part, TeacherCache
+    from dali_kd.teacher_cache.store import Part, TeacherCache
+    from dali_kd.teacher_cache.stream import CachedViewStream
 
     cfg = tiny_config()
     index = ImageIndex.from_folder(cfg.data.root)
@@ -205,7 +206,7 @@ def test_every_backend_is_a_train_stream(tiny_config, tmp_path):
         stream.close()
     cache = TeacherCache(tmp_path / "cache", {"teacher": "t"}, [Part("pooled", (4,), "float16")],
                          index.num_samples, 1, create=True)  # fmt: skip
-    stream = make_train_stream(cfg, index, cpu, cache=cache)
+    stream = make_cached_train_stream(cfg, index, cpu, cache=cache)
     assert isinstance(stream, CachedViewStream) and isinstance(stream, TrainStream)
     stream.close()
     assert not isinstance(object(), TrainStream)

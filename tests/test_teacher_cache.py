@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from dali_kd.data.dali_loader import DaliViewRenderer
 from dali_kd.errors import UserError
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.teacher_cache.renderer import DaliViewRenderer
+from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_a_cache_built_for_another_teacher_is_refused(cached_run, tiny_config, t
 def test_too_small_a_disk_is_refused_before_any_work(tiny_config, tmp_path, monkeypatch):
     import shutil
 
-    from dali_kd import teacher_cache
+    from dali_kd.teacher_cache import store as teacher_cache
 
     monkeypatch.setattr(
         teacher_cache.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000)

@@ -16,8 +16,10 @@ from torch.utils.data import DataLoader
 from dali_kd import report
 from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
-from dali_kd.data import dali_loader, replay_ahead
-from dali_kd.teacher_cache import TeacherCache
+from dali_kd.data import dali_loader
+from dali_kd.teacher_cache import replay_ahead
+from dali_kd.teacher_cache.renderer import DaliViewRenderer, view_columns
+from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.verdict import judge
@@ -271,9 +273,9 @@ def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path
     # The cache's fill pass copies each batch's targets to the host to store them: the one read a fill step makes
     # by nature (its replay pass must make none). Replay renders views from records read from the cache file.
     monkeypatch.setattr(TeacherCache, "write", allow(TeacherCache.write))
-    monkeypatch.setattr(dali_loader.DaliViewRenderer, "render", allow(dali_loader.DaliViewRenderer.render))
+    monkeypatch.setattr(DaliViewRenderer, "render", allow(DaliViewRenderer.render))
     # The replay rendered ahead feeds DALI the planned records, read from the cache file into host tensors.
-    monkeypatch.setattr(replay_ahead, "view_columns", allow(dali_loader.view_columns))
+    monkeypatch.setattr(replay_ahead, "view_columns", allow(view_columns))
     for name in HOST_READS:
         spy(torch.Tensor, name)
     # Without CUDA the real one would raise: a call is what counts.

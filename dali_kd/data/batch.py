@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from dali_kd.models import ModelOutput
+    from dali_kd.data.outputs import ModelOutput
 
 
 @dataclass
@@ -111,6 +111,24 @@ class ViewRecord:
 
 
 @dataclass
+class CacheFields:
+    """What a batch of the teacher-cache stream (dali_kd.teacher_cache.stream) carries for the cache's targets.
+
+    slots:      int64 [B] numpy, the view slot of each row (rows are written and read at (stream id, slot)).
+    store:      bool [B] numpy, the rows a live teacher's outputs are written to (a fill batch), else None.
+    from_cache: the teacher's outputs for this batch come from the cache, not a live teacher.
+    targets:    a replayed batch's cached outputs, read ahead by the stream (on the trainer's device), and read_s
+                how long that read took.
+    """
+
+    slots: np.ndarray
+    store: np.ndarray | None = None
+    from_cache: bool = False
+    targets: ModelOutput | None = None
+    read_s: float = 0.0
+
+
+@dataclass
 class Batch:
     """images: float32 (or the pipeline's output dtype) [B, 3, S, S], normalised; labels and sample_ids: int64 [B];
     view: how each image was made.
@@ -120,13 +138,13 @@ class Batch:
 
     The device contract: every torch tensor of a Batch a stream yields is on the trainer's device (the stream moves
     them; the trainer never does). What only the host reads (cache rows to write or replay) is numpy: host_ids,
-    host_stream_ids, slots, store. So the loop never waits for the device to learn an id.
+    host_stream_ids, cache.slots, cache.store. So the loop never waits for the device to learn an id.
 
     sample_ids index the dataset's sorted file list (dali_kd.data.dataset.ImageIndex), the same on every
     backend and rank, so a sample can be found again (teacher cache, quarantine, replay): the image shown.
     stream_ids (training streams; int64 [B]): the sample id the stream scheduled at each position, its slot. It
     differs from sample_ids only where the slot's file was set aside at runtime and a same-class stand-in was shown
-    instead; teacher-cache rows are written per slot (see dali_kd.data.cache_stream).
+    instead; teacher-cache rows are written per slot (see dali_kd.teacher_cache.stream).
     """
 
     images: torch.Tensor
@@ -134,17 +152,10 @@ class Batch:
     sample_ids: torch.Tensor
     view: ViewRecord | None = None
     local_images: torch.Tensor | None = None
-    # With the teacher cache: the view slot of each sample, whether the teacher's outputs come from the cache,
-    # and which rows a live teacher should store (see dali_kd.data.cache_stream).
-    slots: np.ndarray | None = None
-    from_cache: bool = False
-    store: np.ndarray | None = None
     host_ids: np.ndarray | None = None  # sample_ids on the host
     stream_ids: torch.Tensor | None = None
     host_stream_ids: np.ndarray | None = None  # stream_ids on the host
-    # A replayed batch: the teacher's cached outputs for its rows, read ahead by the stream (and how long that took).
-    cached_targets: ModelOutput | None = None
-    cached_read_s: float = 0.0
+    cache: CacheFields | None = None  # with the teacher cache only
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -175,9 +186,9 @@ class Batch:
         }
         if self.view is not None:
             found.update({f"view.{name}": t for name, t in self.view.tensors().items()})
-        if self.cached_targets is not None:
-            targets = self.cached_targets
-            found.update({f"cached_targets.{f.name}": getattr(targets, f.name) for f in fields(targets)})
+        if self.cache is not None and self.cache.targets is not None:
+            targets = self.cache.targets
+            found.update({f"cache.targets.{f.name}": getattr(targets, f.name) for f in fields(targets)})
         found = {name: t for name, t in found.items() if t is not None}
         return found
 
@@ -195,10 +206,13 @@ class Batch:
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
             local_images=move(self.local_images),
             stream_ids=move(self.stream_ids),
-            cached_targets=None
-            if self.cached_targets is None
+            cache=None
+            if self.cache is None or self.cache.targets is None
             else replace(
-                self.cached_targets,
-                **{f.name: move(getattr(self.cached_targets, f.name)) for f in fields(self.cached_targets)},
+                self.cache,
+                targets=replace(
+                    self.cache.targets,
+                    **{f.name: move(getattr(self.cache.targets, f.name)) for f in fields(self.cache.targets)},
+                ),
             ),
         )

@@ -25,13 +25,25 @@ def make_train_stream(
     rank: int = 0,
     world_size: int = 1,
     state: dict | None = None,
-    cache=None,
 ) -> TrainStream:
-    """The training stream for `data.backend` (the teacher-cache stream when `cache` is given), as a TrainStream
-    (dali_kd.data.stream); `state` (an earlier stream's state_dict()) continues that stream exactly where it
-    stopped, with the same runtime substitutions. With data.augment.mix its batches leave mixed
-    (dali_kd.data.mixing), on every backend."""
-    stream = _backend_stream(cfg, index, device, rank, world_size, state, cache)
+    """The training stream for `data.backend`, as a TrainStream (dali_kd.data.stream); `state` (an earlier stream's
+    state_dict()) continues that stream exactly where it stopped, with the same runtime substitutions. With
+    data.augment.mix its batches leave mixed (dali_kd.data.mixing), on every backend. (With a teacher cache the
+    stream is dali_kd.teacher_cache.stream's.)"""
+    check_resumed_backend(cfg, state)
+    return with_mixing(_backend_stream(cfg, index, device, rank, world_size, state), cfg, rank, state)
+
+
+def check_resumed_backend(cfg: Config, state: dict | None) -> None:
+    """Refuse to continue a stream of another backend than data.backend."""
+    if state is not None and state.get("backend") != cfg.data.backend:
+        raise UserError(
+            f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
+        )
+
+
+def with_mixing(stream: TrainStream, cfg: Config, rank: int, state: dict | None) -> TrainStream:
+    """The stream with its batches mixed as data.augment.mix says (the stream itself without mixing)."""
     mix = MixParams.from_config(cfg.data.augment)
     return stream if mix is None else MixingStream(stream, mix, cfg.train.seed, rank, state)
 
@@ -43,22 +55,8 @@ def _backend_stream(
     rank: int,
     world_size: int,
     state: dict | None,
-    cache,
 ) -> TrainStream:
-    if state is not None and state.get("backend") != cfg.data.backend:
-        raise UserError(
-            f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
-        )
     substitutions = {int(k): v for k, v in state.get("substitutions", {}).items()} if state else None
-    if cache is not None:
-        from dali_kd.data.cache_stream import CachedViewStream
-
-        return CachedViewStream(
-            index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
-            rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
-            max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
-            shuffle_buffer=cfg.data.shuffle_buffer,
-        )  # fmt: skip
     if cfg.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
 

@@ -10,97 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dali_kd.data import shards as fmt
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.shards import ShardLayout
 from dali_kd.errors import UserError
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Per sample: its shard (a number into tar_paths), the byte offset and size of its image in that tar, and
-    its member name. index_paths[k] is tar k's DALI index; `whole` says the samples are the manifest's, all of them
-    in id order (so a key is the sample id and the index files on disk describe exactly these samples)."""
-
-    tar_paths: tuple[str, ...]
-    index_paths: tuple[str, ...]
-    shard_of: tuple[int, ...]
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    members: tuple[str, ...]
-    whole: bool = True
-    # Per process (see __getstate__): the open tars and the lock that opens them.
-    _fds: dict[int, int] = field(init=False, repr=False, compare=False)
-    _lock: threading.Lock = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "_fds", {})
-        object.__setattr__(self, "_lock", threading.Lock())
-
-    def __getstate__(
-        self,
-    ):  # open file descriptors stay with their process (DataLoader workers open their own)
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.__post_init__()
-
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    fd = self._fds[shard] = os.open(self.tar_paths[shard], os.O_RDONLY)
-        return fd
-
-    def read(self, sample_id: int) -> bytes:
-        """The sample's image bytes: one pread at its offset (OSError if the shard cannot be read)."""
-        size = self.sizes[sample_id]
-        data = os.pread(self._fd(self.shard_of[sample_id]), size, self.offsets[sample_id])
-        if len(data) != size:
-            raise OSError(0, f"{self.tar_paths[self.shard_of[sample_id]]} ends inside sample {sample_id}")
-        return data
-
-    def key(self, sample_id: int) -> str:
-        return fmt.split_name(self.members[sample_id])[0]
-
-    def where(self, sample_id: int) -> dict[str, str]:
-        return {
-            "shard": os.path.basename(self.tar_paths[self.shard_of[sample_id]]),
-            "key": self.key(sample_id),
-        }
-
-    def take(self, keep: list[int]) -> ShardLayout:
-        return ShardLayout(
-            tar_paths=self.tar_paths,
-            index_paths=self.index_paths,
-            shard_of=tuple(self.shard_of[i] for i in keep),
-            offsets=tuple(self.offsets[i] for i in keep),
-            sizes=tuple(self.sizes[i] for i in keep),
-            members=tuple(self.members[i] for i in keep),
-            whole=self.whole and keep == list(range(len(self.offsets))),
-        )
-
-    def index_text(
-        self, shard: int, image_of: dict[int, int] | None = None, entry_size: int | None = None
-    ) -> str:
-        """A DALI index of tar `shard` listing its image members only (in tar order, as the index on disk lists its
-        samples, so a reader goes through the same order): image_of maps a sample id to the sample whose bytes its
-        entry points at (a stand-in in the same tar); the entry keeps its own member name, hence its id."""
-        image_of = image_of or {}
-        ids = sorted((i for i, s in enumerate(self.shard_of) if s == shard), key=lambda i: self.offsets[i])
-        lines = [f"{fmt.INDEX_VERSION} {len(ids)}"]
-        for i in ids:
-            j = image_of.get(i, i)
-            ext = fmt.split_name(self.members[i])[1]
-            size = self.sizes[j] if entry_size is None else entry_size
-            lines.append(f"{ext} {self.offsets[j]} {size} {self.members[i]}")
-        return "\n".join(lines) + "\n"
 
 
 def manifest_folder(path: str | os.PathLike) -> Path:

@@ -12,7 +12,6 @@ becomes complete, and a replay never renders such a row's view from the slot's o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,9 +25,9 @@ import torch
 
 from dali_kd import console
 from dali_kd.data.batch import MixRecord, ViewRecord
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.io import os_reason, write_text_atomic
-from dali_kd.models import ModelOutput
 from pipelines import PIPELINE_VERSION
 
 VIEW_FIELDS = 9  # anchor (2), shape (2), flip (1), jitter (4)
@@ -82,10 +81,6 @@ def parts_for(outputs: Sequence[str], teacher_out: ModelOutput, topk: int | None
 def row_bytes(parts: list[Part], mixed: bool = False) -> int:
     mix = (MIX_FIELDS * 4 + 8) if mixed else 0
     return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts) + VIEW_FIELDS * 4 + 1 + mix
-
-
-def files_hash(files: tuple[str, ...]) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
 class TeacherCache:

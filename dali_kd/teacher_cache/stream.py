@@ -34,16 +34,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dali_kd.data.batch import Batch, ViewRecord
+from dali_kd.config import Config
+from dali_kd.data.batch import Batch, CacheFields, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import check_resumed_backend, with_mixing
 from dali_kd.data.mixing import mix_images
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.replay_ahead import ViewsAhead
 from dali_kd.data.sampling import pass_order, shard_sample_ids
+from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
-from dali_kd.teacher_cache import CachedRows, TeacherCache
+from dali_kd.teacher_cache.replay_ahead import ViewsAhead
+from dali_kd.teacher_cache.store import CachedRows, TeacherCache
 from pipelines.params import DEFAULT_DECODE, AugmentParams
+
+
+def make_cached_train_stream(
+    cfg: Config,
+    index: ImageIndex,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict | None = None,
+    *,
+    cache: TeacherCache,
+) -> TrainStream:
+    """The training stream of a run with a teacher cache (fill, then replay, as train.cache_mode says), resumed and
+    mixed as dali_kd.data.loaders.make_train_stream resumes and mixes the others."""
+    check_resumed_backend(cfg, state)
+    stream = CachedViewStream(
+        index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
+        rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
+        max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    return with_mixing(stream, cfg, rank, state)
 
 
 @dataclass
@@ -67,8 +92,9 @@ class _Replay:
 class CachedViewStream:
     """The TrainStream of a run with a teacher cache: fill batches from DaliTrainStream, then replayed views.
 
-    Fill batches carry `slots` (the view slot of each row) and `store` (which rows to write, at `stream_ids`);
-    replayed ones `from_cache`, `host_ids` and `slots`: the rows whose targets belong to the rendered views.
+    Fill batches carry `cache.slots` (the view slot of each row) and `cache.store` (which rows to write, at
+    `stream_ids`); replayed ones `cache.from_cache`, `cache.targets`, `host_ids` and `cache.slots`: the rows whose
+    targets belong to the rendered views.
     `state_dict()` adds the position, the replay start, the runtime substitutions and `missing_rows`.
     """
 
@@ -156,12 +182,15 @@ class CachedViewStream:
         self.position += len(batch)
         if self.mode == "fixed":
             # One stored view per sample; afterwards the targets of that view are looked up for any new view.
-            batch.slots = np.zeros(len(batch), dtype=np.int64)
-            batch.store = passes == 0
-            batch.from_cache = bool((passes > 0).all())
+            batch.cache = CacheFields(
+                slots=np.zeros(len(batch), dtype=np.int64),
+                store=passes == 0,
+                from_cache=bool((passes > 0).all()),
+            )
         else:
-            batch.slots = np.minimum(passes, self.num_views - 1)
-            batch.store = passes < self.num_views
+            batch.cache = CacheFields(
+                slots=np.minimum(passes, self.num_views - 1), store=passes < self.num_views
+            )
         return batch
 
     def _slots_of_pass(self, pass_index: int) -> np.ndarray:
@@ -245,9 +274,11 @@ class CachedViewStream:
         ids = plan.ids
         batch = Batch(
             images=images, labels=torch.from_numpy(self._labels[ids]), sample_ids=torch.from_numpy(ids),
-            stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, slots=plan.slots, from_cache=True,
-            host_ids=ids, host_stream_ids=plan.stream_ids, cached_targets=plan.rows.to_output(self.device),
-            cached_read_s=plan.read_s,
+            stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, host_ids=ids,
+            host_stream_ids=plan.stream_ids,
+            cache=CacheFields(
+                plan.slots, from_cache=True, targets=plan.rows.to_output(self.device), read_s=plan.read_s
+            ),
         )  # fmt: skip
         return batch.to(self.device, non_blocking=True)
 

@@ -17,10 +17,12 @@ import torch
 from dali_kd import console, distributed
 from dali_kd.config import Config
 from dali_kd.config.sections import MIX_KEYS
-from dali_kd.data.batch import Batch
+from dali_kd.data.batch import Batch, CacheFields
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.models import FrozenTeacher, ModelOutput
-from dali_kd.teacher_cache import TeacherCache, files_hash, parts_for
+from dali_kd.data.outputs import ModelOutput, view_major
+from dali_kd.identity import files_hash
+from dali_kd.models import FrozenTeacher
+from dali_kd.teacher_cache.store import TeacherCache, parts_for
 
 # A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
 FIDELITY_FLOOR = 0.999
@@ -40,11 +42,6 @@ class TeacherTargets(Protocol):
         ...
 
     def summary(self) -> dict[str, Any]: ...
-
-
-def view_major(crops: torch.Tensor) -> torch.Tensor:
-    """[B, V, ...] crops → [V*B, ...], crop 0 of every sample first (how DINO batches its crops)."""
-    return crops.transpose(0, 1).flatten(0, 1)
 
 
 class LiveTeacher:
@@ -70,28 +67,6 @@ class LiveTeacher:
 
     def summary(self) -> dict[str, Any]:
         return {"teacher_forward_batches": self.forward_batches}
-
-
-class ConstantTargets:
-    """The same targets for every batch: the student's cost alone, as the step benchmark's student-only mode needs."""
-
-    def __init__(self, output: ModelOutput):
-        self.output = output
-
-    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
-        return self.output
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def interval_metrics(self) -> dict[str, float]:
-        return {}
-
-    def summary(self) -> dict[str, Any]:
-        return {"teacher_forward_batches": 0}
 
 
 @dataclass
@@ -127,9 +102,9 @@ class CacheCounters:
 class CachedTeacher:
     """Targets from the teacher cache for replayed batches; the live teacher (which fills the cache) otherwise.
 
-    A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `slots`); a live
-    batch stores the rows marked in `store`, at the stream slot each sample stands for (`stream_ids`). A fidelity
-    probe runs the live teacher on the first replayed batch of every process start and every N steps.
+    A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `cache.slots`); a
+    live batch stores the rows marked in `cache.store`, at the stream slot each sample stands for (`stream_ids`).
+    A fidelity probe runs the live teacher on the first replayed batch of every process start and every N steps.
     """
 
     def __init__(
@@ -153,23 +128,24 @@ class CachedTeacher:
         ] = []  # (step, cosine on the device), read at the next log
 
     def targets(self, batch: Batch, step: int) -> ModelOutput:
-        if batch.from_cache:
-            return self._replayed(batch, step)
+        cache_fields = batch.cache
+        if cache_fields is not None and cache_fields.from_cache:
+            return self._replayed(batch, cache_fields, step)
         out = self.live.targets(batch, step)
-        if batch.store is not None and batch.store.any():
-            self._store(batch, out)
+        if cache_fields is not None and cache_fields.store is not None and cache_fields.store.any():
+            self._store(batch, cache_fields, out)
         return out
 
-    def _replayed(self, batch: Batch, step: int) -> ModelOutput:
+    def _replayed(self, batch: Batch, cache_fields: CacheFields, step: int) -> ModelOutput:
         # The rows the stream replays (it knows which stand in for a file set aside).
         ids = batch.ids_on_host()
-        if batch.cached_targets is not None:  # read ahead by the replay stream, off the step's path
-            out = batch.cached_targets
-            self.counters.read_s += batch.cached_read_s
+        if cache_fields.targets is not None:  # read ahead by the replay stream, off the step's path
+            out = cache_fields.targets
+            self.counters.read_s += cache_fields.read_s
         else:
-            assert batch.slots is not None  # a replayed batch names its rows' slots
+            assert cache_fields.slots is not None  # a replayed batch names its rows' slots
             start = time.perf_counter()
-            out = self.cache.read(ids, batch.slots, self.device)
+            out = self.cache.read(ids, cache_fields.slots, self.device)
             self.counters.read_s += time.perf_counter() - start
         self.counters.read_bytes += len(ids) * self.cache.nbytes_per_row()
         self.counters.hits += len(ids)
@@ -177,8 +153,8 @@ class CachedTeacher:
             self._probe(batch, out, step)
         return out
 
-    def _store(self, batch: Batch, out: ModelOutput) -> None:
-        mask, slots, batch_view = batch.store, batch.slots, batch.view
+    def _store(self, batch: Batch, cache_fields: CacheFields, out: ModelOutput) -> None:
+        mask, slots, batch_view = cache_fields.store, cache_fields.slots, batch.view
         # A filling batch says which rows to store, in which slots, and their views.
         assert mask is not None and slots is not None and batch_view is not None
         # Rows belong to stream slots: a slot whose file was set aside stores its stand-in's view and targets.

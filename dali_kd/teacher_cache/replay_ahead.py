@@ -24,8 +24,9 @@ import torch
 from nvidia.dali.pipeline import Pipeline
 
 from dali_kd.data.batch import ViewRecord
-from dali_kd.data.dali_loader import DaliViewRenderer, _device_id, copy_out, view_columns
+from dali_kd.data.dali_loader import _device_id
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.teacher_cache.renderer import DaliViewRenderer, copy_out, view_columns
 from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
 from pipelines.pipelines import REPLAY_INPUTS, replay_ahead_pipeline
 

@@ -1,0 +1,174 @@
+"""The package's import graph: no cycle, and no import that runs from a lower part up to a higher one.
+
+Read from the source with `ast` (nothing is imported): every import counts, at module level, inside a function or
+under TYPE_CHECKING, since each is a part the reader of a module has to understand first.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dali_kd"
+
+# The parts, as module names (a name covers its sub-modules).
+DATA = ("dali_kd.data",)
+MODELS = ("dali_kd.models", "dali_kd.hub")
+CACHE = ("dali_kd.teacher_cache",)
+LOOP = ("dali_kd.trainer", "dali_kd.build", "dali_kd.checkpointer", "dali_kd.callbacks")
+COMMANDS = tuple(
+    f"dali_kd.{name}"
+    for name in ("cli", "train", "shard", "export", "fetch", "report", "scan", "demo", "tune")
+)
+CHECKPOINT_FILES = ("dali_kd.checkpoint",)
+
+# Imports that still run upward, each to go when its part moves; an entry no longer needed fails the test too.
+KNOWN_UPWARD = {
+    # scan.py's file checks, which data/ uses, move into data/.
+    ("dali_kd.data.eval_quarantine", "dali_kd.scan"),
+    ("dali_kd.data.prepare", "dali_kd.scan"),
+    ("dali_kd.data.recovery", "dali_kd.scan"),
+}
+
+
+def _module_names(package: Path) -> dict[str, Path]:
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def _imported(name: str, modules: dict[str, Path]) -> str | None:
+    """The package module `name` loads: itself, or its nearest enclosing module (`from a.b import f` loads a.b)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(_imported(alias.name, modules) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            # `from pkg import mod` loads pkg.mod; `from mod import name` loads mod.
+            found.update(
+                _imported(f"{base}.{alias.name}", modules) or _imported(base, modules) for alias in node.names
+            )
+    found.discard(None)
+    found.discard(module)
+    return found
+
+
+@cache
+def import_graph(package: Path = PACKAGE) -> dict[str, frozenset[str]]:
+    modules = _module_names(package)
+    return {name: frozenset(_imports(name, path, modules)) for name, path in modules.items()}
+
+
+def _within(module: str, part: tuple[str, ...]) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in part)
+
+
+def _path_to(
+    graph: dict[str, frozenset[str]], start: str, goal: tuple[str, ...], skip: set
+) -> list[str] | None:
+    """The first import chain from start into `goal` (breadth first), not through an edge in `skip`."""
+    seen, queue = {start}, [[start]]
+    while queue:
+        chain = queue.pop(0)
+        for nxt in sorted(graph[chain[-1]]):
+            if (chain[-1], nxt) in skip or nxt in seen:
+                continue
+            if _within(nxt, goal):
+                return [*chain, nxt]
+            seen.add(nxt)
+            queue.append([*chain, nxt])
+    return None
+
+
+def find_cycles(graph: dict[str, frozenset[str]]) -> list[list[str]]:
+    """Each strongly connected group of more than one module (Tarjan), as sorted names."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def upward_imports(graph: dict[str, frozenset[str]], skip: set) -> list[str]:
+    """Every chain that runs from a part to one it must not need, in words."""
+    rules = [
+        (DATA, MODELS + CACHE + LOOP + COMMANDS, "data needs models, the cache, the loop or a command"),
+        (MODELS, CHECKPOINT_FILES + LOOP, "building a model needs a checkpoint module"),
+        (CHECKPOINT_FILES, CACHE + LOOP, "checkpoint files need the cache or the loop"),
+    ]
+    found = []
+    for low, high, what in rules:
+        for module in sorted(m for m in graph if _within(m, low)):
+            chain = _path_to(graph, module, high, skip)
+            if chain:
+                found.append(f"{what}: {' -> '.join(chain)}")
+    return found
+
+
+def test_the_graph_is_read_from_the_source():
+    graph = import_graph()
+    assert "dali_kd.trainer" in graph["dali_kd.train"], "a module-level import"
+    # Function-level imports count: the loaders pick their backend inside a function.
+    assert "dali_kd.data.dali_loader" in graph["dali_kd.data.loaders"]
+
+
+def test_no_import_cycle():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_import_runs_upward():
+    graph = import_graph()
+    assert upward_imports(graph, KNOWN_UPWARD) == []
+    needed = {edge for edge in KNOWN_UPWARD if edge[1] in graph.get(edge[0], ())}
+    assert needed == KNOWN_UPWARD, (
+        f"no longer imported, drop from KNOWN_UPWARD: {sorted(KNOWN_UPWARD - needed)}"
+    )
+
+
+def test_a_planted_upward_import_is_found():
+    graph = dict(import_graph())
+    graph["dali_kd.data.batch"] = graph["dali_kd.data.batch"] | {"dali_kd.trainer"}
+    assert any(
+        "dali_kd.data.batch -> dali_kd.trainer" in line for line in upward_imports(graph, KNOWN_UPWARD)
+    )
+    assert any("dali_kd.data.batch" in cycle for cycle in find_cycles(graph)), "the trainer imports the batch"
