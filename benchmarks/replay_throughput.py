@@ -31,8 +31,8 @@ from dali_kd.data.batch import ViewRecord  # noqa: E402
 from dali_kd.data.cache_stream import CachedViewStream  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
 from dali_kd.models import ModelOutput  # noqa: E402
+from dali_kd.pipelines.params import AugmentParams  # noqa: E402
 from dali_kd.teacher_cache import Part, TeacherCache  # noqa: E402
-from pipelines.params import AugmentParams  # noqa: E402
 
 
 def filled_cache(directory: Path, index: ImageIndex, feature: int = 384) -> TeacherCache:

@@ -19,8 +19,8 @@ from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
 from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
 from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
+from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 from dali_kd.runtime import autocast
-from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 

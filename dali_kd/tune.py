@@ -33,7 +33,7 @@ from dali_kd.cli import CommandLineParser
 from dali_kd.config import Config, load_config
 from dali_kd.config.presets import find_preset
 from dali_kd.errors import UserError
-from pipelines.params import resolve_multi_crop_graph
+from dali_kd.pipelines.params import resolve_multi_crop_graph
 
 MIN_NOISE_PCT = 1.0
 

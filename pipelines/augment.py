@@ -15,7 +15,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
-from pipelines.params import (
+from dali_kd.pipelines.params import (
     DEFAULT_DECODE,
     IDENTITY_JITTER,
     AugmentParams,

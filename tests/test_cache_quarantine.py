@@ -18,8 +18,8 @@ from dali_kd.data.cache_stream import CachedViewStream
 from dali_kd.data.dali_loader import DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.models import ModelOutput
+from dali_kd.pipelines.params import AugmentParams
 from dali_kd.teacher_cache import DONE, STAND_IN, Part, TeacherCache
-from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
 PARAMS = AugmentParams(image_size=16)

@@ -14,7 +14,7 @@ from PIL import Image
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliViewRenderer
 from dali_kd.data.dataset import ImageIndex
-from pipelines.params import AugmentParams
+from dali_kd.pipelines.params import AugmentParams
 
 PARAMS = AugmentParams(image_size=32)
 

@@ -19,7 +19,7 @@ from dali_kd.data.sampling import min_shard_size, shard_bounds, shard_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import TrainingStopped
-from pipelines.params import AugmentParams
+from dali_kd.pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
 PARAMS = AugmentParams(image_size=16)

@@ -22,7 +22,7 @@ from dali_kd.data.torchvision_loader import (
     torchvision_eval_batches,
 )
 from dali_kd.demo_data import make_demo_dataset
-from pipelines.params import AugmentParams, EvalParams
+from dali_kd.pipelines.params import AugmentParams, EvalParams
 
 PARAMS = AugmentParams(image_size=24, crop_scale=(0.25, 1.0))
 

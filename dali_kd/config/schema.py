@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, model_validator
 
 from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
-from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
+from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
 

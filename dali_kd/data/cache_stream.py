@@ -42,8 +42,8 @@ from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.replay_ahead import ViewsAhead
 from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.errors import TrainingStopped
+from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams
 from dali_kd.teacher_cache import CachedRows, TeacherCache
-from pipelines.params import DEFAULT_DECODE, AugmentParams
 
 
 @dataclass

@@ -25,8 +25,8 @@ import torch
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliViewRenderer, _device_id, copy_out, view_columns
 from dali_kd.data.dataset import ImageIndex
-from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
-from pipelines.pipelines import REPLAY_INPUTS, replay_ahead_pipeline
+from dali_kd.pipelines.graphs import REPLAY_INPUTS, replay_ahead_pipeline
+from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
 
 
 class RenderJob(Protocol):

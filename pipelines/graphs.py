@@ -14,8 +14,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipelines import multi_crop as batched
-from pipelines.augment import (
+from dali_kd.pipelines import multi_crop as batched
+from dali_kd.pipelines.augment import (
     View,
     draw_view,
     eval_transform,
@@ -24,7 +24,7 @@ from pipelines.augment import (
     render_view,
     stack_views,
 )
-from pipelines.params import (
+from dali_kd.pipelines.params import (
     DEFAULT_DECODE,
     AugmentParams,
     DecodeParams,
