@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dali_kd.callbacks import Callback
+from dali_kd.commands.train import main
 from dali_kd.config import DEMO_CONFIG_DIR
 from dali_kd.console import Console, RunLog, choose_mode, eval_line, interval_line
 from dali_kd.errors import UserError
-from dali_kd.train import main
 from dali_kd.trainer import Trainer
 
 CPU = torch.device("cpu")

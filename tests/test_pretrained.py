@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from dali_kd import fetch, train
 from dali_kd.checkpoint import weights_hash
+from dali_kd.commands import fetch, train
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
 from dali_kd.models import build_distill_models, build_model, check_model_name, head_sizes, pretrained_weights
