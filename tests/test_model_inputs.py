@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dali_kd.model_inputs import InputAdapter, InputSpec
+from dali_kd.models.inputs import InputAdapter, InputSpec
 from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 from dali_kd.trainer import Trainer
 

@@ -110,7 +110,7 @@ def test_offline_nothing_is_downloaded_and_the_message_names_the_setting(hub_cac
     import huggingface_hub
     import torch.hub
 
-    from dali_kd.hub import find_pretrained
+    from dali_kd.models.hub import find_pretrained
 
     tried = []
 

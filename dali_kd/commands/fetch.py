@@ -58,8 +58,8 @@ def names_to_fetch(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from dali_kd.hub import find_pretrained, hf_hub_cache
         from dali_kd.models import check_model_name
+        from dali_kd.models.hub import find_pretrained, hf_hub_cache
 
         for name, name_key, pretrained_key in names_to_fetch(args):
             check_model_name(name, "", key=name_key)

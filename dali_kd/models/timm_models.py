@@ -17,8 +17,8 @@ from torch import nn
 from dali_kd.checkpoint import weights_hash
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
-from dali_kd.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
-from dali_kd.model_inputs import InputAdapter, InputSpec, pretrained_normalisation
+from dali_kd.models.hub import HF_HUB_PREFIX, PretrainedWeights, find_pretrained
+from dali_kd.models.inputs import InputAdapter, InputSpec, pretrained_normalisation
 from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 from dali_kd.runtime import autocast
 
@@ -69,7 +69,7 @@ def create_model(
 
     any_size: also accept other input sizes (multi-crop's local crops); ViTs then interpolate their position
     embedding (timm's dynamic_img_size), CNNs already do.
-    weights: pretrained weights already on this machine (dali_kd.hub.find_pretrained); timm loads them, resampling
+    weights: pretrained weights already on this machine (dali_kd.models.hub.find_pretrained); timm loads them, resampling
     a ViT's position embedding to image_size and leaving a fresh head when num_classes differs from theirs.
     """
     kwargs: dict = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
@@ -193,7 +193,7 @@ def pretrained_weights(spec: ModelSpec, role: str) -> PretrainedWeights | None:
 
 
 def fetch_pretrained(cfg: ModelConfig) -> None:
-    """Make sure the pretrained weights the config asks for are in the local cache (see dali_kd.hub), so that
+    """Make sure the pretrained weights the config asks for are in the local cache (see dali_kd.models.hub), so that
     building the models later reads them from there; says when a checkpoint wins over pretrained: true."""
     for role in ("teacher", "student"):
         spec: ModelSpec = getattr(cfg, role)
