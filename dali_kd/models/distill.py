@@ -15,9 +15,11 @@ from dali_kd.models.inputs import InputAdapter, InputSpec, pretrained_normalisat
 from dali_kd.models.timm_models import (
     ModelOutput,
     build_model,
+    embed_dim,
     head_sizes,
     model_outputs,
     pretrained_weights,
+    same_token_grid,
 )
 from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 from dali_kd.runtime import autocast
@@ -148,22 +150,6 @@ class Student(nn.Module):
         if self.input is not None:
             images = self.input(images)
         return model_outputs(self.backbone if backbone is None else backbone, images, with_patches=False)
-
-
-def _patch_grid(model: nn.Module) -> tuple[int, ...] | None:
-    patch_embed = getattr(model, "patch_embed", None)
-    grid = getattr(patch_embed, "grid_size", None)
-    return tuple(grid) if grid is not None and hasattr(model, "num_prefix_tokens") else None
-
-
-def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
-    """Patch-token distillation needs two ViT-style models with the same token grid."""
-    grid = _patch_grid(teacher)
-    return grid is not None and grid == _patch_grid(student)
-
-
-def embed_dim(model: nn.Module) -> int:
-    return int(model.num_features)
 
 
 @dataclass

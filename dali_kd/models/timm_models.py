@@ -215,6 +215,22 @@ def head_sizes(cfg: ModelConfig, teacher: PretrainedWeights | None) -> tuple[int
     return teacher_classes, student_classes
 
 
+def _patch_grid(model: nn.Module) -> tuple[int, ...] | None:
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    return tuple(grid) if grid is not None and hasattr(model, "num_prefix_tokens") else None
+
+
+def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
+    """Patch-token distillation needs two ViT-style models with the same token grid."""
+    grid = _patch_grid(teacher)
+    return grid is not None and grid == _patch_grid(student)
+
+
+def embed_dim(model: nn.Module) -> int:
+    return int(model.num_features)
+
+
 def model_outputs(model: nn.Module, images: torch.Tensor, with_patches: bool) -> ModelOutput:
     """Pooled embedding, logits and (ViTs) patch tokens from one pass of a timm model."""
     tokens = model.forward_features(images)
