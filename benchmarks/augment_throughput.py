@@ -3,7 +3,7 @@
 Same files, same AugmentParams, same batch size for every path:
   torchvision  dali_kd's torchvision backend (PIL + torchvision in a DataLoader, persistent_workers=False — the
                original trainer's path) at several worker counts, including the original's 4
-  dali_raw     the raw DALI CPU pipeline (pipelines.train_pipeline, pipe.run()) — what dali_kd's loader wraps
+  dali_raw     the raw DALI CPU pipeline (pipelines/graphs.py train_pipeline, pipe.run()) — what dali_kd's loader wraps
   dali_cpu     dali_kd's DALI loader in CPU-only mode (torch tensors out) at several thread counts
   dali_raw_gpu the raw DALI pipeline on the GPU (decode "mixed", hardware JPEG decoder where present)
   dali_gpu     dali_kd's DALI loader on the GPU
@@ -72,7 +72,8 @@ from dali_kd.data.dataset import ImageIndex  # noqa: E402
 from dali_kd.data.shard_index import index_from_shards  # noqa: E402
 from dali_kd.data.shards import READER_IMAGE_EXT  # noqa: E402
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream  # noqa: E402
-from pipelines.params import (  # noqa: E402
+from dali_kd.pipelines.graphs import ShardFiles, train_pipeline  # noqa: E402
+from dali_kd.pipelines.params import (  # noqa: E402
     DECODE_MODES,
     DEFAULT_DECODE,
     MULTI_CROP_GRAPHS,
@@ -82,7 +83,6 @@ from pipelines.params import (  # noqa: E402
     MultiCropParams,
     resolve_multi_crop_graph,
 )
-from pipelines.pipelines import ShardFiles, train_pipeline  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FORMATS = ("folder", "shards")
@@ -232,7 +232,7 @@ def dataset_indexes(args, work: Path) -> dict[str, ImageIndex]:
         if fmt == "folder":
             indexes[fmt] = ImageIndex.from_folder(data)
         else:
-            from dali_kd.shard import make_shards, parse_size
+            from dali_kd.commands.shard import make_shards, parse_size
 
             made = make_shards(data, work / "shards", parse_size(args.shard_size), show_progress=False)
             print(

@@ -25,8 +25,8 @@ from pathlib import Path
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_kd.data.dataset import ImageIndex
-from pipelines.augment import draw_view, image_hw, normalize, render_view, to_pixels
-from pipelines.params import OUTPUT_DTYPES, AugmentParams, DecodeParams
+from dali_kd.pipelines.augment import draw_view, image_hw, normalize, render_view, to_pixels
+from dali_kd.pipelines.params import OUTPUT_DTYPES, AugmentParams, DecodeParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_dataset import make_dataset  # noqa: E402

@@ -32,9 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script sits in
+from dali_kd.commands.demo import TEACHER_STEPS, train_demo_teacher  # noqa: E402
+from dali_kd.commands.demo_data import make_demo_dataset  # noqa: E402
 from dali_kd.config import load_config  # noqa: E402
-from dali_kd.demo import TEACHER_STEPS, train_demo_teacher  # noqa: E402
-from dali_kd.demo_data import make_demo_dataset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import machine_info  # noqa: E402

@@ -30,9 +30,9 @@ from benchmarks.make_dataset import make_dataset  # noqa: E402
 from dali_kd.data.batch import ViewRecord  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
 from dali_kd.data.outputs import ModelOutput  # noqa: E402
+from dali_kd.pipelines.params import AugmentParams  # noqa: E402
 from dali_kd.teacher_cache.store import Part, TeacherCache  # noqa: E402
 from dali_kd.teacher_cache.stream import CachedViewStream  # noqa: E402
-from pipelines.params import AugmentParams  # noqa: E402
 
 
 def filled_cache(directory: Path, index: ImageIndex, feature: int = 384) -> TeacherCache:

@@ -29,8 +29,8 @@ from timm.optim import create_optimizer_v2
 from dali_kd.config import Config, load_config
 from dali_kd.data.batch import Batch
 from dali_kd.data.outputs import ModelOutput
-from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, build_distill_models, model_outputs
+from dali_kd.models.inputs import InputSpec
 from dali_kd.optim import param_groups, peak_lr
 from dali_kd.runtime import autocast, autocast_dtype, resolve_device
 from dali_kd.task import DistillTask

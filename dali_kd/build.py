@@ -27,8 +27,8 @@ from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
 from dali_kd.evaluation import Evaluator
 from dali_kd.identity import data_identity
-from dali_kd.model_inputs import InputSpec
 from dali_kd.models import FrozenTeacher, Student, build_distill_models
+from dali_kd.models.inputs import InputSpec
 from dali_kd.nonfinite import NonFiniteGuard
 from dali_kd.optim import build_optimizer, build_scheduler, peak_lr
 from dali_kd.run_state import RunState

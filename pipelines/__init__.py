@@ -1,10 +1,11 @@
 """DALI graphs for dali_kd: readers, decode, the four augmentations and view replay.
 
-This package imports nvidia.dali and numpy only — never torch and never dali_kd — so the graphs can be
-reused, tested and benchmarked on their own.
+It lives at the top of the checkout and ships as `dali_kd.pipelines` (dali_kd/pipelines links here). It imports
+nvidia.dali and numpy only — never torch and no other part of dali_kd — so the graphs can be reused, tested and
+benchmarked on their own (tests/test_package_boundaries.py holds it to that).
 """
 
-from pipelines.params import AugmentParams, EvalParams
+from dali_kd.pipelines.params import AugmentParams, EvalParams
 
 __all__ = ["PIPELINE_VERSION", "AugmentParams", "EvalParams"]
 

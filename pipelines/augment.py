@@ -17,7 +17,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 from nvidia.dali.types import DALIDataType, DALIImageType, DALIInterpType  # types.FLOAT etc. are untyped
 
-from pipelines.params import (
+from dali_kd.pipelines.params import (
     DEFAULT_DECODE,
     IDENTITY_JITTER,
     AugmentParams,

@@ -21,8 +21,14 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 from nvidia.dali.types import DALIDataType, DALIInterpType
 
-from pipelines.augment import View, decode_full, image_hw, normalize, resized, to_pixels
-from pipelines.params import DEFAULT_DECODE, IDENTITY_JITTER, AugmentParams, DecodeParams, MultiCropParams
+from dali_kd.pipelines.augment import View, decode_full, image_hw, normalize, resized, to_pixels
+from dali_kd.pipelines.params import (
+    DEFAULT_DECODE,
+    IDENTITY_JITTER,
+    AugmentParams,
+    DecodeParams,
+    MultiCropParams,
+)
 
 # torchvision's RandomResizedCrop: this many tries at a random window before the centre crop.
 NUM_ATTEMPTS = 10

@@ -16,10 +16,10 @@ import torch
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
+from dali_kd.pipelines.params import AugmentParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.teacher_cache.store import DONE, STAND_IN, Part, TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
-from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
 PARAMS = AugmentParams(view_size=16)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.pipelines.params import AugmentParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from pipelines.params import AugmentParams
 
 PARAMS = AugmentParams(view_size=32)
 

@@ -286,7 +286,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, expected):
 
 
 def test_cli_accepts_overrides_between_flags():
-    from dali_kd.train import build_parser
+    from dali_kd.commands.train import build_parser
 
     args = build_parser().parse_intermixed_args(
         ["train.batch_size=4", "--device", "cpu", "data.image_size=32", "--resume", "none", "train.seed=3"]

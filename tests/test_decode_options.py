@@ -18,10 +18,10 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import UserError
 from dali_kd.models import FrozenTeacher, create_model
+from dali_kd.pipelines.augment import decode_full
+from dali_kd.pipelines.graphs import REPLAY_INPUTS, eval_pipeline, replay_pipeline, train_pipeline
+from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 from dali_kd.teacher_cache.targets import open_teacher_cache
-from pipelines.augment import decode_full
-from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
-from pipelines.pipelines import REPLAY_INPUTS, eval_pipeline, replay_pipeline, train_pipeline
 
 PARAMS = AugmentParams(view_size=32)
 BATCH = 8

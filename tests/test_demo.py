@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dali_kd.commands.demo import demo_parts, train_demo_teacher
 from dali_kd.config import CONFIG_DIR, SECTION_FILES, load_config
-from dali_kd.demo import demo_parts, train_demo_teacher
 from dali_kd.models import build_model
 
 

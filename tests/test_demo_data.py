@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_kd.data.dataset import ImageIndex
-from dali_kd.demo_data import (
+from dali_kd.commands.demo_data import (
     CLASS_NAMES,
     FINE_CLASS_NAMES,
     MARKER_NAME,
     demo_dataset_ready,
     make_demo_dataset,
 )
+from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import UserError
 
 SMALL = {"num_classes": 4, "train_per_class": 3, "val_per_class": 2, "image_size": 32, "seed": 7}

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dali_kd.commands.export import check_batch, main
+from dali_kd.commands.export_source import StudentWeights, build_student, read_run_config
 from dali_kd.config import load_config
-from dali_kd.export import check_batch, main
-from dali_kd.export_source import StudentWeights, build_student, read_run_config
 from dali_kd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_class_names_come_from_the_training_folder_when_the_summary_lacks_them(r
 
 
 def test_a_mismatch_beyond_the_tolerance_exits_1(run_dir, tmp_path, monkeypatch, capsys):
-    import dali_kd.export as export
+    import dali_kd.commands.export as export
 
     monkeypatch.setitem(export.WRITERS, "safetensors", lambda model, path, batch: 0.5)
     assert main([str(run_dir), "--format", "safetensors", "--out", str(tmp_path), "--tolerance", "0.1"]) == 1

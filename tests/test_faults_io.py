@@ -109,7 +109,7 @@ def _student(d: Path, big: bool) -> None:
 
 
 def _report(d: Path, big: bool) -> None:
-    from dali_kd import report
+    from dali_kd.commands import report
 
     if not big:  # a run's rows; the report's picture is far larger than the limits
         row = {"step": 1, "epoch": 0, "loss": 1.0, "img_per_s": 10.0, "step_ms": 5.0}
@@ -467,6 +467,6 @@ class _DiskFillsUp(Callback):
 
 
 if __name__ == "__main__":
-    from dali_kd import train
+    from dali_kd.commands import train
 
     sys.exit(train.main(sys.argv[2:], callbacks=[_DiskFillsUp(sys.argv[1])]))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dali_kd import train
+from dali_kd.commands import train
 from tests.faults import ROOT, assert_one_line_error, run_module, tiny_args
 
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"

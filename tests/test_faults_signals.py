@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from dali_kd import train
+from dali_kd.commands import train
 from tests.faults import ROOT, fake_scontrol, tiny_args
 
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
@@ -48,7 +48,7 @@ def test_a_stop_signal_during_start_up_exits_75_and_requeues(image_tree, tmp_pat
 def test_the_start_up_handlers_are_put_back_when_main_returns(tiny_config):
     import signal
 
-    from dali_kd import train
+    from dali_kd.commands import train
 
     before = signal.getsignal(signal.SIGUSR1)
     assert train.main(["data.root=/no/such/folder"]) == 2

@@ -14,9 +14,9 @@ from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.mixing import mix_images
+from dali_kd.pipelines.params import AugmentParams, EvalParams, MultiCropParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.trainer import Trainer
-from pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from gpu_paths import make_watcher, off_device_fields  # noqa: E402

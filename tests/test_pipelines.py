@@ -14,8 +14,8 @@ from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import UserError
+from dali_kd.pipelines.params import AugmentParams, EvalParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from pipelines.params import AugmentParams, EvalParams
 
 MEAN = torch.tensor(AugmentParams().mean).view(1, 3, 1, 1)
 STD = torch.tensor(AugmentParams().std).view(1, 3, 1, 1)

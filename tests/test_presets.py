@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dali_kd.commands.train import build_parser, config_from_args, main
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES, load_config
 from dali_kd.config.presets import PRESET_DIR, available_presets, find_preset
 from dali_kd.errors import UserError
-from dali_kd.train import build_parser, config_from_args, main
 from tests.faults import tiny_args
 
 FUNCTION_MATCHING = PRESET_DIR / "function_matching.yaml"

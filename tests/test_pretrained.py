@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from dali_kd import fetch, train
+from dali_kd.commands import fetch, train
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.errors import UserError
 from dali_kd.identity import weights_hash
-from dali_kd.model_inputs import InputSpec
 from dali_kd.models import build_distill_models, build_model, check_model_name, head_sizes, pretrained_weights
-from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
+from dali_kd.models.inputs import InputSpec
+from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
 CPU = torch.device("cpu")
 VIEWS = InputSpec(32, IMAGENET_MEAN, IMAGENET_STD)  # the views a data stream would hand out
@@ -113,7 +113,7 @@ def test_offline_nothing_is_downloaded_and_the_message_names_the_setting(hub_cac
     import huggingface_hub
     import torch.hub
 
-    from dali_kd.hub import find_pretrained
+    from dali_kd.models.hub import find_pretrained
 
     tried = []
 
@@ -244,8 +244,8 @@ def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
     results are reported for a teacher whose head has the data's classes."""
     from dali_kd.data.dataset import ImageIndex
     from dali_kd.data.loaders import make_eval_batches
+    from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
     from dali_kd.trainer import Trainer
-    from pipelines.params import IMAGENET_MEAN, IMAGENET_STD
 
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -19,8 +19,8 @@ from dali_kd.data.sampling import min_shard_size, shard_bounds, shard_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import TrainingStopped
+from dali_kd.pipelines.params import AugmentParams
 from dali_kd.teacher_cache.stream import make_cached_train_stream
-from pipelines.params import AugmentParams
 from tests.conftest import write_tree
 
 PARAMS = AugmentParams(view_size=16)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_kd.scan import check_file, scan
+from dali_kd.commands.scan import check_file, scan
 from dali_kd.trainer import Trainer
 from tests.conftest import FIXTURES, write_tree
 
@@ -388,7 +388,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path):
     driver.write_text(
         "import errno, sys, torch\n"
         "import dali_kd.checkpoint as ckpt\n"
-        "from dali_kd import train\n"
+        "from dali_kd.commands import train\n"
         "real = torch.save\n"
         "def save(obj, f, *a, **k):\n"
         "    if isinstance(obj, dict) and obj.get('step') == 4:\n"
@@ -439,7 +439,7 @@ def test_no_two_classes_share_a_name():
     import pkgutil
 
     import dali_kd
-    from dali_kd.scan import FileCheck
+    from dali_kd.commands.scan import FileCheck
 
     homes: dict[str, set[str]] = {}
     for module_info in pkgutil.walk_packages(dali_kd.__path__, "dali_kd."):

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dali_kd import report
 from dali_kd.callbacks import Callback
 from dali_kd.checkpointer import Checkpointer
+from dali_kd.commands import report
 from dali_kd.data import dali_loader
 from dali_kd.teacher_cache import replay_ahead
 from dali_kd.teacher_cache.renderer import DaliViewRenderer, view_columns

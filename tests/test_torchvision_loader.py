@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dali_kd.commands.demo_data import make_demo_dataset
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.torchvision_loader import (
@@ -21,8 +22,7 @@ from dali_kd.data.torchvision_loader import (
     shard_sample_ids,
     torchvision_eval_batches,
 )
-from dali_kd.demo_data import make_demo_dataset
-from pipelines.params import AugmentParams, EvalParams
+from dali_kd.pipelines.params import AugmentParams, EvalParams
 
 PARAMS = AugmentParams(view_size=24, crop_scale=(0.25, 1.0))
 

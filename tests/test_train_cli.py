@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from dali_kd.checkpoint import CheckpointDir
+from dali_kd.commands.train import main
 from dali_kd.config import DEMO_CONFIG_DIR
 from dali_kd.errors import UserError
 from dali_kd.run_dir import choose_run, claim, claim_unused
-from dali_kd.train import main
 
 
 def chosen(cfg, resume: str):

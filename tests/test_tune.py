@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from dali_kd import tune
+from dali_kd.commands import tune
 from dali_kd.config import load_config
 from dali_kd.config.loading import parse_override
 

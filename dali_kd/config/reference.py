@@ -16,7 +16,7 @@ import annotated_types
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from dali_kd.cli import CommandLineParser
+from dali_kd.commands.cli import CommandLineParser
 from dali_kd.config.schema import Config
 
 START = (

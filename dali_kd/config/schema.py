@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, model_validator
 
 from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
-from pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
+from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
 
@@ -151,7 +151,7 @@ class Config(Section):
     @property
     def view_size(self) -> int:
         """Side of the views the pipelines cut: the larger of the student's and the teacher's input size (each
-        model gets the same view resized to its own size, see dali_kd.model_inputs)."""
+        model gets the same view resized to its own size, see dali_kd.models.inputs)."""
         return max(self.data.image_size, self.teacher_image_size)
 
     def augment_params(self) -> AugmentParams:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipelines.params import IMAGENET_MEAN, IMAGENET_STD, DecodeParams
+from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD, DecodeParams
 
 # The config files ship inside the package (dali_kd/configs links to the repository's configs/ folder, and a wheel
 # carries copies), so a plain `pip install` finds them as an editable install does.

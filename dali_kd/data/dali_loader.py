@@ -18,15 +18,7 @@ from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import shard_size
 from dali_kd.data.shard_index import ids_from_source_info
 from dali_kd.data.shards import READER_IMAGE_EXT
-from pipelines.params import (
-    DEFAULT_DECODE,
-    AugmentParams,
-    DecodeParams,
-    EvalParams,
-    MultiCropParams,
-    resolve_multi_crop_graph,
-)
-from pipelines.pipelines import (
+from dali_kd.pipelines.graphs import (
     EVAL_OUTPUTS,
     READER_NAME,
     SOURCE_INFO,
@@ -36,6 +28,14 @@ from pipelines.pipelines import (
     shard_order_pipeline,
     train_outputs,
     train_pipeline,
+)
+from dali_kd.pipelines.params import (
+    DEFAULT_DECODE,
+    AugmentParams,
+    DecodeParams,
+    EvalParams,
+    MultiCropParams,
+    resolve_multi_crop_graph,
 )
 
 

@@ -12,7 +12,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.mixing import MixingStream, MixParams
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
-from pipelines.params import MultiCropParams
+from dali_kd.pipelines.params import MultiCropParams
 
 # data.output_dtype as the torch dtype the torchvision backend casts its images to (DALI's graph writes it itself).
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -5,7 +5,7 @@ function between images, not only on them; no labels are mixed (the teacher's ou
 (partner, λ, box) are made on the host from a generator seeded by (seed, rank, batch number), so a resumed stream
 draws what the uninterrupted one would have, and they are kept in the view record's mix part (MixRecord), so the
 teacher cache replays a mixed view to the same pixels. The pixels are mixed on the device, after the pipeline's
-augmentations and before either model's input adapter (dali_kd.model_inputs): mixing is per pixel, so the
+augmentations and before either model's input adapter (dali_kd.models.inputs): mixing is per pixel, so the
 adapters' resize and re-normalisation then apply to the mixed image as to any view.
 """
 

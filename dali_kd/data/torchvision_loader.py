@@ -19,7 +19,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import shard_sample_ids, stream_keys, view_rng
 from dali_kd.data.transfer import one_ahead
-from pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
+from dali_kd.pipelines.params import IDENTITY_JITTER, AugmentParams, EvalParams, MultiCropParams
 
 # torchvision's RandomResizedCrop draws this many windows before it falls back to a centre crop.
 CROP_ATTEMPTS = 10

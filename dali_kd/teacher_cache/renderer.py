@@ -13,8 +13,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import _device_id
 from dali_kd.data.dataset import ImageIndex
-from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
-from pipelines.pipelines import REPLAY_INPUTS, replay_pipeline
+from dali_kd.pipelines.graphs import REPLAY_INPUTS, replay_pipeline
+from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
 
 # The replay pipeline's output types (see pipelines.params.DecodeParams.dtype).
 _TORCH_DTYPES = {types.DALIDataType.FLOAT: torch.float32, types.DALIDataType.FLOAT16: torch.float16}

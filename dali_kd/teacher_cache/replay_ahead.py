@@ -26,9 +26,9 @@ from nvidia.dali.pipeline import Pipeline
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import _device_id
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.pipelines.graphs import REPLAY_INPUTS, replay_ahead_pipeline
+from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer, copy_out, view_columns
-from pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
-from pipelines.pipelines import REPLAY_INPUTS, replay_ahead_pipeline
 
 
 class RenderJob(Protocol):

@@ -28,7 +28,7 @@ from dali_kd.data.batch import MixRecord, ViewRecord
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.io import os_reason, write_text_atomic
-from pipelines import PIPELINE_VERSION
+from dali_kd.pipelines import PIPELINE_VERSION
 
 VIEW_FIELDS = 9  # anchor (2), shape (2), flip (1), jitter (4)
 # With data.augment.mix, per row also the mix part of its view record (dali_kd.data.batch.MixRecord): the partner's

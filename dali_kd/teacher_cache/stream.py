@@ -44,9 +44,9 @@ from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import pass_order, shard_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
+from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams
 from dali_kd.teacher_cache.replay_ahead import ViewsAhead
 from dali_kd.teacher_cache.store import CachedRows, TeacherCache
-from pipelines.params import DEFAULT_DECODE, AugmentParams
 
 
 def make_cached_train_stream(

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import dali_kd.checkpoint as ckpt
-from dali_kd import train
 from dali_kd.callbacks import Callback
+from dali_kd.commands import train
 
 
 def rank() -> int:

@@ -15,8 +15,8 @@ import dali_kd
 from dali_kd.config import Config
 from dali_kd.config.loading import load_config_file
 from dali_kd.errors import UserError
-from dali_kd.model_inputs import InputSpec
 from dali_kd.models import model_input, read_weights, strip_wrapper_prefixes
+from dali_kd.models.inputs import InputSpec
 
 # The checkpoint's whole Student is saved; its timm model is the `backbone.` part (the projectors stay behind).
 BACKBONE_PREFIX = "backbone."

@@ -16,8 +16,8 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.pipeline import DataNode, Pipeline
 from nvidia.dali.types import DALIDataType
 
-from pipelines import multi_crop as batched
-from pipelines.augment import (
+from dali_kd.pipelines import multi_crop as batched
+from dali_kd.pipelines.augment import (
     View,
     draw_view,
     eval_transform,
@@ -26,7 +26,7 @@ from pipelines.augment import (
     render_view,
     stack_views,
 )
-from pipelines.params import (
+from dali_kd.pipelines.params import (
     DEFAULT_DECODE,
     AugmentParams,
     DecodeParams,

@@ -1,0 +1,341 @@
+"""`python -m dali_kd.tune`: the configured training step timed with each speed option flipped, one at a time,
+and the KEY=VALUE overrides that made it faster on this machine.
+
+It takes the same config files, presets and overrides as `python -m dali_kd.train`. Every candidate trains in a
+fresh Trainer (the trainer's own step, data stream and telemetry) in a temporary run directory: a few warm-up
+steps, then --steps timed steps, and the run is stopped. Candidates are measured --repeats times in interleaved
+rounds, so that a machine getting slower or faster over the minutes touches every candidate alike (with one
+round, the defaults are timed first and again last, so that their spread still measures the noise); compile
+caches carry over from one candidate to the next (same process, torch's on-disk caches).
+
+How it decides: a candidate's ms/step is the median of its repeats; the noise is the largest spread between the
+repeats of any one setting (max - min over median), at least 1%. An override is printed as faster only where
+its ms/step is below the defaults' by more than that noise; for a key with several values the fastest one wins.
+Each override is measured alone: their combination is measured once at the end when there is more than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dali_kd.callbacks import Callback
+from dali_kd.commands.cli import CommandLineParser
+from dali_kd.config import Config, load_config
+from dali_kd.config.presets import find_preset
+from dali_kd.errors import UserError
+from dali_kd.pipelines.params import resolve_multi_crop_graph
+
+MIN_NOISE_PCT = 1.0
+
+
+@dataclass
+class Candidate:
+    """One setting to time: its overrides over the user's config (none: the defaults); note: why it is not run."""
+
+    name: str
+    overrides: list[str]
+    note: str | None = None
+    ms: list[float] = field(default_factory=list)
+
+    @property
+    def ms_per_step(self) -> float | None:
+        return statistics.median(self.ms) if self.ms else None
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the repeats: how much the same setting varied."""
+        return (max(self.ms) - min(self.ms)) / statistics.median(self.ms) if len(self.ms) > 1 else 0.0
+
+
+def config_value(cfg: Config, key: str) -> Any:
+    """The value at a dotted key, or None where this config's schema has no such key."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def _flip(cfg: Config, key: str, auto_on: bool) -> Candidate:
+    """The boolean (or auto) option at key turned the other way from what it resolves to now."""
+    value = config_value(cfg, key)
+    on = auto_on if value in (None, "auto") else bool(value)
+    return Candidate(f"{key}={str(not on).lower()}", [f"{key}={str(not on).lower()}"])
+
+
+def _others(key: str, values: list, current: Any, note: str | None) -> list[Candidate]:
+    return [Candidate(f"{key}={v}", [f"{key}={v}"], note) for v in dict.fromkeys(values) if v != current]
+
+
+def speed_options(cfg: Config, on_gpu: bool) -> list[Candidate]:
+    """The options that change how fast the same step runs, each flipped from this config's value."""
+    d = cfg.data
+    dali = None if d.backend == "dali" else f"skipped: DALI only (data.backend is {d.backend})"
+    gpu_dali = dali or (None if on_gpu else "skipped: GPU decode only (the device is the CPU)")
+    threads = [max(1, d.dali_threads // 2), min(os.cpu_count() or 1, d.dali_threads * 2)]
+    return [
+        _flip(cfg, "model.teacher.compile", auto_on=on_gpu),
+        _flip(cfg, "train.optimizer.fused", auto_on=on_gpu),
+        _flip(cfg, "train.telemetry", auto_on=True),
+        *_others("data.output_dtype", ["float16" if d.output_dtype == "float32" else "float32"], None, None),
+        *_others("data.decode", ["full" if d.decode == "window" else "window"], None, dali),
+        *_others("data.hw_decoder_load", [0.65, 0.9, 1.0], d.hw_decoder_load, gpu_dali),
+        *_others("data.prefetch_batches", [1, 4], d.prefetch_batches, dali),
+        *_others("data.dali_threads", threads, d.dali_threads, dali),
+        # Multi-crop's two DALI graphs: one chain per crop, or all crops of a chain as frames (data.multi_crop_graph).
+        *(
+            _others(
+                "data.multi_crop_graph",
+                ["batched", "per_crop"],
+                resolve_multi_crop_graph(d.multi_crop_graph, on_gpu),
+                dali,
+            )
+            if cfg.train.use_local_crops
+            else []
+        ),
+    ]
+
+
+class _Measured(Exception):
+    """Raised by StepClock to end a run once its steps are timed."""
+
+
+class StepClock(Callback):
+    """Wall time of `steps` steps after `warmup` ones, then stops the run. An interval that holds an epoch end
+    (its checkpoint, an evaluation) is left out; the device's queue is drained at both ends of the timing."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.intervals_s: list[float] = []
+        self._last: tuple[float, int] | None = None
+
+    def _now(self, trainer, sync: bool) -> float:
+        if sync and trainer.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(trainer.device)
+        return time.perf_counter()
+
+    def on_step(self, trainer, batch) -> None:
+        done = trainer.step
+        if done < self.warmup:
+            return
+        now = self._now(trainer, sync=done in (self.warmup, self.warmup + self.steps))
+        if self._last is not None and self._last[1] == trainer.state.epoch:
+            self.intervals_s.append(now - self._last[0])
+        self._last = (now, trainer.state.epoch)
+        if done >= self.warmup + self.steps:
+            raise _Measured
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * sum(self.intervals_s) / len(self.intervals_s)
+
+
+def run_overrides(run_dir: Path, name: str, total_steps: int) -> list[str]:
+    """Where a timing run writes, and what it leaves out: evaluation, step checkpoints, a stop it never reaches."""
+    return [
+        f"train.output_dir={run_dir}",
+        f"train.run_name={name}",
+        f"train.epochs={total_steps}",  # one step an epoch at least: the run is stopped long before its end
+        "train.save_every_n_steps=null",
+        "data.val_root=null",
+        f"train.teacher_feature_dir={run_dir / 'teacher_cache'}",  # never the user's cache
+    ]
+
+
+def measure_step(cfg: Config, device, warmup: int, steps: int) -> float:
+    """ms per step of cfg's training step on `device`: a fresh Trainer, warmup + steps steps, then stopped."""
+    import torch
+
+    from dali_kd.console import Console
+    from dali_kd.trainer import Trainer
+
+    clock = StepClock(warmup, steps)
+    with Console("quiet"):
+        trainer = Trainer(cfg, device, show_progress=False, callbacks=[clock])
+        try:
+            assert cfg.train.run_name is not None  # the tuning overrides name each run
+            trainer.fit(Path(cfg.train.output_dir) / cfg.train.run_name)
+        except _Measured:
+            pass
+        finally:
+            del trainer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if not clock.intervals_s:
+        raise UserError("no step could be timed: the run ended before its warm-up did")
+    return clock.ms_per_step
+
+
+def tune(
+    loader: dict[str, Any], overrides: list[str], candidates: list[Candidate], device, steps: int, warmup: int,
+    repeats: int, work: Path, report=print,
+) -> list[Candidate]:  # fmt: skip
+    """Time every runnable candidate `repeats` times in interleaved rounds (loader: load_config's file arguments);
+    a candidate whose overrides the schema rejects, or whose run fails, gets a note instead."""
+    total = warmup + steps
+    rounds = [candidates if r % 2 == 0 else candidates[::-1] for r in range(repeats)]
+    if repeats == 1 and len(candidates) > 1:
+        rounds.append(candidates[:1])  # the defaults again, last: the noise
+    for round_index, order in enumerate(rounds):
+        for number, candidate in enumerate(order):
+            if candidate.note is not None:
+                continue
+            name = f"r{round_index}-{number}"
+            try:
+                cfg = load_config(
+                    **loader, overrides=overrides + candidate.overrides + run_overrides(work, name, total)
+                )
+            except UserError as e:
+                candidate.note = f"skipped: not accepted by this config ({e})"
+                continue
+            try:
+                candidate.ms.append(measure_step(cfg, device, warmup, steps))
+            except Exception as e:  # noqa: BLE001 - one failing option must not end the tuning
+                candidate.note = (
+                    f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                )
+                candidate.ms.clear()
+                continue
+            report(f"round {round_index + 1}/{len(rounds)}: {candidate.name}: {candidate.ms[-1]:.2f} ms/step")
+    return candidates
+
+
+def noise_pct(candidates: list[Candidate]) -> float:
+    spreads = [c.spread for c in candidates if len(c.ms) > 1]
+    return max([100 * s for s in spreads] + [MIN_NOISE_PCT])
+
+
+def fastest_overrides(candidates: list[Candidate], noise: float) -> list[str]:
+    """Per key, the fastest value that beat the defaults (candidates[0]) by more than the noise."""
+    base = candidates[0].ms_per_step
+    assert base is not None  # the caller refuses untimed defaults
+    best: dict[str, Candidate] = {}
+    for c in candidates[1:]:
+        ms = c.ms_per_step
+        if ms is None or len(c.overrides) != 1:
+            continue
+        if 100 * (ms - base) / base < -noise:
+            key = c.overrides[0].partition("=")[0]
+            if key not in best or ms < (best[key].ms_per_step or float("inf")):
+                best[key] = c
+    return [c.overrides[0] for c in best.values()]
+
+
+def table(candidates: list[Candidate], batch_size: int) -> str:
+    base = candidates[0].ms_per_step
+    lines = ["| option | ms/step | Δ vs defaults | img/s | repeats (ms) |", "|---|---|---|---|---|"]
+    for c in candidates:
+        ms = c.ms_per_step
+        if ms is None:
+            lines.append(f"| {c.name} | — | — | — | {(c.note or '').replace('|', '/')} |")
+            continue
+        delta = "—" if c is candidates[0] or not base else f"{100 * (ms - base) / base:+.1f}%"
+        lines.append(
+            f"| {c.name} | {ms:.2f} | {delta} | {1000 * batch_size / ms:.1f} | "
+            f"{', '.join(f'{m:.2f}' for m in c.ms)} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(
+        prog="python -m dali_kd.tune",
+        description="Time the configured training step with each speed option flipped and print the fastest "
+        "KEY=VALUE overrides. Config flags and overrides as for python -m dali_kd.train.",
+    )
+    parser.add_argument("--data_config", type=Path, help="data YAML (default: the demo's)")
+    parser.add_argument("--train_config", type=Path, help="train YAML (default: the demo's)")
+    parser.add_argument("--model_config", type=Path, help="model YAML (default: the demo's)")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME|PATH", help="as for train")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="overrides train.device")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per candidate (default 24)")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps first: compilation, warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved rounds (>= 2: the noise estimate)"
+    )
+    parser.add_argument(
+        "--options", help="comma-separated: only the options whose key contains one of these words"
+    )
+    parser.add_argument(
+        "--try", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="another candidate"
+    )
+    parser.add_argument("--json", type=Path, help="also write the table and the decision as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for train")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_intermixed_args(argv)
+    if min(args.repeats, args.steps, args.warmup) < 1:
+        raise UserError("--repeats, --steps and --warmup must be >= 1")
+    loader = {
+        "data_config": args.data_config,
+        "train_config": args.train_config,
+        "model_config": args.model_config,
+        "presets": [find_preset(p) for p in args.preset],
+    }
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    cfg = load_config(**loader, overrides=overrides)
+    from dali_kd.runtime import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    options = speed_options(cfg, device.type == "cuda")
+    if args.options:
+        words = args.options.split(",")
+        options = [c for c in options if any(w in c.name for w in words)]
+    candidates = [Candidate("defaults", []), *options, *(Candidate(e, [e]) for e in args.extra)]
+    print(f"tuning {cfg.model.teacher.name} → {cfg.model.student.name}, batch {cfg.train.batch_size} on {device}: "
+          f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
+          f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:
+        tune(loader, overrides, candidates, device, args.steps, args.warmup, args.repeats, Path(tmp))
+        if candidates[0].ms_per_step is None:
+            raise UserError(f"the defaults could not be timed: {candidates[0].note}")
+        noise = noise_pct(candidates)
+        best = fastest_overrides(candidates, noise)
+        combined = None
+        if len(best) > 1:
+            both = Candidate("all fastest together", best)
+            tune(loader, overrides, [both], device, args.steps, args.warmup, 1, Path(tmp))
+            combined = both
+    result = {
+        "device": str(device), "batch_size": cfg.train.batch_size, "steps": args.steps, "warmup": args.warmup,
+        "repeats": args.repeats, "noise_pct": noise, "candidates": [asdict(c) for c in candidates],
+        "fastest_overrides": best, "combined": asdict(combined) if combined else None,
+    }  # fmt: skip
+    print(table(candidates + ([combined] if combined else []), cfg.train.batch_size))
+    print(f"noise: {noise:.1f}% (the largest spread between repeats of one setting)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if best:
+        print(f"fastest: {' '.join(best)}")
+    else:
+        print(f"fastest: the defaults (no option beat them by more than the noise, {noise:.1f}%)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
