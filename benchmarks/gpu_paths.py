@@ -1,6 +1,6 @@
 """A GPU visit's first check: every training path for a few real steps, on the device.
 
-Trains each path of the trainer through `dali_kd.trainer.Trainer` (the student compiled) on small random-init
+Trains each path of the trainer through `dali_kd.training.trainer.Trainer` (the student compiled) on small random-init
 models and generated images, one after another in this process: DALI and torchvision online, the DALI teacher cache
 (a fill pass, then replay), DALI and torchvision multi-crop. Per path it records whether it ran, its steps, ms/step
 after the first step (which holds compilation) and where the batch tensors were, and writes that path's JSON as
@@ -67,7 +67,7 @@ def make_watcher():
     whole step: data wait, teacher, student)."""
     import torch
 
-    from dali_kd.callbacks import Callback
+    from dali_kd.training.callbacks import Callback
 
     class StepWatcher(Callback):
         def __init__(self):
@@ -150,7 +150,7 @@ def run_path(path: TrainingPath, data: Path, work: Path, args) -> dict[str, Any]
     """Train one path; never raises: a failure is the record's `error` (its first line) and `traceback`."""
     import torch
 
-    from dali_kd.trainer import Trainer
+    from dali_kd.training.trainer import Trainer
 
     device = torch.device(args.device)
     per_pass = sum(1 for _ in data.rglob("*.JPEG")) // args.batch_size

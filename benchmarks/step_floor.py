@@ -1,7 +1,7 @@
 """The step's floor: the configured teacher and student on synthetic device tensors in the leanest loop — no data,
 no telemetry, no trainer — so a measured training step can be read as a multiple of what its compute alone costs.
 
-The models, their input adapters, the task (student forward with its projectors and dali_kd.losses) and the
+The models, their input adapters, the task (student forward with its projectors and dali_kd.training.losses) and the
 optimiser's parameter groups are dali_kd's own, built from the same config a training run would use; only the
 loop around them is stripped: both models compiled, the optimiser fused where the device supports it, the targets
 left on the device. Reports ms per:
@@ -31,9 +31,9 @@ from dali_kd.data.batch import Batch
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.models import FrozenTeacher, build_distill_models, model_outputs
 from dali_kd.models.inputs import InputSpec
-from dali_kd.optim import param_groups, peak_lr
 from dali_kd.runtime import autocast, autocast_dtype, resolve_device
-from dali_kd.task import DistillTask
+from dali_kd.training.optim import param_groups, peak_lr
+from dali_kd.training.task import DistillTask
 
 # timm names of the optimisers whose torch implementation takes fused=True.
 FUSABLE = ("adam", "adamw")

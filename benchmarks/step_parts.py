@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dali_kd.callbacks import Callback
+from dali_kd.training.callbacks import Callback
 
 
 class OptimizerClock(Callback):

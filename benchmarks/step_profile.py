@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity, profile
 
-from dali_kd.callbacks import Callback
 from dali_kd.config import load_config
 from dali_kd.console import Console
 from dali_kd.runtime import resolve_device
-from dali_kd.trainer import Trainer
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_floor import add_model_arguments  # noqa: E402

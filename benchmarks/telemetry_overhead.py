@@ -20,7 +20,7 @@ import torch
 
 from dali_kd.config import load_config
 from dali_kd.runtime import resolve_device
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_dataset import make_dataset  # noqa: E402

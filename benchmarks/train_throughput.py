@@ -36,7 +36,7 @@ from dali_kd.config import load_config
 from dali_kd.data.batch import Batch
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.runtime import resolve_device
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import machine_info  # noqa: E402

@@ -3,7 +3,7 @@
 if __name__ == "__main__":
     # Before anything else is imported, a stop signal is recorded rather than fatal; main() acts on it once the
     # imports are done.
-    from dali_kd.preemption import StopSignal
+    from dali_kd.runs.preemption import StopSignal
 
     _SIGNALS_DURING_IMPORTS = StopSignal()
 

@@ -13,7 +13,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil, torchvision_eval_batches
 from dali_kd.pipelines.params import AugmentParams, EvalParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dali_kd import console
-from dali_kd.callbacks import Callback
 from dali_kd.commands.train import main
 from dali_kd.config import DEMO_CONFIG_DIR
 from dali_kd.console import Console, choose_mode, eval_line, interval_line
 from dali_kd.errors import UserError
-from dali_kd.trainer import Trainer
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 # One interval's line as a log file shows it: step, epoch, loss, img/s, data/step ms, verdict.

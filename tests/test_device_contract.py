@@ -18,7 +18,7 @@ from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_eval_batches
 from dali_kd.data.transfer import one_ahead
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 META = torch.device("meta")
 MULTI_CROP = ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2")

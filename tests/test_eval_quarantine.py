@@ -13,8 +13,8 @@ import torch
 from dali_kd.commands.shard import make_shards
 from dali_kd.data import shards as fmt
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.evaluation import Evaluator
-from dali_kd.trainer import Trainer
+from dali_kd.evaluation.evaluator import Evaluator
+from dali_kd.training.trainer import Trainer
 from tests.conftest import write_tree
 from tests.faults import ROOT, run_module, tiny_args
 from tests.test_evaluation import always

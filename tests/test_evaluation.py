@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
-from dali_kd.evaluation import Evaluator
-from dali_kd.trainer import Trainer
+from dali_kd.evaluation.evaluator import Evaluator
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

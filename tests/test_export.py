@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from dali_kd.commands.export import check_batch, main
 from dali_kd.commands.export_source import StudentWeights, build_student, read_run_config
 from dali_kd.config import load_config
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

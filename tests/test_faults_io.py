@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from dali_kd.callbacks import Callback
 from dali_kd.errors import UserError
+from dali_kd.training.callbacks import Callback
 from tests.faults import ROOT, assert_one_line_error, run_module, tiny_args
 
 BIG = 1 << 20  # a write larger than the small filesystem and the file-size limit
@@ -79,7 +79,7 @@ def limit_file_size(limit: int) -> None:
 
 # ---- every writer: a small first version, then a write that the disk refuses ----------------------------------
 def _checkpoint(d: Path, big: bool) -> None:
-    from dali_kd.checkpoint import CheckpointDir
+    from dali_kd.runs.checkpoint import CheckpointDir
 
     CheckpointDir(d, keep_last=5).save(
         {"format": 1, "w": torch.zeros(BIG // 4 if big else 8)}, 2 if big else 1
@@ -311,7 +311,7 @@ CLI_CASES = [  # (id, how to run it, what its one error line says); every fault 
     ("case", "how", "says"), CLI_CASES, ids=[getattr(c, "values", c)[0] for c in CLI_CASES]
 )
 def test_cli_fault_is_one_line(case, how, says, tmp_path, image_tree, trained):
-    from dali_kd.checkpoint import CheckpointDir, load
+    from dali_kd.runs.checkpoint import CheckpointDir, load
 
     with contextlib.ExitStack() as stack:
         c = Case(tmp_path, image_tree, trained, stack)
@@ -329,11 +329,11 @@ def test_cli_fault_is_one_line(case, how, says, tmp_path, image_tree, trained):
 
 # ---- a changed file list --------------------------------------------------------------------------------------
 def test_a_resume_on_a_changed_file_list_is_refused_or_warned(trained, image_tree, tmp_path, capsys):
-    from dali_kd.build import build_run
     from dali_kd.config import load_config
     from dali_kd.data.dataset import ImageIndex
     from dali_kd.distributed import DistInfo
     from dali_kd.identity import data_identity
+    from dali_kd.training.build import build_run
 
     files = ImageIndex.from_folder(image_tree / "train").files
     state = torch.load(trained / "checkpoints" / "step_000000004.pt", weights_only=True)
@@ -369,9 +369,9 @@ def test_a_checkpoint_from_before_new_config_keys_resumes(trained, image_tree, t
     """Upgrading dali_kd mid-run adds config keys (this round: data.augment.mix and its three); the checkpoint's
     config lacks them. Left at their defaults they train what the old version trained, so the run resumes; set
     away from the default they are a change, refused by name."""
-    from dali_kd.checkpoint import config_changes
     from dali_kd.config import load_config
     from dali_kd.identity import config_fingerprint, config_hash
+    from dali_kd.runs.checkpoint import config_changes
 
     state = torch.load(trained / "checkpoints" / "step_000000003.pt", weights_only=True)
     added = {f"data.augment.{key}" for key in ("mix", "mix_alpha", "cutmix_alpha", "mix_prob")}
@@ -411,11 +411,11 @@ def test_a_checkpoint_from_before_new_config_keys_resumes(trained, image_tree, t
 
 
 def test_checkpoints_remember_the_file_list(tiny_config, tmp_path):
-    from dali_kd.checkpoint import data_change
-    from dali_kd.checkpointer import Checkpointer
     from dali_kd.distributed import DistInfo
     from dali_kd.identity import data_identity
-    from dali_kd.run_state import RunState
+    from dali_kd.runs.checkpoint import data_change
+    from dali_kd.training.checkpointer import Checkpointer
+    from dali_kd.training.run_state import RunState
 
     files = tuple(f"c/{i}.jpg" for i in range(48))
     saved = Checkpointer(

@@ -59,7 +59,7 @@ def test_the_start_up_handlers_are_put_back_when_main_returns(tiny_config):
 def test_a_stop_signal_while_importing_is_recorded_and_ends_the_start_up_at_the_next_safe_point():
     import signal
 
-    from dali_kd.preemption import Preempted, StopSignal
+    from dali_kd.runs.preemption import Preempted, StopSignal
 
     stop = StopSignal()
     try:
@@ -74,7 +74,7 @@ def test_a_stop_signal_while_importing_is_recorded_and_ends_the_start_up_at_the_
 def test_a_stop_signal_raised_during_start_up_and_swallowed_there_is_not_lost():
     import signal
 
-    from dali_kd.preemption import Preempted, StopSignal
+    from dali_kd.runs.preemption import Preempted, StopSignal
 
     stop = StopSignal()
     try:
@@ -89,7 +89,7 @@ def test_a_stop_signal_raised_during_start_up_and_swallowed_there_is_not_lost():
 def test_the_loops_handler_takes_over_a_signal_the_command_recorded_and_hands_back_its_own():
     import signal
 
-    from dali_kd.preemption import StopSignal
+    from dali_kd.runs.preemption import StopSignal
 
     command = StopSignal()
     try:
@@ -158,7 +158,7 @@ def test_sigterm_right_after_start_exits_75_with_one_line(image_tree, tmp_path):
 def test_sigterm_while_the_final_weights_are_written_finishes_them_and_exits_0(image_tree, tmp_path, capsys):
     import signal
 
-    from dali_kd.callbacks import Callback
+    from dali_kd.training.callbacks import Callback
 
     class TermAtFinish(Callback):
         def on_finish(self, trainer, summary):  # just before the final weights and summary.json are written

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 GOLDEN = Path(__file__).parent / "golden" / "trajectories.json"
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.mixing import mix_images
 from dali_kd.pipelines.params import AugmentParams, EvalParams, MultiCropParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from gpu_paths import make_watcher, off_device_fields  # noqa: E402

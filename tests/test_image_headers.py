@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_kd.commands.scan import scan
-from dali_kd.image_headers import Reject, check_data
+from dali_kd.data.file_checks import scan
+from dali_kd.data.image_headers import Reject, check_data
 from tests.conftest import FIXTURES
 
 MAX_PIXELS = 1 << 40

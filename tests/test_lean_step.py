@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from dali_kd.config import LossConfig, ModelConfig, OptimizerConfig
-from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
 from dali_kd.identity import weights_hash
 from dali_kd.models import FrozenTeacher, Student, build_distill_models, create_model
 from dali_kd.models.inputs import InputSpec
-from dali_kd.optim import build_optimizer, use_fused
 from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
-from dali_kd.task import DistillTask
+from dali_kd.training.ema import StudentEma
+from dali_kd.training.optim import build_optimizer, use_fused
+from dali_kd.training.task import DistillTask
 
 CPU = torch.device("cpu")
 VIEWS = InputSpec(32, IMAGENET_MEAN, IMAGENET_STD)  # the views a data stream would hand out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dali_kd.config import LossConfig
-from dali_kd.losses import cosine_loss, distillation_losses, kl_logit_loss, mse_loss
+from dali_kd.training.losses import cosine_loss, distillation_losses, kl_logit_loss, mse_loss
 
 
 def test_cosine_loss_by_hand():

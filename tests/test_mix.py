@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dali_kd.callbacks import Callback
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.mixing import MixParams, draw_mix, mix_batch, mix_generator, mix_images
 from dali_kd.errors import UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.teacher_cache.stream import make_cached_train_stream
-from dali_kd.trainer import Trainer
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

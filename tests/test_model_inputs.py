@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dali_kd.models.inputs import InputAdapter, InputSpec
 from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -17,11 +17,11 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil
 from dali_kd.errors import UserError
-from dali_kd.losses import distillation_losses, multi_crop_losses, view_pairs
 from dali_kd.pipelines.graphs import train_pipeline
 from dali_kd.pipelines.params import AugmentParams, MultiCropParams, resolve_multi_crop_graph
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from dali_kd.trainer import Trainer
+from dali_kd.training.losses import distillation_losses, multi_crop_losses, view_pairs
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(AugmentParams().mean).view(1, 1, 3, 1, 1)

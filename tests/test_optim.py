@@ -14,14 +14,14 @@ from torch import nn
 from dali_kd.config import OptimizerConfig
 from dali_kd.errors import UserError
 from dali_kd.models import Student
-from dali_kd.optim import build_optimizer, build_scheduler, current_lr, peak_lr
-from dali_kd.trainer import Trainer
+from dali_kd.training.optim import build_optimizer, build_scheduler, current_lr, peak_lr
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 
 
 def old_warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """The schedule before timm's (dali_kd.optim until 2026-12): the lr of update step+1."""
+    """The schedule before timm's (dali_kd.training.optim until 2026-12): the lr of update step+1."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -189,8 +189,8 @@ def test_a_run_trains_at_the_scaled_lr_and_says_so(tiny_config, capsys):
 
 def test_a_checkpoint_from_before_timms_optimizer_is_refused_by_name(tmp_path):
     """Format-1 checkpoints hold the old optimizer groups and LambdaLR state: one clear line, not a half load."""
-    from dali_kd.checkpoint import load
     from dali_kd.errors import UserError
+    from dali_kd.runs.checkpoint import load
 
     old = tmp_path / "step_000000004.pt"
     torch.save({"format": 1, "step": 4, "optimizer": {}, "scheduler": {}}, old)

@@ -13,20 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dali_kd.callbacks import Callback
-from dali_kd.checkpointer import Checkpointer
 from dali_kd.config import LossConfig
 from dali_kd.data.batch import Batch, CacheFields, ViewRecord
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
-from dali_kd.nonfinite import NonFiniteGuard
-from dali_kd.run_state import RunState
-from dali_kd.task import DistillTask
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
-from dali_kd.trainer import Trainer
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.checkpointer import Checkpointer
+from dali_kd.training.nonfinite import NonFiniteGuard
+from dali_kd.training.run_state import RunState
+from dali_kd.training.task import DistillTask
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

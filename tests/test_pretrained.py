@@ -245,7 +245,7 @@ def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
     from dali_kd.data.dataset import ImageIndex
     from dali_kd.data.loaders import make_eval_batches
     from dali_kd.pipelines.params import IMAGENET_MEAN, IMAGENET_STD
-    from dali_kd.trainer import Trainer
+    from dali_kd.training.trainer import Trainer
 
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

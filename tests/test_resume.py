@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dali_kd.checkpoint import CheckpointDir, load
 from dali_kd.distributed import first_host
-from dali_kd.preemption import slurm_job_id
-from dali_kd.run_files import truncate_metrics
+from dali_kd.runs.checkpoint import CheckpointDir, load
+from dali_kd.runs.preemption import slurm_job_id
+from dali_kd.training.run_files import truncate_metrics
 from tests.faults import fake_scontrol
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_kd.commands.scan import check_file, scan
-from dali_kd.trainer import Trainer
+from dali_kd.data.file_checks import check_file, scan
+from dali_kd.training.trainer import Trainer
 from tests.conftest import FIXTURES, write_tree
 
 ODD = FIXTURES / "odd-images"
@@ -387,7 +387,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path):
     driver = tmp_path / "full_disk.py"
     driver.write_text(
         "import errno, sys, torch\n"
-        "import dali_kd.checkpoint as ckpt\n"
+        "import dali_kd.runs.checkpoint as ckpt\n"
         "from dali_kd.commands import train\n"
         "real = torch.save\n"
         "def save(obj, f, *a, **k):\n"
@@ -412,7 +412,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path):
     assert "no space left on device" in last.lower() and "earlier checkpoints are untouched" in last
     checkpoints = sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").glob("step_*.pt"))
     assert checkpoints == ["step_000000002.pt"]
-    from dali_kd.checkpoint import load
+    from dali_kd.runs.checkpoint import load
 
     assert load(tmp_path / "runs" / "r" / "checkpoints" / "step_000000002.pt")["step"] == 2
 
@@ -439,7 +439,7 @@ def test_no_two_classes_share_a_name():
     import pkgutil
 
     import dali_kd
-    from dali_kd.commands.scan import FileCheck
+    from dali_kd.data.file_checks import FileCheck
 
     homes: dict[str, set[str]] = {}
     for module_info in pkgutil.walk_packages(dali_kd.__path__, "dali_kd."):

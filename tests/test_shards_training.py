@@ -19,7 +19,7 @@ from dali_kd.data.loaders import make_eval_batches, make_train_stream
 from dali_kd.data.prepare import prepare_data
 from dali_kd.errors import UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 from tests.test_resume import SETTINGS, run
 from tests.test_resume import losses as run_losses
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dali_kd import checkpoint as ckpt
-from dali_kd.callbacks import Callback
 from dali_kd.errors import UserError
-from dali_kd.trainer import Trainer
+from dali_kd.runs import checkpoint as ckpt
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ import torch
 from dali_kd.errors import UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.teacher_cache.store import TeacherCache
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"

@@ -13,8 +13,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dali_kd.callbacks import Callback
-from dali_kd.checkpointer import Checkpointer
 from dali_kd.commands import report
 from dali_kd.data import dali_loader
 from dali_kd.teacher_cache import replay_ahead
@@ -23,7 +21,9 @@ from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.verdict import judge
-from dali_kd.trainer import Trainer
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.checkpointer import Checkpointer
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from dali_kd.checkpoint import CheckpointDir
 from dali_kd.commands.train import main
 from dali_kd.config import DEMO_CONFIG_DIR
 from dali_kd.errors import UserError
-from dali_kd.run_dir import choose_run, claim, claim_unused
+from dali_kd.runs.checkpoint import CheckpointDir
+from dali_kd.runs.directory import choose_run, claim, claim_unused
 
 
 def chosen(cfg, resume: str):

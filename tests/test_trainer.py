@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dali_kd.models import FrozenTeacher, build_model, strip_wrapper_prefixes
-from dali_kd.trainer import Trainer
+from dali_kd.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

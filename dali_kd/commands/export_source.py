@@ -44,7 +44,7 @@ def read_run_config(run_dir: Path) -> Config:
 
 def _from_checkpoint(run_dir: Path, ema: bool) -> StudentWeights:
     """The student of a run still in progress (or stopped early): its newest complete checkpoint."""
-    from dali_kd import checkpoint
+    from dali_kd.runs import checkpoint
 
     latest = checkpoint.CheckpointDir(run_dir, 1).latest()
     final = "student_ema.safetensors" if ema else "student.safetensors"

@@ -9,7 +9,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     # `python -m dali_kd.train`: before anything else is imported, a stop signal is recorded rather than fatal;
     # main() acts on it once the imports are done.
-    from dali_kd.preemption import StopSignal
+    from dali_kd.runs.preemption import StopSignal
 
     _SIGNALS_DURING_IMPORTS = StopSignal()
 
@@ -28,7 +28,7 @@ from dali_kd.errors import TrainingStopped, UserError
 if TYPE_CHECKING:
     from dali_kd.console import Console
     from dali_kd.distributed import DistInfo
-    from dali_kd.preemption import StopSignal
+    from dali_kd.runs.preemption import StopSignal
 
 EXIT_STOPPED = 1
 
@@ -109,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[Path]]:
 
 
 def run(argv: list[str] | None = None, callbacks: list | None = None, stop: StopSignal | None = None) -> dict:
-    """Train as the command line says; callbacks (dali_kd.callbacks.Callback) watch the run. stop: the signal
+    """Train as the command line says; callbacks (dali_kd.training.callbacks.Callback) watch the run. stop: the signal
     handlers main() installed (SIGUSR1/SIGTERM end the start-up at once, then the loop at a step boundary)."""
     # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
     args = build_parser().parse_intermixed_args(argv)
@@ -119,12 +119,12 @@ def run(argv: list[str] | None = None, callbacks: list | None = None, stop: Stop
     # the heavy imports happen here, while a stop signal is only recorded (an import cut short by an exception
     # leaves a half-made module behind); the first check comes right after.
     import dali_kd.commands.demo  # noqa: F401 - the heavy imports, all here: torch, numpy, timm, DALI
-    import dali_kd.trainer  # noqa: F401
+    import dali_kd.training.trainer  # noqa: F401
     from dali_kd import console, distributed
     from dali_kd.console import Console, choose_mode
     from dali_kd.models import check_model_name
-    from dali_kd.preemption import StopSignal
-    from dali_kd.run_dir import check_writable
+    from dali_kd.runs.directory import check_writable
+    from dali_kd.runs.preemption import StopSignal
 
     own_stop = stop is None
     stop = stop or StopSignal()
@@ -165,9 +165,9 @@ def _train(
     from dali_kd import console, distributed
     from dali_kd.commands.demo import demo_parts, prepare_demo
     from dali_kd.models import fetch_pretrained
-    from dali_kd.run_dir import choose_run
+    from dali_kd.runs.directory import choose_run
     from dali_kd.runtime import resolve_device
-    from dali_kd.trainer import Trainer
+    from dali_kd.training.trainer import Trainer
 
     claims = []  # rank 0's hold on the run directory, from before any work until the run ends
 
@@ -243,7 +243,7 @@ def _train(
 
 def ending_line(e: BaseException) -> str:
     """The line that says why a run ended early: main() prints it to stderr, train.log records it."""
-    from dali_kd.preemption import Preempted
+    from dali_kd.runs.preemption import Preempted
 
     if isinstance(e, UserError | TrainingStopped):
         return f"error: {e}"
@@ -255,7 +255,7 @@ def ending_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    from dali_kd.preemption import EXIT_PREEMPTED, Preempted, StopSignal, requeue
+    from dali_kd.runs.preemption import EXIT_PREEMPTED, Preempted, StopSignal, requeue
 
     # First thing: a job signalled during start-up is requeued, not dropped (a signal the module's own handler
     # recorded while it was imported is taken over).

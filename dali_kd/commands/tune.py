@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dali_kd.callbacks import Callback
 from dali_kd.commands.cli import CommandLineParser
 from dali_kd.config import Config, load_config
 from dali_kd.config.presets import find_preset
 from dali_kd.errors import UserError
 from dali_kd.pipelines.params import resolve_multi_crop_graph
+from dali_kd.training.callbacks import Callback
 
 MIN_NOISE_PCT = 1.0
 
@@ -160,7 +160,7 @@ def measure_step(cfg: Config, device, warmup: int, steps: int) -> float:
     import torch
 
     from dali_kd.console import Console
-    from dali_kd.trainer import Trainer
+    from dali_kd.training.trainer import Trainer
 
     clock = StepClock(warmup, steps)
     with Console("quiet"):

@@ -23,7 +23,7 @@ LOOK_AHEAD_BATCHES = 4
 def decode_failure(index: ImageIndex, sample_id: int, backend: str) -> str | None:
     """Why the sample cannot be evaluated (unreadable, fails the scan's check, or the backend cannot decode it), or
     None where it decodes."""
-    from dali_kd.commands.scan import Reject, check_data, dali_decode_check
+    from dali_kd.data.file_checks import Reject, check_data, dali_decode_check
 
     try:
         data = index.read_bytes(sample_id)

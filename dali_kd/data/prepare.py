@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dali_kd.commands.scan import candidate_files, scan
 from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
+from dali_kd.data.file_checks import candidate_files, scan
 from dali_kd.data.file_tree import IMAGE_EXTENSIONS
 from dali_kd.errors import UserError
 

@@ -77,7 +77,7 @@ class RuntimeQuarantine:
             return [
                 i for i in range(self.index.num_samples) if not self.is_set_aside(i) and self.fails_check(i)
             ]
-        from dali_kd.commands.scan import Reject, check_file
+        from dali_kd.data.file_checks import Reject, check_file
 
         changed = []
         for i, path in enumerate(self.index.files):
@@ -100,7 +100,7 @@ class RuntimeQuarantine:
 
     def fails_check(self, sample_id: int) -> bool:
         """Whether the sample's bytes cannot be read, or fail the scan's header check or DALI's CPU decode."""
-        from dali_kd.commands.scan import Reject, check_data, dali_decode_check
+        from dali_kd.data.file_checks import Reject, check_data, dali_decode_check
 
         try:
             data = self.index.read_bytes(sample_id)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-import dali_kd.checkpoint as ckpt
-from dali_kd.callbacks import Callback
+import dali_kd.runs.checkpoint as ckpt
 from dali_kd.commands import train
+from dali_kd.training.callbacks import Callback
 
 
 def rank() -> int:
@@ -67,7 +67,7 @@ def main() -> int:
 
     if "-during-" in fault and fault.split("-during-")[0] in ("usr1", "term"):
         # A real signal at a start-up stage: the stage's function sends it to this process, then runs.
-        import dali_kd.build as build
+        import dali_kd.training.build as build
 
         signum = signal.SIGUSR1 if fault.startswith("usr1") else signal.SIGTERM
         name = {"scan": "prepare_data", "models": "build_distill_models", "stream": "make_train_stream"}[

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from dali_kd.config import Config
-from dali_kd.run_state import RunState
+from dali_kd.training.run_state import RunState
 
 if TYPE_CHECKING:
     from dali_kd.data.batch import Batch
 
 
 class TrainerView(Protocol):
-    """What a callback reads of the run (dali_kd.trainer.Trainer is one): a Protocol, so that the hooks need not
+    """What a callback reads of the run (dali_kd.training.trainer.Trainer is one): a Protocol, so that the hooks need not
     import the loop that calls them. Read-only here, as a callback reads them."""
 
     @property

@@ -108,7 +108,7 @@ class CheckpointDir:
         return path
 
     def remove_leftovers(self) -> None:
-        """Remove every half-written checkpoint: only for the run that holds the run directory (dali_kd.run_dir),
+        """Remove every half-written checkpoint: only for the run that holds the run directory (dali_kd.runs.directory),
         when whoever left them has ended."""
         for tmp in self.path.glob(".step_*.tmp") if self.path.is_dir() else ():
             tmp.unlink(missing_ok=True)

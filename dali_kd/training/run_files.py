@@ -11,12 +11,12 @@ from dali_kd.config import Config, dump_config
 from dali_kd.data.prepare import write_quarantine
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from dali_kd.models import Student
-from dali_kd.run_state import RunState
+from dali_kd.training.run_state import RunState
 
 if TYPE_CHECKING:
     import torch
 
-    from dali_kd.build import RunParts
+    from dali_kd.training.build import RunParts
 
 
 def start_run_dir(run_dir: Path, cfg: Config, quarantine: list[dict[str, str]], step: int) -> None:

@@ -14,9 +14,9 @@ from dali_kd.config import LossConfig
 from dali_kd.data.batch import Batch
 from dali_kd.data.outputs import ModelOutput, view_major
 from dali_kd.distributed import DistInfo
-from dali_kd.losses import distillation_losses, multi_crop_losses
 from dali_kd.models import Student, StudentOutput
 from dali_kd.runtime import autocast
+from dali_kd.training.losses import distillation_losses, multi_crop_losses
 
 
 def logits_match(student_out: ModelOutput, teacher_out: ModelOutput) -> bool:

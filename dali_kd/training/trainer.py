@@ -1,9 +1,9 @@
 """The distillation loop: step-capped epochs over one data stream; each step is targets → task → backward, clip, step.
 
 The parts it drives, each in its own module: the data stream (dali_kd.data.loaders), the teacher targets
-(dali_kd.teacher_cache.targets), the distillation task (dali_kd.task), the run state (dali_kd.run_state), the checkpointer
-(dali_kd.checkpointer), the NaN guard (dali_kd.nonfinite), telemetry (dali_kd.telemetry) and the run files
-(dali_kd.run_files).
+(dali_kd.teacher_cache.targets), the distillation task (dali_kd.training.task), the run state (dali_kd.training.run_state), the checkpointer
+(dali_kd.training.checkpointer), the NaN guard (dali_kd.training.nonfinite), telemetry (dali_kd.telemetry) and the run files
+(dali_kd.training.run_files).
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ from typing import Any
 import torch
 
 from dali_kd import console, distributed
-from dali_kd.build import build_run
-from dali_kd.callbacks import Callback
-from dali_kd.checkpointer import Checkpointer
 from dali_kd.config import Config
 from dali_kd.console import eval_line
 from dali_kd.data.batch import Batch
 from dali_kd.data.prepare import write_quarantine
 from dali_kd.distributed import DistInfo
-from dali_kd.evaluation import EvalResult, evaluate_student, evaluate_teacher
-from dali_kd.optim import current_lr
-from dali_kd.preemption import Preempted, StopSignal
-from dali_kd.run_files import run_summary, start_run_dir, write_final
+from dali_kd.evaluation.evaluator import EvalResult, evaluate_student, evaluate_teacher
+from dali_kd.runs.preemption import Preempted, StopSignal
 from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.timing import StepTimer
+from dali_kd.training.build import build_run
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.checkpointer import Checkpointer
+from dali_kd.training.optim import current_lr
+from dali_kd.training.run_files import run_summary, start_run_dir, write_final
 
 __all__ = ["Trainer"]
 

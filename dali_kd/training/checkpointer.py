@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from dali_kd import checkpoint as ckpt
 from dali_kd import distributed
 from dali_kd.config import Config
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import UserError
 from dali_kd.identity import config_fingerprint, config_hash
+from dali_kd.runs import checkpoint as ckpt
 
 
 class Stateful(Protocol):

@@ -106,7 +106,7 @@ def claim(run_dir: Path) -> RunDirClaim:
 
 def _claim(run_dir: Path, new: bool) -> RunDirClaim | None:
     """new: only a directory that does not exist yet (None if it does)."""
-    from dali_kd.checkpoint import CheckpointDir
+    from dali_kd.runs.checkpoint import CheckpointDir
 
     created = _make_parents(run_dir.parent)
     try:
@@ -140,7 +140,7 @@ def claim_unused(output_dir: Path, name: str) -> RunDirClaim:
 
 
 def _newest_run_with_checkpoints(output_dir: Path) -> Path | None:
-    from dali_kd.checkpoint import CheckpointDir
+    from dali_kd.runs.checkpoint import CheckpointDir
 
     newest, newest_mtime = None, -1.0
     for run_dir in output_dir.iterdir() if output_dir.is_dir() else ():
@@ -152,7 +152,7 @@ def _newest_run_with_checkpoints(output_dir: Path) -> Path | None:
 
 def existing_run_files(run_dir: Path) -> list[str]:
     """What a run has left in run_dir (complete checkpoints, metrics, summary); empty for a new directory."""
-    from dali_kd.checkpoint import CheckpointDir
+    from dali_kd.runs.checkpoint import CheckpointDir
 
     found = ["checkpoints"] if CheckpointDir(run_dir, 1).latest() is not None else []
     return found + [name for name in ("metrics.jsonl", "summary.json") if (run_dir / name).exists()]
@@ -161,8 +161,8 @@ def existing_run_files(run_dir: Path) -> list[str]:
 def choose_run(cfg: Config, resume: str) -> tuple[RunDirClaim, Path | None]:
     """(the claimed run directory, checkpoint to resume from). A resumed run continues its own run directory; a
     fresh run never writes into another run's (checkpoints would be mixed, and --resume auto would pick the old)."""
-    from dali_kd.checkpoint import CheckpointDir
-    from dali_kd.preemption import slurm_job_id
+    from dali_kd.runs.checkpoint import CheckpointDir
+    from dali_kd.runs.preemption import slurm_job_id
 
     output_dir = Path(cfg.train.output_dir).expanduser()
     new_name = f"{cfg.model.student.name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -20,7 +20,7 @@ from dali_kd.data.eval_quarantine import EvalQuarantine
 from dali_kd.data.loaders import make_eval_batches
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
-from dali_kd.knn import knn_top1
+from dali_kd.evaluation.knn import knn_top1
 from dali_kd.models import FrozenTeacher, Student
 from dali_kd.runtime import autocast
 

@@ -7,36 +7,38 @@ the task, optimiser, schedule, counters and teacher targets; then a checkpoint's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from timm.scheduler.scheduler import Scheduler
 
-from dali_kd import checkpoint as ckpt
 from dali_kd import console, distributed
-from dali_kd.checkpointer import restore
 from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
-from dali_kd.data.prepare import prepare_data
+from dali_kd.data.prepare import DataSplits, prepare_data
 from dali_kd.data.sampling import min_shard_size
 from dali_kd.data.stream import TrainStream
 from dali_kd.distributed import DistInfo
-from dali_kd.ema import StudentEma
 from dali_kd.errors import UserError
-from dali_kd.evaluation import Evaluator
+from dali_kd.evaluation.evaluator import Evaluator
 from dali_kd.identity import data_identity
 from dali_kd.models import FrozenTeacher, Student, build_distill_models
+from dali_kd.models.distill import DistillModels
 from dali_kd.models.inputs import InputSpec
-from dali_kd.nonfinite import NonFiniteGuard
-from dali_kd.optim import build_optimizer, build_scheduler, peak_lr
-from dali_kd.run_state import RunState
+from dali_kd.runs import checkpoint as ckpt
 from dali_kd.runtime import autocast_dtype, seed_everything
-from dali_kd.task import DistillTask
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
+from dali_kd.training.checkpointer import restore
+from dali_kd.training.ema import StudentEma
+from dali_kd.training.nonfinite import NonFiniteGuard
+from dali_kd.training.optim import build_optimizer, build_scheduler, peak_lr
+from dali_kd.training.run_state import RunState
+from dali_kd.training.task import DistillTask
 
 
 @dataclass
@@ -81,21 +83,14 @@ def build_run(
     resume_from: Path | None = None,
     allow_config_change: bool = False,
 ) -> RunParts:
-    """All parts of this rank's run; with resume_from, continued exactly from that checkpoint."""
+    """All parts of this rank's run; with resume_from, continued exactly from that checkpoint.
+
+    The order is the resume contract: what draws from the seeded RNG (the models' initialisation) is made in the
+    same order on a fresh start and on a resume, and the stream is built last, at the checkpoint's position."""
     train = cfg.train
     amp_dtype = autocast_dtype(train.precision, device)
     seed_everything(train.seed)
-    # Every file is checked first (cached); the bad ones are set aside and listed in the run's quarantine.
-    splits = prepare_data(cfg, dist.is_main, distributed.barrier)
-    if dist.is_main:
-        for message in splits.messages:
-            console.info(message)
-    shard_samples = min_shard_size(splits.train.num_samples, dist.world_size)
-    if train.batch_size > shard_samples:
-        raise UserError(
-            f"train.batch_size={train.batch_size} is larger than each process's share of the data "
-            f"({splits.train.num_samples} usable images / {dist.world_size} processes = {shard_samples})"
-        )
+    splits, share = _data_splits(cfg, dist)
     evaluator = Evaluator(cfg, splits.train, splits.val, device, dist.rank, dist.world_size)
     pipeline = InputSpec(cfg.view_size, cfg.data.augment.mean, cfg.data.augment.std)
     models = build_distill_models(
@@ -103,26 +98,11 @@ def build_run(
         teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
     )  # fmt: skip
     task = DistillTask(models.student, train.loss, device, amp_dtype, dist, train.compile_student)
-    lr = peak_lr(train.optimizer, train.batch_size * dist.world_size)
-    if lr != train.optimizer.lr and dist.is_main:
-        console.info(
-            f"lr {lr:.4g}: train.optimizer.lr {train.optimizer.lr:.4g} scaled ({train.optimizer.lr_scale_rule}) "
-            f"from a batch of {train.optimizer.lr_scale_batch} to {train.batch_size * dist.world_size}"
-        )
-    optimizer = build_optimizer(models.student, train.optimizer, lr, device)
-    # Every rank takes the same number of steps: the smallest shard decides.
-    steps_per_epoch = min(train.max_steps_per_epoch, max(1, shard_samples // train.batch_size))
+    optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
+    # Every rank takes the same number of steps: the smallest share decides.
+    steps_per_epoch = min(train.max_steps_per_epoch, max(1, share // train.batch_size))
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
-    live = LiveTeacher(models.teacher, models.use_patches)
-    targets: TeacherTargets = live
-    cache = None
-    if train.cache_teacher_features:
-        cache = open_teacher_cache(
-            cfg, models.teacher, models.teacher_id, splits.train, models.use_patches, device, dist.is_main
-        )
-        targets = CachedTeacher(
-            live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
-        )
+    targets, cache = _teacher_targets(cfg, models, splits.train, device, dist)
     parts = RunParts(
         amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
@@ -135,24 +115,72 @@ def build_run(
         parts.ema = StudentEma(models.student, train.ema_decay, train.ema_warmup)
     stream_state = None
     if resume_from is not None:
-        saved = ckpt.load(resume_from)
-        warnings = ckpt.check_compatible(
-            saved, cfg, models.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
-        )
-        for warning in warnings if dist.is_main else ():
-            console.warning(f"warning: {warning}")
-        stream_state = restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
-    # The file shuffle is seeded alike on every rank (disjoint shards); augmentations differ per rank.
-    if cache is None:
-        parts.stream = make_train_stream(
-            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state
-        )
-    else:
-        parts.stream = make_cached_train_stream(
-            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
-        )
+        stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
+    # The file shuffle is seeded alike on every rank (disjoint shares); augmentations differ per rank.
+    make_stream = (
+        make_train_stream if cache is None else functools.partial(make_cached_train_stream, cache=cache)
+    )
+    parts.stream = make_stream(cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state)
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
+
+
+def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
+    """The checked splits (every file checked first, cached; the bad ones set aside and listed in the run's
+    quarantine), and the number of training images each rank gets."""
+    splits = prepare_data(cfg, dist.is_main, distributed.barrier)
+    if dist.is_main:
+        for message in splits.messages:
+            console.info(message)
+    share = min_shard_size(splits.train.num_samples, dist.world_size)
+    if cfg.train.batch_size > share:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is larger than each process's share of the data "
+            f"({splits.train.num_samples} usable images / {dist.world_size} processes = {share})"
+        )
+    return splits, share
+
+
+def _peak_lr(cfg: Config, dist: DistInfo) -> float:
+    """train.optimizer.lr, scaled to the global batch as train.optimizer.lr_scale_rule says (rank 0 says so)."""
+    opt, batch = cfg.train.optimizer, cfg.train.batch_size * dist.world_size
+    lr = peak_lr(opt, batch)
+    if lr != opt.lr and dist.is_main:
+        console.info(
+            f"lr {lr:.4g}: train.optimizer.lr {opt.lr:.4g} scaled ({opt.lr_scale_rule}) "
+            f"from a batch of {opt.lr_scale_batch} to {batch}"
+        )
+    return lr
+
+
+def _teacher_targets(
+    cfg: Config, models: DistillModels, train_index: ImageIndex, device: torch.device, dist: DistInfo
+) -> tuple[TeacherTargets, TeacherCache | None]:
+    """The live teacher, or (train.cache_teacher_features) the teacher cache in front of it."""
+    train = cfg.train
+    live = LiveTeacher(models.teacher, models.use_patches)
+    if not train.cache_teacher_features:
+        return live, None
+    cache = open_teacher_cache(
+        cfg, models.teacher, models.teacher_id, train_index, models.use_patches, device, dist.is_main
+    )
+    cached = CachedTeacher(
+        live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
+    )
+    return cached, cache
+
+
+def _restore(
+    parts: RunParts, cfg: Config, dist: DistInfo, resume_from: Path, allow_config_change: bool
+) -> dict:
+    """Load the checkpoint into the parts (after checking it belongs to this run); the data stream's saved state."""
+    saved = ckpt.load(resume_from)
+    warnings = ckpt.check_compatible(
+        saved, cfg, parts.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
+    )
+    for warning in warnings if dist.is_main else ():
+        console.warning(f"warning: {warning}")
+    return restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
 
 
 def set_aside_files(split: str, parts: RunParts) -> set[str]:
