@@ -94,7 +94,7 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
 def test_eval_batches_are_on_the_trainers_device(tiny_config, image_tree, backend):
     cfg = tiny_config(f"data.backend={backend}")
     index = ImageIndex.from_folder(image_tree / "val")
-    batches = list(make_eval_batches(cfg, index, META, batch_size=5))
+    batches = list(make_eval_batches(cfg.stream_settings(), index, META, batch_size=5))
     for batch in batches:
         assert_on_device(batch, META)
     assert sum(len(b) for b in batches) == index.num_samples
@@ -124,7 +124,9 @@ def test_float16_images_reach_the_models_from_both_backends(tiny_config, image_t
         trainer.stream.close()
     assert torch.isfinite(losses["loss"])
     val = ImageIndex.from_folder(image_tree / "val")
-    assert {b.images.dtype for b in make_eval_batches(cfg, val, torch.device("cpu"), 8)} == {torch.float16}
+    assert {
+        b.images.dtype for b in make_eval_batches(cfg.stream_settings(), val, torch.device("cpu"), 8)
+    } == {torch.float16}
 
 
 @pytest.mark.parametrize(("decode", "prefetch"), [("window", 1), ("full", 1), ("window", 2)])

@@ -104,7 +104,7 @@ def test_gpu_multi_crop_training_steps(tiny_config, tmp_path):
 @pytest.mark.parametrize("path", list(STREAMS))
 def test_training_streams_on_cuda_put_every_batch_tensor_on_cuda(tiny_config, image_tree, path):
     cfg = tiny_config("train.device=cuda", *STREAMS[path])
-    stream = make_train_stream(cfg, ImageIndex.from_folder(image_tree / "train"), CUDA)
+    stream = make_train_stream(cfg.stream_settings(), ImageIndex.from_folder(image_tree / "train"), CUDA)
     try:
         batches = list(itertools.islice(iter(stream), 3))
     finally:

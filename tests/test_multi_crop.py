@@ -171,13 +171,13 @@ def test_resume_refuses_another_multi_crop_graph(index, tiny_config):
     """A checkpoint records the graph its stream resolved; auto on another device (or another setting) would build
     the other graph, into which the pipeline's state does not restore: refused in one line."""
     cfg = tiny_config("train.use_local_crops=true", "data.num_local_crops=2", "data.local_crop_size=16")
-    stream = make_train_stream(cfg, index, CPU)
+    stream = make_train_stream(cfg.stream_settings(), index, CPU)
     state = stream.state_dict()
     stream.close()
     assert state["multi_crop_graph"] == "per_crop"
     with pytest.raises(UserError, match="cut by the batched graph, this run would use per_crop"):
-        make_train_stream(cfg, index, CPU, state={**state, "multi_crop_graph": "batched"})
-    make_train_stream(cfg, index, CPU, state=state).close()
+        make_train_stream(cfg.stream_settings(), index, CPU, state={**state, "multi_crop_graph": "batched"})
+    make_train_stream(cfg.stream_settings(), index, CPU, state=state).close()
 
 
 def test_torchvision_decodes_each_image_once(index, monkeypatch):

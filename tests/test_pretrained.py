@@ -271,7 +271,7 @@ def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
     # The teacher's head top-1 is what its weights score on the val images normalised its own way.
     val = ImageIndex.from_folder(cfg.data.val_root)
     correct = total = 0
-    for batch in make_eval_batches(cfg, val, CPU, 8):
+    for batch in make_eval_batches(cfg.stream_settings(), val, CPU, 8):
         pixels = batch.images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(
             IMAGENET_MEAN
         ).view(1, 3, 1, 1)

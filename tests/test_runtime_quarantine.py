@@ -200,7 +200,7 @@ def test_every_backend_is_a_train_stream(tiny_config, tmp_path):
     index = ImageIndex.from_folder(cfg.data.root)
     cpu = torch.device("cpu")
     for backend in ("dali", "torchvision"):
-        stream = make_train_stream(tiny_config(f"data.backend={backend}"), index, cpu)
+        stream = make_train_stream(tiny_config(f"data.backend={backend}").stream_settings(), index, cpu)
         assert isinstance(stream, TrainStream), backend
         assert isinstance(stream.num_samples, int) and stream.take_entries() == []
         stream.close()

@@ -425,7 +425,7 @@ def test_scan_off_hands_the_reader_image_files_only(tiny_config, tmp_path):
     for name in ("class_0/anim.gif", "class_1/sound.wav", "class_1/track.flac", "class_0/clip.ogg"):
         (root / name).write_bytes(b"GIF89a" if name.endswith(".gif") else b"RIFF\x00\x00\x00\x00WAVE")
     cfg = tiny_config("data.scan=off", f"data.root={root}", "data.val_root=null")
-    splits = prepare_data(cfg)
+    splits = prepare_data(cfg.data)
     assert sorted(splits.train.files) == [
         str(root / f"class_{c}" / f"{i}.jpg") for c in (0, 1) for i in range(3)
     ]

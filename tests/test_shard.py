@@ -76,7 +76,7 @@ def samples_by_shard(out: Path) -> list[list[tuple[int, int]]]:
 
 def test_dali_reads_every_sample_once_with_the_id_label_and_bytes_training_uses(tiny_config, tmp_path):
     cfg = tiny_config()
-    index = prepare_data(cfg).train  # the ids a run over the folder gives
+    index = prepare_data(cfg.data).train  # the ids a run over the folder gives
     out = tmp_path / "shards"
     result = make_shards(cfg.data.root, out, SHARD_SIZE, show_progress=False)
     manifest = fmt.read_manifest(out)
@@ -390,7 +390,7 @@ def test_a_file_list_shards_only_its_files_with_the_ids_training_gives(tiny_conf
     listed = [f"class_{c}/{i}.jpg" for c in (3, 0, 2, 1) for i in (5, 1)]
     (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
     cfg = tiny_config(f"data.file_list={tmp_path / 'list.txt'}")
-    index = prepare_data(cfg).train
+    index = prepare_data(cfg.data).train
     out = tmp_path / "shards"
     make_shards(cfg.data.root, out, SHARD_SIZE, file_list=str(tmp_path / "list.txt"), show_progress=False)
     rows = [json.loads(line) for line in (out / fmt.SAMPLES_NAME).read_text().splitlines()]

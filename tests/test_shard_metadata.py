@@ -71,7 +71,7 @@ def test_hand_edited_shard_metadata_is_one_line_naming_file_and_field(
     folder = edited(made_shards, tmp_path / "train", change)
     cfg = tiny_config("data.format=shards", f"data.root={folder}", "data.val_root=null")
     with pytest.raises(UserError, match=pattern) as info:
-        prepare_data(cfg)
+        prepare_data(cfg.data)
     assert "\n" not in str(info.value)
 
 

@@ -50,18 +50,18 @@ def passes(stream, num_batches: int) -> list[int]:
 
 
 def test_folder_and_shards_give_the_same_samples_per_pass_and_the_same_pixels(tiny_config, shard_tree):
-    folder = prepare_data(tiny_config()).train
-    shards = prepare_data(shards_config(tiny_config, shard_tree)).train
+    folder = prepare_data(tiny_config().data).train
+    shards = prepare_data(shards_config(tiny_config, shard_tree).data).train
     assert shards.labels == folder.labels and shards.class_names == folder.class_names
     assert all(shards.read_bytes(i) == Path(folder.files[i]).read_bytes() for i in range(folder.num_samples))
     cfg = shards_config(tiny_config, shard_tree)
-    stream = make_train_stream(cfg, shards, CPU)
+    stream = make_train_stream(cfg.stream_settings(), shards, CPU)
     ids = passes(stream, 18)  # 3 passes of 48
     for k in range(3):
         assert sorted(ids[48 * k : 48 * (k + 1)]) == list(range(48)), f"pass {k} is not every sample once"
     assert ids[:48] != ids[96:], "the order changes from pass to pass"
     # The same view record renders to the same pixels from either format.
-    batch = next(iter(make_train_stream(cfg, shards, CPU)))
+    batch = next(iter(make_train_stream(cfg.stream_settings(), shards, CPU)))
     params = cfg.augment_params()
     from_folder = DaliViewRenderer(folder, params, len(batch)).render(batch.host_ids, batch.view)
     from_shards = DaliViewRenderer(shards, params, len(batch)).render(batch.host_ids, batch.view)
@@ -71,15 +71,17 @@ def test_folder_and_shards_give_the_same_samples_per_pass_and_the_same_pixels(ti
     for backend in ("dali", "torchvision"):
         c = shards_config(tiny_config, shard_tree, f"data.backend={backend}")
         got = [b.host_ids if b.host_ids is not None else b.sample_ids.numpy() for b in make_eval_batches(
-            c, shards, CPU, 8)]  # fmt: skip
+            c.stream_settings(), shards, CPU, 8)]  # fmt: skip
         assert np.concatenate(got).tolist() == list(range(48))
 
 
 def test_torchvision_reads_the_shards_by_offset_with_the_folder_ids(tiny_config, shard_tree):
     overrides = ("data.backend=torchvision",)
-    folder = make_train_stream(tiny_config(*overrides), prepare_data(tiny_config()).train, CPU)
+    folder = make_train_stream(
+        tiny_config(*overrides).stream_settings(), prepare_data(tiny_config().data).train, CPU
+    )
     cfg = shards_config(tiny_config, shard_tree, *overrides)
-    shards = make_train_stream(cfg, prepare_data(cfg).train, CPU)
+    shards = make_train_stream(cfg.stream_settings(), prepare_data(cfg.data).train, CPU)
     a, b = next(iter(folder)), next(iter(shards))
     assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.images, b.images)
     folder.close()
@@ -88,22 +90,24 @@ def test_torchvision_reads_the_shards_by_offset_with_the_folder_ids(tiny_config,
 
 def test_a_stream_resumed_mid_pass_from_shards_continues_bit_identically(tiny_config, shard_tree):
     cfg = shards_config(tiny_config, shard_tree)
-    index = prepare_data(cfg).train
-    stream = make_train_stream(cfg, index, CPU)
+    index = prepare_data(cfg.data).train
+    stream = make_train_stream(cfg.stream_settings(), index, CPU)
     it = iter(stream)
     for _ in range(4):  # 32 of 48 samples: mid-pass
         next(it)
     state = stream.state_dict()
     expected = [next(it) for _ in range(5)]
-    resumed = iter(make_train_stream(cfg, index, CPU, state=state))
+    resumed = iter(make_train_stream(cfg.stream_settings(), index, CPU, state=state))
     for want, got in zip(expected, (next(resumed) for _ in range(5)), strict=True):
         assert torch.equal(want.sample_ids, got.sample_ids) and torch.equal(want.images, got.images)
 
 
 def test_two_ranks_read_disjoint_samples_each_pass(tiny_config, shard_tree):
     cfg = shards_config(tiny_config, shard_tree, "train.batch_size=6")
-    index = prepare_data(cfg).train
-    ranks = [passes(make_train_stream(cfg, index, CPU, rank=r, world_size=2), 8) for r in (0, 1)]
+    index = prepare_data(cfg.data).train
+    ranks = [
+        passes(make_train_stream(cfg.stream_settings(), index, CPU, rank=r, world_size=2), 8) for r in (0, 1)
+    ]
     for k in range(2):
         seen = [set(ids[24 * k : 24 * (k + 1)]) for ids in ranks]
         assert len(seen[0]) == len(seen[1]) == 24 and not seen[0] & seen[1], f"pass {k}: ranks overlap"
@@ -143,7 +147,7 @@ def test_a_damaged_shard_folder_is_a_one_line_error_at_start(
     else:
         (train / fmt.MANIFEST_NAME).unlink()
     with pytest.raises(UserError, match=pattern) as info:
-        prepare_data(shards_config(tiny_config, tmp_path))
+        prepare_data(shards_config(tiny_config, tmp_path).data)
     assert "\n" not in str(info.value)
 
 
@@ -165,12 +169,12 @@ def test_a_sample_that_fails_to_decode_is_set_aside_by_shard_and_key(tiny_config
     bad = 7
     shard, _ = _spoil_sample(tmp_path / "train", bad)
     cfg = tiny_config("data.format=shards", f"data.root={tmp_path / 'train'}", "data.val_root=null")
-    index = prepare_data(cfg).train
+    index = prepare_data(cfg.data).train
     for backend in ("dali", "torchvision"):
         with pytest.warns(UserWarning, match=f"set aside .*{shard}.*000000007"):
             # The DALI iterator runs the first batch already when it is made.
-            stream = make_train_stream(cfg.model_copy(update={"data": cfg.data.model_copy(
-                update={"backend": backend})}), index, CPU)  # fmt: skip
+            settings = cfg.model_copy(update={"data": cfg.data.model_copy(update={"backend": backend})})
+            stream = make_train_stream(settings.stream_settings(), index, CPU)
             ids = passes(stream, 12)
         entries = stream.take_entries()
         assert [(e["shard"], e["key"], e["found"]) for e in entries] == [
@@ -229,6 +233,6 @@ def test_a_half_made_config_is_refused_in_one_line(tiny_config, shard_tree):
 
 def test_the_dali_stream_is_a_train_stream_from_shards(tiny_config, shard_tree):
     cfg = shards_config(tiny_config, shard_tree)
-    stream = make_train_stream(cfg, prepare_data(cfg).train, CPU)
+    stream = make_train_stream(cfg.stream_settings(), prepare_data(cfg.data).train, CPU)
     assert isinstance(stream, DaliTrainStream) and stream.num_samples == 48
     stream.close()

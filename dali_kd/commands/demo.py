@@ -88,7 +88,7 @@ def train_demo_teacher(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    stream = make_train_stream(cfg, index, device)
+    stream = make_train_stream(cfg.stream_settings(), index, device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     start = time.perf_counter()
     model.train()
@@ -116,7 +116,7 @@ def train_demo_teacher(
         val = ImageIndex.from_folder(cfg.data.val_root, class_names=index.class_names)
         correct = 0
         with torch.no_grad():
-            for batch in make_eval_batches(cfg, val, device, cfg.train.batch_size):
+            for batch in make_eval_batches(cfg.stream_settings(), val, device, cfg.train.batch_size):
                 correct += int((model(batch.images).argmax(1) == batch.labels).sum())
         accuracy = 100.0 * correct / val.num_samples
     save_safetensors_atomic(path, model.state_dict())

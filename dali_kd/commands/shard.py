@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 from dali_kd import __version__
@@ -331,7 +330,7 @@ def list_samples(src: Path, file_list: str | None, scan: str, max_pixels: int, s
     data = DataConfig(
         root=str(src), file_list=file_list, scan=scan, scan_dir=str(scan_dir), max_image_pixels=max_pixels
     )
-    splits = prepare_data(SimpleNamespace(data=data))  # type: ignore[arg-type]  # prepare_data reads only cfg.data
+    splits = prepare_data(data)
     index = splits.train
     samples = []
     for i, (path, label) in enumerate(zip(index.files, index.labels, strict=True)):

@@ -19,9 +19,10 @@ from dali_kd.config.sections import (
     TrainConfig,
     free_on_resume,
 )
+from dali_kd.config.stream_settings import StreamSettings
 
 __all__ = [
     "CONFIG_DIR", "DEMO_CONFIG_DIR", "SECTION_FILES", "AugmentConfig", "Config", "ConfigConflict", "DataConfig",
-    "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig", "Section", "StudentSpec", "TeacherSpec", "TrainConfig",
+    "LossConfig", "ModelConfig", "ModelSpec", "OptimizerConfig", "Section", "StreamSettings", "StudentSpec", "TeacherSpec", "TrainConfig",
     "dump_config", "free_on_resume", "key_default", "load_config", "parse_override", "read_yaml", "resume_free_keys",
 ]  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, model_validator
 
 from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
+from dali_kd.config.stream_settings import StreamSettings
 from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
@@ -191,6 +192,14 @@ class Config(Section):
         a, d = self.data.augment, self.data
         resize = round(d.eval_resize * self.view_size / d.image_size)
         return EvalParams(view_size=self.view_size, resize_size=resize, mean=a.mean, std=a.std)
+
+    def stream_settings(self) -> StreamSettings:
+        """What the data layer needs to make this run's streams (see dali_kd.config.stream_settings)."""
+        t = self.train
+        return StreamSettings(
+            data=self.data, crops=self.crop_params(), eval=self.eval_params(), decode=self.decode_params(),
+            batch_size=t.batch_size, seed=t.seed, num_workers=t.num_workers, persistent_workers=t.persistent_workers,
+        )  # fmt: skip
 
 
 def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:

@@ -1,4 +1,7 @@
-"""Backend choice: one place that builds the training stream and the eval batches for `data.backend`."""
+"""Backend choice: one place that builds the training stream and the eval batches for `data.backend`.
+
+Each takes StreamSettings (dali_kd.config.stream_settings): the data section, and what a stream needs from the
+others (the views sized for the models, the batch, the seed, the workers), as a Config's stream_settings() gives."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dali_kd.config import Config
+from dali_kd.config import DataConfig, StreamSettings
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.mixing import MixingStream, MixParams
@@ -19,7 +22,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def make_train_stream(
-    cfg: Config,
+    settings: StreamSettings,
     index: ImageIndex,
     device: torch.device,
     rank: int = 0,
@@ -30,26 +33,27 @@ def make_train_stream(
     state_dict()) continues that stream exactly where it stopped, with the same runtime substitutions. With
     data.augment.mix its batches leave mixed (dali_kd.data.mixing), on every backend. (With a teacher cache the
     stream is dali_kd.teacher_cache.stream's.)"""
-    check_resumed_backend(cfg, state)
-    return with_mixing(_backend_stream(cfg, index, device, rank, world_size, state), cfg, rank, state)
+    check_resumed_backend(settings.data, state)
+    stream = _backend_stream(settings, index, device, rank, world_size, state)
+    return with_mixing(stream, settings, rank, state)
 
 
-def check_resumed_backend(cfg: Config, state: dict | None) -> None:
+def check_resumed_backend(data: DataConfig, state: dict | None) -> None:
     """Refuse to continue a stream of another backend than data.backend."""
-    if state is not None and state.get("backend") != cfg.data.backend:
+    if state is not None and state.get("backend") != data.backend:
         raise UserError(
-            f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {cfg.data.backend}"
+            f"--resume: the checkpoint's data stream is {state.get('backend')}, data.backend is {data.backend}"
         )
 
 
-def with_mixing(stream: TrainStream, cfg: Config, rank: int, state: dict | None) -> TrainStream:
+def with_mixing(stream: TrainStream, settings: StreamSettings, rank: int, state: dict | None) -> TrainStream:
     """The stream with its batches mixed as data.augment.mix says (the stream itself without mixing)."""
-    mix = MixParams.from_config(cfg.data.augment)
-    return stream if mix is None else MixingStream(stream, mix, cfg.train.seed, rank, state)
+    mix = MixParams.from_config(settings.data.augment)
+    return stream if mix is None else MixingStream(stream, mix, settings.seed, rank, state)
 
 
 def _backend_stream(
-    cfg: Config,
+    settings: StreamSettings,
     index: ImageIndex,
     device: torch.device,
     rank: int,
@@ -57,56 +61,56 @@ def _backend_stream(
     state: dict | None,
 ) -> TrainStream:
     substitutions = {int(k): v for k, v in state.get("substitutions", {}).items()} if state else None
-    if cfg.data.backend == "dali":
+    if settings.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
 
         if state is not None:
-            _check_multi_crop_graph(cfg, device, state)
+            _check_multi_crop_graph(settings, device, state)
         return DaliTrainStream(
             index,
-            cfg.crop_params(),
-            batch_size=cfg.train.batch_size,
+            settings.crops,
+            batch_size=settings.batch_size,
             # Augmentations differ per rank; the file shuffle is shared, so that the shards stay disjoint.
-            seed=cfg.train.seed + rank,
-            reader_seed=cfg.train.seed,
+            seed=settings.seed + rank,
+            reader_seed=settings.seed,
             device=device,
-            num_threads=cfg.data.dali_threads,
-            prefetch_batches=cfg.data.prefetch_batches,
+            num_threads=settings.data.dali_threads,
+            prefetch_batches=settings.data.prefetch_batches,
             shard_id=rank,
             num_shards=world_size,
             checkpoint=bytes(state["pipeline"].numpy()) if state else None,
             substitutions=substitutions,
-            max_runtime_quarantine=cfg.data.max_runtime_quarantine,
-            decode=cfg.decode_params(),
-            shuffle_buffer=cfg.data.shuffle_buffer,
+            max_runtime_quarantine=settings.data.max_runtime_quarantine,
+            decode=settings.decode,
+            shuffle_buffer=settings.data.shuffle_buffer,
             start_position=int(state.get("position", 0)) if state else 0,
         )
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 
     return TorchvisionTrainStream(
         index,
-        cfg.crop_params(),
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        num_workers=cfg.train.num_workers,
-        persistent_workers=cfg.train.persistent_workers,
+        settings.crops,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        num_workers=settings.num_workers,
+        persistent_workers=settings.persistent_workers,
         shard_id=rank,
         num_shards=world_size,
         device=device,
         start_position=state["position"] if state else 0,
-        dtype=TORCH_DTYPES[cfg.data.output_dtype],
-        max_runtime_quarantine=cfg.data.max_runtime_quarantine,
+        dtype=TORCH_DTYPES[settings.data.output_dtype],
+        max_runtime_quarantine=settings.data.max_runtime_quarantine,
         substitutions=substitutions,
     )
 
 
-def _check_multi_crop_graph(cfg: Config, device: torch.device, state: dict) -> None:
+def _check_multi_crop_graph(settings: StreamSettings, device: torch.device, state: dict) -> None:
     """Refuse to resume multi-crop through another graph than the checkpoint's (data.multi_crop_graph=auto picks
     by device, and train.device may change on resume): its pipeline state and random draws belong to that graph."""
     from dali_kd.data.dali_loader import stream_multi_crop_graph
 
     saved = state.get("multi_crop_graph")
-    params = cfg.crop_params()
+    params = settings.crops
     if saved is None or not isinstance(params, MultiCropParams):
         return
     now = stream_multi_crop_graph(params, device)
@@ -118,20 +122,20 @@ def _check_multi_crop_graph(cfg: Config, device: torch.device, state: dict) -> N
 
 
 def make_eval_batches(
-    cfg: Config, index: ImageIndex, device: torch.device, batch_size: int
+    settings: StreamSettings, index: ImageIndex, device: torch.device, batch_size: int
 ) -> Iterator[Batch]:
     """Every sample of index once, in order, with the eval transform, as batches with every tensor on `device`."""
-    if cfg.data.backend == "dali":
+    if settings.data.backend == "dali":
         from dali_kd.data.dali_loader import dali_eval_batches
 
         yield from dali_eval_batches(
-            index, cfg.eval_params(), batch_size, device=device, num_threads=cfg.data.dali_threads,
-            decode=cfg.decode_params(),
+            index, settings.eval, batch_size, device=device, num_threads=settings.data.dali_threads,
+            decode=settings.decode,
         )  # fmt: skip
         return
     from dali_kd.data.torchvision_loader import torchvision_eval_batches
 
     yield from torchvision_eval_batches(
-        index, cfg.eval_params(), batch_size, num_workers=cfg.train.num_workers, device=device,
-        dtype=TORCH_DTYPES[cfg.data.output_dtype],
+        index, settings.eval, batch_size, num_workers=settings.num_workers, device=device,
+        dtype=TORCH_DTYPES[settings.data.output_dtype],
     )  # fmt: skip

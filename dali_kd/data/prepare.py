@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dali_kd.config import Config
+from dali_kd.config import DataConfig
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.data.file_checks import candidate_files, scan
@@ -25,7 +24,7 @@ class DataSplits:
 
 
 def _split(
-    cfg: Config,
+    data: DataConfig,
     split: str,
     root: Path,
     file_list: str | None,
@@ -37,20 +36,20 @@ def _split(
     where = f"data.{'root' if split == 'train' else 'val_root'} {root}"
     quarantine: list[dict[str, str]] = []
     messages: list[str] = []
-    if cfg.data.scan == "off":
+    if data.scan == "off":
         # Unchecked files: only names DALI decodes as images may reach its reader (not the GIFs and audio files
         # that the scan checks because the reader would list them).
         listing = candidate_files(root)
         paths = [p for p in listing.files if p.lower().endswith(IMAGE_EXTENSIONS)]
         messages += listing.notes
     else:
-        out = Path(cfg.data.scan_dir).expanduser() / split if cfg.data.scan_dir else None
+        out = Path(data.scan_dir).expanduser() / split if data.scan_dir else None
         # Rank 0 scans; the others then read the same verdicts from its cache.
         if is_main:
-            result = scan(root, out, full=cfg.data.scan == "full", max_pixels=cfg.data.max_image_pixels)
+            result = scan(root, out, full=data.scan == "full", max_pixels=data.max_image_pixels)
         barrier()
         if not is_main:
-            result = scan(root, out, full=cfg.data.scan == "full", max_pixels=cfg.data.max_image_pixels)
+            result = scan(root, out, full=data.scan == "full", max_pixels=data.max_image_pixels)
         paths = result.good
         quarantine = [{"split": split, **q, "found": "scan"} for q in result.quarantined]
         total = len(result.good) + len(result.quarantined)
@@ -75,15 +74,15 @@ def _split(
     return ImageIndex.from_paths(root, paths, class_names, where, required), quarantine, messages
 
 
-def prepare_shards(cfg: Config) -> DataSplits:
+def prepare_shards(data: DataConfig) -> DataSplits:
     """data.format shards: the manifests' samples (scanned when the shards were made, so no scan here); every shard
     is checked at start (size and index), see dali_kd.data.shard_index."""
     from dali_kd.data.shard_index import index_from_shards
 
-    train = index_from_shards(cfg.data.root, f"data.root {cfg.data.root}")
+    train = index_from_shards(data.root, f"data.root {data.root}")
     val = None
-    if cfg.data.val_root:
-        val = index_from_shards(cfg.data.val_root, f"data.val_root {cfg.data.val_root}", train.class_names)
+    if data.val_root:
+        val = index_from_shards(data.val_root, f"data.val_root {data.val_root}", train.class_names)
     messages = [
         f"data: {split} split: {index.num_samples} samples in {len(index.shards.tar_paths)} shard(s) of "
         f"{index.root}"
@@ -93,36 +92,28 @@ def prepare_shards(cfg: Config) -> DataSplits:
     return DataSplits(train, val, [], messages)
 
 
-def prepare_data(cfg: Config, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> DataSplits:
-    if getattr(cfg.data, "format", "folder") == "shards":
-        return prepare_shards(cfg)
-    if admits_images_over_decoder_limit(None if cfg.data.scan == "off" else cfg.data.max_image_pixels):
+def prepare_data(
+    data: DataConfig, is_main: bool = True, barrier: Callable[[], None] = lambda: None
+) -> DataSplits:
+    """The indexes of the data section's splits: each file scanned (rank 0 scans, the others read its cache after
+    `barrier`), the bad ones set aside as quarantine entries; shards are read from their manifest."""
+    if data.format == "shards":
+        return prepare_shards(data)
+    if admits_images_over_decoder_limit(None if data.scan == "off" else data.max_image_pixels):
         quiet_too_large_image_lines()  # DALI decodes such images, but prints a red error line for each
-    root = Path(cfg.data.root).expanduser()
+    root = Path(data.root).expanduser()
     classes = ImageIndex.class_folders(root)
-    train, train_bad, train_msg = _split(
-        cfg, "train", root, cfg.data.file_list, classes, is_main, barrier, None
-    )
+    train, train_bad, train_msg = _split(data, "train", root, data.file_list, classes, is_main, barrier, None)
     val: ImageIndex | None = None
     val_bad: list[dict[str, str]] = []
     val_msg: list[str] = []
-    if cfg.data.val_root:
-        val_root = Path(cfg.data.val_root).expanduser()
+    if data.val_root:
+        val_root = Path(data.val_root).expanduser()
         val_classes = ImageIndex.class_folders(val_root)
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
             raise UserError(
                 f"data.val_root {val_root}: class folders not in the training split: {', '.join(unknown[:5])}"
             )
-        val, val_bad, val_msg = _split(cfg, "val", val_root, None, classes, is_main, barrier, val_classes)
+        val, val_bad, val_msg = _split(data, "val", val_root, None, classes, is_main, barrier, val_classes)
     return DataSplits(train, val, train_bad + val_bad, train_msg + val_msg)
-
-
-def write_quarantine(path: Path, entries: list[dict[str, str]]) -> None:
-    """Append quarantine entries (scan or runtime) to the run directory's quarantine.jsonl."""
-    try:
-        with open(path, "a") as f:
-            for entry in entries:
-                f.write(json.dumps(entry) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None

@@ -95,7 +95,8 @@ class Evaluator:
         features, labels, predictions = [], [], []
         batch_size = self.cfg.train.batch_size
         for batch in quarantine.batches(
-            lambda index: make_eval_batches(self.cfg, index, self.device, batch_size), batch_size
+            lambda index: make_eval_batches(self.cfg.stream_settings(), index, self.device, batch_size),
+            batch_size,
         ):
             out = outputs(batch.images)
             assert out.pooled is not None  # a model's own outputs always have it

@@ -61,14 +61,14 @@ def make_cached_train_stream(
 ) -> TrainStream:
     """The training stream of a run with a teacher cache (fill, then replay, as train.cache_mode says), resumed and
     mixed as dali_kd.data.loaders.make_train_stream resumes and mixes the others."""
-    check_resumed_backend(cfg, state)
+    check_resumed_backend(cfg.data, state)
     stream = CachedViewStream(
         index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
         rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
         max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
         shuffle_buffer=cfg.data.shuffle_buffer,
     )  # fmt: skip
-    return with_mixing(stream, cfg, rank, state)
+    return with_mixing(stream, cfg.stream_settings(), rank, state)
 
 
 @dataclass

@@ -7,7 +7,6 @@ the task, optimiser, schedule, counters and teacher targets; then a checkpoint's
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from dali_kd.config import Config
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.prepare import DataSplits, prepare_data
+from dali_kd.data.quarantine_list import QuarantineList
 from dali_kd.data.sampling import min_shard_size
 from dali_kd.data.stream import TrainStream
 from dali_kd.distributed import DistInfo
@@ -46,7 +46,9 @@ class RunParts:
     amp_dtype: torch.dtype | None
     train_index: ImageIndex
     val_index: ImageIndex | None
-    scan_quarantine: list[dict[str, str]]  # files the scan set aside, for the run's quarantine.jsonl
+    quarantine: (
+        QuarantineList  # the files set aside: the scan's, then the run's own (it keeps quarantine.jsonl)
+    )
     evaluator: Evaluator
     teacher: FrozenTeacher
     teacher_id: dict[str, str]
@@ -73,7 +75,7 @@ class RunParts:
 
     def progress_parts(self) -> list:
         """The parts whose counters make up a checkpoint's progress dict."""
-        return [self.state, self.targets, self.guard]
+        return [self.state, self.quarantine, self.targets, self.guard]
 
 
 def build_run(
@@ -104,7 +106,7 @@ def build_run(
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
     targets, cache = _teacher_targets(cfg, models, splits.train, device, dist)
     parts = RunParts(
-        amp_dtype, splits.train, splits.val, splits.quarantine, evaluator, models.teacher, models.teacher_id,
+        amp_dtype, splits.train, splits.val, QuarantineList(splits.quarantine), evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
         NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache,
         data_files=data_identity(splits.train.files),
@@ -117,10 +119,15 @@ def build_run(
     if resume_from is not None:
         stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
     # The file shuffle is seeded alike on every rank (disjoint shares); augmentations differ per rank.
-    make_stream = (
-        make_train_stream if cache is None else functools.partial(make_cached_train_stream, cache=cache)
-    )
-    parts.stream = make_stream(cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state)
+    if cache is None:
+        parts.stream = make_train_stream(
+            cfg.stream_settings(), splits.train, device, dist.rank, dist.world_size, state=stream_state
+        )
+    else:
+        parts.stream = make_cached_train_stream(
+            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
+        )
+    parts.quarantine.watch(parts.stream, evaluator)
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
 
@@ -128,7 +135,7 @@ def build_run(
 def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
     """The checked splits (every file checked first, cached; the bad ones set aside and listed in the run's
     quarantine), and the number of training images each rank gets."""
-    splits = prepare_data(cfg, dist.is_main, distributed.barrier)
+    splits = prepare_data(cfg.data, dist.is_main, distributed.barrier)
     if dist.is_main:
         for message in splits.messages:
             console.info(message)
@@ -186,7 +193,7 @@ def _restore(
 def set_aside_files(split: str, parts: RunParts) -> set[str]:
     """The files of a split set aside so far (ImageIndex.files entries), for evaluation to skip: those the run has
     recorded (a resumed run's too), and for the k-NN bank, drawn from the training files, the training stream's."""
-    files = {e["path"] for e in parts.state.runtime_quarantine if e.get("split", "train") == split}
+    files = parts.quarantine.set_aside_files(split)
     if split == "train":
         files |= {
             parts.train_index.files[int(slot)] for slot in parts.stream.state_dict().get("substitutions", {})

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dali_kd.config import Config, dump_config
-from dali_kd.data.prepare import write_quarantine
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from dali_kd.models import Student
 from dali_kd.training.run_state import RunState
@@ -19,11 +18,9 @@ if TYPE_CHECKING:
     from dali_kd.training.build import RunParts
 
 
-def start_run_dir(run_dir: Path, cfg: Config, quarantine: list[dict[str, str]], step: int) -> None:
-    """The config this run uses, the files set aside so far (scan + earlier runtime), metrics up to `step`."""
+def start_run_dir(run_dir: Path, cfg: Config, step: int) -> None:
+    """The config this run uses, and metrics up to `step` (the quarantine list writes its own file)."""
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    write_text_atomic(run_dir / "quarantine.jsonl", "")
-    write_quarantine(run_dir / "quarantine.jsonl", quarantine)
     # Rows a killed process wrote after the state this run starts from (all of them on a fresh start).
     truncate_metrics(run_dir / "metrics.jsonl", step)
 
@@ -90,5 +87,5 @@ def run_summary(
         "precision": str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else "fp32",
         "compiled_student": cfg.train.compile_student,
         "world_size": world_size,
-        "quarantined_files": len(parts.scan_quarantine) + len(state.runtime_quarantine),
+        "quarantined_files": len(parts.quarantine),
     }

@@ -31,7 +31,6 @@ class RunState:
     knn_history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's results
     train_s: float = 0.0
     wall_s: float = 0.0
-    runtime_quarantine: list[dict[str, str]] = field(default_factory=list)  # files set aside during training
 
     def __post_init__(self) -> None:
         # Clock marks of this process (never saved): when the wall clock and the training clock last started.

@@ -17,7 +17,6 @@ from dali_kd import console, distributed
 from dali_kd.config import Config
 from dali_kd.console import eval_line
 from dali_kd.data.batch import Batch
-from dali_kd.data.prepare import write_quarantine
 from dali_kd.distributed import DistInfo
 from dali_kd.evaluation.evaluator import EvalResult, evaluate_student, evaluate_teacher
 from dali_kd.runs.preemption import Preempted, StopSignal
@@ -135,8 +134,8 @@ class Trainer:
             data_files=self.parts.data_files,
         )  # fmt: skip
         if self.dist.is_main:
-            # The scan's verdicts, then what the run itself set aside (carried over by a resumed run).
-            start_run_dir(run_dir, cfg, self.parts.scan_quarantine + state.runtime_quarantine, state.step)
+            start_run_dir(run_dir, cfg, state.step)
+            self.parts.quarantine.start(run_dir)
         self.monitor = RunMonitor(
             run_dir,
             self.device,
@@ -158,7 +157,7 @@ class Trainer:
                     state.teacher_knn_top1, state.teacher_head_top1 = teacher.knn_top1, teacher.head_top1
                     if self.dist.is_main:
                         console.info(eval_line(None, teacher.as_dict("teacher")))
-                self._gather_runtime_quarantine()  # what evaluation set aside
+                self.parts.quarantine.gather()  # what evaluation set aside
             stream = iter(self.stream)
             self.student.train()
             self.monitor.restart_interval()
@@ -214,7 +213,7 @@ class Trainer:
                 state.knn_history.append({"epoch": state.epoch + 1, "step": state.step, **said})
                 if self.dist.is_main:
                     console.info(eval_line(state.epoch + 1, said))
-            self._gather_runtime_quarantine()  # what evaluation set aside
+            self.parts.quarantine.gather()  # what evaluation set aside
             self._monitor.restart_interval()
         state.epoch += 1
         state.step_in_epoch = 0
@@ -248,7 +247,7 @@ class Trainer:
         """Never save a NaN-poisoned state; checkpoint time is not training time; files set aside go in too."""
         self.guard.check(self.state.step, self._checkpointer.last)
         self._clock_was_running = self.state.pause_training_clock()
-        self._gather_runtime_quarantine()
+        self.parts.quarantine.gather()
 
     def _after_save(self, path: Path | None) -> None:
         if self._clock_was_running:
@@ -256,22 +255,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_checkpoint(self, path)
 
-    def _gather_runtime_quarantine(self) -> None:
-        """Files any rank set aside (training or evaluation) since the last call: into the run state and the run's
-        quarantine file."""
-        taken = self.stream.take_entries() + self.evaluator.take_entries()  # evaluation's carry their split
-        new = [
-            {"split": "train", **e}
-            for rank_entries in distributed.gather_objects(taken)
-            for e in rank_entries
-        ]
-        self.state.runtime_quarantine.extend(new)
-        if new and self.dist.is_main:
-            write_quarantine(self._run_dir / "quarantine.jsonl", new)
-            console.info(f"data: {len(new)} more file(s) set aside during the run (see quarantine.jsonl)")
-
     def _finish(self, run_dir: Path) -> dict[str, Any]:
-        self._gather_runtime_quarantine()
+        self.parts.quarantine.gather()
         cfg, state = self.cfg, self.state
         state.update_wall()
         summary = {
