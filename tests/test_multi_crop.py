@@ -15,7 +15,8 @@ import dali_kd.data.torchvision_loader as tv_loader
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
-from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil
+from dali_kd.data.pil_views import render_view_pil
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import UserError
 from dali_kd.losses import distillation_losses, multi_crop_losses, view_pairs
 from dali_kd.pipelines.graphs import train_pipeline
