@@ -10,7 +10,8 @@ import torch
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil, torchvision_eval_batches
+from dali_kd.data.pil_views import render_view_pil
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream, torchvision_eval_batches
 from dali_kd.pipelines.params import AugmentParams, EvalParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.training.trainer import Trainer

@@ -15,7 +15,8 @@ import dali_kd.data.torchvision_loader as tv_loader
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
-from dali_kd.data.torchvision_loader import TorchvisionTrainStream, render_view_pil
+from dali_kd.data.pil_views import render_view_pil
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import UserError
 from dali_kd.pipelines.graphs import train_pipeline
 from dali_kd.pipelines.params import AugmentParams, MultiCropParams, resolve_multi_crop_graph

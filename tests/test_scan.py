@@ -320,7 +320,7 @@ def dali_decode(path: Path) -> np.ndarray:
 
 
 def test_backends_decode_odd_but_valid_files_alike(tmp_path):
-    from dali_kd.data.torchvision_loader import decode_rgb
+    from dali_kd.data.pil_views import decode_rgb
 
     names = odd_but_valid(tmp_path)
     for rel in ("pillow/pil_sample_cmyk.jpg", "pillow/hopper_orientation_6.jpg", "pillow/p_16.png",

@@ -13,15 +13,9 @@ from PIL import Image
 from dali_kd.commands.demo_data import make_demo_dataset
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.torchvision_loader import (
-    TorchvisionTrainStream,
-    decode_rgb,
-    render_view_pil,
-    sample_crop,
-    sample_jitter,
-    shard_sample_ids,
-    torchvision_eval_batches,
-)
+from dali_kd.data.pil_views import decode_rgb, render_view_pil, sample_crop, sample_jitter
+from dali_kd.data.sampling import shard_sample_ids
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream, torchvision_eval_batches
 from dali_kd.pipelines.params import AugmentParams, EvalParams
 
 PARAMS = AugmentParams(view_size=24, crop_scale=(0.25, 1.0))

@@ -31,7 +31,7 @@ def decode_failure(index: ImageIndex, sample_id: int, backend: str) -> str | Non
         if backend == "dali":
             dali_decode_check(data)
         else:
-            from dali_kd.data.torchvision_loader import decode_rgb
+            from dali_kd.data.pil_views import decode_rgb
 
             decode_rgb(index.image_file(sample_id))
     except OSError as e:

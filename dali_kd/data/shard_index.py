@@ -82,31 +82,18 @@ def _check_row(where: str, samples_path: Path, number: int, row, num_shards: int
         )
 
 
-def index_from_shards(
-    root: str | os.PathLike, where: str, class_names: tuple[str, ...] | None = None
-) -> ImageIndex:
-    """The ImageIndex of a shard folder; each shard is checked at start (present, of its recorded size, its index
-    matching the manifest), so a truncated tar or a bad index is a one-line error here, not a failure mid-run.
-    class_names: the training split's classes (a val split's labels are mapped to them by name)."""
-    folder = manifest_folder(root)
-    manifest = fmt.read_manifest(folder)
-    names = tuple(manifest["class_names"])
-    label_map = list(range(len(names)))
-    if class_names is not None:
-        unknown = [n for n in names if n not in class_names]
-        if unknown:
-            raise UserError(f"{where}: classes not in the training split: {', '.join(unknown[:5])}")
-        label_map = [class_names.index(n) for n in names]
+def _read_samples(where: str, folder: Path, manifest: dict, names: tuple[str, ...]) -> list[list]:
+    """The rows of samples.jsonl, each checked, listing samples 0..n-1 and every class of the manifest."""
     try:
         rows = [json.loads(line) for line in (folder / manifest.get("samples", fmt.SAMPLES_NAME)).open()]
     except OSError as e:
         raise UserError(f"{where}: cannot read {folder / fmt.SAMPLES_NAME} ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: {folder / fmt.SAMPLES_NAME} is damaged ({e.msg})") from None
-    records = manifest["shards"]
+    num_shards = len(manifest["shards"])
     samples_path = folder / manifest.get("samples", fmt.SAMPLES_NAME)
     for number, row in enumerate(rows, start=1):
-        _check_row(where, samples_path, number, row, len(records), len(names))
+        _check_row(where, samples_path, number, row, num_shards, len(names))
     if len(rows) != manifest["num_samples"] or any(row[0] != i for i, row in enumerate(rows)):
         raise UserError(f"{where}: {fmt.SAMPLES_NAME} does not list samples 0..{manifest['num_samples'] - 1}")
     empty = sorted(set(range(len(names))) - {row[4] for row in rows})
@@ -115,6 +102,14 @@ def index_from_shards(
             f"{where}: {folder / fmt.MANIFEST_NAME}: field 'class_names' lists {names[empty[0]]!r}, which no sample "
             f"of {samples_path.name} has ({len(empty)} such class(es)); the class list must be the samples' classes"
         )
+    return rows
+
+
+def _check_shards(
+    where: str, folder: Path, records: list[dict], rows: list[list]
+) -> tuple[list[str], list[str]]:
+    """The tar and index paths of each shard, each checked: present, of its recorded size, its index matching the
+    manifest's samples of it."""
     by_shard: list[list[list]] = [[] for _ in records]
     for row in rows:
         by_shard[row[1]].append(row)
@@ -133,6 +128,26 @@ def index_from_shards(
         _check_index(where, idx, record["name"], by_shard[number])
         tar_paths.append(str(tar))
         index_paths.append(str(idx))
+    return tar_paths, index_paths
+
+
+def index_from_shards(
+    root: str | os.PathLike, where: str, class_names: tuple[str, ...] | None = None
+) -> ImageIndex:
+    """The ImageIndex of a shard folder; each shard is checked at start (present, of its recorded size, its index
+    matching the manifest), so a truncated tar or a bad index is a one-line error here, not a failure mid-run.
+    class_names: the training split's classes (a val split's labels are mapped to them by name)."""
+    folder = manifest_folder(root)
+    manifest = fmt.read_manifest(folder)
+    names = tuple(manifest["class_names"])
+    label_map = list(range(len(names)))
+    if class_names is not None:
+        unknown = [n for n in names if n not in class_names]
+        if unknown:
+            raise UserError(f"{where}: classes not in the training split: {', '.join(unknown[:5])}")
+        label_map = [class_names.index(n) for n in names]
+    rows = _read_samples(where, folder, manifest, names)
+    tar_paths, index_paths = _check_shards(where, folder, manifest["shards"], rows)
     members = tuple(f"{fmt.sample_key(r[0])}.{fmt.image_ext(r[5])}" for r in rows)
     layout = ShardLayout(
         tar_paths=tuple(tar_paths),

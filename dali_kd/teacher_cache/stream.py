@@ -135,17 +135,7 @@ class CachedViewStream:
         # Views rendered for the replayed batches handed out (their own, plus partners of mixed rows), cumulative.
         self.views_rendered = 0
         self._warned_missing = False
-        fill_samples = self.num_views * self.num_samples
-        if "replay_start" in state:
-            self.replay_start = int(state["replay_start"])
-        elif (
-            mode == "replay"
-            and cache.is_done(self.shard_ids[:, None], np.arange(self.num_views)[None, :]).all()
-        ):
-            self.replay_start = 0  # a complete cache from an earlier run: no fill at all
-        else:
-            # Replay starts at the first batch boundary after K passes (that pass is stitched at the boundary).
-            self.replay_start = math.ceil(fill_samples / batch_size) * batch_size if mode == "replay" else -1
+        self.replay_start = self._replay_start(state)
         self._labels = np.asarray(index.labels, dtype=np.int64)
         self._fill: DaliTrainStream | None = None
         # Replay: DALI renders the planned batches ahead of the consumer (built at the first replayed batch).
@@ -159,6 +149,19 @@ class CachedViewStream:
                 checkpoint=bytes(state["pipeline"].numpy()) if state.get("pipeline") is not None else None,
                 quarantine=self.quarantine, start_position=self.position, **self._dali_kwargs,
             )  # fmt: skip
+
+    def _replay_start(self, state: dict) -> int:
+        """The stream position of the first replayed batch: the resumed run's; 0 when the cache is already complete;
+        else the batch boundary after the fill. -1 in fixed mode, which never replays."""
+        if "replay_start" in state:
+            return int(state["replay_start"])
+        if self.mode != "replay":
+            return -1
+        if self.cache.is_done(self.shard_ids[:, None], np.arange(self.num_views)[None, :]).all():
+            return 0  # a complete cache from an earlier run: no fill at all
+        # Replay starts at the first batch boundary after K passes (that pass is stitched at the boundary).
+        fill_samples = self.num_views * self.num_samples
+        return math.ceil(fill_samples / self.batch_size) * self.batch_size
 
     @property
     def replaying(self) -> bool:
