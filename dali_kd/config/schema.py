@@ -9,7 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, model_validator
 
-from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
+from dali_kd.config.data_section import MIX_KEYS, DataConfig
+from dali_kd.config.model_section import ModelConfig
+from dali_kd.config.section import Section
+from dali_kd.config.train_section import TrainConfig
 from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
