@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from dali_kd import __version__
 from dali_kd.commands.cli import CommandLineParser, int_in_range
-from dali_kd.config.sections import DataConfig
+from dali_kd.config import DataConfig
 from dali_kd.data import shards as fmt
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.data.file_checks import DEFAULT_MAX_PIXELS

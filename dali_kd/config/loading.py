@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from dali_kd.config.files import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES
 from dali_kd.config.presets import find_preset
 from dali_kd.config.schema import Config, ConfigConflict
-from dali_kd.config.sections import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES
 from dali_kd.errors import UserError
 
 

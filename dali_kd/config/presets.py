@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dali_kd.config.sections import CONFIG_DIR
+from dali_kd.config.files import CONFIG_DIR
 from dali_kd.errors import UserError
 
 PRESET_DIR = CONFIG_DIR / "presets"

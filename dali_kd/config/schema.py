@@ -9,8 +9,11 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, model_validator
 
-from dali_kd.config.sections import MIX_KEYS, DataConfig, ModelConfig, Section, TrainConfig
+from dali_kd.config.data_section import MIX_KEYS, DataConfig
+from dali_kd.config.model_section import ModelConfig
+from dali_kd.config.section import Section
 from dali_kd.config.stream_settings import StreamSettings
+from dali_kd.config.train_section import TrainConfig
 from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
@@ -25,16 +28,18 @@ class ConfigConflict(ValueError):
         self.keys = keys
 
 
-def _show(value: Any) -> str:
-    """A value as the user writes it in YAML or on the command line."""
+def show_value(value: Any, *, float_point: bool = False) -> str:
+    """A value as the user writes it in YAML or on the command line; `float_point` writes a whole float as 1.0,
+    not 1 (the reference says so of a key that takes a float)."""
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
         return "null"
     if isinstance(value, float):
-        return f"{value:g}"
+        text = f"{value:g}"
+        return f"{text}.0" if float_point and text.lstrip("-").isdigit() else text
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(show_value(v, float_point=float_point) for v in value) + "]"
     return str(value)
 
 
@@ -53,97 +58,114 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         """Refuse at load time what would crash (or silently do something else) later; name every key."""
+        self._check_eval_schedule_and_losses()
+        self._check_multi_crop()
+        self._check_images()
+        self._check_teacher_cache()
+        return self
 
-        def conflict(message: str) -> ConfigConflict:
-            # Every {dotted.key} in the message is written as key=value; those are the keys the error names.
-            keys = tuple(dict.fromkeys(_KEY_IN_BRACES.findall(message)))
-            return ConfigConflict(
-                keys, _KEY_IN_BRACES.sub(lambda m: f"{m[1]}={_show(self.value(m[1]))}", message)
-            )
+    def _conflict(self, message: str) -> ConfigConflict:
+        # Every {dotted.key} in the message is written as key=value; those are the keys the error names.
+        keys = tuple(dict.fromkeys(_KEY_IN_BRACES.findall(message)))
+        return ConfigConflict(
+            keys, _KEY_IN_BRACES.sub(lambda m: f"{m[1]}={show_value(self.value(m[1]))}", message)
+        )
 
+    def _check_eval_schedule_and_losses(self) -> None:
         d, t = self.data, self.train
         if d.val_root is not None and d.eval_resize < d.image_size:
-            raise conflict(
+            raise self._conflict(
                 "{data.eval_resize} is smaller than {data.image_size}: the eval centre crop would not fit; "
                 "raise data.eval_resize or lower data.image_size"
             )
         if t.optimizer.min_lr > t.optimizer.lr:
-            raise conflict(
+            raise self._conflict(
                 "{train.optimizer.min_lr} is larger than {train.optimizer.lr}: the schedule would rise "
                 "instead of decaying; lower train.optimizer.min_lr or raise train.optimizer.lr"
             )
         loss = t.loss
         if loss.feature_weight == loss.patch_weight == loss.logit_weight == loss.label_weight == 0:
-            raise conflict(
+            raise self._conflict(
                 "{train.loss.feature_weight}, {train.loss.patch_weight}, {train.loss.logit_weight} and "
                 "{train.loss.label_weight}: every loss weight is 0, so there is nothing to learn; give one "
                 "of them a weight > 0"
             )
-        if t.use_local_crops:
-            if d.local_crop_size > d.image_size:
-                raise conflict(
-                    "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: "
-                    "local crops are the small views; lower data.local_crop_size or raise data.image_size"
-                )
-            if t.cache_teacher_features:
-                raise conflict(
-                    "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the "
-                    "teacher cache stores one view per sample, multi-crop makes several; turn one of them off"
-                )
-            if t.loss.global_pairing == "cross" and d.num_global_crops < 2:
-                raise conflict(
-                    "{train.loss.global_pairing} needs data.num_global_crops >= 2 "
-                    "(got {data.num_global_crops}): cross pairs each global crop with the other ones; use "
-                    "same or all, or more global crops"
-                )
+
+    def _check_multi_crop(self) -> None:
+        d, t = self.data, self.train
+        if not t.use_local_crops:
+            return
+        if d.local_crop_size > d.image_size:
+            raise self._conflict(
+                "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: "
+                "local crops are the small views; lower data.local_crop_size or raise data.image_size"
+            )
+        if t.cache_teacher_features:
+            raise self._conflict(
+                "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the "
+                "teacher cache stores one view per sample, multi-crop makes several; turn one of them off"
+            )
+        if t.loss.global_pairing == "cross" and d.num_global_crops < 2:
+            raise self._conflict(
+                "{train.loss.global_pairing} needs data.num_global_crops >= 2 "
+                "(got {data.num_global_crops}): cross pairs each global crop with the other ones; use "
+                "same or all, or more global crops"
+            )
+
+    def _check_images(self) -> None:
+        """The images the data section hands out: their dtype, where they come from, their mixing."""
+        d, t = self.data, self.train
         # autocast_dtype() gives bf16 for precision bf16, or auto on cuda; anything else would feed fp16 images
         # to fp32 weights.
         if d.output_dtype == "float16" and not (
             t.precision == "bf16" or (t.precision == "auto" and t.device == "cuda")
         ):
-            raise conflict(
+            raise self._conflict(
                 "{data.output_dtype} needs bf16 autocast (got {train.precision} with {train.device}): the models "
                 "would get half-precision images against float32 weights; set train.precision=bf16 or "
                 "data.output_dtype=float32"
             )
         if d.format == "shards" and d.file_list:
-            raise conflict(
+            raise self._conflict(
                 "{data.file_list} with {data.format}: a shard folder holds the samples it was made from; make "
                 "shards from the list instead (python -m dali_kd.shard --file-list LIST SRC OUT)"
             )
         if d.augment.mix != "none" and t.batch_size < 2:
-            raise conflict(
+            raise self._conflict(
                 "{data.augment.mix} needs a partner for each image in its batch, and {train.batch_size} leaves "
                 "none: each image would be mixed with itself; raise train.batch_size or set data.augment.mix=none"
             )
-        if t.cache_teacher_features:
-            if d.backend != "dali":
-                raise conflict(
-                    "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache "
-                    "replays its stored views through the DALI graph"
-                )
-            if not t.teacher_feature_dir:
-                raise conflict(
-                    "{train.cache_teacher_features} needs a folder (got {train.teacher_feature_dir}): set "
-                    "train.teacher_feature_dir for the teacher cache (it can be large)"
-                )
-            if not {"pooled", "logits"} & set(t.cache_outputs):
-                raise conflict(
-                    "{train.cache_outputs} with {train.cache_teacher_features}: the cache's fidelity probe "
-                    "compares the pooled embedding or the logits; add pooled or logits"
-                )
-            if d.augment.mix != "none" and t.cache_mode == "fixed":
-                raise conflict(
-                    "{data.augment.mix} with {train.cache_mode}: fixed mode shows fresh views (and fresh "
-                    "partners) against the targets of one stored mixed view; use train.cache_mode=replay"
-                )
-            if t.loss.feature_weight > 0 and "pooled" not in t.cache_outputs:
-                raise conflict(
-                    "{train.loss.feature_weight} needs pooled in {train.cache_outputs} with "
-                    "{train.cache_teacher_features}: the feature loss would have no cached teacher "
-                    "embedding; add pooled or set train.loss.feature_weight=0"
-                )
-        return self
+
+    def _check_teacher_cache(self) -> None:
+        d, t = self.data, self.train
+        if not t.cache_teacher_features:
+            return
+        if d.backend != "dali":
+            raise self._conflict(
+                "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache "
+                "replays its stored views through the DALI graph"
+            )
+        if not t.teacher_feature_dir:
+            raise self._conflict(
+                "{train.cache_teacher_features} needs a folder (got {train.teacher_feature_dir}): set "
+                "train.teacher_feature_dir for the teacher cache (it can be large)"
+            )
+        if not {"pooled", "logits"} & set(t.cache_outputs):
+            raise self._conflict(
+                "{train.cache_outputs} with {train.cache_teacher_features}: the cache's fidelity probe "
+                "compares the pooled embedding or the logits; add pooled or logits"
+            )
+        if d.augment.mix != "none" and t.cache_mode == "fixed":
+            raise self._conflict(
+                "{data.augment.mix} with {train.cache_mode}: fixed mode shows fresh views (and fresh "
+                "partners) against the targets of one stored mixed view; use train.cache_mode=replay"
+            )
+        if t.loss.feature_weight > 0 and "pooled" not in t.cache_outputs:
+            raise self._conflict(
+                "{train.loss.feature_weight} needs pooled in {train.cache_outputs} with "
+                "{train.cache_teacher_features}: the feature loss would have no cached teacher "
+                "embedding; add pooled or set train.loss.feature_weight=0"
+            )
 
     @property
     def teacher_image_size(self) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from dali_kd import console, distributed
 from dali_kd.config import Config
-from dali_kd.config.sections import MIX_KEYS
+from dali_kd.config.data_section import MIX_KEYS
 from dali_kd.data.batch import Batch, CacheFields
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput, view_major

@@ -1,0 +1,23 @@
+"""What every config section shares: unknown keys and non-finite floats refused, the marker for the keys a resumed
+run may change (`free_on_resume`: how the run is observed, not what it computes), and the value types of ranges and
+colours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FloatRange = tuple[float, float]
+RGB = tuple[float, float, float]
+
+
+def free_on_resume(default: Any, **kwargs: Any) -> Any:
+    """A Field that a resumed run may change freely: it changes how the run is observed, not what it does."""
+    return Field(default, json_schema_extra={"resume": "free"}, **kwargs)
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key. allow_inf_nan=False: no float setting
+    # (rates, weights, probabilities, ranges, normalisation) means anything at .inf or .nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
