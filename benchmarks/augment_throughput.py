@@ -232,7 +232,8 @@ def dataset_indexes(args, work: Path) -> dict[str, ImageIndex]:
         if fmt == "folder":
             indexes[fmt] = ImageIndex.from_folder(data)
         else:
-            from dali_kd.commands.shard import make_shards, parse_size
+            from dali_kd.commands.shard import parse_size
+            from dali_kd.data.shard_writer import make_shards
 
             made = make_shards(data, work / "shards", parse_size(args.shard_size), show_progress=False)
             print(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_kd.commands.shard import make_shards
 from dali_kd.data import shards as fmt
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.shard_writer import make_shards
 from dali_kd.evaluation.evaluator import Evaluator
 from dali_kd.training.trainer import Trainer
 from tests.conftest import write_tree

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_kd.commands.shard import make_shards
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.shard_index import index_from_shards
+from dali_kd.data.shard_writer import make_shards
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.pipelines.params import AugmentParams
 from tests.conftest import write_tree

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_kd.commands.shard import main, make_shards, parse_size, write_indexes
+from dali_kd.commands.shard import main, parse_size
 from dali_kd.data import shards as fmt
 from dali_kd.data.prepare import prepare_data
+from dali_kd.data.shard_writer import make_shards, write_indexes
 from dali_kd.errors import UserError
 from tests.conftest import FIXTURES, write_tree
 from tests.faults import ROOT, assert_one_line_error

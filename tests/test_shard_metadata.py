@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dali_kd.commands.shard import make_shards
 from dali_kd.data import shards as fmt
 from dali_kd.data.prepare import prepare_data
+from dali_kd.data.shard_writer import make_shards
 from dali_kd.errors import UserError
 from tests.faults import ROOT, assert_one_line_error, run_train, tiny_args
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dali_kd.commands.shard import make_shards
 from dali_kd.data import shards as fmt
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.loaders import make_eval_batches, make_train_stream
 from dali_kd.data.prepare import prepare_data
+from dali_kd.data.shard_writer import make_shards
 from dali_kd.errors import UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.training.trainer import Trainer

@@ -133,34 +133,54 @@ def _cross(u: np.ndarray, v: np.ndarray, arm: float, half_width: float) -> np.nd
     return np.maximum(bar_h, bar_v)
 
 
-def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """The foreground coverage in [0, 1], float32 [size, size], of one random instance of a class."""
-    s = float(size)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    # Shapes sit near the middle so a crop of a quarter of the image still shows a good part of them.
-    cy, cx = s / 2 + rng.uniform(-0.12, 0.12, size=2) * s
-    # Textures may turn freely only where a turn cannot make them another class (stripes_h must stay level).
-    small_turn = math.radians(rng.uniform(-10.0, 10.0))
-    any_turn = rng.uniform(0.0, 2 * math.pi)
+class _Canvas:
+    """One image's pixel grid and the random placement every class draws first: the centre and two turns."""
 
-    def rotated(angle: float) -> tuple[np.ndarray, np.ndarray]:
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.s = float(size)
+        self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        # Shapes sit near the middle so a crop of a quarter of the image still shows a good part of them.
+        self.cy, self.cx = self.s / 2 + rng.uniform(-0.12, 0.12, size=2) * self.s
+        # Textures may turn freely only where a turn cannot make them another class (stripes_h must stay level).
+        self.small_turn = math.radians(rng.uniform(-10.0, 10.0))
+        self.any_turn = rng.uniform(0.0, 2 * math.pi)
+
+    def rotated(self, angle: float) -> tuple[np.ndarray, np.ndarray]:
         c, si = math.cos(angle), math.sin(angle)
-        dx, dy = xx - cx, yy - cy
+        dx, dy = self.xx - self.cx, self.yy - self.cy
         return c * dx + si * dy, -si * dx + c * dy
 
+    def distance(self) -> np.ndarray:
+        """Each pixel's distance from the centre."""
+        return np.hypot(self.xx - self.cx, self.yy - self.cy)
+
+
+TEXTURES = ("stripes_h", "stripes_d", "checkerboard", "dots", "grid")
+
+
+def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The foreground coverage in [0, 1], float32 [size, size], of one random instance of a class."""
+    canvas = _Canvas(size, rng)
+    if kind in TEXTURES:
+        return _texture_coverage(kind, canvas, rng)
+    return _shape_coverage(kind, canvas, rng)
+
+
+def _shape_coverage(kind: str, canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
+    s, rotated = canvas.s, canvas.rotated
     if kind == "circle":
         radius = rng.uniform(0.22, 0.38) * s
-        return _soft(radius - np.hypot(xx - cx, yy - cy))
+        return _soft(radius - canvas.distance())
     if kind == "ring":
         radius = rng.uniform(0.24, 0.38) * s
         half_width = rng.uniform(0.035, 0.06) * s
-        return _soft(_ring(np.hypot(xx - cx, yy - cy), radius, half_width))
+        return _soft(_ring(canvas.distance(), radius, half_width))
     if kind == "square":
-        u, v = rotated(any_turn)
+        u, v = rotated(canvas.any_turn)
         half_side = rng.uniform(0.18, 0.3) * s
         return _soft(half_side - np.maximum(np.abs(u), np.abs(v)))
     if kind == "triangle":
-        u, v = rotated(any_turn)
+        u, v = rotated(canvas.any_turn)
         return _soft(_polygon(u, v, 3, rng.uniform(0.13, 0.2) * s))
     if kind in ("cross", "plus"):
         # Kept near upright: at 45 degrees a plus would become an x (the fine set's x_cross).
@@ -171,24 +191,29 @@ def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         u, v = rotated(math.radians(45.0 + rng.uniform(-15.0, 15.0)))
         return _soft(_cross(u, v, rng.uniform(0.26, 0.4) * s, rng.uniform(0.06, 0.1) * s))
     if kind == "ellipse":
-        u, v = rotated(any_turn)
+        u, v = rotated(canvas.any_turn)
         radius, aspect = rng.uniform(0.22, 0.38) * s, rng.uniform(0.5, 0.65)
         # Distance along the minor axis's scale: a close enough stand-in for the true distance at these aspects.
         return _soft(radius * aspect * (1.0 - np.hypot(u / radius, v / (radius * aspect))))
     if kind == "rectangle":
-        u, v = rotated(any_turn)
+        u, v = rotated(canvas.any_turn)
         half_long = rng.uniform(0.2, 0.32) * s
         half_short = half_long * rng.uniform(0.45, 0.6)
         return _soft(np.minimum(half_long - np.abs(u), half_short - np.abs(v)))
     if kind == "hexagon":
-        u, v = rotated(any_turn)
+        u, v = rotated(canvas.any_turn)
         return _soft(_polygon(u, v, 6, rng.uniform(0.18, 0.3) * s))
     if kind == "double_ring":
-        distance = np.hypot(xx - cx, yy - cy)
+        distance = canvas.distance()
         outer = rng.uniform(0.3, 0.4) * s
         half_width = rng.uniform(0.025, 0.04) * s
         inner = outer * rng.uniform(0.5, 0.65)
         return _soft(np.maximum(_ring(distance, outer, half_width), _ring(distance, inner, half_width)))
+    raise AssertionError(f"unknown demo class {kind!r}")
+
+
+def _texture_coverage(kind: str, canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
+    s, rotated, small_turn = canvas.s, canvas.rotated, canvas.small_turn
     if kind == "stripes_h":
         _, v = rotated(small_turn)
         return _soft(_periodic(v, rng.uniform(0.12, 0.25) * s, rng.uniform(0, 2 * math.pi)))
@@ -204,7 +229,7 @@ def _coverage(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         wave_v = np.sin(math.pi * v / cell + rng.uniform(0, 2 * math.pi))
         return np.clip(0.5 + cell / 2 * wave_u * wave_v, 0.0, 1.0)
     if kind == "dots":
-        u, v = rotated(any_turn)
+        u, v = rotated(canvas.any_turn)
         period = rng.uniform(0.16, 0.26) * s
         radius = rng.uniform(0.2, 0.3) * period
         du = np.mod(u, period) - period / 2

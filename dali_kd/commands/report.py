@@ -115,6 +115,21 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8), constrained_layout=True)
+    fig.suptitle(figure_title(run_dir, rows, summary), fontsize=13)
+    _plot_loss(axes[0, 0], steps, rows)
+    _plot_step_time(axes[0, 1], steps, rows)
+    _plot_throughput(axes[1, 0], steps, rows)
+    _plot_utilisation(axes[1, 1], steps, rows)
+    out = run_dir / "report.png"
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def figure_title(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
+    """The run's name and what bounds it (the summary's verdict, or the last row's on a run in progress)."""
     title = run_dir.name + ("" if summary else " (in progress)")
     if summary and summary.get("verdict"):
         verdict = (
@@ -123,16 +138,18 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
         )
     else:
         verdict = rows[-1].get("verdict") or "no stage timing"
-    fig.suptitle(f"{title} — {verdict}", fontsize=13)
+    return f"{title} — {verdict}"
 
-    ax = axes[0, 0]
+
+def _plot_loss(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
     ax.plot(steps, _series(rows, "loss"), label="loss", color="black", linewidth=2)
     for key in sorted(k for k in rows[-1] if k.startswith("loss_")):
         ax.plot(steps, _series(rows, key), label=key.removeprefix("loss_"), linewidth=1)
     ax.set(title="Loss", xlabel="step")
     ax.legend()
 
-    ax = axes[0, 1]
+
+def _plot_step_time(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
     if rows[-1].get("data_ms") is not None:
         stages = {s: _series(rows, f"{s}_ms") for s in ("data", "teacher", "student")}
         step_ms = _series(rows, "step_ms")
@@ -146,12 +163,15 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
         ax.plot(steps, _series(rows, "step_ms"), color="black", label="step")
     ax.set(title="Step time by stage (ms, mean per interval)", xlabel="step", ylabel="ms")
 
-    ax = axes[1, 0]
+
+def _plot_throughput(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
     ax.plot(steps, _series(rows, "img_per_s"), color="#9467bd")
     ax.set(title="Throughput (images/s)", xlabel="step", ylabel="img/s")
     ax.set_ylim(bottom=0)
 
-    # Utilisation and memory on twin axes: the GPU's, or the process's own on a CPU run.
+
+def _plot_utilisation(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    """Utilisation and memory on twin axes: the GPU's, or the process's own on a CPU run."""
     if any(r.get("gpu_util_pct") is not None for r in rows):
         title, use, memory = (
             "GPU",
@@ -164,7 +184,6 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
             ("proc_cpu_pct", "process CPU % (100 = one core)"),
             ("proc_rss_mb", "resident memory (MB)"),
         )
-    ax = axes[1, 1]
     ax.plot(steps, _series(rows, use[0]), color="#ff7f0e", label=use[1])
     ax.set(title=title, xlabel="step", ylabel="%")
     ax.set_ylim(bottom=0, top=105 if use[0] == "gpu_util_pct" else None)
@@ -174,12 +193,6 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
     twin.set_ylim(bottom=0)
     ax.legend(loc="lower left")
     twin.legend(loc="lower right")
-    out = run_dir / "report.png"
-    try:
-        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,13 @@ from dali_kd.config.presets import find_preset
 from dali_kd.errors import TrainingStopped, UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from dali_kd.console import Console
     from dali_kd.distributed import DistInfo
+    from dali_kd.runs.directory import RunDirClaim
     from dali_kd.runs.preemption import StopSignal
+    from dali_kd.training.trainer import Trainer
 
 EXIT_STOPPED = 1
 
@@ -162,59 +166,20 @@ def _train(
     callbacks: list | None,
     stop: StopSignal,
 ) -> dict:
-    from dali_kd import console, distributed
-    from dali_kd.commands.demo import demo_parts, prepare_demo
-    from dali_kd.models import fetch_pretrained
-    from dali_kd.runs.directory import choose_run
+    from dali_kd import distributed
     from dali_kd.runtime import resolve_device
-    from dali_kd.training.trainer import Trainer
 
-    claims = []  # rank 0's hold on the run directory, from before any work until the run ends
-
-    def claim_run() -> tuple[Path, Path | None]:
-        held, resume_from = choose_run(cfg, args.resume)
-        claims.append(held)
-        return held.path, resume_from
-
+    # Rank 0's hold on the run directory, from before any work until the run ends.
+    claims: list[RunDirClaim] = []
     device = resolve_device(cfg.train.device, info.local_rank)
     try:
         # Start-up: nothing to save yet, and a cold scan outlasts Slurm's grace time, so a stop signal ends it
         # at once (exit 75, requeued).
         with stop.interrupting():
-            distributed.init(info, device.type)
-            # Claimed before the demo's first-use preparation, so a refused run directory costs nothing.
-            run_dir, resume_from = _on_main(info, claim_run)
-            # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set);
-            # every rank then loads them from the cache when it builds its models.
-            _on_main(info, lambda: fetch_pretrained(cfg.model))
-            # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
-            if any(parts := demo_parts(cfg)):
-                _on_main(info, lambda: prepare_demo(cfg, device, out.mode == "tty", *parts))
-            # Everything that can be wrong with the data, models or checkpoint fails here, before any run file.
-            trainer = Trainer(
-                cfg,
-                device,
-                show_progress=True,  # a bar or plain lines, as the console's mode says
-                dist_info=info,
-                resume_from=resume_from,
-                allow_config_change=args.allow_config_change,
-                callbacks=callbacks,
-            )
+            run_dir, resume_from, trainer = _start_up(args, cfg, info, out, callbacks, device, claims)
         if info.is_main:
             out.keep_log_in(run_dir)
-            console.info(f"run directory: {run_dir}")
-            what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
-            d = cfg.data
-            crops = (
-                f", crops {d.num_global_crops}×{d.image_size} px + {d.num_local_crops}×{d.local_crop_size} px"
-                if cfg.train.use_local_crops
-                else ""
-            )
-            console.info(
-                f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
-                f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}, {cfg.train.epochs} epochs × "
-                f"{trainer.steps_per_epoch} steps; {what}"
-            )
+            _say_what_runs(cfg, info, device, run_dir, resume_from, trainer)
         distributed.barrier()
         summary = trainer.fit(run_dir)
     finally:
@@ -222,23 +187,100 @@ def _train(
         for held in claims:
             held.release()  # a directory it made for a run that wrote nothing is removed again
     if info.is_main:
-        knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
-        if knn is not None:
-            console.summary(
-                f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
-            )
-        if summary["student_head_top1"] is not None:
-            teacher_head = summary["teacher_head_top1"]
-            against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
-            console.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
-        if summary["student_ema_knn_top1"] is not None:
-            ema_head = summary["student_ema_head_top1"]
-            console.summary(
-                f"student EMA k-NN top-1 {summary['student_ema_knn_top1']:.1f}%"
-                + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
-            )
-        console.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
+        _say_results(summary, run_dir)
     return summary
+
+
+def _start_up(
+    args: argparse.Namespace,
+    cfg: Config,
+    info: DistInfo,
+    out: Console,
+    callbacks: list | None,
+    device: torch.device,
+    claims: list[RunDirClaim],
+) -> tuple[Path, Path | None, Trainer]:
+    """The run directory claimed, pretrained weights and the demo's data made ready, and the trainer built (its
+    checkpoint loaded when resuming); `claims` gets rank 0's hold on the run directory."""
+    from dali_kd import distributed
+    from dali_kd.commands.demo import demo_parts, prepare_demo
+    from dali_kd.models import fetch_pretrained
+    from dali_kd.runs.directory import choose_run
+    from dali_kd.training.trainer import Trainer
+
+    def claim_run() -> tuple[Path, Path | None]:
+        held, resume_from = choose_run(cfg, args.resume)
+        claims.append(held)
+        return held.path, resume_from
+
+    distributed.init(info, device.type)
+    # Claimed before the demo's first-use preparation, so a refused run directory costs nothing.
+    run_dir, resume_from = _on_main(info, claim_run)
+    # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set);
+    # every rank then loads them from the cache when it builds its models.
+    _on_main(info, lambda: fetch_pretrained(cfg.model))
+    # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
+    if any(parts := demo_parts(cfg)):
+        _on_main(info, lambda: prepare_demo(cfg, device, out.mode == "tty", *parts))
+    # Everything that can be wrong with the data, models or checkpoint fails here, before any run file.
+    trainer = Trainer(
+        cfg,
+        device,
+        show_progress=True,  # a bar or plain lines, as the console's mode says
+        dist_info=info,
+        resume_from=resume_from,
+        allow_config_change=args.allow_config_change,
+        callbacks=callbacks,
+    )
+    return run_dir, resume_from, trainer
+
+
+def _say_what_runs(
+    cfg: Config,
+    info: DistInfo,
+    device: torch.device,
+    run_dir: Path,
+    resume_from: Path | None,
+    trainer: Trainer,
+) -> None:
+    """The run's first lines: where it writes, and what it distils on what, for how long."""
+    from dali_kd import console
+
+    console.info(f"run directory: {run_dir}")
+    what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
+    d = cfg.data
+    crops = (
+        f", crops {d.num_global_crops}×{d.image_size} px + {d.num_local_crops}×{d.local_crop_size} px"
+        if cfg.train.use_local_crops
+        else ""
+    )
+    console.info(
+        f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
+        f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}, {cfg.train.epochs} epochs × "
+        f"{trainer.steps_per_epoch} steps; {what}"
+    )
+
+
+def _say_results(summary: dict, run_dir: Path) -> None:
+    """The run's last lines: the student's top-1 against the teacher's, and the steps and time it took."""
+    from dali_kd import console
+
+    knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
+    if knn is not None:
+        console.summary(
+            f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
+        )
+    if summary["student_head_top1"] is not None:
+        teacher_head = summary["teacher_head_top1"]
+        against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
+        console.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
+    if summary["student_ema_knn_top1"] is not None:
+        ema_head = summary["student_ema_head_top1"]
+        console.summary(
+            f"student EMA k-NN top-1 {summary['student_ema_knn_top1']:.1f}%"
+            + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
+        )
+    console.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
 
 
 def ending_line(e: BaseException) -> str:

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from dali_kd.config import DataConfig
 from dali_kd.data.file_tree import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.data.image_headers import Reject, check_data
 from dali_kd.errors import UserError
@@ -26,7 +27,8 @@ __all__ = ["Reject", "check_data", "check_file", "dali_decode_check", "scan"]
 
 # Named like images or like the audio files DALI's file reader also lists: these are checked.
 CHECKED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {".gif", ".wav", ".flac", ".ogg"}
-DEFAULT_MAX_PIXELS = 100_000_000
+# data.max_image_pixels' default: the scan and the shard command refuse larger images unless told otherwise.
+DEFAULT_MAX_PIXELS: int = DataConfig.model_fields["max_image_pixels"].default
 CACHE_VERSION = 1
 
 
