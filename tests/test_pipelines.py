@@ -132,10 +132,10 @@ def test_stream_reshuffles_each_pass_and_crosses_pass_boundaries(index):
     assert again.tolist() == ids, "same seed, same stream"
 
 
-def first_pass(index, seed, reader_seed=None, shard_id=0, num_shards=1) -> list[int]:
+def first_pass(index, seed, reader_seed=None, rank=0, world_size=1) -> list[int]:
     """The sample ids of a stream's first pass over its shard, in order."""
     stream = DaliTrainStream(
-        index, AugmentParams(16), 4, seed, reader_seed=reader_seed, shard_id=shard_id, num_shards=num_shards,
+        index, AugmentParams(16), 4, seed, reader_seed=reader_seed, rank=rank, world_size=world_size,
         num_threads=1,
     )  # fmt: skip
     batches = take(stream, -(-stream.num_samples // 4))
@@ -150,11 +150,11 @@ def test_the_seed_sets_the_file_order_and_the_shards_stay_disjoint(index):
     assert seed_0 != seed_1 and seed_0 != reader_7 and seed_1 != reader_7
     assert first_pass(index, 1) == seed_1, "same seed, same order"
     # Two ranks: augmentations seeded per rank, one reader seed; their shards split the data.
-    rank_0 = first_pass(index, 10, reader_seed=3, shard_id=0, num_shards=2)
-    rank_1 = first_pass(index, 11, reader_seed=3, shard_id=1, num_shards=2)
+    rank_0 = first_pass(index, 10, reader_seed=3, rank=0, world_size=2)
+    rank_1 = first_pass(index, 11, reader_seed=3, rank=1, world_size=2)
     assert sorted(rank_0 + rank_1) == list(range(index.num_samples))
     # Each rank's shard is a subset chosen by the seed (not one fixed subset for every seed).
-    assert set(first_pass(index, 10, reader_seed=4, shard_id=0, num_shards=2)) != set(rank_0)
+    assert set(first_pass(index, 10, reader_seed=4, rank=0, world_size=2)) != set(rank_0)
 
 
 def test_eval_batches_cover_each_sample_once_in_order(image_tree):

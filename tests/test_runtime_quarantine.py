@@ -15,7 +15,7 @@ from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.sampling import min_shard_size, shard_bounds, shard_sample_ids, shard_size
+from dali_kd.data.sampling import min_share_size, share_bounds, share_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import TrainingStopped
@@ -212,19 +212,17 @@ def test_every_backend_is_a_train_stream(tiny_config, tmp_path):
     assert not isinstance(object(), TrainStream)
 
 
-def test_one_shard_rule_for_the_reader_the_index_and_the_streams(tmp_path):
+def test_one_share_rule_for_the_reader_the_index_and_the_streams(tmp_path):
     index = tree_index(tmp_path / "tree", num_classes=2, per_class=5)  # 10 images over 3 shards: 3, 3, 4
-    assert [shard_size(10, r, 3) for r in range(3)] == [3, 3, 4] and min_shard_size(10, 3) == 3
-    assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [share_size(10, r, 3) for r in range(3)] == [3, 3, 4] and min_share_size(10, 3) == 3
+    assert [share_bounds(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
     seen = []
     for r in range(3):
-        assert index.shard(r, 3).files == tuple(index.files[i] for i in shard_sample_ids(10, r, 3))
-        tv = TorchvisionTrainStream(
-            index, PARAMS, batch_size=1, seed=0, num_workers=0, shard_id=r, num_shards=3
-        )
+        assert index.share(r, 3).files == tuple(index.files[i] for i in share_sample_ids(10, r, 3))
+        tv = TorchvisionTrainStream(index, PARAMS, batch_size=1, seed=0, num_workers=0, rank=r, world_size=3)
         dali = DaliTrainStream(index, PARAMS, batch_size=1, seed=r, reader_seed=0, device="cpu", num_threads=1,
-                               shard_id=r, num_shards=3)  # fmt: skip
-        assert tv.num_samples == dali.num_samples == shard_size(10, r, 3)
+                               rank=r, world_size=3)  # fmt: skip
+        assert tv.num_samples == dali.num_samples == share_size(10, r, 3)
         # One pass of DALI's shard: as many images as the rule says, disjoint from the other shards' first pass.
         ids = [int(b.sample_ids[0]) for b in itertools.islice(dali, dali.num_samples)]
         assert len(set(ids)) == len(ids)
@@ -232,6 +230,6 @@ def test_one_shard_rule_for_the_reader_the_index_and_the_streams(tmp_path):
         tv.close()
         dali.close()
     assert sorted(seen) == list(range(10))
-    with pytest.raises(ValueError, match="shard_id must be in"):
-        shard_bounds(10, 3, 3)
-    assert np.array_equal(shard_sample_ids(10, 2, 3), np.arange(6, 10))
+    with pytest.raises(ValueError, match="rank must be in"):
+        share_bounds(10, 3, 3)
+    assert np.array_equal(share_sample_ids(10, 2, 3), np.arange(6, 10))

@@ -14,7 +14,7 @@ from dali_kd.commands.demo_data import make_demo_dataset
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.pil_views import decode_rgb, render_view_pil, sample_crop, sample_jitter
-from dali_kd.data.sampling import shard_sample_ids
+from dali_kd.data.sampling import share_sample_ids
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, torchvision_eval_batches
 from dali_kd.pipelines.params import AugmentParams, EvalParams
 
@@ -240,20 +240,20 @@ def test_flip_share_follows_flip_prob(train_index):
 
 
 def test_shards_are_disjoint_contiguous_and_cover_everything(train_index):
-    for num_samples, num_shards in ((12, 3), (13, 4), (7, 7), (1000, 6)):
-        shards = [shard_sample_ids(num_samples, r, num_shards) for r in range(num_shards)]
+    for num_samples, world_size in ((12, 3), (13, 4), (7, 7), (1000, 6)):
+        shards = [share_sample_ids(num_samples, r, world_size) for r in range(world_size)]
         assert np.array_equal(np.concatenate(shards), np.arange(num_samples))
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
     seen = []
-    for shard_id in range(3):
+    for rank in range(3):
         stream = TorchvisionTrainStream(
             train_index,
             AugmentParams(view_size=8),
             batch_size=4,
             seed=0,
             num_workers=0,
-            shard_id=shard_id,
-            num_shards=3,
+            rank=rank,
+            world_size=3,
         )
         try:
             assert stream.num_samples == 4
@@ -261,18 +261,16 @@ def test_shards_are_disjoint_contiguous_and_cover_everything(train_index):
             ids = _stream_ids(list(itertools.islice(stream, 1)))
         finally:
             stream.close()
-        assert sorted(ids) == list(range(4 * shard_id, 4 * shard_id + 4))
+        assert sorted(ids) == list(range(4 * rank, 4 * rank + 4))
         seen += ids
     assert sorted(seen) == list(range(train_index.num_samples))
 
 
 def test_bad_stream_arguments(train_index):
-    with pytest.raises(ValueError, match="shard_id"):
-        TorchvisionTrainStream(
-            train_index, PARAMS, batch_size=4, seed=0, num_workers=0, shard_id=3, num_shards=3
-        )
+    with pytest.raises(ValueError, match="rank"):
+        TorchvisionTrainStream(train_index, PARAMS, batch_size=4, seed=0, num_workers=0, rank=3, world_size=3)
     with pytest.raises(ValueError, match="empty"):
-        shard_sample_ids(2, 0, 3)
+        share_sample_ids(2, 0, 3)
     with pytest.raises(ValueError, match="batch_size"):
         TorchvisionTrainStream(train_index, PARAMS, batch_size=0, seed=0, num_workers=0)
 

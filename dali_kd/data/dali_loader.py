@@ -15,7 +15,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.sampling import shard_size
+from dali_kd.data.sampling import share_size
 from dali_kd.data.shard_index import ids_from_source_info
 from dali_kd.data.shards import READER_IMAGE_EXT
 from dali_kd.pipelines.graphs import (
@@ -77,8 +77,8 @@ class DaliTrainStream:
         device: torch.device | str = "cpu",
         num_threads: int = 2,
         prefetch_batches: int = 2,
-        shard_id: int = 0,
-        num_shards: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
         reader_seed: int | None = None,
         checkpoint: bytes | None = None,
         substitutions: dict[int, int] | None = None,
@@ -115,8 +115,9 @@ class DaliTrainStream:
             seed=seed,
             device_id=_device_id(self.device),
             num_threads=num_threads,
-            shard_id=shard_id,
-            num_shards=num_shards,
+            # DALI's reader calls a rank's share of the files its shard.
+            shard_id=rank,
+            num_shards=world_size,
             prefetch_queue_depth=prefetch_batches,
             reader_seed=reader_seed,
             decode=decode,
@@ -127,7 +128,7 @@ class DaliTrainStream:
         pipe = self._build(checkpoint)
         # One pass of this shard, by the shard rule DALI's reader follows (shards may differ by one sample).
         epoch_size = int(pipe.reader_meta(READER_NAME)["epoch_size"])
-        self.num_samples = shard_size(epoch_size, shard_id, num_shards)
+        self.num_samples = share_size(epoch_size, rank, world_size)
 
     def _shard_files(self, sizes_of_one: bool = False) -> ShardFiles:
         """The shards as the reader reads them: each slot set aside points at its stand-in's bytes (in the same

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from dali_kd.data.file_tree import IMAGE_EXTENSIONS, class_folder_names, data_folder, list_tree
-from dali_kd.data.sampling import shard_bounds
+from dali_kd.data.sampling import share_bounds
 from dali_kd.errors import UserError
 
 if TYPE_CHECKING:
@@ -165,9 +165,9 @@ class ImageIndex:
             raise UserError(f"{root}: no class sub-folders (expected root/<class>/<image>.jpg)")
         return names
 
-    def shard(self, shard_id: int, num_shards: int) -> ImageIndex:
+    def share(self, rank: int, world_size: int) -> ImageIndex:
         """The contiguous block [r*N//n, (r+1)*N//n) of the files, as DALI's readers shard."""
-        begin, end = shard_bounds(self.num_samples, shard_id, num_shards)
+        begin, end = share_bounds(self.num_samples, rank, world_size)
         return self.take(list(range(begin, end)))
 
     def take(self, keep: list[int]) -> ImageIndex:

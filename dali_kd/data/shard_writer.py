@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dali_kd import __version__
+from dali_kd import __version__, console
 from dali_kd.config import DataConfig
 from dali_kd.data import shards as fmt
 from dali_kd.data.file_checks import DEFAULT_MAX_PIXELS
@@ -63,13 +63,13 @@ class ShardingProgress:
         return max(time.perf_counter() - self.start, 1e-9)
 
     def line(self, text: str) -> None:
+        # The `dali_kd` logger writes through tqdm: above the bar on a terminal, a plain line elsewhere.
         if self.tty:
-            self.bar.write(text)
+            console.info(text)
         elif self.enabled:
-            print(
+            console.info(
                 f"{text} [{self.num_files}/{self.total_files} files, {self.num_files / self.elapsed:.0f} files/s, "
-                f"{self.num_bytes / 1e6 / self.elapsed:.1f} MB/s]",
-                flush=True,
+                f"{self.num_bytes / 1e6 / self.elapsed:.1f} MB/s]"
             )
 
     def close(self) -> None:
@@ -220,7 +220,7 @@ def make_shards(
     progress = ShardingProgress(len(samples), sum(s.size for s in samples), enabled=show_progress)
     try:
         for m in splits.messages:
-            progress.line(m) if progress.tty else print(m, flush=True)
+            console.info(m)
         shard_records, written, kept = write_or_keep_shards(
             src, out, plans, records, settings, progress, on_shard_written
         )

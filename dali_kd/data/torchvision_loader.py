@@ -19,7 +19,7 @@ from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.pil_views import decode_rgb, draw_view, render_pil
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.sampling import shard_sample_ids, stream_keys, view_rng
+from dali_kd.data.sampling import share_sample_ids, stream_keys, view_rng
 from dali_kd.data.transfer import one_ahead
 from dali_kd.pipelines.params import AugmentParams, EvalParams, MultiCropParams
 
@@ -37,13 +37,13 @@ class _TrainViews(Dataset):
     the (sample id, reason) of files that did not decode; the main process sets them aside.
     """
 
-    def __init__(self, index: ImageIndex, params: AugmentParams | MultiCropParams, seed: int, shard_id: int):
+    def __init__(self, index: ImageIndex, params: AugmentParams | MultiCropParams, seed: int, rank: int):
         self.index = index
         self.files = index.files
         self.labels = index.labels
         self.params = params
         self.seed = seed
-        self.shard_id = shard_id
+        self.rank = rank
 
     def _decode_or_replace(self, slot: int, start: int) -> tuple[Image.Image, int, list[tuple[int, str]]]:
         """Decode `start` (the slot's image); if it fails, the next same-class image that decodes (cyclically),
@@ -63,7 +63,7 @@ class _TrainViews(Dataset):
     def __getitem__(self, key: ViewKey) -> tuple:
         position, slot, start = key
         img, sample_id, failed = self._decode_or_replace(slot, start)
-        rng = view_rng(self.seed, self.shard_id, position)
+        rng = view_rng(self.seed, self.rank, position)
         params = self.params
         kinds = (
             [params]
@@ -97,20 +97,20 @@ class _StreamBatches(Sampler[list[ViewKey]]):
 
     def __init__(
         self,
-        shard_ids: np.ndarray,
+        share_ids: np.ndarray,
         seed: int,
         batch_size: int,
         resolve: Callable[[int], int],
         start: int = 0,
     ):
-        self.shard_ids = shard_ids
+        self.share_ids = share_ids
         self.seed = seed
         self.batch_size = batch_size
         self.resolve = resolve
         self.start = start
 
     def __iter__(self) -> Iterator[list[ViewKey]]:
-        keys = stream_keys(self.shard_ids, self.seed, self.start)
+        keys = stream_keys(self.share_ids, self.seed, self.start)
         while True:
             batch = [next(keys) for _ in range(self.batch_size)]
             yield [(position, slot, self.resolve(slot)) for position, slot in batch]
@@ -174,8 +174,8 @@ class TorchvisionTrainStream:
         seed: int,
         num_workers: int = 4,
         persistent_workers: bool = False,
-        shard_id: int = 0,
-        num_shards: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
         device: torch.device | str = "cpu",
         start_position: int = 0,
         max_runtime_quarantine: int = 100,
@@ -190,15 +190,15 @@ class TorchvisionTrainStream:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.shard_ids = shard_sample_ids(index.num_samples, shard_id, num_shards)
-        self.num_samples = len(self.shard_ids)
+        self.share_ids = share_sample_ids(index.num_samples, rank, world_size)
+        self.num_samples = len(self.share_ids)
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         self._loader: DataLoader | None = DataLoader(
-            _TrainViews(index, params, seed, shard_id),
+            _TrainViews(index, params, seed, rank),
             batch_sampler=_StreamBatches(
-                self.shard_ids, seed, batch_size, self.quarantine.resolve, start_position
+                self.share_ids, seed, batch_size, self.quarantine.resolve, start_position
             ),
             num_workers=num_workers,
             collate_fn=functools.partial(_collate_train, dtype=dtype),

@@ -65,8 +65,8 @@ class Evaluator:
                 f"evaluation: {val_index.num_samples} val / {bank.num_samples} bank images are fewer than the "
                 f"{world_size} processes (set data.val_root=null to skip it)"
             )
-        self.bank = bank.shard(rank, world_size)
-        self.val = val_index.shard(rank, world_size) if val_index is not None else None
+        self.bank = bank.share(rank, world_size)
+        self.val = val_index.share(rank, world_size) if val_index is not None else None
         limit, backend = cfg.data.max_runtime_quarantine, cfg.data.backend
         self.quarantines = [EvalQuarantine("train", self.bank, backend, limit)]
         if self.val is not None:

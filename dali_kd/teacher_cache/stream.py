@@ -41,7 +41,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import check_resumed_backend, with_mixing
 from dali_kd.data.mixing import mix_images
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.sampling import pass_order, shard_sample_ids
+from dali_kd.data.sampling import pass_order, share_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
 from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams
@@ -120,10 +120,10 @@ class CachedViewStream:
         self.decode = dali_kwargs.get("decode", DEFAULT_DECODE)  # the fill's decode: replay renders alike
         self.prefetch_batches = int(dali_kwargs.get("prefetch_batches", 2))
         self.num_views = cache.num_views
-        self.shard_ids = shard_sample_ids(index.num_samples, rank, world_size)
-        self.num_samples = len(self.shard_ids)
+        self.share_ids = share_sample_ids(index.num_samples, rank, world_size)
+        self.num_samples = len(self.share_ids)
         self.rank = rank
-        self._dali_kwargs = dict(dali_kwargs, shard_id=rank, num_shards=world_size, reader_seed=seed)
+        self._dali_kwargs = dict(dali_kwargs, rank=rank, world_size=world_size, reader_seed=seed)
         state = state or {}
         # One quarantine for the fill and the replay: a slot set aside while filling stays resolved in replay.
         self.quarantine = RuntimeQuarantine(
@@ -157,7 +157,7 @@ class CachedViewStream:
             return int(state["replay_start"])
         if self.mode != "replay":
             return -1
-        if self.cache.is_done(self.shard_ids[:, None], np.arange(self.num_views)[None, :]).all():
+        if self.cache.is_done(self.share_ids[:, None], np.arange(self.num_views)[None, :]).all():
             return 0  # a complete cache from an earlier run: no fill at all
         # Replay starts at the first batch boundary after K passes (that pass is stitched at the boundary).
         fill_samples = self.num_views * self.num_samples
@@ -347,7 +347,7 @@ class CachedViewStream:
 
     def _order(self, pass_index: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != pass_index:
-            self._order_cache = (pass_index, pass_order(self.shard_ids, self.seed, pass_index))
+            self._order_cache = (pass_index, pass_order(self.share_ids, self.seed, pass_index))
         return self._order_cache[1]
 
     def state_dict(self) -> dict:

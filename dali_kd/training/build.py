@@ -19,7 +19,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.prepare import DataSplits, prepare_data
 from dali_kd.data.quarantine_list import QuarantineList
-from dali_kd.data.sampling import min_shard_size
+from dali_kd.data.sampling import min_share_size
 from dali_kd.data.stream import TrainStream
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import UserError
@@ -139,7 +139,7 @@ def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
     if dist.is_main:
         for message in splits.messages:
             console.info(message)
-    share = min_shard_size(splits.train.num_samples, dist.world_size)
+    share = min_share_size(splits.train.num_samples, dist.world_size)
     if cfg.train.batch_size > share:
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} is larger than each process's share of the data "
