@@ -15,7 +15,7 @@ from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
 from dali_kd.data.recovery import RuntimeQuarantine
-from dali_kd.data.sampling import min_share_size, share_bounds, share_sample_ids
+from dali_kd.data.sampling import min_share_size, share_bounds, share_sample_ids, share_size
 from dali_kd.data.stream import TrainStream
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import TrainingStopped
