@@ -180,6 +180,48 @@ def test_a_planted_upward_import_is_found():
     assert any("dali_kd.data.batch" in cycle for cycle in find_cycles(graph)), "the trainer imports the batch"
 
 
+# The parts from the top down, as docs/layout.md draws them: a part imports only parts below it (the top-level
+# command names are forwarders, counted with the commands).
+LAYERS = (
+    "commands", "training", "evaluation", "teacher_cache", "models", "data", "runs", "telemetry", "identity",
+    "config", "pipelines", "console", "distributed", "runtime", "io", "errors",
+)  # fmt: skip
+FORWARDERS = ("train", "shard", "export", "fetch", "report", "scan", "tune")
+
+
+def _layer(module: str) -> str | None:
+    name = module.split(".")[1] if "." in module else None
+    return "commands" if name in FORWARDERS else name
+
+
+def imports_against_the_layers(graph: dict[str, frozenset[str]]) -> list[str]:
+    found = []
+    for module, imported in sorted(graph.items()):
+        here = _layer(module)
+        for other in sorted(imported):
+            there = _layer(other)
+            if here in LAYERS and there in LAYERS and LAYERS.index(there) < LAYERS.index(here):
+                found.append(f"{module} ({here}) imports {other} ({there}), a part above it")
+    return found
+
+
+def test_every_part_sits_in_a_layer():
+    parts = {_layer(m) for m in import_graph()} - {None}
+    assert parts <= set(LAYERS), f"parts in no layer: {sorted(parts - set(LAYERS))}"
+
+
+def test_each_part_imports_only_the_parts_below_it():
+    assert imports_against_the_layers(import_graph()) == []
+
+
+def test_a_planted_import_against_the_layers_is_found():
+    graph = dict(import_graph())
+    graph["dali_kd.runs.directory"] = graph["dali_kd.runs.directory"] | {"dali_kd.models.distill"}
+    assert imports_against_the_layers(graph) == [
+        "dali_kd.runs.directory (runs) imports dali_kd.models.distill (models), a part above it"
+    ]
+
+
 # What a reader new to the package can take in: the top level shows the parts, and no module or function is too long
 # to read in one sitting.
 MAX_TOP_LEVEL_MODULES = 15

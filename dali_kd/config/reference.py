@@ -6,6 +6,7 @@ reference says what the schema says; `--check` only compares (exit 1 when the pa
 
 from __future__ import annotations
 
+import argparse
 import sys
 import types
 from collections.abc import Iterator
@@ -16,7 +17,6 @@ import annotated_types
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from dali_kd.commands.cli import CommandLineParser
 from dali_kd.config.schema import Config, show_value
 
 START = (
@@ -112,7 +112,8 @@ def replace_reference(page: str, reference: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = CommandLineParser(
+    # argparse's own parser (a usage error exits 2): the config sits below the commands and their shared parser.
+    parser = argparse.ArgumentParser(
         prog="python -m dali_kd.config.reference",
         description="Render the config reference from the schema into docs/config.md.",
     )

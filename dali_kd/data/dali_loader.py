@@ -115,8 +115,7 @@ class DaliTrainStream:
             seed=seed,
             device_id=_device_id(self.device),
             num_threads=num_threads,
-            # DALI's reader calls a rank's share of the files its shard.
-            shard_id=rank,
+            shard_id=rank,  # DALI's reader calls a rank's share its shard
             num_shards=world_size,
             prefetch_queue_depth=prefetch_batches,
             reader_seed=reader_seed,
