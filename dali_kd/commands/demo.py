@@ -13,8 +13,7 @@ from tqdm import tqdm
 from dali_kd import console
 from dali_kd.commands.demo_data import demo_dataset_ready, make_demo_dataset
 from dali_kd.config import Config, load_config
-from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.loaders import make_eval_batches, make_train_stream
+from dali_kd.data import ImageIndex, make_eval_batches, make_train_stream
 from dali_kd.errors import UserError
 from dali_kd.io import save_safetensors_atomic
 from dali_kd.models import create_model

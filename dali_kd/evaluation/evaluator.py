@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from dali_kd import distributed
 from dali_kd.config import Config
-from dali_kd.data.dataset import ImageIndex
+from dali_kd.data import ImageIndex, make_eval_batches
 from dali_kd.data.eval_quarantine import EvalQuarantine
-from dali_kd.data.loaders import make_eval_batches
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.evaluation.knn import knn_top1

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from dali_kd.data.batch import Batch
+from dali_kd.data import Batch
 
 
 @torch.no_grad()

@@ -15,12 +15,8 @@ from timm.scheduler.scheduler import Scheduler
 
 from dali_kd import console, distributed
 from dali_kd.config import Config
-from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.loaders import make_train_stream
-from dali_kd.data.prepare import DataSplits, prepare_data
-from dali_kd.data.quarantine_list import QuarantineList
+from dali_kd.data import DataSplits, ImageIndex, QuarantineList, TrainStream, make_train_stream, prepare_data
 from dali_kd.data.sampling import min_share_size
-from dali_kd.data.stream import TrainStream
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import UserError
 from dali_kd.evaluation.evaluator import Evaluator

@@ -15,7 +15,7 @@ from dali_kd.config import Config
 from dali_kd.training.run_state import RunState
 
 if TYPE_CHECKING:
-    from dali_kd.data.batch import Batch
+    from dali_kd.data import Batch
 
 
 class TrainerView(Protocol):

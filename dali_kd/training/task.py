@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dali_kd.config import LossConfig
-from dali_kd.data.batch import Batch
+from dali_kd.data import Batch
 from dali_kd.data.outputs import ModelOutput, view_major
 from dali_kd.distributed import DistInfo
 from dali_kd.models import Student, StudentOutput

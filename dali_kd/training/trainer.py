@@ -16,7 +16,7 @@ import torch
 from dali_kd import console, distributed
 from dali_kd.config import Config
 from dali_kd.console import eval_line
-from dali_kd.data.batch import Batch
+from dali_kd.data import Batch
 from dali_kd.distributed import DistInfo
 from dali_kd.evaluation.evaluator import EvalResult, evaluate_student, evaluate_teacher
 from dali_kd.runs.preemption import Preempted, StopSignal
