@@ -60,30 +60,37 @@ def image_tree(tmp_path_factory) -> Path:
     return base
 
 
+def tiny_overrides(image_tree: Path, tmp_path: Path) -> list[str]:
+    """Overrides for a valid config over image_tree's train split with tiny random-init models, on the CPU."""
+    return [
+        f"data.root={image_tree / 'train'}",
+        "data.image_size=32",
+        "data.eval_resize=36",
+        "data.dali_threads=1",
+        "model.teacher.name=test_resnet",
+        "model.teacher.checkpoint=null",
+        "model.teacher.num_classes=4",
+        "model.student.name=test_vit",
+        "train.batch_size=8",
+        "train.compile_student=false",
+        "train.num_workers=0",
+        "train.log_every_n_steps=1",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.device=cpu",
+    ]
+
+
 @pytest.fixture
 def tiny_config(image_tree, tmp_path):
     """A valid config over image_tree with tiny random-init models: builds overrides, returns a loader function."""
 
     def make(*overrides: str):
         base = [
-            f"data.root={image_tree / 'train'}",
+            *tiny_overrides(image_tree, tmp_path),
             f"data.val_root={image_tree / 'val'}",
-            "data.image_size=32",
-            "data.eval_resize=36",
-            "data.dali_threads=1",
-            "model.teacher.name=test_resnet",
-            "model.teacher.checkpoint=null",
-            "model.teacher.num_classes=4",
-            "model.student.name=test_vit",
-            "train.batch_size=8",
             "train.epochs=2",
             "train.max_steps_per_epoch=3",
-            "train.compile_student=false",
-            "train.num_workers=0",
-            "train.log_every_n_steps=1",
-            f"train.output_dir={tmp_path / 'runs'}",
             "train.run_name=test",
-            "train.device=cpu",
         ]
         return load_config(overrides=base + list(overrides))
 

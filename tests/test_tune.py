@@ -8,25 +8,7 @@ import json
 from dali_kd.commands import tune
 from dali_kd.config import load_config
 from dali_kd.config.loading import parse_override
-
-
-def tiny_overrides(image_tree, tmp_path) -> list[str]:
-    return [
-        f"data.root={image_tree / 'train'}",
-        "data.image_size=32",
-        "data.eval_resize=36",
-        "data.dali_threads=1",
-        "model.teacher.name=test_resnet",
-        "model.teacher.checkpoint=null",
-        "model.teacher.num_classes=4",
-        "model.student.name=test_vit",
-        "train.batch_size=8",
-        "train.compile_student=false",
-        "train.num_workers=0",
-        "train.log_every_n_steps=1",
-        f"train.output_dir={tmp_path / 'runs'}",
-        "train.device=cpu",
-    ]
+from tests.conftest import tiny_overrides
 
 
 def test_tune_tabulates_each_option_and_prints_overrides_a_run_accepts(image_tree, tmp_path, capsys):
