@@ -48,6 +48,9 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     beside its floor, the ablation and the profile are tabulated, and the last thing printed is the table."""
     sent = tmp_path / "out"
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(sent), "WORK": str(tmp_path / "work")}
+    # The script runs `python3` as the GPU machine has it: here, the interpreter running the tests (a virtual
+    # environment's, also when it is not activated).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
         capture_output=True,
