@@ -70,7 +70,7 @@ def _backend_stream(
             index,
             settings.crops,
             batch_size=settings.batch_size,
-            # Augmentations differ per rank; the file shuffle is shared, so that the shards stay disjoint.
+            # Augmentations differ per rank; the file shuffle is shared, so that the ranks' shares stay disjoint.
             seed=settings.seed + rank,
             reader_seed=settings.seed,
             device=device,

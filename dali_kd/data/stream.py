@@ -10,7 +10,7 @@ from dali_kd.data.batch import Batch
 
 @runtime_checkable
 class TrainStream(Protocol):
-    """An endless stream of full training batches of one rank's shard.
+    """An endless stream of full training batches of one rank's share.
 
     Every Batch carries `sample_ids` (the image shown at each position) and `stream_ids` (the sample id the stream
     scheduled there, its slot); they differ only where a file set aside at runtime was replaced by a same-class
@@ -19,7 +19,7 @@ class TrainStream(Protocol):
     """
 
     num_samples: int
-    """How many samples one pass over this rank's shard holds."""
+    """How many samples one pass over this rank's share holds."""
 
     def __iter__(self) -> Iterator[Batch]: ...
 

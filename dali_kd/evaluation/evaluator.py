@@ -1,6 +1,6 @@
 """Evaluation across ranks: k-NN top-1 of the pooled embedding and top-1 through the classifier head.
 
-Each rank embeds its shard of the k-NN bank and of the held-out split; the embeddings (and the head's predictions)
+Each rank embeds its share of the k-NN bank and of the held-out split; the embeddings (and the head's predictions)
 are gathered, so every rank gets the same numbers. One pass over the held-out images gives both results.
 """
 

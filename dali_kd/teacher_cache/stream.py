@@ -1,6 +1,6 @@
 """The training stream when the teacher's outputs are cached: fill passes, then replay passes.
 
-replay (default): for the first K passes over the shard the DALI pipeline draws random views and the teacher runs;
+replay (default): for the first K passes over the rank's share the DALI pipeline draws random views and the teacher runs;
 each sample's k-th view (k = its pass) and the teacher's outputs are stored. From then on every pass shows, for each
 sample, one of its K stored views (a seeded choice), rendered again through the same DALI graph, so the student sees
 exactly the view its cached target belongs to (Beyer et al., CVPR 2022). The teacher does not run at all.
@@ -140,7 +140,7 @@ class CachedViewStream:
         self._fill: DaliTrainStream | None = None
         # Replay: DALI renders the planned batches ahead of the consumer (built at the first replayed batch).
         self._ahead: ViewsAhead[_Replay] | None = None
-        # Per pass, computed once: the shard's order and each image's replayed view.
+        # Per pass, computed once: the share's order and each image's replayed view.
         self._slot_cache: tuple[int, np.ndarray] | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
         if not self.replaying:
