@@ -88,8 +88,7 @@ class DaliTrainStream:
         shuffle_buffer: int = 1024,
         start_position: int = 0,
     ):
-        """reader_seed: the file shuffle's seed, the same on every rank so that their shares stay disjoint
-        (default: seed).
+        """reader_seed: the file shuffle's seed, alike on every rank: disjoint shares (default: seed).
         checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped.
         params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample.
         quarantine: a runtime quarantine shared with the caller (then substitutions and max_runtime_quarantine
