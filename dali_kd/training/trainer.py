@@ -88,12 +88,6 @@ class Trainer:
             raise RuntimeError("no run monitor outside fit()")
         return self.monitor
 
-    @property
-    def _run_dir(self) -> Path:
-        if self.run_dir is None:
-            raise RuntimeError("no run directory outside fit()")
-        return self.run_dir
-
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Teacher targets, student forward/backward, clipped AdamW step; losses stay on the device."""
