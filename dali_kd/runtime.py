@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,23 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def compiles_student(setting: str | bool, device: torch.device | str) -> bool:
+    """train.compile_student: auto compiles on CUDA only (on the CPU the first compile costs about a minute of
+    CPU and the convolutions run in oneDNN either way, so a short run is faster without it)."""
+    return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block, then put back (a notebook's session keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -184,7 +184,7 @@ def test_a_planted_upward_import_is_found():
 # command names are forwarders, counted with the commands).
 LAYERS = (
     "commands", "training", "evaluation", "teacher_cache", "models", "data", "runs", "telemetry", "identity",
-    "config", "pipelines", "console", "distributed", "runtime", "io", "errors",
+    "config", "pipelines", "console", "distributed", "runtime", "cpu_budget", "io", "errors",
 )  # fmt: skip
 FORWARDERS = ("train", "shard", "export", "fetch", "report", "scan", "tune")
 

@@ -21,6 +21,7 @@ from dali_kd.runtime import autocast
 
 TEACHER_STEPS = 300
 TEACHER_LR = 2e-3
+LOSS_EVERY_N_STEPS = 10
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
@@ -100,7 +101,7 @@ def train_demo_teacher(
         file=out.stream,
         disable=not show_progress or out.mode != "tty",
     )
-    for _ in bar:
+    for step in bar:
         batch = next(batches)
         with autocast(device, amp):
             loss = F.cross_entropy(model(batch.images), batch.labels, label_smoothing=0.1)
@@ -108,6 +109,10 @@ def train_demo_teacher(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if not bar.disable and (step + 1) % LOSS_EVERY_N_STEPS == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")  # a host read every few steps: the bar is for a person
+        elif bar.disable and show_progress and (step + 1) % max(1, steps // 4) == 0:
+            console.info(f"demo: teacher step {step + 1}/{steps}, loss {loss.item():.3f}")  # a log file's bar
     stream.close()
     model.eval()
     accuracy = float("nan")

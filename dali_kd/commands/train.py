@@ -118,6 +118,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None, stop: Stop
     # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
     args = build_parser().parse_intermixed_args(argv)
     cfg, presets = config_from_args(args)
+    from dali_kd.cpu_budget import CpuSampler
+
+    cpus = CpuSampler()  # what other processes do on our CPUs while the imports below run decides the threads
 
     # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads. All
     # the heavy imports happen here, while a stop signal is only recorded (an import cut short by an exception
@@ -129,7 +132,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None, stop: Stop
     from dali_kd.models import check_model_name
     from dali_kd.runs.directory import check_writable
     from dali_kd.runs.preemption import StopSignal
+    from dali_kd.runtime import cpu_threads
 
+    budget = cpus.budget(cfg.train.cpu_threads)
+    threads = {"dali_threads": min(cfg.data.dali_threads, budget.threads)}
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=threads)})
     own_stop = stop is None
     stop = stop or StopSignal()
     try:
@@ -140,7 +147,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None, stop: Stop
         info = distributed.detect()
         # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
         mode = choose_mode(args.quiet, args.no_progress)
-        with Console(mode, rank=info.rank, train_log=info.is_main) as out:
+        with Console(mode, rank=info.rank, train_log=info.is_main) as out, cpu_threads(budget.threads):
+            console.info(budget.line())
             if presets:
                 # The resolved config.yaml holds what they set; this line (and train.log) says where it came from.
                 console.info(

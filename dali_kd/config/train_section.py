@@ -121,10 +121,18 @@ class TrainConfig(Section):
         description="Fidelity probe: run the teacher on a replayed batch every N steps; null: never",
     )
     cache_rebuild: bool = Field(False, description="Rebuild a cache that was built for something else")
-    compile_student: bool = Field(
-        True,
+    compile_student: Literal["auto"] | bool = Field(
+        "auto",
         description="torch.compile the student's forward together with its distillation losses (the teacher has "
-        "its own switch, model.teacher.compile)",
+        "its own switch, model.teacher.compile); auto: on CUDA, off on the CPU, where the first compile (about a "
+        "minute of CPU for a ResNet) outweighs what it saves in a short run (benchmarks/first_use.py)",
+    )
+    cpu_threads: int | None = free_on_resume(
+        None,
+        ge=1,
+        le=1024,
+        description="Threads for torch's CPU ops and DALI's CPU workers (data.dali_threads is capped by it); null: "
+        "the CPUs this process may use (affinity, cgroup quota) less those other processes keep busy at the start",
     )
     num_workers: int = free_on_resume(4, ge=0, description="DataLoader workers of the torchvision backend")
     persistent_workers: bool = free_on_resume(

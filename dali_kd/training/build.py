@@ -25,7 +25,7 @@ from dali_kd.models import FrozenTeacher, Student, build_distill_models
 from dali_kd.models.distill import DistillModels
 from dali_kd.models.inputs import InputSpec
 from dali_kd.runs import checkpoint as ckpt
-from dali_kd.runtime import autocast_dtype, seed_everything
+from dali_kd.runtime import autocast_dtype, compiles_student, seed_everything
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
@@ -95,7 +95,9 @@ def build_run(
         cfg.model, cfg.data.image_size, train.loss.patch_weight, train.use_local_crops, device, amp_dtype,
         teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
     )  # fmt: skip
-    task = DistillTask(models.student, train.loss, device, amp_dtype, dist, train.compile_student)
+    task = DistillTask(
+        models.student, train.loss, device, amp_dtype, dist, compiles_student(train.compile_student, device)
+    )
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
     # Every rank takes the same number of steps: the smallest share decides.
     steps_per_epoch = min(train.max_steps_per_epoch, max(1, share // train.batch_size))
