@@ -19,8 +19,8 @@ from dali_kd.io import save_safetensors_atomic
 from dali_kd.models import create_model
 from dali_kd.runtime import autocast
 
-TEACHER_STEPS = 300
-TEACHER_LR = 2e-3
+TEACHER_STEPS = 180
+TEACHER_LR = 3e-3
 LOSS_EVERY_N_STEPS = 10
 
 
@@ -63,6 +63,14 @@ def prepare_demo(
     checkpoint = cfg.model.teacher.checkpoint
     if train_teacher and checkpoint and not Path(checkpoint).expanduser().is_file():
         train_demo_teacher(cfg, Path(checkpoint).expanduser(), device, show_progress)
+
+
+def _show_loss(bar: tqdm, step: int, steps: int, loss: torch.Tensor, show_progress: bool) -> None:
+    """The teacher's loss on its bar every few steps, or (a log file, no bar) in a line at each quarter."""
+    if not bar.disable and step % LOSS_EVERY_N_STEPS == 0:
+        bar.set_postfix(loss=f"{loss.item():.3f}")  # a host read every few steps: the bar is for a person
+    elif bar.disable and show_progress and step % max(1, steps // 4) == 0:
+        console.info(f"demo: teacher step {step}/{steps}, loss {loss.item():.3f}")
 
 
 def train_demo_teacher(
@@ -109,10 +117,7 @@ def train_demo_teacher(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if not bar.disable and (step + 1) % LOSS_EVERY_N_STEPS == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # a host read every few steps: the bar is for a person
-        elif bar.disable and show_progress and (step + 1) % max(1, steps // 4) == 0:
-            console.info(f"demo: teacher step {step + 1}/{steps}, loss {loss.item():.3f}")  # a log file's bar
+        _show_loss(bar, step + 1, steps, loss, show_progress)
     stream.close()
     model.eval()
     accuracy = float("nan")

@@ -229,7 +229,7 @@ def _start_up(
     _on_main(info, lambda: fetch_pretrained(cfg.model))
     # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
     if any(parts := demo_parts(cfg)):
-        _on_main(info, lambda: prepare_demo(cfg, device, out.mode == "tty", *parts))
+        _on_main(info, lambda: prepare_demo(cfg, device, out.mode != "quiet", *parts))
     # Everything that can be wrong with the data, models or checkpoint fails here, before any run file.
     trainer = Trainer(
         cfg,
