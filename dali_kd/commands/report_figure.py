@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dali_kd.console import EVAL_NAMES
 from dali_kd.io import atomic_write
 from dali_kd.telemetry.throughput import is_warmup, run_throughput
 
@@ -33,7 +32,7 @@ def figure(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | 
     plot_step_time(axes[0, 1], steps, rows)
     plot_throughput(axes[1, 0], steps, rows)
     plot_utilisation(axes[1, 1], steps, rows)
-    plot_accuracy(axes[2, 0], summary)
+    plot_accuracy(axes[2, 0], steps, summary)
     plot_learning_rate(axes[2, 1], steps, rows)
     return fig
 
@@ -143,7 +142,14 @@ def plot_utilisation(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> N
     twin.legend(loc="lower right")
 
 
-def plot_accuracy(ax: Any, summary: dict[str, Any] | None) -> None:
+def accuracy_label(key: str) -> str:
+    """student_knn_top1 → student k-NN, student_ema_head_top1 → EMA head, …_top5 → … top-5."""
+    words = {"ema": "EMA", "knn": "k-NN", "top1": ""}
+    said = " ".join(words.get(part, part.replace("top", "top-")) for part in key.split("_"))
+    return said.strip().replace("student EMA", "EMA")
+
+
+def plot_accuracy(ax: Any, steps: list[int], summary: dict[str, Any] | None) -> None:
     """The student's k-NN and head accuracy at each evaluation, against the teacher's and chance."""
     ax.set(title="Accuracy on the held-out split (%)", xlabel="step", ylabel="%")
     history = (summary or {}).get("knn_history") or []
@@ -151,23 +157,21 @@ def plot_accuracy(ax: Any, summary: dict[str, Any] | None) -> None:
         why = "no evaluation recorded" if summary else "drawn once the run has finished (summary.json)"
         ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="#666666")
         return
-    steps = [entry["step"] for entry in history]
+    evaluated = [entry["step"] for entry in history]
     names = sorted(
         {k for entry in history for k in entry if k.startswith("student") and entry[k] is not None}
     )
     for name in names:
         values = [float("nan") if entry.get(name) is None else entry[name] for entry in history]
-        ax.plot(steps, values, marker="o", label=EVAL_NAMES.get(name, name))
-    for name, style, label in (
-        ("teacher_knn_top1", "--", "teacher k-NN"),
-        ("teacher_head_top1", ":", "teacher head"),
-    ):
+        ax.plot(evaluated, values, marker="o", label=accuracy_label(name))
+    for name, style in (("teacher_knn_top1", "--"), ("teacher_head_top1", ":")):
         if summary and summary.get(name) is not None:
-            ax.axhline(summary[name], color="black", linestyle=style, linewidth=1, label=label)
+            ax.axhline(summary[name], color="black", linestyle=style, linewidth=1, label=accuracy_label(name))
     if summary and summary.get("chance_top1") is not None:
         ax.axhline(summary["chance_top1"], color="#999999", linewidth=1, label="chance")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 102)  # a line at 100% stays in sight
+    ax.set_xlim(min(steps[0], *evaluated) - 0.5, max(steps[-1], *evaluated) + 0.5)
+    ax.legend(loc="best", fontsize=8)
 
 
 def plot_learning_rate(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:

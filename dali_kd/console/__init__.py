@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dali_kd.console.outside import third_party_said, warnings_said
+from dali_kd.console.outside import OutsideLoggers, warnings_said
 from dali_kd.io import os_reason
 
 MODES = ("tty", "plain", "quiet")
@@ -257,14 +257,21 @@ class Console:
         self.terminal.addFilter(TerminalFilter(mode))
         self._set_aside: list[logging.Handler] = []
         self._stack = contextlib.ExitStack()
+        self.outside: OutsideLoggers | None = None  # while the `with` lasts
 
     def keep_log_in(self, run_dir: Path) -> None:
         """The run directory exists: train.log starts there, with the lines said so far."""
         if self.log is not None:
             self.log.open_in(run_dir)
+        self._adopt_outside()
 
     def progress(self, total_steps: int, initial: int, num_epochs: int, show: bool = True) -> Progress:
+        self._adopt_outside()  # the loggers that the libraries a run imported have made by now
         return Progress(self, total_steps, initial, num_epochs, show)
+
+    def _adopt_outside(self) -> None:
+        if self.outside is not None:
+            self.outside.adopt()
 
     def __enter__(self) -> Console:
         self.stream = self.terminal.stream = sys.stdout
@@ -278,7 +285,9 @@ class Console:
             # The terminal's lines go through tqdm.write: it clears the bar, writes the line, redraws the bar.
             self._stack.enter_context(logging_redirect_tqdm([logger]))
         self._stack.enter_context(warnings_said())
-        self._stack.enter_context(third_party_said())
+        self.outside = OutsideLoggers()
+        self.outside.adopt()
+        self._stack.callback(self.outside.close)
         _open.append(self)
         return self
 
@@ -307,8 +316,8 @@ class StepBar(tqdm):
     clock: seconds, as tqdm's own time.time (a test's stand-in)."""
 
     def __init__(self, *args: Any, clock: Callable[[], float] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
         self.rate_from: tuple[float, float] | None = None  # (steps, time) the rate counts from
+        super().__init__(*args, **kwargs)  # draws the bar once: rate_from must exist
         if clock is not None:
             self._time = clock
             self.start_t = self.last_print_t = clock()

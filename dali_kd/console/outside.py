@@ -64,28 +64,39 @@ class ThirdPartyLines(logging.Handler):
 
 def _prints_to_terminal(handler: logging.Handler) -> bool:
     terminals = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
-    return isinstance(handler, logging.StreamHandler) and any(handler.stream is t for t in terminals)
+    # Not only StreamHandlers: torch's own handler is a Handler with a `stream` property that follows sys.stderr.
+    stream = getattr(handler, "stream", None)
+    return stream is not None and any(stream is t for t in terminals)
 
 
-@contextlib.contextmanager
-def third_party_said():
-    """While a run talks: the terminal handlers of other packages' loggers (not the root's, which the user
-    configures) are swapped for ThirdPartyLines, which also stands in for Python's handler of last resort."""
-    forward = ThirdPartyLines()
-    swapped: list[tuple[logging.Logger, logging.Handler]] = []
-    for other in list(logging.Logger.manager.loggerDict.values()):
-        if not isinstance(other, logging.Logger) or other.name.split(".")[0] == logger.name:
-            continue
-        for handler in [h for h in other.handlers if _prints_to_terminal(h)]:
-            other.removeHandler(handler)
-            swapped.append((other, handler))
-        if any(owner is other for owner, _ in swapped):
-            other.addHandler(forward)
-    last_resort, logging.lastResort = logging.lastResort, forward
-    try:
-        yield
-    finally:
-        logging.lastResort = last_resort
-        for owner, handler in swapped:
-            owner.removeHandler(forward)
-            owner.addHandler(handler)
+class OutsideLoggers:
+    """While a run talks, other packages' loggers say their lines through ThirdPartyLines: it stands in for Python's
+    handler of last resort (a logger with no handler of its own) and for the terminal handlers of the loggers that
+    exist when adopt() is called (torch's, once torch is imported: the run calls it again as it goes); the root
+    logger's handlers, which the user configures, stay. close() gives each handler back."""
+
+    def __init__(self):
+        self.forward = ThirdPartyLines()
+        self.swapped: list[tuple[logging.Logger, int, logging.Handler]] = []  # each where it was
+        self.last_resort = logging.lastResort
+        logging.lastResort = self.forward
+
+    def adopt(self) -> None:
+        for other in list(logging.Logger.manager.loggerDict.values()):
+            if not isinstance(other, logging.Logger) or other.name.split(".")[0] == logger.name:
+                continue
+            terminal = [(i, h) for i, h in enumerate(other.handlers) if _prints_to_terminal(h)]
+            for index, handler in terminal:
+                self.swapped.append((other, index, handler))
+            for _, handler in terminal:
+                other.removeHandler(handler)
+            if terminal:
+                other.addHandler(self.forward)
+
+    def close(self) -> None:
+        logging.lastResort = self.last_resort
+        for owner, _, _ in self.swapped:
+            owner.removeHandler(self.forward)
+        for owner, index, handler in self.swapped:  # in the order they were taken: each index holds again
+            owner.handlers.insert(index, handler)
+        self.swapped = []
