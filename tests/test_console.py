@@ -239,6 +239,10 @@ def test_other_packages_warnings_become_run_lines_in_train_log_never_raw_through
         if step == 1:  # the step before the first, as torch.compile does it
             logging.getLogger("torch.utils.cpp_extension").warning(said)
             warnings.warn("a library's caveat", UserWarning, stacklevel=1)
+            # A library logger with no handler anywhere: Python's handler of last resort would print it.
+            logging.getLogger("some_library").warning("a library's own log line")
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as outside pytest: no root handler
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -249,8 +253,9 @@ def test_other_packages_warnings_become_run_lines_in_train_log_never_raw_through
     logged = log_lines(run_dir)
     assert f"warning: torch.utils.cpp_extension: {said}" in logged
     assert any(line.startswith("warning: UserWarning (") and "a library's caveat" in line for line in logged)
+    assert "warning: some_library: a library's own log line" in logged
     shown, errors = terminal.getvalue(), capsys.readouterr().err
-    assert said not in errors and "a library's caveat" not in errors, "nothing on stderr, under the bar"
+    assert said not in errors and "a library's" not in errors, "nothing on stderr, under the bar"
     # On the terminal: the same line, written above the bar (a line of its own), not into it.
     assert f"\nwarning: torch.utils.cpp_extension: {said}\n" in shown.replace("\r", "\n")
     assert logging.getLogger("torch").handlers == torch_handlers, "torch's own handlers are given back"
