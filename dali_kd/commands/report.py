@@ -100,13 +100,12 @@ def text_summary(rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> 
 def throughput_line(rows: list[dict[str, Any]]) -> str:
     """The run's img/s as summary.json has it (dali_kd.telemetry.throughput defines both figures)."""
     run = run_throughput(rows)
-    if run.images_per_sec is not None:
-        overall = (
-            f"; {run.images_per_sec_overall:.1f} with it" if run.images_per_sec_overall is not None else ""
-        )
-        return f"throughput: {run.images_per_sec:.1f} img/s (the warm-up interval, with compilation, left out{overall})"
-    if run.images_per_sec_overall is not None:
-        return f"throughput: {run.images_per_sec_overall:.1f} img/s (only the warm-up interval so far, compilation included)"
+    steady, overall = run.images_per_sec, run.images_per_sec_overall
+    if steady is not None and overall is not None:
+        left_out = f"the warm-up interval, with compilation, left out; {overall:.1f} with it"
+        return f"throughput: {steady:.1f} img/s ({left_out})"
+    if overall is not None:
+        return f"throughput: {overall:.1f} img/s (the warm-up interval alone so far, compilation included)"
     return "throughput: not in these rows (no images and interval_s: written by an older dali_kd)"
 
 
