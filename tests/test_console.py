@@ -212,3 +212,69 @@ def test_an_eval_line_names_each_result():
     assert eval_line(3, {"student_knn_top1": 41.23, "head_top1": None, "ema_top1": 40.0}) == (
         "epoch 3: student k-NN top-1 41.2%, ema_top1 40.0%"
     )
+
+
+class OnStep(Callback):
+    def __init__(self, act):
+        self.act = act
+
+    def on_step(self, trainer, batch) -> None:
+        self.act(trainer.step)
+
+
+def test_other_packages_warnings_become_run_lines_in_train_log_never_raw_through_the_bar(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    """torch logs `No CUDA runtime is found, using CUDA_HOME=...` through its own stderr handler at the first
+    compiled step on a CPU; a library's warnings.warn goes to stderr too. On a terminal both would cut the bar."""
+    import logging
+    import warnings
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    torch_handlers = list(logging.getLogger("torch").handlers)
+    said = "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'"
+
+    def at_step(step: int) -> None:
+        if step == 1:  # the step before the first, as torch.compile does it
+            logging.getLogger("torch.utils.cpp_extension").warning(said)
+            warnings.warn("a library's caveat", UserWarning, stacklevel=1)
+            # A library logger with no handler anywhere: Python's handler of last resort would print it.
+            logging.getLogger("some_library").warning("a library's own log line")
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as outside pytest: no root handler
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with Console(choose_mode(), train_log=True) as out:
+        trainer = Trainer(tiny_config("train.epochs=1"), CPU, callbacks=[OnStep(at_step)])
+        out.keep_log_in(run_dir)
+        trainer.fit(run_dir)
+    logged = log_lines(run_dir)
+    assert f"warning: torch.utils.cpp_extension: {said}" in logged
+    assert any(line.startswith("warning: UserWarning (") and "a library's caveat" in line for line in logged)
+    assert "warning: some_library: a library's own log line" in logged
+    shown, errors = terminal.getvalue(), capsys.readouterr().err
+    assert said not in errors and "a library's" not in errors, "nothing on stderr, under the bar"
+    # On the terminal: the same line, written above the bar (a line of its own), not into it.
+    assert f"\nwarning: torch.utils.cpp_extension: {said}\n" in shown.replace("\r", "\n")
+    assert logging.getLogger("torch").handlers == torch_handlers, "torch's own handlers are given back"
+
+
+def test_the_bars_eta_leaves_out_the_first_compiled_step(monkeypatch):
+    """The first step of a compiled student takes a minute on a CPU; the next ones half a second. The bar's rate,
+    and so its time left, counts from the end of the first step."""
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    with Console("tty") as out:
+        progress = console.Progress(out, total_steps=101, initial=0, num_epochs=1, clock=lambda: clock.now)
+        clock.now += 60.0  # the compiled step
+        progress.advance()
+        for _ in range(10):
+            clock.now += 0.5
+            progress.advance()
+        assert progress.bar.format_dict["rate"] == pytest.approx(2.0)  # 10 steps in 5 s
+        assert "<00:45" in str(progress.bar), "90 steps left at 2 steps/s"
+        progress.close()

@@ -4,6 +4,7 @@ ones that run, and every link between the pages leads somewhere."""
 import re
 from pathlib import Path
 
+import pytest
 from pydantic import BaseModel
 
 from dali_kd.config import Config
@@ -103,3 +104,25 @@ def test_every_link_between_the_pages_leads_somewhere():
             ):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_the_install_pages_cuda_13_recipe_installs_every_dependency_but_the_cuda_12_dali():
+    """docs/install.md installs dali_kd with --no-deps and names its dependencies itself: they must stay
+    pyproject.toml's, with DALI's CUDA 13 build for the CUDA 12 one."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in required}
+    page = (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
+    block = page.partition("pip install nvidia-dali-cuda130")[0].rpartition("```bash\n")[2]
+    block += (
+        "pip install nvidia-dali-cuda130"
+        + page.partition("pip install nvidia-dali-cuda130")[2].partition("```")[0]
+    )
+    installed = {
+        word.lower()
+        for line in block.splitlines()
+        if line.startswith("pip install")
+        for word in line.split("#")[0].split()[2:]
+        if not word.startswith("-") and word != "."
+    }
+    assert installed == names - {"nvidia-dali-cuda120"} | {"nvidia-dali-cuda130"}

@@ -15,12 +15,14 @@ from torch.utils.data import DataLoader
 
 from dali_kd.commands import report
 from dali_kd.data import dali_loader
+from dali_kd.runtime import autocast_dtype
 from dali_kd.teacher_cache import replay_ahead
 from dali_kd.teacher_cache.renderer import DaliViewRenderer, view_columns
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.telemetry.monitor import RunMonitor
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
-from dali_kd.telemetry.verdict import judge
+from dali_kd.telemetry.throughput import RunThroughput, run_throughput
+from dali_kd.telemetry.verdict import RunSetup, advice, judge
 from dali_kd.training.callbacks import Callback
 from dali_kd.training.checkpointer import Checkpointer
 from dali_kd.training.trainer import Trainer
@@ -346,3 +348,91 @@ def test_a_metrics_file_that_times_only_some_stages_reports_without_the_breakdow
     text = report.text_summary(rows, None)
     assert "loss: 0.5000 → 0.5000" in text
     assert "verdict" not in text and "teacher" not in text
+
+
+# ---- the advice: never what is already on, never what the device cannot do --------------------------------------
+@pytest.mark.parametrize("kind", ["input-bound", "teacher-bound", "student-bound"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_advice_suggests_only_what_is_off_and_the_device_can_do(device, compiled, precision, kind):
+    bf16 = autocast_dtype(precision, torch.device(device)) == torch.bfloat16
+    setup = RunSetup(device=device, bf16=bf16, compiled_student=compiled, compiled_teacher=compiled)
+    said = advice(kind, setup)
+    # A suggestion names the key to set; "already compiled, in bf16" may be said, but not asked for again.
+    if compiled:
+        assert "train.compile_student: true" not in said and "model.teacher.compile: true" not in said, said
+    if bf16:
+        assert "train.precision: bf16" not in said, said
+    if (
+        device == "cpu"
+    ):  # `auto` is fp32 there, and bf16 is no help on most CPUs; there is no GPU to decode on
+        assert "bf16" not in said and "GPU" not in said, said
+    # What is off and possible is suggested (else the checks above would pass on an advice that says nothing).
+    if kind == "student-bound" and not compiled:
+        assert "train.compile_student: true" in said, said
+    if kind in ("teacher-bound", "student-bound") and device == "cuda" and not bf16:
+        assert "train.precision: bf16" in said, said
+
+
+def test_the_run_says_what_it_has_on_to_its_advice(tiny_config):
+    cfg = tiny_config("train.compile_student=true", "train.precision=bf16", "data.backend=torchvision")
+    setup = Trainer(cfg, CPU, show_progress=False).parts.run_setup(cfg, CPU)
+    assert setup == RunSetup(device="cpu", bf16=True, compiled_student=True, backend="torchvision")
+
+
+# ---- img/s: one definition for the progress line, summary.json and the report --------------------------------
+def test_a_runs_img_per_s_leaves_out_the_warmup_interval_and_says_the_overall_apart():
+    rows = [
+        {"images": 8, "interval_s": 60.0, "warmup": True},  # compilation
+        {"images": 16, "interval_s": 2.0, "warmup": False},
+        {"images": 16, "interval_s": 2.0, "warmup": False},
+        {"images": 8, "interval_s": 30.0, "warmup": True},  # a resumed process compiles again
+        {"images": 16, "interval_s": 4.0, "warmup": False},
+    ]
+    assert run_throughput(rows) == RunThroughput(images_per_sec=48 / 8.0, images_per_sec_overall=64 / 98.0)
+    assert run_throughput(rows[:1]) == RunThroughput(images_per_sec=None, images_per_sec_overall=8 / 60.0)
+
+
+def test_report_and_summary_say_the_same_img_per_s_and_the_png_has_every_panel(tiny_config, tmp_path, capsys):
+    from dali_kd.commands.report_figure import figure
+
+    run_dir = tmp_path / "run"
+    summary = Trainer(tiny_config(), CPU, show_progress=False).fit(run_dir)
+    rows = rows_of(run_dir)
+    assert [r["warmup"] for r in rows] == [True] + [False] * (len(rows) - 1)
+    for row in rows:  # the progress line's figure is the same ratio, per interval
+        assert row["img_per_s"] == pytest.approx(row["images"] / row["interval_s"])
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["images_per_sec"] == summary["images_per_sec"]
+    steady = sum(r["images"] for r in rows[1:]) / sum(r["interval_s"] for r in rows[1:])
+    assert written["images_per_sec"] == pytest.approx(steady)
+    assert report.main([str(run_dir)]) == 0
+    said = re.search(r"throughput: (\S+) img/s .*; (\S+) with it\)", capsys.readouterr().out)
+    assert said is not None
+    assert said.groups() == (f"{written['images_per_sec']:.1f}", f"{written['images_per_sec_overall']:.1f}")
+    assert (run_dir / "report.png").is_file()
+    fig = figure("run", rows, written)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any(t.startswith("Accuracy") for t in titles) and any(
+        t.startswith("Learning rate") for t in titles
+    )
+    accuracy = next(ax for ax in fig.axes if ax.get_title().startswith("Accuracy"))
+    assert {"student k-NN", "teacher k-NN", "chance"} <= {line.get_label() for line in accuracy.get_lines()}
+    lr = next(ax for ax in fig.axes if ax.get_title().startswith("Learning rate"))
+    assert list(lr.get_lines()[0].get_ydata()) == pytest.approx([r["lr"] for r in rows])
+
+
+def test_the_step_time_panel_fits_the_steady_state_and_marks_the_compile_interval():
+    from dali_kd.commands.report_figure import figure
+
+    rows = [
+        {"step": s, "loss": 1.0, "img_per_s": 1.0, "step_ms": ms, "lr": 1e-3, "warmup": s == 1}
+        for s, ms in ((1, 60_000.0), (2, 100.0), (3, 110.0), (4, 90.0))
+    ]
+    axes = figure("run", rows, None).axes
+    step_time = next(ax for ax in axes if ax.get_title().startswith("Step time"))
+    assert step_time.get_ylim()[1] < 200, "the y-axis fits the steady state"
+    assert any("60,000 ms" in text.get_text() for text in step_time.texts), "the compile interval is marked"
+    accuracy = next(ax for ax in axes if ax.get_title().startswith("Accuracy"))
+    assert any("once the run has finished" in text.get_text() for text in accuracy.texts)

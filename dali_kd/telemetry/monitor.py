@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from dali_kd import console
 from dali_kd.telemetry.nvml import GPU_FIELDS, GpuSampler
 from dali_kd.telemetry.process import ProcessSampler, peak_resident_mb
 from dali_kd.telemetry.sinks import MetricsSink
+from dali_kd.telemetry.throughput import images_per_second, run_throughput
 from dali_kd.telemetry.timing import STAGES, StepTimer
-from dali_kd.telemetry.verdict import Verdict, judge
+from dali_kd.telemetry.verdict import RunSetup, Verdict, judge
 
 
 class _StageTotals:
@@ -52,9 +54,15 @@ class RunMonitor:
         announce: bool = True,
         gpu_indices: list[int] | None = None,
         write: bool = True,
+        training_clock: Callable[[], float] | None = None,
+        setup: RunSetup | None = None,
     ):
-        """gpu_indices: the NVML indices to sample; by default the training device's, none on CPU."""
+        """gpu_indices: the NVML indices to sample; by default the training device's, none on CPU.
+        training_clock: the run's training seconds so far (evaluation and checkpoints not counted), which each
+        interval's `interval_s` is measured on; by default the wall clock since the last log or
+        restart_interval(). setup: what the run has switched on, so that the advice suggests only the rest."""
         self.enabled = enabled
+        self.setup = setup or RunSetup(device=device.type)
         self.timer = StepTimer(device, enabled=enabled)
         if gpu_indices is None:
             gpu_indices = [device.index or 0] if device.type == "cuda" else []
@@ -70,20 +78,32 @@ class RunMonitor:
         self.all_totals = _StageTotals()
         self._first_interval = True
         self.peak_gpu_mem_mb: float | None = None
-        self._interval_start = time.perf_counter()
+        self._rows: list[dict[str, Any]] = []  # what run_throughput reads, where no metrics file is written
+        self._clock = training_clock
+        self._interval_start = self._now()
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else time.perf_counter()
 
     def restart_interval(self) -> None:
-        """Exclude time spent outside training steps (evaluation) from the next interval."""
-        self._interval_start = time.perf_counter()
+        """Exclude time spent outside training steps (evaluation) from the next interval (a training clock
+        already leaves it out)."""
+        if self._clock is None:
+            self._interval_start = self._now()
         if self.process is not None:
             self.process.collect()
 
     def log(
         self, step: int, epoch: int, losses: dict[str, float], steps: int, images: int, lr: float
     ) -> dict:
-        elapsed = time.perf_counter() - self._interval_start
+        now = self._now()
+        elapsed, self._interval_start = now - self._interval_start, now
         row: dict[str, Any] = {"step": step, "epoch": epoch, **losses, "lr": lr}
-        row["img_per_s"] = images / elapsed if elapsed > 0 else 0.0
+        row["img_per_s"] = images_per_second(images, elapsed) or 0.0
+        row["images"] = images
+        row["interval_s"] = elapsed
+        # The first interval holds compilation and warm-up: img/s and the verdict of the run leave it out.
+        row["warmup"] = self._first_interval
         row["step_ms"] = 1000 * elapsed / max(1, steps)
         stages = self.timer.collect() if self.enabled else {f"{s}_ms": None for s in STAGES}
         row.update(stages)
@@ -111,13 +131,14 @@ class RunMonitor:
         row["verdict"] = verdict.name if verdict else None
         self.epoch_totals.add(row, steps)
         self.all_totals.add(row, steps)
-        # The first interval holds compilation and warm-up; it would mislabel the run as student-bound.
+        # The first interval would also mislabel the run as student-bound.
         if not self._first_interval:
             self.run_totals.add(row, steps)
         self._first_interval = False
         if self.sink is not None:
             self.sink.write(row)
-        self._interval_start = time.perf_counter()
+        else:
+            self._rows.append(row)
         return row
 
     def end_epoch(self) -> Verdict | None:
@@ -129,17 +150,20 @@ class RunMonitor:
         """Run-level verdict and mean stage times (all intervals if there was only the first one)."""
         totals = self.run_totals if self.run_totals.steps else self.all_totals
         verdict = totals.verdict()
-        out: dict[str, Any] = verdict.as_dict() if verdict else {"verdict": None}
+        out: dict[str, Any] = verdict.as_dict(self.setup) if verdict else {"verdict": None}
         out.update(totals.means())
+        # The metrics file holds a resumed run's earlier intervals too: the figure covers the whole run.
+        out.update(run_throughput(self.sink.rows() if self.sink is not None else self._rows).as_dict())
         out["peak_gpu_mem_mb"] = self.peak_gpu_mem_mb
         out["peak_rss_mb"] = peak_resident_mb()
         return out
 
     @staticmethod
     def summary_line(summary: dict[str, Any]) -> str:
-        return Verdict(
+        shares = Verdict(
             summary["verdict"], summary["data_share"], summary["teacher_share"], summary["student_share"]
         ).line()
+        return f"{shares}: {summary['advice']}"
 
     def close(self) -> None:
         if self.gpu is not None:

@@ -51,6 +51,18 @@ class MetricsSink:
                 if name not in ("step", "epoch") and isinstance(value, int | float) and math.isfinite(value):
                     self.tensorboard.add_scalar(name, value, global_step=row["step"])
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows in the file so far (a resumed run's earlier ones too); a half-written line is skipped."""
+        rows = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
     def close(self) -> None:
         self.file.close()
         if self.tensorboard is not None:

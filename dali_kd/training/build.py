@@ -29,6 +29,7 @@ from dali_kd.runtime import autocast_dtype, compiles_student, seed_everything
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
+from dali_kd.telemetry.verdict import RunSetup
 from dali_kd.training.checkpointer import restore
 from dali_kd.training.ema import StudentEma
 from dali_kd.training.nonfinite import NonFiniteGuard
@@ -72,6 +73,18 @@ class RunParts:
     def progress_parts(self) -> list:
         """The parts whose counters make up a checkpoint's progress dict."""
         return [self.state, self.quarantine, self.targets, self.guard]
+
+    def run_setup(self, cfg: Config, device: torch.device) -> RunSetup:
+        """What the run has on, for the advice of its verdict."""
+        return RunSetup(
+            device=device.type,
+            bf16=self.amp_dtype == torch.bfloat16,
+            compiled_student=cfg.train.compile_student,
+            compiled_teacher=self.teacher.compiled,
+            teacher_cached=self.cache is not None,
+            backend=cfg.data.backend,
+            local_crops=cfg.train.use_local_crops,
+        )
 
 
 def build_run(

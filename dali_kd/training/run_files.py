@@ -59,13 +59,11 @@ def run_summary(
 ) -> dict[str, Any]:
     """What the run did and on what: summary.json's run-level fields (telemetry and the targets add theirs)."""
     train_index, val_index = parts.train_index, parts.val_index
-    images = state.step * cfg.train.batch_size * world_size
     return {
         "steps": state.step,
         "epochs": cfg.train.epochs,
         "steps_per_epoch": parts.steps_per_epoch,
         "final_loss": state.final_loss,
-        "images_per_sec": images / state.train_s if state.train_s > 0 else None,
         "student_knn_top1": state.student_knn_top1,
         "teacher_knn_top1": state.teacher_knn_top1,
         "student_head_top1": state.student_head_top1,

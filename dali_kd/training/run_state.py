@@ -60,6 +60,11 @@ class RunState:
     def resume_training_clock(self) -> None:
         self._train_mark = time.perf_counter()
 
+    def training_seconds(self) -> float:
+        """train_s with the running stretch counted up to now (the clock that metrics rows are timed on)."""
+        running = time.perf_counter() - self._train_mark if self._train_mark is not None else 0.0
+        return self.train_s + running
+
     def pause_training_clock(self) -> bool:
         """Add the training time since the last resume; True if the clock was running."""
         if self._train_mark is None:

@@ -138,6 +138,8 @@ class Trainer:
             tensorboard=cfg.train.tensorboard and self.dist.is_main,
             announce=self.dist.is_main,
             write=self.dist.is_main,
+            training_clock=state.training_seconds,
+            setup=self.parts.run_setup(cfg, self.device),
         )
         self.timer = self.monitor.timer
         stop = StopSignal()
@@ -194,7 +196,7 @@ class Trainer:
         cfg, state = self.cfg.train, self.state
         verdict = self._monitor.end_epoch()
         if verdict is not None and self.dist.is_main:
-            console.info(f"epoch {state.epoch + 1}: {verdict.line(advice=False)}")
+            console.info(f"epoch {state.epoch + 1}: {verdict.line()}")
         if state.epoch == cfg.epochs - 1 or (state.epoch + 1) % cfg.eval_every_n_epochs == 0:
             for callback in self.callbacks:
                 callback.on_evaluate(self)

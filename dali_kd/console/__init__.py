@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dali_kd.console.outside import OutsideLoggers, warnings_said
 from dali_kd.io import os_reason
 
 MODES = ("tty", "plain", "quiet")
@@ -256,14 +257,21 @@ class Console:
         self.terminal.addFilter(TerminalFilter(mode))
         self._set_aside: list[logging.Handler] = []
         self._stack = contextlib.ExitStack()
+        self.outside: OutsideLoggers | None = None  # while the `with` lasts
 
     def keep_log_in(self, run_dir: Path) -> None:
         """The run directory exists: train.log starts there, with the lines said so far."""
         if self.log is not None:
             self.log.open_in(run_dir)
+        self._adopt_outside()
 
     def progress(self, total_steps: int, initial: int, num_epochs: int, show: bool = True) -> Progress:
+        self._adopt_outside()  # the loggers that the libraries a run imported have made by now
         return Progress(self, total_steps, initial, num_epochs, show)
+
+    def _adopt_outside(self) -> None:
+        if self.outside is not None:
+            self.outside.adopt()
 
     def __enter__(self) -> Console:
         self.stream = self.terminal.stream = sys.stdout
@@ -276,7 +284,10 @@ class Console:
         if self.mode == "tty":
             # The terminal's lines go through tqdm.write: it clears the bar, writes the line, redraws the bar.
             self._stack.enter_context(logging_redirect_tqdm([logger]))
-        self._stack.enter_context(_warnings_said())
+        self._stack.enter_context(warnings_said())
+        self.outside = OutsideLoggers()
+        self.outside.adopt()
+        self._stack.callback(self.outside.close)
         _open.append(self)
         return self
 
@@ -299,41 +310,57 @@ def _ours(handler: logging.Handler) -> bool:
     return isinstance(handler, RunLog) or any(isinstance(f, TerminalFilter) for f in handler.filters)
 
 
-@contextlib.contextmanager
-def _warnings_said():
-    """dali_kd's own warnings.warn calls (a file set aside, a cache mode's caveat) become warning lines of the run,
-    on the terminal and in train.log; other packages' warnings keep Python's format on stderr."""
-    show = warnings.showwarning
+class StepBar(tqdm):
+    """A tqdm bar whose rate, and so its ETA, counts only the steps after the first one this process takes: that
+    step holds torch.compile's compilation (a minute on a CPU), which would turn tqdm's estimate into hours.
+    clock: seconds, as tqdm's own time.time (a test's stand-in)."""
 
-    def said(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(PACKAGE_DIR):
-            logger.warning(f"warning: {message}")
-        else:
-            show(message, category, filename, lineno, file, line)
+    def __init__(self, *args: Any, clock: Callable[[], float] | None = None, **kwargs: Any):
+        self.rate_from: tuple[float, float] | None = None  # (steps, time) the rate counts from
+        super().__init__(*args, **kwargs)  # draws the bar once: rate_from must exist
+        if clock is not None:
+            self._time = clock
+            self.start_t = self.last_print_t = clock()
 
-    warnings.showwarning = said
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        if self.rate_from is None and not self.disable:
+            self.rate_from = (self.n, self._time())
+        return shown
 
-
-PACKAGE_DIR = Path(__file__).resolve().parent
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        said = super().format_dict
+        if self.rate_from is not None:
+            steps, since = self.rate_from
+            elapsed = self._time() - since
+            # 0 until a step after the first is done: tqdm shows "?" (None would make it average from the start).
+            said["rate"] = (self.n - steps) / elapsed if elapsed > 0 else 0.0
+        return said
 
 
 class Progress:
     """A run's progress: on a terminal a bar whose postfix shows the last interval; in plain mode one line per
     interval; train.log gets the line in every mode (also with show=False, which keeps the terminal silent)."""
 
-    def __init__(self, console: Console, total_steps: int, initial: int, num_epochs: int, show: bool = True):
+    def __init__(
+        self,
+        console: Console,
+        total_steps: int,
+        initial: int,
+        num_epochs: int,
+        show: bool = True,
+        clock: Callable[[], float] | None = None,
+    ):
         self.total_steps, self.num_epochs, self.show = total_steps, num_epochs, show
-        self.bar = tqdm(
+        self.bar = StepBar(
             total=total_steps,
             initial=initial,
             desc="distill",
             unit="step",
             file=console.stream,
             disable=not (show and console.mode == "tty"),
+            clock=clock,
         )
 
     def advance(self, steps: int = 1) -> None:

@@ -1,0 +1,180 @@
+"""report.png: a run's metrics rows (and its summary, once finished) drawn as six panels with matplotlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dali_kd.io import atomic_write
+from dali_kd.telemetry.throughput import is_warmup, run_throughput
+
+STAGE_COLOURS = {"data": "#d62728", "teacher": "#1f77b4", "student": "#2ca02c", "other": "#c7c7c7"}
+# The steady state's largest step time times this is the step-time panel's top; a slower warm-up interval is
+# marked there with its value instead of squashing the rest into the bottom of the panel.
+STEADY_HEADROOM = 1.3
+
+
+def series(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [float("nan") if r.get(key) is None else r[key] for r in rows]
+
+
+def figure(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> Any:
+    """The report's figure: loss, step time, throughput, utilisation, accuracy and learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 2, figsize=(13, 11), constrained_layout=True)
+    fig.suptitle(figure_title(run_name, rows, summary), fontsize=13)
+    plot_loss(axes[0, 0], steps, rows)
+    plot_step_time(axes[0, 1], steps, rows)
+    plot_throughput(axes[1, 0], steps, rows)
+    plot_utilisation(axes[1, 1], steps, rows)
+    plot_accuracy(axes[2, 0], steps, summary)
+    plot_learning_rate(axes[2, 1], steps, rows)
+    return fig
+
+
+def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> Path:
+    """Write run_dir/report.png (atomically: a reader never sees half a picture)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(run_dir.name, rows, summary)
+    out = run_dir / "report.png"
+    try:
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def figure_title(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
+    """The run's name and what bounds it (the summary's verdict, or the last row's on a run in progress)."""
+    title = run_name + ("" if summary else " (in progress)")
+    if summary and summary.get("verdict"):
+        verdict = (
+            f"{summary['verdict']} (data {100 * summary['data_share']:.0f}%, teacher "
+            f"{100 * summary['teacher_share']:.0f}%, student {100 * summary['student_share']:.0f}% of step time)"
+        )
+    else:
+        verdict = rows[-1].get("verdict") or "no stage timing"
+    return f"{title} — {verdict}"
+
+
+def plot_loss(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    ax.plot(steps, series(rows, "loss"), label="loss", color="black", linewidth=2)
+    for key in sorted(k for k in rows[-1] if k.startswith("loss_")):
+        ax.plot(steps, series(rows, key), label=key.removeprefix("loss_"), linewidth=1)
+    ax.set(title="Loss", xlabel="step")
+    ax.legend()
+
+
+def plot_step_time(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    """Stacked by stage where the rows time them; the y-axis fits the steady state, and a warm-up interval
+    (compilation) above it is marked at the top with its own value."""
+    step_ms = series(rows, "step_ms")
+    if rows[-1].get("data_ms") is not None:
+        stages = {s: series(rows, f"{s}_ms") for s in ("data", "teacher", "student")}
+        stages["other"] = [
+            max(0.0, t - sum(stages[s][i] for s in ("data", "teacher", "student")))
+            for i, t in enumerate(step_ms)
+        ]
+        ax.stackplot(steps, *stages.values(), labels=list(stages), colors=[STAGE_COLOURS[s] for s in stages])
+        ax.legend(loc="upper right")
+    else:
+        ax.plot(steps, step_ms, color="black", label="step")
+    title = "Step time by stage (ms, mean per interval)"
+    steady = [ms for i, (row, ms) in enumerate(zip(rows, step_ms, strict=True)) if not is_warmup(row, i)]
+    top = STEADY_HEADROOM * max(steady, default=0.0)
+    off_scale = [(s, ms) for i, (s, ms, row) in enumerate(zip(steps, step_ms, rows, strict=True)) if
+                 is_warmup(row, i) and top and ms > top]  # fmt: skip
+    if off_scale:
+        ax.set_ylim(0, top)
+        for step, ms in off_scale:
+            ax.annotate(
+                f"↑ {ms:,.0f} ms (warm-up: compilation)", (step, top), xytext=(4, -14),
+                textcoords="offset points", fontsize=8, color="#444444",
+            )  # fmt: skip
+        title += "; warm-up off the scale"
+    ax.set(title=title, xlabel="step", ylabel="ms")
+
+
+def plot_throughput(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    ax.plot(steps, series(rows, "img_per_s"), color="#9467bd", label="each interval")
+    run = run_throughput(rows).images_per_sec
+    if run is not None:
+        ax.axhline(
+            run,
+            color="#9467bd",
+            linestyle="--",
+            linewidth=1,
+            label=f"run: {run:.1f} img/s (warm-up left out)",
+        )
+    ax.set(title="Throughput (images/s)", xlabel="step", ylabel="img/s")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="lower right")
+
+
+def plot_utilisation(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    """Utilisation and memory on twin axes: the GPU's, or the process's own on a CPU run."""
+    if any(r.get("gpu_util_pct") is not None for r in rows):
+        title, use, memory = (
+            "GPU",
+            ("gpu_util_pct", "GPU utilisation %"),
+            ("gpu_mem_used_mb", "memory used (MB)"),
+        )
+    else:
+        title = "No GPU telemetry (CPU run or no NVML): process CPU and memory"
+        use, memory = (
+            ("proc_cpu_pct", "process CPU % (100 = one core)"),
+            ("proc_rss_mb", "resident memory (MB)"),
+        )
+    ax.plot(steps, series(rows, use[0]), color="#ff7f0e", label=use[1])
+    ax.set(title=title, xlabel="step", ylabel="%")
+    ax.set_ylim(bottom=0, top=105 if use[0] == "gpu_util_pct" else None)
+    twin = ax.twinx()
+    twin.plot(steps, series(rows, memory[0]), color="#8c564b", label=memory[1])
+    twin.set_ylabel("MB")
+    twin.set_ylim(bottom=0)
+    ax.legend(loc="lower left")
+    twin.legend(loc="lower right")
+
+
+def accuracy_label(key: str) -> str:
+    """student_knn_top1 → student k-NN, student_ema_head_top1 → EMA head, …_top5 → … top-5."""
+    words = {"ema": "EMA", "knn": "k-NN", "top1": ""}
+    said = " ".join(words.get(part, part.replace("top", "top-")) for part in key.split("_"))
+    return said.strip().replace("student EMA", "EMA")
+
+
+def plot_accuracy(ax: Any, steps: list[int], summary: dict[str, Any] | None) -> None:
+    """The student's k-NN and head accuracy at each evaluation, against the teacher's and chance."""
+    ax.set(title="Accuracy on the held-out split (%)", xlabel="step", ylabel="%")
+    history = (summary or {}).get("knn_history") or []
+    if not history:
+        why = "no evaluation recorded" if summary else "drawn once the run has finished (summary.json)"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="#666666")
+        return
+    evaluated = [entry["step"] for entry in history]
+    names = sorted(
+        {k for entry in history for k in entry if k.startswith("student") and entry[k] is not None}
+    )
+    for name in names:
+        values = [float("nan") if entry.get(name) is None else entry[name] for entry in history]
+        ax.plot(evaluated, values, marker="o", label=accuracy_label(name))
+    for name, style in (("teacher_knn_top1", "--"), ("teacher_head_top1", ":")):
+        if summary and summary.get(name) is not None:
+            ax.axhline(summary[name], color="black", linestyle=style, linewidth=1, label=accuracy_label(name))
+    if summary and summary.get("chance_top1") is not None:
+        ax.axhline(summary["chance_top1"], color="#999999", linewidth=1, label="chance")
+    ax.set_ylim(0, 102)  # a line at 100% stays in sight
+    ax.set_xlim(min(steps[0], *evaluated) - 0.5, max(steps[-1], *evaluated) + 0.5)
+    ax.legend(loc="best", fontsize=8)
+
+
+def plot_learning_rate(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    ax.plot(steps, series(rows, "lr"), color="#17becf")
+    ax.set(title="Learning rate (the last update's, per interval)", xlabel="step", ylabel="lr")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
