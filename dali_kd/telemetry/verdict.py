@@ -47,7 +47,13 @@ def advice(name: str, setup: RunSetup) -> str:
     if name == "student-bound":
         steps = []
         if not setup.compiled_student:
-            steps.append("compile it (train.compile_student: true)")
+            # On a CPU the convolutions run in oneDNN either way and the first compile costs about a minute.
+            steps.append(
+                "compile it (train.compile_student: true)"
+                if setup.gpu
+                else "compile it for a long run "
+                "(train.compile_student: true; its first compile takes about a minute on a CPU)"
+            )
         if setup.gpu and not setup.bf16:
             steps.append("run in bf16 (train.precision: bf16)")
         said = "the student's forward/backward dominates: the expected steady state"

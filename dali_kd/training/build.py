@@ -79,7 +79,7 @@ class RunParts:
         return RunSetup(
             device=device.type,
             bf16=self.amp_dtype == torch.bfloat16,
-            compiled_student=cfg.train.compile_student,
+            compiled_student=compiles_student(cfg.train.compile_student, device),
             compiled_teacher=self.teacher.compiled,
             teacher_cached=self.cache is not None,
             backend=cfg.data.backend,
