@@ -120,3 +120,20 @@ def test_the_dali_stream_gives_a_step_of_4_batches_the_32_samples_of_one_batch_i
     for _ in range(3):  # past the end of the first pass (48 images)
         four = torch.cat([next(small).sample_ids for _ in range(4)])
         assert torch.equal(four, next(large).sample_ids)
+
+
+def test_the_teacher_cache_fills_and_replays_with_accumulated_steps(tiny_config, tmp_path):
+    cfg = tiny_config(
+        "train.cache_teacher_features=true", "train.cache_views_per_image=2", "train.batch_size=4",
+        "train.grad_accum_steps=2", "train.max_steps_per_epoch=6", "train.epochs=4",
+        "train.cache_probe_every_n_steps=5", f"train.teacher_feature_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    summary = Trainer(cfg, CPU, show_progress=False).fit(tmp_path / "run")
+    # 48 images × 2 views = 96 rows, filled by 24 batches of 4 (steps 1-12); steps 13-24 replay 24 batches.
+    assert summary["steps"] == 24
+    assert summary["teacher_forward_batches"] == 24
+    assert summary["cache_rows_done"] == summary["cache_rows_total"] == 96
+    assert summary["cache_hits"] == 24 * 4 and summary["cache_missing_rows"] == 0
+    assert summary["cache_fidelity_min"] > 0.999
+    # The fidelity probe runs once a step, on its first replayed batch: at step 13 (the first replayed), 15 and 20.
+    assert summary["teacher_probe_batches"] == 3
