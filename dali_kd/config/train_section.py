@@ -85,16 +85,14 @@ class LossConfig(Section):
 class TrainConfig(Section):
     # The original trainer's keys, with their original meaning.
     batch_size: int = Field(
-        256,
-        ge=1,
-        description="Images per micro-batch on each GPU/process (per step when grad_accum_steps is 1)",
+        256, ge=1, description="Images per batch on each GPU/process (a step takes grad_accum_steps batches)"
     )
     grad_accum_steps: int = Field(
         1,
         ge=1,
-        description="Gradient accumulation: micro-batches of batch_size per step (one optimizer update), each "
-        "loss scaled by 1/N, so a step trains on batch_size × N images per process; the schedule, EMA, logging "
-        "and checkpoints count steps",
+        description="Gradient accumulation: batches (micro-batches) of batch_size per step, i.e. per optimizer "
+        "update, each loss scaled by 1/N: a step trains on batch_size × N images per process; the lr schedule, "
+        "EMA, logging and checkpoints count steps",
     )
     max_steps_per_epoch: int = Field(
         500, ge=1, description="An epoch ends after this many steps (the stream continues)"
