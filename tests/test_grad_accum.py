@@ -137,3 +137,16 @@ def test_the_teacher_cache_fills_and_replays_with_accumulated_steps(tiny_config,
     assert summary["cache_fidelity_min"] > 0.999
     # The fidelity probe runs once a step, on its first replayed batch: at step 13 (the first replayed), 15 and 20.
     assert summary["teacher_probe_batches"] == 3
+
+
+def test_a_nan_in_any_batch_of_a_step_skips_the_whole_update(tiny_config, tmp_path):
+    class NanFirstBatch(Callback):
+        def on_step(self, trainer, batch):
+            if trainer.step + 1 == 2 and trainer.micro_batch == 0:  # the first of step 2's batches
+                batch.images = batch.images * float("nan")
+
+    cfg = tiny_config("train.grad_accum_steps=2", "train.batch_size=4", "train.on_nonfinite_loss=skip")
+    trainer = Trainer(cfg, CPU, show_progress=False, callbacks=[NanFirstBatch()])
+    summary = trainer.fit(tmp_path / "run")
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters()), "a NaN gradient was applied"
