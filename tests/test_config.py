@@ -47,6 +47,8 @@ def test_overrides_reach_every_section():
         ),
         ("train.batch_size=0", r"train\.batch_size: .*greater than or equal to 1"),
         ("train.batch_size=abc", r"train\.batch_size: .*valid integer"),
+        ("train.grad_accum_steps=0", r"^command line: train\.grad_accum_steps: .*greater than or equal to 1"),
+        ("train.grad_accum_steps=2.5", r"^command line: train\.grad_accum_steps: .*valid integer"),
         ("data.backend=pil", r"data\.backend: .*'dali' or 'torchvision'"),
         ("data.augment.crop_scale=[0.9,0.1]", r"data\.augment\.crop_scale: need 0 < low <= high <= 1"),
         ("data.augment.hue=0.7", r"data\.augment\.hue: .*less than or equal to 0\.5"),

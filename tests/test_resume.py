@@ -1,5 +1,6 @@
-"""Never lose work: exact resume after SIGKILL, atomic checkpoints, preemption (exit 75, Slurm requeue), NaN handling,
-refusing an incompatible resume. Each run is a real process; faults are injected by tests/drivers/run_with_fault.py.
+"""Never lose work: exact resume after SIGKILL, atomic checkpoints, preemption (exit 75, Slurm requeue), a stop between
+the batches of an accumulated step, NaN handling, refusing an incompatible resume. Each run is a real process; faults
+are injected by tests/drivers/run_with_fault.py.
 """
 
 from __future__ import annotations
@@ -171,6 +172,52 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(
     assert summary["student_knn_top1"] == ref_summary["student_knn_top1"]
     assert summary["student_ema_knn_top1"] == ref_summary["student_ema_knn_top1"] is not None
     assert not list(checkpoints.path.glob(".step_*.tmp")), "leftovers are cleaned up by the next save"
+
+
+# Gradient accumulation: 3 epochs × 4 steps of 4 batches of 2. A stop signal between a step's batches lets the step
+# finish, then saves: a checkpoint holds whole steps.
+ACCUM = ["train.grad_accum_steps=4", "train.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def accum_reference(base_args, tmp_path_factory):
+    """The uninterrupted run with 4 batches a step."""
+    out = tmp_path_factory.mktemp("accum-reference")
+    result = run([*base_args, *ACCUM], out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "at", "resumes_from"),
+    [
+        # SIGUSR1 before the 3rd batch of step 5: step 5 is finished, saved (exit 75), and resumed from.
+        ("usr1-at-step", "5:2", 5),
+        # SIGKILL before the 3rd batch of step 7: the step-6 checkpoint (every 3 steps) is where it resumes.
+        ("kill-before-step", "7:2", 6),
+    ],
+)
+def test_a_stop_between_the_batches_of_a_step_resumes_exactly(
+    base_args, accum_reference, tmp_path, fault, at, resumes_from
+):
+    args = [*base_args, *ACCUM]
+    stopped = run(args, tmp_path, fault, at)
+    assert stopped.returncode == (75 if fault.startswith("usr1") else -9), stopped.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    latest = CheckpointDir(run_dir, 1).latest()
+    assert latest.name == f"step_{resumes_from:09d}.pt"
+    saved = load(latest)
+    # A checkpoint holds whole steps: the stream stands after the step's 4 batches of 2.
+    assert saved["step"] == resumes_from and saved["stream"][0]["position"] == resumes_from * 4 * 2
+    resumed = run([*args, "--resume", "auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(run_dir) == losses(accum_reference), "per-step losses differ from the uninterrupted run"
+    for name in ("student.safetensors", "student_ema.safetensors"):
+        mine, theirs = load_file(run_dir / name), load_file(accum_reference / name)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), f"{name} is not bit-identical"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from"].endswith(latest.name)
 
 
 @pytest.mark.slow

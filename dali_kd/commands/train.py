@@ -264,9 +264,14 @@ def _say_what_runs(
     )
     console.info(
         f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
-        f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}, {cfg.train.epochs} epochs × "
+        f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}{_accumulated(cfg)}, {cfg.train.epochs} epochs × "
         f"{trainer.steps_per_epoch} steps; {what}"
     )
+
+
+def _accumulated(cfg: Config) -> str:
+    n = cfg.train.grad_accum_steps
+    return "" if n == 1 else f" × {n} accumulated ({cfg.train.batch_size * n} per step)"
 
 
 def _say_results(summary: dict, run_dir: Path) -> None:
@@ -282,6 +287,11 @@ def _say_results(summary: dict, run_dir: Path) -> None:
         teacher_head = summary["teacher_head_top1"]
         against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
         console.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
+    for key, kind in (("knn", "k-NN"), ("head", "head")):
+        top5, teacher5 = summary.get(f"student_{key}_top5"), summary.get(f"teacher_{key}_top5")
+        if top5 is not None:  # 5 classes or more
+            against = "" if teacher5 is None else f" (teacher {teacher5:.1f}%)"
+            console.summary(f"student {kind} top-5 {top5:.1f}%{against}")
     if summary["student_ema_knn_top1"] is not None:
         ema_head = summary["student_ema_head_top1"]
         console.summary(

@@ -128,6 +128,8 @@ class StepClock(Callback):
         return time.perf_counter()
 
     def on_step(self, trainer, batch) -> None:
+        if trainer.micro_batch:  # a step's later batches (train.grad_accum_steps): time whole steps
+            return
         done = trainer.step
         if done < self.warmup:
             return
@@ -317,7 +319,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats, "noise_pct": noise, "candidates": [asdict(c) for c in candidates],
         "fastest_overrides": best, "combined": asdict(combined) if combined else None,
     }  # fmt: skip
-    print(table(candidates + ([combined] if combined else []), cfg.train.batch_size))
+    print(
+        table(
+            candidates + ([combined] if combined else []), cfg.train.batch_size * cfg.train.grad_accum_steps
+        )
+    )
     print(f"noise: {noise:.1f}% (the largest spread between repeats of one setting)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -84,7 +84,16 @@ class LossConfig(Section):
 
 class TrainConfig(Section):
     # The original trainer's keys, with their original meaning.
-    batch_size: int = Field(256, ge=1, description="Images per step on each GPU/process")
+    batch_size: int = Field(
+        256, ge=1, description="Images per batch on each GPU/process (a step takes grad_accum_steps batches)"
+    )
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Gradient accumulation: batches (micro-batches) of batch_size per step, i.e. per optimizer "
+        "update, each loss scaled by 1/N: a step trains on batch_size × N images per process; the lr schedule, "
+        "EMA, logging and checkpoints count steps",
+    )
     max_steps_per_epoch: int = Field(
         500, ge=1, description="An epoch ends after this many steps (the stream continues)"
     )

@@ -41,6 +41,12 @@ EVAL_NAMES = {
     "student_ema_head_top1": "EMA head top-1",
     "teacher_knn_top1": "teacher k-NN top-1",
     "teacher_head_top1": "head top-1",
+    "student_knn_top5": "k-NN top-5",
+    "student_head_top5": "head top-5",
+    "student_ema_knn_top5": "EMA k-NN top-5",
+    "student_ema_head_top5": "EMA head top-5",
+    "teacher_knn_top5": "k-NN top-5",
+    "teacher_head_top5": "head top-5",
 }
 
 

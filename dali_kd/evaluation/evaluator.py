@@ -1,4 +1,4 @@
-"""Evaluation across ranks: k-NN top-1 of the pooled embedding and top-1 through the classifier head.
+"""Evaluation across ranks: k-NN top-1 and top-5 of the pooled embedding, and the same through the classifier head.
 
 Each rank embeds its share of the k-NN bank and of the held-out split; the embeddings (and the head's predictions)
 are gathered, so every rank gets the same numbers. One pass over the held-out images gives both results.
@@ -19,7 +19,7 @@ from dali_kd.data import ImageIndex, make_eval_batches
 from dali_kd.data.eval_quarantine import EvalQuarantine
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
-from dali_kd.evaluation.knn import knn_top1
+from dali_kd.evaluation.knn import TOP_K, knn_accuracy
 from dali_kd.models import FrozenTeacher, Student
 from dali_kd.runtime import autocast
 
@@ -29,18 +29,27 @@ Outputs = Callable[[torch.Tensor], ModelOutput]
 
 @dataclass
 class EvalResult:
-    """Top-1 accuracies in percent; head_top1 is None when the head does not have the data's classes."""
+    """Accuracies in percent; the head's are None when the head does not have the data's classes, the top-5 ones
+    None with fewer than 5 classes."""
 
     knn_top1: float
     head_top1: float | None
+    knn_top5: float | None = None
+    head_top5: float | None = None
 
     def as_dict(self, prefix: str) -> dict[str, float | None]:
-        return {f"{prefix}_knn_top1": self.knn_top1, f"{prefix}_head_top1": self.head_top1}
+        return {
+            f"{prefix}_knn_top1": self.knn_top1,
+            f"{prefix}_knn_top5": self.knn_top5,
+            f"{prefix}_head_top1": self.head_top1,
+            f"{prefix}_head_top5": self.head_top5,
+        }
 
 
 class Evaluator:
-    """k-NN top-1 of val images against an (optionally subsampled) bank of training images, and top-1 through the
-    model's classifier head where it has one output per class (train.eval_head), with the eval transform.
+    """k-NN top-1 (and top-5) of val images against an (optionally subsampled) bank of training images, and the
+    same through the model's classifier head where it has one output per class (train.eval_head), with the eval
+    transform; top-5 where the data has at least 5 classes.
 
     Files set aside (by the training stream, see skip_files, or by a failed decode here) are left out of
     both; take_entries() gives the ones set aside here, as quarantine entries.
@@ -90,7 +99,7 @@ class Evaluator:
 
     def _pass(self, outputs: Outputs, quarantine: EvalQuarantine, with_head: bool):
         """L2-normalised embeddings, labels and (with_head) the head's predicted classes of the split's usable
-        images, gathered over ranks."""
+        images, gathered over ranks: per image its top class, then (5 classes or more) its 5 top-scored ones."""
         features, labels, predictions = [], [], []
         batch_size = self.cfg.train.batch_size
         for batch in quarantine.batches(
@@ -102,7 +111,10 @@ class Evaluator:
             features.append(F.normalize(out.pooled.float(), dim=-1))
             labels.append(batch.labels)
             if with_head and out.logits is not None and self._head_scores(out.logits):
-                predictions.append(out.logits.argmax(dim=-1))
+                ranked = [out.logits.argmax(dim=-1, keepdim=True)]
+                if self.num_classes >= TOP_K:
+                    ranked.append(out.logits.topk(TOP_K, dim=-1).indices)
+                predictions.append(torch.cat(ranked, dim=1))
         gather = distributed.gather_rows
         predicted = gather(torch.cat(predictions)) if predictions else None
         return gather(torch.cat(features)), gather(torch.cat(labels)), predicted
@@ -114,11 +126,16 @@ class Evaluator:
             return None
         bank, bank_labels, _ = self._pass(outputs, self.quarantines[0], with_head=False)
         queries, query_labels, predicted = self._pass(outputs, self.quarantines[1], with_head=True)
-        knn = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, k=self.cfg.train.knn_k)
-        head = None
+        knn, knn_top5 = knn_accuracy(
+            bank, bank_labels, queries, query_labels, self.num_classes, k=self.cfg.train.knn_k
+        )
+        head = head_top5 = None
         if predicted is not None:
-            head = 100.0 * float((predicted == query_labels).float().mean())
-        return EvalResult(knn, head)
+            hits = predicted == query_labels[:, None]
+            head = 100.0 * float(hits[:, 0].float().mean())
+            if predicted.shape[1] > 1:  # the top class counts too: a tie at the top keeps top-5 >= top-1
+                head_top5 = 100.0 * float(hits.any(dim=1).float().mean())
+        return EvalResult(knn, head, knn_top5, head_top5)
 
 
 def evaluate_student(

@@ -104,7 +104,7 @@ class CachedTeacher:
 
     A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `cache.slots`); a
     live batch stores the rows marked in `cache.store`, at the stream slot each sample stands for (`stream_ids`).
-    A fidelity probe runs the live teacher on the first replayed batch of every process start and every N steps.
+    A fidelity probe runs the live teacher on the first replayed batch of every process start and every N steps (once a step).
     """
 
     def __init__(
@@ -122,6 +122,7 @@ class CachedTeacher:
         self.report = report  # this rank prints warnings (rank 0)
         self.counters = CacheCounters()
         self._probe_next = True
+        self._probed_step = 0  # the step last probed
         self._fidelity: list[float] = []
         self._probes: list[
             tuple[int, torch.Tensor]
@@ -149,7 +150,9 @@ class CachedTeacher:
             self.counters.read_s += time.perf_counter() - start
         self.counters.read_bytes += len(ids) * self.cache.nbytes_per_row()
         self.counters.hits += len(ids)
-        if self._probe_next or (self.probe_every and step % self.probe_every == 0):
+        # Once per step: a step of several batches (train.grad_accum_steps) probes its first replayed one.
+        due = self.probe_every and step % self.probe_every == 0 and step != self._probed_step
+        if self._probe_next or due:
             self._probe(batch, out, step)
         return out
 
@@ -175,6 +178,7 @@ class CachedTeacher:
 
         The cosine stays on the device until the next log row reads it (no host wait inside a step)."""
         self._probe_next = False
+        self._probed_step = step
         live = self.live.teacher(batch.images, with_patches=self.live.with_patches)
         self.counters.probe_batches += 1
         a, b = (live.pooled, cached.pooled) if cached.pooled is not None else (live.logits, cached.logits)

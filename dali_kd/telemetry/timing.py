@@ -1,7 +1,8 @@
 """Per-stage step timing without stalling the GPU: CUDA events on GPU (read at log steps only), perf_counter on CPU.
 
 A step is marked at its start, when the batch is in hand ("data"), after the teacher ("teacher") and after the
-optimizer step ("student"). On the GPU the events sit in the compute stream, so "data" measures the time the GPU
+optimizer step ("student"); a step of several batches (gradient accumulation) marks the three stages per batch, and
+each stage's time is its sum over them. On the GPU the events sit in the compute stream, so "data" measures the time the GPU
 sat idle waiting for the input — the real stall — not host time that overlapped with earlier GPU work. The stage
 sum therefore never exceeds the step's wall time.
 """
@@ -39,7 +40,8 @@ class StepTimer:
             self._current.append(self._stamp())
 
     def end_step(self) -> None:
-        if self.enabled and len(self._current) == len(STAGES) + 1:
+        marks = len(self._current) - 1
+        if self.enabled and marks > 0 and marks % len(STAGES) == 0:
             self._pending.append(self._current)
         self._current = []
 
@@ -58,6 +60,8 @@ class StepTimer:
             ]
         else:
             elapsed = [[1000 * (b - a) for a, b in zip(marks, marks[1:], strict=False)] for marks in pending]
+        n = len(STAGES)
         return {
-            f"{stage}_ms": sum(step[i] for step in elapsed) / len(elapsed) for i, stage in enumerate(STAGES)
+            f"{stage}_ms": sum(sum(step[i::n]) for step in elapsed) / len(elapsed)
+            for i, stage in enumerate(STAGES)
         }

@@ -112,8 +112,10 @@ def build_run(
         models.student, train.loss, device, amp_dtype, dist, compiles_student(train.compile_student, device)
     )
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
-    # Every rank takes the same number of steps: the smallest share decides.
-    steps_per_epoch = min(train.max_steps_per_epoch, max(1, share // train.batch_size))
+    # Every rank takes the same number of steps: the smallest share decides; a step takes grad_accum_steps batches.
+    steps_per_epoch = min(
+        train.max_steps_per_epoch, max(1, share // (train.batch_size * train.grad_accum_steps))
+    )
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
     targets, cache = _teacher_targets(cfg, models, splits.train, device, dist)
     parts = RunParts(
@@ -160,8 +162,10 @@ def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
 
 
 def _peak_lr(cfg: Config, dist: DistInfo) -> float:
-    """train.optimizer.lr, scaled to the global batch as train.optimizer.lr_scale_rule says (rank 0 says so)."""
-    opt, batch = cfg.train.optimizer, cfg.train.batch_size * dist.world_size
+    """train.optimizer.lr, scaled to the global batch of a step (batch_size × grad_accum_steps × processes, as timm
+    counts it) as train.optimizer.lr_scale_rule says (rank 0 says so)."""
+    opt = cfg.train.optimizer
+    batch = cfg.train.batch_size * cfg.train.grad_accum_steps * dist.world_size
     lr = peak_lr(opt, batch)
     if lr != opt.lr and dist.is_main:
         console.info(

@@ -31,6 +31,8 @@ class TrainerView(Protocol):
     @property
     def step(self) -> int: ...
     @property
+    def micro_batch(self) -> int: ...
+    @property
     def student(self) -> torch.nn.Module: ...
     @property
     def teacher(self) -> torch.nn.Module: ...
@@ -40,7 +42,8 @@ class TrainerView(Protocol):
 
 class Callback:
     def on_step(self, trainer: TrainerView, batch: Batch) -> None:
-        """Before step `trainer.step + 1` trains on `batch` (which may be changed in place)."""
+        """Before step `trainer.step + 1` trains on `batch` (which may be changed in place): once per batch, so
+        train.grad_accum_steps times per step, `trainer.micro_batch` saying which of them (0-based)."""
 
     def on_log(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         """After a metrics row was made (rank 0 writes it); `row["step"]` is its last step."""

@@ -70,6 +70,13 @@ def run_summary(
         "teacher_head_top1": state.teacher_head_top1,
         "student_ema_knn_top1": state.student_ema_knn_top1,
         "student_ema_head_top1": state.student_ema_head_top1,
+        # Top-5 beside top-1: null with fewer than 5 classes (and where the top-1 beside it is null).
+        "student_knn_top5": state.student_knn_top5,
+        "teacher_knn_top5": state.teacher_knn_top5,
+        "student_head_top5": state.student_head_top5,
+        "teacher_head_top5": state.teacher_head_top5,
+        "student_ema_knn_top5": state.student_ema_knn_top5,
+        "student_ema_head_top5": state.student_ema_head_top5,
         "chance_top1": 100.0 / train_index.num_classes,
         "knn_history": state.knn_history,
         "num_classes": train_index.num_classes,

@@ -20,14 +20,21 @@ class RunState:
     epoch: int = 0  # step-capped epochs completed
     step_in_epoch: int = 0
     final_loss: float = math.nan  # the last logged interval's mean loss
-    # Evaluation results (top-1 %): k-NN on the pooled embedding, and through the classifier head where it has
-    # the data's classes; the teacher's once at the start, the student's (and its EMA's) at the last evaluation.
+    # Evaluation results (top-1 and top-5 %): k-NN on the pooled embedding, and through the classifier head where
+    # it has the data's classes; the teacher's once at the start, the student's (and its EMA's) at the last
+    # evaluation. Top-5 is None with fewer than 5 classes.
     teacher_knn_top1: float | None = None
     teacher_head_top1: float | None = None
     student_knn_top1: float | None = None
     student_head_top1: float | None = None
     student_ema_knn_top1: float | None = None
     student_ema_head_top1: float | None = None
+    teacher_knn_top5: float | None = None
+    teacher_head_top5: float | None = None
+    student_knn_top5: float | None = None
+    student_head_top5: float | None = None
+    student_ema_knn_top5: float | None = None
+    student_ema_head_top5: float | None = None
     knn_history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's results
     train_s: float = 0.0
     wall_s: float = 0.0

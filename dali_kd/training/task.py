@@ -6,6 +6,9 @@ dict of losses back; one-view and multi-crop batches, autocast, DDP and torch.co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -110,19 +113,21 @@ class StudentLosses(nn.Module):
 
 def wrap_student(
     module: StudentLosses, loss: LossConfig, device: torch.device, dist: DistInfo, compile: bool
-):
+) -> tuple[Callable[..., dict[str, torch.Tensor]], DistributedDataParallel | None]:
     """DDP wraps the student with its losses (the teacher is frozen), then torch.compile compiles the wrapped
-    module: the student's forward and the losses in one graph."""
-    wrapped: nn.Module = module
+    module: the student's forward and the losses in one graph. Returns what a step runs, and the DDP wrapper
+    (None in a single process)."""
+    ddp = None
     if dist.is_distributed:
         # Logits feed the loss only through the logit or label terms; otherwise DDP must expect unused params.
         uses_logits = loss.logit_weight > 0 or loss.label_weight > 0
-        wrapped = DistributedDataParallel(
+        ddp = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not uses_logits,
         )
-    return torch.compile(wrapped) if compile else wrapped
+    wrapped: nn.Module = module if ddp is None else ddp
+    return (torch.compile(wrapped) if compile else wrapped), ddp
 
 
 class DistillTask:
@@ -143,7 +148,15 @@ class DistillTask:
         self.amp_dtype = amp_dtype
         self.forward_with_loss = StudentLosses(student, loss, device, amp_dtype)
         # What a step runs: forward_with_loss, DDP-wrapped and compiled as configured.
-        self.student_step = wrap_student(self.forward_with_loss, loss, device, dist or DistInfo(), compile)
+        self.student_step, self.ddp = wrap_student(
+            self.forward_with_loss, loss, device, dist or DistInfo(), compile
+        )
+
+    def no_sync(self) -> AbstractContextManager:
+        """Within it, backward adds to the gradients without DDP's all-reduce: the micro-batches before a step's
+        last one (gradient accumulation, as timm and Lightning do), whose gradients the last one's all-reduce
+        carries along. Nothing to skip in a single process."""
+        return self.ddp.no_sync() if self.ddp is not None else nullcontext()
 
     def __call__(self, batch: Batch, targets: ModelOutput) -> dict[str, torch.Tensor]:
         return self.forward(batch, targets)

@@ -1,4 +1,5 @@
-"""The distillation loop: step-capped epochs over one data stream; each step is targets → task → backward, clip, step.
+"""The distillation loop: step-capped epochs over one data stream; each step is targets → task → backward (over
+train.grad_accum_steps batches), clip, step.
 
 The parts it drives, each in its own module: the data stream (dali_kd.data.loaders), the teacher targets
 (dali_kd.teacher_cache.targets), the distillation task (dali_kd.training.task), the run state (dali_kd.training.run_state), the checkpointer
@@ -8,6 +9,8 @@ The parts it drives, each in its own module: the data stream (dali_kd.data.loade
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,13 @@ from dali_kd.training.optim import current_lr
 from dali_kd.training.run_files import run_summary, start_run_dir, write_final
 
 __all__ = ["Trainer"]
+
+
+def mean_losses(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A step's losses from its batches' (each the mean over its images): their mean, or the one batch's own."""
+    if len(batches) == 1:
+        return batches[0]
+    return {name: torch.stack([losses[name] for losses in batches]).mean() for name in batches[0]}
 
 
 class Trainer:
@@ -70,6 +80,7 @@ class Trainer:
         # Made by fit(): a bar on a terminal, else a line per log interval (show_progress=False: train.log only).
         self.progress = console.current().progress(self.total_steps, 0, cfg.train.epochs, show=False)
         self._clock_was_running = False  # set while a checkpoint is written
+        self._micro_losses: list[dict[str, torch.Tensor]] = []  # the step under way's batches so far
 
     @property
     def step(self) -> int:
@@ -89,29 +100,71 @@ class Trainer:
         return self.monitor
 
     # ---- one step --------------------------------------------------------------------------------------------
+    @property
+    def micro_batch(self) -> int:
+        """Which batch of step `step + 1` trains next (0-based; always 0 with train.grad_accum_steps=1)."""
+        return len(self._micro_losses)
+
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Teacher targets, student forward/backward, clipped AdamW step; losses stay on the device."""
+        """Teacher targets and the student's forward/backward on one batch; after a step's last batch (every batch
+        with train.grad_accum_steps=1) the clipped AdamW update. Losses stay on the device: the batch's own, and
+        after a step's last batch the step's (the mean over its batches)."""
+        accum = self.cfg.train.grad_accum_steps
+        last = self.micro_batch == accum - 1
         targets = self.targets.targets(batch, self.state.step + 1)
         self.timer.mark()  # teacher
-        losses = self.task(batch, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        # The lr of update n is a function of n alone (timm's step_update): a resumed run sets the same lr.
-        self.scheduler.step_update(self.state.step + 1)
-        last = self.checkpointer.last if self.checkpointer else self.resumed_from
-        if self.guard.should_skip(losses["loss"], self.state.step + 1, last):
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            if self.cfg.train.optimizer.grad_clip is not None:
-                # The norm and the scaling stay on the device (torch's multi-tensor kernels on CPU and CUDA); no
-                # error_if_nonfinite, which reads the norm: the guard above flags a non-finite loss.
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.student, self.state.step + 1)
+        # The batches before a step's last one add to the gradients without DDP's all-reduce.
+        with nullcontext() if last else self.task.no_sync():
+            losses = self.task(batch, targets)
+            if self.micro_batch == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            # Each batch's mean loss weighs 1/N: the summed gradient is that of the mean loss over the N batches.
+            (losses["loss"] / accum if accum > 1 else losses["loss"]).backward()
+        losses = {k: v.detach() for k, v in losses.items()}
+        if not last:
+            self._micro_losses.append(losses)
+            self.timer.mark()  # student
+            return losses
+        losses = mean_losses([*self._micro_losses, losses])
+        self._micro_losses = []
+        self._update(losses["loss"])
         self.timer.mark()  # student
         self.state.step += 1
-        return {k: v.detach() for k, v in losses.items()}
+        return losses
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """The optimizer update of step `step + 1` from its gradients (skipped on a non-finite loss, as the guard
+        says); `loss`: the step's mean loss."""
+        step = self.state.step + 1
+        # The lr of update n is a function of n alone (timm's step_update): a resumed run sets the same lr.
+        self.scheduler.step_update(step)
+        last = self.checkpointer.last if self.checkpointer else self.resumed_from
+        if self.guard.should_skip(loss, step, last):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        if self.cfg.train.optimizer.grad_clip is not None:
+            # Once per update, on the summed gradient. The norm and the scaling stay on the device (torch's
+            # multi-tensor kernels on CPU and CUDA); no error_if_nonfinite, which reads the norm: the guard above
+            # flags a non-finite loss.
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.student, step)
+
+    def _next_step(self, stream: Iterator[Batch]) -> tuple[dict[str, torch.Tensor], int]:
+        """One step: train.grad_accum_steps batches from the stream, each shown to the callbacks and trained on;
+        the step's losses and how many images it trained on."""
+        self.timer.start_step()
+        images = 0
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = next(stream)
+            self.timer.mark()  # data
+            for callback in self.callbacks:
+                callback.on_step(self, batch)
+            losses = self.train_step(batch)
+            images += len(batch)
+        self.timer.end_step()
+        return losses, images
 
     # ---- the run ---------------------------------------------------------------------------------------------
     def fit(self, run_dir: Path) -> dict[str, Any]:
@@ -150,7 +203,8 @@ class Trainer:
             if state.teacher_knn_top1 is None:
                 teacher = evaluate_teacher(self.evaluator, self.teacher)
                 if teacher is not None:
-                    state.teacher_knn_top1, state.teacher_head_top1 = teacher.knn_top1, teacher.head_top1
+                    for key, value in teacher.as_dict("teacher").items():
+                        setattr(state, key, value)
                     if self.dist.is_main:
                         console.info(eval_line(None, teacher.as_dict("teacher")))
                 self.parts.quarantine.gather()  # what evaluation set aside
@@ -169,21 +223,17 @@ class Trainer:
             self.stream.close()
         return self._finish(run_dir)
 
-    def _run_epoch(self, stream, stop: StopSignal) -> None:
+    def _run_epoch(self, stream: Iterator[Batch], stop: StopSignal) -> None:
         """The rest of the current step-capped epoch: the next batches of the continuing stream."""
         cfg, state = self.cfg.train, self.state
-        # Ranks agree on a stop signal at these steps (every step in a single process: reading a flag is free).
+        # Ranks agree on a stop signal at these steps (every step in a single process: reading a flag is free). A
+        # signal that arrives between a step's batches is acted on once the step is done: checkpoints hold whole
+        # updates.
         agree_every = 1 if not self.dist.is_distributed else min(cfg.log_every_n_steps, 10)
         while state.step_in_epoch < self.steps_per_epoch:
-            self.timer.start_step()
-            batch = next(stream)
-            self.timer.mark()  # data
-            for callback in self.callbacks:
-                callback.on_step(self, batch)
-            losses = self.train_step(batch)
-            self.timer.end_step()
+            losses, images = self._next_step(stream)
             state.step_in_epoch += 1
-            self.interval.add(losses, len(batch), counted=self.guard.counts(losses["loss"]))
+            self.interval.add(losses, images, counted=self.guard.counts(losses["loss"]))
             self.progress.advance()
             if state.step % cfg.log_every_n_steps == 0 or state.step == self.total_steps:
                 self.log_interval()

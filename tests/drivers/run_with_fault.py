@@ -4,8 +4,12 @@ cleanup at all), SIGUSR1, or a NaN input.
 
     python tests/drivers/run_with_fault.py FAULT STEP [RANK] -- <dali_kd.train arguments>
 
+STEP: the step before which the fault strikes (at its first batch), or STEP:BATCH, before that batch of the step
+(0-based; a step has train.grad_accum_steps batches).
+
 FAULT: kill-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
-(record only writes, per rank, the sample ids each step trained on, and the final weights) | pause-at-step (prints
+(record only writes, per rank, the sample ids each batch trained on, the final weights, and under DDP the count of
+gradient all-reduces (bucket by bucket) done before each batch and at the end) | pause-at-step (prints
 "paused" and waits for a line on stdin: a run that is still going while a test starts another), or a stop signal during
 start-up, before any step: SIGNAL-during-scan | SIGNAL-during-models | SIGNAL-during-stream (SIGNAL: usr1 | term;
 STEP is then ignored).
@@ -30,9 +34,26 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def count_allreduces(ddp) -> list[int]:
+    """A one-item list that counts the DDP wrapper's gradient all-reduces (one per bucket), through its public
+    comm-hook interface, doing the all-reduce as DDP would."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counter = [0]
+
+    def counting(state, bucket):
+        counter[0] += 1
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting)
+    return counter
+
+
 def main() -> int:
     split = sys.argv.index("--")
-    fault, step = sys.argv[1], int(sys.argv[2])
+    fault = sys.argv[1]
+    step_text, _, batch_text = sys.argv[2].partition(":")
+    step, micro_batch = int(step_text), int(batch_text or 0)
     only_rank = int(sys.argv[3]) if split > 3 else None
     argv = sys.argv[split + 1 :]
     here = only_rank is None or only_rank == rank()
@@ -41,10 +62,16 @@ def main() -> int:
     class Fault(Callback):
         def __init__(self):
             self.seen: list[list[int]] = []
+            self.allreduces: list[int] = []  # all-reduces done so far, before each batch
+            self._counter: list[int] | None = None
 
         def on_step(self, trainer, batch):
             self.seen.append(batch.sample_ids.tolist())
-            if here and trainer.step + 1 == step:
+            if fault == "record" and trainer.task.ddp is not None:
+                if self._counter is None:
+                    self._counter = count_allreduces(trainer.task.ddp)
+                self.allreduces.append(self._counter[0])
+            if here and trainer.step + 1 == step and trainer.micro_batch == micro_batch:
                 if fault == "kill-before-step":
                     os.kill(os.getpid(), signal.SIGKILL)
                 if fault == "usr1-at-step":
@@ -63,6 +90,9 @@ def main() -> int:
             if fault == "record":
                 record_dir.mkdir(parents=True, exist_ok=True)
                 (record_dir / f"ids_rank{rank()}.json").write_text(json.dumps(self.seen))
+                if self._counter is not None:
+                    counts = [*self.allreduces, self._counter[0]]
+                    (record_dir / f"allreduces_rank{rank()}.json").write_text(json.dumps(counts))
                 torch.save(trainer.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
 
     if "-during-" in fault and fault.split("-during-")[0] in ("usr1", "term"):
