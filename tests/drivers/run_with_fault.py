@@ -23,6 +23,7 @@ import torch
 
 import dali_kd.runs.checkpoint as ckpt
 from dali_kd.commands import train
+from dali_kd.runs.preemption import StopSignal
 from dali_kd.training.callbacks import Callback
 
 
@@ -31,6 +32,9 @@ def rank() -> int:
 
 
 def main() -> int:
+    # As `python -m dali_kd.train` does first: the program's own stop-signal handler, which train.main() passes a
+    # stop signal back to, so that the driver exits with main()'s code (75) as the command does.
+    StopSignal()
     split = sys.argv.index("--")
     fault, step = sys.argv[1], int(sys.argv[2])
     only_rank = int(sys.argv[3]) if split > 3 else None
