@@ -14,11 +14,11 @@ The Python API (docs/api.md), for notebooks and scripts:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
-# Each public name and the module it lives in.
+# Each public name and the module it lives in (not imported here: the import graph has the package below its parts).
 _API = {
     "load_config": "dali_kd.config",
     "Config": "dali_kd.config",
@@ -34,13 +34,6 @@ __all__ = [
     "Callback", "Config", "Preempted", "Result", "TrainingStopped", "UserError", "__version__", "distill",
     "load_config", "prepare_demo",
 ]  # fmt: skip
-
-if TYPE_CHECKING:
-    from dali_kd.commands.distill import Result, distill, prepare_demo
-    from dali_kd.config import Config, load_config
-    from dali_kd.errors import TrainingStopped, UserError
-    from dali_kd.runs.preemption import Preempted
-    from dali_kd.training.callbacks import Callback
 
 
 def __getattr__(name: str) -> Any:
