@@ -27,7 +27,9 @@ def program_state() -> dict:
     """What a run must leave as it found it: the stop signals' handlers, every logger's handlers, level and
     propagation (the root's and dali_kd's included), and the warnings hooks."""
     loggers = {"": logging.getLogger()} | {
-        name: logger for name, logger in logging.root.manager.loggerDict.items() if isinstance(logger, logging.Logger)
+        name: logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
     }
     return {
         "signals": {name: signal.getsignal(getattr(signal, name)) for name in STOP_SIGNALS},
@@ -72,7 +74,9 @@ def test_import_dali_kd_loads_no_torch_and_the_api_names_resolve():
         "dali_kd.load_config, dali_kd.distill, dali_kd.Result, dali_kd.UserError\n"
         "print(light, 'torch' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.stdout.split() == ["True", "False"], result.stderr[-2000:]
     assert set(dali_kd.__all__) <= set(dir(dali_kd))
     assert all(getattr(dali_kd, name) is not None for name in dali_kd.__all__)
@@ -145,7 +149,9 @@ def test_ctrl_c_during_a_run_saves_a_checkpoint_then_raises_keyboard_interrupt(t
 def test_an_ignored_signal_stays_ignored(tiny_config, tmp_path):
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        result = dali_kd.distill(tiny_config(), progress="quiet", callbacks=[SignalBeforeStep(2, signal.SIGTERM)])
+        result = dali_kd.distill(
+            tiny_config(), progress="quiet", callbacks=[SignalBeforeStep(2, signal.SIGTERM)]
+        )
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -168,7 +174,10 @@ def test_sigterm_during_a_run_saves_a_checkpoint_then_runs_the_programs_handler(
     assert result.returncode == 3, result.stderr[-3000:]
     assert checkpoints(tmp_path / "runs") == ["step_000000002.pt"]
     said = result.stdout.splitlines()
-    ran, raised = said.index("the program's handler ran"), next(i for i, s in enumerate(said) if "raised" in s)
+    ran, raised = (
+        said.index("the program's handler ran"),
+        next(i for i, s in enumerate(said) if "raised" in s),
+    )
     assert ran < raised, "the handler runs first, then distill raises"
     assert said[raised].startswith("distill raised Preempted: SIGTERM received: checkpoint saved to ")
     assert said[raised].endswith("step_000000002.pt")
@@ -178,5 +187,41 @@ def test_sigterm_during_a_run_ends_a_program_without_a_handler_by_sigterm(image_
     result = run_driver("default", image_tree, tmp_path)
     assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr[-3000:])
     assert checkpoints(tmp_path / "runs") == ["step_000000002.pt"]
-    assert "preempted: SIGTERM received: checkpoint saved to" in result.stdout, "said before the process ended"
+    assert "preempted: SIGTERM received: checkpoint saved to" in result.stdout, (
+        "said before the process ended"
+    )
     assert "distill" not in result.stdout
+
+
+# The demo with timm's tiny test models and a random teacher (none to train): the page's example, in seconds.
+TINY_DEMO = [
+    "model.teacher.name=test_resnet", "model.teacher.checkpoint=null", "model.student.name=test_vit",
+    "data.image_size=32", "data.eval_resize=36", "data.dali_threads=1", "train.num_workers=0",
+    "train.compile_student=false", "train.batch_size=16", "train.max_steps_per_epoch=2", "train.device=cpu",
+]  # fmt: skip
+
+
+def test_the_api_pages_first_run_works_from_an_empty_home(tmp_path):
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    example = page.partition("## A first run")[2].partition("```python\n")[2].partition("```")[0]
+    assert "dali_kd.distill(" in example
+    # The example as written, its overrides followed by the tiny ones.
+    smaller = (
+        "import dali_kd\n"
+        "_load = dali_kd.load_config\n"
+        f"dali_kd.load_config = lambda *a, overrides=(), **k: _load(*a, overrides=[*overrides, *{TINY_DEMO!r}], **k)\n"
+    )
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", smaller + example], capture_output=True, text=True, cwd=work, timeout=600,
+        env={**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (work / "runs").iterdir()
+    assert result.stdout.splitlines()[-1].endswith(f"% in runs/{run_dir.name}"), result.stdout[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4, "2 epochs × 2 steps"
+    assert (home / ".cache" / "dali_kd" / "demo-v1" / "data" / "train").is_dir(), (
+        "the demo's data, made on first use"
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -178,3 +179,53 @@ def test_sigterm_while_the_final_weights_are_written_finishes_them_and_exits_0(i
     assert "SIGTERM received after the last step: the run finished and wrote its final weights" in err
     assert "nothing to save" not in err
     assert (run_dir / "student.safetensors").is_file() and (run_dir / "summary.json").is_file()
+
+
+# A test that runs the command in-process, and `timeout` sends pytest SIGTERM in the middle of it.
+IN_PROCESS_TEST = """
+import os, signal
+from pathlib import Path
+
+from dali_kd.commands import train
+from dali_kd.training.callbacks import Callback
+from tests.faults import tiny_args
+
+
+class TermBeforeStep2(Callback):
+    def on_step(self, trainer, batch):
+        if trainer.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_runs_the_command_in_process():
+    args = tiny_args(Path(os.environ["IMAGES"]), Path(os.environ["RUNS"]))
+    train.main([*args, "train.max_steps_per_epoch=3"], callbacks=[TermBeforeStep2()])
+
+
+def test_comes_after_it():
+    Path(os.environ["RUNS"], "pytest went on").touch()
+"""
+
+
+def test_sigterm_while_a_test_runs_the_command_in_process_stops_pytest(image_tree, tmp_path):
+    (tmp_path / "test_in_process.py").write_text(IN_PROCESS_TEST)
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_in_process.py"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "IMAGES": str(image_tree), "RUNS": str(runs)},
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGTERM, (
+        result.returncode,
+        result.stdout[-3000:],
+        result.stderr[-3000:],
+    )
+    assert [p.name for p in runs.rglob("step_*.pt")] == ["step_000000002.pt"], "the checkpoint is saved first"
+    assert not (runs / "pytest went on").exists()
+
+
+def test_the_dali_kd_train_script_is_the_program_that_exits_75():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["dali-kd-train"] == "dali_kd.commands.train:program"  # as the driver above runs it

@@ -151,13 +151,13 @@ def _exit_code(argv: list[str] | None, callbacks: list | None, stop: StopSignal)
     return 0
 
 
-def program() -> int:
+def program(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """`dali-kd-train`: main() as the whole program. Its own stop-signal handler goes in first and stays: main() passes
     a stop signal on to it, so the process exits with main()'s code (75) instead of ending by the signal."""
     from dali_kd.runs.preemption import StopSignal
 
     StopSignal()
-    return main()
+    return main(argv, callbacks)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import torch
 
 import dali_kd.runs.checkpoint as ckpt
 from dali_kd.commands import train
-from dali_kd.runs.preemption import StopSignal
 from dali_kd.training.callbacks import Callback
 
 
@@ -32,9 +31,6 @@ def rank() -> int:
 
 
 def main() -> int:
-    # As `python -m dali_kd.train` does first: the program's own stop-signal handler, which train.main() passes a
-    # stop signal back to, so that the driver exits with main()'s code (75) as the command does.
-    StopSignal()
     split = sys.argv.index("--")
     fault, step = sys.argv[1], int(sys.argv[2])
     only_rank = int(sys.argv[3]) if split > 3 else None
@@ -100,7 +96,8 @@ def main() -> int:
 
         ckpt.torch.save = half_save
 
-    return train.main(argv, callbacks=[Fault()])
+    # As the dali-kd-train script: the program's own stop-signal handler, then the command (exit 75 when stopped).
+    return train.program(argv, callbacks=[Fault()])
 
 
 if __name__ == "__main__":
