@@ -51,9 +51,10 @@ def test_the_start_up_handlers_are_put_back_when_main_returns(tiny_config):
 
     from dali_kd.commands import train
 
-    before = signal.getsignal(signal.SIGUSR1)
+    names = ("SIGUSR1", "SIGTERM", "SIGINT")
+    before = [signal.getsignal(getattr(signal, name)) for name in names]
     assert train.main(["data.root=/no/such/folder"]) == 2
-    assert signal.getsignal(signal.SIGUSR1) is before
+    assert [signal.getsignal(getattr(signal, name)) for name in names] == before
 
 
 # ---- while the command is importing: recorded, acted on at the next safe point --------------------------------
