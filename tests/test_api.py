@@ -219,9 +219,9 @@ def test_the_api_pages_first_run_works_from_an_empty_home(tmp_path):
         env={**os.environ, "HOME": str(home), "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (work / "runs").iterdir()
-    assert result.stdout.splitlines()[-1].endswith(f"% in runs/{run_dir.name}"), result.stdout[-2000:]
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4, "2 epochs × 2 steps"
+    (run_dir,) = (work / "runs" / "api").iterdir()
+    assert result.stdout.splitlines()[-1].endswith(f"% in runs/api/{run_dir.name}"), result.stdout[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16, "the demo's 8 epochs × 2 steps"
     assert (home / ".cache" / "dali_kd" / "demo-v1" / "data" / "train").is_dir(), (
         "the demo's data, made on first use"
     )
