@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from dali_kd.commands.train import run
+import dali_kd
 from dali_kd.cpu_budget import CpuSampler, cgroup_cpu_limit, usable_cpus
 from dali_kd.training.callbacks import Callback
 from tests.conftest import tiny_overrides
@@ -99,9 +99,9 @@ class SeeThreads(Callback):
 def test_a_run_trains_with_its_thread_budget_and_gives_the_threads_back(image_tree, tmp_path, capsys):
     before = torch.get_num_threads()
     seen = SeeThreads()
-    run([*tiny_overrides(image_tree, tmp_path), f"data.val_root={image_tree / 'val'}", "train.run_name=test",
-         "train.cpu_threads=1", "data.dali_threads=3", "train.max_steps_per_epoch=1",
-         "train.epochs=1", "--no-progress"], callbacks=[seen])  # fmt: skip
+    overrides = [*tiny_overrides(image_tree, tmp_path), f"data.val_root={image_tree / 'val'}", "train.run_name=test",
+                 "train.cpu_threads=1", "data.dali_threads=3", "train.max_steps_per_epoch=1", "train.epochs=1"]  # fmt: skip
+    dali_kd.distill(dali_kd.load_config(overrides=overrides), progress="lines", callbacks=[seen])
     assert seen.threads == {1}
     assert torch.get_num_threads() == before, "the caller's thread count is put back"
     out = capsys.readouterr().out

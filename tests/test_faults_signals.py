@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -50,9 +51,10 @@ def test_the_start_up_handlers_are_put_back_when_main_returns(tiny_config):
 
     from dali_kd.commands import train
 
-    before = signal.getsignal(signal.SIGUSR1)
+    names = ("SIGUSR1", "SIGTERM", "SIGINT")
+    before = [signal.getsignal(getattr(signal, name)) for name in names]
     assert train.main(["data.root=/no/such/folder"]) == 2
-    assert signal.getsignal(signal.SIGUSR1) is before
+    assert [signal.getsignal(getattr(signal, name)) for name in names] == before
 
 
 # ---- while the command is importing: recorded, acted on at the next safe point --------------------------------
@@ -164,9 +166,67 @@ def test_sigterm_while_the_final_weights_are_written_finishes_them_and_exits_0(i
         def on_finish(self, trainer, summary):  # just before the final weights and summary.json are written
             os.kill(os.getpid(), signal.SIGTERM)
 
+    # main() called from a Python program hands the signal back once it is done: here to this test's handler.
+    delivered = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: delivered.append(signum))
+    try:
+        code = train.main(tiny_args(image_tree, tmp_path / "runs"), callbacks=[TermAtFinish()])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 0
+    assert delivered == [signal.SIGTERM]
     run_dir = tmp_path / "runs" / "fault"
-    assert train.main(tiny_args(image_tree, tmp_path / "runs"), callbacks=[TermAtFinish()]) == 0
     err = capsys.readouterr().err
     assert "SIGTERM received after the last step: the run finished and wrote its final weights" in err
     assert "nothing to save" not in err
     assert (run_dir / "student.safetensors").is_file() and (run_dir / "summary.json").is_file()
+
+
+# A test that runs the command in-process, and `timeout` sends pytest SIGTERM in the middle of it.
+IN_PROCESS_TEST = """
+import os, signal
+from pathlib import Path
+
+from dali_kd.commands import train
+from dali_kd.training.callbacks import Callback
+from tests.faults import tiny_args
+
+
+class TermBeforeStep2(Callback):
+    def on_step(self, trainer, batch):
+        if trainer.step + 1 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_runs_the_command_in_process():
+    args = tiny_args(Path(os.environ["IMAGES"]), Path(os.environ["RUNS"]))
+    train.main([*args, "train.max_steps_per_epoch=3"], callbacks=[TermBeforeStep2()])
+
+
+def test_comes_after_it():
+    Path(os.environ["RUNS"], "pytest went on").touch()
+"""
+
+
+def test_sigterm_while_a_test_runs_the_command_in_process_stops_pytest(image_tree, tmp_path):
+    (tmp_path / "test_in_process.py").write_text(IN_PROCESS_TEST)
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_in_process.py"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "IMAGES": str(image_tree), "RUNS": str(runs)},
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGTERM, (
+        result.returncode,
+        result.stdout[-3000:],
+        result.stderr[-3000:],
+    )
+    assert [p.name for p in runs.rglob("step_*.pt")] == ["step_000000002.pt"], "the checkpoint is saved first"
+    assert not (runs / "pytest went on").exists()
+
+
+def test_the_dali_kd_train_script_is_the_program_that_exits_75():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["dali-kd-train"] == "dali_kd.commands.train:program"  # as the driver above runs it

@@ -64,3 +64,12 @@ def test_notebook_runs_from_data_to_trained_student(tmp_path, monkeypatch):
         if "image/png" in out.get("data", {})
     ]
     assert len(images) == 4
+
+
+def test_the_notebook_trains_through_the_python_api_only():
+    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+    assert re.findall(r"dali_kd\.(?:training|commands)\b", code) == [], (
+        "the loop and the commands are not the API"
+    )
+    assert "dali_kd.distill(" in code and "dali_kd.load_config(" in code

@@ -1,4 +1,5 @@
-"""`python -m dali_kd.train`: parse flags, load the three configs, prepare the demo if asked, train, report.
+"""`python -m dali_kd.train`: parse flags, load the three configs, and run (dali_kd/commands/distill.py, the code the
+Python API runs too); the outcome as an exit code.
 
 Also the entry point of every rank under `torchrun` or `srun`; exit codes: 0 done, 1 the run stopped itself
 (e.g. NaN loss), 2 a user error, 75 preempted (checkpoint saved; requeued under Slurm).
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 if __name__ == "__main__":
     # `python -m dali_kd.train`: before anything else is imported, a stop signal is recorded rather than fatal;
-    # main() acts on it once the imports are done.
+    # main() acts on it once the imports are done. The program's own handler: main() passes a stop signal back to
+    # it, and the process exits with main()'s code.
     from dali_kd.runs.preemption import StopSignal
 
     _SIGNALS_DURING_IMPORTS = StopSignal()
@@ -16,9 +18,8 @@ if __name__ == "__main__":
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dali_kd.commands.cli import CommandLineParser
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, Config, load_config
@@ -26,13 +27,8 @@ from dali_kd.config.presets import find_preset
 from dali_kd.errors import TrainingStopped, UserError
 
 if TYPE_CHECKING:
-    import torch
-
-    from dali_kd.console import Console
-    from dali_kd.distributed import DistInfo
-    from dali_kd.runs.directory import RunDirClaim
+    from dali_kd.commands.distill import Result
     from dali_kd.runs.preemption import StopSignal
-    from dali_kd.training.trainer import Trainer
 
 EXIT_STOPPED = 1
 
@@ -83,22 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
-    """decide() on rank 0, its result on every rank; its UserError is raised on every rank (none waits)."""
-    from dali_kd import distributed
-
-    outcome: tuple[Any, str | None] | None = None
-    if info.is_main:
-        try:
-            outcome = (decide(), None)
-        except UserError as e:
-            outcome = (None, str(e))
-    result, error = distributed.broadcast_object(outcome)
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
 def config_from_args(args: argparse.Namespace) -> tuple[Config, list[Path]]:
     """The run's config as the parsed command line gives it (files < presets < flags and KEY=VALUE), and the
     preset files that went into it."""
@@ -112,214 +92,45 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[Path]]:
     return cfg, presets
 
 
-def run(argv: list[str] | None = None, callbacks: list | None = None, stop: StopSignal | None = None) -> dict:
+def run(argv: list[str] | None, callbacks: list | None, stop: StopSignal) -> Result:
     """Train as the command line says; callbacks (dali_kd.training.callbacks.Callback) watch the run. stop: the signal
     handlers main() installed (SIGUSR1/SIGTERM end the start-up at once, then the loop at a step boundary)."""
+    from dali_kd.commands.distill import run_distillation
+
     # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
     args = build_parser().parse_intermixed_args(argv)
+    # A typo is reported in a fraction of a second, before torch loads.
     cfg, presets = config_from_args(args)
-    from dali_kd.cpu_budget import CpuSampler
-
-    cpus = CpuSampler()  # what other processes do on our CPUs while the imports below run decides the threads
-
-    # Imported after the config is valid: a typo is reported in a fraction of a second, before torch loads. All
-    # the heavy imports happen here, while a stop signal is only recorded (an import cut short by an exception
-    # leaves a half-made module behind); the first check comes right after.
-    import dali_kd.commands.demo  # noqa: F401 - the heavy imports, all here: torch, numpy, timm, DALI
-    import dali_kd.training.trainer  # noqa: F401
-    from dali_kd import console, distributed
-    from dali_kd.console import Console, choose_mode
-    from dali_kd.models import check_model_name
-    from dali_kd.runs.directory import check_writable
-    from dali_kd.runs.preemption import StopSignal
-    from dali_kd.runtime import cpu_threads
-
-    budget = cpus.budget(cfg.train.cpu_threads)
-    threads = {"dali_threads": min(cfg.data.dali_threads, budget.threads)}
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=threads)})
-    own_stop = stop is None
-    stop = stop or StopSignal()
-    try:
-        stop.check()
-        check_model_name(cfg.model.teacher.name, "teacher")
-        check_model_name(cfg.model.student.name, "student")
-        check_writable(Path(cfg.train.output_dir).expanduser())
-        info = distributed.detect()
-        # Rank 0 talks for the run and keeps its train.log; the other ranks say only warnings and errors.
-        mode = choose_mode(args.quiet, args.no_progress)
-        with Console(mode, rank=info.rank, train_log=info.is_main) as out, cpu_threads(budget.threads):
-            console.info(budget.line())
-            if presets:
-                # The resolved config.yaml holds what they set; this line (and train.log) says where it came from.
-                console.info(
-                    f"presets: {', '.join(map(str, presets))} (over the config files; KEY=VALUE overrides win)"
-                )
-            try:
-                return _train(args, cfg, info, out, callbacks, stop)
-            except BaseException as e:
-                console.record(
-                    ending_line(e)
-                )  # main() prints it to stderr; train.log keeps why the run ended
-                raise
-    finally:
-        if own_stop:
-            stop.restore()
-
-
-def _train(
-    args: argparse.Namespace,
-    cfg: Config,
-    info: DistInfo,
-    out: Console,
-    callbacks: list | None,
-    stop: StopSignal,
-) -> dict:
-    from dali_kd import distributed
-    from dali_kd.runtime import resolve_device
-
-    # Rank 0's hold on the run directory, from before any work until the run ends.
-    claims: list[RunDirClaim] = []
-    device = resolve_device(cfg.train.device, info.local_rank)
-    try:
-        # Start-up: nothing to save yet, and a cold scan outlasts Slurm's grace time, so a stop signal ends it
-        # at once (exit 75, requeued).
-        with stop.interrupting():
-            run_dir, resume_from, trainer = _start_up(args, cfg, info, out, callbacks, device, claims)
-        if info.is_main:
-            out.keep_log_in(run_dir)
-            _say_what_runs(cfg, info, device, run_dir, resume_from, trainer)
-        distributed.barrier()
-        summary = trainer.fit(run_dir)
-    finally:
-        distributed.shutdown()
-        for held in claims:
-            held.release()  # a directory it made for a run that wrote nothing is removed again
-    if info.is_main:
-        _say_results(summary, run_dir)
-    return summary
-
-
-def _start_up(
-    args: argparse.Namespace,
-    cfg: Config,
-    info: DistInfo,
-    out: Console,
-    callbacks: list | None,
-    device: torch.device,
-    claims: list[RunDirClaim],
-) -> tuple[Path, Path | None, Trainer]:
-    """The run directory claimed, pretrained weights and the demo's data made ready, and the trainer built (its
-    checkpoint loaded when resuming); `claims` gets rank 0's hold on the run directory."""
-    from dali_kd import distributed
-    from dali_kd.commands.demo import demo_parts, prepare_demo
-    from dali_kd.models import fetch_pretrained
-    from dali_kd.runs.directory import choose_run
-    from dali_kd.training.trainer import Trainer
-
-    def claim_run() -> tuple[Path, Path | None]:
-        held, resume_from = choose_run(cfg, args.resume)
-        claims.append(held)
-        return held.path, resume_from
-
-    distributed.init(info, device.type)
-    # Claimed before the demo's first-use preparation, so a refused run directory costs nothing.
-    run_dir, resume_from = _on_main(info, claim_run)
-    # Pretrained weights not cached yet are downloaded by rank 0 alone (unless HF_HUB_OFFLINE is set);
-    # every rank then loads them from the cache when it builds its models.
-    _on_main(info, lambda: fetch_pretrained(cfg.model))
-    # The demo's own dataset and teacher are made on first use; paths the user chose are only ever read.
-    if any(parts := demo_parts(cfg)):
-        _on_main(info, lambda: prepare_demo(cfg, device, out.mode != "quiet", *parts))
-    # Everything that can be wrong with the data, models or checkpoint fails here, before any run file.
-    trainer = Trainer(
-        cfg,
-        device,
-        show_progress=True,  # a bar or plain lines, as the console's mode says
-        dist_info=info,
-        resume_from=resume_from,
-        allow_config_change=args.allow_config_change,
-        callbacks=callbacks,
-    )
-    return run_dir, resume_from, trainer
-
-
-def _say_what_runs(
-    cfg: Config,
-    info: DistInfo,
-    device: torch.device,
-    run_dir: Path,
-    resume_from: Path | None,
-    trainer: Trainer,
-) -> None:
-    """The run's first lines: where it writes, and what it distils on what, for how long."""
-    from dali_kd import console
-
-    console.info(f"run directory: {run_dir}")
-    what = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
-    d = cfg.data
-    crops = (
-        f", crops {d.num_global_crops}×{d.image_size} px + {d.num_local_crops}×{d.local_crop_size} px"
-        if cfg.train.use_local_crops
-        else ""
-    )
-    console.info(
-        f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
-        f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}{_accumulated(cfg)}, {cfg.train.epochs} epochs × "
-        f"{trainer.steps_per_epoch} steps; {what}"
-    )
-
-
-def _accumulated(cfg: Config) -> str:
-    n = cfg.train.grad_accum_steps
-    return "" if n == 1 else f" × {n} accumulated ({cfg.train.batch_size * n} per step)"
-
-
-def _say_results(summary: dict, run_dir: Path) -> None:
-    """The run's last lines: the student's top-1 against the teacher's, and the steps and time it took."""
-    from dali_kd import console
-
-    knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
-    if knn is not None:
-        console.summary(
-            f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
-        )
-    if summary["student_head_top1"] is not None:
-        teacher_head = summary["teacher_head_top1"]
-        against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
-        console.summary(f"student head top-1 {summary['student_head_top1']:.1f}%{against}")
-    for key, kind in (("knn", "k-NN"), ("head", "head")):
-        top5, teacher5 = summary.get(f"student_{key}_top5"), summary.get(f"teacher_{key}_top5")
-        if top5 is not None:  # 5 classes or more
-            against = "" if teacher5 is None else f" (teacher {teacher5:.1f}%)"
-            console.summary(f"student {kind} top-5 {top5:.1f}%{against}")
-    if summary["student_ema_knn_top1"] is not None:
-        ema_head = summary["student_ema_head_top1"]
-        console.summary(
-            f"student EMA k-NN top-1 {summary['student_ema_knn_top1']:.1f}%"
-            + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
-        )
-    console.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
-
-
-def ending_line(e: BaseException) -> str:
-    """The line that says why a run ended early: main() prints it to stderr, train.log records it."""
-    from dali_kd.runs.preemption import Preempted
-
-    if isinstance(e, UserError | TrainingStopped):
-        return f"error: {e}"
-    if isinstance(e, Preempted):
-        return f"preempted: {e}"
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    return f"error: {type(e).__name__}: {e} (a bug; the traceback is on stderr)"
+    progress = "quiet" if args.quiet else "lines" if args.no_progress else "auto"
+    return run_distillation(
+        cfg, stop, resume=args.resume, progress=progress, callbacks=callbacks or [],
+        allow_config_change=args.allow_config_change, presets=presets,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    from dali_kd.runs.preemption import EXIT_PREEMPTED, Preempted, StopSignal, requeue
+    """The command; its exit code. A stop signal is passed on when it returns, to the handler that was there before:
+    a Python program calling main() gets it back (pytest under `timeout` stops), and the command line's own
+    handler (program(), `python -m dali_kd.train`) makes the process exit with this code, 75."""
+    from dali_kd.runs.preemption import StopSignal
 
     # First thing: a job signalled during start-up is requeued, not dropped (a signal the module's own handler
     # recorded while it was imported is taken over).
-    stop = StopSignal()
+    with StopSignal() as stop:
+        code = _exit_code(argv, callbacks, stop)
+        if code == 0 and stop.received is not None:
+            # After the last step (the final evaluation, the final weights): the run is complete, nothing to requeue.
+            print(
+                f"{stop.received} received after the last step: the run finished and wrote its final weights",
+                file=sys.stderr,
+            )
+    return code
+
+
+def _exit_code(argv: list[str] | None, callbacks: list | None, stop: StopSignal) -> int:
+    from dali_kd.commands.distill import ending_line
+    from dali_kd.runs.preemption import EXIT_PREEMPTED, Preempted, requeue
+
     try:
         run(argv, callbacks, stop)
     except UserError as e:
@@ -337,15 +148,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
             print(ending_line(e), file=sys.stderr, flush=True)
             requeue()
         return EXIT_PREEMPTED
-    finally:
-        stop.restore()
-    if stop.received is not None:
-        # After the last step (the final evaluation, the final weights): the run is complete, nothing to requeue.
-        print(
-            f"{stop.received} received after the last step: the run finished and wrote its final weights",
-            file=sys.stderr,
-        )
     return 0
+
+
+def program(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """`dali-kd-train`: main() as the whole program. Its own stop-signal handler goes in first and stays: main() passes
+    a stop signal on to it, so the process exits with main()'s code (75) instead of ending by the signal."""
+    from dali_kd.runs.preemption import StopSignal
+
+    StopSignal()
+    return main(argv, callbacks)
 
 
 if __name__ == "__main__":

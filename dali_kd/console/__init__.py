@@ -262,6 +262,7 @@ class Console:
         self.terminal.addFilter(RankFilter(rank))
         self.terminal.addFilter(TerminalFilter(mode))
         self._set_aside: list[logging.Handler] = []
+        self._before: list[logging.Handler] = []
         self._stack = contextlib.ExitStack()
         self.outside: OutsideLoggers | None = None  # while the `with` lasts
 
@@ -282,6 +283,7 @@ class Console:
     def __enter__(self) -> Console:
         self.stream = self.terminal.stream = sys.stdout
         # This run's handlers stand in for those of no run (or of an outer Console); others' (pytest's) stay.
+        self._before = list(logger.handlers)
         self._set_aside = [h for h in logger.handlers if _ours(h)]
         for handler in self._set_aside:
             logger.removeHandler(handler)
@@ -300,10 +302,11 @@ class Console:
     def __exit__(self, *exc_info: object) -> None:
         _open.remove(self)
         self._stack.close()
-        for handler in self._handlers():
-            logger.removeHandler(handler)
-        for handler in self._set_aside:
-            logger.addHandler(handler)
+        # The handlers as they were, in their order; what others added or removed meanwhile stays so.
+        kept = [h for h in logger.handlers if h not in self._handlers()]
+        logger.handlers = [h for h in self._before if h in kept or h in self._set_aside] + [
+            h for h in kept if h not in self._before
+        ]
         if self.log is not None:
             self.log.close()
 

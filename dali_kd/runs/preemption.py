@@ -1,4 +1,5 @@
-"""Preemption: SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary, exit 75, and a Slurm requeue."""
+"""Preemption: SIGUSR1/SIGTERM (and SIGINT in a Python program) ask for a checkpoint at the next step boundary; the
+command line then exits 75 and asks Slurm to requeue, a Python program gets the signal back."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the job is requeued and resumes by itself
 JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
@@ -29,7 +33,7 @@ class Preempted(BaseException):
 
 
 class StopSignal:
-    """Handlers for SIGUSR1/SIGTERM that record the signal; the run acts on it at a point where that is safe.
+    """Handlers for stop signals that record the signal; the run acts on it at a point where that is safe.
 
     Acting inside the handler is not: a signal lands at any bytecode, and an exception raised there in the middle
     of an import leaves a module half-imported, or is swallowed (a finaliser, a library's callback) and the signal
@@ -39,23 +43,31 @@ class StopSignal:
     time (--signal=USR1@90) is shorter than a cold scan and there is nothing to save yet; what it raised is still
     recorded, so a swallowed raise is caught by the next check.
 
-    Nested instances (the command's, then the training loop's) share what they saw: a new one starts with the
-    signal its predecessor recorded, and hands back what it recorded when `restore()` puts the predecessor back.
+    signals: SIGUSR1 and SIGTERM (the command line's), or SIGINT too (a run inside a Python program, where Ctrl-C
+    must also leave a checkpoint). A signal the process ignores stays ignored, and outside the main thread (where
+    Python cannot set handlers) none is watched. Nested instances (the command's, then the training loop's) watch
+    the same signals and share what they saw: a new one starts with the signal its predecessor recorded, and hands
+    back what it recorded when `restore()` puts the predecessor back. As a context manager, the exit restores the
+    previous handlers and passes the recorded signal on to them (`pass_on()`).
     """
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
-    def __init__(self):
+    def __init__(self, signals: Sequence[str] = SIGNALS):
         self.received: str | None = None
         self._interrupt = False
-        self._previous = {}
-        for name in self.SIGNALS:
+        self._previous: dict[int, Any] = {}
+        self.signals: tuple[str, ...]
+        outer = _watching()
+        self.signals = outer.signals if outer is not None else tuple(signals)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signals:
             signum = getattr(signal, name, None)
-            if signum is not None:
+            if signum is not None and signal.getsignal(signum) not in (signal.SIG_IGN, None):
                 self._previous[signum] = signal.signal(signum, self._handle)
-        for handler in self._previous.values():
-            if isinstance(outer := getattr(handler, "__self__", None), StopSignal):
-                self.received = self.received or outer.received
+        if outer is not None:
+            self.received = outer.received
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -83,8 +95,44 @@ class StopSignal:
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-            if isinstance(outer := getattr(handler, "__self__", None), StopSignal):
+            if (outer := _stop_signal_of(handler)) is not None:
                 outer.received = outer.received or self.received
+        self._previous = {}
+
+    def pass_on(self) -> None:
+        """restore(), then the signal recorded meanwhile reaches the handler that was there before, as if dali_kd had
+        never caught it: a Python handler runs (Python's own for SIGINT raises KeyboardInterrupt), the default
+        ends the process by that signal, an outer StopSignal has it already (the command line's own, which makes
+        the process exit 75)."""
+        previous = dict(self._previous)
+        self.restore()
+        signum = getattr(signal, self.received or "", None)
+        if signum is None or signum not in previous or _stop_signal_of(previous[signum]) is not None:
+            return
+        for stream in (sys.stdout, sys.stderr):  # what was said before the process may end
+            with suppress(Exception):
+                stream.flush()
+        signal.raise_signal(signum)
+
+    def __enter__(self) -> StopSignal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.pass_on()
+
+
+def _stop_signal_of(handler: Any) -> StopSignal | None:
+    outer = getattr(handler, "__self__", None)
+    return outer if isinstance(outer, StopSignal) else None
+
+
+def _watching() -> StopSignal | None:
+    """The StopSignal whose handler is in place now, if any."""
+    for name in ("SIGUSR1", "SIGTERM", "SIGINT"):
+        signum = getattr(signal, name, None)
+        if signum is not None and (found := _stop_signal_of(signal.getsignal(signum))) is not None:
+            return found
+    return None
 
 
 def slurm_job_id() -> str | None:

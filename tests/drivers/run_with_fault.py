@@ -126,7 +126,8 @@ def main() -> int:
 
         ckpt.torch.save = half_save
 
-    return train.main(argv, callbacks=[Fault()])
+    # As the dali-kd-train script: the program's own stop-signal handler, then the command (exit 75 when stopped).
+    return train.program(argv, callbacks=[Fault()])
 
 
 if __name__ == "__main__":
