@@ -107,7 +107,9 @@ def test_quiet_prints_only_the_final_summary_and_train_log_keeps_everything(imag
     assert re.fullmatch(r"student head top-1 \d+\.\d% \(teacher \d+\.\d%\)", lines[1])
     assert re.fullmatch(rf"3 steps in \d+ s; run directory: {re.escape(str(run_dir))}", lines[2])
     kept = log_lines(run_dir)
-    assert kept[0].startswith("data: "), "lines said before the run directory existed are kept too"
+    assert kept[0].startswith("cpu: ") and kept[1].startswith("data: "), (
+        "lines said before the run directory existed are kept too"
+    )
     assert f"run directory: {run_dir}" in kept
     assert sum(bool(INTERVAL.fullmatch(line)) for line in kept) == 3
     assert kept[-3:] == lines
