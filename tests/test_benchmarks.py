@@ -493,3 +493,22 @@ def test_constant_targets_are_the_same_whatever_the_batch():
     batch = Batch(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.int64), torch.arange(2))
     assert constant.targets(batch) is out
     assert constant.summary() == {"teacher_forward_batches": 0}
+
+
+def test_first_use_reads_the_lines_a_demo_prints():
+    """benchmarks/first_use.py times a demo by its output: the lines it looks for are the ones a run prints."""
+    import first_use
+
+    from dali_kd.console import interval_line
+    from dali_kd.cpu_budget import CpuBudget
+
+    row = {"step": 1, "epoch": 0, "loss": 2.5, "img_per_s": 40.0, "step_ms": 1600.0}
+    assert first_use.STEP_LINE.match(interval_line(row, 120, 8))
+    assert first_use.THREADS_LINE.match(CpuBudget(2, 1.8, 1, "auto").line()).group(1) == "1"
+    knn = first_use.KNN_LINE.search("student k-NN top-1 91.0% (teacher 92.5%, chance 10.0%)")
+    assert knn is not None and knn.groups() == ("91.0", "92.5")
+    rows = [
+        {"busy_loops": 0, "threads": 2, "first_step_s": 40.0, "total_s": 80.0, "knn": None, "returncode": 0},
+        {"busy_loops": 2, "threads": 1, "first_step_s": 90.0, "total_s": 200.0, "knn": None, "returncode": 0},
+    ]
+    assert "| 2 | 1 | 90.0 | 200.0 | 2.50 |" in first_use.markdown(rows)
