@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 
 from dali_kd.commands import tune
-from dali_kd.commands.tune_verdict import Candidate, fastest_overrides, noise_pct, table, verdict, verdict_lines
+from dali_kd.commands.tune_verdict import (
+    Candidate,
+    fastest_overrides,
+    noise_pct,
+    table,
+    verdict,
+    verdict_lines,
+)
 from dali_kd.config import load_config
 from dali_kd.config.loading import parse_override
 from tests.conftest import tiny_overrides
@@ -66,19 +73,25 @@ def test_the_verdict_names_a_winner_only_where_the_timings_tell_them_apart():
         return Candidate(name, [] if name == "defaults" else [name], ms=list(ms))
 
     defaults = timed("defaults", 100.0, 102.0, 101.0)
-    overlapping = timed("data.dali_threads=1", 97.0, 101.5, 96.0)  # -3%, but a repeat inside the defaults' range
+    overlapping = timed(
+        "data.dali_threads=1", 97.0, 101.5, 96.0
+    )  # -3%, but a repeat inside the defaults' range
     separated = timed("data.prefetch_batches=4", 80.0, 82.0, 81.0)  # -20%, apart
     slower = timed("data.prefetch_batches=1", 120.0, 121.0, 119.0)
     noise = noise_pct([defaults, overlapping, separated, slower])
     assert verdict(defaults, overlapping, noise).startswith(
         "within noise: can't tell data.dali_threads=1 from defaults"
     )
-    assert verdict(defaults, separated, noise).startswith("data.prefetch_batches=4: 19.8% faster than defaults")
+    assert verdict(defaults, separated, noise).startswith(
+        "data.prefetch_batches=4: 19.8% faster than defaults"
+    )
     assert verdict(defaults, slower, noise).startswith("data.prefetch_batches=1: 18.8% slower than defaults")
     # Medians 30% apart, beyond the 20% noise, but a repeat of one inside the other's range: can't tell.
     tail, late = timed("defaults", 100.0, 100.0, 120.0), timed("data.dali_threads=2", 119.0, 130.0, 130.0)
     assert noise_pct([tail, late]) == 20.0
-    assert verdict(tail, late, 20.0).startswith("within noise: can't tell data.dali_threads=2 from defaults (+30.0%")
+    assert verdict(tail, late, 20.0).startswith(
+        "within noise: can't tell data.dali_threads=2 from defaults (+30.0%"
+    )
     # Apart in range but not beyond the noise (one setting varied by 10%): still can't tell.
     wide = timed("train.telemetry=false", 90.0, 99.0, 95.0)
     close = timed("data.decode=full", 95.0, 95.5, 95.2)
@@ -97,14 +110,27 @@ def test_the_verdict_names_a_winner_only_where_the_timings_tell_them_apart():
     )
 
 
-def test_quick_mode_times_few_options_in_three_rounds_and_says_what_the_noise_decides(image_tree, tmp_path, capsys):
-    argv = [*tiny_overrides(image_tree, tmp_path), "--quick", "--steps", "2", "--json", str(tmp_path / "t.json")]
+def test_quick_mode_times_few_options_in_three_rounds_and_says_what_the_noise_decides(
+    image_tree, tmp_path, capsys
+):
+    argv = [
+        *tiny_overrides(image_tree, tmp_path),
+        "--quick",
+        "--steps",
+        "2",
+        "--json",
+        str(tmp_path / "t.json"),
+    ]
     assert tune.main(argv) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["repeats"] == tune.QUICK["repeats"] >= 3 and report["warmup"] == tune.QUICK["warmup"]
     timed = [c for c in report["candidates"] if c["ms"]]
-    assert {c["name"].partition("=")[0] for c in timed} == {"defaults", "data.dali_threads", "data.prefetch_batches"}
+    assert {c["name"].partition("=")[0] for c in timed} == {
+        "defaults",
+        "data.dali_threads",
+        "data.prefetch_batches",
+    }
     assert all(len(c["ms"]) == report["repeats"] for c in timed)
     assert f"noise: {report['noise_pct']:.1f}%" in out
     for line in report["verdicts"]:
