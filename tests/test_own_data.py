@@ -193,4 +193,37 @@ def test_the_documented_own_data_command_works_from_an_empty_home(tmp_path):
     assert "/teachers/images-" in teacher["checkpoint"] and "teacher: resnet18 trained on data.root" in out
     assert not demo_teacher.exists() and not (demo_teacher.parent / "data").exists(), "nothing of the demo"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert "classifier has" not in out and "loss_logit" in rows[0], "a teacher of these two classes: logits too"
+    assert "classifier has" not in out and "loss_logit" in rows[0], (
+        "a teacher of these two classes: logits too"
+    )
+
+
+def test_the_teacher_trained_for_ones_own_data_never_sees_its_held_out_part(
+    image_tree, tmp_path, monkeypatch
+):
+    from dali_kd.commands import demo
+
+    cfg = load_config(
+        overrides=[
+            f"data.root={image_tree / 'train'}",
+            "data.image_size=32",
+            "data.eval_resize=36",
+            "train.batch_size=8",
+            "train.device=cpu",
+        ]  # fmt: skip
+    )
+    assert demo.demo_parts(cfg) == (False, True) and cfg.data.holds_out
+    streamed = []
+    make_train_stream = demo.make_train_stream
+
+    def recording(settings, index, *args, **kwargs):
+        streamed.append(index)
+        return make_train_stream(settings, index, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "make_train_stream", recording)
+    path = tmp_path / "teacher.safetensors"
+    demo.train_demo_teacher(cfg, path, torch.device("cpu"), show_progress=False, steps=1)
+    held = prepare_data(cfg.data).val
+    assert held is not None and held.num_samples == 4 and path.is_file()
+    (index,) = streamed
+    assert index.num_samples == 44 and not set(index.files) & set(held.files)
