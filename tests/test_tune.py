@@ -4,6 +4,10 @@ overrides that a training run accepts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
+import torch
 
 from dali_kd.commands import tune
 from dali_kd.commands.tune_verdict import (
@@ -136,3 +140,28 @@ def test_quick_mode_times_few_options_in_three_rounds_and_says_what_the_noise_de
     for line in report["verdicts"]:
         assert line in out and ("can't tell" in line or "than defaults" in line)
     assert len(report["verdicts"]) >= len(timed) - 1
+
+
+@pytest.mark.slow
+def test_tune_prepares_the_demo_from_an_empty_home_as_train_does(tmp_path, monkeypatch, capsys):
+    """`python -m dali_kd.tune` with the demo's configs on a fresh machine used to end with "data folder not found"."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    # Only for speed: a small image and batch (the teacher trains on these too), no compile, one thread.
+    speed = ["data.image_size=32", "data.eval_resize=36", "data.dali_threads=1", "train.batch_size=8",
+             "train.compile_student=false", "--steps", "2", "--options", "prefetch_batches"]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert tune.main(["--quick", *speed, "--json", str(tmp_path / "t.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "demo: generating the demo dataset" in out and "demo: training the resnet18 teacher" in out
+    demo = load_config()
+    assert Path(demo.model.teacher.checkpoint).expanduser().is_file(), "the demo's teacher, kept for train"
+    assert str(Path(demo.model.teacher.checkpoint).expanduser()).startswith(str(home))
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert all(len(c["ms"]) == 3 for c in report["candidates"]) and report["verdicts"]
