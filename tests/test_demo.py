@@ -31,7 +31,10 @@ def test_only_the_demos_own_paths_are_prepared_as_the_demo():
     demo = load_config()
     expanded = [f"data.root={Path(demo.data.root).expanduser()}", "data.val_root=null"]
     assert demo_parts(load_config(overrides=expanded)) == (True, True), "the same folder, however written"
-    assert demo_parts(load_config(overrides=["data.root=/my/images"])) == (False, False)
+    # Not the demo's data, nor its teacher: a teacher the demo's recipe trains on /my/images (dali_kd.config.own_data).
+    assert demo_parts(load_config(overrides=["data.root=/my/images"])) == (False, True)
+    own_teacher = ["data.root=/my/images", "model.teacher.checkpoint=/my/t.safetensors"]
+    assert demo_parts(load_config(overrides=own_teacher)) == (False, False)
     assert demo_parts(load_config(overrides=["data.val_root=/my/val"])) == (False, False)
     assert demo_parts(load_config(overrides=["model.teacher.checkpoint=/my/t.safetensors"])) == (True, False)
     assert demo_parts(load_config(overrides=["model.teacher.name=resnet50"])) == (True, False)

@@ -13,7 +13,8 @@ from tqdm import tqdm
 from dali_kd import console
 from dali_kd.commands.demo_data import demo_dataset_ready, make_demo_dataset
 from dali_kd.config import Config, load_config
-from dali_kd.data import ImageIndex, make_eval_batches, make_train_stream
+from dali_kd.config.own_data import is_demo_data, own_data_teacher_path, same_path
+from dali_kd.data import make_eval_batches, make_train_stream, prepare_data
 from dali_kd.errors import UserError
 from dali_kd.io import save_safetensors_atomic
 from dali_kd.models import create_model
@@ -24,23 +25,31 @@ TEACHER_LR = 3e-3
 LOSS_EVERY_N_STEPS = 10
 
 
-def _same_path(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and Path(a).expanduser() == Path(b).expanduser()
+def is_own_data_teacher(cfg: Config) -> bool:
+    """Whether cfg's teacher is one the demo's recipe trains on cfg's own data (see dali_kd.config.own_data)."""
+    teacher = cfg.model.teacher
+    return (
+        not is_demo_data(cfg.data)
+        and not teacher.pretrained
+        and same_path(teacher.checkpoint, own_data_teacher_path(cfg.data, teacher.name))
+    )
 
 
 def demo_parts(cfg: Config) -> tuple[bool, bool]:
-    """(prepare the demo dataset, train the demo teacher): what of the demo this config uses, and so what the
+    """(prepare the demo dataset, train the demo's teacher): what of the demo this config uses, and so what the
     command line makes on first use. Only the demo config's own paths count: a user who points data.root or
-    the teacher elsewhere trains on what they pointed at, and a missing folder or file is then an error."""
+    the teacher elsewhere trains on what they pointed at, and a missing folder or file is then an error. The
+    one exception: with a data.root of one's own and the demo's teacher, the config names a teacher that the
+    demo's recipe trains on that data (is_own_data_teacher), and that is trained on first use too."""
     demo = load_config()
-    data = _same_path(cfg.data.root, demo.data.root) and (
-        cfg.data.val_root is None or _same_path(cfg.data.val_root, demo.data.val_root)
+    data = same_path(cfg.data.root, demo.data.root) and (
+        cfg.data.val_root is None or same_path(cfg.data.val_root, demo.data.val_root)
     )
-    teacher = cfg.model.teacher.name == demo.model.teacher.name and _same_path(
+    teacher = cfg.model.teacher.name == demo.model.teacher.name and same_path(
         cfg.model.teacher.checkpoint, demo.model.teacher.checkpoint
     )
     # Trained on other data, the demo teacher would be cached at the demo's own path as a wrong teacher.
-    return data, data and teacher
+    return data, (data and teacher) or is_own_data_teacher(cfg)
 
 
 def prepare_demo(
@@ -51,7 +60,8 @@ def prepare_demo(
     train_teacher: bool = True,
 ) -> None:
     """Make sure the demo dataset (under data.root's parent) and the demo teacher's weights (at
-    model.teacher.checkpoint) exist; each is made only if missing."""
+    model.teacher.checkpoint) exist; each is made only if missing. A teacher for data of one's own is trained
+    on that data's training part (never on its held-out part), and every run that uses it says so."""
     train_root = Path(cfg.data.root).expanduser()
     data_dir = train_root.parent
     if prepare_data and not demo_dataset_ready(data_dir):
@@ -61,6 +71,13 @@ def prepare_demo(
         except OSError as e:
             raise UserError(f"data.root: cannot write the demo dataset to {data_dir}: {e.strerror}") from None
     checkpoint = cfg.model.teacher.checkpoint
+    own = is_own_data_teacher(cfg)
+    if own:
+        console.info(
+            f"teacher: {cfg.model.teacher.name} trained on data.root by the demo's recipe (the demo's own teacher "
+            f"knows only the demo's shapes), kept in {checkpoint}; for a teacher of your own set "
+            "model.teacher.checkpoint, or model.teacher.name with model.teacher.pretrained=true"
+        )
     if train_teacher and checkpoint and not Path(checkpoint).expanduser().is_file():
         train_demo_teacher(cfg, Path(checkpoint).expanduser(), device, show_progress)
 
@@ -77,7 +94,7 @@ def train_demo_teacher(
     cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
 ) -> float:
     """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
-    console.info(f"demo: training the {cfg.model.teacher.name} teacher on the demo data (first use only)")
+    console.info(f"demo: training the {cfg.model.teacher.name} teacher on {cfg.data.root} (first use only)")
     # The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache,
     # mixing: a mixed image against its own image's label would teach it a wrong answer, and the teacher file is
     # shared by every later demo run).
@@ -90,7 +107,9 @@ def train_demo_teacher(
         }
     )
     torch.manual_seed(cfg.train.seed)
-    index = ImageIndex.from_config(cfg.data.root, cfg.data.file_list)
+    # The run's own training split (checked files, its held-out part left out), and its evaluation split.
+    splits = prepare_data(cfg.data)
+    index = splits.train
     model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -121,8 +140,7 @@ def train_demo_teacher(
     stream.close()
     model.eval()
     accuracy = float("nan")
-    if cfg.data.val_root:
-        val = ImageIndex.from_folder(cfg.data.val_root, class_names=index.class_names)
+    if (val := splits.val) is not None:
         correct = 0
         with torch.no_grad():
             for batch in make_eval_batches(cfg.stream_settings(), val, device, cfg.train.batch_size):

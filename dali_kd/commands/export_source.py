@@ -15,7 +15,7 @@ import dali_kd
 from dali_kd.config import Config
 from dali_kd.config.loading import load_config_file
 from dali_kd.errors import UserError
-from dali_kd.models import model_input, read_weights, strip_wrapper_prefixes
+from dali_kd.models import classifier_size, model_input, read_weights, strip_wrapper_prefixes
 from dali_kd.models.inputs import InputSpec
 
 # The checkpoint's whole Student is saved; its timm model is the `backbone.` part (the projectors stay behind).
@@ -79,11 +79,13 @@ def read_student_weights(run_dir: Path, ema: bool) -> StudentWeights:
     return _from_checkpoint(run_dir, ema)
 
 
-def student_num_classes(cfg: Config) -> int:
-    """The student's head size as training built it (dali_kd.models.build_distill_models): null means the
-    teacher's, and the teacher's null means timm's 1000."""
-    teacher = 1000 if cfg.model.teacher.num_classes is None else cfg.model.teacher.num_classes
-    return teacher if cfg.model.student.num_classes is None else cfg.model.student.num_classes
+def student_num_classes(cfg: Config, weights: StudentWeights) -> int:
+    """The student's head size as training built it (dali_kd.models.build_distill_models): model.student.num_classes,
+    else the head its weights have (null means the teacher's head, which the teacher's weights decide)."""
+    if cfg.model.student.num_classes is not None:
+        return cfg.model.student.num_classes
+    found = classifier_size(cfg.model.student.name, weights.state_dict)
+    return 1000 if found is None else found
 
 
 def timm_kwargs(name: str, image_size: int, num_classes: int) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def timm_kwargs(name: str, image_size: int, num_classes: int) -> dict[str, Any]:
 def build_student(cfg: Config, weights: StudentWeights) -> tuple[nn.Module, dict[str, Any]]:
     """The eval-mode timm student with the weights loaded, and the create_model arguments that built it."""
     name = cfg.model.student.name
-    kwargs = timm_kwargs(name, cfg.data.image_size, student_num_classes(cfg))
+    kwargs = timm_kwargs(name, cfg.data.image_size, student_num_classes(cfg, weights))
     model = timm.create_model(name, pretrained=False, **kwargs)
     try:
         model.load_state_dict(weights.state_dict)

@@ -8,10 +8,11 @@ rounds, so that a machine getting slower or faster over the minutes touches ever
 round, the defaults are timed first and again last, so that their spread still measures the noise); compile
 caches carry over from one candidate to the next (same process, torch's on-disk caches).
 
-How it decides: a candidate's ms/step is the median of its repeats; the noise is the largest spread between the
-repeats of any one setting (max - min over median), at least 1%. An override is printed as faster only where
-its ms/step is below the defaults' by more than that noise; for a key with several values the fastest one wins.
-Each override is measured alone: their combination is measured once at the end when there is more than one.
+How it decides (dali_kd.commands.tune_verdict): a candidate's ms/step is the median of its repeats; the noise is the
+largest spread between the repeats of any one setting. An override is printed as faster only where the timings
+tell it apart from the defaults (further than the noise, no overlapping repeats); otherwise the verdict says the
+noise cannot tell them apart. Each override is measured alone: their combination is measured once at the end when
+there is more than one. --quick sizes all this for a CPU: few steps, few options, three rounds.
 """
 
 from __future__ import annotations
@@ -20,41 +21,25 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from dali_kd.commands.cli import CommandLineParser
+from dali_kd.commands.tune_verdict import Candidate, fastest_overrides, noise_pct, table, verdict_lines
 from dali_kd.config import Config, load_config
 from dali_kd.config.presets import find_preset
 from dali_kd.errors import UserError
 from dali_kd.pipelines.params import resolve_multi_crop_graph
 from dali_kd.training.callbacks import Callback
 
-MIN_NOISE_PCT = 1.0
-
-
-@dataclass
-class Candidate:
-    """One setting to time: its overrides over the user's config (none: the defaults); note: why it is not run."""
-
-    name: str
-    overrides: list[str]
-    note: str | None = None
-    ms: list[float] = field(default_factory=list)
-
-    @property
-    def ms_per_step(self) -> float | None:
-        return statistics.median(self.ms) if self.ms else None
-
-    @property
-    def spread(self) -> float:
-        """(max - min) / median of the repeats: how much the same setting varied."""
-        return (max(self.ms) - min(self.ms)) / statistics.median(self.ms) if len(self.ms) > 1 else 0.0
+# --quick: a few minutes on a CPU. Three rounds give each setting a spread; the options are the ones that move a
+# CPU step (the DALI threads against torch's for the same cores, and how far DALI works ahead).
+QUICK = {"steps": 5, "warmup": 2, "repeats": 3, "options": "dali_threads,prefetch_batches"}
+FULL = {"steps": 24, "warmup": 6, "repeats": 2, "options": None}
 
 
 def config_value(cfg: Config, key: str) -> Any:
@@ -153,6 +138,7 @@ def run_overrides(run_dir: Path, name: str, total_steps: int) -> list[str]:
         f"train.epochs={total_steps}",  # one step an epoch at least: the run is stopped long before its end
         "train.save_every_n_steps=null",
         "data.val_root=null",
+        "data.holdout_fraction=0",
         f"train.teacher_feature_dir={run_dir / 'teacher_cache'}",  # never the user's cache
     ]
 
@@ -216,58 +202,32 @@ def tune(
     return candidates
 
 
-def noise_pct(candidates: list[Candidate]) -> float:
-    spreads = [c.spread for c in candidates if len(c.ms) > 1]
-    return max([100 * s for s in spreads] + [MIN_NOISE_PCT])
-
-
-def fastest_overrides(candidates: list[Candidate], noise: float) -> list[str]:
-    """Per key, the fastest value that beat the defaults (candidates[0]) by more than the noise."""
-    base = candidates[0].ms_per_step
-    assert base is not None  # the caller refuses untimed defaults
-    best: dict[str, Candidate] = {}
-    for c in candidates[1:]:
-        ms = c.ms_per_step
-        if ms is None or len(c.overrides) != 1:
-            continue
-        if 100 * (ms - base) / base < -noise:
-            key = c.overrides[0].partition("=")[0]
-            if key not in best or ms < (best[key].ms_per_step or float("inf")):
-                best[key] = c
-    return [c.overrides[0] for c in best.values()]
-
-
-def table(candidates: list[Candidate], batch_size: int) -> str:
-    base = candidates[0].ms_per_step
-    lines = ["| option | ms/step | Δ vs defaults | img/s | repeats (ms) |", "|---|---|---|---|---|"]
-    for c in candidates:
-        ms = c.ms_per_step
-        if ms is None:
-            lines.append(f"| {c.name} | — | — | — | {(c.note or '').replace('|', '/')} |")
-            continue
-        delta = "—" if c is candidates[0] or not base else f"{100 * (ms - base) / base:+.1f}%"
-        lines.append(
-            f"| {c.name} | {ms:.2f} | {delta} | {1000 * batch_size / ms:.1f} | "
-            f"{', '.join(f'{m:.2f}' for m in c.ms)} |"
-        )
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog="python -m dali_kd.tune",
         description="Time the configured training step with each speed option flipped and print the fastest "
-        "KEY=VALUE overrides. Config flags and overrides as for python -m dali_kd.train.",
+        "KEY=VALUE overrides. Config flags and overrides as for python -m dali_kd.train (the demo's data and "
+        "teacher are made on first use, as train makes them).",
     )
     parser.add_argument("--data_config", type=Path, help="data YAML (default: the demo's)")
     parser.add_argument("--train_config", type=Path, help="train YAML (default: the demo's)")
     parser.add_argument("--model_config", type=Path, help="model YAML (default: the demo's)")
     parser.add_argument("--preset", action="append", default=[], metavar="NAME|PATH", help="as for train")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], help="overrides train.device")
-    parser.add_argument("--steps", type=int, default=24, help="timed steps per candidate (default 24)")
-    parser.add_argument("--warmup", type=int, default=6, help="untimed steps first: compilation, warm-up")
     parser.add_argument(
-        "--repeats", type=int, default=2, help="interleaved rounds (>= 2: the noise estimate)"
+        "--quick",
+        action="store_true",
+        help=f"sized for a CPU: {QUICK['repeats']} rounds of {QUICK['warmup']} + {QUICK['steps']} steps, options "
+        f"{QUICK['options']} (the flags below still win)",
+    )
+    parser.add_argument("--steps", type=int, help=f"timed steps per candidate (default {FULL['steps']})")
+    parser.add_argument(
+        "--warmup", type=int, help=f"untimed steps first: compilation, warm-up (default {FULL['warmup']})"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help=f"interleaved rounds (>= 2: the noise estimate; default {FULL['repeats']})",
     )
     parser.add_argument(
         "--options", help="comma-separated: only the options whose key contains one of these words"
@@ -280,10 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with what --quick (or the full tuning) sets wherever a flag was not given."""
     args = build_parser().parse_intermixed_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if min(args.repeats, args.steps, args.warmup) < 1:
         raise UserError("--repeats, --steps and --warmup must be >= 1")
+    return args
+
+
+def prepared_config(loader: dict[str, Any], overrides: list[str]) -> tuple[Config, Any, list[str]]:
+    """The config, its device, and the overrides every timing run adds: the demo's dataset and teacher made first
+    where the config uses them (as train makes them), and that teacher pinned (a timing run skips evaluation, which
+    for data of one's own would name another teacher, see dali_kd.config.own_data)."""
+    cfg = load_config(**loader, overrides=overrides)
+    from dali_kd.commands.demo import demo_parts, prepare_demo
+    from dali_kd.runtime import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    if any(parts := demo_parts(cfg)):
+        prepare_demo(cfg, device, sys.stdout.isatty(), *parts)
+    return cfg, device, [f"model.teacher.checkpoint={json.dumps(cfg.model.teacher.checkpoint)}"]
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     loader = {
         "data_config": args.data_config,
         "train_config": args.train_config,
@@ -291,10 +274,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "presets": [find_preset(p) for p in args.preset],
     }
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    cfg = load_config(**loader, overrides=overrides)
-    from dali_kd.runtime import resolve_device
-
-    device = resolve_device(cfg.train.device)
+    cfg, device, pinned = prepared_config(loader, overrides)
     options = speed_options(cfg, device.type == "cuda")
     if args.options:
         words = args.options.split(",")
@@ -304,7 +284,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
           f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
           f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:
-        tune(loader, overrides, candidates, device, args.steps, args.warmup, args.repeats, Path(tmp))
+        tune(loader, overrides + pinned, candidates, device, args.steps, args.warmup, args.repeats, Path(tmp))
         if candidates[0].ms_per_step is None:
             raise UserError(f"the defaults could not be timed: {candidates[0].note}")
         noise = noise_pct(candidates)
@@ -312,25 +292,30 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         combined = None
         if len(best) > 1:
             both = Candidate("all fastest together", best)
-            tune(loader, overrides, [both], device, args.steps, args.warmup, 1, Path(tmp))
+            tune(loader, overrides + pinned, [both], device, args.steps, args.warmup, 1, Path(tmp))
             combined = both
+    lines = verdict_lines(candidates, noise)
     result = {
         "device": str(device), "batch_size": cfg.train.batch_size, "steps": args.steps, "warmup": args.warmup,
         "repeats": args.repeats, "noise_pct": noise, "candidates": [asdict(c) for c in candidates],
-        "fastest_overrides": best, "combined": asdict(combined) if combined else None,
+        "verdicts": lines, "fastest_overrides": best, "combined": asdict(combined) if combined else None,
     }  # fmt: skip
     print(
         table(
             candidates + ([combined] if combined else []), cfg.train.batch_size * cfg.train.grad_accum_steps
         )
     )
-    print(f"noise: {noise:.1f}% (the largest spread between repeats of one setting)")
+    print(f"noise: {noise:.1f}% (the largest spread between repeats of one setting): smaller differences, or "
+          "overlapping repeats, cannot be told apart")  # fmt: skip
+    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if best:
         print(f"fastest: {' '.join(best)}")
     else:
-        print(f"fastest: the defaults (no option beat them by more than the noise, {noise:.1f}%)")
+        print(
+            f"fastest: no option told apart from the defaults as faster (noise {noise:.1f}%): keep the defaults"
+        )
     return result
 
 

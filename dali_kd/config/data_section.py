@@ -84,7 +84,17 @@ class DataConfig(Section):
         description="Train on the files listed here (one <class>/<image> path per line, relative to root)",
     )
     val_root: str | None = free_on_resume(
-        None, description="Held-out images (same classes) for k-NN evaluation; null skips it"
+        None,
+        description="Held-out images (same classes) for the k-NN and head evaluation; null: the part of root "
+        "that data.holdout_fraction holds out, or no evaluation when that is 0",
+    )
+    holdout_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="With data.val_root null: this fraction of each class's images under root is held out for "
+        "evaluation and never trained on (chosen by a hash of each file's path relative to root: the same "
+        "files on every run and every rank); 0: no evaluation. Folders only (shards: give data.val_root)",
     )
     backend: Literal["dali", "torchvision"] = Field(
         "dali", description="dali (GPU or DALI CPU) or torchvision (PIL)"
@@ -215,3 +225,8 @@ class DataConfig(Section):
     @classmethod
     def _check_scales(cls, v: FloatRange) -> FloatRange:
         return _check_area_range(v)
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether evaluation takes a held-out part of root (no data.val_root, a data.holdout_fraction)."""
+        return self.val_root is None and self.holdout_fraction > 0

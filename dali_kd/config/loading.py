@@ -12,9 +12,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dali_kd.config.files import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES
+from dali_kd.config.own_data import own_data_changes
 from dali_kd.config.presets import find_preset
 from dali_kd.config.schema import Config, ConfigConflict
 from dali_kd.errors import UserError
+
+OWN_DATA_DOC = "docs/data.md, Your own images"
 
 
 def _did_you_mean(model: type[BaseModel] | None, key: str) -> str:
@@ -208,7 +211,8 @@ def load_config(
     presets: Sequence[str | Path] = (),
 ) -> Config:
     """Read the three files (a missing flag takes the file of that name in config_dir), then each preset in order
-    (a path, or a name in configs/presets), then the overrides, which win; validate."""
+    (a path, or a name in configs/presets), then the overrides, which win; validate. With a data.root other than
+    the demo's, the demo's val folder and teacher give way (dali_kd.config.own_data)."""
     paths = {
         "data": Path(data_config) if data_config else config_dir / SECTION_FILES["data"],
         "train": Path(train_config) if train_config else config_dir / SECTION_FILES["train"],
@@ -226,18 +230,46 @@ def load_config(
             raise UserError(
                 f"command line: {'.'.join(keys)}: unknown section '{keys[0]}' (expected data., train. or model.)"
             )
-        node = raw
-        for depth, part in enumerate(keys[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise UserError(
-                    f"command line: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section"
-                )
-            node = child
-        node[keys[-1]] = value
+        _set_key(raw, keys, value, "command line")
         sources[".".join(keys)] = "command line"
+    return _with_own_data(_validate(raw, sources), raw, sources, paths["model"])
+
+
+def _set_key(raw: dict[str, Any], keys: list[str], value: Any, where: str) -> None:
+    node = raw
+    for depth, part in enumerate(keys[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise UserError(f"{where}: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _with_own_data(cfg: Config, raw: dict[str, Any], sources: dict[str, str], model_file: Path) -> Config:
+    """cfg, or (a data.root other than the demo's) cfg without the demo's val folder and teacher."""
+    explicit = {key for key in sources if "." in key}  # set on the command line or by a preset
+    changes = own_data_changes(cfg, explicit, explicit | set(_dotted_keys(raw)), model_file)
+    if not changes:
+        return cfg
+    for key, value in changes.items():
+        where = f"for a data.root other than the demo's ({OWN_DATA_DOC})"
+        _set_key(raw, key.split("."), value, where)
+        sources[key] = where
+    return _validate(raw, sources)
+
+
+def _dotted_keys(node: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _validate(raw: dict[str, Any], sources: dict[str, str]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -255,8 +287,4 @@ def load_config_file(path: Path) -> Config:
     """A resolved config as a run directory keeps it (config.yaml: the three sections in one file), validated by
     the same rules as load_config."""
     raw = read_yaml(path)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        raise UserError(_describe(errors[0], {section: str(path) for section in raw})) from None
+    return _validate(raw, {section: str(path) for section in raw})

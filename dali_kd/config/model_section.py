@@ -42,8 +42,9 @@ class ModelSpec(Section):
     num_classes: int | None = Field(
         None,
         ge=0,
-        description="Classifier outputs; null: the pretrained head's (else 1000) for the teacher, the "
-        "teacher's for the student",
+        description="Classifier outputs; null: for the teacher its pretrained head's, or its checkpoint's "
+        "(a random init: 1000), for the student the teacher's. A teacher whose head lacks the data's classes "
+        "teaches features only (docs/data.md)",
     )
 
 

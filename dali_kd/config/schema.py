@@ -73,7 +73,7 @@ class Config(Section):
 
     def _check_eval_schedule_and_losses(self) -> None:
         d, t = self.data, self.train
-        if d.val_root is not None and d.eval_resize < d.image_size:
+        if (d.val_root is not None or d.holds_out) and d.eval_resize < d.image_size:
             raise self._conflict(
                 "{data.eval_resize} is smaller than {data.image_size}: the eval centre crop would not fit; "
                 "raise data.eval_resize or lower data.image_size"
@@ -129,6 +129,12 @@ class Config(Section):
             raise self._conflict(
                 "{data.file_list} with {data.format}: a shard folder holds the samples it was made from; make "
                 "shards from the list instead (python -m dali_kd.shard --file-list LIST SRC OUT)"
+            )
+        if d.format == "shards" and d.holds_out:
+            raise self._conflict(
+                "{data.holdout_fraction} with {data.format} and no data.val_root: a shard folder cannot be split; "
+                "give data.val_root (shards of held-out images: python -m dali_kd.shard) or set "
+                "data.holdout_fraction=0 (no evaluation)"
             )
         if d.augment.mix != "none" and t.batch_size < 2:
             raise self._conflict(

@@ -11,7 +11,10 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.data.file_checks import candidate_files, scan
 from dali_kd.data.file_tree import IMAGE_EXTENSIONS
+from dali_kd.data.holdout import split_off
 from dali_kd.errors import UserError
+
+NO_EVALUATION = "data: no evaluation (data.val_root is null and data.holdout_fraction is 0)"
 
 
 @dataclass
@@ -89,6 +92,8 @@ def prepare_shards(data: DataConfig) -> DataSplits:
         for split, index in (("train", train), ("val", val))
         if index is not None and index.shards is not None
     ]
+    if val is None:
+        messages.append(NO_EVALUATION)
     return DataSplits(train, val, [], messages)
 
 
@@ -116,4 +121,9 @@ def prepare_data(
                 f"data.val_root {val_root}: class folders not in the training split: {', '.join(unknown[:5])}"
             )
         val, val_bad, val_msg = _split(data, "val", val_root, None, classes, is_main, barrier, val_classes)
+    elif data.holdout_fraction > 0:
+        train, val, line = split_off(train, data.holdout_fraction, (q["path"] for q in train_bad))
+        val_msg = [line]
+    else:
+        val_msg = [NO_EVALUATION]
     return DataSplits(train, val, train_bad + val_bad, train_msg + val_msg)

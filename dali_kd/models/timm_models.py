@@ -193,10 +193,28 @@ def fetch_pretrained(cfg: ModelConfig) -> None:
         pretrained_weights(spec, role)
 
 
+def classifier_size(name: str, weights: dict[str, torch.Tensor]) -> int | None:
+    """The classifier outputs that `weights` (a state dict) give timm model `name`: the rows of its classifier's
+    weight, 0 where they have none, None where the model's classifier has no single weight to look at."""
+    with torch.device("meta"):  # the layer names only: no memory, no initialisation
+        model = _timm(timm.create_model(name, pretrained=False, num_classes=1))
+    classifier = model.get_classifier()
+    module_names = {module: module_name for module_name, module in model.named_modules()}
+    if not isinstance(classifier, nn.Module) or not isinstance(
+        getattr(classifier, "weight", None), torch.Tensor
+    ):
+        return None
+    weight = weights.get(f"{module_names[classifier]}.weight")
+    return 0 if weight is None else int(weight.shape[0])
+
+
 def head_sizes(cfg: ModelConfig, teacher: PretrainedWeights | None) -> tuple[int, int]:
-    """(teacher, student) classifier sizes. null: the pretrained head's count (a random-init or checkpoint
+    """(teacher, student) classifier sizes. null: the pretrained head's count, or the checkpoint's (a random-init
     teacher: 1000); the student's null: the teacher's, so that the logit loss applies."""
     default = teacher.num_classes if teacher is not None else 1000
+    if teacher is None and cfg.teacher.checkpoint and cfg.teacher.num_classes is None:
+        found = classifier_size(cfg.teacher.name, read_weights(Path(cfg.teacher.checkpoint).expanduser()))
+        default = default if found is None else found
     teacher_classes = default if cfg.teacher.num_classes is None else cfg.teacher.num_classes
     if teacher is not None and teacher_classes not in (0, teacher.num_classes):
         # timm would give the frozen teacher a fresh, random head: its logits would teach noise.

@@ -14,7 +14,7 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 
 from dali_kd import console, distributed
-from dali_kd.config import Config
+from dali_kd.config import Config, LossConfig
 from dali_kd.data import DataSplits, ImageIndex, QuarantineList, TrainStream, make_train_stream, prepare_data
 from dali_kd.data.sampling import min_share_size
 from dali_kd.distributed import DistInfo
@@ -108,8 +108,9 @@ def build_run(
         cfg.model, cfg.data.image_size, train.loss.patch_weight, train.use_local_crops, device, amp_dtype,
         teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
     )  # fmt: skip
+    loss = _loss_for_teacher(cfg, models, splits.train.num_classes, dist)
     task = DistillTask(
-        models.student, train.loss, device, amp_dtype, dist, compiles_student(train.compile_student, device)
+        models.student, loss, device, amp_dtype, dist, compiles_student(train.compile_student, device)
     )
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
     # Every rank takes the same number of steps: the smallest share decides; a step takes grad_accum_steps batches.
@@ -159,6 +160,41 @@ def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
             f"({splits.train.num_samples} usable images / {dist.world_size} processes = {share})"
         )
     return splits, share
+
+
+def teacher_head_loss(
+    loss: LossConfig, teacher_name: str, teacher_classes: int, data_classes: int
+) -> tuple[LossConfig, str | None]:
+    """The loss to distil this teacher with, and a line to say when it is not train.loss: a teacher whose
+    classifier does not have the data's classes answers another question with its logits, so it teaches its
+    features only (the logit loss off); with nothing else to learn from it, a UserError."""
+    if loss.logit_weight == 0 or teacher_classes in (0, data_classes):
+        return loss, None
+    what = (
+        f"model.teacher: {teacher_name}'s classifier has {teacher_classes} outputs but the data has {data_classes} "
+        "classes, so its logits are not about these classes"
+    )
+    fix = (
+        f"give a teacher of these {data_classes} classes (model.teacher.checkpoint, or model.teacher.name with "
+        "model.teacher.pretrained=true and weights for them)"
+    )
+    if loss.feature_weight == loss.patch_weight == loss.label_weight == 0:
+        raise UserError(
+            f"{what}, and train.loss.logit_weight is the only loss: {fix}, or set train.loss.feature_weight"
+        )
+    quiet = "model.teacher.num_classes=0 (a pretrained teacher without its head) or train.loss.logit_weight=0"
+    return loss.model_copy(update={"logit_weight": 0.0}), (
+        f"{what}: the logit loss is off, the student learns its features only; to distil logits {fix}; {quiet} "
+        "asks for features only without this line"
+    )
+
+
+def _loss_for_teacher(cfg: Config, models: DistillModels, data_classes: int, dist: DistInfo) -> LossConfig:
+    teacher_classes = int(getattr(models.teacher.model, "num_classes", 0))
+    loss, line = teacher_head_loss(cfg.train.loss, cfg.model.teacher.name, teacher_classes, data_classes)
+    if line and dist.is_main:
+        console.info(line)
+    return loss
 
 
 def _peak_lr(cfg: Config, dist: DistInfo) -> float:
