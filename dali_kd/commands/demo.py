@@ -90,22 +90,26 @@ def _show_loss(bar: tqdm, step: int, steps: int, loss: torch.Tensor, show_progre
         console.info(f"demo: teacher step {step}/{steps}, loss {loss.item():.3f}")
 
 
-def train_demo_teacher(
-    cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
-) -> float:
-    """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
-    console.info(f"demo: training the {cfg.model.teacher.name} teacher on {cfg.data.root} (first use only)")
-    # The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache,
-    # mixing: a mixed image against its own image's label would teach it a wrong answer, and the teacher file is
-    # shared by every later demo run).
+def _one_view(cfg: Config) -> Config:
+    """The teacher learns from plain one-view batches, whatever the distillation run will do (multi-crop, cache,
+    mixing: a mixed image against its own image's label would teach it a wrong answer, and the teacher file is
+    shared by every later demo run)."""
     one_view = {"use_local_crops": False, "cache_teacher_features": False}
     unmixed = cfg.data.augment.model_copy(update={"mix": "none"})
-    cfg = cfg.model_copy(
+    return cfg.model_copy(
         update={
             "train": cfg.train.model_copy(update=one_view),
             "data": cfg.data.model_copy(update={"augment": unmixed}),
         }
     )
+
+
+def train_demo_teacher(
+    cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
+) -> float:
+    """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
+    console.info(f"demo: training the {cfg.model.teacher.name} teacher on {cfg.data.root} (first use only)")
+    cfg = _one_view(cfg)
     torch.manual_seed(cfg.train.seed)
     # The run's own training split (checked files, its held-out part left out), and its evaluation split.
     splits = prepare_data(cfg.data)
@@ -120,7 +124,7 @@ def train_demo_teacher(
     start = time.perf_counter()
     model.train()
     batches = iter(stream)
-    out = console.current()  # a bar only on a terminal: a Slurm .out file gets the start and end lines
+    out = console.current()  # a bar only on a terminal: a Slurm .out file gets a line at each quarter
     bar = tqdm(
         range(steps),
         desc="teacher",
