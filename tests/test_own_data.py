@@ -59,6 +59,10 @@ def test_a_data_root_of_ones_own_takes_neither_the_demos_val_folder_nor_its_teac
     )
     mine = load_config(overrides=["data.root=/my/images", "model.teacher.checkpoint=/my/t.safetensors"])
     assert mine.model.teacher.checkpoint == "/my/t.safetensors" and mine.model.teacher.num_classes is None
+    random_init = load_config(overrides=["data.root=/my/images", "model.teacher.checkpoint=null"])
+    assert random_init.model.teacher.num_classes == DEMO.model.teacher.num_classes, (
+        "no weights to take a head from"
+    )
     pretrained = load_config(overrides=["data.root=/my/images", "model.teacher.pretrained=true"])
     assert pretrained.model.teacher.checkpoint is None, "pretrained weights, not a teacher trained here"
     # Another folder, or another held-out part, is another teacher.

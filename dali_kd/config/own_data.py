@@ -76,7 +76,7 @@ def own_data_changes(
     - the demo's teacher checkpoint (unless explicit) becomes a teacher the demo's recipe trains on this data
       (own_data_teacher_path), or none when model.teacher.pretrained asks for pretrained weights;
     - model.teacher.num_classes from the demo's model file (the demo's classes), or beside the demo's teacher,
-      becomes null: the head the teacher's weights have.
+      becomes null where the teacher has weights (a checkpoint, pretrained): the head those weights have.
     """
     demo = demo_files()
     data, teacher = cfg.data, cfg.model.teacher
@@ -94,6 +94,13 @@ def own_data_changes(
             None if teacher.pretrained else own_data_teacher_path(own, teacher.name)
         )
     from_demo = demo_teacher or model_file.resolve() == demo.model_file.resolve()
-    if from_demo and teacher.num_classes is not None and "model.teacher.num_classes" not in explicit:
+    # A random-init teacher (no checkpoint, not pretrained) keeps the count: no weights have a head to take.
+    weights = changes.get("model.teacher.checkpoint", teacher.checkpoint) is not None or teacher.pretrained
+    if (
+        from_demo
+        and weights
+        and teacher.num_classes is not None
+        and "model.teacher.num_classes" not in explicit
+    ):
         changes["model.teacher.num_classes"] = None
     return changes
