@@ -26,9 +26,9 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def compiles_student(setting: str | bool, device: torch.device | str) -> bool:
-    """train.compile_student: auto compiles on CUDA only (on the CPU the first compile costs about a minute of
-    CPU and the convolutions run in oneDNN either way, so a short run is faster without it)."""
+def resolve_compile(setting: str | bool, device: torch.device | str) -> bool:
+    """train.compile_student and model.teacher.compile: auto compiles on CUDA only (on the CPU the first compile
+    costs about a minute of CPU and the convolutions run in oneDNN either way, so a short run is faster without it)."""
     return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
 
 

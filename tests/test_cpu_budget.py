@@ -108,3 +108,13 @@ def test_a_run_trains_with_its_thread_budget_and_gives_the_threads_back(image_tr
     assert "cpu: 1 threads (train.cpu_threads)" in out
     config = (tmp_path / "runs" / "test" / "config.yaml").read_text()
     assert re.search(r"^  dali_threads: 1$", config, re.M), "DALI's threads are capped by the budget too"
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "compiles"),
+    [("auto", "cpu", False), ("auto", "cuda", True), (True, "cpu", True), (False, "cuda", False)],
+)
+def test_auto_compiles_on_cuda_only_and_a_setting_given_is_kept(setting, device, compiles):
+    from dali_kd.runtime import resolve_compile
+
+    assert resolve_compile(setting, torch.device(device)) is compiles

@@ -21,7 +21,7 @@ from dali_kd.models.timm_models import (
     pretrained_weights,
     same_token_grid,
 )
-from dali_kd.runtime import autocast
+from dali_kd.runtime import autocast, resolve_compile
 
 # The layers whose weights autocast casts to its dtype on every call (a teacher's weights never need a gradient, so
 # autocast keeps no cached copy of them); exact types, so that a subclass with its own weight arithmetic (timm's
@@ -192,8 +192,8 @@ def _adapter(pipeline: InputSpec, model: InputSpec) -> InputAdapter | None:
 
 
 def teacher_compile(spec: TeacherSpec, device: torch.device) -> bool:
-    """model.teacher.compile: auto compiles on CUDA only (on the CPU the first compile outweighs a short run)."""
-    return device.type == "cuda" if spec.compile == "auto" else spec.compile
+    """model.teacher.compile, resolved for the device as the student's switch is (auto: CUDA only)."""
+    return resolve_compile(spec.compile, device)
 
 
 def build_distill_models(

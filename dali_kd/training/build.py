@@ -25,7 +25,7 @@ from dali_kd.models import FrozenTeacher, Student, build_distill_models
 from dali_kd.models.distill import DistillModels
 from dali_kd.models.inputs import InputSpec
 from dali_kd.runs import checkpoint as ckpt
-from dali_kd.runtime import autocast_dtype, compiles_student, seed_everything
+from dali_kd.runtime import autocast_dtype, resolve_compile, seed_everything
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
@@ -79,7 +79,7 @@ class RunParts:
         return RunSetup(
             device=device.type,
             bf16=self.amp_dtype == torch.bfloat16,
-            compiled_student=compiles_student(cfg.train.compile_student, device),
+            compiled_student=resolve_compile(cfg.train.compile_student, device),
             compiled_teacher=self.teacher.compiled,
             teacher_cached=self.cache is not None,
             backend=cfg.data.backend,
@@ -110,7 +110,7 @@ def build_run(
     )  # fmt: skip
     loss = _loss_for_teacher(cfg, models, splits.train.num_classes, dist)
     task = DistillTask(
-        models.student, loss, device, amp_dtype, dist, compiles_student(train.compile_student, device)
+        models.student, loss, device, amp_dtype, dist, resolve_compile(train.compile_student, device)
     )
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
     # Every rank takes the same number of steps: the smallest share decides; a step takes grad_accum_steps batches.

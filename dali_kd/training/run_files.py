@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from dali_kd.config import Config, dump_config
 from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from dali_kd.models import Student
-from dali_kd.runtime import compiles_student
+from dali_kd.runtime import resolve_compile
 from dali_kd.training.run_state import RunState
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def run_summary(
         "device": device,
         "backend": cfg.data.backend,
         "precision": str(parts.amp_dtype).removeprefix("torch.") if parts.amp_dtype else "fp32",
-        "compiled_student": compiles_student(cfg.train.compile_student, device),
+        "compiled_student": resolve_compile(cfg.train.compile_student, device),
         "world_size": world_size,
         "quarantined_files": len(parts.quarantine),
     }
