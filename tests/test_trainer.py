@@ -152,3 +152,18 @@ def test_weights_of_another_architecture_are_a_user_error(tiny_config, tmp_path)
         UserError, match=r"model\.teacher\.checkpoint .*weights do not fit teacher: size mismatch"
     ):
         Trainer(tiny_config(f"model.teacher.checkpoint={path}"), CPU, show_progress=False)
+
+
+@pytest.mark.parametrize("student", ["mobilenetv3_small_050", "lcnet_050"])
+def test_a_student_whose_pooled_embedding_is_wider_than_its_feature_map_trains(
+    tiny_config, tmp_path, student
+):
+    """MobileNetV3 and LCNet pool, then widen through a convolution before the classifier (pre-logits 1024 or 1280
+    against a 576- or 512-channel feature map): the projector must be built on what the model really pools to."""
+    summary = Trainer(
+        tiny_config(f"model.student.name={student}", "train.epochs=1", "train.max_steps_per_epoch=1"),
+        CPU,
+        show_progress=False,
+    ).fit(tmp_path / "run")
+    assert summary["steps"] == 1
+    assert load_file(tmp_path / "run" / "student.safetensors")

@@ -20,6 +20,7 @@ from dali_kd.models.timm_models import (
     model_outputs,
     pretrained_weights,
     same_token_grid,
+    token_dim,
 )
 from dali_kd.runtime import autocast, resolve_compile
 
@@ -121,7 +122,7 @@ class Student(nn.Module):
         self.with_patches = with_patches
         self.projector = _projector(embed_dim(backbone), teacher_dim, hidden_dim)
         self.patch_projector = (
-            _projector(embed_dim(backbone), teacher_dim, hidden_dim) if with_patches else None
+            _projector(token_dim(backbone), teacher_dim, hidden_dim) if with_patches else None
         )
 
     def _views(self, images: torch.Tensor, with_patches: bool, resize: bool = True) -> StudentOutput:

@@ -256,4 +256,13 @@ def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
 
 
 def embed_dim(model: nn.Module) -> int:
+    """The size of the pooled embedding that model_outputs returns. Not num_features: that is the size of the
+    feature map, and models with a convolution or MLP between pooling and the classifier (MobileNetV3, LCNet)
+    pool to head_hidden_size (1024 against 576 for mobilenetv3_small_100)."""
+    timm_model = _timm(model)
+    return int(getattr(timm_model, "head_hidden_size", None) or timm_model.num_features)
+
+
+def token_dim(model: nn.Module) -> int:
+    """The size of one token of the feature map (a ViT's patch tokens)."""
     return int(_timm(model).num_features)
