@@ -168,6 +168,9 @@ def index_from_shards(
         offsets=tuple(r[2] for r in rows),
         sizes=tuple(r[3] for r in rows),
         members=members,
+        tar_sha256=tuple(
+            r.get("sha256") if isinstance(r.get("sha256"), str) else None for r in manifest["shards"]
+        ),
     )
     return ImageIndex(
         root=folder,

@@ -254,6 +254,7 @@ class ShardLayout:
     sizes: tuple[int, ...]
     members: tuple[str, ...]
     whole: bool = True
+    tar_sha256: tuple[str | None, ...] = ()  # per tar, as the manifest records it (None: not recorded)
     # Per process (see __getstate__): the open tars and the lock that opens them.
     _fds: dict[int, int] = field(init=False, repr=False, compare=False)
     _lock: threading.Lock = field(init=False, repr=False, compare=False)
@@ -306,6 +307,7 @@ class ShardLayout:
             sizes=tuple(self.sizes[i] for i in keep),
             members=tuple(self.members[i] for i in keep),
             whole=self.whole and keep == list(range(len(self.offsets))),
+            tar_sha256=self.tar_sha256,
         )
 
     def index_text(
