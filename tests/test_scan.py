@@ -252,7 +252,9 @@ def test_scan_numbers_out_of_range_are_one_line_exit_2(tmp_path, capsys, args, s
 
 def test_a_scan_never_runs_more_workers_than_the_machine_can_use(tmp_path, capsys):
     cpus = usable_cpus()
-    assert scan_workers(48, full=True) == scan_workers(10**9, full=True) == scan_workers(None, full=True) == cpus
+    assert (
+        scan_workers(48, full=True) == scan_workers(10**9, full=True) == scan_workers(None, full=True) == cpus
+    )
     assert scan_workers(1, full=True) == 1 and scan_workers(10**9, full=False) == min(32, 4 * cpus)
     root = write_tree(tmp_path / "tree", num_classes=2, per_class=2)
     assert scan_main([str(root), "--out", str(tmp_path / "out"), "--full", "--workers", "1000000000"]) == 0
