@@ -107,11 +107,9 @@ class DaliTrainStream:
         )
         self.position = start_position
         self._index_dir: tempfile.TemporaryDirectory | None = None  # rewritten index files (from shards)
-        if quarantine is None:
-            quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
-        self.quarantine = quarantine
+        self.quarantine = quarantine or RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         # A tar changed in place mid-run may decode without an error: its batches are looked at before use.
-        self._watch = ShardWatch(index.shards, quarantine) if index.shards is not None else None
+        self._watch = ShardWatch(index.shards, self.quarantine) if index.shards is not None else None
         self._settings: dict[str, Any] = dict(
             params=params,
             batch_size=batch_size,
