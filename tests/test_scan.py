@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_kd.data.file_checks import check_file, scan
+from dali_kd.commands.scan import main as scan_main
+from dali_kd.cpu_budget import usable_cpus
+from dali_kd.data.file_checks import check_file, scan, scan_workers
 from dali_kd.training.trainer import Trainer
 from tests.conftest import FIXTURES, write_tree
 
@@ -193,11 +195,11 @@ def test_rescan_uses_the_cache_and_rechecks_changed_files(tmp_path):
     assert third.checked == 1 and [q["path"] for q in third.quarantined] == ["class_1/2.jpg"]
 
 
-def test_full_scan_decodes_with_dali(tmp_path):
-    root = tmp_path / "tree"
+def tree_only_a_decode_can_fault(root: Path) -> Path:
+    """root/cls: a good JPEG, and a PNG whose structure and CRCs are fine but whose compressed data is not (the
+    header check passes it; only a decode can tell)."""
     (root / "cls").mkdir(parents=True)
     (root / "cls" / "good.jpg").write_bytes(jpeg_bytes())
-    # A PNG whose structure and CRCs are fine but whose compressed data is not: only a decode can tell.
     out = io.BytesIO()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(out, "PNG")
     data = bytearray(out.getvalue())
@@ -206,11 +208,58 @@ def test_full_scan_decodes_with_dali(tmp_path):
     end = start + struct.unpack(">I", data[start - 8 : start - 4])[0]
     data[end : end + 4] = struct.pack(">I", zlib.crc32(bytes(data[start - 4 : end])))
     (root / "cls" / "bad_stream.png").write_bytes(bytes(data))
+    return root
+
+
+def test_full_scan_decodes_with_dali(tmp_path):
+    root = tree_only_a_decode_can_fault(tmp_path / "tree")
     header = scan(root, tmp_path / "header")
     assert header.quarantined == []
     full = scan(root, tmp_path / "full", full=True)
     assert [q["path"] for q in full.quarantined] == ["cls/bad_stream.png"]
     assert full.quarantined[0]["reason"].startswith("DALI cannot decode it")
+
+
+def test_a_full_scan_after_a_header_scan_into_the_same_folder_decodes_every_file(tmp_path):
+    root = tree_only_a_decode_can_fault(tmp_path / "tree")
+    assert scan(root, tmp_path / "scan").quarantined == []
+    full = scan(root, tmp_path / "scan", full=True)
+    assert full.checked == 2 and full.cached == 0, "a header check is no decode: every file is decoded"
+    assert [q["path"] for q in full.quarantined] == ["cls/bad_stream.png"]
+    again = scan(root, tmp_path / "scan")
+    assert again.cached == 2 and [q["path"] for q in again.quarantined] == ["cls/bad_stream.png"], (
+        "a header scan after a full one keeps the full results"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--max-pixels", "-5"], "argument --max-pixels: must be at least 1, got -5"),
+        (["--max-pixels", "0"], "argument --max-pixels: must be at least 1, got 0"),
+        (["--workers", "-1"], "argument --workers: must be at least 1, got -1"),
+        (["--full", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    ],
+)
+def test_scan_numbers_out_of_range_are_one_line_exit_2(tmp_path, capsys, args, says):
+    root = write_tree(tmp_path / "tree", num_classes=2, per_class=2)
+    with pytest.raises(SystemExit) as info:
+        scan_main([str(root), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "out").exists(), "nothing scanned"
+
+
+def test_a_scan_never_runs_more_workers_than_the_machine_can_use(tmp_path, capsys):
+    cpus = usable_cpus()
+    assert (
+        scan_workers(48, full=True) == scan_workers(10**9, full=True) == scan_workers(None, full=True) == cpus
+    )
+    assert scan_workers(1, full=True) == 1 and scan_workers(10**9, full=False) == min(32, 4 * cpus)
+    root = write_tree(tmp_path / "tree", num_classes=2, per_class=2)
+    assert scan_main([str(root), "--out", str(tmp_path / "out"), "--full", "--workers", "1000000000"]) == 0
+    err = capsys.readouterr().err
+    assert f"--workers 1000000000 is more than this machine can use; running {cpus}" in err, err
 
 
 def test_scan_cli(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.loaders import make_eval_batches, make_train_stream
 from dali_kd.data.prepare import prepare_data
 from dali_kd.data.shard_writer import make_shards
-from dali_kd.errors import UserError
+from dali_kd.errors import TrainingStopped, UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.training.trainer import Trainer
 from tests.test_resume import SETTINGS, run
@@ -186,6 +187,77 @@ def test_a_sample_that_fails_to_decode_is_set_aside_by_shard_and_key(tiny_config
         assert index.shards.shard_of[standin] == index.shards.shard_of[bad]
         assert ids.count(standin) == 4, "two passes: the stand-in shows in its own slot and in the spoilt one"
         stream.close()
+
+
+def _spoil_in_place(folder: Path, sample_id: int, start: int, end: int) -> tuple[str, int]:
+    """Zero bytes start..end of sample_id's image inside its tar and put the tar's mtime back: the same size and
+    time, as a disk or a careless tool leaves it. DALI decodes such a JPEG without an error. Returns the shard's
+    name and the image's offset."""
+    row = json.loads((folder / fmt.SAMPLES_NAME).read_text().splitlines()[sample_id])
+    tar = folder / fmt.read_manifest(folder)["shards"][row[1]]["name"]
+    before = tar.stat()
+    with open(tar, "r+b") as f:
+        f.seek(row[2] + start)
+        f.write(bytes(end - start))
+    os.utime(tar, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert tar.stat().st_size == before.st_size and tar.stat().st_mtime_ns == before.st_mtime_ns
+    return tar.name, row[2]
+
+
+@pytest.fixture
+def two_shards(image_tree, tmp_path) -> Path:
+    # Two shards, so every class has other samples in a spoilt sample's tar to stand in.
+    make_shards(image_tree / "train", tmp_path / "train", 200_000, show_progress=False)
+    return tmp_path / "train"
+
+
+def test_a_sample_spoilt_in_place_mid_run_is_set_aside_not_trained_on(tiny_config, two_shards):
+    # A small shuffle buffer, so the reader reads the spoilt bytes after the spoil (a large one may hold them).
+    cfg = tiny_config(
+        "data.format=shards", f"data.root={two_shards}", "data.val_root=null", "data.shuffle_buffer=4"
+    )
+    index = prepare_data(cfg.data).train
+    stream = make_train_stream(cfg.stream_settings(), index, CPU)
+    batches = iter(stream)
+    next(batches)
+    tar = two_shards / index.shards.tar_paths[0].rsplit("/", 1)[1]
+    os.utime(tar)  # touched, not changed: nothing is set aside
+    passes(batches, 6)
+    assert stream.take_entries() == []
+    bad = next(i for i in range(index.num_samples) if index.shards.shard_of[i] == 0)
+    size = index.shards.sizes[bad]
+    # Everything after the first half zeroed (the end-of-image marker too): the scan's header check finds it.
+    shard, offset = _spoil_in_place(two_shards, bad, size // 2, size)
+    with pytest.warns(
+        UserWarning, match=rf"set aside \S*{shard}:{offset}:{fmt.sample_key(bad)}\.jpg: .*changed"
+    ):
+        ids = passes(batches, 12)
+    assert bad not in ids and len(ids) == 96, "the slot shows a stand-in from the first batch after the spoil"
+    (entry,) = stream.take_entries()
+    assert (entry["shard"], entry["key"], entry["found"]) == (shard, fmt.sample_key(bad), "runtime")
+    assert "truncated JPEG" in entry["reason"]
+    standin = stream.quarantine.resolve(bad)
+    assert index.labels[standin] == index.labels[bad] and index.shards.shard_of[standin] == 0
+    stream.close()
+
+
+def test_a_tar_changed_mid_run_where_no_check_finds_the_sample_stops_the_run(tiny_config, two_shards):
+    cfg = tiny_config(
+        "data.format=shards", f"data.root={two_shards}", "data.val_root=null", "data.shuffle_buffer=4"
+    )
+    index = prepare_data(cfg.data).train
+    stream = make_train_stream(cfg.stream_settings(), index, CPU)
+    batches = iter(stream)
+    next(batches)
+    bad = next(i for i in range(index.num_samples) if index.shards.shard_of[i] == 0)
+    size = index.shards.sizes[bad]
+    # The middle of the image data zeroed, the end-of-image marker kept: it passes the checks and decodes.
+    shard, _ = _spoil_in_place(two_shards, bad, size // 2, size - 2)
+    with pytest.raises(
+        TrainingStopped, match=rf"shard \S*{shard} changed during the run .* make the shards again"
+    ):
+        passes(batches, 12)
+    stream.close()
 
 
 def test_the_teacher_cache_fills_and_replays_from_shards(tiny_config, shard_tree, tmp_path):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dali_kd.commands.cli import CommandLineParser
+from dali_kd.commands.cli import CommandLineParser, int_in_range
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
-from dali_kd.data.file_checks import DEFAULT_MAX_PIXELS, scan
+from dali_kd.data.file_checks import DEFAULT_MAX_PIXELS, scan, scan_workers
 from dali_kd.errors import UserError
 
 
@@ -26,13 +26,25 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="where good.txt and quarantine.jsonl go (default: the user cache)"
     )
     parser.add_argument("--full", action="store_true", help="also decode every file with DALI's CPU decoder")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images")
-    parser.add_argument("--workers", type=int, help="parallel checks (default: from the CPU count)")
+    parser.add_argument(
+        "--max-pixels", type=int_in_range(1), default=DEFAULT_MAX_PIXELS, help="reject larger images"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int_in_range(1),
+        help="parallel checks (default and most: the usable CPUs for --full, four per CPU for headers)",
+    )
     args = parser.parse_args(argv)
+    workers = scan_workers(args.workers, args.full)
+    if args.workers is not None and workers < args.workers:
+        print(
+            f"scan: --workers {args.workers} is more than this machine can use; running {workers}",
+            file=sys.stderr,
+        )
     if args.full and admits_images_over_decoder_limit(args.max_pixels):
         quiet_too_large_image_lines()  # DALI decodes such images, but prints a red error line for each
     try:
-        result = scan(args.root, args.out, full=args.full, max_pixels=args.max_pixels, workers=args.workers)
+        result = scan(args.root, args.out, full=args.full, max_pixels=args.max_pixels, workers=workers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import share_size
 from dali_kd.data.shard_index import ids_from_source_info
+from dali_kd.data.shard_watch import ShardWatch
 from dali_kd.data.shards import READER_IMAGE_EXT
 from dali_kd.pipelines.graphs import (
     EVAL_OUTPUTS,
@@ -106,9 +107,9 @@ class DaliTrainStream:
         )
         self.position = start_position
         self._index_dir: tempfile.TemporaryDirectory | None = None  # rewritten index files (from shards)
-        if quarantine is None:
-            quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
-        self.quarantine = quarantine
+        self.quarantine = quarantine or RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
+        # A tar changed in place mid-run may decode without an error: its batches are looked at before use.
+        self._watch = ShardWatch(index.shards, self.quarantine) if index.shards is not None else None
         self._settings: dict[str, Any] = dict(
             params=params,
             batch_size=batch_size,
@@ -212,20 +213,27 @@ class DaliTrainStream:
                 self._set_aside(str(e), self.position)  # warns, or stops the run
                 self._build(position)
                 continue
-            batch = self._batch(out)
+            stream_ids = self._stream_ids(out)
+            if self._watch is not None and self._watch.spoilt(stream_ids):
+                self._build(position)  # read again: the set-aside slots now read their stand-ins
+                continue
+            batch = self._batch(out, stream_ids)
             self.position += len(batch)
             yield batch
 
-    def _batch(self, out: dict[str, torch.Tensor]) -> Batch:
+    @staticmethod
+    def _stream_ids(out: dict[str, torch.Tensor]) -> np.ndarray:
+        """The slots the reader scheduled for this batch (host data)."""
+        if SOURCE_INFO in out:
+            return np.asarray(ids_from_source_info(out[SOURCE_INFO].numpy()), dtype=np.int64)
+        return host_array(out["sample_ids"])
+
+    def _batch(self, out: dict[str, torch.Tensor], stream_ids: np.ndarray) -> Batch:
         """The pipeline's outputs as a Batch with every tensor on the stream's device.
 
         Images are already there on a GPU pipeline; the ids and view records are small host outputs, copied over.
         DALI reuses its output buffers at the next iteration: what the trainer keeps is copied or cloned.
         """
-        if SOURCE_INFO in out:
-            stream_ids = np.asarray(ids_from_source_info(out[SOURCE_INFO].numpy()), dtype=np.int64)
-        else:
-            stream_ids = host_array(out["sample_ids"])
         sample_ids = self._shown[stream_ids]
         batch = Batch(
             images=out["images"],

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_kd.config import DataConfig
+from dali_kd.cpu_budget import usable_cpus
 from dali_kd.data.file_tree import IMAGE_EXTENSIONS, TreeListing, data_folder, list_tree
 from dali_kd.data.image_headers import Reject, check_data
 from dali_kd.errors import UserError
@@ -124,6 +125,17 @@ def candidate_files(root: Path) -> TreeListing:
     return list_tree(root, lambda name: Path(name).suffix.lower() in CHECKED_EXTENSIONS)
 
 
+def scan_workers(requested: int | None, full: bool) -> int:
+    """How many checks a scan runs at once: what was asked (None: as many as helps), never more than the machine
+    can use. Decoding is CPU work, one process per usable CPU; header checks mostly wait on the disk, so threads
+    go to four per usable CPU (at most 32)."""
+    if requested is not None and requested < 1:
+        raise UserError(f"scan: workers must be at least 1, not {requested}")
+    cpus = usable_cpus()
+    limit = cpus if full else min(32, 4 * cpus)
+    return limit if requested is None else min(requested, limit)
+
+
 def default_out_dir(root: Path) -> Path:
     """Scans live beside the user's cache, not in the (often read-only) dataset: one folder per dataset root."""
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
@@ -178,6 +190,9 @@ def scan(
     workers: int | None = None,
 ) -> ScanResult:
     start = time.perf_counter()
+    if max_pixels < 1:
+        raise UserError(f"scan: the pixel cap must be at least 1, not {max_pixels}")
+    workers = scan_workers(workers, full)
     root = data_folder(root)
     out = Path(out_dir).expanduser() if out_dir else default_out_dir(root)
     try:
@@ -205,7 +220,6 @@ def scan(
         else:
             todo.append((rel, size, mtime))
     jobs = [(str(root), rel, max_pixels, full) for rel, _, _ in todo]
-    workers = workers or min(32, (os.cpu_count() or 1) * (1 if full else 4))
     if len(jobs) > 64 and workers > 1:
         # Decoding is CPU work (processes); header checks are mostly waiting on the disk (threads).
         pool_type = ProcessPoolExecutor if full else ThreadPoolExecutor

@@ -100,15 +100,21 @@ class RuntimeQuarantine:
 
     def fails_check(self, sample_id: int) -> bool:
         """Whether the sample's bytes cannot be read, or fail the scan's header check or DALI's CPU decode."""
+        return self.check_reason(sample_id) is not None
+
+    def check_reason(self, sample_id: int) -> str | None:
+        """Why the sample's bytes cannot be read, or fail the scan's header check or DALI's CPU decode (None: good)."""
         from dali_kd.data.file_checks import Reject, check_data, dali_decode_check
 
         try:
             data = self.index.read_bytes(sample_id)
             check_data(data, max_pixels=1 << 62)
             dali_decode_check(data)
-        except (OSError, Reject):
-            return True
-        return False
+        except OSError as e:
+            return f"unreadable ({e.strerror or e})"
+        except Reject as e:
+            return str(e)
+        return None
 
     def set_aside(self, error_text: str, candidates: Callable[[], list[int]] | None = None) -> list[int]:
         """Quarantine the culprits of a decode error (stopping the run if none can be named or too many pile up).

@@ -8,6 +8,7 @@ index files, the replay renderer, the torchvision backend and the quarantine by 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,8 @@ def _check_index(where: str, index_path: Path, tar: str, rows: list[list]) -> No
         lines = index_path.read_text().splitlines()
     except OSError as e:
         raise UserError(f"{where}: cannot read the index {index_path} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: bad index {index_path}: not text (byte {e.start})") from None
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != fmt.INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(rows):
         raise UserError(
@@ -83,17 +86,26 @@ def _check_row(where: str, samples_path: Path, number: int, row, num_shards: int
 
 
 def _read_samples(where: str, folder: Path, manifest: dict, names: tuple[str, ...]) -> list[list]:
-    """The rows of samples.jsonl, each checked, listing samples 0..n-1 and every class of the manifest."""
-    try:
-        rows = [json.loads(line) for line in (folder / manifest.get("samples", fmt.SAMPLES_NAME)).open()]
-    except OSError as e:
-        raise UserError(f"{where}: cannot read {folder / fmt.SAMPLES_NAME} ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: {folder / fmt.SAMPLES_NAME} is damaged ({e.msg})") from None
-    num_shards = len(manifest["shards"])
+    """The rows of samples.jsonl, each checked, listing samples 0..n-1 and every class of the manifest; the file
+    must be the one the manifest's samples_sha256 names (an edited label would otherwise train quietly)."""
     samples_path = folder / manifest.get("samples", fmt.SAMPLES_NAME)
+    try:
+        data = samples_path.read_bytes()
+        rows = [json.loads(line) for line in data.decode().splitlines()]
+    except OSError as e:
+        raise UserError(f"{where}: cannot read {samples_path} ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: {samples_path} is damaged ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: {samples_path} is damaged (not UTF-8 text: byte {e.start})") from None
+    num_shards = len(manifest["shards"])
     for number, row in enumerate(rows, start=1):
         _check_row(where, samples_path, number, row, num_shards, len(names))
+    if hashlib.sha256(data).hexdigest() != manifest["samples_sha256"]:
+        raise UserError(
+            f"{where}: {samples_path} is not the file the manifest was made with (its sha256 differs from "
+            f"samples_sha256 in {fmt.MANIFEST_NAME}): edited or damaged; make the shards again"
+        )
     if len(rows) != manifest["num_samples"] or any(row[0] != i for i, row in enumerate(rows)):
         raise UserError(f"{where}: {fmt.SAMPLES_NAME} does not list samples 0..{manifest['num_samples'] - 1}")
     empty = sorted(set(range(len(names))) - {row[4] for row in rows})
@@ -156,6 +168,9 @@ def index_from_shards(
         offsets=tuple(r[2] for r in rows),
         sizes=tuple(r[3] for r in rows),
         members=members,
+        tar_sha256=tuple(
+            r.get("sha256") if isinstance(r.get("sha256"), str) else None for r in manifest["shards"]
+        ),
     )
     return ImageIndex(
         root=folder,

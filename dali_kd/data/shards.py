@@ -192,6 +192,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not a valid manifest (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a valid manifest (not UTF-8 text: byte {e.start})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "dali_kd.shards":
         raise UserError(f"{path}: not a dali_kd shard manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -223,6 +225,9 @@ def check_manifest_fields(path: Path, manifest: dict[str, Any]) -> None:
         raise _field_error(path, "num_samples", "a whole number", manifest.get("num_samples"))
     if not isinstance(manifest.get("samples", SAMPLES_NAME), str):
         raise _field_error(path, "samples", "a file name", manifest.get("samples"))
+    digest = manifest.get("samples_sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise _field_error(path, "samples_sha256", "the sha256 of the samples file (64 hex digits)", digest)
     records = manifest.get("shards")
     if not isinstance(records, list) or not records:
         raise _field_error(path, "shards", "a list of shards", records)
@@ -249,6 +254,7 @@ class ShardLayout:
     sizes: tuple[int, ...]
     members: tuple[str, ...]
     whole: bool = True
+    tar_sha256: tuple[str | None, ...] = ()  # per tar, as the manifest records it (None: not recorded)
     # Per process (see __getstate__): the open tars and the lock that opens them.
     _fds: dict[int, int] = field(init=False, repr=False, compare=False)
     _lock: threading.Lock = field(init=False, repr=False, compare=False)
@@ -301,6 +307,7 @@ class ShardLayout:
             sizes=tuple(self.sizes[i] for i in keep),
             members=tuple(self.members[i] for i in keep),
             whole=self.whole and keep == list(range(len(self.offsets))),
+            tar_sha256=self.tar_sha256,
         )
 
     def index_text(
