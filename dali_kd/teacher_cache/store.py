@@ -358,9 +358,10 @@ class TeacherCache:
         """Rows a replay may render from their own sample's file: they hold a view of it, and their view record
         and done byte are as written (a row whose check fails is counted in `damaged`, and never replayed)."""
         ids, slots = np.asarray(sample_ids), np.asarray(slots)
+        written = self.is_done(ids, slots)  # any done byte but 0 is checked: a flipped one fails
         usable = self.holds_own_view(ids, slots)
-        if usable.any():
-            usable[usable] = self.views_intact(ids[usable], slots[usable])
+        if written.any():
+            usable[written] &= self.views_intact(ids[written], slots[written])
         return usable
 
     def views_intact(self, sample_ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
