@@ -107,7 +107,7 @@ def test_a_file_cut_short_is_refused_in_one_line_and_rebuilt_when_asked(image_tr
     assert pooled.stat().st_size == size // 2, "the damaged file was left as found"
     summary, _ = replay(image_tree, tmp_path, cache_dir, "train.cache_rebuild=true")
     assert summary["teacher_forward_batches"] == 6, "the rebuilt cache is filled by the teacher"
-    assert summary["cache_rows_done"] == NUM_ROWS and summary["cache_fidelity_min"] > 0.999
+    assert summary["cache_rows_done"] == NUM_ROWS and summary["cache_rows_damaged"] == 0
 
 
 @pytest.mark.parametrize("name", ["done.bin", "header.json", "checks.bin", "views.bin"])
@@ -161,12 +161,12 @@ def test_a_flipped_byte_in_a_rows_outputs_is_computed_again(image_tree, tmp_path
     assert torch.allclose(stored_pooled(trainer.cache), stored_pooled(original), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", ["views.bin", "done.bin", "checks.bin"])
+@pytest.mark.parametrize("name", ["views", "done", "checks"])
 def test_a_row_whose_view_record_fails_its_check_is_never_replayed(image_tree, tmp_path, cache_dir, name):
     """A view record that is not as written cannot be rendered again to match its targets: another row stands in
     (one view per image here: a same-class image's)."""
     victim = 11
-    flip_byte(cache_dir / name, victim * row_size(cache_dir, name))
+    flip_byte(cache_dir / f"{name}.bin", victim * row_size(cache_dir, name))
     summary, trainer = replay(image_tree, tmp_path, cache_dir)
     assert summary["cache_rows_damaged"] == 1 and summary["cache_missing_rows"] == 1
     assert summary["cache_rows_refilled"] == 0 and summary["cache_fidelity_min"] > 0.999
