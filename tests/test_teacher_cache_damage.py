@@ -120,7 +120,7 @@ def test_a_missing_file_is_refused_in_one_line(image_tree, tmp_path, cache_dir, 
 
 
 def test_a_header_that_is_not_json_is_refused_in_one_line(image_tree, tmp_path, cache_dir):
-    (cache_dir / "header.json").write_bytes(bytes(range(256)))
+    (cache_dir / "header.json").write_bytes(b'{"format": \xff\xfe}')  # not UTF-8
     with pytest.raises(UserError, match=r"damaged \(header\.json is not JSON\)"):
         replay(image_tree, tmp_path, cache_dir)
 
