@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from dali_kd.data.batch import Batch
+from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.recovery import RuntimeQuarantine
+from dali_kd.data.shard_index import index_from_shards
+from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shards import sample_key
 from dali_kd.errors import TrainingStopped
+from dali_kd.teacher_cache.replay_ahead import ViewsAhead
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
 from tests.conftest import write_tree
 from tests.test_cache_quarantine import BATCH, CPU, PARAMS, VIEWS, fill_directly, open_cache
+from tests.test_shards_training import _spoil_sample
 
 
 class RecordsRead:
@@ -124,3 +131,39 @@ def test_a_batch_that_cannot_be_planned_stops_the_run_at_its_turn(index, tmp_pat
 
     in_turn, ahead = handed_out(1), handed_out(3)
     assert len(in_turn) == len(ahead) and all(same(x, y) for x, y in zip(in_turn, ahead, strict=True))
+
+
+@dataclass
+class Job:
+    render_ids: np.ndarray
+    render_view: ViewRecord
+
+
+def whole_views(n: int) -> ViewRecord:
+    return ViewRecord(crop_anchor=torch.zeros(n, 2), crop_shape=torch.ones(n, 2),
+                      flip=torch.zeros(n, dtype=torch.int64), jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]] * n))  # fmt: skip
+
+
+@pytest.mark.parametrize("prefetch_batches", [1, 2])
+def test_a_sample_spoilt_in_its_shard_is_named_by_the_replay(tmp_path, prefetch_batches):
+    """DALI's own message names no sample (its bytes were fed, not read from a file): the replay names the sample
+    as `<tar>:<offset>:<member>`, the name the runtime quarantine sets aside (and reports by shard and key)."""
+    make_shards(write_tree(tmp_path / "tree", num_classes=2, per_class=8), tmp_path / "shards", 10**9,
+                show_progress=False)  # fmt: skip
+    victim = 6
+    _spoil_sample(tmp_path / "shards", victim)
+    index = index_from_shards(tmp_path / "shards", "data.root")
+    jobs = (Job(np.arange(k, k + BATCH), whole_views(BATCH)) for k in range(0, index.num_samples, BATCH))
+    ahead = ViewsAhead(jobs, index, PARAMS, BATCH, CPU, depth=prefetch_batches, num_threads=1)
+    job, images = next(ahead)  # samples 0-3
+    assert images.shape == (BATCH, 3, 16, 16) and np.array_equal(job.render_ids, np.arange(BATCH))
+    with pytest.raises(RuntimeError) as info:
+        next(ahead)  # samples 4-7
+    message = str(info.value)
+    assert message.startswith(f"failed to decode {index.files[victim]} (") and "\n" not in message, message
+    quarantine = RuntimeQuarantine(index, 5)
+    with pytest.warns(UserWarning, match="set aside"):
+        quarantine.set_aside(message, candidates=lambda: [])  # the name alone: no other sample is checked
+    assert [(e["shard"], e["key"]) for e in quarantine.take_entries()] == [
+        (index.shards.where(victim)["shard"], sample_key(victim))
+    ]

@@ -119,6 +119,7 @@ class CacheFields:
     from_cache: the teacher's outputs for this batch come from the cache, not a live teacher.
     targets:    a replayed batch's cached outputs, read ahead by the stream (on the trainer's device), and read_s
                 how long that read took.
+    damaged:    bool [B] numpy, the rows of `targets` that failed their checksum (the teacher computes them again).
     """
 
     slots: np.ndarray
@@ -126,6 +127,7 @@ class CacheFields:
     from_cache: bool = False
     targets: ModelOutput | None = None
     read_s: float = 0.0
+    damaged: np.ndarray | None = None
 
 
 @dataclass

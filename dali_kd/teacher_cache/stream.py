@@ -12,9 +12,11 @@ Rows belong to stream slots: a fill batch says which slot each position is (Batc
 shown there (Batch.sample_ids; another one where the slot's file was set aside), and the trainer writes the rows
 at the slots, so every row gets written. A replay shows, for slot i, the image r its runtime quarantine resolves i
 to (i itself unless i's file was set aside) with r's own row: r never failed, so its rows hold views of r. A row
-that is not done (or holds another image's view) is never replayed: another view slot of the same image stands
-in, else a same-class image's row (counted in `missing_rows`). A file that fails to decode during replay is set
-aside through the same quarantine and the batch is rendered again with its stand-in's rows.
+that is not done (or holds another image's view, or whose view record fails its checksum) is never replayed: another
+view slot of the same image stands in, else a same-class image's row (counted in `missing_rows`). A row whose
+stored outputs fail their checksum is marked in the batch (`cache.damaged`) for the teacher to compute again. A file
+that fails to decode during replay is set aside through the same quarantine and the batch is rendered again with
+its stand-in's rows.
 
 Mixed views (data.augment.mix): a row's record names the partner image and its view, λ and the box; a replay renders
 the partner's view too (for the rows that were mixed) and mixes the two as the fill did
@@ -46,7 +48,8 @@ from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
 from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams
 from dali_kd.teacher_cache.replay_ahead import ViewsAhead
-from dali_kd.teacher_cache.store import CachedRows, TeacherCache
+from dali_kd.teacher_cache.rows import CachedRows
+from dali_kd.teacher_cache.store import TeacherCache
 
 
 def make_cached_train_stream(
@@ -280,7 +283,8 @@ class CachedViewStream:
             stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, host_ids=ids,
             host_stream_ids=plan.stream_ids,
             cache=CacheFields(
-                plan.slots, from_cache=True, targets=plan.rows.to_output(self.device), read_s=plan.read_s
+                plan.slots, from_cache=True, targets=plan.rows.to_output(self.device), read_s=plan.read_s,
+                damaged=~plan.rows.intact,
             ),
         )  # fmt: skip
         return batch.to(self.device, non_blocking=True)
@@ -305,8 +309,9 @@ class CachedViewStream:
         return int(order[np.argmax(own)]) if own.any() else None
 
     def _replayable(self, ids: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Rows that hold a view of their own sample and (mixed views) whose partner's file is still good."""
-        usable = self.cache.holds_own_view(ids, slots)
+        """Rows that hold a view of their own sample, whose view record is as written (its checksum), and (mixed
+        views) whose partner's file is still good."""
+        usable = self.cache.replayable(ids, slots)
         if self.cache.mixed:
             partners = self.cache.partners(ids, slots)
             usable &= np.array(
@@ -340,8 +345,8 @@ class CachedViewStream:
             self._warned_missing = True
             warnings.warn(
                 f"teacher cache {self.cache.dir}: {missing} replayed row(s) are not done (or hold another image's "
-                "view); another view of the same image, else a same-class image, stands in (counted in the "
-                "stream's missing_rows)",
+                "view, or their view record fails its checksum); another view of the same image, else a same-class "
+                "image, stands in (counted in the stream's missing_rows)",
                 stacklevel=3,
             )
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from dali_kd import console, distributed
@@ -26,6 +27,8 @@ from dali_kd.teacher_cache.store import TeacherCache, parts_for
 
 # A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
 FIDELITY_FLOOR = 0.999
+# Far below the floor: the cache's targets are not the teacher's (another teacher's, or damaged), so replay stops.
+FIDELITY_STOP = 0.9
 
 
 class TeacherTargets(Protocol):
@@ -78,6 +81,12 @@ class CacheCounters:
     read_bytes: int = 0
     write_s: float = 0.0
     write_bytes: int = 0
+    refilled: int = (
+        0  # replayed rows whose stored outputs failed their checksum, computed again by the teacher
+    )
+    stopped_at_step: int | None = (
+        None  # the step whose probe stopped replay from the cache (None: it goes on)
+    )
 
     # Checkpoint keys as the run's progress dict has always named them.
     KEYS = {
@@ -88,6 +97,8 @@ class CacheCounters:
         "read_bytes": "cache_read_bytes",
         "write_s": "cache_write_s",
         "write_bytes": "cache_write_bytes",
+        "refilled": "cache_rows_refilled",
+        "stopped_at_step": "cache_stopped_at_step",
     }
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,7 +115,9 @@ class CachedTeacher:
 
     A replayed batch is read from the rows its stream names (`host_ids`, else `sample_ids`, and `cache.slots`); a
     live batch stores the rows marked in `cache.store`, at the stream slot each sample stands for (`stream_ids`).
-    A fidelity probe runs the live teacher on the first replayed batch of every process start and every N steps (once a step).
+    A fidelity probe runs the live teacher on the first replayed batch of every process start and every N steps (once a
+    step); one far below the floor (replay mode) stops replay from the cache: the live teacher gives every later target.
+    A replayed row whose stored outputs fail their checksum is computed again by the teacher and rewritten.
     """
 
     def __init__(
@@ -122,6 +135,7 @@ class CachedTeacher:
         self.report = report  # this rank prints warnings (rank 0)
         self.counters = CacheCounters()
         self._probe_next = True
+        self._warned_damaged = False
         self._probed_step = 0  # the step last probed
         self._fidelity: list[float] = []
         self._probes: list[
@@ -130,7 +144,7 @@ class CachedTeacher:
 
     def targets(self, batch: Batch, step: int) -> ModelOutput:
         cache_fields = batch.cache
-        if cache_fields is not None and cache_fields.from_cache:
+        if cache_fields is not None and cache_fields.from_cache and self.counters.stopped_at_step is None:
             return self._replayed(batch, cache_fields, step)
         out = self.live.targets(batch, step)
         if cache_fields is not None and cache_fields.store is not None and cache_fields.store.any():
@@ -140,16 +154,21 @@ class CachedTeacher:
     def _replayed(self, batch: Batch, cache_fields: CacheFields, step: int) -> ModelOutput:
         # The rows the stream replays (it knows which stand in for a file set aside).
         ids = batch.ids_on_host()
+        assert cache_fields.slots is not None  # a replayed batch names its rows' slots
         if cache_fields.targets is not None:  # read ahead by the replay stream, off the step's path
-            out = cache_fields.targets
+            out, damaged = cache_fields.targets, cache_fields.damaged
             self.counters.read_s += cache_fields.read_s
         else:
-            assert cache_fields.slots is not None  # a replayed batch names its rows' slots
             start = time.perf_counter()
-            out = self.cache.read(ids, cache_fields.slots, self.device)
+            rows = self.cache.read_rows(ids, cache_fields.slots)
+            out, damaged = rows.to_output(self.device), ~rows.intact
             self.counters.read_s += time.perf_counter() - start
         self.counters.read_bytes += len(ids) * self.cache.nbytes_per_row()
-        self.counters.hits += len(ids)
+        num_damaged = 0 if damaged is None else int(damaged.sum())
+        if num_damaged:
+            assert damaged is not None
+            out = self._refill(batch, ids[damaged], cache_fields.slots[damaged], out, damaged)
+        self.counters.hits += len(ids) - num_damaged
         # Once per step: a step of several batches (train.grad_accum_steps) probes its first replayed one.
         due = self.probe_every and step % self.probe_every == 0 and step != self._probed_step
         if self._probe_next or due:
@@ -173,6 +192,36 @@ class CachedTeacher:
         self.counters.write_s += time.perf_counter() - start
         self.counters.write_bytes += len(ids) * self.cache.nbytes_per_row()
 
+    def _refill(
+        self, batch: Batch, ids: np.ndarray, slots: np.ndarray, out: ModelOutput, damaged: np.ndarray
+    ) -> ModelOutput:
+        """The teacher on the rows whose stored outputs failed their checksum (rows `damaged` of the batch, at
+        `ids`, `slots`): rewritten in the cache with the view they were shown in, and given as read back (as
+        stored: what a later replay reads)."""
+        if self.report and not self._warned_damaged:
+            self._warned_damaged = True
+            console.warning(
+                f"teacher cache {self.cache.dir}: {len(ids)} row(s) fail their checksum (damaged on disk); the "
+                "teacher computes them again and they are rewritten (counted in cache_rows_refilled)"
+            )
+        assert batch.view is not None  # a batch read from the cache carries the views it shows
+        picked = torch.from_numpy(damaged).to(self.device)
+        live = self.live.teacher(batch.images[picked], with_patches=self.live.with_patches)
+        self.cache.write(ids, slots, live, batch.view.take(picked))
+        fresh = self.cache.read_rows(ids, slots).to_output(self.device)
+        self.counters.refilled += len(ids)
+        merged = []
+        for stored, computed in zip(
+            (out.pooled, out.logits, out.patch_tokens),
+            (fresh.pooled, fresh.logits, fresh.patch_tokens),
+            strict=True,
+        ):
+            if stored is not None and computed is not None:
+                stored = stored.clone()
+                stored[picked] = computed
+            merged.append(stored)
+        return ModelOutput(*merged)
+
     def _probe(self, batch: Batch, cached: ModelOutput, step: int) -> None:
         """Run the teacher on the replayed batch: its outputs must match the cached ones (fp16 rounding aside).
 
@@ -193,7 +242,15 @@ class CachedTeacher:
             self._fidelity.append(cosine)
             worst = self.counters.fidelity_min
             self.counters.fidelity_min = cosine if worst is None else min(worst, cosine)
-            if cosine < FIDELITY_FLOOR and self.report:
+            if self.mode == "replay" and cosine < FIDELITY_STOP and self.counters.stopped_at_step is None:
+                self.counters.stopped_at_step = step
+                if self.report:
+                    console.warning(
+                        f"teacher cache {self.cache.dir}: fidelity {cosine:.4f} at step {step}, far below "
+                        f"{FIDELITY_FLOOR}: its targets are not what the teacher gives on these views, so the teacher "
+                        "runs on every batch from here on (train.cache_rebuild=true rebuilds the cache)"
+                    )
+            elif cosine < FIDELITY_FLOOR and self.report:
                 message = (
                     f"WARNING: teacher cache fidelity {cosine:.4f} < {FIDELITY_FLOOR} at step {step}: the cached "
                     "targets do not match what the teacher gives on these views"
@@ -224,6 +281,10 @@ class CachedTeacher:
             "cache_mode": self.mode,
             "cache_hits": c.hits,
             "cache_rows_done": self.cache.rows_done(),
+            # Rows found failing their checksum in this process (view or outputs), and those the teacher rewrote.
+            "cache_rows_damaged": len(self.cache.damaged),
+            "cache_rows_refilled": c.refilled,
+            "cache_stopped_at_step": c.stopped_at_step,
             "cache_rows_total": self.cache.num_samples * self.cache.num_views,
             "teacher_probe_batches": c.probe_batches,
             "cache_fidelity_min": c.fidelity_min,
