@@ -65,7 +65,9 @@ def test_a_panel_with_some_finite_values_is_drawn_and_not_named(tmp_path, capsys
     assert "step 5.0 ms = data 1.0 + teacher 1.0 + student 2.0 ms (+ other)" in lines, (
         "inf is not averaged in"
     )
-    assert lines[2].startswith("throughput: 8.0 img/s"), "the interval with a NaN time is left out, not the run's"
+    assert lines[2].startswith("throughput: 8.0 img/s"), (
+        "the interval with a NaN time is left out, not the run's"
+    )
 
 
 @pytest.mark.parametrize(
