@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from dali_kd.io import atomic_write
 from dali_kd.telemetry.throughput import is_warmup, run_throughput
+from dali_kd.telemetry.verdict import Verdict
 
 STAGE_COLOURS = {"data": "#d62728", "teacher": "#1f77b4", "student": "#2ca02c", "other": "#c7c7c7"}
 # The steady state's largest step time times this is the step-time panel's top; a slower warm-up interval is
@@ -15,7 +17,29 @@ STEADY_HEADROOM = 1.3
 
 
 def series(rows: list[dict[str, Any]], key: str) -> list[float]:
-    return [float("nan") if r.get(key) is None else r[key] for r in rows]
+    """The key's values, NaN where a row lacks one or its value is not finite (a gap in the line)."""
+    return [r[key] if r.get(key) is not None and math.isfinite(r[key]) else math.nan for r in rows]
+
+
+def panel_keys(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each panel drawn from the rows, by the key its line needs."""
+    use = utilisation_keys(rows)[1][0]
+    return {
+        "loss": "loss",
+        "step time": "step_ms",
+        "throughput": "img_per_s",
+        "utilisation": use,
+        "learning rate": "lr",
+    }
+
+
+def empty_panels(rows: list[dict[str, Any]]) -> list[str]:
+    """The panels with nothing to draw, each as `the X panel (no finite 'key')`."""
+    return [
+        f"the {panel} panel (no finite {key!r})"
+        for panel, key in panel_keys(rows).items()
+        if not any(math.isfinite(v) for v in series(rows, key))
+    ]
 
 
 def figure(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> Any:
@@ -34,7 +58,15 @@ def figure(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | 
     plot_utilisation(axes[1, 1], steps, rows)
     plot_accuracy(axes[2, 0], steps, summary)
     plot_learning_rate(axes[2, 1], steps, rows)
+    for ax, said in zip(axes.flat[[0, 1, 2, 3, 5]], panel_keys(rows).values(), strict=True):
+        if not any(math.isfinite(v) for v in series(rows, said)):
+            say_on(ax, f"no finite {said!r} in these rows")
     return fig
+
+
+def say_on(ax: Any, text: str) -> None:
+    """A panel's note in its middle, where a line would have been."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#666666")
 
 
 def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> Path:
@@ -53,14 +85,18 @@ def draw(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any] | No
 def figure_title(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
     """The run's name and what bounds it (the summary's verdict, or the last row's on a run in progress)."""
     title = run_name + ("" if summary else " (in progress)")
-    if summary and summary.get("verdict"):
-        verdict = (
-            f"{summary['verdict']} (data {100 * summary['data_share']:.0f}%, teacher "
-            f"{100 * summary['teacher_share']:.0f}%, student {100 * summary['student_share']:.0f}% of step time)"
-        )
-    else:
-        verdict = rows[-1].get("verdict") or "no stage timing"
-    return f"{title} — {verdict}"
+    verdict = summary_verdict(summary)
+    return f"{title} — {verdict.line() if verdict else rows[-1].get('verdict') or 'no stage timing'}"
+
+
+def summary_verdict(summary: dict[str, Any] | None) -> Verdict | None:
+    """The finished run's verdict, where summary.json has it and its three shares."""
+    if not summary or not summary.get("verdict"):
+        return None
+    data, teacher, student = (summary.get(f"{s}_share") for s in ("data", "teacher", "student"))
+    if data is None or teacher is None or student is None:
+        return None
+    return Verdict(summary["verdict"], data, teacher, student)
 
 
 def plot_loss(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
@@ -87,7 +123,7 @@ def plot_step_time(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> Non
         ax.plot(steps, step_ms, color="black", label="step")
     title = "Step time by stage (ms, mean per interval)"
     steady = [ms for i, (row, ms) in enumerate(zip(rows, step_ms, strict=True)) if not is_warmup(row, i)]
-    top = STEADY_HEADROOM * max(steady, default=0.0)
+    top = STEADY_HEADROOM * max((ms for ms in steady if math.isfinite(ms)), default=0.0)
     off_scale = [(s, ms) for i, (s, ms, row) in enumerate(zip(steps, step_ms, rows, strict=True)) if
                  is_warmup(row, i) and top and ms > top]  # fmt: skip
     if off_scale:
@@ -119,18 +155,7 @@ def plot_throughput(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> No
 
 def plot_utilisation(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
     """Utilisation and memory on twin axes: the GPU's, or the process's own on a CPU run."""
-    if any(r.get("gpu_util_pct") is not None for r in rows):
-        title, use, memory = (
-            "GPU",
-            ("gpu_util_pct", "GPU utilisation %"),
-            ("gpu_mem_used_mb", "memory used (MB)"),
-        )
-    else:
-        title = "No GPU telemetry (CPU run or no NVML): process CPU and memory"
-        use, memory = (
-            ("proc_cpu_pct", "process CPU % (100 = one core)"),
-            ("proc_rss_mb", "resident memory (MB)"),
-        )
+    title, use, memory = utilisation_keys(rows)
     ax.plot(steps, series(rows, use[0]), color="#ff7f0e", label=use[1])
     ax.set(title=title, xlabel="step", ylabel="%")
     ax.set_ylim(bottom=0, top=105 if use[0] == "gpu_util_pct" else None)
@@ -140,6 +165,17 @@ def plot_utilisation(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> N
     twin.set_ylim(bottom=0)
     ax.legend(loc="lower left")
     twin.legend(loc="lower right")
+
+
+def utilisation_keys(rows: list[dict[str, Any]]) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """The utilisation panel's title and (key, label) of its two lines: the GPU's, or the process's own."""
+    if any(r.get("gpu_util_pct") is not None for r in rows):
+        return "GPU", ("gpu_util_pct", "GPU utilisation %"), ("gpu_mem_used_mb", "memory used (MB)")
+    return (
+        "No GPU telemetry (CPU run or no NVML): process CPU and memory",
+        ("proc_cpu_pct", "process CPU % (100 = one core)"),
+        ("proc_rss_mb", "resident memory (MB)"),
+    )
 
 
 def accuracy_label(key: str) -> str:
@@ -154,8 +190,7 @@ def plot_accuracy(ax: Any, steps: list[int], summary: dict[str, Any] | None) -> 
     ax.set(title="Accuracy on the held-out split (%)", xlabel="step", ylabel="%")
     history = (summary or {}).get("knn_history") or []
     if not history:
-        why = "no evaluation recorded" if summary else "drawn once the run has finished (summary.json)"
-        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="#666666")
+        say_on(ax, "no evaluation recorded" if summary else "drawn once the run has finished (summary.json)")
         return
     evaluated = [entry["step"] for entry in history]
     names = sorted(

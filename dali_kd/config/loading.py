@@ -49,6 +49,12 @@ def _source(key: str, sources: dict[str, str]) -> str:
     return "config"
 
 
+def _shown(value: Any) -> str:
+    """A wrong value as the error line quotes it, a long one cut short so that the line stays one line."""
+    said = repr(value)
+    return said if len(said) <= 120 else f"{said[:100]}… ({len(said):,} characters)"
+
+
 def _describe(error: Mapping[str, Any], sources: dict[str, str]) -> str:
     loc = tuple(error["loc"])
     cause = error.get("ctx", {}).get("error")
@@ -69,7 +75,7 @@ def _describe(error: Mapping[str, Any], sources: dict[str, str]) -> str:
         what = "required key is missing"
     else:
         msg = error["msg"].removeprefix("Value error, ")
-        what = f"{msg} (got {error['input']!r})" if not isinstance(error["input"], dict) else msg
+        what = f"{msg} (got {_shown(error['input'])})" if not isinstance(error["input"], dict) else msg
     return f"{where}: {key}: {what}"
 
 
@@ -77,8 +83,75 @@ class DuplicateKey(yaml.MarkedYAMLError):
     """A key given twice in one mapping (plain YAML keeps the last one without a word)."""
 
 
+class TooLarge(yaml.MarkedYAMLError):
+    """YAML nested too deep, or whose aliases expand past what any config holds (a "billion laughs")."""
+
+
+# A config is a few levels deep and a few hundred values; these leave room for any real one and refuse, in well
+# under a second, what would exhaust Python's stack or expand aliases into billions of values.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values a document holds with every alias expanded, without expanding them (each anchored node's
+    count is kept), so that a few hundred bytes of nested aliases cannot become billions of values later."""
+    counts: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes being counted: the path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_counted = stack.pop()
+        if children_counted:
+            counts[id(node)] = 1 + sum(counts[id(child)] for child in _children(node))
+            open_nodes.discard(id(node))
+            if counts[id(node)] > MAX_VALUES:
+                raise TooLarge(
+                    problem=f"its aliases expand to more than {MAX_VALUES:,} values (a config holds a few hundred)",
+                    problem_mark=node.start_mark,
+                )
+        elif id(node) in open_nodes:
+            raise TooLarge(
+                problem="an alias inside its own anchor: a value that holds itself",
+                problem_mark=node.start_mark,
+            )
+        elif id(node) not in counts:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping with the same key twice."""
+    """yaml.SafeLoader that refuses a mapping with the same key twice, nesting deeper than MAX_DEPTH and aliases
+    that expand past MAX_VALUES values (both checked while composing, before anything is built)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise TooLarge(
+                    problem=f"nested more than {MAX_DEPTH} levels deep (a config is a few)",
+                    problem_mark=self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def compose_document(self) -> yaml.Node:
+        root = super().compose_document()
+        _check_expansion(root)
+        return root
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
@@ -112,7 +185,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         )
     try:
         value = _load_yaml(raw) if raw.strip() else None
-    except DuplicateKey as e:
+    except (DuplicateKey, TooLarge) as e:
         raise UserError(f"command line: '{item}': {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"command line: '{item}': value is not valid YAML ({e.__class__.__name__})") from None
@@ -136,7 +209,7 @@ def _parse_file(path: Path) -> Any:
         ) from None
     try:
         data = _load_yaml(text)
-    except DuplicateKey as e:
+    except (DuplicateKey, TooLarge) as e:
         raise UserError(f"{path}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -9,6 +9,7 @@ can take a minute of a few-minute run. `images_per_sec_overall` counts those too
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,12 +35,12 @@ class RunThroughput:
 
 
 def run_throughput(rows: Iterable[Mapping[str, Any]]) -> RunThroughput:
-    """The run's img/s from its metrics rows (rows without `images` and `interval_s` are not counted)."""
+    """The run's img/s from its metrics rows (rows without finite `images` and `interval_s` are not counted)."""
     steady = [0.0, 0.0]
     overall = [0.0, 0.0]
     for index, row in enumerate(rows):
         images, seconds = row.get("images"), row.get("interval_s")
-        if images is None or seconds is None:
+        if images is None or seconds is None or not math.isfinite(images + seconds):
             continue
         for sums in (overall,) if is_warmup(row, index) else (overall, steady):
             sums[0] += images
