@@ -34,7 +34,9 @@ def interrupted_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("interrupted")]
 
 
-@pytest.mark.parametrize("module", ["pydantic", "torch"])  # the config schema's import, then the run's heavy ones
+@pytest.mark.parametrize(
+    "module", ["pydantic", "torch"]
+)  # the config schema's import, then the run's heavy ones
 def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(image_tree, tmp_path, module):
     path, calls = fake_scontrol(tmp_path)
     result = subprocess.run(
@@ -51,7 +53,9 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(image_tree, t
     assert not calls.exists(), "a Ctrl-C is not requeued"
 
 
-def ctrl_c_when_paused(fault: str, step: int, image_tree, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+def ctrl_c_when_paused(
+    fault: str, step: int, image_tree, tmp_path, *extra: str
+) -> subprocess.CompletedProcess:
     """Runs the command through the driver, which pauses at `fault`; Ctrl-C to its process group there, then on."""
     path, calls = fake_scontrol(tmp_path)
     args = [*tiny_args(image_tree, tmp_path / "runs"), *extra]
@@ -79,20 +83,27 @@ def test_ctrl_c_mid_run_saves_a_checkpoint_and_exits_130(image_tree, tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == 130, result.stderr[-3000:]
     checkpoint = tmp_path / "runs" / "fault" / "checkpoints" / "step_000000002.pt"
-    assert interrupted_lines(result.stderr) == [f"interrupted: SIGINT received: checkpoint saved to {checkpoint}"]
+    assert interrupted_lines(result.stderr) == [
+        f"interrupted: SIGINT received: checkpoint saved to {checkpoint}"
+    ]
     assert checkpoint.is_file()
     assert not (tmp_path / "runs" / "fault" / "student.safetensors").exists(), "the run did not go on"
 
 
 @pytest.mark.parametrize(
     ("fault", "step"),
-    [("pause-at-eval", 2), ("pause-at-finish", 0)],  # the final evaluation; the final weights and summary.json
+    [
+        ("pause-at-eval", 2),
+        ("pause-at-finish", 0),
+    ],  # the final evaluation; the final weights and summary.json
 )
 def test_ctrl_c_after_the_last_step_finishes_the_run_and_exits_0(image_tree, tmp_path, fault, step):
     result = ctrl_c_when_paused(fault, step, image_tree, tmp_path)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "SIGINT received after the last step: the run finished and wrote its final weights" in result.stderr
+    assert (
+        "SIGINT received after the last step: the run finished and wrote its final weights" in result.stderr
+    )
     run_dir = tmp_path / "runs" / "fault"
     assert (run_dir / "student.safetensors").is_file() and (run_dir / "summary.json").is_file()
     assert (run_dir / "checkpoints" / "step_000000002.pt").is_file()
