@@ -297,17 +297,22 @@ def prepare(cfg: Config, device) -> list[str]:
     return [f"model.teacher.checkpoint={json.dumps(cfg.model.teacher.checkpoint)}"]
 
 
-def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
-    """The tuning as the command line says; stop: the signal handlers main() installed."""
-    from dali_kd.runtime import resolve_device
-
-    args = parse_args(argv)
-    loader = {
+def config_files(args: argparse.Namespace) -> dict[str, Any]:
+    """load_config's file arguments as the command line gives them."""
+    return {
         "data_config": args.data_config,
         "train_config": args.train_config,
         "model_config": args.model_config,
         "presets": [find_preset(p) for p in args.preset],
     }
+
+
+def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
+    """The tuning as the command line says; stop: the signal handlers main() installed."""
+    from dali_kd.runtime import resolve_device
+
+    args = parse_args(argv)
+    loader = config_files(args)
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     cfg = load_config(**loader, overrides=overrides)
     device = resolve_device(cfg.train.device)
@@ -321,17 +326,8 @@ def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
           f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
           f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:
-        tune(
-            loader,
-            overrides + pinned,
-            candidates,
-            device,
-            args.steps,
-            args.warmup,
-            args.repeats,
-            Path(tmp),
-            stop,
-        )
+        timing = (device, args.steps, args.warmup)
+        tune(loader, overrides + pinned, candidates, *timing, args.repeats, Path(tmp), stop)
         if candidates[0].ms_per_step is None:
             raise UserError(f"the defaults could not be timed: {candidates[0].note}")
         noise = noise_pct(candidates)
@@ -339,7 +335,7 @@ def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
         combined = None
         if len(best) > 1:
             both = Candidate("all fastest together", best)
-            tune(loader, overrides + pinned, [both], device, args.steps, args.warmup, 1, Path(tmp), stop)
+            tune(loader, overrides + pinned, [both], *timing, 1, Path(tmp), stop)
             combined = both
     lines = verdict_lines(candidates, noise)
     result = {
