@@ -212,3 +212,27 @@ def test_a_damaged_config_yaml_is_one_line_naming_file_and_key(run_dir, tmp_path
     assert capsys.readouterr().err.splitlines() == [
         f"error: {run / 'config.yaml'}: train.batch_sise: unknown key (did you mean 'batch_size'?)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        (
+            "--tolerance",
+            "nan",
+            "must be a finite number of at least 0, got nan",
+        ),  # every diff would be "above" it
+        ("--tolerance", "inf", "must be a finite number of at least 0, got inf"),
+        ("--tolerance", "-0.1", "must be a finite number of at least 0, got -0.1"),
+        ("--check-batch", "0", "must be from 1 to 1024, got 0"),  # was silently 3
+        ("--check-batch", "100000000", "must be from 1 to 1024, got 100000000"),
+    ],
+)
+def test_a_number_flag_that_means_nothing_is_a_usage_error_before_any_work(
+    run_dir, tmp_path, capsys, flag, value, says
+):
+    with pytest.raises(SystemExit) as ended:
+        main([str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "out"), flag, value])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: argument {flag}: {says} (see --help)"]
+    assert not (tmp_path / "out").exists(), "nothing was exported"

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 # log interval, or only warnings, errors and the final summary; train.log gets every line in every case.
 Progress = Literal["auto", "bar", "lines", "quiet"]
 CONSOLE_MODES = {"bar": "tty", "lines": "plain", "quiet": "quiet"}
-# What a run inside a Python program turns into a checkpoint before the program gets the signal back.
-API_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,12 @@ def distill(
     next step boundary, then reach this program as if dali_kd had not caught them (Ctrl-C raises KeyboardInterrupt,
     a default SIGTERM ends the process); where this program's own handler returns, Preempted is raised. The run's
     signal and logging handlers are gone again when it returns, whichever way."""
-    from dali_kd.runs.preemption import Preempted, StopSignal
+    from dali_kd.runs.preemption import RUN_SIGNALS, Preempted, StopSignal
 
     cfg = load_config() if config is None else config
     stopped: Preempted | None = None
-    with StopSignal(API_SIGNALS) as stop:
+    # The program gets each signal back once the checkpoint is saved.
+    with StopSignal(RUN_SIGNALS) as stop:
         try:
             result = run_distillation(
                 cfg, stop, resume=str(resume), progress=progress, callbacks=callbacks,
@@ -319,7 +318,7 @@ def ending_line(e: BaseException) -> str:
     if isinstance(e, UserError | TrainingStopped):
         return f"error: {e}"
     if isinstance(e, Preempted):
-        return f"preempted: {e}"
+        return f"interrupted: {e}" if e.interrupted else f"preempted: {e}"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     return f"error: {type(e).__name__}: {e} (a bug; the traceback is on stderr)"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dali_kd.commands.cli import CommandLineParser
+from dali_kd.commands.cli import CommandLineParser, finite_at_least, int_in_range
 from dali_kd.errors import UserError
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -26,6 +26,8 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 ONNX_PIP = "pip install onnx onnxruntime onnxscript (or: pip install 'dali_kd[export]')"
 # The batch the model is traced or exported with; the check uses another size (the batch axis is dynamic).
 TRACE_BATCH = 2
+# The check batch is random images at the model's input size, all in memory at once: a few are enough to compare.
+MAX_CHECK_BATCH = 1024
 EXIT_MISMATCH = 1
 
 
@@ -41,9 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema", action="store_true", help="the EMA of the student instead of its raw weights"
     )
     parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export, RUN_DIR/export_ema)")
-    parser.add_argument("--check-batch", type=int, default=4, help="images in the check batch (default 4)")
     parser.add_argument(
-        "--tolerance", type=float, default=1e-3, help="largest max abs diff allowed vs torch (default 1e-3)"
+        "--check-batch",
+        type=int_in_range(1, MAX_CHECK_BATCH),
+        default=4,
+        help=f"images in the check batch (default 4, at most {MAX_CHECK_BATCH})",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=finite_at_least(0),
+        default=1e-3,
+        help="largest max abs diff allowed vs torch, a finite number >= 0 (default 1e-3)",
     )
     return parser
 

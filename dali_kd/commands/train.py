@@ -2,7 +2,8 @@
 Python API runs too); the outcome as an exit code.
 
 Also the entry point of every rank under `torchrun` or `srun`; exit codes: 0 done, 1 the run stopped itself
-(e.g. NaN loss), 2 a user error, 75 preempted (checkpoint saved; requeued under Slurm).
+(e.g. NaN loss), 2 a user error, 75 preempted (checkpoint saved; requeued under Slurm), 130 Ctrl-C (checkpoint
+saved; not requeued).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ if __name__ == "__main__":
     # `python -m dali_kd.train`: before anything else is imported, a stop signal is recorded rather than fatal;
     # main() acts on it once the imports are done. The program's own handler: main() passes a stop signal back to
     # it, and the process exits with main()'s code.
-    from dali_kd.runs.preemption import StopSignal
+    from dali_kd.runs.preemption import RUN_SIGNALS, StopSignal
 
-    _SIGNALS_DURING_IMPORTS = StopSignal()
+    _SIGNALS_DURING_IMPORTS = StopSignal(RUN_SIGNALS)
 
 import argparse
 import os
@@ -94,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[Path]]:
 
 def run(argv: list[str] | None, callbacks: list | None, stop: StopSignal) -> Result:
     """Train as the command line says; callbacks (dali_kd.training.callbacks.Callback) watch the run. stop: the signal
-    handlers main() installed (SIGUSR1/SIGTERM end the start-up at once, then the loop at a step boundary)."""
+    handlers main() installed (SIGINT/SIGUSR1/SIGTERM end the start-up at once, then the loop at a step boundary)."""
     from dali_kd.commands.distill import run_distillation
 
     # Intermixed: KEY=VALUE overrides may come before, between and after the flags.
@@ -111,12 +112,12 @@ def run(argv: list[str] | None, callbacks: list | None, stop: StopSignal) -> Res
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """The command; its exit code. A stop signal is passed on when it returns, to the handler that was there before:
     a Python program calling main() gets it back (pytest under `timeout` stops), and the command line's own
-    handler (program(), `python -m dali_kd.train`) makes the process exit with this code, 75."""
-    from dali_kd.runs.preemption import StopSignal
+    handler (program(), `python -m dali_kd.train`) makes the process exit with this code, 75 (130 for Ctrl-C)."""
+    from dali_kd.runs.preemption import RUN_SIGNALS, StopSignal
 
     # First thing: a job signalled during start-up is requeued, not dropped (a signal the module's own handler
     # recorded while it was imported is taken over).
-    with StopSignal() as stop:
+    with StopSignal(RUN_SIGNALS) as stop:
         code = _exit_code(argv, callbacks, stop)
         if code == 0 and stop.received is not None:
             # After the last step (the final evaluation, the final weights): the run is complete, nothing to requeue.
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
 def _exit_code(argv: list[str] | None, callbacks: list | None, stop: StopSignal) -> int:
     from dali_kd.commands.distill import ending_line
-    from dali_kd.runs.preemption import EXIT_PREEMPTED, Preempted, requeue
+    from dali_kd.runs.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, requeue
 
     try:
         run(argv, callbacks, stop)
@@ -141,22 +142,23 @@ def _exit_code(argv: list[str] | None, callbacks: list | None, stop: StopSignal)
         return EXIT_STOPPED
     except KeyboardInterrupt as e:
         print(ending_line(e), file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Preempted as e:
         rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
         if rank0:
             print(ending_line(e), file=sys.stderr, flush=True)
-            requeue()
-        return EXIT_PREEMPTED
+            if not e.interrupted:  # the user's Ctrl-C stops the job; a scheduler's signal asks for it again
+                requeue()
+        return EXIT_INTERRUPTED if e.interrupted else EXIT_PREEMPTED
     return 0
 
 
 def program(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """`dali-kd-train`: main() as the whole program. Its own stop-signal handler goes in first and stays: main() passes
-    a stop signal on to it, so the process exits with main()'s code (75) instead of ending by the signal."""
-    from dali_kd.runs.preemption import StopSignal
+    a stop signal on to it, so the process exits with main()'s code (75, 130) instead of ending by the signal."""
+    from dali_kd.runs.preemption import RUN_SIGNALS, StopSignal
 
-    StopSignal()
+    StopSignal(RUN_SIGNALS)
     return main(argv, callbacks)
 
 

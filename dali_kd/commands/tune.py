@@ -13,6 +13,9 @@ largest spread between the repeats of any one setting. An override is printed as
 tell it apart from the defaults (further than the noise, no overlapping repeats); otherwise the verdict says the
 noise cannot tell them apart. Each override is measured alone: their combination is measured once at the end when
 there is more than one. --quick sizes all this for a CPU: few steps, few options, three rounds.
+
+Ctrl-C, SIGTERM or SIGUSR1 stop the tuning at once (a timing run at its next step), with one line; the temporary run
+directories go with it: exit 130 for Ctrl-C, 75 for the others, as for train (nothing is requeued: nothing is saved).
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dali_kd.commands.cli import CommandLineParser
 from dali_kd.commands.tune_verdict import Candidate, fastest_overrides, noise_pct, table, verdict_lines
 from dali_kd.config import Config, load_config
 from dali_kd.config.presets import find_preset
 from dali_kd.errors import UserError
+from dali_kd.io import write_json_atomic
 from dali_kd.pipelines.params import resolve_multi_crop_graph
 from dali_kd.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from dali_kd.runs.preemption import StopSignal
 
 # --quick: a few minutes on a CPU. Three rounds give each setting a spread; the options are the ones that move a
 # CPU step (the DALI threads against torch's for the same cores, and how far DALI works ahead).
@@ -170,10 +177,11 @@ def measure_step(cfg: Config, device, warmup: int, steps: int) -> float:
 
 def tune(
     loader: dict[str, Any], overrides: list[str], candidates: list[Candidate], device, steps: int, warmup: int,
-    repeats: int, work: Path, report=print,
+    repeats: int, work: Path, stop: StopSignal, report=print,
 ) -> list[Candidate]:  # fmt: skip
     """Time every runnable candidate `repeats` times in interleaved rounds (loader: load_config's file arguments);
-    a candidate whose overrides the schema rejects, or whose run fails, gets a note instead."""
+    a candidate whose overrides the schema rejects, or whose run fails, gets a note instead. A stop signal ends it
+    (Preempted): at once while a timing run starts, at its next step once it trains."""
     total = warmup + steps
     rounds = [candidates if r % 2 == 0 else candidates[::-1] for r in range(repeats)]
     if repeats == 1 and len(candidates) > 1:
@@ -191,7 +199,8 @@ def tune(
                 candidate.note = f"skipped: not accepted by this config ({e})"
                 continue
             try:
-                candidate.ms.append(measure_step(cfg, device, warmup, steps))
+                with stop.interrupting():
+                    candidate.ms.append(measure_step(cfg, device, warmup, steps))
             except Exception as e:  # noqa: BLE001 - one failing option must not end the tuning
                 candidate.note = (
                     f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -235,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--try", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="another candidate"
     )
-    parser.add_argument("--json", type=Path, help="also write the table and the decision as JSON")
+    parser.add_argument(
+        "--json", type=Path, help="also write the table and the decision as JSON (its folder must exist)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for train")
     return parser
 
@@ -248,43 +259,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if min(args.repeats, args.steps, args.warmup) < 1:
         raise UserError("--repeats, --steps and --warmup must be >= 1")
+    if args.json is not None:
+        check_json_path(args.json)
     return args
 
 
-def prepared_config(loader: dict[str, Any], overrides: list[str]) -> tuple[Config, Any, list[str]]:
-    """The config, its device, and the overrides every timing run adds: the demo's dataset and teacher made first
-    where the config uses them (as train makes them), and that teacher pinned (a timing run skips evaluation, which
-    for data of one's own would name another teacher, see dali_kd.config.own_data)."""
-    cfg = load_config(**loader, overrides=overrides)
-    from dali_kd.commands.demo import demo_parts, prepare_demo
-    from dali_kd.runtime import resolve_device
+def check_json_path(path: Path) -> None:
+    """--json's file can be written once the timing is done: said before it starts, not after."""
+    folder = path.parent
+    if path.is_dir():
+        raise UserError(f"--json: {path} is a folder; give the name of a file to write")
+    if not folder.is_dir():
+        raise UserError(f"--json: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--json: the folder {folder} is not writable")
 
-    device = resolve_device(cfg.train.device)
+
+def chosen_options(options: list[Candidate], words_text: str) -> list[Candidate]:
+    """The options whose name contains one of the comma-separated words; a word that matches none is a mistake."""
+    words = [w.strip() for w in words_text.split(",") if w.strip()]
+    unmatched = [w for w in words if not any(w in c.name for c in options)]
+    if unmatched or not words:
+        keys = ", ".join(dict.fromkeys(c.name.split("=")[0] for c in options))
+        what = f"{', '.join(map(repr, unmatched))} matches no speed option" if words else "names no option"
+        raise UserError(f"--options: {what} (this config's speed options: {keys})")
+    return [c for c in options if any(w in c.name for w in words)]
+
+
+def prepare(cfg: Config, device) -> list[str]:
+    """The overrides every timing run adds: the demo's dataset and teacher made first where the config uses them
+    (as train makes them), and that teacher pinned (a timing run skips evaluation, which for data of one's own
+    would name another teacher, see dali_kd.config.own_data)."""
+    from dali_kd.commands.demo import demo_parts, prepare_demo
+
     if any(parts := demo_parts(cfg)):
         prepare_demo(cfg, device, sys.stdout.isatty(), *parts)
-    return cfg, device, [f"model.teacher.checkpoint={json.dumps(cfg.model.teacher.checkpoint)}"]
+    return [f"model.teacher.checkpoint={json.dumps(cfg.model.teacher.checkpoint)}"]
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    loader = {
+def config_files(args: argparse.Namespace) -> dict[str, Any]:
+    """load_config's file arguments as the command line gives them."""
+    return {
         "data_config": args.data_config,
         "train_config": args.train_config,
         "model_config": args.model_config,
         "presets": [find_preset(p) for p in args.preset],
     }
+
+
+def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
+    """The tuning as the command line says; stop: the signal handlers main() installed."""
+    from dali_kd.runtime import resolve_device
+
+    args = parse_args(argv)
+    loader = config_files(args)
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    cfg, device, pinned = prepared_config(loader, overrides)
+    cfg = load_config(**loader, overrides=overrides)
+    device = resolve_device(cfg.train.device)
     options = speed_options(cfg, device.type == "cuda")
-    if args.options:
-        words = args.options.split(",")
-        options = [c for c in options if any(w in c.name for w in words)]
+    if args.options is not None:
+        options = chosen_options(options, args.options)
+    with stop.interrupting():  # the demo's first-use preparation: minutes, nothing worth keeping half-made
+        pinned = prepare(cfg, device)
     candidates = [Candidate("defaults", []), *options, *(Candidate(e, [e]) for e in args.extra)]
     print(f"tuning {cfg.model.teacher.name} → {cfg.model.student.name}, batch {cfg.train.batch_size} on {device}: "
           f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
           f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:
-        tune(loader, overrides + pinned, candidates, device, args.steps, args.warmup, args.repeats, Path(tmp))
+        timing = (device, args.steps, args.warmup)
+        tune(loader, overrides + pinned, candidates, *timing, args.repeats, Path(tmp), stop)
         if candidates[0].ms_per_step is None:
             raise UserError(f"the defaults could not be timed: {candidates[0].note}")
         noise = noise_pct(candidates)
@@ -292,7 +335,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         combined = None
         if len(best) > 1:
             both = Candidate("all fastest together", best)
-            tune(loader, overrides + pinned, [both], device, args.steps, args.warmup, 1, Path(tmp))
+            tune(loader, overrides + pinned, [both], *timing, 1, Path(tmp), stop)
             combined = both
     lines = verdict_lines(candidates, noise)
     result = {
@@ -309,7 +352,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
           "overlapping repeats, cannot be told apart")  # fmt: skip
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
     if best:
         print(f"fastest: {' '.join(best)}")
     else:
@@ -320,11 +363,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """The command; its exit code. A stop signal is passed on when it returns, as train's main() does."""
+    from dali_kd.runs.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, RUN_SIGNALS, Preempted, StopSignal
+
+    with StopSignal(RUN_SIGNALS) as stop:
+        try:
+            stop.check()  # a signal the command's own handler recorded while it imported
+            run(argv, stop)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Preempted as e:
+            how = "interrupted" if e.interrupted else "preempted"
+            print(f"{how}: {e.signal_name} received: tuning stopped, nothing decided", file=sys.stderr)
+            return EXIT_INTERRUPTED if e.interrupted else EXIT_PREEMPTED
     return 0
 
 

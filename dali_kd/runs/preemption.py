@@ -1,12 +1,11 @@
-"""Preemption: SIGUSR1/SIGTERM (and SIGINT in a Python program) ask for a checkpoint at the next step boundary; the
-command line then exits 75 and asks Slurm to requeue, a Python program gets the signal back."""
+"""Preemption: SIGUSR1/SIGTERM/SIGINT ask for a checkpoint at the next step boundary; the command line then exits 75
+and asks Slurm to requeue (130 after Ctrl-C, which nothing requeues), a Python program gets the signal back."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -14,6 +13,9 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the job is requeued and resumes by itself
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C: the user stopped it, so nothing requeues it
+# What a run turns into a checkpoint, on the command line and in a Python program alike.
+RUN_SIGNALS = ("SIGINT", "SIGUSR1", "SIGTERM")
 JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
 
 
@@ -30,6 +32,12 @@ class Preempted(BaseException):
         )
         super().__init__(f"{signal_name} received: {where}")
         self.checkpoint = checkpoint
+        self.signal_name = signal_name
+
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C: the user's own stop, not a scheduler's."""
+        return self.signal_name == "SIGINT"
 
 
 class StopSignal:
@@ -43,8 +51,8 @@ class StopSignal:
     time (--signal=USR1@90) is shorter than a cold scan and there is nothing to save yet; what it raised is still
     recorded, so a swallowed raise is caught by the next check.
 
-    signals: SIGUSR1 and SIGTERM (the command line's), or SIGINT too (a run inside a Python program, where Ctrl-C
-    must also leave a checkpoint). A signal the process ignores stays ignored, and outside the main thread (where
+    signals: SIGUSR1 and SIGTERM, or RUN_SIGNALS (SIGINT too: a run, on the command line or inside a Python program,
+    where Ctrl-C must also leave a checkpoint). A signal the process ignores stays ignored, and outside the main thread (where
     Python cannot set handlers) none is watched. Nested instances (the command's, then the training loop's) watch
     the same signals and share what they saw: a new one starts with the signal its predecessor recorded, and hands
     back what it recorded when `restore()` puts the predecessor back. As a context manager, the exit restores the
@@ -144,7 +152,9 @@ def slurm_job_id() -> str | None:
 
 def requeue() -> bool:
     """Ask Slurm to requeue this job (rank 0 only). No shell; the id is validated; failures are reported, not fatal."""
-    from dali_kd import console  # here: the module loads first of all, before the signal handlers go in
+    import subprocess  # here, like console: the module loads first of all, before the signal handlers go in
+
+    from dali_kd import console
 
     job = slurm_job_id()
     if job is None:

@@ -9,8 +9,10 @@ STEP: the step before which the fault strikes (at its first batch), or STEP:BATC
 
 FAULT: kill-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
 (record only writes, per rank, the sample ids each batch trained on, the final weights, and under DDP the count of
-gradient all-reduces (bucket by bucket) done before each batch and at the end) | pause-at-step (prints
-"paused" and waits for a line on stdin: a run that is still going while a test starts another), or a stop signal during
+gradient all-reduces (bucket by bucket) done before each batch and at the end) | pause-at-step, pause-at-eval
+(before the evaluation after STEP), pause-at-finish (before the final weights are written; STEP is ignored) (each
+prints "paused" and waits for a line on stdin: a run that is still going while a test starts another or signals
+it), or a stop signal during
 start-up, before any step: SIGNAL-during-scan | SIGNAL-during-models | SIGNAL-during-stream (SIGNAL: usr1 | term;
 STEP is then ignored).
 """
@@ -49,6 +51,11 @@ def count_allreduces(ddp) -> list[int]:
     return counter
 
 
+def pause() -> None:
+    print("paused", flush=True)
+    sys.stdin.readline()
+
+
 def main() -> int:
     split = sys.argv.index("--")
     fault = sys.argv[1]
@@ -79,14 +86,17 @@ def main() -> int:
                 if fault == "nan-at-step":
                     batch.images = batch.images * float("nan")
                 if fault == "pause-at-step":
-                    print("paused", flush=True)
-                    sys.stdin.readline()
+                    pause()
 
         def on_evaluate(self, trainer):
             if fault == "kill-during-eval" and trainer.step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "pause-at-eval" and trainer.step == step:
+                pause()
 
         def on_finish(self, trainer, summary):
+            if fault == "pause-at-finish":
+                pause()
             if fault == "record":
                 record_dir.mkdir(parents=True, exist_ok=True)
                 (record_dir / f"ids_rank{rank()}.json").write_text(json.dumps(self.seen))
