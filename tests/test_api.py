@@ -221,7 +221,7 @@ def test_the_api_pages_first_run_works_from_an_empty_home(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (work / "runs" / "api").iterdir()
     assert result.stdout.splitlines()[-1].endswith(f"% in runs/api/{run_dir.name}"), result.stdout[-2000:]
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16, "the demo's 8 epochs × 2 steps"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12, "the demo's 6 epochs × 2 steps"
     assert (home / ".cache" / "dali_kd" / "demo-v1" / "data" / "train").is_dir(), (
         "the demo's data, made on first use"
     )

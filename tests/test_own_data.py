@@ -48,6 +48,13 @@ def test_a_data_root_of_ones_own_takes_neither_the_demos_val_folder_nor_its_teac
         )
         assert teacher.num_classes is None, "the demo's 10 classes are not this data's"
 
+    # A teacher trained at one image size is not reused at another (nor on another held-out part).
+    paths = {
+        load_config(overrides=["data.root=/my/images", *more]).model.teacher.checkpoint
+        for more in ([], ["data.image_size=64", "data.eval_resize=72"], ["data.holdout_fraction=0.2"])
+    }
+    assert len(paths) == 3
+
     # The demo keeps its own val folder and teacher; the demo's val folder with another root is never in force.
     assert DEMO.data.val_root is not None and DEMO.data.holdout_fraction == 0
     assert load_config(overrides=[f"data.root={Path(DEMO.data.root).expanduser()}"]).data.val_root is not None
@@ -194,7 +201,7 @@ def test_the_documented_own_data_command_works_from_an_empty_home(tmp_path):
     teacher = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["teacher"]
     demo_teacher = Path(DEMO.model.teacher.checkpoint.replace("~", str(home), 1))
     assert Path(teacher["checkpoint"].replace("~", str(home), 1)).is_file()
-    assert "/teachers/images-" in teacher["checkpoint"] and "teacher: resnet18 trained on data.root" in out
+    assert "/teachers/images-" in teacher["checkpoint"] and "teacher: resnet14t trained on data.root" in out
     assert not demo_teacher.exists() and not (demo_teacher.parent / "data").exists(), "nothing of the demo"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "classifier has" not in out and "loss_logit" in rows[0], (

@@ -159,7 +159,7 @@ def test_tune_prepares_the_demo_from_an_empty_home_as_train_does(tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "demo: generating the demo dataset" in out and "demo: training the resnet18 teacher" in out
+    assert "demo: generating the demo dataset" in out and "demo: training the resnet14t teacher" in out
     demo = load_config()
     assert Path(demo.model.teacher.checkpoint).expanduser().is_file(), "the demo's teacher, kept for train"
     assert str(Path(demo.model.teacher.checkpoint).expanduser()).startswith(str(home))

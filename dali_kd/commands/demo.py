@@ -20,7 +20,7 @@ from dali_kd.io import save_safetensors_atomic
 from dali_kd.models import create_model
 from dali_kd.runtime import autocast
 
-TEACHER_STEPS = 180
+TEACHER_STEPS = 120
 TEACHER_LR = 3e-3
 LOSS_EVERY_N_STEPS = 10
 

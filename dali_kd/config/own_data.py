@@ -53,13 +53,14 @@ def is_demo_data(data: DataConfig) -> bool:
 def own_data_teacher_path(data: DataConfig, teacher_name: str) -> str:
     """Where the demo's recipe keeps a teacher it trained on data.root: beside the demo's teacher, in a folder
     named after data.root and a hash of what the teacher trains on (the folder, the file list, the held-out
-    part it must never see), so that no other data ever gets it."""
+    part it must never see, the image size), so that no other data ever gets it."""
     root = Path(data.root).expanduser().resolve()
     trains_on = {
         "root": str(root),
         "file_list": str(Path(data.file_list).expanduser().resolve()) if data.file_list else None,
         "holdout_fraction": data.holdout_fraction if data.holds_out else 0.0,
         "format": data.format,
+        "image_size": data.image_size,  # a teacher trained at one size sees another badly
     }
     digest = hashlib.sha256(json.dumps(trains_on, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(demo_files().teacher_checkpoint).parent / "teachers" / f"{root.name}-{digest}"
