@@ -512,3 +512,17 @@ def test_first_use_reads_the_lines_a_demo_prints():
         {"busy_loops": 2, "threads": 1, "first_step_s": 90.0, "total_s": 200.0, "knn": None, "returncode": 0},
     ]
     assert "| 2 | 1 | 90.0 | 200.0 | 2.50 |" in first_use.markdown(rows)
+
+
+def test_demo_teacher_trains_each_case_and_reports_accuracy_and_cpu_seconds(tmp_path):
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "demo_teacher.py"), "test_resnet:32:2", "test_resnet:24:1",
+         "--home", str(tmp_path / "home"), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["image_size"], r["steps"]) for r in rows] == [(32, 2), (24, 1)]
+    assert all(0 <= r["val_top1"] <= 100 and r["cpu_s"] > 0 for r in rows)
+    assert (tmp_path / "home" / "teacher_test_resnet_32px_2.safetensors").is_file()
