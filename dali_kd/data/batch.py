@@ -129,6 +129,21 @@ class CacheFields:
     read_s: float = 0.0
     damaged: np.ndarray | None = None
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CacheFields:
+        """The fields with the cached outputs on `device`; the numpy fields stay on the host, as the contract says."""
+        if self.targets is None:
+            return replace(self)
+        moved = {f.name: getattr(self.targets, f.name) for f in fields(self.targets)}
+        moved = {k: None if t is None else t.to(device, non_blocking=non_blocking) for k, t in moved.items()}
+        return replace(self, targets=replace(self.targets, **moved))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The cached outputs by name (targets.<field>); the host fields are numpy and not listed."""
+        if self.targets is None:
+            return {}
+        found = {f"targets.{f.name}": getattr(self.targets, f.name) for f in fields(self.targets)}
+        return {name: t for name, t in found.items() if t is not None}
+
 
 @dataclass
 class Batch:
@@ -188,9 +203,8 @@ class Batch:
         }
         if self.view is not None:
             found.update({f"view.{name}": t for name, t in self.view.tensors().items()})
-        if self.cache is not None and self.cache.targets is not None:
-            targets = self.cache.targets
-            found.update({f"cache.targets.{f.name}": getattr(targets, f.name) for f in fields(targets)})
+        if self.cache is not None:
+            found.update({f"cache.{name}": t for name, t in self.cache.tensors().items()})
         found = {name: t for name, t in found.items() if t is not None}
         return found
 
@@ -208,13 +222,5 @@ class Batch:
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
             local_images=move(self.local_images),
             stream_ids=move(self.stream_ids),
-            cache=None
-            if self.cache is None or self.cache.targets is None
-            else replace(
-                self.cache,
-                targets=replace(
-                    self.cache.targets,
-                    **{f.name: move(getattr(self.cache.targets, f.name)) for f in fields(self.cache.targets)},
-                ),
-            ),
+            cache=None if self.cache is None else self.cache.to(device, non_blocking=non_blocking),
         )
