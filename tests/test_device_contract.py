@@ -77,7 +77,7 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
     while not filler.stream.replaying:
         filler.train_step(next(stream))
     filler.stream.close()
-    assert filler.cache.is_complete()
+    assert filler.targets.cache.is_complete()
 
     trainer = Trainer(tiny_config(*cache), META, show_progress=False)
     try:

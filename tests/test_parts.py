@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from dali_kd.config import LossConfig
-from dali_kd.data.batch import Batch, CacheFields, ViewRecord
+from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
+from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.training.callbacks import Callback

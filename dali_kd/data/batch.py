@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from dali_kd.data.outputs import ModelOutput
 
 
 @dataclass
@@ -110,39 +107,16 @@ class ViewRecord:
         return found
 
 
-@dataclass
-class CacheFields:
-    """What a batch of the teacher-cache stream (dali_kd.teacher_cache.stream) carries for the cache's targets.
+class BatchFields(Protocol):
+    """Fields a feature adds to the batches of its own stream (the teacher cache's), moved with the batch."""
 
-    slots:      int64 [B] numpy, the view slot of each row (rows are written and read at (stream id, slot)).
-    store:      bool [B] numpy, the rows a live teacher's outputs are written to (a fill batch), else None.
-    from_cache: the teacher's outputs for this batch come from the cache, not a live teacher.
-    targets:    a replayed batch's cached outputs, read ahead by the stream (on the trainer's device), and read_s
-                how long that read took.
-    damaged:    bool [B] numpy, the rows of `targets` that failed their checksum (the teacher computes them again).
-    """
-
-    slots: np.ndarray
-    store: np.ndarray | None = None
-    from_cache: bool = False
-    targets: ModelOutput | None = None
-    read_s: float = 0.0
-    damaged: np.ndarray | None = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> CacheFields:
-        """The fields with the cached outputs on `device`; the numpy fields stay on the host, as the contract says."""
-        if self.targets is None:
-            return replace(self)
-        moved = {f.name: getattr(self.targets, f.name) for f in fields(self.targets)}
-        moved = {k: None if t is None else t.to(device, non_blocking=non_blocking) for k, t in moved.items()}
-        return replace(self, targets=replace(self.targets, **moved))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BatchFields:
+        """The fields with their torch tensors on `device`; host (numpy) fields kept."""
+        ...
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The cached outputs by name (targets.<field>); the host fields are numpy and not listed."""
-        if self.targets is None:
-            return {}
-        found = {f"targets.{f.name}": getattr(self.targets, f.name) for f in fields(self.targets)}
-        return {name: t for name, t in found.items() if t is not None}
+        """Their torch tensors by name."""
+        ...
 
 
 @dataclass
@@ -172,7 +146,7 @@ class Batch:
     host_ids: np.ndarray | None = None  # sample_ids on the host
     stream_ids: torch.Tensor | None = None
     host_stream_ids: np.ndarray | None = None  # stream_ids on the host
-    cache: CacheFields | None = None  # with the teacher cache only
+    cache: BatchFields | None = None  # the teacher cache's (dali_kd.teacher_cache.batch_fields.CacheFields)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
