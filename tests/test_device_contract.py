@@ -10,6 +10,7 @@ CPU-only mode, as a GPU pipeline's host outputs (ids, view records) do, so the s
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
     while not filler.stream.replaying:
         filler.train_step(next(stream))
     filler.stream.close()
-    assert filler.cache.is_complete()
+    assert filler.targets.cache.is_complete()
 
     trainer = Trainer(tiny_config(*cache), META, show_progress=False)
     try:
@@ -94,7 +95,7 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
 def test_eval_batches_are_on_the_trainers_device(tiny_config, image_tree, backend):
     cfg = tiny_config(f"data.backend={backend}")
     index = ImageIndex.from_folder(image_tree / "val")
-    batches = list(make_eval_batches(cfg.stream_settings(), index, META, batch_size=5))
+    batches = list(make_eval_batches(replace(cfg.stream_settings(), batch_size=5), index, META))
     for batch in batches:
         assert_on_device(batch, META)
     assert sum(len(b) for b in batches) == index.num_samples
@@ -125,7 +126,8 @@ def test_float16_images_reach_the_models_from_both_backends(tiny_config, image_t
     assert torch.isfinite(losses["loss"])
     val = ImageIndex.from_folder(image_tree / "val")
     assert {
-        b.images.dtype for b in make_eval_batches(cfg.stream_settings(), val, torch.device("cpu"), 8)
+        b.images.dtype
+        for b in make_eval_batches(replace(cfg.stream_settings(), batch_size=8), val, torch.device("cpu"))
     } == {torch.float16}
 
 

@@ -192,7 +192,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     assert len(kept.fill) == 6 and kept.replayed == 12
     assert summary["cache_missing_rows"] == 0
     assert summary["teacher_probe_batches"] >= 2 and summary["cache_fidelity_min"] > 0.999
-    cache = trainer.cache
+    cache = trainer.targets.cache
     assert (
         cache.mixed
         and json.loads((tmp_path / "cache" / "header.json").read_text())["augment"]["mix"] == "both"
@@ -215,7 +215,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     # only for the rows that were mixed (mix_prob 0.8: some rows were not).
     filled = {int(i): image for b in kept.fill for i, image in zip(b.stream_ids, b.images, strict=True)}
     stream = make_cached_train_stream(
-        cfg, trainer.train_index, CPU, cache=cache
+        cfg.stream_settings(), trainer.train_index, CPU, cache=cache, mode=cfg.train.cache_mode
     )  # complete cache: replays at once
     try:
         batch = next(iter(stream))

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from dali_kd.config import LossConfig
-from dali_kd.data.batch import Batch, CacheFields, ViewRecord
+from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
+from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.training.callbacks import Callback
@@ -86,6 +87,26 @@ def test_cached_teacher_fills_rows_at_stream_slots_then_replays_them(tmp_path, t
     assert summary["cache_hits"] == 4 and summary["teacher_probe_batches"] == 1
     assert summary["cache_fidelity_min"] > 0.9999
     assert cached.interval_metrics()["cache_fidelity_cosine"] > 0.9999 and cached.interval_metrics() == {}
+
+
+def test_a_moved_cache_batch_keeps_its_cache_fields(tmp_path, teacher):
+    cache = open_cache(tmp_path, teacher)
+    cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=None, device=CPU)
+    slots, store = np.zeros(4, dtype=np.int64), np.ones(4, dtype=bool)
+    fill = batch_of(torch.randn(4, 3, 32, 32), [0, 1, 2, 3], cache=CacheFields(slots, store=store)).to(CPU)
+    assert fill.cache is not None and fill.cache.slots is slots and fill.cache.store is store
+    cached.targets(fill, step=1)
+    assert cache.is_done(np.arange(4), slots).all(), "a moved fill batch still writes its rows"
+    # A replayed batch: the cached outputs go to the device, the host fields stay numpy on the host.
+    outputs = ModelOutput(pooled=torch.randn(4, 8), logits=None, patch_tokens=None)
+    damaged = np.zeros(4, dtype=bool)
+    replay = batch_of(torch.randn(4, 3, 32, 32), [0, 1, 2, 3],
+                      cache=CacheFields(slots, from_cache=True, targets=outputs, read_s=0.5, damaged=damaged))  # fmt: skip
+    moved = replay.to("meta")
+    assert moved.images.device.type == "meta" and moved.cache.targets.pooled.device.type == "meta"
+    assert moved.cache.slots is slots and moved.cache.damaged is damaged and moved.cache.from_cache
+    assert moved.cache.read_s == 0.5 and moved.cache.targets.logits is None
+    assert replay.cache.targets.pooled.device == CPU, "the batch moved is left as it was"
 
 
 def test_the_fidelity_probe_fails_when_cached_rows_do_not_match_the_views(tmp_path, teacher, capsys):

@@ -3,6 +3,7 @@ the cached weights are the ones loaded, hf-hub: names too, a checkpoint wins, an
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -271,7 +272,7 @@ def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
     # The teacher's head top-1 is what its weights score on the val images normalised its own way.
     val = ImageIndex.from_folder(cfg.data.val_root)
     correct = total = 0
-    for batch in make_eval_batches(cfg.stream_settings(), val, CPU, 8):
+    for batch in make_eval_batches(replace(cfg.stream_settings(), batch_size=8), val, CPU):
         pixels = batch.images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(
             IMAGENET_MEAN
         ).view(1, 3, 1, 1)

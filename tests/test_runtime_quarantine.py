@@ -206,7 +206,7 @@ def test_every_backend_is_a_train_stream(tiny_config, tmp_path):
         stream.close()
     cache = TeacherCache(tmp_path / "cache", {"teacher": "t"}, [Part("pooled", (4,), "float16")],
                          index.num_samples, 1, create=True)  # fmt: skip
-    stream = make_cached_train_stream(cfg, index, cpu, cache=cache)
+    stream = make_cached_train_stream(cfg.stream_settings(), index, cpu, cache=cache, mode="replay")
     assert isinstance(stream, CachedViewStream) and isinstance(stream, TrainStream)
     stream.close()
     assert not isinstance(object(), TrainStream)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_folder_and_shards_give_the_same_samples_per_pass_and_the_same_pixels(ti
     for backend in ("dali", "torchvision"):
         c = shards_config(tiny_config, shard_tree, f"data.backend={backend}")
         got = [b.host_ids if b.host_ids is not None else b.sample_ids.numpy() for b in make_eval_batches(
-            c.stream_settings(), shards, CPU, 8)]  # fmt: skip
+            replace(c.stream_settings(), batch_size=8), shards, CPU)]  # fmt: skip
         assert np.concatenate(got).tolist() == list(range(48))
 
 

@@ -222,6 +222,34 @@ def test_a_planted_import_against_the_layers_is_found():
     ]
 
 
+# A private name (one leading underscore) belongs to its module: what another module needs is made public.
+def private_imports(package: Path = PACKAGE) -> list[str]:
+    found = []
+    for module, path in _module_names(package).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("dali_kd")
+            ):
+                private = [
+                    a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+                found += [f"{module} imports {node.module}.{name}" for name in private]
+    return found
+
+
+def test_no_module_imports_another_modules_private_name():
+    assert private_imports() == []
+
+
+def test_a_planted_private_import_is_found(tmp_path):
+    package = tmp_path / "dali_kd"
+    package.mkdir()
+    (package / "user.py").write_text("from dali_kd.data.dali_loader import _device_id, host_array\n")
+    assert private_imports(package) == ["dali_kd.user imports dali_kd.data.dali_loader._device_id"]
+
+
 # What a reader new to the package can take in: the top level shows the parts, and no module or function is too long
 # to read in one sitting.
 MAX_TOP_LEVEL_MODULES = 15

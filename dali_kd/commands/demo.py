@@ -147,7 +147,7 @@ def train_demo_teacher(
     if (val := splits.val) is not None:
         correct = 0
         with torch.no_grad():
-            for batch in make_eval_batches(cfg.stream_settings(), val, device, cfg.train.batch_size):
+            for batch in make_eval_batches(cfg.stream_settings(), val, device):
                 correct += int((model(batch.images).argmax(1) == batch.labels).sum())
         accuracy = 100.0 * correct / val.num_samples
     save_safetensors_atomic(path, model.state_dict())

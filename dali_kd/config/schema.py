@@ -14,7 +14,13 @@ from dali_kd.config.model_section import ModelConfig
 from dali_kd.config.section import Section
 from dali_kd.config.stream_settings import StreamSettings
 from dali_kd.config.train_section import TrainConfig
-from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
+from dali_kd.pipelines.params import (
+    MIXED_DECODER_OPTIONS,
+    AugmentParams,
+    DecodeParams,
+    EvalParams,
+    MultiCropParams,
+)
 
 _KEY_IN_BRACES = re.compile(r"\{((?:data|train|model)\.[a-z_.]+)\}")
 
@@ -204,15 +210,9 @@ class Config(Section):
     def decode_params(self) -> DecodeParams:
         """How the DALI pipelines decode (window or whole image, the GPU decoder's tuning) and their output dtype."""
         d = self.data
-        return DecodeParams(
-            mode=d.decode,
-            hw_decoder_load=d.hw_decoder_load,
-            device_memory_padding=d.device_memory_padding,
-            host_memory_padding=d.host_memory_padding,
-            preallocate_width_hint=d.preallocate_width_hint,
-            preallocate_height_hint=d.preallocate_height_hint,
-            dtype=d.output_dtype,
-        )
+        # The GPU decoder's tuning keys are named as DecodeParams' fields (and DALI's arguments), defaults included.
+        tuning = {name: getattr(d, name) for name in MIXED_DECODER_OPTIONS}
+        return DecodeParams(mode=d.decode, dtype=d.output_dtype, **tuning)
 
     def eval_params(self) -> EvalParams:
         """The eval centre crop at the view size, resized so that it covers what data.eval_resize and

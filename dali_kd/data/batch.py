@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from dali_kd.data.outputs import ModelOutput
 
 
 @dataclass
@@ -110,24 +107,16 @@ class ViewRecord:
         return found
 
 
-@dataclass
-class CacheFields:
-    """What a batch of the teacher-cache stream (dali_kd.teacher_cache.stream) carries for the cache's targets.
+class BatchFields(Protocol):
+    """Fields a feature adds to the batches of its own stream (the teacher cache's), moved with the batch."""
 
-    slots:      int64 [B] numpy, the view slot of each row (rows are written and read at (stream id, slot)).
-    store:      bool [B] numpy, the rows a live teacher's outputs are written to (a fill batch), else None.
-    from_cache: the teacher's outputs for this batch come from the cache, not a live teacher.
-    targets:    a replayed batch's cached outputs, read ahead by the stream (on the trainer's device), and read_s
-                how long that read took.
-    damaged:    bool [B] numpy, the rows of `targets` that failed their checksum (the teacher computes them again).
-    """
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BatchFields:
+        """The fields with their torch tensors on `device`; host (numpy) fields kept."""
+        ...
 
-    slots: np.ndarray
-    store: np.ndarray | None = None
-    from_cache: bool = False
-    targets: ModelOutput | None = None
-    read_s: float = 0.0
-    damaged: np.ndarray | None = None
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Their torch tensors by name."""
+        ...
 
 
 @dataclass
@@ -157,7 +146,7 @@ class Batch:
     host_ids: np.ndarray | None = None  # sample_ids on the host
     stream_ids: torch.Tensor | None = None
     host_stream_ids: np.ndarray | None = None  # stream_ids on the host
-    cache: CacheFields | None = None  # with the teacher cache only
+    cache: BatchFields | None = None  # the teacher cache's (dali_kd.teacher_cache.batch_fields.CacheFields)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -188,9 +177,8 @@ class Batch:
         }
         if self.view is not None:
             found.update({f"view.{name}": t for name, t in self.view.tensors().items()})
-        if self.cache is not None and self.cache.targets is not None:
-            targets = self.cache.targets
-            found.update({f"cache.targets.{f.name}": getattr(targets, f.name) for f in fields(targets)})
+        if self.cache is not None:
+            found.update({f"cache.{name}": t for name, t in self.cache.tensors().items()})
         found = {name: t for name, t in found.items() if t is not None}
         return found
 
@@ -208,13 +196,5 @@ class Batch:
             view=None if self.view is None else self.view.to(device, non_blocking=non_blocking),
             local_images=move(self.local_images),
             stream_ids=move(self.stream_ids),
-            cache=None
-            if self.cache is None or self.cache.targets is None
-            else replace(
-                self.cache,
-                targets=replace(
-                    self.cache.targets,
-                    **{f.name: move(getattr(self.cache.targets, f.name)) for f in fields(self.cache.targets)},
-                ),
-            ),
+            cache=None if self.cache is None else self.cache.to(device, non_blocking=non_blocking),
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ def host_array(ids: torch.Tensor) -> np.ndarray:
     return ids.view(-1).numpy().copy()
 
 
-def _device_id(device: torch.device) -> int | None:
+def dali_device_id(device: torch.device) -> int | None:
     """DALI's device_id: None builds a CPU-only pipeline."""
     if device.type == "cuda":
         return device.index if device.index is not None else torch.cuda.current_device()
@@ -56,7 +55,7 @@ def _device_id(device: torch.device) -> int | None:
 
 def stream_multi_crop_graph(params: MultiCropParams, device: torch.device | str) -> str:
     """The multi-crop graph ("batched" or "per_crop") a stream on `device` builds for params.graph."""
-    return resolve_multi_crop_graph(params.graph, on_gpu=_device_id(torch.device(device)) is not None)
+    return resolve_multi_crop_graph(params.graph, on_gpu=dali_device_id(torch.device(device)) is not None)
 
 
 class DaliTrainStream:
@@ -110,18 +109,10 @@ class DaliTrainStream:
         self.quarantine = quarantine or RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
         # A tar changed in place mid-run may decode without an error: its batches are looked at before use.
         self._watch = ShardWatch(index.shards, self.quarantine) if index.shards is not None else None
-        self._settings: dict[str, Any] = dict(
-            params=params,
-            batch_size=batch_size,
-            seed=seed,
-            device_id=_device_id(self.device),
-            num_threads=num_threads,
-            shard_id=rank,  # DALI's reader calls a rank's share its shard
-            num_shards=world_size,
-            prefetch_queue_depth=prefetch_batches,
-            reader_seed=reader_seed,
-            decode=decode,
-        )
+        self.params, self.batch_size, self.seed, self.decode = params, batch_size, seed, decode
+        self.reader_seed = seed if reader_seed is None else reader_seed
+        self.rank, self.world_size = rank, world_size
+        self.num_threads, self.prefetch_batches = num_threads, prefetch_batches
         self._labels = np.asarray(index.labels, dtype=np.int64)
         self.pipe: Pipeline | None = None  # both None once closed
         self._iterator: DALIGenericIterator | None = None
@@ -159,13 +150,15 @@ class DaliTrainStream:
     def _batch_samples(self, position: int) -> list[int]:
         """The slots of the batch at stream position `position`: the reader alone, over 1-byte index entries, run
         from the start up to that batch (the same order the training reader follows)."""
-        s = self._settings
-        seed = s["seed"] if s["reader_seed"] is None else s["reader_seed"]
         probe = shard_order_pipeline(
-            self._shard_files(sizes_of_one=True), s["batch_size"], seed, s["shard_id"], s["num_shards"]
+            self._shard_files(sizes_of_one=True),
+            self.batch_size,
+            self.reader_seed,
+            self.rank,
+            self.world_size,
         )
         probe.build()
-        for _ in range(position // s["batch_size"]):
+        for _ in range(position // self.batch_size):
             probe.run()
         (info,) = probe.run()
         return ids_from_source_info(np.array(info[k]) for k in range(len(info)))
@@ -185,10 +178,16 @@ class DaliTrainStream:
             # whichever file it reads; the shown image's id is looked up in this table. The ids are host data
             # (the reader's), so no batch waits for the device.
             source = self._shard_files() if from_shards else files
-            self.pipe = pipe = train_pipeline(source, checkpoint=checkpoint, **self._settings)
+            # DALI's reader calls a rank's share its shard.
+            self.pipe = pipe = train_pipeline(
+                source, self.params, self.batch_size, self.seed, device_id=dali_device_id(self.device),
+                num_threads=self.num_threads, shard_id=self.rank, num_shards=self.world_size,
+                prefetch_queue_depth=self.prefetch_batches, checkpoint=checkpoint, reader_seed=self.reader_seed,
+                decode=self.decode,
+            )  # fmt: skip
             pipe.build()
             self._shown = np.asarray(shown, dtype=np.int64)
-            outputs = list(train_outputs(self._settings["params"], from_shards))
+            outputs = list(train_outputs(self.params, from_shards))
             try:
                 # No reader_name: the iterator runs as long as the pipeline does, i.e. forever. It runs the
                 # first batch already, so a file broken since the scan can fail here too.
@@ -289,7 +288,7 @@ def dali_eval_batches(
     if index.shards is not None:
         # From shards: each sample read by offset, in index order (a subset or a rank's block reads only its own).
         pipe = fed_eval_pipeline(
-            _fed_batches(index, batch_size), params, batch_size, device_id=_device_id(device),
+            _fed_batches(index, batch_size), params, batch_size, device_id=dali_device_id(device),
             num_threads=num_threads, decode=decode,
         )  # fmt: skip
         pipe.build()
@@ -299,7 +298,7 @@ def dali_eval_batches(
             index.files,
             params,
             batch_size,
-            device_id=_device_id(device),
+            device_id=dali_device_id(device),
             num_threads=num_threads,
             decode=decode,
         )

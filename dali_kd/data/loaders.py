@@ -121,10 +121,10 @@ def _check_multi_crop_graph(settings: StreamSettings, device: torch.device, stat
         )
 
 
-def make_eval_batches(
-    settings: StreamSettings, index: ImageIndex, device: torch.device, batch_size: int
-) -> Iterator[Batch]:
-    """Every sample of index once, in order, with the eval transform, as batches with every tensor on `device`."""
+def make_eval_batches(settings: StreamSettings, index: ImageIndex, device: torch.device) -> Iterator[Batch]:
+    """Every sample of index once, in order, with the eval transform, as batches of settings.batch_size (the last
+    one may be partial) with every tensor on `device`."""
+    batch_size = settings.batch_size
     if settings.data.backend == "dali":
         from dali_kd.data.dali_loader import dali_eval_batches
 

@@ -164,11 +164,6 @@ class MixingStream:
             self.batches += 1
             yield batch
 
-    @property
-    def missing_rows(self) -> int:
-        """The teacher-cache stream's count of replayed rows that stood in for others (0 for other streams)."""
-        return getattr(self.inner, "missing_rows", 0)
-
     def state_dict(self) -> dict:
         return {**self.inner.state_dict(), "mix_batches": self.batches}
 

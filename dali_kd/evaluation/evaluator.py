@@ -101,10 +101,9 @@ class Evaluator:
         """L2-normalised embeddings, labels and (with_head) the head's predicted classes of the split's usable
         images, gathered over ranks: per image its top class, then (5 classes or more) its 5 top-scored ones."""
         features, labels, predictions = [], [], []
-        batch_size = self.cfg.train.batch_size
+        settings = self.cfg.stream_settings()
         for batch in quarantine.batches(
-            lambda index: make_eval_batches(self.cfg.stream_settings(), index, self.device, batch_size),
-            batch_size,
+            lambda index: make_eval_batches(settings, index, self.device), settings.batch_size
         ):
             out = outputs(batch.images)
             assert out.pooled is not None  # a model's own outputs always have it

@@ -11,7 +11,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from dali_kd.data.batch import ViewRecord
-from dali_kd.data.dali_loader import _device_id
+from dali_kd.data.dali_loader import dali_device_id
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.pipelines.graphs import REPLAY_INPUTS, replay_pipeline
 from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
@@ -68,7 +68,7 @@ class DaliViewRenderer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self._pipe_args: dict[str, Any] = dict(
-            params=params, batch_size=batch_size, device_id=_device_id(self.device), full_decode=full_decode,
+            params=params, batch_size=batch_size, device_id=dali_device_id(self.device), full_decode=full_decode,
             decode=decode, num_threads=num_threads, multi_crop_graph=multi_crop_graph,
         )  # fmt: skip
         self._build()

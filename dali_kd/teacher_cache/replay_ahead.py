@@ -24,7 +24,7 @@ import torch
 from nvidia.dali.pipeline import Pipeline
 
 from dali_kd.data.batch import ViewRecord
-from dali_kd.data.dali_loader import _device_id
+from dali_kd.data.dali_loader import dali_device_id
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.pipelines.graphs import REPLAY_INPUTS, replay_ahead_pipeline
 from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams, DecodeParams
@@ -79,7 +79,7 @@ class ViewsAhead(Generic[Job]):
             num_threads=num_threads,
         )  # fmt: skip
         pipe = replay_ahead_pipeline(
-            self._next_columns, params, max_views, device_id=_device_id(self.device), num_threads=num_threads,
+            self._next_columns, params, max_views, device_id=dali_device_id(self.device), num_threads=num_threads,
             prefetch_queue_depth=depth, decode=decode, from_paths=index.shards is None,
         )  # fmt: skip
         pipe.build()

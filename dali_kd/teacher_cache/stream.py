@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dali_kd.config import Config
-from dali_kd.data.batch import Batch, CacheFields, ViewRecord
+from dali_kd.config import StreamSettings
+from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import check_resumed_backend, with_mixing
@@ -47,13 +47,14 @@ from dali_kd.data.sampling import pass_order, share_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
 from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams
+from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.replay_ahead import ViewsAhead
 from dali_kd.teacher_cache.rows import CachedRows
 from dali_kd.teacher_cache.store import TeacherCache
 
 
 def make_cached_train_stream(
-    cfg: Config,
+    settings: StreamSettings,
     index: ImageIndex,
     device: torch.device,
     rank: int = 0,
@@ -61,17 +62,34 @@ def make_cached_train_stream(
     state: dict | None = None,
     *,
     cache: TeacherCache,
+    mode: str,
 ) -> TrainStream:
-    """The training stream of a run with a teacher cache (fill, then replay, as train.cache_mode says), resumed and
-    mixed as dali_kd.data.loaders.make_train_stream resumes and mixes the others."""
-    check_resumed_backend(cfg.data, state)
-    stream = CachedViewStream(
-        index, cfg.augment_params(), cfg.train.batch_size, cfg.train.seed, cache, cfg.train.cache_mode, device,
-        rank, world_size, state, num_threads=cfg.data.dali_threads, prefetch_batches=cfg.data.prefetch_batches,
-        max_runtime_quarantine=cfg.data.max_runtime_quarantine, decode=cfg.decode_params(),
-        shuffle_buffer=cfg.data.shuffle_buffer,
+    """The training stream of a run with a teacher cache (fill, then replay, as `mode`, train.cache_mode, says),
+    resumed and mixed as dali_kd.data.loaders.make_train_stream resumes and mixes the others."""
+    stream = cached_view_stream(settings, index, device, rank, world_size, state, cache=cache, mode=mode)
+    return with_mixing(stream, settings, rank, state)
+
+
+def cached_view_stream(
+    settings: StreamSettings,
+    index: ImageIndex,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    state: dict | None,
+    *,
+    cache: TeacherCache,
+    mode: str,
+) -> CachedViewStream:
+    """The cached stream itself, before data.augment.mix mixes its batches."""
+    check_resumed_backend(settings.data, state)
+    params, data = settings.crops, settings.data
+    assert isinstance(params, AugmentParams)  # the config refuses the cache with multi-crop
+    return CachedViewStream(
+        index, params, settings.batch_size, settings.seed, cache, mode, device, rank, world_size, state,
+        num_threads=data.dali_threads, prefetch_batches=data.prefetch_batches,
+        max_runtime_quarantine=data.max_runtime_quarantine, decode=settings.decode, shuffle_buffer=data.shuffle_buffer,
     )  # fmt: skip
-    return with_mixing(stream, cfg.stream_settings(), rank, state)
 
 
 @dataclass

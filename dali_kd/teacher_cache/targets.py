@@ -1,7 +1,9 @@
 """Teacher targets: what the student is pulled toward each step — a live frozen teacher, its cache, or constants.
 
 Every source answers `targets(batch, step)` with the teacher's `ModelOutput` for the batch's global crops,
-view-major ([G*B, ...]: crop 0 of every sample first), and keeps its own counters (`state_dict`, `summary`).
+view-major ([G*B, ...]: crop 0 of every sample first), and keeps its own counters (`state_dict`, `summary`). Each
+also makes the training stream its targets need (`train_stream`): the data backend's for a live teacher, the cache's
+fill-then-replay stream for the cache.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import numpy as np
 import torch
 
 from dali_kd import console, distributed
-from dali_kd.config import Config
+from dali_kd.config import Config, StreamSettings
 from dali_kd.config.data_section import MIX_KEYS
-from dali_kd.data.batch import Batch, CacheFields
+from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.loaders import make_train_stream, with_mixing
 from dali_kd.data.outputs import ModelOutput, view_major
+from dali_kd.data.stream import TrainStream
 from dali_kd.identity import files_hash
 from dali_kd.models import FrozenTeacher
+from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.stream import CachedViewStream, cached_view_stream
 
 # A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
 FIDELITY_FLOOR = 0.999
@@ -32,6 +38,21 @@ FIDELITY_STOP = 0.9
 
 
 class TeacherTargets(Protocol):
+    # The targets come from a teacher cache (the run's verdict advises on it).
+    cached: bool
+
+    def train_stream(
+        self,
+        settings: StreamSettings,
+        index: ImageIndex,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+    ) -> TrainStream:
+        """The training stream these targets are computed for; `state` (its earlier state_dict()) resumes it."""
+        ...
+
     def targets(self, batch: Batch, step: int) -> ModelOutput:
         """The teacher's outputs for the batch's global crops; `step` is the step being computed (1-based)."""
         ...
@@ -50,6 +71,8 @@ class TeacherTargets(Protocol):
 class LiveTeacher:
     """The frozen teacher run on every batch (multi-crop: on the global crops only)."""
 
+    cached = False
+
     def __init__(self, teacher: FrozenTeacher, with_patches: bool):
         self.teacher = teacher
         self.with_patches = with_patches
@@ -58,6 +81,17 @@ class LiveTeacher:
     def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
         self.forward_batches += 1
         return self.teacher(view_major(batch.global_crops()), with_patches=self.with_patches)
+
+    def train_stream(
+        self,
+        settings: StreamSettings,
+        index: ImageIndex,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+    ) -> TrainStream:
+        return make_train_stream(settings, index, device, rank, world_size, state=state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher_forward_batches": self.forward_batches}
@@ -120,6 +154,8 @@ class CachedTeacher:
     A replayed row whose stored outputs fail their checksum is computed again by the teacher and rewritten.
     """
 
+    cached = True
+
     def __init__(
         self,
         live: LiveTeacher,
@@ -134,6 +170,7 @@ class CachedTeacher:
         self.device = device
         self.report = report  # this rank prints warnings (rank 0)
         self.counters = CacheCounters()
+        self.stream: CachedViewStream | None = None  # made by train_stream
         self._probe_next = True
         self._warned_damaged = False
         self._probed_step = 0  # the step last probed
@@ -142,8 +179,24 @@ class CachedTeacher:
             tuple[int, torch.Tensor]
         ] = []  # (step, cosine on the device), read at the next log
 
+    def train_stream(
+        self,
+        settings: StreamSettings,
+        index: ImageIndex,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+    ) -> TrainStream:
+        """The cache's fill-then-replay stream (kept for its count of stand-in rows), mixed as data.augment.mix says."""
+        self.stream = cached_view_stream(
+            settings, index, device, rank, world_size, state, cache=self.cache, mode=self.mode
+        )
+        return with_mixing(self.stream, settings, rank, state)
+
     def targets(self, batch: Batch, step: int) -> ModelOutput:
         cache_fields = batch.cache
+        assert cache_fields is None or isinstance(cache_fields, CacheFields)  # the cache's stream makes them
         if cache_fields is not None and cache_fields.from_cache and self.counters.stopped_at_step is None:
             return self._replayed(batch, cache_fields, step)
         out = self.live.targets(batch, step)
@@ -290,6 +343,8 @@ class CachedTeacher:
             "cache_fidelity_min": c.fidelity_min,
             "cache_read_mb_s": c.read_bytes / 2**20 / c.read_s if c.read_s > 0 else None,
             "cache_write_mb_s": c.write_bytes / 2**20 / c.write_s if c.write_s > 0 else None,
+            # Replayed rows that did not hold their image's own view and were replaced (see CachedViewStream).
+            "cache_missing_rows": self.stream.missing_rows if self.stream is not None else 0,
         }
 
 

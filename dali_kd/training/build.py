@@ -15,7 +15,7 @@ from timm.scheduler.scheduler import Scheduler
 
 from dali_kd import console, distributed
 from dali_kd.config import Config, LossConfig
-from dali_kd.data import DataSplits, ImageIndex, QuarantineList, TrainStream, make_train_stream, prepare_data
+from dali_kd.data import DataSplits, ImageIndex, QuarantineList, TrainStream, prepare_data
 from dali_kd.data.sampling import min_share_size
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import UserError
@@ -26,8 +26,6 @@ from dali_kd.models.distill import DistillModels
 from dali_kd.models.inputs import InputSpec
 from dali_kd.runs import checkpoint as ckpt
 from dali_kd.runtime import autocast_dtype, resolve_compile, seed_everything
-from dali_kd.teacher_cache.store import TeacherCache
-from dali_kd.teacher_cache.stream import make_cached_train_stream
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 from dali_kd.telemetry.verdict import RunSetup
 from dali_kd.training.checkpointer import restore
@@ -57,7 +55,6 @@ class RunParts:
     state: RunState
     guard: NonFiniteGuard
     targets: TeacherTargets
-    cache: TeacherCache | None
     # Built last, at the checkpoint's position (after the restore into the other parts): set by build_run.
     stream: TrainStream = field(init=False)
     data_files: dict | None = None  # identity.data_identity of train_index.files, for the Checkpointer
@@ -81,7 +78,7 @@ class RunParts:
             bf16=self.amp_dtype == torch.bfloat16,
             compiled_student=resolve_compile(cfg.train.compile_student, device),
             compiled_teacher=self.teacher.compiled,
-            teacher_cached=self.cache is not None,
+            teacher_cached=self.targets.cached,
             backend=cfg.data.backend,
             local_crops=cfg.train.use_local_crops,
         )
@@ -118,11 +115,11 @@ def build_run(
         train.max_steps_per_epoch, max(1, share // (train.batch_size * train.grad_accum_steps))
     )
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
-    targets, cache = _teacher_targets(cfg, models, splits.train, device, dist)
+    targets = _teacher_targets(cfg, models, splits.train, device, dist)
     parts = RunParts(
         amp_dtype, splits.train, splits.val, QuarantineList(splits.quarantine), evaluator, models.teacher, models.teacher_id,
         models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
-        NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets, cache,
+        NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets,
         data_files=data_identity(splits.train.files),
         inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
     )  # fmt: skip
@@ -133,14 +130,9 @@ def build_run(
     if resume_from is not None:
         stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
     # The file shuffle is seeded alike on every rank (disjoint shares); augmentations differ per rank.
-    if cache is None:
-        parts.stream = make_train_stream(
-            cfg.stream_settings(), splits.train, device, dist.rank, dist.world_size, state=stream_state
-        )
-    else:
-        parts.stream = make_cached_train_stream(
-            cfg, splits.train, device, dist.rank, dist.world_size, state=stream_state, cache=cache
-        )
+    parts.stream = targets.train_stream(
+        cfg.stream_settings(), splits.train, device, dist.rank, dist.world_size, state=stream_state
+    )
     parts.quarantine.watch(parts.stream, evaluator)
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
@@ -213,19 +205,18 @@ def _peak_lr(cfg: Config, dist: DistInfo) -> float:
 
 def _teacher_targets(
     cfg: Config, models: DistillModels, train_index: ImageIndex, device: torch.device, dist: DistInfo
-) -> tuple[TeacherTargets, TeacherCache | None]:
+) -> TeacherTargets:
     """The live teacher, or (train.cache_teacher_features) the teacher cache in front of it."""
     train = cfg.train
     live = LiveTeacher(models.teacher, models.use_patches)
     if not train.cache_teacher_features:
-        return live, None
+        return live
     cache = open_teacher_cache(
         cfg, models.teacher, models.teacher_id, train_index, models.use_patches, device, dist.is_main
     )
-    cached = CachedTeacher(
+    return CachedTeacher(
         live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
     )
-    return cached, cache
 
 
 def _restore(

@@ -64,7 +64,7 @@ class Trainer:
         self.parts = build_run(cfg, device, self.dist, resume_from, allow_config_change)
         p = self.parts
         self.amp_dtype, self.train_index, self.evaluator = p.amp_dtype, p.train_index, p.evaluator
-        self.teacher, self.student, self.cache, self.stream = p.teacher, p.student, p.cache, p.stream
+        self.teacher, self.student, self.stream = p.teacher, p.student, p.stream
         self.task, self.optimizer, self.scheduler = p.task, p.optimizer, p.scheduler
         self.state, self.guard, self.targets = p.state, p.guard, p.targets
         self.ema = p.ema
@@ -308,12 +308,6 @@ class Trainer:
         summary = {
             **run_summary(cfg, state, self.parts, self.dist.world_size, str(self.device)),
             **self.targets.summary(),
-            # Replayed rows that did not hold their image's own view and were replaced (see CachedViewStream).
-            **(
-                {"cache_missing_rows": getattr(self.stream, "missing_rows", 0)}
-                if self.cache is not None
-                else {}
-            ),
             "skipped_steps": self.guard.skipped_steps,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "last_checkpoint": str(self._checkpointer.last) if self._checkpointer.last else None,
