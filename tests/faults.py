@@ -3,6 +3,8 @@ exit with the expected code, one `error:` line naming what and where, never a tr
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -57,3 +59,32 @@ def fake_scontrol(tmp_path: Path) -> tuple[str, Path]:
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
     return f"{bin_dir}:{os.environ['PATH']}", calls
+
+
+class WarningLines(logging.Handler):
+    """The warning lines the run says (the dali_kd logger) while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def warning_said(match: str | None):
+    """The block says a warning line matching `match` (re.search); None: it says no warning line at all."""
+    said = WarningLines()
+    logger = logging.getLogger("dali_kd")
+    logger.addHandler(said)
+    try:
+        yield said.lines
+    finally:
+        logger.removeHandler(said)
+    if match is None:
+        assert said.lines == [], said.lines
+    else:
+        assert any(re.search(match, line) for line in said.lines), (
+            f"no warning line matching {match!r}: {said.lines}"
+        )

@@ -10,7 +10,7 @@ import torch
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.pil_views import render_view_pil
+from dali_kd.data.pil_views import decode_rgb, render_pil
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, torchvision_eval_batches
 from dali_kd.pipelines.params import AugmentParams, EvalParams
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
@@ -66,8 +66,8 @@ def test_same_view_renders_nearly_the_same_pixels(index):
     dali = DaliViewRenderer(index, params, batch_size=4).render(ids, view)
     pil = torch.stack(
         [
-            render_view_pil(
-                index.files[i],
+            render_pil(
+                decode_rgb(index.files[i]),
                 view.crop_anchor[k],
                 view.crop_shape[k],
                 bool(view.flip[k]),

@@ -6,7 +6,6 @@ fills it (rows at Batch.stream_ids, the shown image's ids as shown_ids)."""
 from __future__ import annotations
 
 import itertools
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.teacher_cache.store import DONE, STAND_IN, Part, TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
 from tests.conftest import write_tree
+from tests.faults import warning_said
 
 PARAMS = AugmentParams(view_size=16)
 CPU = torch.device("cpu")
@@ -92,7 +92,7 @@ def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path, pr
     n = index.num_samples
     it = iter(stream)
     entries, batches = [], []
-    with pytest.warns(UserWarning, match="set aside .*class_0/2.jpg"):
+    with warning_said("set aside .*class_0/2.jpg"):
         for batch in itertools.islice(it, 2 * n // BATCH):
             batches.append(batch)
             entries += stream.take_entries()
@@ -109,8 +109,7 @@ def test_a_file_broken_after_the_fill_is_set_aside_in_replay(index, tmp_path, pr
     assert state["substitutions"] == {str(victim): stand_in}
     following = list(itertools.islice(it, 2))
     resumed = replay_stream(index, cache, state, prefetch_batches)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warning_said(None):
         again = list(itertools.islice(resumed, 2))
     assert resumed.take_entries() == []
     for x, y in zip(following, again, strict=True):
@@ -129,10 +128,9 @@ def test_a_row_that_is_not_done_is_never_replayed(index, tmp_path):
     stream = replay_stream(index, cache, {"position": 0, "replay_start": 0})
     renderer = DaliViewRenderer(index, PARAMS, BATCH)
     n = index.num_samples
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warning_said("not done") as said:
         batches = list(itertools.islice(stream, 3 * n // BATCH))
-    assert len([w for w in caught if "not done" in str(w.message)]) == 1, "one warning"
+    assert len([line for line in said if "not done" in line]) == 1, "one warning"
     seen_none = seen_half = 0
     for batch in batches:
         check_rows(cache, index, batch, renderer)
@@ -161,7 +159,7 @@ def test_a_fill_with_a_substituted_slot_completes_the_cache(index, tmp_path):
     Path(index.files[victim]).write_bytes(GARBAGE)
     it = iter(stream)
     fills = 0
-    with pytest.warns(UserWarning, match="set aside .*class_1/5.jpg"):
+    with warning_said("set aside .*class_1/5.jpg"):
         while not stream.replaying:
             batch = next(it)
             fills += 1

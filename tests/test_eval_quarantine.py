@@ -16,7 +16,7 @@ from dali_kd.data.shard_writer import make_shards
 from dali_kd.evaluation.evaluator import Evaluator
 from dali_kd.training.trainer import Trainer
 from tests.conftest import write_tree
-from tests.faults import ROOT, run_module, tiny_args
+from tests.faults import ROOT, run_module, tiny_args, warning_said
 from tests.test_evaluation import always
 from tests.test_shards_training import _spoil_sample
 
@@ -94,7 +94,7 @@ def test_from_shards_evaluation_skips_what_training_set_aside_and_sets_aside_the
     )  # fmt: skip
     trainer = Trainer(cfg, CPU, show_progress=False)
     # The training stream meets the spoilt training sample first and sets it aside.
-    with pytest.warns(UserWarning, match="set aside"):
+    with warning_said("set aside"):
         for _ in zip(range(24), trainer.stream, strict=False):
             if trainer.stream.state_dict()["substitutions"]:
                 break

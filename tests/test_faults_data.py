@@ -76,7 +76,7 @@ LOOP = r"links back to \S+/tree \(a symlink loop\): not followed"
     ("change", "command", "code", "num_files", "line"),
     [
         ("back_to_parent", "scan", 0, NUM_FILES, r"^data: \S+/tree/class_0/back " + LOOP),
-        ("back_to_parent", "index", 0, NUM_FILES, r"UserWarning: data: \S+/tree/class_0/back " + LOOP),
+        ("back_to_parent", "index", 0, NUM_FILES, r"^warning: data: \S+/tree/class_0/back " + LOOP),
         ("back_to_parent", "train", 0, NUM_FILES, r"^data: \S+/tree/class_0/back " + LOOP),
         ("link_to_root", "scan", 0, NUM_FILES, r"^data: \S+/tree/class_1/all " + LOOP),
         ("link_to_root", "index", 0, NUM_FILES, r"data: \S+/tree/class_1/all " + LOOP),

@@ -15,7 +15,7 @@ import dali_kd.data.torchvision_loader as tv_loader
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
-from dali_kd.data.pil_views import render_view_pil
+from dali_kd.data.pil_views import decode_rgb, render_pil
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import UserError
 from dali_kd.pipelines.graphs import train_pipeline
@@ -215,8 +215,8 @@ def test_every_torchvision_crop_replays_from_its_record(index):
     for i, sid in enumerate(batch.sample_ids.tolist()):
         for v in range(params.num_views):
             view = batch.view.select(v)
-            again = render_view_pil(
-                index.files[sid], view.crop_anchor[i], view.crop_shape[i], bool(view.flip[i]), view.jitter[i],
+            again = render_pil(
+                decode_rgb(index.files[sid]), view.crop_anchor[i], view.crop_shape[i], bool(view.flip[i]), view.jitter[i],
                 params.view_params(v),
             )  # fmt: skip
             assert torch.equal(again, crop(batch, v)[i])

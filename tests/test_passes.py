@@ -17,6 +17,7 @@ from dali_kd.data.shard_writer import make_shards
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.pipelines.params import AugmentParams
 from tests.conftest import write_tree
+from tests.faults import warning_said
 from tests.test_shards_training import _spoil_sample
 
 PARAMS = AugmentParams(view_size=16)
@@ -59,7 +60,7 @@ def test_with_a_sample_set_aside_each_pass_shows_every_slot_once_under_its_own_i
     index = shards_of(images, tmp_path / "shards", 200_000)
     bad = 20
     _spoil_sample(tmp_path / "shards", bad)
-    with pytest.warns(UserWarning, match="set aside"):
+    with warning_said("set aside"):
         stream = DaliTrainStream(index, PARAMS, batch_size=4, seed=1, num_threads=1, max_runtime_quarantine=5)
         batches = list(itertools.islice(stream, 3 * NUM_SAMPLES // 4))
     standin = stream.quarantine.resolve(bad)
@@ -90,7 +91,7 @@ def test_a_stand_in_at_a_class_boundary_is_of_the_same_class(images, tmp_path):
     for index in (folder, sharded):
         quarantine = RuntimeQuarantine(index, max_files=100)
         for i in class_edges(index):
-            with pytest.warns(UserWarning, match="set aside"):
+            with warning_said("set aside"):
                 quarantine.add(i, "test")
             standin = quarantine.resolve(i)
             assert index.labels[standin] == index.labels[i], (
@@ -105,7 +106,7 @@ def test_streams_show_a_same_class_image_for_the_last_image_of_a_class(tmp_path,
     index = ImageIndex.from_folder(root)
     last_of_class_1 = max(i for i, lb in enumerate(index.labels) if lb == 1)
     Path(index.files[last_of_class_1]).write_bytes(b"<html>gone</html>")
-    with pytest.warns(UserWarning, match="set aside"):
+    with warning_said("set aside"):
         if backend == "dali":
             # The file changed after the stream started: that is how the DALI stream finds it.
             stream = DaliTrainStream(index, PARAMS, batch_size=4, seed=2, num_threads=1)

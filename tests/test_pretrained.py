@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -43,13 +44,22 @@ def put_in_hub_cache(hub: Path, repo_id: str, model: torch.nn.Module, with_confi
     return snapshot
 
 
+def offline_machine(monkeypatch, hf_home: Path) -> None:
+    """A machine without network whose job script set HF_HOME=hf_home and HF_HUB_OFFLINE=1: huggingface_hub reads
+    them when it is imported, as a run's process does, so its constants are set along with the environment."""
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """An offline machine whose HF_HOME holds test_vit.r160_in1k (the weights of a seeded random model, so that
     they differ from any fresh init); returns those weights."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    offline_machine(monkeypatch, tmp_path / "hf")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     torch.manual_seed(123)
     model = timm.create_model("test_vit", num_classes=1000)
@@ -111,7 +121,6 @@ def test_an_uncached_name_offline_is_one_line_naming_model_cache_and_fetch_comma
 
 
 def test_offline_nothing_is_downloaded_and_the_message_names_the_setting(hub_cache, monkeypatch):
-    import huggingface_hub
     import torch.hub
 
     from dali_kd.models.hub import find_pretrained
@@ -125,6 +134,7 @@ def test_offline_nothing_is_downloaded_and_the_message_names_the_setting(hub_cac
     for name in ("hf_hub_download", "snapshot_download"):
         monkeypatch.setattr(huggingface_hub, name, no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(timm.models._hub, "download_url_to_file", no_network)  # timm's URL downloads
     with pytest.raises(UserError) as raised:
         find_pretrained(UNCACHED, "model.teacher.pretrained")
     assert tried == [], "a download was attempted on an offline machine"
@@ -249,9 +259,7 @@ def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
     from dali_kd.training.trainer import Trainer
 
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    offline_machine(monkeypatch, tmp_path / "hf")
     torch.manual_seed(7)
     teacher = timm.create_model("test_vit", num_classes=4, img_size=32)
     teacher.pretrained_cfg = {**teacher.pretrained_cfg, "mean": clip_mean, "std": clip_std}

@@ -4,7 +4,6 @@ batch is handed out (data.prefetch_batches), and looking ahead changes no pixel,
 from __future__ import annotations
 
 import itertools
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ from dali_kd.teacher_cache.replay_ahead import ViewsAhead
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
 from tests.conftest import write_tree
+from tests.faults import warning_said
 from tests.test_cache_quarantine import BATCH, CPU, PARAMS, VIEWS, fill_directly, open_cache
 from tests.test_shards_training import _spoil_sample
 
@@ -88,8 +88,7 @@ def test_looking_ahead_changes_no_pixel_row_or_resume_position(index, tmp_path):
     cache = open_cache(tmp_path / "cache", index)
     # Two images lack a row (another view slot stands in), one lacks both (a same-class image stands in).
     fill_directly(cache, index, skip={(1, 0), (5, 1), (9, 0), (9, 1)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rows that stand in for missing ones
+    with warning_said("not done"):  # rows that stand in for missing ones
         in_turn_stream = replay(index, cache, 1)
         it = iter(in_turn_stream)
         in_turn = [next(it) for _ in range(3)]
@@ -162,7 +161,7 @@ def test_a_sample_spoilt_in_its_shard_is_named_by_the_replay(tmp_path, prefetch_
     message = str(info.value)
     assert message.startswith(f"failed to decode {index.files[victim]} (") and "\n" not in message, message
     quarantine = RuntimeQuarantine(index, 5)
-    with pytest.warns(UserWarning, match="set aside"):
+    with warning_said("set aside"):
         quarantine.set_aside(message, candidates=lambda: [])  # the name alone: no other sample is checked
     assert [(e["shard"], e["key"]) for e in quarantine.take_entries()] == [
         (index.shards.where(victim)["shard"], sample_key(victim))

@@ -4,7 +4,6 @@ the stream protocol, the one shard rule, and stream_ids (the slot) next to sampl
 from __future__ import annotations
 
 import itertools
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from dali_kd.errors import TrainingStopped
 from dali_kd.pipelines.params import AugmentParams
 from dali_kd.teacher_cache.stream import make_cached_train_stream
 from tests.conftest import write_tree
+from tests.faults import warning_said
 
 PARAMS = AugmentParams(view_size=16)
 GARBAGE = b"<html>gone</html>"
@@ -40,7 +40,7 @@ def test_a_stand_in_that_fails_later_is_followed_to_the_end_of_its_chain(tmp_pat
     index = tree_index(tmp_path / "tree")
     quarantine = RuntimeQuarantine(index, max_files=10)
     a = index.files.index(str(tmp_path / "tree" / "class_1" / "3.jpg"))
-    with pytest.warns(UserWarning, match="set aside .*3.jpg"):
+    with warning_said("set aside .*3.jpg"):
         assert quarantine.set_aside(f"Error decoding {index.files[a]} : bad") == [a]
     b = quarantine.substitutions[a]
     assert b == a + 1 and index.labels[b] == index.labels[a]
@@ -48,7 +48,7 @@ def test_a_stand_in_that_fails_later_is_followed_to_the_end_of_its_chain(tmp_pat
     # Slot a now reads b; b fails too. The error names b's file, which is what slot a (and slot b) read.
     files, shown = quarantine.effective()
     assert files[a] == index.files[b]
-    with pytest.warns(UserWarning, match=f"set aside {index.files[b]}"):
+    with warning_said(f"set aside {index.files[b]}"):
         assert quarantine.set_aside(f"Error decoding {index.files[b]} : bad") == [b]
     c = quarantine.substitutions[b]
     assert c not in (a, b) and index.labels[c] == index.labels[a]
@@ -64,12 +64,9 @@ def test_a_stand_in_that_fails_later_is_followed_to_the_end_of_its_chain(tmp_pat
 def test_the_limit_the_warning_and_the_entry_are_shared(tmp_path):
     index = tree_index(tmp_path / "tree")
     quarantine = RuntimeQuarantine(index, max_files=1)
-    with pytest.warns(
-        UserWarning, match=r"set aside .*0.jpg: it failed to decode \(OSError: x\); continuing"
-    ):
+    with warning_said(r"set aside .*0.jpg: it failed to decode \(OSError: x\); continuing"):
         assert quarantine.add(0, "OSError: x")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warning_said(None):
         assert not quarantine.add(0, "OSError: again"), "a file is set aside once"
     assert quarantine.take_entries() == [
         {"path": index.files[0], "reason": "decode failed during training: OSError: x", "found": "runtime"}
@@ -97,7 +94,7 @@ def test_dali_stream_keeps_going_when_a_stand_in_breaks_mid_run(tmp_path):
     # changed since the stream started, so both files break after that.
     break_file(index.files[a])
     entries, batches = [], []
-    with pytest.warns(UserWarning, match="set aside"):
+    with warning_said("set aside"):
         it = iter(stream)
         while not entries:
             batches.append(next(it))
@@ -152,7 +149,7 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
 
     stream = make()
     it = iter(stream)
-    with pytest.warns(UserWarning, match="set aside .*5.jpg"):
+    with warning_said("set aside .*5.jpg"):
         first = list(itertools.islice(it, n // 4))
     assert len(stream.worker_pids()) == num_workers
     entries = stream.take_entries()
@@ -167,7 +164,7 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
     assert state["substitutions"] == {str(a): b}
     # The stand-in breaks too (workers may have read a pass ahead): slot a is read through a → b → c.
     break_file(index.files[b])
-    with pytest.warns(UserWarning, match=f"set aside {index.files[b]}"):
+    with warning_said(f"set aside {index.files[b]}"):
         list(itertools.islice(it, 2 * n // 4))
     c = stream.quarantine.resolve(a)
     assert c == b + 1 and stream.quarantine.resolve(b) == c
@@ -182,8 +179,7 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
     assert torch.equal(final_shown, torch.where((final_slots == a) | (final_slots == b), c, final_slots))
     # A stream resumed from that state reads c for slots a and b at once and reports nothing.
     resumed = make(start_position=state["position"], substitutions=state["substitutions"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warning_said(None):
         again = list(itertools.islice(resumed, n // 4))
     resumed.close()
     assert resumed.take_entries() == []

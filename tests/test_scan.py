@@ -23,6 +23,7 @@ from dali_kd.cpu_budget import usable_cpus
 from dali_kd.data.file_checks import check_file, scan, scan_workers
 from dali_kd.training.trainer import Trainer
 from tests.conftest import FIXTURES, write_tree
+from tests.faults import warning_said
 
 ODD = FIXTURES / "odd-images"
 
@@ -344,7 +345,7 @@ def test_a_file_broken_after_the_scan_is_set_aside_and_the_run_completes(
     victim = root / "class_1" / "3.jpg"
     data = victim.read_bytes()
     victim.write_bytes(b"<html>gone</html>" if damage == "html" else data[: len(data) // 3])
-    with pytest.warns(UserWarning, match="set aside .*3.jpg"):
+    with warning_said("set aside .*3.jpg"):
         summary = trainer.fit(tmp_path / "run")
     assert summary["steps"] == 6, "every step ran, with the same batch size"
     entries = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]

@@ -293,6 +293,16 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_shards(tmp_path):
     assert fmt.read_manifest(out)["num_samples"] == 25
 
 
+def wds2idx_text(tar: Path, tmp_path: Path) -> str:
+    """The index DALI's own wds2idx writes for tar (the tool that ships with DALI, run in this process)."""
+    from wds2idx import IndexCreator
+
+    idx = tmp_path / f"wds2idx-{tar.stem}.idx"
+    with IndexCreator(str(tar), str(idx), verbose=False) as creator:
+        creator.create_index()
+    return idx.read_text()
+
+
 def test_index_only_writes_the_index_dali_reads_for_shards_made_elsewhere(image_tree, tmp_path, capsys):
     out = tmp_path / "shards"
     make_shards(image_tree / "train", out, SHARD_SIZE, show_progress=False)
@@ -301,6 +311,7 @@ def test_index_only_writes_the_index_dali_reads_for_shards_made_elsewhere(image_
         p.unlink()
     assert main(["--index-only", str(out)]) == 0
     assert {p.name: p.read_text() for p in out.glob("*.idx")} == made
+    assert made == {p.name: wds2idx_text(p.with_suffix(".tar"), tmp_path) for p in out.glob("*.idx")}
 
     # A shard written by another tool: tarfile's own format, real mtimes, a directory entry, keys that are names.
     elsewhere = tmp_path / "elsewhere"
@@ -314,6 +325,7 @@ def test_index_only_writes_the_index_dali_reads_for_shards_made_elsewhere(image_
             info.size = 1
             tar.addfile(info, io.BytesIO(b"1"))
     write_indexes(elsewhere)
+    assert (elsewhere / "part-0.idx").read_text() == wds2idx_text(elsewhere / "part-0.tar", tmp_path)
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=3, num_threads=1, device_id=None)

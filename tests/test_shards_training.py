@@ -22,6 +22,7 @@ from dali_kd.data.shard_writer import make_shards
 from dali_kd.errors import TrainingStopped, UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.training.trainer import Trainer
+from tests.faults import warning_said
 from tests.test_resume import SETTINGS, run
 from tests.test_resume import losses as run_losses
 
@@ -173,7 +174,7 @@ def test_a_sample_that_fails_to_decode_is_set_aside_by_shard_and_key(tiny_config
     cfg = tiny_config("data.format=shards", f"data.root={tmp_path / 'train'}", "data.val_root=null")
     index = prepare_data(cfg.data).train
     for backend in ("dali", "torchvision"):
-        with pytest.warns(UserWarning, match=f"set aside .*{shard}.*000000007"):
+        with warning_said(f"set aside .*{shard}.*000000007"):
             # The DALI iterator runs the first batch already when it is made.
             settings = cfg.model_copy(update={"data": cfg.data.model_copy(update={"backend": backend})})
             stream = make_train_stream(settings.stream_settings(), index, CPU)
@@ -229,9 +230,7 @@ def test_a_sample_spoilt_in_place_mid_run_is_set_aside_not_trained_on(tiny_confi
     size = index.shards.sizes[bad]
     # Everything after the first half zeroed (the end-of-image marker too): the scan's header check finds it.
     shard, offset = _spoil_in_place(two_shards, bad, size // 2, size)
-    with pytest.warns(
-        UserWarning, match=rf"set aside \S*{shard}:{offset}:{fmt.sample_key(bad)}\.jpg: .*changed"
-    ):
+    with warning_said(rf"set aside \S*{shard}:{offset}:{fmt.sample_key(bad)}\.jpg: .*changed"):
         ids = passes(batches, 12)
     assert bad not in ids and len(ids) == 96, "the slot shows a stand-in from the first batch after the spoil"
     (entry,) = stream.take_entries()

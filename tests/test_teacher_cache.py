@@ -18,6 +18,7 @@ from dali_kd.errors import UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.training.trainer import Trainer
+from tests.faults import warning_said
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
@@ -133,7 +134,7 @@ def test_too_small_a_disk_is_refused_before_any_work(tiny_config, tmp_path, monk
 def test_fixed_mode_warns_and_reuses_one_view(tiny_config, tmp_path):
     cfg = tiny_config(*CACHE, f"train.teacher_feature_dir={tmp_path / 'cache'}", "train.cache_mode=fixed",
                       "train.cache_probe_every_n_steps=null")  # fmt: skip
-    with pytest.warns(UserWarning, match="cache_mode=fixed"):
+    with warning_said("cache_mode=fixed"):
         trainer = Trainer(cfg, CPU, show_progress=False)
     summary = trainer.fit(tmp_path / "run")
     assert summary["cache_rows_total"] == 48 and summary["teacher_forward_batches"] == 6  # one pass

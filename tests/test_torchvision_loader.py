@@ -13,7 +13,7 @@ from PIL import Image
 from dali_kd.commands.demo_data import make_demo_dataset
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.pil_views import decode_rgb, render_view_pil, sample_crop, sample_jitter
+from dali_kd.data.pil_views import decode_rgb, render_pil, sample_crop, sample_jitter
 from dali_kd.data.sampling import share_sample_ids
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream, torchvision_eval_batches
 from dali_kd.pipelines.params import AugmentParams, EvalParams
@@ -125,8 +125,8 @@ def test_recorded_views_render_again_exactly(train_index):
     for batch in batches:
         v = batch.view
         for k, sample_id in enumerate(batch.sample_ids.tolist()):
-            again = render_view_pil(
-                train_index.files[sample_id],
+            again = render_pil(
+                decode_rgb(train_index.files[sample_id]),
                 v.crop_anchor[k],
                 v.crop_shape[k],
                 bool(v.flip[k]),
@@ -141,8 +141,8 @@ def test_recorded_views_render_again_exactly(train_index):
 def test_flip_mirrors_the_same_crop(train_index):
     path = train_index.files[0]
     anchor, shape, identity = (0.1, 0.2), (0.7, 0.6), (1.0, 1.0, 1.0, 0.0)
-    plain = render_view_pil(path, anchor, shape, False, identity, PARAMS)
-    mirrored = render_view_pil(path, anchor, shape, True, identity, PARAMS)
+    plain = render_pil(decode_rgb(path), anchor, shape, False, identity, PARAMS)
+    mirrored = render_pil(decode_rgb(path), anchor, shape, True, identity, PARAMS)
     assert not torch.equal(plain, mirrored)
     assert torch.equal(mirrored, plain.flip(-1))
 
@@ -151,7 +151,8 @@ def test_jitter_factors_have_torchvision_meaning(train_index):
     path, anchor, shape = train_index.files[0], (0.0, 0.0), (1.0, 1.0)
 
     def render(jitter) -> torch.Tensor:
-        return _denormalise(render_view_pil(path, anchor, shape, False, jitter, PARAMS)[None], PARAMS)[0]
+        view = render_pil(decode_rgb(path), anchor, shape, False, jitter, PARAMS)
+        return _denormalise(view[None], PARAMS)[0]
 
     plain = render((1.0, 1.0, 1.0, 0.0))
     # Brightness multiplies; one 8-bit level of rounding is allowed.

@@ -46,6 +46,15 @@ def test_tune_tabulates_each_option_and_prints_overrides_a_run_accepts(image_tre
     assert not (tmp_path / "runs").exists(), "tuning runs go to a temporary folder"
 
 
+def test_each_switch_is_tried_the_other_way_from_what_this_config_resolves_it_to(tiny_config):
+    # compile and telemetry set off here, fused left at auto (off on the CPU): each is tried on.
+    cfg = tiny_config("model.teacher.compile=false", "train.telemetry=false")
+    names = {c.name for c in tune.speed_options(cfg, on_gpu=False)}
+    assert {"model.teacher.compile=true", "train.telemetry=true", "train.optimizer.fused=true"} <= names
+    names = {c.name for c in tune.speed_options(tiny_config(), on_gpu=True)}  # auto is on on a GPU
+    assert {"model.teacher.compile=false", "train.optimizer.fused=false"} <= names
+
+
 def test_only_overrides_faster_than_the_noise_are_chosen_the_fastest_value_per_key():
     def timed(name: str, *ms: float) -> Candidate:
         return Candidate(name, [] if name == "defaults" else [name], ms=list(ms))

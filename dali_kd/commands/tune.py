@@ -49,19 +49,9 @@ QUICK = {"steps": 5, "warmup": 2, "repeats": 3, "options": "dali_threads,prefetc
 FULL = {"steps": 24, "warmup": 6, "repeats": 2, "options": None}
 
 
-def config_value(cfg: Config, key: str) -> Any:
-    """The value at a dotted key, or None where this config's schema has no such key."""
-    node: Any = cfg
-    for part in key.split("."):
-        if not hasattr(node, part):
-            return None
-        node = getattr(node, part)
-    return node
-
-
 def _flip(cfg: Config, key: str, auto_on: bool) -> Candidate:
     """The boolean (or auto) option at key turned the other way from what it resolves to now."""
-    value = config_value(cfg, key)
+    value = cfg.value(key)
     on = auto_on if value in (None, "auto") else bool(value)
     return Candidate(f"{key}={str(not on).lower()}", [f"{key}={str(not on).lower()}"])
 

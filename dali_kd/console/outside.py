@@ -11,21 +11,16 @@ import warnings
 from pathlib import Path
 
 logger = logging.getLogger("dali_kd")
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
 def warnings_said():
-    """Python warnings become warning lines of the run, on the terminal (above a bar, never through it) and in
-    train.log: dali_kd's own (a file set aside, a cache mode's caveat) as they are, other packages' with their
-    category and where they were raised."""
+    """Other packages' Python warnings become warning lines of the run, on the terminal (above a bar, never through
+    it) and in train.log, with their category and where they were raised (dali_kd says its own through the logger)."""
     show = warnings.showwarning
 
     def said(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(PACKAGE_DIR):
-            logger.warning(f"warning: {message}")
-        else:
-            logger.warning(f"warning: {category.__name__} ({_short(filename)}:{lineno}): {message}")
+        logger.warning(f"warning: {category.__name__} ({_short(filename)}:{lineno}): {message}")
 
     warnings.showwarning = said
     try:

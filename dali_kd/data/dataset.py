@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from dali_kd import console
 from dali_kd.data.file_tree import IMAGE_EXTENSIONS, class_folder_names, data_folder, list_tree
 from dali_kd.data.sampling import share_bounds
 from dali_kd.errors import UserError
@@ -68,7 +68,7 @@ class ImageIndex:
         root = data_folder(root)
         listing = list_tree(root, lambda name: name.lower().endswith(IMAGE_EXTENSIONS), class_names)
         for note in listing.notes:
-            warnings.warn(note, stacklevel=2)
+            console.warning(f"warning: {note}")
         if class_names is not None:
             unknown = sorted(set(cls.class_folders(root)) - set(class_names))
             if unknown:

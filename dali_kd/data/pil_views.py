@@ -113,22 +113,6 @@ def render_pil(
     return TF.normalize(TF.to_tensor(out), params.mean, params.std)
 
 
-def render_view_pil(
-    path: str,
-    anchor: Sequence[float],
-    shape: Sequence[float],
-    flip: bool,
-    jitter: Sequence[float],
-    params: AugmentParams,
-) -> torch.Tensor:
-    """Render a recorded view again: float32 [3, S, S], normalised.
-
-    anchor (top, left) and shape (height, width) are relative to the decoded image, as in ViewRecord; they are
-    rounded to whole pixels, which reproduces this backend's own records exactly.
-    """
-    return render_pil(decode_rgb(path), anchor, shape, flip, jitter, params)
-
-
 def draw_view(
     img: Image.Image, params: AugmentParams, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, bool, tuple[float, float, float, float]]:

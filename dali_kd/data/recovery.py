@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from dali_kd import console
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.errors import TrainingStopped
 
@@ -140,9 +140,7 @@ class RuntimeQuarantine:
                 f"run (last: {path}); run `python -m dali_kd.scan --full` on the data"
             )
         self.substitutions[sample_id] = self.replacement(sample_id)
-        warnings.warn(
-            f"set aside {path}: it failed to decode ({reason}); continuing without it", stacklevel=3
-        )
+        console.warning(f"warning: set aside {path}: it failed to decode ({reason}); continuing without it")
         self.entries.append(
             {
                 **self.index.where(sample_id),

@@ -31,7 +31,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SAMPLES_NAME = "samples.jsonl"
 # The index layout of DALI's wds2idx (DALI 1.x and 2.x): "v1.2 <num_samples>", then one line per sample of
-# "<ext> <data offset> <size> <member name>" for each of its members.
+# "<ext> <data offset> <size> <member name>" for each of its members (tests/test_shard.py checks the text is
+# byte-identical to wds2idx's). wds2idx itself is not called: its IndexCreator runs GNU `tar` twice per shard in
+# subprocesses (or prints a warning and falls back to tarfile), truncates the index before reading the tar (a
+# crash leaves an empty index), and indexes a truncated tar silently (tar's exit status is not read). The writer
+# knows each member's offset as it writes it, and a shard made elsewhere is read once with tarfile here anyway to
+# refuse a truncated or label-less shard in one line, so the index is those offsets in wds2idx's layout.
 INDEX_VERSION = "v1.2"
 LABEL_EXT = "cls"
 # What a reader passes as the image component's `ext` (DALI takes alternatives separated by ';').

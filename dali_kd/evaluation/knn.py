@@ -3,25 +3,7 @@ and top-5."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import torch
-import torch.nn.functional as F
-
-from dali_kd.data import Batch
-
-
-@torch.no_grad()
-def extract_embeddings(
-    embed: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised embeddings and labels of every batch, on the batches' device."""
-    features, labels = [], []
-    for batch in batches:
-        features.append(F.normalize(embed(batch.images).float(), dim=-1))
-        labels.append(batch.labels)
-    return torch.cat(features), torch.cat(labels)
-
 
 TOP_K = (
     5  # the second accuracy reported beside top-1 (ImageNet's top-5), where the data has at least 5 classes

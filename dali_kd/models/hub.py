@@ -1,32 +1,35 @@
 """Pretrained weights by timm name: looked up in the local caches first, downloaded only when that is allowed,
 otherwise one clear error that names the fetch command.
 
-Two caches, as timm uses them: the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub, else
-~/.cache/huggingface/hub) for the weights timm takes from the hub (nearly all), and the torch hub cache
-(TORCH_HOME/hub/checkpoints) for the few timm weights that only have a URL. The environment is read at each call,
-not when huggingface_hub was imported, so HF_HOME set by a job script or a test is honoured.
-
-timm itself is then handed the local file (registry names) or the local snapshot folder (`hf-hub:` names), so
-building a model never touches the network: only `find_pretrained(..., download=True)` may, and only when
-HF_HUB_OFFLINE is not set.
+Which files a name wants is timm's pretrained config (hf_hub_id and hf_hub_filename, else a URL); where they lie
+is huggingface_hub's cache (its constants, try_to_load_from_cache and hf_hub_download), or torch's hub cache
+for the few timm weights that only have a URL. What is left here is the project's own messages. timm is then
+handed the local file (registry names) or the local snapshot folder (`hf-hub:` names), so building a model never
+touches the network: only `find_pretrained(..., download=True)` may, and only when HF_HUB_OFFLINE is not set.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import huggingface_hub
+from huggingface_hub import constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.file_download import repo_folder_name
+
 from dali_kd import console
 from dali_kd.errors import UserError
 
 HF_HUB_PREFIX = "hf-hub:"
-# What an `hf-hub:` repository may hold, in the order timm prefers (timm.models._hub._PREFERRED_FILES).
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-_TRUE = {"1", "on", "yes", "true"}
 
 
 @dataclass(frozen=True)
@@ -49,60 +52,42 @@ class PretrainedWeights:
         return self.file if self.file is not None else Path(self.timm_name.split(":", 1)[1])
 
 
-def offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it (1/on/yes/true), read now rather than at its import."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-
 def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache folder, resolved as huggingface_hub does, from the environment of now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return _hf_home() / "hub"
-
-
-def _hf_home() -> Path:
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg).expanduser() / "huggingface"
-
-
-def torch_hub_checkpoints() -> Path:
-    """Where torch.hub (and timm's URL downloads) keep checkpoints: TORCH_HOME/hub/checkpoints."""
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    return Path(constants.HF_HUB_CACHE)
 
 
 @dataclass(frozen=True)
 class _HubFiles:
-    """Weights in a hub repository: the first of `candidates` that exists; `with_config`: config.json too."""
+    """Weights in a hub repository: the first of `candidates` that is there; `with_config`: config.json too."""
 
     repo_id: str
     revision: str | None
     candidates: tuple[str, ...]
     with_config: bool
 
-    def folder(self, cache: Path) -> Path:
-        return cache / f"models--{self.repo_id.replace('/', '--')}"
+    def folder(self) -> Path:
+        return hf_hub_cache() / repo_folder_name(repo_id=self.repo_id, repo_type="model")
 
 
 @dataclass(frozen=True)
 class _UrlFile:
     url: str
 
-    def path(self) -> Path:
-        return torch_hub_checkpoints() / os.path.basename(urlparse(self.url).path)
+    def path(self) -> Path:  # where timm's download_cached_file puts it
+        import torch.hub
+
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(self.url).path)
 
 
 def _source(name: str, where: str) -> tuple[_HubFiles | _UrlFile, int | None]:
     """Where timm would take name's pretrained weights from, and the head's class count when known already."""
-    if name.startswith(HF_HUB_PREFIX):
-        repo_id, _, revision = name[len(HF_HUB_PREFIX) :].partition("@")
-        return _HubFiles(repo_id, revision or None, HUB_WEIGHT_FILES, with_config=True), None
     from timm.models import get_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models._hub import _PREFERRED_FILES, _get_safe_alternatives, hf_split
 
+    if name.startswith(HF_HUB_PREFIX):  # a local-dir snapshot: timm takes the first of its preferred files
+        repo_id, revision = hf_split(name[len(HF_HUB_PREFIX) :])
+        return _HubFiles(repo_id, revision, _PREFERRED_FILES, with_config=True), None
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as e:  # an unknown tag (check_model_name normally says so first)
@@ -110,122 +95,82 @@ def _source(name: str, where: str) -> tuple[_HubFiles | _UrlFile, int | None]:
     if cfg is None:
         raise UserError(f"{where}: timm has no pretrained weights for '{name}'")
     num_classes = int(cfg.num_classes or 0)
-    if cfg.hf_hub_id and _has_hf_hub():
-        repo_id, _, revision = cfg.hf_hub_id.partition("@")
-        filename = cfg.hf_hub_filename
-        if filename is None:
-            candidates: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
-        elif filename.endswith(".safetensors"):
-            candidates = (filename,)
-        else:  # timm prefers a safetensors copy of a pickled file when the repository has one
-            candidates = (*_safe_alternatives(filename), filename)
-        return _HubFiles(repo_id, revision or None, candidates, with_config=False), num_classes
-    if isinstance(cfg.url, str) and cfg.url:
-        return _UrlFile(cfg.url), num_classes
+    load_from, location = _resolve_pretrained_source(cfg.to_dict())
+    if load_from == "hf-hub":
+        hub_id, filename = location if isinstance(location, tuple) else (location, None)
+        repo_id, revision = hf_split(hub_id)
+        if filename is None:  # timm's default file, and the safetensors copy it prefers when there is one
+            filename = "pytorch_model.bin"
+        candidates = (*_get_safe_alternatives(filename), filename)
+        return _HubFiles(repo_id, revision, candidates, with_config=False), num_classes
+    if load_from == "url":
+        return _UrlFile(location), num_classes
     raise UserError(f"{where}: timm has no downloadable weights for '{name}'")
-
-
-def _has_hf_hub() -> bool:
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _safe_alternatives(filename: str) -> list[str]:
-    # The same renames as timm.models._hub._get_safe_alternatives.
-    if filename == "pytorch_model.bin":
-        return ["model.safetensors"]
-    if filename == "open_clip_pytorch_model.bin":
-        return ["open_clip_model.safetensors"]
-    if filename.endswith(".bin"):
-        return [filename[: -len(".bin")] + ".safetensors"]
-    return []
 
 
 def fetch_command(name: str, from_hub: bool = True) -> str:
     """The command that puts name's weights into this same cache (the hub's, or torch's for URL-only weights),
     run on a machine with network."""
+    import torch.hub
+
     if not from_hub:
-        env = f"TORCH_HOME={shlex.quote(str(torch_hub_checkpoints().parents[1]))} "
-    elif os.environ.get("HF_HUB_CACHE"):
+        env = f"TORCH_HOME={shlex.quote(str(Path(torch.hub.get_dir()).parent))} "
+    elif hf_hub_cache() != Path(constants.HF_HOME) / "hub":
         env = f"HF_HUB_CACHE={shlex.quote(str(hf_hub_cache()))} "
     else:
-        env = f"HF_HOME={shlex.quote(str(_hf_home()))} "
+        env = f"HF_HOME={shlex.quote(str(constants.HF_HOME))} "
     return f"{env}python -m dali_kd.fetch {shlex.quote(name)}"
 
 
-def _cached_hub_file(files: _HubFiles, filename: str, cache: Path) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(files.repo_id, filename, cache_dir=cache, revision=files.revision)
-    return Path(found) if isinstance(found, str) else None  # None or a "known missing" marker otherwise
-
-
-def _cached(source: _HubFiles | _UrlFile, cache: Path) -> Path | None:
+def _cached(source: _HubFiles | _UrlFile) -> Path | None:
     """The local weights file, or None; for an hub repository that needs its config.json, both must be there."""
     if isinstance(source, _UrlFile):
-        path = source.path()
-        return path if path.is_file() else None
-    if source.with_config and _cached_hub_file(source, "config.json", cache) is None:
+        return source.path() if source.path().is_file() else None
+
+    def cached(filename: str) -> Path | None:
+        found = huggingface_hub.try_to_load_from_cache(source.repo_id, filename, revision=source.revision)
+        return Path(found) if isinstance(found, str) else None  # None or a "known missing" marker otherwise
+
+    if source.with_config and cached("config.json") is None:
         return None
-    for filename in source.candidates:
-        if (found := _cached_hub_file(source, filename, cache)) is not None:
-            return found
-    return None
+    return next((found for f in source.candidates if (found := cached(f)) is not None), None)
 
 
-def _download(source: _HubFiles | _UrlFile, cache: Path, name: str, where: str) -> Path:
+def _download(source: _HubFiles | _UrlFile, name: str, where: str) -> Path:
     if isinstance(source, _UrlFile):
-        import torch.hub
+        from timm.models._hub import download_cached_file
 
-        path = source.path()
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            torch.hub.download_url_to_file(source.url, str(path), progress=True)
+            return Path(download_cached_file(source.url, progress=True))
         except Exception as e:  # noqa: BLE001 - no network, a proxy, a full disk: the same one-line error
-            raise UserError(
-                _not_found(name, where, source, f"the download from {source.url} failed: {_first(e)}")
-            ) from None
-        return path
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    def get(filename: str) -> Path:
-        return Path(hf_hub_download(files.repo_id, filename, revision=files.revision, cache_dir=cache))
-
-    files = source
+            why = f"the download from {source.url} failed: {_first(e)}"
+            raise UserError(_not_found(name, where, source, why)) from None
     try:
-        if files.with_config:
-            get("config.json")
-        for filename in files.candidates:
+        if source.with_config:
+            huggingface_hub.hf_hub_download(source.repo_id, "config.json", revision=source.revision)
+        for filename in source.candidates:
             try:
-                return get(filename)
-            except EntryNotFoundError as e:
-                if isinstance(e, LocalEntryNotFoundError):  # not cached and the hub unreachable: no network
-                    raise
-                continue  # the repository has no such file: try the next
+                return Path(
+                    str(huggingface_hub.hf_hub_download(source.repo_id, filename, revision=source.revision))
+                )
+            except LocalEntryNotFoundError:  # not cached and the hub unreachable: no network
+                raise
+            except EntryNotFoundError:  # the repository has no such file: try the next
+                continue
     except GatedRepoError:
         raise UserError(
             f"{where}: '{name}' is a gated repository on the Hugging Face hub: accept its terms on "
-            f"huggingface.co/{files.repo_id} and log in (hf auth login) before fetching it"
+            f"huggingface.co/{source.repo_id} and log in (hf auth login) before fetching it"
         ) from None
     except RepositoryNotFoundError:
         raise UserError(
-            f"{where}: no repository {files.repo_id} on the Hugging Face hub (for '{name}')"
+            f"{where}: no repository {source.repo_id} on the Hugging Face hub (for '{name}')"
         ) from None
     except Exception as e:  # noqa: BLE001 - no network, a proxy, a full disk: the same one-line error
-        raise UserError(
-            _not_found(name, where, files, f"the download from the hub failed: {_first(e)}")
-        ) from None
+        why = f"the download from the hub failed: {_first(e)}"
+        raise UserError(_not_found(name, where, source, why)) from None
     raise UserError(
-        f"{where}: the hub repository {files.repo_id} holds none of {', '.join(files.candidates)}"
+        f"{where}: the hub repository {source.repo_id} holds none of {', '.join(source.candidates)}"
     )
 
 
@@ -235,7 +180,7 @@ def _first(error: BaseException) -> str:
 
 
 def _not_found(name: str, where: str, source: _HubFiles | _UrlFile, why: str) -> str:
-    searched = source.path() if isinstance(source, _UrlFile) else source.folder(hf_hub_cache())
+    searched = source.path() if isinstance(source, _UrlFile) else source.folder()
     return (
         f"{where}: the weights of '{name}' are not in the local cache (searched {searched}) and {why}; fetch "
         f"them on a machine with network: {fetch_command(name, from_hub=isinstance(source, _HubFiles))}"
@@ -246,17 +191,16 @@ def find_pretrained(name: str, where: str, download: bool | None = None) -> Pret
     """name's pretrained weights on this machine: from the cache, else downloaded into it when `download`
     (default: unless HF_HUB_OFFLINE is set); a UserError naming the model, the cache and the fetch command
     when neither works. where: what the user wrote it in, for messages (e.g. model.teacher.pretrained)."""
-    download = not offline() if download is None else download
+    download = not constants.HF_HUB_OFFLINE if download is None else download
     source, num_classes = _source(name, where)
-    cache = hf_hub_cache()
-    path = _cached(source, cache)
+    path = _cached(source)
     downloaded = False
     if path is None:
         if not download:
-            why = "HF_HUB_OFFLINE is set" if offline() else "downloads are off here"
+            why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "downloads are off here"
             raise UserError(_not_found(name, where, source, why))
         console.info(f"{where}: downloading the pretrained weights of {name} into the cache")
-        path, downloaded = _download(source, cache, name, where), True
+        path, downloaded = _download(source, name, where), True
     if isinstance(source, _HubFiles) and source.with_config:
         # An `hf-hub:` name: timm reads the snapshot folder as a local model (config.json + weights).
         snapshot = path.parent
@@ -271,6 +215,6 @@ def _config_classes(snapshot: Path) -> int:
 
     try:
         pretrained_cfg, _, _ = load_model_config_from_path(snapshot)
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"cannot read {snapshot / 'config.json'}: {_first(e)}") from None
     return int(pretrained_cfg.get("num_classes") or 0)

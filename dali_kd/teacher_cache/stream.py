@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dali_kd import console
 from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream
@@ -361,11 +361,10 @@ class CachedViewStream:
         self.missing_rows += missing
         if not self._warned_missing:
             self._warned_missing = True
-            warnings.warn(
-                f"teacher cache {self.cache.dir}: {missing} replayed row(s) are not done (or hold another image's "
+            console.warning(
+                f"warning: teacher cache {self.cache.dir}: {missing} replayed row(s) are not done (or hold another image's "
                 "view, or their view record fails its checksum); another view of the same image, else a same-class "
-                "image, stands in (counted in the stream's missing_rows)",
-                stacklevel=3,
+                "image, stands in (counted in the stream's missing_rows)"
             )
 
     def _order(self, pass_index: int) -> np.ndarray:

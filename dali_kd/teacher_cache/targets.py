@@ -9,7 +9,6 @@ fill-then-replay stream for the cache.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -388,9 +387,8 @@ def open_teacher_cache(
     if cache is None:
         cache = TeacherCache(*args, create=False, mixed=mixed)
     if train.cache_mode == "fixed" and is_main:
-        warnings.warn(
-            "train.cache_mode=fixed: the student sees new random views but learns the targets of one fixed view "
-            "per image (the original trainer's behaviour); replay keeps them consistent",
-            stacklevel=2,
+        console.warning(
+            "warning: train.cache_mode=fixed: the student sees new random views but learns the targets of one "
+            "fixed view per image (the original trainer's behaviour); replay keeps them consistent"
         )
     return cache
