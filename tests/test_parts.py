@@ -19,6 +19,7 @@ from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
+from dali_kd.runs import checkpoint as ckpt
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.training.callbacks import Callback
@@ -252,7 +253,13 @@ def test_callbacks_see_steps_logs_checkpoints_and_the_end(tiny_config, tmp_path)
             calls["finish"].append(summary["steps"])
 
     cfg = tiny_config("train.log_every_n_steps=2", "train.save_every_n_steps=2")
-    Trainer(cfg, CPU, show_progress=False, callbacks=[Watch()]).fit(tmp_path / "run")
+    trainer = Trainer(cfg, CPU, show_progress=False, callbacks=[Watch()])
+    trainer.fit(tmp_path / "run")
+    # Every part's counters are in the checkpoint for a resume to take back: the run state's, the teacher's, the
+    # NaN guard's, the quarantine's.
+    saved = ckpt.load(trainer.checkpointer.last)
+    assert saved["step"] == 6 and saved["progress"]["teacher_forward_batches"] == 6
+    assert saved["progress"]["skipped_steps"] == 0 and saved["progress"]["runtime_quarantine"] == []
     assert calls["step"] == [1, 2, 3, 4, 5, 6] and calls["log"] == [2, 4, 6]
     assert calls["evaluate"] == [6] and calls["finish"] == [6]  # the demo config evaluates every 4th epoch
     assert calls["checkpoint"] == ["step_000000002.pt", "step_000000003.pt", "step_000000004.pt",
