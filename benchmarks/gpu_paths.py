@@ -167,7 +167,7 @@ def run_path(path: TrainingPath, data: Path, work: Path, args) -> dict[str, Any]
             steps=summary["steps"],
             precision=summary.get("precision"),
             # torch.compile wraps the module it compiles (the trainer's compiled student step).
-            compiled=hasattr(trainer.task.student_step, "_orig_mod"),
+            compiled=hasattr(trainer.parts.task.student_step, "_orig_mod"),
             teacher_forward_batches=summary.get("teacher_forward_batches"),
             cache_hits=summary.get("cache_hits"),
         )

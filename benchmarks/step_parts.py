@@ -35,11 +35,13 @@ class OptimizerClock(Callback):
         return time.perf_counter()
 
     def on_step(self, trainer, batch) -> None:
-        if self._hooked is not trainer.optimizer:
+        if self._hooked is not trainer.parts.optimizer:
             self._cuda = trainer.device.type == "cuda"
-            trainer.optimizer.register_step_pre_hook(lambda *_: self._pending.append([self._stamp()]))
-            trainer.optimizer.register_step_post_hook(lambda *_: self._pending[-1].append(self._stamp()))
-            self._hooked = trainer.optimizer
+            trainer.parts.optimizer.register_step_pre_hook(lambda *_: self._pending.append([self._stamp()]))
+            trainer.parts.optimizer.register_step_post_hook(
+                lambda *_: self._pending[-1].append(self._stamp())
+            )
+            self._hooked = trainer.parts.optimizer
 
     def on_log(self, trainer, row: dict[str, Any]) -> None:
         pending, self._pending = [p for p in self._pending if len(p) == 2], []

@@ -120,9 +120,9 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
     trainer = Trainer(cfg, device, show_progress=False, callbacks=[optimizer_clock])
     if variant == "student-only":
         size = cfg.data.image_size
-        constant = trainer.teacher(torch.zeros(args.batch_size, 3, size, size, device=device))
-        # Both: the step reads trainer.targets, checkpoints save the parts' progress.
-        trainer.targets = trainer.parts.targets = ConstantTargets(constant)
+        constant = trainer.parts.teacher(torch.zeros(args.batch_size, 3, size, size, device=device))
+        # Both: the step reads trainer.parts.targets, checkpoints save the parts' progress.
+        trainer.parts.targets = ConstantTargets(constant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     summary = trainer.fit(out / mode)

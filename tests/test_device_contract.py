@@ -41,7 +41,7 @@ def train_steps(trainer: Trainer, steps: int = STEPS) -> list[Batch]:
     """Real training steps straight from the trainer's own stream (what fit() does, without the host-side logging
     a meta tensor cannot answer)."""
     batches = []
-    stream = iter(trainer.stream)
+    stream = iter(trainer.parts.stream)
     for _ in range(steps):
         batch = next(stream)
         assert_on_device(batch, trainer.device)
@@ -57,10 +57,10 @@ def test_every_training_stream_trains_on_the_trainers_device(tiny_config, path):
     try:
         batches = train_steps(trainer)
     finally:
-        trainer.stream.close()
+        trainer.parts.stream.close()
     assert trainer.step == STEPS
     # AdamW really stepped: its moments exist, on the device, for every trained parameter.
-    moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+    moments = [s["exp_avg"] for s in trainer.parts.optimizer.state.values()]
     assert moments and {m.device for m in moments} == {META}
     if "multi-crop" in path:
         assert batches[0].multi_crop and batches[0].local_images is not None
@@ -73,22 +73,22 @@ def test_cached_replay_trains_on_the_trainers_device(tiny_config, tmp_path):
              "train.cache_views_per_image=1", "train.cache_probe_every_n_steps=1")  # fmt: skip
     # The cache is filled by a real CPU run (writing rows reads the teacher's outputs, which meta has none of).
     filler = Trainer(tiny_config(*cache), torch.device("cpu"), show_progress=False)
-    stream = iter(filler.stream)
-    while not filler.stream.replaying:
+    stream = iter(filler.parts.stream)
+    while not filler.parts.stream.replaying:
         filler.train_step(next(stream))
-    filler.stream.close()
-    assert filler.targets.cache.is_complete()
+    filler.parts.stream.close()
+    assert filler.parts.targets.cache.is_complete()
 
     trainer = Trainer(tiny_config(*cache), META, show_progress=False)
     try:
         batches = train_steps(trainer)
     finally:
-        trainer.stream.close()
+        trainer.parts.stream.close()
     assert all(b.cache.from_cache for b in batches)
     # The cached targets were read ahead by the stream, onto the device, off the step's path.
     assert all(b.cache.targets is not None for b in batches)
-    assert trainer.targets.counters.probe_batches == STEPS  # the probe's teacher ran on the device too
-    assert trainer.targets.live.forward_batches == 0
+    assert trainer.parts.targets.counters.probe_batches == STEPS  # the probe's teacher ran on the device too
+    assert trainer.parts.targets.live.forward_batches == 0
 
 
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
@@ -104,12 +104,12 @@ def test_eval_batches_are_on_the_trainers_device(tiny_config, image_tree, backen
 def test_a_cpu_run_keeps_its_batches_on_the_cpu_with_matching_host_ids(tiny_config):
     trainer = Trainer(tiny_config("data.backend=torchvision"), torch.device("cpu"), show_progress=False)
     try:
-        for batch in itertools.islice(trainer.stream, 2):
+        for batch in itertools.islice(trainer.parts.stream, 2):
             assert_on_device(batch, torch.device("cpu"))
             assert torch.equal(batch.sample_ids, torch.from_numpy(batch.host_ids))
             assert torch.equal(batch.stream_ids, torch.from_numpy(batch.host_stream_ids))
     finally:
-        trainer.stream.close()
+        trainer.parts.stream.close()
 
 
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
@@ -118,11 +118,11 @@ def test_float16_images_reach_the_models_from_both_backends(tiny_config, image_t
     cfg = tiny_config(f"data.backend={backend}", "data.output_dtype=float16", "train.precision=bf16")
     trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
     try:
-        batch = next(iter(trainer.stream))
+        batch = next(iter(trainer.parts.stream))
         assert batch.images.dtype == torch.float16
         losses = trainer.train_step(batch)
     finally:
-        trainer.stream.close()
+        trainer.parts.stream.close()
     assert torch.isfinite(losses["loss"])
     val = ImageIndex.from_folder(image_tree / "val")
     assert {
@@ -143,17 +143,17 @@ def test_replayed_views_are_the_filled_views_pixel_for_pixel(tiny_config, tmp_pa
     trainer = Trainer(cfg, torch.device("cpu"), show_progress=False)
     seen: dict[int, torch.Tensor] = {}
     targets: dict[int, torch.Tensor] = {}
-    stream = iter(trainer.stream)
+    stream = iter(trainer.parts.stream)
     try:
-        while not trainer.stream.replaying:
+        while not trainer.parts.stream.replaying:
             batch = next(stream)
             seen.update(zip(batch.host_ids.tolist(), batch.images.clone(), strict=True))
-            out = trainer.teacher(batch.images)
+            out = trainer.parts.teacher(batch.images)
             targets.update(zip(batch.host_ids.tolist(), out.pooled, strict=True))
             trainer.train_step(batch)
         replayed = [next(stream) for _ in range(3)]
     finally:
-        trainer.stream.close()
+        trainer.parts.stream.close()
     for batch in replayed:
         assert batch.cache.from_cache
         for k, i in enumerate(batch.host_ids.tolist()):

@@ -95,15 +95,15 @@ def test_from_shards_evaluation_skips_what_training_set_aside_and_sets_aside_the
     trainer = Trainer(cfg, CPU, show_progress=False)
     # The training stream meets the spoilt training sample first and sets it aside.
     with warning_said("set aside"):
-        for _ in zip(range(24), trainer.stream, strict=False):
-            if trainer.stream.state_dict()["substitutions"]:
+        for _ in zip(range(24), trainer.parts.stream, strict=False):
+            if trainer.parts.stream.state_dict()["substitutions"]:
                 break
-    assert list(trainer.stream.state_dict()["substitutions"]) == [str(bad_train)]
+    assert list(trainer.parts.stream.state_dict()["substitutions"]) == [str(bad_train)]
     results = trainer.evaluate_student()
     assert 0 <= results["student"].knn_top1 <= 100
-    entries = trainer.evaluator.take_entries()
+    entries = trainer.parts.evaluator.take_entries()
     # The bank skipped the training stream's file (no second entry); the val sample was set aside by shard and key.
     assert [(e["split"], e["shard"], e["key"], e["found"]) for e in entries] == [
         ("val", val_shard, fmt.sample_key(bad_val), "evaluation")
     ]
-    trainer.stream.close()
+    trainer.parts.stream.close()

@@ -70,20 +70,20 @@ def test_a_run_reports_head_knn_and_ema_results_and_saves_the_ema(tiny_config, t
     assert raw.keys() == ema.keys()
     # The average trails the trained weights: not a copy of them.
     assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
-    torch.testing.assert_close(ema["head.weight"], trainer.ema.backbone.head.weight.detach())
+    torch.testing.assert_close(ema["head.weight"], trainer.parts.ema.backbone.head.weight.detach())
 
 
 def test_the_ema_follows_the_update_rule(tiny_config):
     cfg = tiny_config("train.ema_decay=0.5", "train.ema_warmup=false")
     trainer = Trainer(cfg, CPU, show_progress=False)
-    stream = iter(trainer.stream)
+    stream = iter(trainer.parts.stream)
     trainer.train_step(next(stream))  # step 1: timm starts the average from the weights after the first step
-    first = {k: v.clone() for k, v in trainer.student.backbone.state_dict().items()}
-    torch.testing.assert_close(trainer.ema.backbone.state_dict()["head.weight"], first["head.weight"])
+    first = {k: v.clone() for k, v in trainer.parts.student.backbone.state_dict().items()}
+    torch.testing.assert_close(trainer.parts.ema.backbone.state_dict()["head.weight"], first["head.weight"])
     trainer.train_step(next(stream))
-    second = trainer.student.backbone.state_dict()
+    second = trainer.parts.student.backbone.state_dict()
     torch.testing.assert_close(
-        trainer.ema.backbone.state_dict()["head.weight"],
+        trainer.parts.ema.backbone.state_dict()["head.weight"],
         0.5 * first["head.weight"] + 0.5 * second["head.weight"],
     )
 

@@ -419,7 +419,13 @@ def test_checkpoints_remember_the_file_list(tiny_config, tmp_path):
 
     files = tuple(f"c/{i}.jpg" for i in range(48))
     saved = Checkpointer(
-        tmp_path, tiny_config(), DistInfo(), 6, {}, {}, [RunState()], dict, data_files=data_identity(files)
+        tmp_path,
+        tiny_config(),
+        dist=DistInfo(),
+        steps_per_epoch=6,
+        states={"progress": RunState()},
+        stream=RunState(),
+        identity={"teacher": {}, "data_files": data_identity(files)},
     )
     state = saved.collect(1)
     assert state["data_files"]["count"] == 48 and len(state["data_files"]["digests"]) == 48

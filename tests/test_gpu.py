@@ -156,9 +156,9 @@ def test_each_model_gets_its_own_input_on_cuda(tiny_config, tmp_path):
         "train.ema_decay=0.9", "train.epochs=1", "train.max_steps_per_epoch=2",
     )  # fmt: skip
     trainer = Trainer(cfg, CUDA, show_progress=False)
-    batch = next(iter(trainer.stream))
+    batch = next(iter(trainer.parts.stream))
     assert batch.images.is_cuda and batch.images.dtype == torch.float16 and batch.images.shape[-1] == 48
-    student_view = trainer.student.input(batch.images)
+    student_view = trainer.parts.student.input(batch.images)
     assert student_view.is_cuda and student_view.shape[-1] == 32
     summary = trainer.fit(tmp_path / "run")
     assert summary["student_knn_top1"] is not None and summary["student_ema_knn_top1"] is not None
@@ -171,15 +171,15 @@ def test_mixed_views_on_cuda_replay_from_their_record(tiny_config, tmp_path):
     mixed views (none of it has met a GPU)."""
     cfg = tiny_config("train.device=cuda", "data.augment.mix=both", "train.epochs=1")
     trainer = Trainer(cfg, CUDA, show_progress=False)
-    batch = next(iter(trainer.stream))
+    batch = next(iter(trainer.parts.stream))
     mix = batch.view.mix
     assert batch.images.is_cuda and mix is not None and mix.lam.is_cuda
-    renderer = DaliViewRenderer(trainer.train_index, cfg.augment_params(), len(batch), device="cuda")
+    renderer = DaliViewRenderer(trainer.parts.train_index, cfg.augment_params(), len(batch), device="cuda")
     own = renderer.render(batch.sample_ids.cpu().numpy(), batch.view.to(CPU))
     partner = renderer.render(mix.partner_id.cpu().numpy(), mix.partner_view.to(CPU))
     again = mix_images(own, partner, mix.lam, mix.box)
     assert (again.float() - batch.images.float()).abs().max() < 0.05
-    trainer.stream.close()
+    trainer.parts.stream.close()
     multi_crop = tiny_config("train.device=cuda", "data.augment.mix=both", *MULTI_CROP, "train.epochs=1")
     assert Trainer(multi_crop, CUDA, show_progress=False).fit(tmp_path / "multi-crop")["steps"] > 0
     cached = tiny_config(
@@ -250,7 +250,7 @@ def test_steady_steps_never_synchronise_the_host_with_the_gpu(tiny_config, tmp_p
     def checking() -> bool:  # the step about to run is trainer.step + 1
         return trainer.step + 1 > first_checked
 
-    trainer.stream = CheckedStream(trainer.stream, checking)
+    trainer.parts.stream = CheckedStream(trainer.parts.stream, checking)
     step = trainer.train_step
 
     def checked_step(batch):

@@ -118,17 +118,17 @@ class CaptureInputs(Callback):
     def on_step(self, trainer, batch):
         if not self.hooked:
             self.hooked = True
-            trainer.teacher.register_forward_pre_hook(
+            trainer.parts.teacher.register_forward_pre_hook(
                 lambda m, args: self.teacher_inputs.append(args[0].clone())
             )
-            trainer.student.register_forward_pre_hook(
+            trainer.parts.student.register_forward_pre_hook(
                 lambda m, args: self.student_inputs.append(args[0].clone())
             )
         self.batches.append(batch)
 
 
 def render(trainer: Trainer, ids: torch.Tensor, view: ViewRecord) -> torch.Tensor:
-    renderer = DaliViewRenderer(trainer.train_index, trainer.cfg.augment_params(), len(ids))
+    renderer = DaliViewRenderer(trainer.parts.train_index, trainer.cfg.augment_params(), len(ids))
     return renderer.render(ids.cpu().numpy(), view)
 
 
@@ -192,7 +192,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     assert len(kept.fill) == 6 and kept.replayed == 12
     assert summary["cache_missing_rows"] == 0
     assert summary["teacher_probe_batches"] >= 2 and summary["cache_fidelity_min"] > 0.999
-    cache = trainer.targets.cache
+    cache = trainer.parts.targets.cache
     assert (
         cache.mixed
         and json.loads((tmp_path / "cache" / "header.json").read_text())["augment"]["mix"] == "both"
@@ -215,7 +215,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     # only for the rows that were mixed (mix_prob 0.8: some rows were not).
     filled = {int(i): image for b in kept.fill for i, image in zip(b.stream_ids, b.images, strict=True)}
     stream = make_cached_train_stream(
-        cfg.stream_settings(), trainer.train_index, CPU, cache=cache, mode=cfg.train.cache_mode
+        cfg.stream_settings(), trainer.parts.train_index, CPU, cache=cache, mode=cfg.train.cache_mode
     )  # complete cache: replays at once
     try:
         batch = next(iter(stream))
@@ -228,7 +228,7 @@ def test_the_cache_stores_and_replays_mixed_views_pixel_for_pixel(tiny_config, t
     assert stream.inner.views_rendered == len(batch) + shown, (
         "its own views, then partners of the mixed rows only"
     )
-    live = trainer.teacher(batch.images)
+    live = trainer.parts.teacher(batch.images)
     assert torch.nn.functional.cosine_similarity(live.pooled, batch.cache.targets.pooled).min() > 0.999
     unmixed = render(trainer, batch.sample_ids, batch.view)
     assert not torch.equal(unmixed, batch.images)

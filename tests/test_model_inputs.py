@@ -67,15 +67,15 @@ def test_a_larger_teacher_and_a_smaller_student_see_the_same_view_at_their_own_s
         "train.max_steps_per_epoch=2",
     )
     trainer = Trainer(cfg, CPU, show_progress=False)
-    teacher_in = InputShapes(trainer.teacher.model.conv1)
-    student_in = InputShapes(trainer.student.backbone.patch_embed)
-    batch = next(iter(trainer.stream))
+    teacher_in = InputShapes(trainer.parts.teacher.model.conv1)
+    student_in = InputShapes(trainer.parts.student.backbone.patch_embed)
+    batch = next(iter(trainer.parts.stream))
     assert batch.images.shape[-2:] == (48, 48), "the pipeline cuts each view once, at the larger size"
     trainer.train_step(batch)
     assert teacher_in.shapes[-1][-2:] == (48, 48)
     assert student_in.shapes[-1][-2:] == (32, 32)
     # The student's view is the teacher's view resized: the same crop, flip and jitter.
-    student_view = trainer.student.input(batch.images)
+    student_view = trainer.parts.student.input(batch.images)
     torch.testing.assert_close(
         student_view,
         F.interpolate(batch.images, size=(32, 32), mode="bilinear", antialias=True, align_corners=False),
@@ -104,17 +104,17 @@ def test_a_teacher_with_its_own_statistics_gets_them_and_the_student_keeps_the_p
         "train.max_steps_per_epoch=1",
     )
     trainer = Trainer(cfg, CPU, show_progress=False)
-    assert trainer.student.input is None, "the student is fed the pipeline's normalisation as it is"
-    batch = next(iter(trainer.stream))
+    assert trainer.parts.student.input is None, "the student is fed the pipeline's normalisation as it is"
+    batch = next(iter(trainer.parts.stream))
     pixels = batch.images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(
         1, 3, 1, 1
     )
-    targets = trainer.teacher(batch.images)
+    targets = trainer.parts.teacher(batch.images)
     with torch.inference_mode():
-        direct = trainer.teacher.model(normalise(pixels, CLIP_MEAN, CLIP_STD))
+        direct = trainer.parts.teacher.model(normalise(pixels, CLIP_MEAN, CLIP_STD))
     torch.testing.assert_close(targets.logits, direct.float(), rtol=1e-4, atol=1e-4)
     with torch.inference_mode():
-        unadapted = trainer.teacher.model(batch.images)
+        unadapted = trainer.parts.teacher.model(batch.images)
     assert not torch.allclose(targets.logits, unadapted.float(), atol=1e-3), "the check can fail"
     summary = trainer.fit(tmp_path / "run")
     assert summary["inputs"]["teacher"]["mean"] == pytest.approx(list(CLIP_MEAN))

@@ -312,7 +312,7 @@ def test_multi_crop_run_trains_and_logs_per_view_losses(tiny_config, tmp_path, b
     )  # fmt: skip
     trainer = Trainer(cfg, CPU, show_progress=False)
     forwards = []
-    trainer.teacher.register_forward_pre_hook(
+    trainer.parts.teacher.register_forward_pre_hook(
         lambda module, args, kwargs: forwards.append(args[0].shape), with_kwargs=True
     )
     summary = trainer.fit(tmp_path / "run")

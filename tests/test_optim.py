@@ -184,7 +184,7 @@ def test_a_run_trains_at_the_scaled_lr_and_says_so(tiny_config, capsys):
     assert (
         "lr 0.002: train.optimizer.lr 0.001 scaled (linear) from a batch of 4 to 8" in capsys.readouterr().out
     )
-    assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.002] * 4)
+    assert [g["initial_lr"] for g in trainer.parts.optimizer.param_groups] == pytest.approx([0.002] * 4)
 
 
 def test_a_checkpoint_from_before_timms_optimizer_is_refused_by_name(tmp_path):

@@ -19,11 +19,12 @@ from dali_kd.data.outputs import ModelOutput
 from dali_kd.distributed import DistInfo
 from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
+from dali_kd.runs import checkpoint as ckpt
 from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.training.callbacks import Callback
-from dali_kd.training.checkpointer import Checkpointer
+from dali_kd.training.checkpointer import Checkpointer, Progress, restore
 from dali_kd.training.nonfinite import NonFiniteGuard
 from dali_kd.training.run_state import RunState
 from dali_kd.training.task import DistillTask
@@ -166,16 +167,68 @@ def test_distill_task_one_view_and_multi_crop(teacher):
 
 def test_checkpointer_saves_every_n_steps_epoch_ends_and_on_preemption(tiny_config, tmp_path):
     cfg = tiny_config("train.save_every_n_steps=4")
-    checkpointer = Checkpointer(tmp_path, cfg, DistInfo(), 6, {}, {}, [], dict)
+    checkpointer = Checkpointer(
+        tmp_path, cfg, dist=DistInfo(), steps_per_epoch=6, states={}, stream=RunState(), identity={}
+    )
     assert [s for s in range(1, 13) if checkpointer.due(s)] == [
         4,
         8,
     ]  # 12 ends an epoch: saved after its eval
     assert checkpointer.due(12, epoch_end=True) and checkpointer.due(5, preempted=True)
+    never_cfg = tiny_config("train.save_every_n_steps=null")
     never = Checkpointer(
-        tmp_path, tiny_config("train.save_every_n_steps=null"), DistInfo(), 6, {}, {}, [], dict
+        tmp_path, never_cfg, dist=DistInfo(), steps_per_epoch=6, states={}, stream=RunState(), identity={}
     )
     assert not any(never.due(s) for s in range(1, 13))
+
+
+class Counters:
+    """A part with state_dict/load_state_dict, as every part a checkpoint holds has."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def state_dict(self):
+        return dict(self.values)
+
+    def load_state_dict(self, state):
+        self.values = {k: state[k] for k in self.values}
+
+
+def test_a_checkpoint_keeps_the_layout_that_older_checkpoints_have(tiny_config, tmp_path):
+    """Checkpoints written before the parts were handed over as objects resume: the same keys, in the same places."""
+    states = {
+        "student": Counters(w=1),
+        "optimizer": Counters(lr=0.1),
+        "scheduler": Counters(t=3),
+        "student_ema": Counters(w=2),
+        "progress": Progress(RunState(step=5, epoch=1, step_in_epoch=1), Counters(cache_hits=7)),
+    }
+    identity = {"teacher": {"name": "t"}, "data_files": {"count": 2}}
+    checkpointer = Checkpointer(
+        tmp_path, tiny_config(), dist=DistInfo(), steps_per_epoch=4, states=states,
+        stream=Counters(position=40), identity=identity,
+    )  # fmt: skip
+    saved = checkpointer.collect(5)
+    assert list(saved) == [
+        "format", "step", "epoch", "step_in_epoch", "student", "optimizer", "scheduler", "student_ema", "stream",
+        "rng", "progress", "world_size", "config_hash", "config_fingerprint", "teacher", "data_files",
+    ]  # fmt: skip
+    assert (saved["step"], saved["epoch"], saved["step_in_epoch"]) == (5, 1, 1)
+    assert saved["student_ema"] == {"w": 2} and saved["stream"] == [{"position": 40}]
+    assert saved["progress"]["cache_hits"] == 7 and "step" not in saved["progress"]
+    assert saved["teacher"] == {"name": "t"} and saved["data_files"] == {"count": 2}
+    state, hits = RunState(), Counters(cache_hits=0)
+    into = {
+        name: Counters(**{k: 0 for k in part.state_dict()})
+        for name, part in states.items()
+        if name != "progress"
+    }
+    assert restore(saved, {**into, "progress": Progress(state, hits)}, rank=0) == {"position": 40}
+    assert (state.step, state.epoch, state.step_in_epoch, hits.values) == (5, 1, 1, {"cache_hits": 7})
+    assert {name: part.values for name, part in into.items()} == {
+        "student": {"w": 1}, "optimizer": {"lr": 0.1}, "scheduler": {"t": 3}, "student_ema": {"w": 2}
+    }  # fmt: skip
 
 
 def test_run_state_round_trip_keeps_every_counter():
@@ -221,7 +274,13 @@ def test_callbacks_see_steps_logs_checkpoints_and_the_end(tiny_config, tmp_path)
             calls["finish"].append(summary["steps"])
 
     cfg = tiny_config("train.log_every_n_steps=2", "train.save_every_n_steps=2")
-    Trainer(cfg, CPU, show_progress=False, callbacks=[Watch()]).fit(tmp_path / "run")
+    trainer = Trainer(cfg, CPU, show_progress=False, callbacks=[Watch()])
+    trainer.fit(tmp_path / "run")
+    # Every part's counters are in the checkpoint for a resume to take back: the run state's, the teacher's, the
+    # NaN guard's, the quarantine's.
+    saved = ckpt.load(trainer.checkpointer.last)
+    assert saved["step"] == 6 and saved["progress"]["teacher_forward_batches"] == 6
+    assert saved["progress"]["skipped_steps"] == 0 and saved["progress"]["runtime_quarantine"] == []
     assert calls["step"] == [1, 2, 3, 4, 5, 6] and calls["log"] == [2, 4, 6]
     assert calls["evaluate"] == [6] and calls["finish"] == [6]  # the demo config evaluates every 4th epoch
     assert calls["checkpoint"] == ["step_000000002.pt", "step_000000003.pt", "step_000000004.pt",
@@ -231,11 +290,11 @@ def test_callbacks_see_steps_logs_checkpoints_and_the_end(tiny_config, tmp_path)
 def test_a_finished_run_saves_the_student_and_both_projectors(tiny_config, tmp_path):
     cfg = tiny_config("model.teacher.name=test_vit", "train.loss.patch_weight=1.0")
     trainer = Trainer(cfg, CPU, show_progress=False)
-    assert trainer.student.patch_projector is not None
+    assert trainer.parts.student.patch_projector is not None
     trainer.fit(tmp_path / "run")
     for name, module in (
-        ("projector", trainer.student.projector),
-        ("patch_projector", trainer.student.patch_projector),
+        ("projector", trainer.parts.student.projector),
+        ("patch_projector", trainer.parts.student.patch_projector),
     ):
         saved = load_file(tmp_path / "run" / f"{name}.safetensors")
         assert saved.keys() == module.state_dict().keys()

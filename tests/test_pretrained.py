@@ -270,7 +270,7 @@ def test_distilling_a_pretrained_teacher_by_name_with_its_own_normalisation(
         "train.epochs=2", "train.max_steps_per_epoch=3",
     )  # fmt: skip
     trainer = Trainer(cfg, CPU, show_progress=False)
-    assert same_weights(trainer.teacher.model, teacher.state_dict())
+    assert same_weights(trainer.parts.teacher.model, teacher.state_dict())
     summary = trainer.fit(tmp_path / "run")
     assert summary["inputs"]["teacher"]["mean"] == pytest.approx(list(clip_mean))
     assert summary["inputs"]["student"]["mean"] == pytest.approx(list(IMAGENET_MEAN))

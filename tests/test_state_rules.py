@@ -22,18 +22,18 @@ CPU = torch.device("cpu")
 def test_the_ema_follows_its_decay_step_by_step(tiny_config):
     cfg = tiny_config("train.ema_decay=0.9", "train.ema_warmup=false")
     trainer = Trainer(cfg, CPU, show_progress=False)
-    stream = iter(trainer.stream)
+    stream = iter(trainer.parts.stream)
 
     def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
     trainer.train_step(next(stream))  # step 1: the average starts from the weights after the first update
-    expected = weights(trainer.student.backbone)
+    expected = weights(trainer.parts.student.backbone)
     for _ in range(2):
         trainer.train_step(next(stream))
-        student = weights(trainer.student.backbone)
+        student = weights(trainer.parts.student.backbone)
         expected = {k: 0.9 * expected[k] + 0.1 * student[k] for k in expected}
-        ema = weights(trainer.ema.backbone)
+        ema = weights(trainer.parts.ema.backbone)
         for k in expected:
             torch.testing.assert_close(ema[k], expected[k], msg=f"{k}: not 0.9 × EMA + 0.1 × student")
 
@@ -67,7 +67,11 @@ def test_a_checkpoint_brings_back_the_ema_every_random_stream_and_the_data_strea
 
         def on_checkpoint(self, trainer, path):
             if self.at_checkpoint is None:
-                self.at_checkpoint = {"path": path, "ema": trainer.ema.state_dict(), "rng": ckpt.rng_state()}
+                self.at_checkpoint = {
+                    "path": path,
+                    "ema": trainer.parts.ema.state_dict(),
+                    "rng": ckpt.rng_state(),
+                }
                 self.at_checkpoint["ema"] = {k: v.clone() for k, v in self.at_checkpoint["ema"].items()}
 
         def on_step(self, trainer, batch):
@@ -84,9 +88,9 @@ def test_a_checkpoint_brings_back_the_ema_every_random_stream_and_the_data_strea
 
     resumed = Trainer(cfg, CPU, show_progress=False, resume_from=saved["path"])
     assert same_rng(saved["rng"], ckpt.rng_state()) == [], "a random stream was not restored"
-    ema = resumed.ema.state_dict()
+    ema = resumed.parts.ema.state_dict()
     assert all(torch.equal(ema[k], v) for k, v in saved["ema"].items()), "the EMA's weights were not restored"
-    batch = next(iter(resumed.stream))
+    batch = next(iter(resumed.parts.stream))
     images, ids = watch.next_batch
     assert torch.equal(batch.sample_ids, ids), "the data stream did not continue where it stood"
     assert torch.equal(batch.images, images), "the data stream's augmentation draws were not restored"

@@ -30,17 +30,17 @@ CACHE = [
 
 
 def open_cache(trainer: Trainer) -> TeacherCache:
-    return trainer.targets.cache
+    return trainer.parts.targets.cache
 
 
 def live_rows(trainer: Trainer, ids: np.ndarray, slots: np.ndarray):
     """What the teacher gives, now, on the stored views of these rows."""
-    cache = trainer.targets.cache
+    cache = trainer.parts.targets.cache
     view = cache.read_views(ids, slots)
-    images = DaliViewRenderer(trainer.train_index, trainer.cfg.augment_params(), len(ids)).render(
+    images = DaliViewRenderer(trainer.parts.train_index, trainer.cfg.augment_params(), len(ids)).render(
         torch.from_numpy(ids), view
     )
-    return trainer.teacher(images), view, images
+    return trainer.parts.teacher(images), view, images
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_fill_then_replay_stops_the_teacher(cached_run):
 
 def test_cached_targets_equal_the_live_teacher_on_the_replayed_view(cached_run):
     trainer, _ = cached_run
-    cache = trainer.targets.cache
+    cache = trainer.parts.targets.cache
     ids = np.arange(16)
     slots = np.array([0, 1] * 8)
     live, view, images = live_rows(trainer, ids, slots)
@@ -78,11 +78,11 @@ def test_cached_targets_equal_the_live_teacher_on_the_replayed_view(cached_run):
     assert 0 < int(all_views.flip.sum()) < 96
     assert (all_views.jitter != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(dim=1).float().mean() > 0.3
     # ...and changing them changes the teacher's answer, so matching targets means matching flips and jitter.
-    flipped = DaliViewRenderer(trainer.train_index, trainer.cfg.augment_params(), 16).render(
+    flipped = DaliViewRenderer(trainer.parts.train_index, trainer.cfg.augment_params(), 16).render(
         torch.from_numpy(ids), type(view)(view.crop_anchor, view.crop_shape, 1 - view.flip, view.jitter)
     )
-    assert not torch.allclose(trainer.teacher(flipped).pooled, stored.pooled, rtol=2e-3, atol=2e-3)
-    no_jitter = DaliViewRenderer(trainer.train_index, trainer.cfg.augment_params(), 16).render(
+    assert not torch.allclose(trainer.parts.teacher(flipped).pooled, stored.pooled, rtol=2e-3, atol=2e-3)
+    no_jitter = DaliViewRenderer(trainer.parts.train_index, trainer.cfg.augment_params(), 16).render(
         torch.from_numpy(ids),
         type(view)(
             view.crop_anchor, view.crop_shape, view.flip, view.jitter * 0 + torch.tensor([1.0, 1, 1, 0])
@@ -90,7 +90,7 @@ def test_cached_targets_equal_the_live_teacher_on_the_replayed_view(cached_run):
     )
     jittered = (view.jitter != torch.tensor([1.0, 1, 1, 0])).any(dim=1)
     assert not torch.allclose(
-        trainer.teacher(no_jitter).pooled[jittered], stored.pooled[jittered], rtol=2e-3, atol=2e-3
+        trainer.parts.teacher(no_jitter).pooled[jittered], stored.pooled[jittered], rtol=2e-3, atol=2e-3
     )
 
 
@@ -114,7 +114,7 @@ def test_a_cache_built_for_another_teacher_is_refused(cached_run, tiny_config, t
         Trainer(cfg, CPU, show_progress=False)
     rebuilt = Trainer(tiny_config(*CACHE, f"train.teacher_feature_dir={tmp_path / 'cache'}", "model.teacher.name=resnet10t",
                                   "train.cache_rebuild=true"), CPU, show_progress=False)  # fmt: skip
-    assert rebuilt.targets.cache.rows_done() == 0
+    assert rebuilt.parts.targets.cache.rows_done() == 0
 
 
 def test_too_small_a_disk_is_refused_before_any_work(tiny_config, tmp_path, monkeypatch):
@@ -169,7 +169,7 @@ def test_kill_during_fill_then_resume_leaves_every_row_done_and_right(image_tree
     ids, slots = np.arange(48).repeat(2), np.tile([0, 1], 48)
     for chunk in range(0, 96, 16):
         live, _, _ = live_rows(trainer, ids[chunk : chunk + 16], slots[chunk : chunk + 16])
-        stored = trainer.targets.cache.read(ids[chunk : chunk + 16], slots[chunk : chunk + 16], CPU)
+        stored = trainer.parts.targets.cache.read(ids[chunk : chunk + 16], slots[chunk : chunk + 16], CPU)
         assert torch.allclose(stored.pooled, live.pooled, rtol=2e-3, atol=2e-3)
 
 

@@ -144,9 +144,13 @@ def test_zeroed_rows_are_computed_again_by_the_teacher_and_rewritten(
     assert len([line for line in said if "fail their checksum" in line]) == 1, said
     # The cache holds the teacher's outputs again, and says so.
     ids = np.arange(NUM_ROWS)
-    assert trainer.targets.cache.read_rows(ids, np.zeros_like(ids)).intact.all()
-    original = Trainer(config(image_tree, tmp_path / "x", filled), CPU, show_progress=False).targets.cache
-    assert torch.allclose(stored_pooled(trainer.targets.cache), stored_pooled(original), rtol=2e-3, atol=2e-3)
+    assert trainer.parts.targets.cache.read_rows(ids, np.zeros_like(ids)).intact.all()
+    original = Trainer(
+        config(image_tree, tmp_path / "x", filled), CPU, show_progress=False
+    ).parts.targets.cache
+    assert torch.allclose(
+        stored_pooled(trainer.parts.targets.cache), stored_pooled(original), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_a_flipped_byte_in_a_rows_outputs_is_computed_again(image_tree, tmp_path, cache_dir, filled):
@@ -157,8 +161,12 @@ def test_a_flipped_byte_in_a_rows_outputs_is_computed_again(image_tree, tmp_path
     summary, trainer = replay(image_tree, tmp_path, cache_dir)
     assert summary["cache_rows_refilled"] == summary["cache_rows_damaged"] == 1
     assert summary["cache_fidelity_min"] > 0.999
-    original = Trainer(config(image_tree, tmp_path / "x", filled), CPU, show_progress=False).targets.cache
-    assert torch.allclose(stored_pooled(trainer.targets.cache), stored_pooled(original), rtol=2e-3, atol=2e-3)
+    original = Trainer(
+        config(image_tree, tmp_path / "x", filled), CPU, show_progress=False
+    ).parts.targets.cache
+    assert torch.allclose(
+        stored_pooled(trainer.parts.targets.cache), stored_pooled(original), rtol=2e-3, atol=2e-3
+    )
 
 
 @pytest.mark.parametrize("name", ["views", "done", "checks"])
@@ -170,7 +178,7 @@ def test_a_row_whose_view_record_fails_its_check_is_never_replayed(image_tree, t
     summary, trainer = replay(image_tree, tmp_path, cache_dir)
     assert summary["cache_rows_damaged"] == 1 and summary["cache_missing_rows"] == 1
     assert summary["cache_rows_refilled"] == 0 and summary["cache_fidelity_min"] > 0.999
-    assert (victim, 0) in trainer.targets.cache.damaged
+    assert (victim, 0) in trainer.parts.targets.cache.damaged
 
 
 # ---- the fidelity probe -------------------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ def test_a_probe_far_below_the_floor_stops_replay_from_the_cache(image_tree, tmp
     step's targets come from the live teacher."""
     cfg = config(image_tree, tmp_path, cache_dir, "train.cache_probe_every_n_steps=null")
     trainer = Trainer(cfg, CPU, show_progress=False)
-    cache, ids = trainer.targets.cache, np.arange(NUM_ROWS)
+    cache, ids = trainer.parts.targets.cache, np.arange(NUM_ROWS)
     slots = np.zeros_like(ids)
     stored = cache.read(ids, slots, CPU)
     torch.manual_seed(0)

@@ -265,7 +265,7 @@ def test_hot_loop_reads_no_device_values_outside_log_steps(tiny_config, tmp_path
 
     trainer.callbacks.append(Logged())
     trainer.log_interval = allow(trainer.log_interval)
-    trainer.evaluator.evaluate = allow(trainer.evaluator.evaluate)
+    trainer.parts.evaluator.evaluate = allow(trainer.parts.evaluator.evaluate)
     # A checkpoint is a sync point by nature.
     monkeypatch.setattr(Checkpointer, "save", allow(Checkpointer.save))
     # DALI's reader hands its sample ids out as host data on every pipeline: reading them waits for nothing.

@@ -26,18 +26,18 @@ def test_loss_falls_and_teacher_never_changes(tiny_config, tmp_path):
         "train.optimizer.warmup_steps=2",
     )
     trainer = Trainer(cfg, CPU, show_progress=False)
-    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
-    trainer.teacher.train()  # a stray train() must not unfreeze it
-    assert not trainer.teacher.training and not trainer.teacher.model.training
+    before = {k: v.clone() for k, v in trainer.parts.teacher.state_dict().items()}
+    trainer.parts.teacher.train()  # a stray train() must not unfreeze it
+    assert not trainer.parts.teacher.training and not trainer.parts.teacher.model.training
     summary = trainer.fit(tmp_path / "run")
     rows = read_rows(tmp_path / "run")
     assert len(rows) == 24
     first = sum(r["loss"] for r in rows[:4]) / 4
     last = sum(r["loss"] for r in rows[-4:]) / 4
     assert last < 0.8 * first, f"loss should fall: first {first:.4f}, last {last:.4f}"
-    after = trainer.teacher.state_dict()
+    after = trainer.parts.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "teacher weights (incl. BN stats) changed"
-    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in trainer.parts.teacher.parameters())
     assert summary["steps"] == 24
 
 
@@ -102,7 +102,7 @@ def test_student_checkpoint_round_trip_and_prefixes(tiny_config, tmp_path):
     resumed = tiny_config(f"model.student.checkpoint={run_dir / 'student.safetensors'}")
     trainer = Trainer(resumed, CPU, show_progress=False)
     saved = load_file(run_dir / "student.safetensors")
-    assert all(torch.equal(saved[k], v) for k, v in trainer.student.backbone.state_dict().items())
+    assert all(torch.equal(saved[k], v) for k, v in trainer.parts.student.backbone.state_dict().items())
     assert strip_wrapper_prefixes({"module._orig_mod.a.b": 1}) == {"a.b": 1}
 
 
@@ -111,7 +111,9 @@ def test_torch_checkpoint_loads_with_weights_only(tiny_config, tmp_path):
     teacher = build_model(cfg.model.teacher, "teacher", 32, 4)
     path = tmp_path / "teacher.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in teacher.state_dict().items()}}, path)
-    loaded = Trainer(tiny_config(f"model.teacher.checkpoint={path}"), CPU, show_progress=False).teacher.model
+    loaded = Trainer(
+        tiny_config(f"model.teacher.checkpoint={path}"), CPU, show_progress=False
+    ).parts.teacher.model
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in loaded.state_dict().items())
 
 
@@ -131,7 +133,7 @@ def test_compiled_student_trains(tiny_config, tmp_path):
         CPU,
         show_progress=False,
     )
-    assert compiled.task.student_step is not compiled.student
+    assert compiled.parts.task.student_step is not compiled.parts.student
     eager_summary = eager.fit(tmp_path / "eager")
     compiled_summary = compiled.fit(tmp_path / "compiled")
     assert compiled_summary["steps"] == 2

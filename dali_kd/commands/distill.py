@@ -275,7 +275,7 @@ def _say_what_runs(
     console.info(
         f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
         f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}{_accumulated(cfg)}, {cfg.train.epochs} epochs × "
-        f"{trainer.steps_per_epoch} steps; {what}"
+        f"{trainer.parts.steps_per_epoch} steps; {what}"
     )
 
 

@@ -28,7 +28,7 @@ from dali_kd.runs import checkpoint as ckpt
 from dali_kd.runtime import autocast_dtype, resolve_compile, seed_everything
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 from dali_kd.telemetry.verdict import RunSetup
-from dali_kd.training.checkpointer import restore
+from dali_kd.training.checkpointer import PROGRESS, Progress, Stateful, restore
 from dali_kd.training.ema import StudentEma
 from dali_kd.training.nonfinite import NonFiniteGuard
 from dali_kd.training.optim import build_optimizer, build_scheduler, peak_lr
@@ -36,7 +36,7 @@ from dali_kd.training.run_state import RunState
 from dali_kd.training.task import DistillTask
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunParts:
     amp_dtype: torch.dtype | None
     train_index: ImageIndex
@@ -62,14 +62,21 @@ class RunParts:
     # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
     inputs: dict[str, dict] | None = None
 
-    def model_parts(self) -> dict:
-        """What a checkpoint stores at its top level."""
-        parts = {"student": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
-        return parts | ({"student_ema": self.ema} if self.ema is not None else {})
+    def checkpoint_states(self) -> dict[str, Stateful]:
+        """What a checkpoint stores, by name: the models' parts, then the counters that make up its progress dict."""
+        parts: dict[str, Stateful] = {
+            "student": self.student,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
+        if self.ema is not None:
+            parts["student_ema"] = self.ema
+        parts[PROGRESS] = Progress(self.state, self.quarantine, self.targets, self.guard)
+        return parts
 
-    def progress_parts(self) -> list:
-        """The parts whose counters make up a checkpoint's progress dict."""
-        return [self.state, self.quarantine, self.targets, self.guard]
+    def checkpoint_identity(self) -> dict:
+        """What a resume is checked against besides the config: the teacher's and the training files' identity."""
+        return {"teacher": self.teacher_id, "data_files": self.data_files}
 
     def run_setup(self, cfg: Config, device: torch.device) -> RunSetup:
         """What the run has on, for the advice of its verdict."""
@@ -110,25 +117,30 @@ def build_run(
         models.student, loss, device, amp_dtype, dist, resolve_compile(train.compile_student, device)
     )
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
-    # Every rank takes the same number of steps: the smallest share decides; a step takes grad_accum_steps batches.
-    steps_per_epoch = min(
-        train.max_steps_per_epoch, max(1, share // (train.batch_size * train.grad_accum_steps))
-    )
+    steps_per_epoch = _steps_per_epoch(cfg, share)
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
     targets = _teacher_targets(cfg, models, splits.train, device, dist)
     parts = RunParts(
-        amp_dtype, splits.train, splits.val, QuarantineList(splits.quarantine), evaluator, models.teacher, models.teacher_id,
-        models.student, task, optimizer, scheduler, steps_per_epoch, RunState(),
-        NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device), targets,
+        amp_dtype=amp_dtype,
+        train_index=splits.train,
+        val_index=splits.val,
+        quarantine=QuarantineList(splits.quarantine),
+        evaluator=evaluator,
+        teacher=models.teacher,
+        teacher_id=models.teacher_id,
+        student=models.student,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        steps_per_epoch=steps_per_epoch,
+        state=RunState(),
+        guard=NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device),
+        targets=targets,
         data_files=data_identity(splits.train.files),
         inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
-    )  # fmt: skip
-    if train.ema_decay is not None:
-        # Made before a checkpoint is loaded into it, from the (seeded) initial student.
-        parts.ema = StudentEma(models.student, train.ema_decay, train.ema_warmup)
-    stream_state = None
-    if resume_from is not None:
-        stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
+        ema=_student_ema(cfg, models.student),
+    )
+    stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
     # The file shuffle is seeded alike on every rank (disjoint shares); augmentations differ per rank.
     parts.stream = targets.train_stream(
         cfg.stream_settings(), splits.train, device, dist.rank, dist.world_size, state=stream_state
@@ -136,6 +148,13 @@ def build_run(
     parts.quarantine.watch(parts.stream, evaluator)
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
+
+
+def _steps_per_epoch(cfg: Config, share: int) -> int:
+    """Every rank takes the same number of steps: the smallest share decides; a step takes grad_accum_steps
+    batches; train.max_steps_per_epoch caps it."""
+    train = cfg.train
+    return min(train.max_steps_per_epoch, max(1, share // (train.batch_size * train.grad_accum_steps)))
 
 
 def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
@@ -219,17 +238,28 @@ def _teacher_targets(
     )
 
 
+def _student_ema(cfg: Config, student: Student) -> StudentEma | None:
+    """The student's EMA (train.ema_decay), made before a checkpoint is loaded into it, from the (seeded) initial
+    student."""
+    if cfg.train.ema_decay is None:
+        return None
+    return StudentEma(student, cfg.train.ema_decay, cfg.train.ema_warmup)
+
+
 def _restore(
-    parts: RunParts, cfg: Config, dist: DistInfo, resume_from: Path, allow_config_change: bool
-) -> dict:
-    """Load the checkpoint into the parts (after checking it belongs to this run); the data stream's saved state."""
+    parts: RunParts, cfg: Config, dist: DistInfo, resume_from: Path | None, allow_config_change: bool
+) -> dict | None:
+    """Load the checkpoint into the parts (after checking it belongs to this run); the data stream's saved state
+    (None on a fresh start)."""
+    if resume_from is None:
+        return None
     saved = ckpt.load(resume_from)
     warnings = ckpt.check_compatible(
         saved, cfg, parts.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
     )
     for warning in warnings if dist.is_main else ():
         console.warning(f"warning: {warning}")
-    return restore(saved, parts.model_parts(), parts.progress_parts(), dist.rank)
+    return restore(saved, parts.checkpoint_states(), dist.rank)
 
 
 def set_aside_files(split: str, parts: RunParts) -> set[str]:

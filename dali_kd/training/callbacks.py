@@ -18,26 +18,33 @@ if TYPE_CHECKING:
     from dali_kd.data import Batch
 
 
-class TrainerView(Protocol):
-    """What a callback reads of the run (dali_kd.training.trainer.Trainer is one): a Protocol, so that the hooks need not
-    import the loop that calls them. Read-only here, as a callback reads them."""
+class PartsView(Protocol):
+    """The run's parts a callback reads (dali_kd.training.build.RunParts is one)."""
 
     @property
-    def cfg(self) -> Config: ...
-    @property
-    def device(self) -> torch.device: ...
-    @property
     def state(self) -> RunState: ...
-    @property
-    def step(self) -> int: ...
-    @property
-    def micro_batch(self) -> int: ...
     @property
     def student(self) -> torch.nn.Module: ...
     @property
     def teacher(self) -> torch.nn.Module: ...
     @property
     def optimizer(self) -> torch.optim.Optimizer: ...
+
+
+class TrainerView(Protocol):
+    """What a callback reads of the run (dali_kd.training.trainer.Trainer is one): a Protocol, so that the hooks need not
+    import the loop that calls them. Read-only here, as a callback reads them; the run's parts under `parts`."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def micro_batch(self) -> int: ...
+    @property
+    def parts(self) -> PartsView: ...
 
 
 class Callback:

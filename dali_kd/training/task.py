@@ -159,9 +159,6 @@ class DistillTask:
         return self.ddp.no_sync() if self.ddp is not None else nullcontext()
 
     def __call__(self, batch: Batch, targets: ModelOutput) -> dict[str, torch.Tensor]:
-        return self.forward(batch, targets)
-
-    def forward(self, batch: Batch, targets: ModelOutput) -> dict[str, torch.Tensor]:
         return self.student_step(
             batch.images,
             batch.local_images,

@@ -61,15 +61,9 @@ class Trainer:
         # A bar or a line per log interval, as the open console's mode says (dali_kd.console); rank 0 only.
         self.show_progress = show_progress and self.dist.is_main
         self.callbacks = list(callbacks or [])
+        # The run's parts (build.RunParts), used where they are: the loop keeps only its own clocks and files.
         self.parts = build_run(cfg, device, self.dist, resume_from, allow_config_change)
-        p = self.parts
-        self.amp_dtype, self.train_index, self.evaluator = p.amp_dtype, p.train_index, p.evaluator
-        self.teacher, self.student, self.stream = p.teacher, p.student, p.stream
-        self.task, self.optimizer, self.scheduler = p.task, p.optimizer, p.scheduler
-        self.state, self.guard, self.targets = p.state, p.guard, p.targets
-        self.ema = p.ema
-        self.steps_per_epoch = p.steps_per_epoch
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.total_steps = self.parts.steps_per_epoch * cfg.train.epochs
         self.resumed_from = resume_from
         # Made for a run directory by fit(); a disabled timer lets train_step run on its own.
         self.timer = StepTimer(device, enabled=False)
@@ -79,12 +73,11 @@ class Trainer:
         self.interval = IntervalLosses(self.dist.world_size)
         # Made by fit(): a bar on a terminal, else a line per log interval (show_progress=False: train.log only).
         self.progress = console.current().progress(self.total_steps, 0, cfg.train.epochs, show=False)
-        self._clock_was_running = False  # set while a checkpoint is written
         self._micro_losses: list[dict[str, torch.Tensor]] = []  # the step under way's batches so far
 
     @property
     def step(self) -> int:
-        return self.state.step
+        return self.parts.state.step
 
     # ---- what fit() makes for its run directory --------------------------------------------------------------
     @property
@@ -111,13 +104,13 @@ class Trainer:
         after a step's last batch the step's (the mean over its batches)."""
         accum = self.cfg.train.grad_accum_steps
         last = self.micro_batch == accum - 1
-        targets = self.targets.targets(batch, self.state.step + 1)
+        targets = self.parts.targets.targets(batch, self.parts.state.step + 1)
         self.timer.mark()  # teacher
         # The batches before a step's last one add to the gradients without DDP's all-reduce.
-        with nullcontext() if last else self.task.no_sync():
-            losses = self.task(batch, targets)
+        with nullcontext() if last else self.parts.task.no_sync():
+            losses = self.parts.task(batch, targets)
             if self.micro_batch == 0:
-                self.optimizer.zero_grad(set_to_none=True)
+                self.parts.optimizer.zero_grad(set_to_none=True)
             # Each batch's mean loss weighs 1/N: the summed gradient is that of the mean loss over the N batches.
             (losses["loss"] / accum if accum > 1 else losses["loss"]).backward()
         losses = {k: v.detach() for k, v in losses.items()}
@@ -129,27 +122,29 @@ class Trainer:
         self._micro_losses = []
         self._update(losses["loss"])
         self.timer.mark()  # student
-        self.state.step += 1
+        self.parts.state.step += 1
         return losses
 
     def _update(self, loss: torch.Tensor) -> None:
         """The optimizer update of step `step + 1` from its gradients (skipped on a non-finite loss, as the guard
         says); `loss`: the step's mean loss."""
-        step = self.state.step + 1
+        step = self.parts.state.step + 1
         # The lr of update n is a function of n alone (timm's step_update): a resumed run sets the same lr.
-        self.scheduler.step_update(step)
+        self.parts.scheduler.step_update(step)
         last = self.checkpointer.last if self.checkpointer else self.resumed_from
-        if self.guard.should_skip(loss, step, last):
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.parts.guard.should_skip(loss, step, last):
+            self.parts.optimizer.zero_grad(set_to_none=True)
             return
         if self.cfg.train.optimizer.grad_clip is not None:
             # Once per update, on the summed gradient. The norm and the scaling stay on the device (torch's
             # multi-tensor kernels on CPU and CUDA); no error_if_nonfinite, which reads the norm: the guard above
             # flags a non-finite loss.
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.optimizer.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.student, step)
+            torch.nn.utils.clip_grad_norm_(
+                self.parts.student.parameters(), self.cfg.train.optimizer.grad_clip
+            )
+        self.parts.optimizer.step()
+        if self.parts.ema is not None:
+            self.parts.ema.update(self.parts.student, step)
 
     def _next_step(self, stream: Iterator[Batch]) -> tuple[dict[str, torch.Tensor], int]:
         """One step: train.grad_accum_steps batches from the stream, each shown to the callbacks and trained on;
@@ -172,14 +167,19 @@ class Trainer:
 
         Raises Preempted (after a checkpoint) when SIGUSR1/SIGTERM arrives, TrainingStopped on a NaN loss.
         """
-        cfg, state = self.cfg, self.state
+        cfg, state = self.cfg, self.parts.state
         self.run_dir = run_dir
         state.start_clocks()
         self.checkpointer = Checkpointer(
-            run_dir, cfg, self.dist, self.steps_per_epoch, self.parts.teacher_id, self.parts.model_parts(),
-            self.parts.progress_parts(), self.stream.state_dict, self._before_save, self._after_save, self.resumed_from,
-            data_files=self.parts.data_files,
-        )  # fmt: skip
+            run_dir,
+            cfg,
+            dist=self.dist,
+            steps_per_epoch=self.parts.steps_per_epoch,
+            states=self.parts.checkpoint_states(),
+            stream=self.parts.stream,
+            identity=self.parts.checkpoint_identity(),
+            resumed_from=self.resumed_from,
+        )
         if self.dist.is_main:
             start_run_dir(run_dir, cfg, state.step)
             self.parts.quarantine.start(run_dir)
@@ -201,15 +201,15 @@ class Trainer:
         )
         try:
             if state.teacher_knn_top1 is None:
-                teacher = evaluate_teacher(self.evaluator, self.teacher)
+                teacher = evaluate_teacher(self.parts.evaluator, self.parts.teacher)
                 if teacher is not None:
                     for key, value in teacher.as_dict("teacher").items():
                         setattr(state, key, value)
                     if self.dist.is_main:
                         console.info(eval_line(None, teacher.as_dict("teacher")))
                 self.parts.quarantine.gather()  # what evaluation set aside
-            stream = iter(self.stream)
-            self.student.train()
+            stream = iter(self.parts.stream)
+            self.parts.student.train()
             self.monitor.restart_interval()
             while state.epoch < cfg.train.epochs:
                 state.resume_training_clock()
@@ -220,30 +220,30 @@ class Trainer:
             stop.restore()
             self.progress.close()
             self.monitor.close()
-            self.stream.close()
+            self.parts.stream.close()
         return self._finish(run_dir)
 
     def _run_epoch(self, stream: Iterator[Batch], stop: StopSignal) -> None:
         """The rest of the current step-capped epoch: the next batches of the continuing stream."""
-        cfg, state = self.cfg.train, self.state
+        cfg, state = self.cfg.train, self.parts.state
         # Ranks agree on a stop signal at these steps (every step in a single process: reading a flag is free). A
         # signal that arrives between a step's batches is acted on once the step is done: checkpoints hold whole
         # updates.
         agree_every = 1 if not self.dist.is_distributed else min(cfg.log_every_n_steps, 10)
-        while state.step_in_epoch < self.steps_per_epoch:
+        while state.step_in_epoch < self.parts.steps_per_epoch:
             losses, images = self._next_step(stream)
             state.step_in_epoch += 1
-            self.interval.add(losses, images, counted=self.guard.counts(losses["loss"]))
+            self.interval.add(losses, images, counted=self.parts.guard.counts(losses["loss"]))
             self.progress.advance()
             if state.step % cfg.log_every_n_steps == 0 or state.step == self.total_steps:
                 self.log_interval()
             if state.step % agree_every == 0 and distributed.any_rank(stop.received is not None, self.device):
-                self._checkpointer.maybe_save(state.step, preempted=True)
+                self._save_if_due(state.step, preempted=True)
                 raise Preempted(self._checkpointer.last, stop.received or "stop signal on another rank")
-            self._checkpointer.maybe_save(state.step)
+            self._save_if_due(state.step)
 
     def _end_epoch(self) -> None:
-        cfg, state = self.cfg.train, self.state
+        cfg, state = self.cfg.train, self.parts.state
         verdict = self._monitor.end_epoch()
         if verdict is not None and self.dist.is_main:
             console.info(f"epoch {state.epoch + 1}: {verdict.line()}")
@@ -263,24 +263,26 @@ class Trainer:
             self._monitor.restart_interval()
         state.epoch += 1
         state.step_in_epoch = 0
-        self._checkpointer.maybe_save(state.step, epoch_end=True)
+        self._save_if_due(state.step, epoch_end=True)
 
     def evaluate_student(self) -> dict[str, EvalResult]:
         """{"student": ..., "student_ema": ...} (the EMA's when kept); empty without held-out images."""
-        results = {"student": evaluate_student(self.evaluator, self.student, self.amp_dtype)}
-        if self.ema is not None:
+        results = {
+            "student": evaluate_student(self.parts.evaluator, self.parts.student, self.parts.amp_dtype)
+        }
+        if self.parts.ema is not None:
             results["student_ema"] = evaluate_student(
-                self.evaluator, self.student, self.amp_dtype, self.ema.backbone
+                self.parts.evaluator, self.parts.student, self.parts.amp_dtype, self.parts.ema.backbone
             )
         return {name: r for name, r in results.items() if r is not None}
 
     def log_interval(self) -> None:
         """The only host reads of the loop: loss sums (averaged over ranks) and stage events, once per interval."""
-        state = self.state
-        self.guard.check(state.step, self._checkpointer.last)
-        means = {**self.interval.means(), **self.targets.interval_metrics()}
+        state = self.parts.state
+        self.parts.guard.check(state.step, self._checkpointer.last)
+        means = {**self.interval.means(), **self.parts.targets.interval_metrics()}
         images = self.interval.images * self.dist.world_size
-        lr = current_lr(self.optimizer)  # the last update's
+        lr = current_lr(self.parts.optimizer)  # the last update's
         row = self._monitor.log(state.step, state.epoch, means, self.interval.steps, images, lr)
         self.interval.reset()
         state.final_loss = row["loss"]
@@ -289,26 +291,29 @@ class Trainer:
             callback.on_log(self, row)
 
     # ---- checkpoints and the end -----------------------------------------------------------------------------
-    def _before_save(self) -> None:
-        """Never save a NaN-poisoned state; checkpoint time is not training time; files set aside go in too."""
-        self.guard.check(self.state.step, self._checkpointer.last)
-        self._clock_was_running = self.state.pause_training_clock()
+    def _save_if_due(self, step: int, epoch_end: bool = False, preempted: bool = False) -> None:
+        """Checkpoint when the checkpointer says it is due (every rank calls it). Never save a NaN-poisoned state;
+        checkpoint time is not training time; files set aside go in too."""
+        if not self._checkpointer.due(step, epoch_end, preempted):
+            return
+        state = self.parts.state
+        self.parts.guard.check(state.step, self._checkpointer.last)
+        clock_was_running = state.pause_training_clock()
         self.parts.quarantine.gather()
-
-    def _after_save(self, path: Path | None) -> None:
-        if self._clock_was_running:
-            self.state.resume_training_clock()
+        path = self._checkpointer.save(step)
+        if clock_was_running:
+            state.resume_training_clock()
         for callback in self.callbacks:
             callback.on_checkpoint(self, path)
 
     def _finish(self, run_dir: Path) -> dict[str, Any]:
         self.parts.quarantine.gather()
-        cfg, state = self.cfg, self.state
+        cfg, state = self.cfg, self.parts.state
         state.update_wall()
         summary = {
             **run_summary(cfg, state, self.parts, self.dist.world_size, str(self.device)),
-            **self.targets.summary(),
-            "skipped_steps": self.guard.skipped_steps,
+            **self.parts.targets.summary(),
+            "skipped_steps": self.parts.guard.skipped_steps,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "last_checkpoint": str(self._checkpointer.last) if self._checkpointer.last else None,
             **self._monitor.summary(),
@@ -317,7 +322,12 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_finish(self, summary)
         if self.dist.is_main:
-            write_final(run_dir, self.student, summary, self.ema.backbone if self.ema is not None else None)
+            write_final(
+                run_dir,
+                self.parts.student,
+                summary,
+                self.parts.ema.backbone if self.parts.ema is not None else None,
+            )
             if summary["verdict"]:
                 console.info(f"run: {self._monitor.summary_line(summary)}")
         distributed.barrier()

@@ -74,9 +74,9 @@ def main() -> int:
 
         def on_step(self, trainer, batch):
             self.seen.append(batch.sample_ids.tolist())
-            if fault == "record" and trainer.task.ddp is not None:
+            if fault == "record" and trainer.parts.task.ddp is not None:
                 if self._counter is None:
-                    self._counter = count_allreduces(trainer.task.ddp)
+                    self._counter = count_allreduces(trainer.parts.task.ddp)
                 self.allreduces.append(self._counter[0])
             if here and trainer.step + 1 == step and trainer.micro_batch == micro_batch:
                 if fault == "kill-before-step":
@@ -103,7 +103,7 @@ def main() -> int:
                 if self._counter is not None:
                     counts = [*self.allreduces, self._counter[0]]
                     (record_dir / f"allreduces_rank{rank()}.json").write_text(json.dumps(counts))
-                torch.save(trainer.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
+                torch.save(trainer.parts.student.state_dict(), record_dir / f"student_rank{rank()}.pt")
 
     if "-during-" in fault and fault.split("-during-")[0] in ("usr1", "term"):
         # A real signal at a start-up stage: the stage's function sends it to this process, then runs.
