@@ -7,7 +7,7 @@ cleanup at all), SIGUSR1, or a NaN input.
 STEP: the step before which the fault strikes (at its first batch), or STEP:BATCH, before that batch of the step
 (0-based; a step has train.grad_accum_steps batches).
 
-FAULT: kill-before-step | kill-group-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step |
+FAULT: kill-before-step | kill-all-before-step | kill-launcher-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step |
 nan-at-step | record
 (record only writes, per rank, the sample ids each batch trained on, the final weights, and under DDP the count of
 gradient all-reduces (bucket by bucket) done before each batch and at the end) | pause-at-step (prints
@@ -15,8 +15,10 @@ gradient all-reduces (bucket by bucket) done before each batch and at the end) |
 start-up, before any step: SIGNAL-during-scan | SIGNAL-during-models | SIGNAL-during-stream (SIGNAL: usr1 | term;
 STEP is then ignored).
 
-kill-group-before-step: SIGKILL of the whole torchrun job at once (the agent, every rank), as `kill -9` of all its
-processes would do, sent by RANK (default 0). kill-during-checkpoint: with no RANK, or on the rank that writes the
+kill-all-before-step: SIGKILL of the whole torchrun job at once (the agent, every rank), as `kill -9` of all its
+processes would do, sent by RANK (default 0). kill-launcher-before-step: SIGKILL of the torchrun agent alone (RANK,
+default 0, sends it), as `kill -9 PID`, `timeout -s KILL` or `kill -9 -PGID` of the agent's process group do: torchrun
+starts each rank in a session of its own, so none of these reaches the ranks. kill-during-checkpoint: with no RANK, or on the rank that writes the
 file (0), the step-STEP checkpoint's temporary file is cut to half its size, then that rank is SIGKILLed; on another
 rank, it SIGKILLs itself once rank 0's temporary (or finished) file for that step exists: one rank dies while the
 other is writing.
@@ -60,7 +62,9 @@ def count_allreduces(ddp) -> list[int]:
 def kill_job() -> None:
     """SIGKILL the torchrun agent (this process's parent), every other rank it started, then this process."""
     agent = os.getppid()
-    children = [c for task in Path(f"/proc/{agent}/task").iterdir() for c in (task / "children").read_text().split()]
+    children = [
+        c for task in Path(f"/proc/{agent}/task").iterdir() for c in (task / "children").read_text().split()
+    ]
     os.kill(agent, signal.SIGKILL)
     for pid in map(int, children):
         if pid != os.getpid():
@@ -74,7 +78,9 @@ def kill_while_rank0_writes(checkpoints: Path, step: int, timeout_s: float = 300
     name = f"step_{step:09d}.pt"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if checkpoints.is_dir() and any(p.name.startswith((f".{name}.", name)) for p in checkpoints.iterdir()):
+        if checkpoints.is_dir() and any(
+            p.name.startswith((f".{name}.", name)) for p in checkpoints.iterdir()
+        ):
             break
         time.sleep(0.001)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -88,7 +94,7 @@ def main() -> int:
     only_rank = int(sys.argv[3]) if split > 3 else None
     argv = sys.argv[split + 1 :]
     here = only_rank is None or only_rank == rank()
-    if fault == "kill-group-before-step":
+    if fault in ("kill-all-before-step", "kill-launcher-before-step"):
         here = rank() == (only_rank or 0)
     record_dir = Path(os.environ.get("FAULT_RECORD_DIR", "."))
 
@@ -107,8 +113,10 @@ def main() -> int:
             if here and trainer.step + 1 == step and trainer.micro_batch == micro_batch:
                 if fault == "kill-before-step":
                     os.kill(os.getpid(), signal.SIGKILL)
-                if fault == "kill-group-before-step":
+                if fault == "kill-all-before-step":
                     kill_job()
+                if fault == "kill-launcher-before-step":
+                    os.kill(os.getppid(), signal.SIGKILL)
                 if fault == "usr1-at-step":
                     os.kill(os.getpid(), signal.SIGUSR1)
                 if fault == "nan-at-step":

@@ -5,10 +5,13 @@ in student.safetensors, the metrics' losses, and the images each rank trained on
     python tests/drivers/stress_kill_resume.py --tries 20 --busy 2 [--seed 0] [--modes M,M] [--work DIR]
 
 The kill moments are drawn from --seed (each try's line says what it drew, so a failure can be replayed). Modes:
-  group-at-step      SIGKILL of the whole torchrun job (agent and both ranks) before a step's batch
+  all-at-step        SIGKILL of every process of the job (the torchrun agent and both ranks) before a step's batch
+  all-timed          the same after a random delay: start-up, evaluation and the final writes too
+  launcher-at-step   SIGKILL of the torchrun agent alone before a step's batch (`kill -9 PID`, `timeout -s KILL`)
+  launcher-timed     SIGKILL of the agent's process group after a random delay (`kill -9 -PGID`; torchrun starts
+                     each rank in a session of its own, so the signal reaches the agent only)
   writer-mid-ckpt    SIGKILL of rank 0 alone, its checkpoint's temporary file cut to half
   waiter-mid-ckpt    SIGKILL of rank 1 alone while rank 0 writes a checkpoint
-  group-timed        SIGKILL of the whole job after a random delay: start-up, evaluation and the final writes too
 Both runs of a try use the same --master_port, as a user repeating the command would. The first failure's logs (the
 killed run's and the resumed run's torchrun output, every rank's lines in it) are printed; all are kept in --work.
 Exit 0 when every try passed, 1 otherwise.
@@ -35,7 +38,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
-MODES = ("group-at-step", "writer-mid-ckpt", "waiter-mid-ckpt", "group-timed")
+MODES = (
+    "all-at-step",
+    "all-timed",
+    "launcher-at-step",
+    "launcher-timed",
+    "writer-mid-ckpt",
+    "waiter-mid-ckpt",
+)
+TIMED = ("all-timed", "launcher-timed")
 TOTAL_STEPS = 8  # 2 epochs × 4 steps
 CHECKPOINT_STEPS = (2, 4, 6, 8)  # every 2 steps, each epoch end among them
 
@@ -46,10 +57,14 @@ class Try:
     mode: str
     step: int = 0  # the step the fault strikes at (step modes)
     micro: int = 0
-    delay_s: float = 0.0  # group-timed
+    delay_s: float = 0.0  # timed modes
 
     def describe(self) -> str:
-        return f"{self.mode} after {self.delay_s:.2f} s" if self.mode == "group-timed" else f"{self.mode} step {self.step}"
+        return (
+            f"{self.mode} after {self.delay_s:.2f} s"
+            if self.mode in TIMED
+            else f"{self.mode} step {self.step}"
+        )
 
 
 @dataclass
@@ -73,7 +88,7 @@ class Outcome:
 
 def draw_try(rng: random.Random, index: int, modes: Sequence[str], reference_s: float) -> Try:
     mode = rng.choice(list(modes))
-    if mode == "group-at-step":
+    if mode in ("all-at-step", "launcher-at-step"):
         return Try(index, mode, step=rng.randint(1, TOTAL_STEPS))
     if mode in ("writer-mid-ckpt", "waiter-mid-ckpt"):
         return Try(index, mode, step=rng.choice(CHECKPOINT_STEPS))
@@ -81,9 +96,9 @@ def draw_try(rng: random.Random, index: int, modes: Sequence[str], reference_s: 
 
 
 def fault_arguments(attempt: Try) -> list[str]:
-    """run_with_fault.py's FAULT STEP [RANK] for a try (a group-timed try runs `record`: the harness kills it)."""
-    if attempt.mode == "group-at-step":
-        return ["kill-group-before-step", f"{attempt.step}:{attempt.micro}", "0"]
+    """run_with_fault.py's FAULT STEP [RANK] for a try (a timed try runs `record`: the harness kills it)."""
+    if attempt.mode in ("all-at-step", "launcher-at-step"):
+        return [f"kill-{attempt.mode.split('-')[0]}-before-step", f"{attempt.step}:{attempt.micro}", "0"]
     if attempt.mode == "writer-mid-ckpt":
         return ["kill-during-checkpoint", str(attempt.step), "0"]
     if attempt.mode == "waiter-mid-ckpt":
@@ -119,10 +134,27 @@ def kill_job(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
 
 
+def ranks_of(folder: Path) -> list[int]:
+    """The processes still running a rank of a run writing into folder (found by their command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if (
+                entry.name.isdigit()
+                and str(DRIVER).encode() in command
+                and f"train.output_dir={folder}".encode() in command
+            ):
+                pids.append(int(entry.name))
+    return pids
+
+
 def torchrun(
-    fault: list[str], args: list[str], record: Path, port: int, log: Path, kill_after_s: float | None = None
-) -> int:
-    """One two-rank run through the fault driver; its output in log.out/log.err; its exit code."""
+    fault: list[str], args: list[str], record: Path, port: int, log: Path, kill_after_s: float | None = None,
+    kill_all: bool = True,
+) -> int:  # fmt: skip
+    """One two-rank run through the fault driver; its output in log.out/log.err; its exit code. kill_after_s: SIGKILL
+    then, of every process of the job (kill_all) or of the agent's process group."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
         str(DRIVER), *fault, "--", *args,
@@ -136,7 +168,12 @@ def torchrun(
         try:
             proc.wait(timeout=kill_after_s if kill_after_s is not None else 900)
         except subprocess.TimeoutExpired:
-            kill_job(proc.pid)
+            if kill_all:
+                kill_job(proc.pid)
+            else:
+                os.killpg(
+                    proc.pid, signal.SIGKILL
+                )  # started in a session of its own: its group is the agent's
             proc.wait()
         finally:
             if proc.poll() is None:  # an error of the harness itself: leave nothing running
@@ -163,15 +200,31 @@ def compare(reference: Path, folder: Path) -> str | None:
         after = json.loads((folder / "record" / f"ids_rank{rank}.json").read_text())
         if after != before[start:]:
             return f"rank {rank} resumed at step {start} on other images"
-        weights = [torch.load(d / "record" / f"student_rank{rank}.pt", weights_only=True) for d in (reference, folder)]
-        if weights[0].keys() != weights[1].keys() or not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]):
+        weights = [
+            torch.load(d / "record" / f"student_rank{rank}.pt", weights_only=True)
+            for d in (reference, folder)
+        ]
+        if weights[0].keys() != weights[1].keys() or not all(
+            torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
+        ):
             return f"rank {rank}'s student weights differ from the uninterrupted run's"
     final = [load_file(d / "student.safetensors") for d in (ref_run, run)]
     if final[0].keys() != final[1].keys() or not all(torch.equal(final[0][k], final[1][k]) for k in final[0]):
         return "student.safetensors differs from the uninterrupted run's"
-    losses = [[json.loads(r)["loss"] for r in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref_run, run)]
+    losses = [
+        [json.loads(r)["loss"] for r in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (ref_run, run)
+    ]
     if losses[0] != losses[1]:
         return f"metrics.jsonl losses differ: {losses[1]} against {losses[0]}"
+    return None
+
+
+def went_on(attempt: Try, start: int) -> str | None:
+    """Whether the killed run trained past its kill (its checkpoint is of a later step): its ranks outlived it."""
+    last = attempt.step - 1 if attempt.mode.endswith("-at-step") else attempt.step
+    if attempt.mode not in TIMED and start > last:
+        return f"the killed run went on past its kill before step {attempt.step}: resumed at step {start}"
     return None
 
 
@@ -180,18 +233,32 @@ def run_try(attempt: Try, images: Path, work: Path, reference: Path, port: int) 
     folder = work / f"try{attempt.index + 1:02d}"
     folder.mkdir(parents=True)
     args = run_args(images, folder)
-    timed = attempt.delay_s if attempt.mode == "group-timed" else None
-    killed_rc = torchrun(fault_arguments(attempt), args, folder / "record-killed", port, folder / "killed", timed)
+    timed = attempt.delay_s if attempt.mode in TIMED else None
+    killed_rc = torchrun(
+        fault_arguments(attempt), args, folder / "record-killed", port, folder / "killed", timed,
+        kill_all=attempt.mode.startswith("all-"),
+    )  # fmt: skip
     outcome = Outcome(attempt, killed_rc, None, None, None, folder, 0.0)
-    if killed_rc == 0 and attempt.mode != "group-timed":
+    if killed_rc == 0 and attempt.mode not in TIMED:
         outcome.problem = "the fault did not strike: the killed run finished"
     else:
-        outcome.resumed_rc = torchrun(["record", "0"], [*args, "--resume", "auto"], folder / "record", port, folder / "resumed")
+        outcome.resumed_rc = torchrun(
+            ["record", "0"], [*args, "--resume", "auto"], folder / "record", port, folder / "resumed"
+        )
         if outcome.resumed_rc != 0:
             outcome.problem = "the resumed run did not finish"
         else:
-            outcome.resumed_from, _ = resumed_step(json.loads((folder / "run" / "summary.json").read_text()))
-            outcome.problem = compare(reference, folder)
+            outcome.resumed_from, start = resumed_step(
+                json.loads((folder / "run" / "summary.json").read_text())
+            )
+            outcome.problem = went_on(attempt, start) or compare(reference, folder)
+    if leftovers := ranks_of(
+        folder
+    ):  # ranks of the killed run that outlived their launcher, or a hung resume
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        outcome.problem = outcome.problem or f"{len(leftovers)} rank(s) still running after the try"
     outcome.wall_s = time.monotonic() - started
     return outcome
 
@@ -228,10 +295,10 @@ def make_images(folder: Path) -> Path:
 
 def stress(
     work: Path, tries: int, busy: int = 0, seed: int = 0, modes: Sequence[str] = MODES, port: int = 29800,
-    keep_going: bool = False, say=print,
+    keep_going: bool = False, say=print, attempts: Sequence[Try] = (),
 ) -> list[Outcome]:  # fmt: skip
-    """The reference run, then `tries` seeded kill-and-resume tries (stopping at the first failure unless
-    keep_going); each try's outcome."""
+    """The reference run, then `tries` seeded kill-and-resume tries (or the given attempts), stopping at the first
+    failure unless keep_going; each try's outcome."""
     rng = random.Random(seed)
     images = make_images(work / "images")
     reference = work / "reference"
@@ -239,16 +306,18 @@ def stress(
     outcomes: list[Outcome] = []
     with busy_loops(busy):
         started = time.monotonic()
-        rc = torchrun(["record", "0"], run_args(images, reference), reference / "record", port, reference / "log")
+        rc = torchrun(
+            ["record", "0"], run_args(images, reference), reference / "record", port, reference / "log"
+        )
         reference_s = time.monotonic() - started
         if rc != 0:
             raise RuntimeError(f"the uninterrupted run failed (exit {rc}); see {reference / 'log.err'}")
         say(f"uninterrupted run: {reference_s:.0f} s, beside {busy} busy loop(s); seed {seed}")
-        for index in range(tries):
-            attempt = draw_try(rng, index, modes, reference_s)
+        for index in range(len(attempts) or tries):
+            attempt = attempts[index] if attempts else draw_try(rng, index, modes, reference_s)
             outcome = run_try(attempt, images, work, reference, port + 1 + index)
             outcomes.append(outcome)
-            say(outcome.line(tries))
+            say(outcome.line(len(attempts) or tries))
             if outcome.problem is not None and not keep_going:
                 break
     return outcomes
