@@ -149,6 +149,26 @@ def ranks_of(folder: Path) -> list[int]:
     return pids
 
 
+def what_remains(folder: Path, port: int) -> str:
+    """The killed run's processes still there, and the sockets on its port, as the resumed run starts (for the
+    logs of a failure)."""
+    lines = []
+    for pid in ranks_of(folder):
+        with contextlib.suppress(OSError):
+            state = next(
+                line
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("State")
+            )
+            lines.append(f"rank process {pid}: {state}")
+    with contextlib.suppress(OSError):
+        sockets = subprocess.run(
+            ["ss", "-tanp"], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()
+        lines += [line for line in sockets if f":{port} " in line]
+    return "\n".join(lines) + "\n"
+
+
 def torchrun(
     fault: list[str], args: list[str], record: Path, port: int, log: Path, kill_after_s: float | None = None,
     kill_all: bool = True,
@@ -239,6 +259,7 @@ def run_try(attempt: Try, images: Path, work: Path, reference: Path, port: int) 
         kill_all=attempt.mode.startswith("all-"),
     )  # fmt: skip
     outcome = Outcome(attempt, killed_rc, None, None, None, folder, 0.0)
+    (folder / "before-resume.txt").write_text(what_remains(folder, port))
     if killed_rc == 0 and attempt.mode not in TIMED:
         outcome.problem = "the fault did not strike: the killed run finished"
     else:
@@ -265,6 +286,9 @@ def run_try(attempt: Try, images: Path, work: Path, reference: Path, port: int) 
 
 def failure_logs(outcome: Outcome, tail: int = 6000) -> str:
     parts = []
+    remains = outcome.folder / "before-resume.txt"
+    if remains.is_file():
+        parts.append(f"---- {remains} ----\n{remains.read_text()}")
     for name in ("killed", "resumed"):
         for suffix in (".out", ".err"):
             path = (outcome.folder / name).with_suffix(suffix)
