@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dali_kd import STARTED_BY_PID
 from dali_kd.errors import UserError
 
 
@@ -70,20 +71,21 @@ def first_host(nodelist: str) -> str:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def end_with_launcher() -> bool:
-    """Under torchrun (Linux), have the kernel SIGKILL this rank when its launcher ends; whether it is set.
+def end_with_launcher(launcher: int = STARTED_BY_PID) -> bool:
+    """Under torchrun (Linux), have the kernel SIGKILL this rank when its launcher ends, and end it now if the
+    launcher (the parent it had when dali_kd was first imported) has already ended; whether the signal is set.
 
     torchrun starts each rank in a session of its own, so `kill -9` of torchrun, of its process group, or
-    `timeout -s KILL` reach torchrun alone: its ranks would train on unsupervised, holding the run directory, and a
-    resumed run started meanwhile on the same port fails (the directory is in use, or its collectives meet the old
-    ranks). A stop signal torchrun survives (SIGTERM, SIGINT) it passes on to its ranks itself."""
+    `timeout -s KILL` reach torchrun alone. Its ranks would train on unsupervised, holding the run directory; and a
+    rank still starting up would join the rendezvous of whichever torchrun listens on the port next (a resumed run
+    started at once): its store then hands out the old rank's address, and the new ranks cannot connect. A stop
+    signal torchrun survives (SIGTERM, SIGINT) it passes on to its ranks itself."""
     if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
-    launcher = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return False
-    if os.getppid() != launcher:  # it ended just before the kernel was told: as if just after
+    if os.getppid() != launcher:  # ended before the kernel was told: as if after
         os.kill(os.getpid(), signal.SIGKILL)
     return True
 

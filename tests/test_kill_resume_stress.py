@@ -15,8 +15,10 @@ def test_killed_two_rank_runs_resume_bit_exact(tmp_path):
         # torchrun alone SIGKILLed (`kill -9 PID`, `timeout -s KILL`): its ranks, in sessions of their own, must
         # end with it, not finish the run on their own while the user resumes it.
         Try(0, "launcher-at-step", step=3),
+        # The same while the ranks start up: they must not join the rendezvous of the resumed run on the same port.
+        Try(1, "launcher-at-start"),
         # Rank 1 SIGKILLed while rank 0 writes the epoch-end checkpoint.
-        Try(1, "waiter-mid-ckpt", step=4),
+        Try(2, "waiter-mid-ckpt", step=4),
     ]
     outcomes = stress(tmp_path, tries=0, attempts=attempts, port=29640, say=lambda line: None)
     for outcome in outcomes:

@@ -19,10 +19,15 @@ from dali_kd.distributed import end_with_launcher
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
 
-# A rank as dali_kd runs one: its stop-signal handler records SIGTERM instead of ending it.
+# A rank as dali_kd runs one: its stop-signal handler records SIGTERM instead of ending it. With an argument it is
+# still starting up (dali_kd imported, the rendezvous not reached) until a line comes on stdin.
 RANK = """
 import signal, sys
 signal.signal(signal.SIGTERM, lambda *a: None)
+import dali_kd
+if len(sys.argv) > 1:
+    print("starting", flush=True)
+    sys.stdin.readline()
 from dali_kd.distributed import end_with_launcher
 print(end_with_launcher(), flush=True)
 while True:
@@ -31,7 +36,7 @@ while True:
 # A launcher as torchrun is: it starts the rank in a session of its own, says the rank's pid, and waits.
 LAUNCHER = f"""
 import os, subprocess, sys
-rank = subprocess.Popen([sys.executable, "-c", {RANK!r}], start_new_session=True)
+rank = subprocess.Popen([sys.executable, "-c", {RANK!r}, *sys.argv[1:]], start_new_session=True)
 print(rank.pid, flush=True)
 rank.wait()
 """
@@ -52,24 +57,48 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _start(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True, env=env)
+def _start(*rank_args: str) -> tuple[subprocess.Popen, int]:
+    """A launcher and its rank under torchrun's environment; the rank's pid, once it says it got where it waits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHELASTIC_RUN_ID": "none"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, *rank_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=env,
+    )  # fmt: skip
     assert launcher.stdout is not None
     rank = int(launcher.stdout.readline())
-    assert launcher.stdout.readline().strip() == str("TORCHELASTIC_RUN_ID" in env)  # the rank is set up
+    assert launcher.stdout.readline().strip() == ("starting" if rank_args else "True")
     return launcher, rank
 
 
+def _wait_gone(rank: int) -> bool:
+    deadline = time.monotonic() + 60  # a bound on a hang, not a measured time: the kernel acts at once
+    while not _gone(rank) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _gone(rank)
+
+
 def test_a_torchrun_rank_ends_when_its_launcher_is_sigkilled():
-    launcher, rank = _start({"TORCHELASTIC_RUN_ID": "none"})
+    launcher, rank = _start()
     try:
         launcher.kill()
         launcher.wait()
-        deadline = time.monotonic() + 60  # a bound on a hang, not a measured time: the kernel acts at once
-        while not _gone(rank) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _gone(rank), "the rank trained on after torchrun was SIGKILLed"
+        assert _wait_gone(rank), "the rank trained on after torchrun was SIGKILLed"
+    finally:
+        if not _gone(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
+def test_a_rank_whose_launcher_was_sigkilled_during_its_start_up_ends_before_the_rendezvous():
+    """Its start-up (imports: seconds) outlasted the launcher: joining the port's next rendezvous would break that
+    run, so it ends where it would set the signal."""
+    launcher, rank = _start("start-up")
+    try:
+        launcher.kill()
+        launcher.wait()  # the rank has a new parent now
+        assert launcher.stdin is not None
+        launcher.stdin.write("go on\n")  # the rank reads the pipe it inherited
+        launcher.stdin.flush()
+        assert _wait_gone(rank), "a rank went on to the rendezvous after torchrun was SIGKILLed"
     finally:
         if not _gone(rank):
             os.kill(rank, signal.SIGKILL)

@@ -7,8 +7,8 @@ cleanup at all), SIGUSR1, or a NaN input.
 STEP: the step before which the fault strikes (at its first batch), or STEP:BATCH, before that batch of the step
 (0-based; a step has train.grad_accum_steps batches).
 
-FAULT: kill-before-step | kill-all-before-step | kill-launcher-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step |
-nan-at-step | record
+FAULT: kill-before-step | kill-all-before-step | kill-launcher-before-step | kill-launcher-at-start |
+kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
 (record only writes, per rank, the sample ids each batch trained on, the final weights, and under DDP the count of
 gradient all-reduces (bucket by bucket) done before each batch and at the end) | pause-at-step (prints
 "paused" and waits for a line on stdin: a run that is still going while a test starts another), or a stop signal during
@@ -18,13 +18,17 @@ STEP is then ignored).
 kill-all-before-step: SIGKILL of the whole torchrun job at once (the agent, every rank), as `kill -9` of all its
 processes would do, sent by RANK (default 0). kill-launcher-before-step: SIGKILL of the torchrun agent alone (RANK,
 default 0, sends it), as `kill -9 PID`, `timeout -s KILL` or `kill -9 -PGID` of the agent's process group do: torchrun
-starts each rank in a session of its own, so none of these reaches the ranks. kill-during-checkpoint: with no RANK, or on the rank that writes the
-file (0), the step-STEP checkpoint's temporary file is cut to half its size, then that rank is SIGKILLed; on another
-rank, it SIGKILLs itself once rank 0's temporary (or finished) file for that step exists: one rank dies while the
-other is writing.
+starts each rank in a session of its own, so none of these reaches the ranks. kill-launcher-at-start: the same as
+this program starts, before the command (the ranks are still starting up; STEP is ignored).
+kill-during-checkpoint: with no RANK, or on the rank that writes the file (0), the step-STEP checkpoint's temporary
+file is cut to half its size, then that rank is SIGKILLed; on another rank, it SIGKILLs itself once rank 0's
+temporary (or finished) file for that step exists: one rank dies while the other is writing.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - dali_kd first, as below
+
+# First, as under `python -m dali_kd.train`: dali_kd notes the launcher that started this process before torch loads.
+import dali_kd  # noqa: F401
 
 import json
 import os
@@ -94,8 +98,10 @@ def main() -> int:
     only_rank = int(sys.argv[3]) if split > 3 else None
     argv = sys.argv[split + 1 :]
     here = only_rank is None or only_rank == rank()
-    if fault in ("kill-all-before-step", "kill-launcher-before-step"):
+    if fault in ("kill-all-before-step", "kill-launcher-before-step", "kill-launcher-at-start"):
         here = rank() == (only_rank or 0)
+    if fault == "kill-launcher-at-start" and here:
+        os.kill(os.getppid(), signal.SIGKILL)
     record_dir = Path(os.environ.get("FAULT_RECORD_DIR", "."))
 
     class Fault(Callback):

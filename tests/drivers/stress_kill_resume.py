@@ -8,6 +8,7 @@ The kill moments are drawn from --seed (each try's line says what it drew, so a 
   all-at-step        SIGKILL of every process of the job (the torchrun agent and both ranks) before a step's batch
   all-timed          the same after a random delay: start-up, evaluation and the final writes too
   launcher-at-step   SIGKILL of the torchrun agent alone before a step's batch (`kill -9 PID`, `timeout -s KILL`)
+  launcher-at-start  SIGKILL of the agent alone while its ranks start up (before they reach the rendezvous)
   launcher-timed     SIGKILL of the agent's process group after a random delay (`kill -9 -PGID`; torchrun starts
                      each rank in a session of its own, so the signal reaches the agent only)
   writer-mid-ckpt    SIGKILL of rank 0 alone, its checkpoint's temporary file cut to half
@@ -39,13 +40,9 @@ if str(ROOT) not in sys.path:
 
 DRIVER = ROOT / "tests" / "drivers" / "run_with_fault.py"
 MODES = (
-    "all-at-step",
-    "all-timed",
-    "launcher-at-step",
-    "launcher-timed",
-    "writer-mid-ckpt",
+    "all-at-step", "all-timed", "launcher-at-step", "launcher-at-start", "launcher-timed", "writer-mid-ckpt",
     "waiter-mid-ckpt",
-)
+)  # fmt: skip
 TIMED = ("all-timed", "launcher-timed")
 TOTAL_STEPS = 8  # 2 epochs × 4 steps
 CHECKPOINT_STEPS = (2, 4, 6, 8)  # every 2 steps, each epoch end among them
@@ -64,6 +61,8 @@ class Try:
             f"{self.mode} after {self.delay_s:.2f} s"
             if self.mode in TIMED
             else f"{self.mode} step {self.step}"
+            if self.step
+            else self.mode
         )
 
 
@@ -92,6 +91,8 @@ def draw_try(rng: random.Random, index: int, modes: Sequence[str], reference_s: 
         return Try(index, mode, step=rng.randint(1, TOTAL_STEPS))
     if mode in ("writer-mid-ckpt", "waiter-mid-ckpt"):
         return Try(index, mode, step=rng.choice(CHECKPOINT_STEPS))
+    if mode == "launcher-at-start":
+        return Try(index, mode)
     return Try(index, mode, delay_s=rng.uniform(0.0, 1.1 * reference_s))
 
 
@@ -99,6 +100,8 @@ def fault_arguments(attempt: Try) -> list[str]:
     """run_with_fault.py's FAULT STEP [RANK] for a try (a timed try runs `record`: the harness kills it)."""
     if attempt.mode in ("all-at-step", "launcher-at-step"):
         return [f"kill-{attempt.mode.split('-')[0]}-before-step", f"{attempt.step}:{attempt.micro}", "0"]
+    if attempt.mode == "launcher-at-start":
+        return ["kill-launcher-at-start", "0", "0"]
     if attempt.mode == "writer-mid-ckpt":
         return ["kill-during-checkpoint", str(attempt.step), "0"]
     if attempt.mode == "waiter-mid-ckpt":
@@ -155,12 +158,15 @@ def what_remains(folder: Path, port: int) -> str:
     lines = []
     for pid in ranks_of(folder):
         with contextlib.suppress(OSError):
-            state = next(
-                line
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                if line.startswith("State")
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            said = [
+                line.replace("\t", " ")
+                for line in status
+                if line.startswith(("State", "PPid", "ShdPnd", "Threads"))
+            ]
+            lines.append(
+                f"rank process {pid}: {', '.join(said)}, in {Path(f'/proc/{pid}/wchan').read_text()}"
             )
-            lines.append(f"rank process {pid}: {state}")
     with contextlib.suppress(OSError):
         sockets = subprocess.run(
             ["ss", "-tanp"], capture_output=True, text=True, timeout=30
