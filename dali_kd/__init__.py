@@ -14,9 +14,14 @@ The Python API (docs/api.md), for notebooks and scripts:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+# The process that started this one, read when dali_kd is first imported: before a run's imports, which take seconds.
+# Under torchrun it is the launcher; a rank whose launcher has ended since is not to join a rendezvous
+# (dali_kd.distributed.end_with_launcher).
+STARTED_BY_PID = os.getppid()
 
 # Each public name and the module it lives in (not imported here: the import graph has the package below its parts).
 _API = {

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from dali_kd import STARTED_BY_PID
 from dali_kd.errors import UserError
 
 
@@ -64,10 +68,35 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher(launcher: int = STARTED_BY_PID) -> bool:
+    """Under torchrun (Linux), have the kernel SIGKILL this rank when its launcher ends, and end it now if the
+    launcher (the parent it had when dali_kd was first imported) has already ended; whether the signal is set.
+
+    torchrun starts each rank in a session of its own, so `kill -9` of torchrun, of its process group, or
+    `timeout -s KILL` reach torchrun alone. Its ranks would train on unsupervised, holding the run directory; and a
+    rank still starting up would join the rendezvous of whichever torchrun listens on the port next (a resumed run
+    started at once): its store then hands out the old rank's address, and the new ranks cannot connect. A stop
+    signal torchrun survives (SIGTERM, SIGINT) it passes on to its ranks itself."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != launcher:  # ended before the kernel was told: as if after
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def init(info: DistInfo, device_type: str, timeout_s: int = 1800) -> None:
-    """Join the process group: NCCL on GPU, gloo on CPU. Under srun the master is the job's first node."""
+    """Join the process group: NCCL on GPU, gloo on CPU. Under srun the master is the job's first node; under
+    torchrun the rank ends with its launcher (a launcher that ended earlier took the rendezvous store with it, so
+    joining fails)."""
     if not info.is_distributed:
         return
+    end_with_launcher()
     if info.launcher == "slurm":
         os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
         # A port per job, so that two jobs sharing a node do not collide.

@@ -7,7 +7,8 @@ cleanup at all), SIGUSR1, or a NaN input.
 STEP: the step before which the fault strikes (at its first batch), or STEP:BATCH, before that batch of the step
 (0-based; a step has train.grad_accum_steps batches).
 
-FAULT: kill-before-step | kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
+FAULT: kill-before-step | kill-all-before-step | kill-launcher-before-step | kill-launcher-at-start |
+kill-during-checkpoint | kill-during-eval | usr1-at-step | nan-at-step | record
 (record only writes, per rank, the sample ids each batch trained on, the final weights, and under DDP the count of
 gradient all-reduces (bucket by bucket) done before each batch and at the end) | pause-at-step, pause-at-eval
 (before the evaluation after STEP), pause-at-finish (before the final weights are written; STEP is ignored) (each
@@ -15,14 +16,27 @@ prints "paused" and waits for a line on stdin: a run that is still going while a
 it), or a stop signal during
 start-up, before any step: SIGNAL-during-scan | SIGNAL-during-models | SIGNAL-during-stream (SIGNAL: usr1 | term;
 STEP is then ignored).
+
+kill-all-before-step: SIGKILL of the whole torchrun job at once (the agent, every rank), as `kill -9` of all its
+processes would do, sent by RANK (default 0). kill-launcher-before-step: SIGKILL of the torchrun agent alone (RANK,
+default 0, sends it), as `kill -9 PID`, `timeout -s KILL` or `kill -9 -PGID` of the agent's process group do: torchrun
+starts each rank in a session of its own, so none of these reaches the ranks. kill-launcher-at-start: the same as
+this program starts, before the command (the ranks are still starting up; STEP is ignored).
+kill-during-checkpoint: with no RANK, or on the rank that writes the file (0), the step-STEP checkpoint's temporary
+file is cut to half its size, then that rank is SIGKILLed; on another rank, it SIGKILLs itself once rank 0's
+temporary (or finished) file for that step exists: one rank dies while the other is writing.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - dali_kd first, as below
+
+# First, as under `python -m dali_kd.train`: dali_kd notes the launcher that started this process before torch loads.
+import dali_kd  # noqa: F401
 
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +70,33 @@ def pause() -> None:
     sys.stdin.readline()
 
 
+def kill_job() -> None:
+    """SIGKILL the torchrun agent (this process's parent), every other rank it started, then this process."""
+    agent = os.getppid()
+    children = [
+        c for task in Path(f"/proc/{agent}/task").iterdir() for c in (task / "children").read_text().split()
+    ]
+    os.kill(agent, signal.SIGKILL)
+    for pid in map(int, children):
+        if pid != os.getpid():
+            os.kill(pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_while_rank0_writes(checkpoints: Path, step: int, timeout_s: float = 300.0) -> None:
+    """SIGKILL this process once rank 0 has begun writing the step's checkpoint (its temporary file, or the file
+    itself if the write was quicker than this look): a wait for a file, never a guessed delay."""
+    name = f"step_{step:09d}.pt"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if checkpoints.is_dir() and any(
+            p.name.startswith((f".{name}.", name)) for p in checkpoints.iterdir()
+        ):
+            break
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main() -> int:
     split = sys.argv.index("--")
     fault = sys.argv[1]
@@ -64,6 +105,10 @@ def main() -> int:
     only_rank = int(sys.argv[3]) if split > 3 else None
     argv = sys.argv[split + 1 :]
     here = only_rank is None or only_rank == rank()
+    if fault in ("kill-all-before-step", "kill-launcher-before-step", "kill-launcher-at-start"):
+        here = rank() == (only_rank or 0)
+    if fault == "kill-launcher-at-start" and here:
+        os.kill(os.getppid(), signal.SIGKILL)
     record_dir = Path(os.environ.get("FAULT_RECORD_DIR", "."))
 
     class Fault(Callback):
@@ -81,6 +126,10 @@ def main() -> int:
             if here and trainer.step + 1 == step and trainer.micro_batch == micro_batch:
                 if fault == "kill-before-step":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if fault == "kill-all-before-step":
+                    kill_job()
+                if fault == "kill-launcher-before-step":
+                    os.kill(os.getppid(), signal.SIGKILL)
                 if fault == "usr1-at-step":
                     os.kill(os.getpid(), signal.SIGUSR1)
                 if fault == "nan-at-step":
@@ -121,7 +170,20 @@ def main() -> int:
 
         setattr(build, name, signalled)
 
-    if fault == "kill-during-checkpoint":
+    if fault == "kill-during-checkpoint" and only_rank is not None and only_rank == rank() != 0:
+        import dali_kd.training.checkpointer as checkpointer
+
+        original_collect = checkpointer.Checkpointer.collect
+
+        def collect_then_die(self, at_step):
+            state = original_collect(self, at_step)
+            if at_step == step:
+                kill_while_rank0_writes(self.files.path, step)
+            return state
+
+        checkpointer.Checkpointer.collect = collect_then_die  # type: ignore[method-assign]
+
+    if fault == "kill-during-checkpoint" and here and rank() == 0:
         original_save = torch.save
 
         def half_save(obj, f, *args, **kwargs):
