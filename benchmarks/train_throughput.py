@@ -53,6 +53,8 @@ FLOOR_MODES = {"dali": True, "torchvision": True, "dali+cache": False, "dali+stu
 class ConstantTargets:
     """The same targets for every batch: the student's cost alone, as the step benchmark's student-only mode needs."""
 
+    cached = False  # no teacher cache behind these targets (the run's advice reads it)
+
     def __init__(self, output: ModelOutput):
         self.output = output
 

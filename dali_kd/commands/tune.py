@@ -116,9 +116,9 @@ class StepClock(Callback):
         if done < self.warmup:
             return
         now = self._now(trainer, sync=done in (self.warmup, self.warmup + self.steps))
-        if self._last is not None and self._last[1] == trainer.state.epoch:
+        if self._last is not None and self._last[1] == trainer.parts.state.epoch:
             self.intervals_s.append(now - self._last[0])
-        self._last = (now, trainer.state.epoch)
+        self._last = (now, trainer.parts.state.epoch)
         if done >= self.warmup + self.steps:
             raise _Measured
 
