@@ -162,10 +162,10 @@ CACHE_ON = ("train.cache_teacher_features=true", "train.teacher_feature_dir=cach
 LOCAL = "train.use_local_crops=true"
 ZERO_WEIGHTS = ["train.loss.feature_weight=0", "train.loss.logit_weight=0"]
 CONFLICTS = [  # (overrides, what the one-line error says)
-    (["data.image_size=224"], "data.eval_resize=54 is smaller than data.image_size=224: the eval centre"),
-    (["data.eval_resize=40"], "data.eval_resize=40 is smaller than data.image_size=48"),
+    (["data.image_size=224"], "data.eval_resize=36 is smaller than data.image_size=224: the eval centre"),
+    (["data.eval_resize=30"], "data.eval_resize=30 is smaller than data.image_size=32"),
     (["train.optimizer.min_lr=0.01"], "train.optimizer.min_lr=0.01 is larger than train.optimizer.lr=0.002"),
-    ([LOCAL, "data.local_crop_size=80"], "data.local_crop_size=80 is larger than data.image_size=48 with"),
+    ([LOCAL, "data.local_crop_size=80"], "data.local_crop_size=80 is larger than data.image_size=32 with"),
     ([LOCAL, *CACHE_ON], "train.cache_teacher_features=true cannot be combined with " + LOCAL),
     ([LOCAL, "data.num_global_crops=1", "train.loss.global_pairing=cross"],
      "train.loss.global_pairing=cross needs data.num_global_crops >= 2 (got data.num_global_crops=1)"),
@@ -189,7 +189,7 @@ def test_conflict_says_where_each_key_was_set():
     with pytest.raises(UserError) as caught:
         load_config(overrides=["data.image_size=224"])
     assert str(caught.value) == (
-        f"{DEMO_DATA} and command line: data.eval_resize=54 is smaller than data.image_size=224: the eval "
+        f"{DEMO_DATA} and command line: data.eval_resize=36 is smaller than data.image_size=224: the eval "
         "centre crop would not fit; raise data.eval_resize or lower data.image_size"
     )
     where = re.escape(f"{DEMO_TRAIN} and command line: ")
@@ -201,7 +201,7 @@ def test_conflict_says_where_each_key_was_set():
     "overrides",
     [
         ("data.image_size=224", "data.val_root=null"),  # no evaluation, no eval crop
-        ("data.image_size=54",),  # equal sizes fit
+        ("data.image_size=36",),  # equal sizes fit
         ("data.local_crop_size=80",),  # local crops off
         ("train.optimizer.min_lr=0.002",),
         (*ZERO_WEIGHTS, "train.loss.label_weight=1"),
@@ -213,7 +213,7 @@ def test_settings_that_work_together_load(overrides):
 
 
 def test_cli_refuses_a_conflict_before_any_work(tmp_path):
-    """`python -m dali_kd.train data.image_size=224` with the demo's eval_resize 54 used to die in DALI."""
+    """`python -m dali_kd.train data.image_size=224` with the demo's eval_resize 36 used to die in DALI."""
     home = tmp_path / "home"
     home.mkdir()
     result = subprocess.run(
@@ -226,7 +226,7 @@ def test_cli_refuses_a_conflict_before_any_work(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [
-        f"error: {DEMO_DATA} and command line: data.eval_resize=54 is smaller than data.image_size=224: "
+        f"error: {DEMO_DATA} and command line: data.eval_resize=36 is smaller than data.image_size=224: "
         "the eval centre crop would not fit; raise data.eval_resize or lower data.image_size"
     ]
     assert list(home.iterdir()) == [] and not (tmp_path / "runs").exists(), "no demo data, no run directory"
