@@ -68,7 +68,7 @@ NUMBERS_OUT_OF_RANGE = [  # (command, arguments, what the one line says)
     ("dali_kd.train", ["train.seed=4294967296"], r"train\.seed: Input should be less than or equal to 4294967295"),
     ("dali_kd.shard", ["src", "out", "--seed", "1" * 65], r"argument --seed: must be from 0 to 4294967295"),
     ("dali_kd.shard", ["src", "out", "--max-image-pixels", "-1"], r"argument --max-image-pixels: must be at least 1"),
-    ("dali_kd.scan", ["src", "--max-pixels", "x"], r"argument --max-pixels: invalid int value"),
+    ("dali_kd.scan", ["src", "--max-pixels", "x"], r"argument --max-pixels: expected a whole number, got .x."),
     ("dali_kd.report", [], r"the following arguments are required: run_dir"),
 ]  # fmt: skip
 

@@ -101,7 +101,10 @@ def test_four_batches_of_8_train_a_step_like_one_batch_of_32(image_tree, tmp_pat
     for key in [k for k in one_rows[0] if k.startswith("loss")]:
         got, want = [r[key] for r in four_rows], [r[key] for r in one_rows]
         assert got == pytest.approx(want, rel=RTOL, abs=ATOL), key
-    for mine, theirs in ((four.student, one.student), (four.ema.backbone, one.ema.backbone)):
+    for mine, theirs in (
+        (four.parts.student, one.parts.student),
+        (four.parts.ema.backbone, one.parts.ema.backbone),
+    ):
         for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=name)
 

@@ -156,19 +156,23 @@ def main() -> int:
 
     if "-during-" in fault and fault.split("-during-")[0] in ("usr1", "term"):
         # A real signal at a start-up stage: the stage's function sends it to this process, then runs.
+        import dali_kd.teacher_cache.targets as targets
         import dali_kd.training.build as build
 
         signum = signal.SIGUSR1 if fault.startswith("usr1") else signal.SIGTERM
-        name = {"scan": "prepare_data", "models": "build_distill_models", "stream": "make_train_stream"}[
-            fault.split("-during-")[1]
-        ]
-        stage = getattr(build, name)
+        # Each stage where the run calls it: the stream is made by the teacher targets (live or cached).
+        module, name = {
+            "scan": (build, "prepare_data"),
+            "models": (build, "build_distill_models"),
+            "stream": (targets, "make_train_stream"),
+        }[fault.split("-during-")[1]]
+        stage = getattr(module, name)
 
         def signalled(*args, **kwargs):
             os.kill(os.getpid(), signum)
             return stage(*args, **kwargs)
 
-        setattr(build, name, signalled)
+        setattr(module, name, signalled)
 
     if fault == "kill-during-checkpoint" and only_rank is not None and only_rank == rank() != 0:
         import dali_kd.training.checkpointer as checkpointer
