@@ -24,7 +24,7 @@ from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.training.callbacks import Callback
-from dali_kd.training.checkpointer import Checkpointer, Progress, restore
+from dali_kd.training.checkpointer import Checkpointer, RunProgress, restore
 from dali_kd.training.nonfinite import NonFiniteGuard
 from dali_kd.training.run_state import RunState
 from dali_kd.training.task import DistillTask
@@ -202,7 +202,7 @@ def test_a_checkpoint_keeps_the_layout_that_older_checkpoints_have(tiny_config, 
         "optimizer": Counters(lr=0.1),
         "scheduler": Counters(t=3),
         "student_ema": Counters(w=2),
-        "progress": Progress(RunState(step=5, epoch=1, step_in_epoch=1), Counters(cache_hits=7)),
+        "progress": RunProgress(RunState(step=5, epoch=1, step_in_epoch=1), Counters(cache_hits=7)),
     }
     identity = {"teacher": {"name": "t"}, "data_files": {"count": 2}}
     checkpointer = Checkpointer(
@@ -224,7 +224,7 @@ def test_a_checkpoint_keeps_the_layout_that_older_checkpoints_have(tiny_config, 
         for name, part in states.items()
         if name != "progress"
     }
-    assert restore(saved, {**into, "progress": Progress(state, hits)}, rank=0) == {"position": 40}
+    assert restore(saved, {**into, "progress": RunProgress(state, hits)}, rank=0) == {"position": 40}
     assert (state.step, state.epoch, state.step_in_epoch, hits.values) == (5, 1, 1, {"cache_hits": 7})
     assert {name: part.values for name, part in into.items()} == {
         "student": {"w": 1}, "optimizer": {"lr": 0.1}, "scheduler": {"t": 3}, "student_ema": {"w": 2}

@@ -28,7 +28,7 @@ from dali_kd.runs import checkpoint as ckpt
 from dali_kd.runtime import autocast_dtype, resolve_compile, seed_everything
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
 from dali_kd.telemetry.verdict import RunSetup
-from dali_kd.training.checkpointer import PROGRESS, Progress, Stateful, restore
+from dali_kd.training.checkpointer import PROGRESS, RunProgress, Stateful, restore
 from dali_kd.training.ema import StudentEma
 from dali_kd.training.nonfinite import NonFiniteGuard
 from dali_kd.training.optim import build_optimizer, build_scheduler, peak_lr
@@ -71,7 +71,7 @@ class RunParts:
         }
         if self.ema is not None:
             parts["student_ema"] = self.ema
-        parts[PROGRESS] = Progress(self.state, self.quarantine, self.targets, self.guard)
+        parts[PROGRESS] = RunProgress(self.state, self.quarantine, self.targets, self.guard)
         return parts
 
     def checkpoint_identity(self) -> dict:

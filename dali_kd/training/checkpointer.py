@@ -32,7 +32,7 @@ PROGRESS = "progress"
 COUNTERS = ("step", "epoch", "step_in_epoch")
 
 
-class Progress:
+class RunProgress:
     """Several parts' counters as one Stateful (the run state, the quarantine, the teacher targets, the NaN guard):
     their state dicts merged, and each part takes back the keys it knows."""
 
