@@ -27,7 +27,7 @@ LOSS_EVERY_N_STEPS = 10
 
 def is_own_data_teacher(cfg: Config) -> bool:
     """Whether cfg's teacher is one the demo's recipe trains on cfg's own data (see dali_kd.config.own_data)."""
-    teacher = cfg.model.teacher
+    teacher = cfg.model.primary_teacher
     return (
         not is_demo_data(cfg.data)
         and not teacher.pretrained
@@ -45,8 +45,8 @@ def demo_parts(cfg: Config) -> tuple[bool, bool]:
     data = same_path(cfg.data.root, demo.data.root) and (
         cfg.data.val_root is None or same_path(cfg.data.val_root, demo.data.val_root)
     )
-    teacher = cfg.model.teacher.name == demo.model.teacher.name and same_path(
-        cfg.model.teacher.checkpoint, demo.model.teacher.checkpoint
+    teacher = cfg.model.primary_teacher.name == demo.model.primary_teacher.name and same_path(
+        cfg.model.primary_teacher.checkpoint, demo.model.primary_teacher.checkpoint
     )
     # Trained on other data, the demo teacher would be cached at the demo's own path as a wrong teacher.
     return data, (data and teacher) or is_own_data_teacher(cfg)
@@ -70,11 +70,11 @@ def prepare_demo(
             make_demo_dataset(data_dir)
         except OSError as e:
             raise UserError(f"data.root: cannot write the demo dataset to {data_dir}: {e.strerror}") from None
-    checkpoint = cfg.model.teacher.checkpoint
+    checkpoint = cfg.model.primary_teacher.checkpoint
     own = is_own_data_teacher(cfg)
     if own:
         console.info(
-            f"teacher: {cfg.model.teacher.name} trained on data.root by the demo's recipe (the demo's own teacher "
+            f"teacher: {cfg.model.primary_teacher.name} trained on data.root by the demo's recipe (the demo's own teacher "
             f"knows only the demo's shapes), kept in {checkpoint}; for a teacher of your own set "
             "model.teacher.checkpoint, or model.teacher.name with model.teacher.pretrained=true"
         )
@@ -108,13 +108,15 @@ def train_demo_teacher(
     cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
 ) -> float:
     """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
-    console.info(f"demo: training the {cfg.model.teacher.name} teacher on {cfg.data.root} (first use only)")
+    console.info(
+        f"demo: training the {cfg.model.primary_teacher.name} teacher on {cfg.data.root} (first use only)"
+    )
     cfg = _one_view(cfg)
     torch.manual_seed(cfg.train.seed)
     # The run's own training split (checked files, its held-out part left out), and its evaluation split.
     splits = prepare_data(cfg.data)
     index = splits.train
-    model = create_model(cfg.model.teacher.name, cfg.data.image_size, index.num_classes).to(device)
+    model = create_model(cfg.model.primary_teacher.name, cfg.data.image_size, index.num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))

@@ -142,7 +142,7 @@ def run_distillation(
     threads = {"dali_threads": min(cfg.data.dali_threads, budget.threads)}
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=threads)})
     stop.check()
-    check_model_name(cfg.model.teacher.name, "teacher")
+    check_model_name(cfg.model.primary_teacher.name, "teacher")
     check_model_name(cfg.model.student.name, "student")
     check_writable(Path(cfg.train.output_dir).expanduser())
     info = distributed.detect()
@@ -273,7 +273,7 @@ def _say_what_runs(
         else ""
     )
     console.info(
-        f"{cfg.model.teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
+        f"{cfg.model.primary_teacher.name} → {cfg.model.student.name} on {device} × {info.world_size}, backend "
         f"{cfg.data.backend}, batch {cfg.train.batch_size}{crops}{_accumulated(cfg)}, {cfg.train.epochs} epochs × "
         f"{trainer.parts.steps_per_epoch} steps; {what}"
     )

@@ -284,7 +284,7 @@ def prepare(cfg: Config, device) -> list[str]:
 
     if any(parts := demo_parts(cfg)):
         prepare_demo(cfg, device, sys.stdout.isatty(), *parts)
-    return [f"model.teacher.checkpoint={json.dumps(cfg.model.teacher.checkpoint)}"]
+    return [f"model.teacher.checkpoint={json.dumps(cfg.model.primary_teacher.checkpoint)}"]
 
 
 def config_files(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,7 +312,7 @@ def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
     with stop.interrupting():  # the demo's first-use preparation: minutes, nothing worth keeping half-made
         pinned = prepare(cfg, device)
     candidates = [Candidate("defaults", []), *options, *(Candidate(e, [e]) for e in args.extra)]
-    print(f"tuning {cfg.model.teacher.name} → {cfg.model.student.name}, batch {cfg.train.batch_size} on {device}: "
+    print(f"tuning {cfg.model.primary_teacher.name} → {cfg.model.student.name}, batch {cfg.train.batch_size} on {device}: "
           f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
           f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:

@@ -15,6 +15,7 @@ from dali_kd.config.files import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES
 from dali_kd.config.own_data import own_data_changes
 from dali_kd.config.presets import find_preset
 from dali_kd.config.schema import Config, ConfigConflict
+from dali_kd.config.section import section_type
 from dali_kd.errors import UserError
 
 OWN_DATA_DOC = "docs/data.md, Your own images"
@@ -32,11 +33,10 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
     model: Any = Config
     for part in path[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        section = None if field is None else section_type(field.annotation)
+        if section is None:
             return None
-        model = field.annotation
+        model = section
     return model
 
 

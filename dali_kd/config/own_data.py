@@ -80,7 +80,7 @@ def own_data_changes(
       becomes null where the teacher has weights (a checkpoint, pretrained): the head those weights have.
     """
     demo = demo_files()
-    data, teacher = cfg.data, cfg.model.teacher
+    data, teacher = cfg.data, cfg.model.primary_teacher
     if is_demo_data(data):
         return {}
     changes: dict[str, Any] = {}

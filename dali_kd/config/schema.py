@@ -11,7 +11,7 @@ from pydantic import BaseModel, TypeAdapter, model_validator
 
 from dali_kd.config.data_section import MIX_KEYS, DataConfig
 from dali_kd.config.model_section import ModelConfig
-from dali_kd.config.section import Section
+from dali_kd.config.section import Section, section_type
 from dali_kd.config.stream_settings import StreamSettings
 from dali_kd.config.train_section import TrainConfig
 from dali_kd.pipelines.params import (
@@ -180,14 +180,21 @@ class Config(Section):
             )
 
     @property
+    def teacher_image_sizes(self) -> list[int]:
+        """Each teacher's input side: its own image_size, else data.teacher_image_size, else data.image_size."""
+        default = self.data.teacher_image_size or self.data.image_size
+        return [spec.image_size or default for spec in self.model.teacher_specs]
+
+    @property
     def teacher_image_size(self) -> int:
-        return self.data.teacher_image_size or self.data.image_size
+        """The first (or only) teacher's input side."""
+        return self.teacher_image_sizes[0]
 
     @property
     def view_size(self) -> int:
-        """Side of the views the pipelines cut: the larger of the student's and the teacher's input size (each
+        """Side of the views the pipelines cut: the largest input size of the student and the teachers (each
         model gets the same view resized to its own size, see dali_kd.models.inputs)."""
-        return max(self.data.image_size, self.teacher_image_size)
+        return max(self.data.image_size, *self.teacher_image_sizes)
 
     def augment_params(self) -> AugmentParams:
         a = self.data.augment
@@ -234,9 +241,9 @@ def resume_free_keys(model: type[BaseModel] | None = None, prefix: str = "") -> 
     """The dotted keys declared with `free_on_resume` (the resume check ignores them)."""
     keys: set[str] = set()
     for name, field in (model or Config).model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys |= resume_free_keys(ann, f"{prefix}{name}.")
+        section = section_type(field.annotation)
+        if section is not None:
+            keys |= resume_free_keys(section, f"{prefix}{name}.")
         elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume") == "free":
             keys.add(f"{prefix}{name}")
     return keys
@@ -254,10 +261,10 @@ def key_default(key: str) -> Any:
     *sections, leaf = key.split(".")
     for name in sections:
         field = model.model_fields.get(name)
-        ann = field.annotation if field is not None else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        section = None if field is None else section_type(field.annotation)
+        if section is None:
             return NO_DEFAULT
-        model = ann
+        model = section
     field = model.model_fields.get(leaf)
     if field is None or field.is_required():
         return NO_DEFAULT

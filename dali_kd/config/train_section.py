@@ -59,8 +59,10 @@ class OptimizerConfig(Section):
 
 
 class LossConfig(Section):
-    feature: Literal["cosine", "mse", "cosine+mse"] = Field(
-        "cosine", description="Pooled-feature distillation loss"
+    feature: Literal["cosine", "mse", "cosine+mse", "cosine+smooth_l1"] = Field(
+        "cosine",
+        description="Feature distillation loss (pooled and tokens); cosine+smooth_l1 is RADIO's, for teachers "
+        "whose feature scale matters",
     )
     feature_weight: float = Field(1.0, ge=0, description="Weight of the pooled-feature loss")
     patch_weight: float = Field(

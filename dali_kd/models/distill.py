@@ -216,16 +216,20 @@ def build_distill_models(
     then interpolates).
     """
     teacher_size = teacher_image_size or image_size
-    teacher_weights = pretrained_weights(cfg.teacher, "teacher")
+    teacher_weights = pretrained_weights(cfg.primary_teacher, "teacher")
     student_weights = pretrained_weights(cfg.student, "student")
     teacher_classes, student_classes = head_sizes(cfg, teacher_weights)
-    teacher = build_model(cfg.teacher, "teacher", teacher_size, teacher_classes, weights=teacher_weights)
+    teacher = build_model(
+        cfg.primary_teacher, "teacher", teacher_size, teacher_classes, weights=teacher_weights
+    )
     backbone = build_model(
         cfg.student, "student", image_size, student_classes, any_size=any_size, weights=student_weights
     )
-    teacher_input = model_input(cfg.teacher, teacher, teacher_size, pipeline, teacher_weights is not None)
+    teacher_input = model_input(
+        cfg.primary_teacher, teacher, teacher_size, pipeline, teacher_weights is not None
+    )
     student_input = model_input(cfg.student, backbone, image_size, pipeline, student_weights is not None)
-    teacher_id = {"name": cfg.teacher.name, "weights_hash": weights_hash(teacher)}
+    teacher_id = {"name": cfg.primary_teacher.name, "weights_hash": weights_hash(teacher)}
     use_patches = patch_weight > 0 and same_token_grid(teacher, backbone)
     student = Student(
         backbone,
@@ -239,7 +243,7 @@ def build_distill_models(
         teacher,
         amp_dtype,
         input=_adapter(pipeline, teacher_input),
-        compile=teacher_compile(cfg.teacher, device),
+        compile=teacher_compile(cfg.primary_teacher, device),
     )
     return DistillModels(
         frozen.to(device), teacher_id, student.to(device), use_patches, teacher_input, student_input

@@ -212,14 +212,16 @@ def head_sizes(cfg: ModelConfig, teacher: PretrainedWeights | None) -> tuple[int
     """(teacher, student) classifier sizes. null: the pretrained head's count, or the checkpoint's (a random-init
     teacher: 1000); the student's null: the teacher's, so that the logit loss applies."""
     default = teacher.num_classes if teacher is not None else 1000
-    if teacher is None and cfg.teacher.checkpoint and cfg.teacher.num_classes is None:
-        found = classifier_size(cfg.teacher.name, read_weights(Path(cfg.teacher.checkpoint).expanduser()))
+    if teacher is None and cfg.primary_teacher.checkpoint and cfg.primary_teacher.num_classes is None:
+        found = classifier_size(
+            cfg.primary_teacher.name, read_weights(Path(cfg.primary_teacher.checkpoint).expanduser())
+        )
         default = default if found is None else found
-    teacher_classes = default if cfg.teacher.num_classes is None else cfg.teacher.num_classes
+    teacher_classes = default if cfg.primary_teacher.num_classes is None else cfg.primary_teacher.num_classes
     if teacher is not None and teacher_classes not in (0, teacher.num_classes):
         # timm would give the frozen teacher a fresh, random head: its logits would teach noise.
         raise UserError(
-            f"model.teacher.num_classes={teacher_classes}, but the pretrained {cfg.teacher.name} has "
+            f"model.teacher.num_classes={teacher_classes}, but the pretrained {cfg.primary_teacher.name} has "
             f"{teacher.num_classes or 'no'} classifier outputs: a frozen teacher with a new random head teaches "
             f"random logits; use null (its own head) or 0 (no head, feature loss only)"
         )

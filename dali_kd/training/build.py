@@ -202,7 +202,9 @@ def teacher_head_loss(
 
 def _loss_for_teacher(cfg: Config, models: DistillModels, data_classes: int, dist: DistInfo) -> LossConfig:
     teacher_classes = int(getattr(models.teacher.model, "num_classes", 0))
-    loss, line = teacher_head_loss(cfg.train.loss, cfg.model.teacher.name, teacher_classes, data_classes)
+    loss, line = teacher_head_loss(
+        cfg.train.loss, cfg.model.primary_teacher.name, teacher_classes, data_classes
+    )
     if line and dist.is_main:
         console.info(line)
     return loss

@@ -33,6 +33,8 @@ def feature_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tor
         return cosine_loss(student, teacher)
     if kind == "mse":
         return mse_loss(student, teacher)
+    if kind == "cosine+smooth_l1":
+        return cosine_loss(student, teacher) + F.smooth_l1_loss(student, teacher)
     return cosine_loss(student, teacher) + mse_loss(student, teacher)
 
 

@@ -83,7 +83,7 @@ def run_summary(
         "class_names": list(train_index.class_names),  # label order, for an exported student (dali_kd.export)
         "num_train_images": train_index.num_samples,
         "num_val_images": val_index.num_samples if val_index else 0,
-        "teacher": cfg.model.teacher.name,
+        "teacher": cfg.model.primary_teacher.name,
         "student": cfg.model.student.name,
         # What each model was fed (size, mean, std of its normalised input): the student's is what it expects
         # when shipped (dali_kd.export writes it into preprocess.json).
