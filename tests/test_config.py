@@ -345,3 +345,61 @@ def test_every_config_file_ships_inside_the_package():
     # fnmatch's * also matches "/", a setuptools glob's does not: a file in a subfolder needs its folder's glob.
     shipped = [f for f in files if any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
     assert files and shipped == files, (sorted(set(files) - set(shipped)), globs)
+
+
+TWO_TEACHERS = """\
+teachers:
+  - name: resnet14t
+  - name: resnet14t
+    image_size: 48
+  - name: resnet10t.a1_in1k
+    key: small
+student:
+  name: resnet10t
+"""
+
+
+def test_several_teachers_load_with_their_own_names_and_sizes(tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text(TWO_TEACHERS)
+    cfg = load_config(model_config=model, overrides=["data.image_size=32"])
+    assert cfg.model.teacher_keys == ["resnet14t", "resnet14t_2", "small"]
+    # Each teacher's own size, else data.teacher_image_size, else data.image_size; views cut at the largest.
+    assert cfg.teacher_image_sizes == [32, 48, 32]
+    assert cfg.view_size == 48
+    assert cfg.model.teacher_where(1) == "model.teachers[1] (resnet14t)"
+    # One teacher is a list of one.
+    single = load_config()
+    assert single.model.teacher_specs == [single.model.teacher]
+    assert single.model.teacher_where(0) == "model.teacher"
+
+
+def test_an_override_reaches_one_teacher_of_several(tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text(TWO_TEACHERS)
+    cfg = load_config(
+        model_config=model, overrides=["model.teachers.1.image_size=64", "model.teachers.0.key=big"]
+    )
+    assert cfg.teacher_image_sizes[1] == 64
+    assert cfg.model.teacher_keys[0] == "big"
+    # A key given to one teacher is its own: a default that would repeat it is numbered instead.
+    taken = load_config(model_config=model, overrides=["model.teachers.2.key=resnet14t"])
+    assert taken.model.teacher_keys == ["resnet14t_2", "resnet14t_3", "resnet14t"]
+    with pytest.raises(UserError, match=r"model\.teachers\.3\.key: .*entries 0 to 2"):
+        load_config(model_config=model, overrides=["model.teachers.3.key=x"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.teacher.name=resnet18"], "model.teacher, or several as model.teachers"),
+        (["model.teachers.0.key=big", "model.teachers.2.key=big"], "key 'big' names more than one teacher"),
+        (["model.teachers.0.key=Big"], r"model\.teachers\.0\.key: String should match"),
+    ],
+)
+def test_teacher_list_errors_are_one_line(tmp_path, overrides, expected):
+    model = tmp_path / "model.yaml"
+    model.write_text(TWO_TEACHERS)
+    with pytest.raises(UserError, match=expected) as caught:
+        load_config(model_config=model, overrides=overrides)
+    assert "\n" not in str(caught.value)

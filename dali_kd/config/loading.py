@@ -309,15 +309,34 @@ def load_config(
 
 
 def _set_key(raw: dict[str, Any], keys: list[str], value: Any, where: str) -> None:
-    node = raw
-    for depth, part in enumerate(keys[:-1]):
-        child = node.get(part)
+    """Set raw[k0][k1]... = value, making missing sections; a whole number steps into a list's entry (the second
+    teacher's checkpoint: model.teachers.1.checkpoint)."""
+    node: Any = raw
+    for depth, part in enumerate(keys):
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise UserError(
+                    f"{where}: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])}: the list "
+                    f"{'.'.join(keys[:depth])} has entries 0 to {len(node) - 1}"
+                )
+            child = node[int(part)]
+        else:
+            child = node.get(part)
+        if depth == len(keys) - 1:
+            break
         if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
+            child = {}
+            if isinstance(node, list):
+                node[int(part)] = child
+            else:
+                node[part] = child
+        elif not isinstance(child, dict | list):
             raise UserError(f"{where}: {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section")
         node = child
-    node[keys[-1]] = value
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
 
 
 def _with_own_data(cfg: Config, raw: dict[str, Any], sources: dict[str, str], model_file: Path) -> Config:
