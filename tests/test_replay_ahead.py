@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
@@ -49,9 +50,12 @@ def index(tmp_path) -> ImageIndex:
 
 def replay(index, cache, prefetch_batches: int, state: dict | None = None) -> CachedViewStream:
     """A replay from the first batch on (a cache with rows not done would otherwise be filled first)."""
-    return CachedViewStream(index, PARAMS, BATCH, seed=0, cache=cache, mode="replay", device=CPU,
-                            state=state or {"replay_start": 0}, num_threads=1,
-                            prefetch_batches=prefetch_batches)  # fmt: skip
+    settings = StreamSettings.with_defaults(
+        PARAMS, BATCH, 0, dali_threads=1, prefetch_batches=prefetch_batches
+    )
+    return CachedViewStream(
+        settings, index, CPU, state=state or {"replay_start": 0}, cache=cache, mode="replay"
+    )
 
 
 def same(x: Batch, y: Batch) -> bool:
