@@ -221,9 +221,11 @@ def dataset_indexes(args, work: Path) -> dict[str, ImageIndex]:
             indexes[fmt] = ImageIndex.from_folder(data)
         else:
             from dali_kd.commands.shard import parse_size
-            from dali_kd.data.shard_writer import make_shards
+            from dali_kd.data.shard_writer import ShardOptions, make_shards
 
-            made = make_shards(data, work / "shards", parse_size(args.shard_size), show_progress=False)
+            made = make_shards(
+                data, work / "shards", ShardOptions(parse_size(args.shard_size)), show_progress=False
+            )
             print(
                 f"  shards: {len(made.manifest['shards'])} tars of {args.shard_size} in {made.out} "
                 f"({len(made.written)} written, {len(made.kept)} kept from an earlier run)",

@@ -14,7 +14,7 @@ from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.shard_index import index_from_shards
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.pipelines.params import AugmentParams
 from tests.conftest import write_tree
@@ -31,7 +31,7 @@ def images(tmp_path_factory) -> Path:
 
 
 def shards_of(images: Path, out: Path, shard_bytes: int) -> ImageIndex:
-    make_shards(images, out, shard_bytes, show_progress=False)
+    make_shards(images, out, ShardOptions(shard_bytes), show_progress=False)
     return index_from_shards(out, "test")
 
 

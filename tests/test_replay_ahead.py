@@ -15,7 +15,7 @@ from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.shard_index import index_from_shards
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.data.shards import sample_key
 from dali_kd.errors import TrainingStopped
 from dali_kd.teacher_cache.replay_ahead import ViewsAhead
@@ -151,8 +151,7 @@ def whole_views(n: int) -> ViewRecord:
 def test_a_sample_spoilt_in_its_shard_is_named_by_the_replay(tmp_path, prefetch_batches):
     """DALI's own message names no sample (its bytes were fed, not read from a file): the replay names the sample
     as `<tar>:<offset>:<member>`, the name the runtime quarantine sets aside (and reports by shard and key)."""
-    make_shards(write_tree(tmp_path / "tree", num_classes=2, per_class=8), tmp_path / "shards", 10**9,
-                show_progress=False)  # fmt: skip
+    make_shards(write_tree(tmp_path / "tree", num_classes=2, per_class=8), tmp_path / "shards", ShardOptions(10**9), show_progress=False)  # fmt: skip
     victim = 6
     _spoil_sample(tmp_path / "shards", victim)
     index = index_from_shards(tmp_path / "shards", "data.root")
