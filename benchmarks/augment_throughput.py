@@ -41,7 +41,6 @@ device picks); a row of the graph auto would not pick on its device says so in i
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import math
@@ -67,6 +66,7 @@ sys.path[:0] = [str(ROOT), str(BENCHMARKS)]
 
 from make_dataset import make_dataset  # noqa: E402
 
+from dali_kd.config import StreamSettings  # noqa: E402
 from dali_kd.data.dali_loader import DaliTrainStream  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
 from dali_kd.data.shard_index import index_from_shards  # noqa: E402
@@ -86,8 +86,6 @@ from dali_kd.pipelines.params import (  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FORMATS = ("folder", "shards")
-# Whether dali_kd's loader takes the decoder choices yet (the raw pipeline always does).
-LOADER_TAKES_DECODE = "decode" in inspect.signature(DaliTrainStream).parameters
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -137,9 +135,8 @@ def measure(
 
 def torchvision_batches(index, params, batch_size, workers):
     def make():
-        stream = TorchvisionTrainStream(
-            index, params, batch_size=batch_size, seed=0, num_workers=workers, persistent_workers=False
-        )
+        settings = StreamSettings.with_defaults(params, batch_size, 0, num_workers=workers)
+        stream = TorchvisionTrainStream(settings, index)
         iterator = iter(stream)
         next(iterator)  # starts the workers
         return iterator, stream.worker_pids, stream.close
@@ -147,22 +144,13 @@ def torchvision_batches(index, params, batch_size, workers):
     return make
 
 
-def loader_decode(decode: DecodeParams) -> dict:
-    """The loader's keyword for these decoder choices ({} for the loader's own default where it takes none)."""
-    if LOADER_TAKES_DECODE:
-        return {"decode": decode}
-    if decode != DecodeParams():
-        raise ValueError("dali_kd's loader does not take decoder choices yet")
-    return {}
-
-
 def dali_loader_batches(index, params, batch_size, threads, device, decode: DecodeParams = DEFAULT_DECODE):
-    choices = loader_decode(decode)  # raises here, before anything is measured
+    settings = replace(
+        StreamSettings.with_defaults(params, batch_size, 0, dali_threads=threads), decode=decode
+    )
 
     def make():
-        stream = DaliTrainStream(
-            index, params, batch_size=batch_size, seed=0, device=device, num_threads=threads, **choices
-        )
+        stream = DaliTrainStream(settings, index, device)
         return iter(stream), list, stream.close
 
     return make
@@ -233,9 +221,11 @@ def dataset_indexes(args, work: Path) -> dict[str, ImageIndex]:
             indexes[fmt] = ImageIndex.from_folder(data)
         else:
             from dali_kd.commands.shard import parse_size
-            from dali_kd.data.shard_writer import make_shards
+            from dali_kd.data.shard_writer import ShardOptions, make_shards
 
-            made = make_shards(data, work / "shards", parse_size(args.shard_size), show_progress=False)
+            made = make_shards(
+                data, work / "shards", ShardOptions(parse_size(args.shard_size)), show_progress=False
+            )
             print(
                 f"  shards: {len(made.manifest['shards'])} tars of {args.shard_size} in {made.out} "
                 f"({len(made.written)} written, {len(made.kept)} kept from an earlier run)",
@@ -353,7 +343,6 @@ def run(args) -> dict:
             "augment": vars(params),
             "decode": args.decode,
             "output_dtype": args.output_dtype,
-            "loader_takes_decode": LOADER_TAKES_DECODE,
             **common,
         },
         "machine": machine_info(),
@@ -463,10 +452,10 @@ def read_for_open_count(
     index = (
         ImageIndex.from_folder(root) if fmt == "folder" else index_from_shards(root, where="--format shards")
     )
-    stream = DaliTrainStream(
-        index, AugmentParams(view_size=image_size), batch_size=batch_size, seed=0, device="cpu",
-        num_threads=threads,
-    )  # fmt: skip
+    settings = StreamSettings.with_defaults(
+        AugmentParams(view_size=image_size), batch_size, 0, dali_threads=threads
+    )
+    stream = DaliTrainStream(settings, index, "cpu")
     iterator = iter(stream)
     for _ in range(3):  # the first batch and the two the loader prepares ahead
         next(iterator)
@@ -495,8 +484,8 @@ def measure_multi_crop(args, index, params: AugmentParams, common: dict) -> list
     """Each path with each crop setting; per-image cost relative to the same path's global-only setting."""
     cores = os.cpu_count() or 1
     workers = min(4, cores) if args.quick else cores
-    # Multi-crop always decodes the whole image once; the output dtype still applies where the loader takes it.
-    decode = DecodeParams(dtype=args.output_dtype) if LOADER_TAKES_DECODE else DecodeParams()
+    # Multi-crop always decodes the whole image once; the output dtype still applies.
+    decode = DecodeParams(dtype=args.output_dtype)
     paths = {("torchvision", None): lambda p: torchvision_batches(index, p, args.batch_size, workers)}
     devices = {"dali_cpu": "cpu"}
     if torch.cuda.is_available() and not args.no_gpu:

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
 from benchmarks.make_dataset import make_dataset  # noqa: E402
+from dali_kd.config import StreamSettings  # noqa: E402
 from dali_kd.data.batch import ViewRecord  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
 from dali_kd.data.outputs import ModelOutput  # noqa: E402
@@ -52,10 +53,14 @@ def filled_cache(directory: Path, index: ImageIndex, feature: int = 384) -> Teac
 
 def run_once(args, index, cache, prefetch: int, step) -> tuple[float, float]:
     """(median data ms, ms per batch) over args.batches batches after 2 warm-up batches."""
-    stream = CachedViewStream(
-        index, AugmentParams(view_size=args.size), args.batch_size, seed=0, cache=cache, mode="replay",
-        device=torch.device(args.device), num_threads=args.threads, prefetch_batches=prefetch,
-    )  # fmt: skip
+    settings = StreamSettings.with_defaults(
+        AugmentParams(view_size=args.size),
+        args.batch_size,
+        0,
+        dali_threads=args.threads,
+        prefetch_batches=prefetch,
+    )
+    stream = CachedViewStream(settings, index, torch.device(args.device), cache=cache, mode="replay")
     it = iter(stream)
     for _ in range(2):
         step(next(it))

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
@@ -30,8 +31,8 @@ def first_batch(stream):
 
 def test_same_structure(index):
     params = AugmentParams(view_size=32)
-    dali = first_batch(DaliTrainStream(index, params, batch_size=8, seed=0))
-    tv = first_batch(TorchvisionTrainStream(index, params, batch_size=8, seed=0, num_workers=0))
+    dali = first_batch(DaliTrainStream(StreamSettings.with_defaults(params, 8, 0), index))
+    tv = first_batch(TorchvisionTrainStream(StreamSettings.with_defaults(params, 8, 0), index))
     for a, b in [(dali, tv), (dali.view, tv.view)]:
         for name in vars(a):
             x, y = getattr(a, name), getattr(b, name)
@@ -42,8 +43,9 @@ def test_same_structure(index):
 def test_comparable_statistics(index):
     """Over many random views, per-channel means and spreads of the two backends agree closely."""
     params = AugmentParams(view_size=32)
-    dali = torch.cat([b.images for b in itertools.islice(DaliTrainStream(index, params, 16, seed=0), 12)])
-    tv_stream = TorchvisionTrainStream(index, params, 16, seed=0, num_workers=0)
+    settings = StreamSettings.with_defaults(params, 16, 0)
+    dali = torch.cat([b.images for b in itertools.islice(DaliTrainStream(settings, index), 12)])
+    tv_stream = TorchvisionTrainStream(settings, index)
     tv = torch.cat([b.images for b in itertools.islice(iter(tv_stream), 12)])
     tv_stream.close()
     dims = (0, 2, 3)

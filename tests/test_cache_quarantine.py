@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
@@ -73,8 +74,10 @@ def check_rows(cache: TeacherCache, index: ImageIndex, batch: Batch, renderer: D
 def replay_stream(
     index: ImageIndex, cache: TeacherCache, state: dict | None = None, prefetch_batches: int = 2
 ) -> CachedViewStream:
-    return CachedViewStream(index, PARAMS, BATCH, seed=0, cache=cache, mode="replay", device=CPU, state=state,
-                            num_threads=1, max_runtime_quarantine=5, prefetch_batches=prefetch_batches)  # fmt: skip
+    settings = StreamSettings.with_defaults(
+        PARAMS, BATCH, 0, dali_threads=1, max_runtime_quarantine=5, prefetch_batches=prefetch_batches
+    )
+    return CachedViewStream(settings, index, CPU, state=state, cache=cache, mode="replay")
 
 
 @pytest.mark.parametrize("prefetch_batches", [1, 2, 3], ids=["in-turn", "ahead", "two-ahead"])

@@ -41,7 +41,7 @@ def fill(cache: TeacherCache, ids: np.ndarray, slots: np.ndarray) -> None:
 
 
 def first_batch(cache, index, cfg):
-    stream = CachedViewStream(index, cfg.augment_params(), 8, 0, cache, "replay", CPU, num_threads=1)
+    stream = CachedViewStream(cfg.stream_settings(), index, CPU, cache=cache, mode="replay")
     try:
         return next(iter(stream))
     finally:

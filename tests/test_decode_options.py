@@ -15,7 +15,10 @@ import pytest
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from dali_kd.config import StreamSettings
+from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
+from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import UserError
 from dali_kd.models import FrozenTeacher, create_model
 from dali_kd.pipelines.augment import decode_full
@@ -197,6 +200,19 @@ def test_config_keys_make_the_decode_params(tiny_config):
         "data.output_dtype=float16", "train.precision=bf16",
     )  # fmt: skip
     assert cfg.decode_params() == replace(TUNED, mode="full", dtype="float16")
+
+
+def test_a_stream_made_over_an_index_takes_the_data_keys_it_is_given(image_tree):
+    """StreamSettings.with_defaults (tests, benchmarks): the keys given set the data section and the decode follows
+    them, as a run's config does; float16 settings give float16 images on both backends."""
+    settings = StreamSettings.with_defaults(
+        PARAMS, BATCH, 0, decode="full", output_dtype="float16", dali_threads=1
+    )
+    assert settings.data.dali_threads == 1 and settings.decode == DecodeParams(mode="full", dtype="float16")
+    index = ImageIndex.from_folder(image_tree / "train")
+    for stream in (DaliTrainStream(settings, index), TorchvisionTrainStream(settings, index)):
+        assert next(iter(stream)).images.dtype == torch.float16
+        stream.close()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 
 from dali_kd.data import shards as fmt
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.evaluation.evaluator import Evaluator
 from dali_kd.training.trainer import Trainer
 from tests.conftest import write_tree
@@ -84,7 +84,7 @@ def test_from_shards_evaluation_skips_what_training_set_aside_and_sets_aside_the
     write_tree(tmp_path / "images" / "train", num_classes=4, per_class=6, seed=0)
     write_tree(tmp_path / "images" / "val", num_classes=4, per_class=3, seed=1)
     for split in ("train", "val"):
-        make_shards(tmp_path / "images" / split, tmp_path / split, 10**9, show_progress=False)
+        make_shards(tmp_path / "images" / split, tmp_path / split, ShardOptions(10**9), show_progress=False)
     bad_train, bad_val = 5, 3  # the last image of class 0 in train; the first of class 1 in val
     _spoil_sample(tmp_path / "train", bad_train)
     val_shard, _ = _spoil_sample(tmp_path / "val", bad_val)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
@@ -37,7 +38,7 @@ STREAMS = {
 def test_gpu_stream_matches_cpu_structure_and_replays(image_tree):
     index = ImageIndex.from_folder(image_tree / "train")
     params = AugmentParams(view_size=32)
-    gpu = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cuda")))
+    gpu = next(iter(DaliTrainStream(StreamSettings.with_defaults(params, 8, 0), index, "cuda")))
     assert gpu.images.is_cuda and gpu.labels.is_cuda and gpu.images.shape == (8, 3, 32, 32)
     images = gpu.images.clone()
     again = DaliViewRenderer(index, params, batch_size=8, device="cuda").render(gpu.sample_ids, gpu.view)
@@ -76,7 +77,7 @@ def test_gpu_multi_crop_decodes_once_and_every_crop_replays(image_tree, graph):
         num_local=4,
         graph=graph,
     )
-    batch = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cuda")))
+    batch = next(iter(DaliTrainStream(StreamSettings.with_defaults(params, 8, 0), index, "cuda")))
     assert batch.images.is_cuda and batch.images.shape == (8, 2, 3, 32, 32)
     assert batch.local_images.is_cuda and batch.local_images.shape == (8, 4, 3, 16, 16)
     crops = [batch.images[:, v].clone() for v in range(2)] + [
@@ -120,7 +121,7 @@ def test_replay_renderer_returns_cuda_tensors(image_tree):
     index = ImageIndex.from_folder(image_tree / "train")
     params = AugmentParams(view_size=32)
     # Views drawn and recorded by the CPU pipeline, rendered again on the GPU from host records.
-    recorded = next(iter(DaliTrainStream(index, params, batch_size=8, seed=0, device="cpu")))
+    recorded = next(iter(DaliTrainStream(StreamSettings.with_defaults(params, 8, 0), index, "cpu")))
     renderer = DaliViewRenderer(index, params, batch_size=8, device="cuda")
     images = renderer.render(recorded.sample_ids.cpu().numpy(), recorded.view.to("cpu"))
     assert images.is_cuda and images.shape == (8, 3, 32, 32)

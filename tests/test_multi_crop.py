@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 import dali_kd.data.torchvision_loader as tv_loader
+from dali_kd.config import StreamSettings
+from dali_kd.data.batch import Batch
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
@@ -63,9 +65,9 @@ def batches(stream, n):
 def test_crop_counts_sizes_ranges_and_records(index, backend):
     params = multi_crop_params()
     if backend == "dali":
-        stream = DaliTrainStream(index, params, batch_size=8, seed=0)
+        stream = DaliTrainStream(StreamSettings.with_defaults(params, 8, 0), index)
     else:
-        stream = TorchvisionTrainStream(index, params, batch_size=8, seed=0, num_workers=0)
+        stream = TorchvisionTrainStream(StreamSettings.with_defaults(params, 8, 0), index)
     (batch,) = batches(stream, 1)
     assert batch.multi_crop and len(batch) == 8
     assert batch.images.shape == (8, 2, 3, 40, 40) and batch.images.dtype == torch.float32
@@ -88,9 +90,9 @@ def test_crop_counts_sizes_ranges_and_records(index, backend):
 def test_global_and_local_crops_respect_their_scale_ranges(index, backend):
     params = multi_crop_params(num_local=3, crop_ratio=(0.8, 1.25))
     if backend == "dali":
-        stream = DaliTrainStream(index, params, batch_size=16, seed=1)
+        stream = DaliTrainStream(StreamSettings.with_defaults(params, 16, 1), index)
     else:
-        stream = TorchvisionTrainStream(index, params, batch_size=16, seed=1, num_workers=0)
+        stream = TorchvisionTrainStream(StreamSettings.with_defaults(params, 16, 1), index)
     sizes = {i: Image.open(f).size for i, f in enumerate(index.files)}  # (W, H)
     in_range = {"global": [0, 0], "local": [0, 0]}
     for batch in batches(stream, 4):
@@ -155,10 +157,12 @@ def test_auto_graph_is_per_crop_in_dali_cpu_mode(index, tiny_config):
     assert tiny_config("train.use_local_crops=true").crop_params().graph == "auto"
     assert resolve_multi_crop_graph("auto", on_gpu=True) == "batched"
     assert resolve_multi_crop_graph("auto", on_gpu=False) == "per_crop"
-    first = {
-        graph: batches(DaliTrainStream(index, multi_crop_params(num_local=2, graph=graph), 4, seed=3), 1)[0]
-        for graph in ("auto", *GRAPHS)
-    }
+
+    def first_batch(graph: str) -> Batch:
+        settings = StreamSettings.with_defaults(multi_crop_params(num_local=2, graph=graph), 4, 3)
+        return batches(DaliTrainStream(settings, index), 1)[0]
+
+    first = {graph: first_batch(graph) for graph in ("auto", *GRAPHS)}
     assert torch.equal(first["auto"].local_images, first["per_crop"].local_images)
     assert torch.equal(first["auto"].view.crop_anchor, first["per_crop"].view.crop_anchor)
     assert not torch.equal(first["auto"].view.crop_anchor, first["batched"].view.crop_anchor)
@@ -190,9 +194,7 @@ def test_torchvision_decodes_each_image_once(index, monkeypatch):
         return decode(path)
 
     monkeypatch.setattr(tv_loader, "decode_rgb", counting)
-    stream = TorchvisionTrainStream(
-        index, multi_crop_params(num_local=6), batch_size=8, seed=0, num_workers=0
-    )
+    stream = TorchvisionTrainStream(StreamSettings.with_defaults(multi_crop_params(num_local=6), 8, 0), index)
     (batch,) = batches(stream, 1)
     assert len(calls) == 8 and sorted(calls) == sorted(index.files[i] for i in batch.sample_ids.tolist())
 
@@ -200,7 +202,7 @@ def test_torchvision_decodes_each_image_once(index, monkeypatch):
 @pytest.mark.parametrize(("graph", "num_local"), [("batched", 3), ("batched", 8), ("per_crop", 3)])
 def test_every_dali_crop_replays_from_its_record(index, graph, num_local):
     params = multi_crop_params(num_local=num_local, graph=graph)
-    (batch,) = batches(DaliTrainStream(index, params, batch_size=8, seed=4), 1)
+    (batch,) = batches(DaliTrainStream(StreamSettings.with_defaults(params, 8, 4), index), 1)
     for v in range(params.num_views):
         renderer = DaliViewRenderer(
             index, params.view_params(v), batch_size=8, full_decode=True, multi_crop_graph=graph
@@ -211,7 +213,7 @@ def test_every_dali_crop_replays_from_its_record(index, graph, num_local):
 
 def test_every_torchvision_crop_replays_from_its_record(index):
     params = multi_crop_params(num_local=2)
-    (batch,) = batches(TorchvisionTrainStream(index, params, batch_size=4, seed=4, num_workers=0), 1)
+    (batch,) = batches(TorchvisionTrainStream(StreamSettings.with_defaults(params, 4, 4), index), 1)
     for i, sid in enumerate(batch.sample_ids.tolist()):
         for v in range(params.num_views):
             view = batch.view.select(v)
@@ -225,7 +227,7 @@ def test_every_torchvision_crop_replays_from_its_record(index):
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_each_crop_has_its_own_flip_and_jitter(index, graph):
     params = multi_crop_params(num_local=6, graph=graph, flip_prob=0.5, jitter_prob=1.0)
-    (batch,) = batches(DaliTrainStream(index, params, batch_size=16, seed=6), 1)
+    (batch,) = batches(DaliTrainStream(StreamSettings.with_defaults(params, 16, 6), index), 1)
     flips = batch.view.flip.float()
     # Per sample the 8 crops' flips are independent coin flips: some samples have both kinds.
     assert ((flips.sum(1) > 0) & (flips.sum(1) < 8)).float().mean() > 0.5
@@ -246,7 +248,7 @@ def test_each_crop_has_its_own_flip_and_jitter(index, graph):
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_no_local_crops_means_global_crops_only(index, graph):
     params = multi_crop_params(num_local=0, graph=graph)
-    (batch,) = batches(DaliTrainStream(index, params, batch_size=4, seed=0), 1)
+    (batch,) = batches(DaliTrainStream(StreamSettings.with_defaults(params, 4, 0), index), 1)
     assert batch.images.shape == (4, 2, 3, 40, 40) and batch.local_images is None
     assert batch.view.flip.shape == (4, 2)
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.shard_index import index_from_shards
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.pipelines.params import AugmentParams
 from tests.conftest import write_tree
@@ -30,7 +31,7 @@ def images(tmp_path_factory) -> Path:
 
 
 def shards_of(images: Path, out: Path, shard_bytes: int) -> ImageIndex:
-    make_shards(images, out, shard_bytes, show_progress=False)
+    make_shards(images, out, ShardOptions(shard_bytes), show_progress=False)
     return index_from_shards(out, "test")
 
 
@@ -44,7 +45,9 @@ def slots_per_pass(stream, num_passes: int, batch_size: int) -> list[list[int]]:
 def test_tar_shards_are_read_in_a_new_order_every_pass(images, tmp_path):
     index = shards_of(images, tmp_path / "shards", 40_000)  # 8 shards of about 6 images
     # A one-sample shuffle buffer: the order of a pass is the order its shards are read in.
-    stream = DaliTrainStream(index, PARAMS, batch_size=4, seed=0, num_threads=1, shuffle_buffer=1)
+    stream = DaliTrainStream(
+        StreamSettings.with_defaults(PARAMS, 4, 0, dali_threads=1, shuffle_buffer=1), index
+    )
     passes = slots_per_pass(stream, 3, 4)
     stream.close()
     shard_orders = [[index.shards.shard_of[i] for i in ids] for ids in passes]
@@ -61,7 +64,8 @@ def test_with_a_sample_set_aside_each_pass_shows_every_slot_once_under_its_own_i
     bad = 20
     _spoil_sample(tmp_path / "shards", bad)
     with warning_said("set aside"):
-        stream = DaliTrainStream(index, PARAMS, batch_size=4, seed=1, num_threads=1, max_runtime_quarantine=5)
+        settings = StreamSettings.with_defaults(PARAMS, 4, 1, dali_threads=1, max_runtime_quarantine=5)
+        stream = DaliTrainStream(settings, index)
         batches = list(itertools.islice(stream, 3 * NUM_SAMPLES // 4))
     standin = stream.quarantine.resolve(bad)
     stream.close()
@@ -109,10 +113,10 @@ def test_streams_show_a_same_class_image_for_the_last_image_of_a_class(tmp_path,
     with warning_said("set aside"):
         if backend == "dali":
             # The file changed after the stream started: that is how the DALI stream finds it.
-            stream = DaliTrainStream(index, PARAMS, batch_size=4, seed=2, num_threads=1)
+            stream = DaliTrainStream(StreamSettings.with_defaults(PARAMS, 4, 2, dali_threads=1), index)
             Path(index.files[last_of_class_1]).write_bytes(b"<html>gone again</html>")
         else:
-            stream = TorchvisionTrainStream(index, PARAMS, batch_size=4, seed=2, num_workers=0)
+            stream = TorchvisionTrainStream(StreamSettings.with_defaults(PARAMS, 4, 2), index)
         batches = list(itertools.islice(stream, 3 * index.num_samples // 4))
     assert stream.quarantine.is_set_aside(last_of_class_1)
     stream.close()

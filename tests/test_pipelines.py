@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.dali_loader import DaliTrainStream, dali_eval_batches
 from dali_kd.data.dataset import ImageIndex
@@ -30,8 +31,13 @@ def take(stream, n):
     return list(itertools.islice(iter(stream), n))
 
 
+def stream_of(index, params, batch_size, seed) -> DaliTrainStream:
+    """A CPU DALI stream over index with the data section's defaults."""
+    return DaliTrainStream(StreamSettings.with_defaults(params, batch_size, seed), index)
+
+
 def test_train_batch_shapes_dtypes_and_ranges(index):
-    stream = DaliTrainStream(index, AugmentParams(view_size=40), batch_size=8, seed=0)
+    stream = stream_of(index, AugmentParams(view_size=40), 8, 0)
     (batch,) = take(stream, 1)
     assert batch.images.shape == (8, 3, 40, 40) and batch.images.dtype == torch.float32
     assert batch.labels.dtype == torch.int64 and batch.sample_ids.dtype == torch.int64
@@ -46,7 +52,7 @@ def test_train_batch_shapes_dtypes_and_ranges(index):
 
 def test_crop_windows_respect_scale_and_ratio(index):
     params = AugmentParams(view_size=16, crop_scale=(0.3, 0.6), crop_ratio=(0.8, 1.25))
-    stream = DaliTrainStream(index, params, batch_size=16, seed=1)
+    stream = stream_of(index, params, 16, 1)
     sizes = {i: Image.open(f).size for i, f in enumerate(index.files)}  # (W, H)
     in_range = total = 0
     for batch in take(stream, 6):
@@ -67,30 +73,32 @@ def test_jitter_factors_in_range_and_identity_when_off(index):
     params = AugmentParams(
         view_size=16, jitter_prob=0.5, brightness=0.3, contrast=0.2, saturation=0.1, hue=0.05
     )
-    jitter = torch.cat(
-        [b.view.jitter for b in take(DaliTrainStream(index, params, batch_size=16, seed=2), 6)]
-    )
+    jitter = torch.cat([b.view.jitter for b in take(stream_of(index, params, 16, 2), 6)])
     for column, strength, centre in zip(range(4), (0.3, 0.2, 0.1, 0.05), (1, 1, 1, 0), strict=True):
         values = jitter[:, column]
         assert (values >= centre - strength - 1e-6).all() and (values <= centre + strength + 1e-6).all()
     identity = (jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all(dim=1).float().mean()
     assert 0.25 < identity < 0.75, "about half the views should be un-jittered with jitter_prob=0.5"
     off = AugmentParams(view_size=16, jitter_prob=0.0)
-    jitter = take(DaliTrainStream(index, off, batch_size=16, seed=2), 1)[0].view.jitter
+    jitter = take(stream_of(index, off, 16, 2), 1)[0].view.jitter
     assert (jitter == torch.tensor([1.0, 1.0, 1.0, 0.0])).all()
 
 
 def test_flip_probability_is_honoured(index):
-    never = take(DaliTrainStream(index, AugmentParams(view_size=16, flip_prob=0.0), batch_size=16, seed=3), 3)
+    never = take(
+        stream_of(index, AugmentParams(view_size=16, flip_prob=0.0), 16, 3),
+        3,
+    )
     always = take(
-        DaliTrainStream(index, AugmentParams(view_size=16, flip_prob=1.0), batch_size=16, seed=3), 3
+        stream_of(index, AugmentParams(view_size=16, flip_prob=1.0), 16, 3),
+        3,
     )
     assert all((b.view.flip == 0).all() for b in never) and all((b.view.flip == 1).all() for b in always)
 
 
 def test_replayed_views_render_the_same_pixels(index):
     params = AugmentParams(view_size=32)
-    (batch,) = take(DaliTrainStream(index, params, batch_size=8, seed=4), 1)
+    (batch,) = take(stream_of(index, params, 8, 4), 1)
     images = batch.images.clone()
     again = DaliViewRenderer(index, params, batch_size=8).render(batch.sample_ids, batch.view)
     assert torch.allclose(again, images, atol=1e-5)
@@ -122,22 +130,20 @@ def test_flip_really_mirrors(index):
 
 def test_stream_reshuffles_each_pass_and_crosses_pass_boundaries(index):
     n = index.num_samples  # 48
-    stream = DaliTrainStream(index, AugmentParams(view_size=16), batch_size=10, seed=5)
+    stream = stream_of(index, AugmentParams(view_size=16), 10, 5)
     ids = torch.cat([b.sample_ids for b in take(stream, 15)]).tolist()  # 150 ids = 3 passes + 6
     passes = [ids[p * n : (p + 1) * n] for p in range(3)]
     for order in passes:
         assert sorted(order) == list(range(n)), "each pass covers every sample exactly once"
     assert passes[0] != passes[1] != passes[2], "each pass is shuffled differently"
-    again = torch.cat([b.sample_ids for b in take(DaliTrainStream(index, AugmentParams(16), 10, seed=5), 15)])
+    again = torch.cat([b.sample_ids for b in take(stream_of(index, AugmentParams(16), 10, 5), 15)])
     assert again.tolist() == ids, "same seed, same stream"
 
 
-def first_pass(index, seed, reader_seed=None, rank=0, world_size=1) -> list[int]:
-    """The sample ids of a stream's first pass over its shard, in order."""
-    stream = DaliTrainStream(
-        index, AugmentParams(16), 4, seed, reader_seed=reader_seed, rank=rank, world_size=world_size,
-        num_threads=1,
-    )  # fmt: skip
+def first_pass(index, seed, rank=0, world_size=1) -> list[int]:
+    """The sample ids of a stream's first pass over its share, in order."""
+    settings = StreamSettings.with_defaults(AugmentParams(16), 4, seed, dali_threads=1)
+    stream = DaliTrainStream(settings, index, rank=rank, world_size=world_size)
     batches = take(stream, -(-stream.num_samples // 4))
     return torch.cat([b.sample_ids for b in batches]).tolist()[: stream.num_samples]
 
@@ -145,16 +151,16 @@ def first_pass(index, seed, reader_seed=None, rank=0, world_size=1) -> list[int]
 def test_the_seed_sets_the_file_order_and_the_shards_stay_disjoint(index):
     """DALI's reader ignores its seed when it reshuffles every pass, so runs that differ only in train.seed saw
     the same images in the same order; the seed now permutes the list the reader reads."""
-    seed_0, seed_1, reader_7 = first_pass(index, 0), first_pass(index, 1), first_pass(index, 0, reader_seed=7)
+    seed_0, seed_1, seed_7 = first_pass(index, 0), first_pass(index, 1), first_pass(index, 7)
     assert sorted(seed_0) == sorted(seed_1) == list(range(index.num_samples))
-    assert seed_0 != seed_1 and seed_0 != reader_7 and seed_1 != reader_7
+    assert seed_0 != seed_1 and seed_0 != seed_7 and seed_1 != seed_7
     assert first_pass(index, 1) == seed_1, "same seed, same order"
-    # Two ranks: augmentations seeded per rank, one reader seed; their shards split the data.
-    rank_0 = first_pass(index, 10, reader_seed=3, rank=0, world_size=2)
-    rank_1 = first_pass(index, 11, reader_seed=3, rank=1, world_size=2)
+    # Two ranks: augmentations seeded per rank (seed + rank), one file shuffle (seed); their shares split the data.
+    rank_0 = first_pass(index, 3, rank=0, world_size=2)
+    rank_1 = first_pass(index, 3, rank=1, world_size=2)
     assert sorted(rank_0 + rank_1) == list(range(index.num_samples))
-    # Each rank's shard is a subset chosen by the seed (not one fixed subset for every seed).
-    assert set(first_pass(index, 10, reader_seed=4, rank=0, world_size=2)) != set(rank_0)
+    # Each rank's share is a subset chosen by the seed (not one fixed subset for every seed).
+    assert set(first_pass(index, 4, rank=0, world_size=2)) != set(rank_0)
 
 
 def test_eval_batches_cover_each_sample_once_in_order(image_tree):
@@ -194,7 +200,7 @@ def test_file_list_index_trains_on_listed_files_only(image_tree, tmp_path):
         "class_1/3.jpg",
     ]
     assert index.labels == (0, 0, 1)
-    ids = torch.cat([b.sample_ids for b in take(DaliTrainStream(index, AugmentParams(16), 3, seed=0), 2)])
+    ids = torch.cat([b.sample_ids for b in take(stream_of(index, AugmentParams(16), 3, 0), 2)])
     assert sorted(ids.tolist()[:3]) == [0, 1, 2]
     file_list.write_text("/etc/passwd\n")
     with pytest.raises(UserError, match=r"good\.txt:1: expected a path <class>/<image>"):

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.shard_index import index_from_shards
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.data.shards import sample_key
 from dali_kd.errors import TrainingStopped
 from dali_kd.teacher_cache.replay_ahead import ViewsAhead
@@ -49,9 +50,12 @@ def index(tmp_path) -> ImageIndex:
 
 def replay(index, cache, prefetch_batches: int, state: dict | None = None) -> CachedViewStream:
     """A replay from the first batch on (a cache with rows not done would otherwise be filled first)."""
-    return CachedViewStream(index, PARAMS, BATCH, seed=0, cache=cache, mode="replay", device=CPU,
-                            state=state or {"replay_start": 0}, num_threads=1,
-                            prefetch_batches=prefetch_batches)  # fmt: skip
+    settings = StreamSettings.with_defaults(
+        PARAMS, BATCH, 0, dali_threads=1, prefetch_batches=prefetch_batches
+    )
+    return CachedViewStream(
+        settings, index, CPU, state=state or {"replay_start": 0}, cache=cache, mode="replay"
+    )
 
 
 def same(x: Batch, y: Batch) -> bool:
@@ -147,8 +151,7 @@ def whole_views(n: int) -> ViewRecord:
 def test_a_sample_spoilt_in_its_shard_is_named_by_the_replay(tmp_path, prefetch_batches):
     """DALI's own message names no sample (its bytes were fed, not read from a file): the replay names the sample
     as `<tar>:<offset>:<member>`, the name the runtime quarantine sets aside (and reports by shard and key)."""
-    make_shards(write_tree(tmp_path / "tree", num_classes=2, per_class=8), tmp_path / "shards", 10**9,
-                show_progress=False)  # fmt: skip
+    make_shards(write_tree(tmp_path / "tree", num_classes=2, per_class=8), tmp_path / "shards", ShardOptions(10**9), show_progress=False)  # fmt: skip
     victim = 6
     _spoil_sample(tmp_path / "shards", victim)
     index = index_from_shards(tmp_path / "shards", "data.root")

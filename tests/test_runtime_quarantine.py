@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
@@ -88,7 +89,7 @@ def test_dali_stream_keeps_going_when_a_stand_in_breaks_mid_run(tmp_path):
     n, per_pass = index.num_samples, index.num_samples // 4
     a = index.files.index(str(tmp_path / "tree" / "class_1" / "3.jpg"))
     stream = DaliTrainStream(
-        index, PARAMS, batch_size=4, seed=3, device="cpu", num_threads=1, max_runtime_quarantine=5
+        StreamSettings.with_defaults(PARAMS, 4, 3, dali_threads=1, max_runtime_quarantine=5), index, "cpu"
     )
     # DALI's message names no file for content that is not an image: the quarantine finds the files that
     # changed since the stream started, so both files break after that.
@@ -127,7 +128,7 @@ def test_dali_stream_keeps_going_when_a_stand_in_breaks_mid_run(tmp_path):
 
 def test_stream_ids_equal_sample_ids_on_healthy_data(tmp_path):
     index = tree_index(tmp_path / "tree")
-    stream = DaliTrainStream(index, PARAMS, batch_size=4, seed=0, device="cpu", num_threads=1)
+    stream = DaliTrainStream(StreamSettings.with_defaults(PARAMS, 4, 0, dali_threads=1), index, "cpu")
     for batch in itertools.islice(stream, 5):
         assert batch.stream_ids.dtype == torch.int64 and torch.equal(batch.stream_ids, batch.sample_ids)
         assert batch.stream_ids.device == batch.sample_ids.device
@@ -144,8 +145,9 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
     a = index.files.index(str(tmp_path / "tree" / "class_0" / "5.jpg"))
     break_file(index.files[a])
 
-    def make(**kwargs) -> TorchvisionTrainStream:
-        return TorchvisionTrainStream(index, PARAMS, batch_size=4, seed=1, num_workers=num_workers, **kwargs)
+    def make(state: dict | None = None) -> TorchvisionTrainStream:
+        settings = StreamSettings.with_defaults(PARAMS, 4, 1, num_workers=num_workers)
+        return TorchvisionTrainStream(settings, index, state=state)
 
     stream = make()
     it = iter(stream)
@@ -178,7 +180,7 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
     )
     assert torch.equal(final_shown, torch.where((final_slots == a) | (final_slots == b), c, final_slots))
     # A stream resumed from that state reads c for slots a and b at once and reports nothing.
-    resumed = make(start_position=state["position"], substitutions=state["substitutions"])
+    resumed = make(state)
     with warning_said(None):
         again = list(itertools.islice(resumed, n // 4))
     resumed.close()
@@ -215,9 +217,9 @@ def test_one_share_rule_for_the_reader_the_index_and_the_streams(tmp_path):
     seen = []
     for r in range(3):
         assert index.share(r, 3).files == tuple(index.files[i] for i in share_sample_ids(10, r, 3))
-        tv = TorchvisionTrainStream(index, PARAMS, batch_size=1, seed=0, num_workers=0, rank=r, world_size=3)
-        dali = DaliTrainStream(index, PARAMS, batch_size=1, seed=r, reader_seed=0, device="cpu", num_threads=1,
-                               rank=r, world_size=3)  # fmt: skip
+        settings = StreamSettings.with_defaults(PARAMS, 1, 0, dali_threads=1)
+        tv = TorchvisionTrainStream(settings, index, rank=r, world_size=3)
+        dali = DaliTrainStream(settings, index, "cpu", rank=r, world_size=3)
         assert tv.num_samples == dali.num_samples == share_size(10, r, 3)
         # One pass of DALI's shard: as many images as the rule says, disjoint from the other shards' first pass.
         ids = [int(b.sample_ids[0]) for b in itertools.islice(dali, dali.num_samples)]

@@ -22,7 +22,7 @@ import pytest
 from dali_kd.commands.shard import main, parse_size
 from dali_kd.data import shards as fmt
 from dali_kd.data.prepare import prepare_data
-from dali_kd.data.shard_writer import make_shards, write_indexes
+from dali_kd.data.shard_writer import ShardOptions, make_shards, write_indexes
 from dali_kd.errors import UserError
 from tests.conftest import FIXTURES, write_tree
 from tests.faults import ROOT, assert_one_line_error
@@ -79,7 +79,7 @@ def test_dali_reads_every_sample_once_with_the_id_label_and_bytes_training_uses(
     cfg = tiny_config()
     index = prepare_data(cfg.data).train  # the ids a run over the folder gives
     out = tmp_path / "shards"
-    result = make_shards(cfg.data.root, out, SHARD_SIZE, show_progress=False)
+    result = make_shards(cfg.data.root, out, ShardOptions(SHARD_SIZE), show_progress=False)
     manifest = fmt.read_manifest(out)
     assert manifest["class_names"] == list(index.class_names)
     assert manifest["num_samples"] == index.num_samples == sum(r["num_samples"] for r in manifest["shards"])
@@ -112,23 +112,23 @@ def test_dali_reads_every_sample_once_with_the_id_label_and_bytes_training_uses(
 
 def test_samples_are_shuffled_across_shards_by_default_and_in_id_order_without(image_tree, tmp_path):
     src = image_tree / "train"
-    make_shards(src, tmp_path / "shuffled", SHARD_SIZE, show_progress=False)
-    make_shards(src, tmp_path / "ordered", SHARD_SIZE, shuffle=False, show_progress=False)
+    make_shards(src, tmp_path / "shuffled", ShardOptions(SHARD_SIZE), show_progress=False)
+    make_shards(src, tmp_path / "ordered", ShardOptions(SHARD_SIZE, shuffle=False), show_progress=False)
     shuffled = samples_by_shard(tmp_path / "shuffled")
     ordered = samples_by_shard(tmp_path / "ordered")
     assert all(len({label for _, label in shard}) > 1 for shard in shuffled), shuffled
     assert [i for shard in ordered for i, _ in shard] == list(range(48))
     assert sorted(i for shard in shuffled for i, _ in shard) == list(range(48))
-    make_shards(src, tmp_path / "seed1", SHARD_SIZE, seed=1, show_progress=False)
+    make_shards(src, tmp_path / "seed1", ShardOptions(SHARD_SIZE, seed=1), show_progress=False)
     assert samples_by_shard(tmp_path / "seed1") != shuffled  # the seed decides the spread
 
 
 def test_sharding_a_folder_twice_gives_byte_identical_shards(tmp_path):
     src = write_tree(tmp_path / "src", num_classes=4, per_class=12)
-    make_shards(src, tmp_path / "a", SHARD_SIZE, show_progress=False)
+    make_shards(src, tmp_path / "a", ShardOptions(SHARD_SIZE), show_progress=False)
     for path in src.rglob("*.jpg"):  # other file times: nothing of them may enter a shard's bytes
         os.utime(path, (1_000_000_000, 1_000_000_000))
-    make_shards(src, tmp_path / "b", SHARD_SIZE, show_progress=False)
+    make_shards(src, tmp_path / "b", ShardOptions(SHARD_SIZE), show_progress=False)
     first, second = shard_files(tmp_path / "a"), shard_files(tmp_path / "b")
     assert len(first) > 5 and first.keys() == second.keys()
     for name in first:
@@ -141,7 +141,7 @@ def test_broken_files_never_enter_a_shard_and_are_in_the_quarantine(tmp_path):
     (src / "class_0" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "class_1" / "page.jpg").write_text("<html>not found</html>")
     out = tmp_path / "shards"
-    result = make_shards(src, out, SHARD_SIZE, show_progress=False)
+    result = make_shards(src, out, ShardOptions(SHARD_SIZE), show_progress=False)
     paths = [json.loads(line)[5] for line in (out / fmt.SAMPLES_NAME).read_text().splitlines()]
     assert len(paths) == 12 and "class_0/truncated.jpg" not in paths and "class_1/page.jpg" not in paths
     quarantine = [
@@ -157,7 +157,7 @@ def test_real_broken_files_stay_out_of_shards(tmp_path):
     odd = sorted(p for p in (FIXTURES / "odd-images").rglob("*") if p.is_file() and p.suffix != ".md")
     for n, path in enumerate(odd):
         shutil.copy(path, src / f"class_{n % 2}" / f"{n:02d}-{path.name}")
-    result = make_shards(src, tmp_path / "shards", SHARD_SIZE, show_progress=False)
+    result = make_shards(src, tmp_path / "shards", ShardOptions(SHARD_SIZE), show_progress=False)
     quarantined = {
         q["path"] for q in map(json.loads, (tmp_path / "shards/scan/train/quarantine.jsonl").open())
     }
@@ -174,7 +174,9 @@ def test_a_killed_run_keeps_its_finished_shards_and_a_rerun_finishes_the_same_by
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        make_shards(src, out, SHARD_SIZE, show_progress=False, on_shard_written=kill_after_three)
+        make_shards(
+            src, out, ShardOptions(SHARD_SIZE), show_progress=False, on_shard_written=kill_after_three
+        )
     tars = sorted(p.name for p in out.glob("*.tar"))
     assert tars == [fmt.shard_name(i) for i in range(3)] and not (out / fmt.MANIFEST_NAME).exists()
     stats = {name: (out / name).stat() for name in tars}
@@ -184,30 +186,30 @@ def test_a_killed_run_keeps_its_finished_shards_and_a_rerun_finishes_the_same_by
     damaged.write_bytes(bytes(data))
     (out / ".shard-000003.tar.abcd.tmp").write_bytes(b"half a shard")
 
-    result = make_shards(src, out, SHARD_SIZE, show_progress=False)
+    result = make_shards(src, out, ShardOptions(SHARD_SIZE), show_progress=False)
     assert result.kept == [fmt.shard_name(0), fmt.shard_name(2)]
     assert fmt.shard_name(1) in result.written and fmt.shard_name(0) not in result.written
     for name in result.kept:
         assert (out / name).stat().st_ino == stats[name].st_ino
         assert (out / name).stat().st_mtime_ns == stats[name].st_mtime_ns
     assert not list(out.glob("*.tmp"))
-    make_shards(src, tmp_path / "fresh", SHARD_SIZE, show_progress=False)
+    make_shards(src, tmp_path / "fresh", ShardOptions(SHARD_SIZE), show_progress=False)
     assert shard_files(out) == shard_files(tmp_path / "fresh")
 
 
 def test_a_changed_source_file_rewrites_only_the_shard_that_holds_it(tmp_path):
     src = write_tree(tmp_path / "src", num_classes=4, per_class=12)
     out = tmp_path / "shards"
-    make_shards(src, out, SHARD_SIZE, show_progress=False)
+    make_shards(src, out, ShardOptions(SHARD_SIZE), show_progress=False)
     changed = src / "class_2" / "3.jpg"
     # Another image of the same size: the bytes change, the plan's file sizes do not.
     data = bytearray(changed.read_bytes())
     data[-100] ^= 0x01
     changed.write_bytes(bytes(data))
-    rerun = make_shards(src, out, SHARD_SIZE, show_progress=False)
+    rerun = make_shards(src, out, ShardOptions(SHARD_SIZE), show_progress=False)
     row = next(json.loads(line) for line in (out / fmt.SAMPLES_NAME).open() if '"class_2/3.jpg"' in line)
     assert rerun.written == [fmt.shard_name(row[1])] and len(rerun.kept) > 3
-    make_shards(src, tmp_path / "fresh", SHARD_SIZE, show_progress=False)
+    make_shards(src, tmp_path / "fresh", ShardOptions(SHARD_SIZE), show_progress=False)
     assert shard_files(out) == shard_files(tmp_path / "fresh")
 
 
@@ -288,7 +290,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_shards(tmp_path):
     assert_one_line_error(result, 2, r"cannot write .*shard-\d{6}\.tar: file too large; \d+ finished shard")
     finished = sorted(p.name for p in out.glob("*.tar"))
     assert not list(out.glob("*.tmp")) and not (out / fmt.MANIFEST_NAME).exists()
-    rerun = make_shards(src, out, SHARD_SIZE, show_progress=False)
+    rerun = make_shards(src, out, ShardOptions(SHARD_SIZE), show_progress=False)
     assert rerun.kept == finished
     assert fmt.read_manifest(out)["num_samples"] == 25
 
@@ -305,7 +307,7 @@ def wds2idx_text(tar: Path, tmp_path: Path) -> str:
 
 def test_index_only_writes_the_index_dali_reads_for_shards_made_elsewhere(image_tree, tmp_path, capsys):
     out = tmp_path / "shards"
-    make_shards(image_tree / "train", out, SHARD_SIZE, show_progress=False)
+    make_shards(image_tree / "train", out, ShardOptions(SHARD_SIZE), show_progress=False)
     made = {p.name: p.read_text() for p in out.glob("*.idx")}
     for p in out.glob("*.idx"):
         p.unlink()
@@ -377,7 +379,7 @@ def _corrupt(kind: str, folder: Path, good: bytes) -> None:
 )
 def test_index_only_on_a_corrupt_shard_is_one_line_naming_it(image_tree, tmp_path, kind, pattern):
     out = tmp_path / "shards"
-    make_shards(image_tree / "train", out, SHARD_SIZE, show_progress=False)
+    make_shards(image_tree / "train", out, ShardOptions(SHARD_SIZE), show_progress=False)
     _corrupt(kind, out, (out / "shard-000000.tar").read_bytes())
     result = subprocess.run(
         [sys.executable, "-m", "dali_kd.shard", "--index-only", str(out)],
@@ -405,7 +407,12 @@ def test_a_file_list_shards_only_its_files_with_the_ids_training_gives(tiny_conf
     cfg = tiny_config(f"data.file_list={tmp_path / 'list.txt'}")
     index = prepare_data(cfg.data).train
     out = tmp_path / "shards"
-    make_shards(cfg.data.root, out, SHARD_SIZE, file_list=str(tmp_path / "list.txt"), show_progress=False)
+    make_shards(
+        cfg.data.root,
+        out,
+        ShardOptions(SHARD_SIZE, file_list=str(tmp_path / "list.txt")),
+        show_progress=False,
+    )
     rows = [json.loads(line) for line in (out / fmt.SAMPLES_NAME).read_text().splitlines()]
     assert [str(Path(cfg.data.root) / r[5]) for r in rows] == list(index.files)
     assert [r[4] for r in rows] == list(index.labels) and len(rows) == 8

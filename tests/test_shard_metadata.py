@@ -12,7 +12,7 @@ import pytest
 
 from dali_kd.data import shards as fmt
 from dali_kd.data.prepare import prepare_data
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.errors import UserError
 from tests.faults import ROOT, assert_one_line_error, run_train, tiny_args
 
@@ -20,7 +20,7 @@ from tests.faults import ROOT, assert_one_line_error, run_train, tiny_args
 @pytest.fixture(scope="module")
 def made_shards(image_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("meta") / "train"
-    make_shards(image_tree / "train", out, 10**9, show_progress=False)
+    make_shards(image_tree / "train", out, ShardOptions(10**9), show_progress=False)
     return out
 
 
@@ -123,7 +123,7 @@ def test_a_val_split_that_lacks_a_class_keeps_the_training_label_of_every_other_
     for folder in (image_tree / "val").iterdir():
         if folder.name != "class_1":
             shutil.copytree(folder, val_src / folder.name)
-    make_shards(val_src, tmp_path / "val", 10**9, show_progress=False)
+    make_shards(val_src, tmp_path / "val", ShardOptions(10**9), show_progress=False)
     cfg = tiny_config("data.format=shards", f"data.root={made_shards}", f"data.val_root={tmp_path / 'val'}")
     splits = prepare_data(cfg.data)
     val = splits.val

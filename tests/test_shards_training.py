@@ -18,7 +18,7 @@ from dali_kd.data import shards as fmt
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.loaders import make_eval_batches, make_train_stream
 from dali_kd.data.prepare import prepare_data
-from dali_kd.data.shard_writer import make_shards
+from dali_kd.data.shard_writer import ShardOptions, make_shards
 from dali_kd.errors import TrainingStopped, UserError
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
 from dali_kd.training.trainer import Trainer
@@ -34,8 +34,8 @@ SHARD_SIZE = 40_000  # about six images of the test tree per shard
 def shard_tree(image_tree, tmp_path_factory) -> Path:
     """image_tree's train and val splits as shards (train: several shards; val: one)."""
     out = tmp_path_factory.mktemp("shards")
-    make_shards(image_tree / "train", out / "train", SHARD_SIZE, show_progress=False)
-    make_shards(image_tree / "val", out / "val", 10**9, show_progress=False)
+    make_shards(image_tree / "train", out / "train", ShardOptions(SHARD_SIZE), show_progress=False)
+    make_shards(image_tree / "val", out / "val", ShardOptions(10**9), show_progress=False)
     return out
 
 
@@ -167,7 +167,7 @@ def _spoil_sample(folder: Path, sample_id: int) -> tuple[str, int]:
 
 def test_a_sample_that_fails_to_decode_is_set_aside_by_shard_and_key(tiny_config, image_tree, tmp_path):
     # Two shards, so every class has other samples in the spoilt sample's tar to stand in.
-    make_shards(image_tree / "train", tmp_path / "train", 200_000, show_progress=False)
+    make_shards(image_tree / "train", tmp_path / "train", ShardOptions(200_000), show_progress=False)
     (tmp_path / "val").symlink_to(image_tree / "val")
     bad = 7
     shard, _ = _spoil_sample(tmp_path / "train", bad)
@@ -209,7 +209,7 @@ def _spoil_in_place(folder: Path, sample_id: int, start: int, end: int) -> tuple
 @pytest.fixture
 def two_shards(image_tree, tmp_path) -> Path:
     # Two shards, so every class has other samples in a spoilt sample's tar to stand in.
-    make_shards(image_tree / "train", tmp_path / "train", 200_000, show_progress=False)
+    make_shards(image_tree / "train", tmp_path / "train", ShardOptions(200_000), show_progress=False)
     return tmp_path / "train"
 
 

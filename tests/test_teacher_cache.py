@@ -1,5 +1,6 @@
 """The teacher-feature cache: fill then replay, cached targets equal a live teacher on the replayed view (flip and
-jitter included), kill during fill then resume, refusing a foreign cache, disk space, ranks filling disjoint rows."""
+jitter included), kill during fill then resume, a cache replayed by another process than the one that filled it,
+refusing a foreign cache, disk space, ranks filling disjoint rows."""
 
 from __future__ import annotations
 
@@ -171,6 +172,31 @@ def test_kill_during_fill_then_resume_leaves_every_row_done_and_right(image_tree
         live, _, _ = live_rows(trainer, ids[chunk : chunk + 16], slots[chunk : chunk + 16])
         stored = trainer.parts.targets.cache.read(ids[chunk : chunk + 16], slots[chunk : chunk + 16], CPU)
         assert torch.allclose(stored.pooled, live.pooled, rtol=2e-3, atol=2e-3)
+
+
+def losses(run_dir: Path) -> list[dict[str, float]]:
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith("loss")} for r in rows]
+
+
+@pytest.mark.slow
+def test_a_cache_filled_by_one_process_replays_in_the_next_exactly_as_in_its_own(image_tree, tmp_path):
+    """The run is stopped once the fill is over (12 steps, checkpointed) and resumed in a new process, which replays
+    only rows the first one wrote: every loss bit-equal to the run that filled and replayed in one process."""
+    whole = subprocess.run([sys.executable, "-m", "dali_kd.train", *cache_args(image_tree, tmp_path / "whole")],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = cache_args(image_tree, tmp_path / "split")
+    killed = subprocess.run([sys.executable, str(DRIVER), "kill-before-step", "13", "--", *args],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "-m", "dali_kd.train", *args, "--resume", "auto"],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "split" / "run" / "summary.json").read_text())
+    # The 12 fill batches are all the teacher ever ran on (the count is carried over by the checkpoint).
+    assert summary["resumed_from"].endswith("step_000000012.pt") and summary["teacher_forward_batches"] == 12
+    assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
 
 
 @pytest.mark.slow

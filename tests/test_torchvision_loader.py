@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dali_kd.commands.demo_data import make_demo_dataset
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.pil_views import decode_rgb, render_pil, sample_crop, sample_jitter
@@ -38,8 +39,8 @@ def train_index(demo_root) -> ImageIndex:
     return ImageIndex.from_folder(demo_root / "train")
 
 
-def _take(index, num_batches, params=PARAMS, batch_size=5, seed=1, **kwargs) -> list[Batch]:
-    stream = TorchvisionTrainStream(index, params, batch_size=batch_size, seed=seed, num_workers=0, **kwargs)
+def _take(index, num_batches, params=PARAMS, batch_size=5, seed=1) -> list[Batch]:
+    stream = TorchvisionTrainStream(StreamSettings.with_defaults(params, batch_size, seed), index)
     try:
         return list(itertools.islice(stream, num_batches))
     finally:
@@ -102,7 +103,7 @@ def test_same_seed_same_stream_other_seed_other_stream(train_index):
 def test_worker_count_does_not_change_the_stream(train_index):
     serial = _take(train_index, 4)
     stream = TorchvisionTrainStream(
-        train_index, PARAMS, batch_size=5, seed=1, num_workers=2, persistent_workers=True
+        StreamSettings.with_defaults(PARAMS, 5, 1, num_workers=2, persistent_workers=True), train_index
     )
     try:
         parallel = list(itertools.islice(stream, 4))
@@ -248,11 +249,8 @@ def test_shards_are_disjoint_contiguous_and_cover_everything(train_index):
     seen = []
     for rank in range(3):
         stream = TorchvisionTrainStream(
+            StreamSettings.with_defaults(AugmentParams(view_size=8), 4, 0),
             train_index,
-            AugmentParams(view_size=8),
-            batch_size=4,
-            seed=0,
-            num_workers=0,
             rank=rank,
             world_size=3,
         )
@@ -269,11 +267,11 @@ def test_shards_are_disjoint_contiguous_and_cover_everything(train_index):
 
 def test_bad_stream_arguments(train_index):
     with pytest.raises(ValueError, match="rank"):
-        TorchvisionTrainStream(train_index, PARAMS, batch_size=4, seed=0, num_workers=0, rank=3, world_size=3)
+        TorchvisionTrainStream(StreamSettings.with_defaults(PARAMS, 4, 0), train_index, rank=3, world_size=3)
     with pytest.raises(ValueError, match="empty"):
         share_sample_ids(2, 0, 3)
     with pytest.raises(ValueError, match="batch_size"):
-        TorchvisionTrainStream(train_index, PARAMS, batch_size=0, seed=0, num_workers=0)
+        TorchvisionTrainStream(StreamSettings.with_defaults(PARAMS, 0, 0), train_index)
 
 
 def test_eval_batches_cover_the_index_in_order(demo_root, train_index):

@@ -19,7 +19,7 @@ from dali_kd.commands.cli import CommandLineParser, int_in_range
 from dali_kd.data import shards as fmt
 from dali_kd.data.decoder_log import admits_images_over_decoder_limit, quiet_too_large_image_lines
 from dali_kd.data.file_checks import DEFAULT_MAX_PIXELS
-from dali_kd.data.shard_writer import ShardResult, make_shards, write_indexes
+from dali_kd.data.shard_writer import ShardOptions, ShardResult, make_shards, write_indexes
 from dali_kd.errors import UserError
 
 DEFAULT_SHARD_SIZE = "1GB"
@@ -101,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("expected SRC and OUT (python -m dali_kd.shard SRC OUT), or --index-only DIR")
         if args.scan == "full" and admits_images_over_decoder_limit(args.max_image_pixels):
             quiet_too_large_image_lines()  # DALI decodes such images, but prints a red error line for each
-        result = make_shards(
-            args.src, args.out, parse_size(args.shard_size), args.seed, not args.no_shuffle, args.scan,
-            args.max_image_pixels, args.file_list, args.overwrite, show_progress=not args.no_progress,
+        options = ShardOptions(
+            shard_size=parse_size(args.shard_size), seed=args.seed, shuffle=not args.no_shuffle, scan=args.scan,
+            max_pixels=args.max_image_pixels, file_list=args.file_list,
         )  # fmt: skip
+        result = make_shards(
+            args.src, args.out, options, overwrite=args.overwrite, show_progress=not args.no_progress
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

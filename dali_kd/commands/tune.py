@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,8 @@ from dali_kd.pipelines.params import resolve_multi_crop_graph
 from dali_kd.training.callbacks import Callback
 
 if TYPE_CHECKING:
+    import torch
+
     from dali_kd.runs.preemption import StopSignal
 
 # --quick: a few minutes on a CPU. Three rounds give each setting a spread; the options are the ones that move a
@@ -165,16 +167,27 @@ def measure_step(cfg: Config, device, warmup: int, steps: int) -> float:
     return clock.ms_per_step
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How each candidate is timed: on `device`, `warmup` steps left out, then `steps` timed, in `repeats`
+    interleaved rounds."""
+
+    device: torch.device
+    steps: int
+    warmup: int
+    repeats: int
+
+
 def tune(
-    loader: dict[str, Any], overrides: list[str], candidates: list[Candidate], device, steps: int, warmup: int,
-    repeats: int, work: Path, stop: StopSignal, report=print,
+    loader: dict[str, Any], overrides: list[str], candidates: list[Candidate], timing: Timing, work: Path,
+    stop: StopSignal, report=print,
 ) -> list[Candidate]:  # fmt: skip
-    """Time every runnable candidate `repeats` times in interleaved rounds (loader: load_config's file arguments);
-    a candidate whose overrides the schema rejects, or whose run fails, gets a note instead. A stop signal ends it
-    (Preempted): at once while a timing run starts, at its next step once it trains."""
-    total = warmup + steps
-    rounds = [candidates if r % 2 == 0 else candidates[::-1] for r in range(repeats)]
-    if repeats == 1 and len(candidates) > 1:
+    """Time every runnable candidate `timing.repeats` times in interleaved rounds (loader: load_config's file
+    arguments); a candidate whose overrides the schema rejects, or whose run fails, gets a note instead. A stop
+    signal ends it (Preempted): at once while a timing run starts, at its next step once it trains."""
+    total = timing.warmup + timing.steps
+    rounds = [candidates if r % 2 == 0 else candidates[::-1] for r in range(timing.repeats)]
+    if timing.repeats == 1 and len(candidates) > 1:
         rounds.append(candidates[:1])  # the defaults again, last: the noise
     for round_index, order in enumerate(rounds):
         for number, candidate in enumerate(order):
@@ -190,7 +203,7 @@ def tune(
                 continue
             try:
                 with stop.interrupting():
-                    candidate.ms.append(measure_step(cfg, device, warmup, steps))
+                    candidate.ms.append(measure_step(cfg, timing.device, timing.warmup, timing.steps))
             except Exception as e:  # noqa: BLE001 - one failing option must not end the tuning
                 candidate.note = (
                     f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -316,8 +329,8 @@ def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
           f"{len(candidates)} candidates × {args.repeats} rounds{' (and the defaults again)' if args.repeats == 1 else ''} "
           f"× ({args.warmup} + {args.steps} steps)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dali_kd_tune_") as tmp:
-        timing = (device, args.steps, args.warmup)
-        tune(loader, overrides + pinned, candidates, *timing, args.repeats, Path(tmp), stop)
+        timing = Timing(device, args.steps, args.warmup, args.repeats)
+        tune(loader, overrides + pinned, candidates, timing, Path(tmp), stop)
         if candidates[0].ms_per_step is None:
             raise UserError(f"the defaults could not be timed: {candidates[0].note}")
         noise = noise_pct(candidates)
@@ -325,7 +338,7 @@ def run(argv: list[str] | None, stop: StopSignal) -> dict[str, Any]:
         combined = None
         if len(best) > 1:
             both = Candidate("all fastest together", best)
-            tune(loader, overrides + pinned, [both], *timing, 1, Path(tmp), stop)
+            tune(loader, overrides + pinned, [both], replace(timing, repeats=1), Path(tmp), stop)
             combined = both
     lines = verdict_lines(candidates, noise)
     result = {

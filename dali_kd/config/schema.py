@@ -12,10 +12,9 @@ from pydantic import BaseModel, TypeAdapter, model_validator
 from dali_kd.config.data_section import MIX_KEYS, DataConfig
 from dali_kd.config.model_section import ModelConfig
 from dali_kd.config.section import Section, section_type
-from dali_kd.config.stream_settings import StreamSettings
+from dali_kd.config.stream_settings import StreamSettings, decode_params
 from dali_kd.config.train_section import TrainConfig
 from dali_kd.pipelines.params import (
-    MIXED_DECODER_OPTIONS,
     AugmentParams,
     DecodeParams,
     EvalParams,
@@ -216,10 +215,7 @@ class Config(Section):
 
     def decode_params(self) -> DecodeParams:
         """How the DALI pipelines decode (window or whole image, the GPU decoder's tuning) and their output dtype."""
-        d = self.data
-        # The GPU decoder's tuning keys are named as DecodeParams' fields (and DALI's arguments), defaults included.
-        tuning = {name: getattr(d, name) for name in MIXED_DECODER_OPTIONS}
-        return DecodeParams(mode=d.decode, dtype=d.output_dtype, **tuning)
+        return decode_params(self.data)
 
     def eval_params(self) -> EvalParams:
         """The eval centre crop at the view size, resized so that it covers what data.eval_resize and

@@ -11,6 +11,7 @@ import torch
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.recovery import RuntimeQuarantine
@@ -31,7 +32,6 @@ from dali_kd.pipelines.graphs import (
 )
 from dali_kd.pipelines.params import (
     DEFAULT_DECODE,
-    AugmentParams,
     DecodeParams,
     EvalParams,
     MultiCropParams,
@@ -70,53 +70,46 @@ class DaliTrainStream:
 
     def __init__(
         self,
+        settings: StreamSettings,
         index: ImageIndex,
-        params: AugmentParams | MultiCropParams,
-        batch_size: int,
-        seed: int,
         device: torch.device | str = "cpu",
-        num_threads: int = 2,
-        prefetch_batches: int = 2,
         rank: int = 0,
         world_size: int = 1,
-        reader_seed: int | None = None,
-        checkpoint: bytes | None = None,
-        substitutions: dict[int, int] | None = None,
-        max_runtime_quarantine: int = 100,
+        state: dict | None = None,
+        *,
         quarantine: RuntimeQuarantine | None = None,
-        decode: DecodeParams = DEFAULT_DECODE,
-        shuffle_buffer: int = 1024,
-        start_position: int = 0,
     ):
-        """reader_seed: the file shuffle's seed, alike on every rank: disjoint shares (default: seed).
-        checkpoint, substitutions: from an earlier stream's state_dict(): continue exactly where it stopped.
-        params: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per sample.
-        quarantine: a runtime quarantine shared with the caller (then substitutions and max_runtime_quarantine
-        are its own).
-        decode: crop-window or whole-image decode, the GPU decoder's tuning and the images' dtype.
-        From shards (index.shards): fn.readers.webdataset, shuffle_buffer samples in its shuffle buffer;
-        start_position (samples the stream had yielded at `checkpoint`) lets a decode failure be traced to the
-        samples of its batch."""
-        self.device = torch.device(device)
-        self.index = index
-        self.shuffle_buffer = shuffle_buffer
+        """settings.crops: MultiCropParams makes DINO multi-crop batches (see Batch), AugmentParams one view per
+        sample. Augmentations are seeded per rank (settings.seed + rank); the file shuffle by settings.seed alone,
+        alike on every rank, so that the ranks' shares stay disjoint.
+        state: an earlier stream's state_dict(): continue exactly where it stopped, with its runtime substitutions
+        (its position also lets a decode failure be traced to the samples of its batch).
+        quarantine: a runtime quarantine shared with the caller (then the substitutions and
+        data.max_runtime_quarantine are its own).
+        From shards (index.shards): fn.readers.webdataset, data.shuffle_buffer samples in its shuffle buffer."""
+        state = state or {}
+        self.settings, self.device, self.index = settings, torch.device(device), index
+        self.params, self.batch_size = settings.crops, settings.batch_size
+        self.seed, self.reader_seed = settings.seed + rank, settings.seed
+        self.rank, self.world_size = rank, world_size
         # The graph that cuts multi-crop here ("auto" resolved): its pipeline checkpoints restore only into it.
         self.multi_crop_graph = (
-            stream_multi_crop_graph(params, self.device) if isinstance(params, MultiCropParams) else None
+            stream_multi_crop_graph(self.params, self.device)
+            if isinstance(self.params, MultiCropParams)
+            else None
         )
-        self.position = start_position
+        self.position = int(state.get("position", 0))
         self._index_dir: tempfile.TemporaryDirectory | None = None  # rewritten index files (from shards)
-        self.quarantine = quarantine or RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
+        self.quarantine = quarantine or RuntimeQuarantine(
+            index, settings.data.max_runtime_quarantine, state.get("substitutions")
+        )
         # A tar changed in place mid-run may decode without an error: its batches are looked at before use.
         self._watch = ShardWatch(index.shards, self.quarantine) if index.shards is not None else None
-        self.params, self.batch_size, self.seed, self.decode = params, batch_size, seed, decode
-        self.reader_seed = seed if reader_seed is None else reader_seed
-        self.rank, self.world_size = rank, world_size
-        self.num_threads, self.prefetch_batches = num_threads, prefetch_batches
         self._labels = np.asarray(index.labels, dtype=np.int64)
         self.pipe: Pipeline | None = None  # both None once closed
         self._iterator: DALIGenericIterator | None = None
-        pipe = self._build(checkpoint)
+        checkpoint = state.get("pipeline")
+        pipe = self._build(bytes(checkpoint.numpy()) if checkpoint is not None else None)
         # One pass of this shard, by the shard rule DALI's reader follows (shards may differ by one sample).
         epoch_size = int(pipe.reader_meta(READER_NAME)["epoch_size"])
         self.num_samples = share_size(epoch_size, rank, world_size)
@@ -144,7 +137,7 @@ class DaliTrainStream:
             paths=layout.tar_paths,
             index_paths=tuple(index_paths),
             image_ext=READER_IMAGE_EXT,
-            shuffle_buffer=self.shuffle_buffer,
+            shuffle_buffer=self.settings.data.shuffle_buffer,
         )
 
     def _batch_samples(self, position: int) -> list[int]:
@@ -181,9 +174,9 @@ class DaliTrainStream:
             # DALI's reader calls a rank's share its shard.
             self.pipe = pipe = train_pipeline(
                 source, self.params, self.batch_size, self.seed, device_id=dali_device_id(self.device),
-                num_threads=self.num_threads, shard_id=self.rank, num_shards=self.world_size,
-                prefetch_queue_depth=self.prefetch_batches, checkpoint=checkpoint, reader_seed=self.reader_seed,
-                decode=self.decode,
+                num_threads=self.settings.data.dali_threads, shard_id=self.rank, num_shards=self.world_size,
+                prefetch_queue_depth=self.settings.data.prefetch_batches, checkpoint=checkpoint,
+                reader_seed=self.reader_seed, decode=self.settings.decode,
             )  # fmt: skip
             pipe.build()
             self._shown = np.asarray(shown, dtype=np.int64)

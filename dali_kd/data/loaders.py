@@ -17,9 +17,6 @@ from dali_kd.data.stream import TrainStream
 from dali_kd.errors import UserError
 from dali_kd.pipelines.params import MultiCropParams
 
-# data.output_dtype as the torch dtype the torchvision backend casts its images to (DALI's graph writes it itself).
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
 
 def make_train_stream(
     settings: StreamSettings,
@@ -60,48 +57,15 @@ def _backend_stream(
     world_size: int,
     state: dict | None,
 ) -> TrainStream:
-    substitutions = {int(k): v for k, v in state.get("substitutions", {}).items()} if state else None
     if settings.data.backend == "dali":
         from dali_kd.data.dali_loader import DaliTrainStream
 
         if state is not None:
             _check_multi_crop_graph(settings, device, state)
-        return DaliTrainStream(
-            index,
-            settings.crops,
-            batch_size=settings.batch_size,
-            # Augmentations differ per rank; the file shuffle is shared, so that the ranks' shares stay disjoint.
-            seed=settings.seed + rank,
-            reader_seed=settings.seed,
-            device=device,
-            num_threads=settings.data.dali_threads,
-            prefetch_batches=settings.data.prefetch_batches,
-            rank=rank,
-            world_size=world_size,
-            checkpoint=bytes(state["pipeline"].numpy()) if state else None,
-            substitutions=substitutions,
-            max_runtime_quarantine=settings.data.max_runtime_quarantine,
-            decode=settings.decode,
-            shuffle_buffer=settings.data.shuffle_buffer,
-            start_position=int(state.get("position", 0)) if state else 0,
-        )
+        return DaliTrainStream(settings, index, device, rank, world_size, state)
     from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 
-    return TorchvisionTrainStream(
-        index,
-        settings.crops,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-        num_workers=settings.num_workers,
-        persistent_workers=settings.persistent_workers,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        start_position=state["position"] if state else 0,
-        dtype=TORCH_DTYPES[settings.data.output_dtype],
-        max_runtime_quarantine=settings.data.max_runtime_quarantine,
-        substitutions=substitutions,
-    )
+    return TorchvisionTrainStream(settings, index, device, rank, world_size, state)
 
 
 def _check_multi_crop_graph(settings: StreamSettings, device: torch.device, state: dict) -> None:
@@ -133,7 +97,7 @@ def make_eval_batches(settings: StreamSettings, index: ImageIndex, device: torch
             decode=settings.decode,
         )  # fmt: skip
         return
-    from dali_kd.data.torchvision_loader import torchvision_eval_batches
+    from dali_kd.data.torchvision_loader import TORCH_DTYPES, torchvision_eval_batches
 
     yield from torchvision_eval_batches(
         index, settings.eval, batch_size, num_workers=settings.num_workers, device=device,

@@ -190,33 +190,45 @@ def make_out_folder(out: Path) -> None:
         raise UserError(f"OUT {out}: cannot write there ({os_reason(e) or e})") from None
 
 
+@dataclass(frozen=True)
+class ShardOptions:
+    """How the images are cut into shards (python -m dali_kd.shard's options): shard_size bytes per shard at most,
+    a seeded shuffle (or the folder's order), the scan and its pixel limit, an optional file list. A rerun with
+    other options writes every shard again."""
+
+    shard_size: int = 10**9
+    seed: int = 0
+    shuffle: bool = True
+    scan: str = "header"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    file_list: str | None = None
+
+
 def make_shards(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    shard_size: int = 10**9,
-    seed: int = 0,
-    shuffle: bool = True,
-    scan: str = "header",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    file_list: str | None = None,
+    options: ShardOptions = ShardOptions(),
+    *,
     overwrite: bool = False,
     show_progress: bool = True,
     on_shard_written: Callable[[str], None] | None = None,
 ) -> ShardResult:
     src, out = Path(src).expanduser(), Path(out).expanduser()
     real_src = check_folders(src, out)
-    file_list = str(Path(file_list).expanduser().resolve()) if file_list else None
+    o = options
+    file_list = str(Path(o.file_list).expanduser().resolve()) if o.file_list else None
+    # As the manifest and the rerun state record them: a rerun compares these.
     settings = {
-        "src": str(real_src), "file_list": file_list, "shard_size": shard_size, "seed": seed, "shuffle": shuffle,
-        "scan": scan, "max_image_pixels": max_pixels,
+        "src": str(real_src), "file_list": file_list, "shard_size": o.shard_size, "seed": o.seed,
+        "shuffle": o.shuffle, "scan": o.scan, "max_image_pixels": o.max_pixels,
     }  # fmt: skip
     make_out_folder(out)
     records = finished_shards(out, settings, overwrite)
     for p in out.iterdir():
         if p.name.endswith(".tmp"):  # a shard that a killed run left half-written
             p.unlink()
-    class_names, samples, splits = list_samples(src, file_list, scan, max_pixels, out / "scan")
-    plans = plan_shards(samples, shard_size, seed, shuffle, settings)
+    class_names, samples, splits = list_samples(src, file_list, o.scan, o.max_pixels, out / "scan")
+    plans = plan_shards(samples, o.shard_size, o.seed, o.shuffle, settings)
     progress = ShardingProgress(len(samples), sum(s.size for s in samples), enabled=show_progress)
     try:
         for m in splits.messages:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 
+from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.pil_views import decode_rgb, draw_view, render_pil
@@ -26,6 +27,9 @@ from dali_kd.pipelines.params import AugmentParams, EvalParams, MultiCropParams
 # What a worker gets per sample: (stream position, slot id, the id of the image to try first). The main process
 # knows the runtime quarantine and resolves the slot; the worker only meets files that fail after that.
 ViewKey = tuple[int, int, int]
+
+# data.output_dtype as the torch dtype the images are cast to (DALI's graph writes it itself).
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class _TrainViews(Dataset):
@@ -168,22 +172,20 @@ class TorchvisionTrainStream:
 
     def __init__(
         self,
+        settings: StreamSettings,
         index: ImageIndex,
-        params: AugmentParams | MultiCropParams,
-        batch_size: int,
-        seed: int,
-        num_workers: int = 4,
-        persistent_workers: bool = False,
+        device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
-        device: torch.device | str = "cpu",
-        start_position: int = 0,
-        max_runtime_quarantine: int = 100,
-        substitutions: dict[int, int] | None = None,
-        dtype: torch.dtype = torch.float32,
+        state: dict | None = None,
     ):
         """device: where every tensor of a yielded Batch lives (see dali_kd.data.transfer for the copy).
-        dtype: the images' dtype; the workers cast them, so float16 also halves the bytes pinned and copied."""
+        state: an earlier stream's state_dict(): continue exactly where it stopped, with its runtime substitutions.
+        data.output_dtype: the images' dtype; the workers cast them, so float16 also halves the bytes pinned and
+        copied."""
+        state = state or {}
+        batch_size, seed, num_workers = settings.batch_size, settings.seed, settings.num_workers
+        start_position = int(state.get("position", 0))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
@@ -194,18 +196,20 @@ class TorchvisionTrainStream:
         self.num_samples = len(self.share_ids)
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.quarantine = RuntimeQuarantine(index, max_runtime_quarantine, substitutions)
+        self.quarantine = RuntimeQuarantine(
+            index, settings.data.max_runtime_quarantine, state.get("substitutions")
+        )
         self._loader: DataLoader | None = DataLoader(
-            _TrainViews(index, params, seed, rank),
+            _TrainViews(index, settings.crops, seed, rank),
             batch_sampler=_StreamBatches(
                 self.share_ids, seed, batch_size, self.quarantine.resolve, start_position
             ),
             num_workers=num_workers,
-            collate_fn=functools.partial(_collate_train, dtype=dtype),
+            collate_fn=functools.partial(_collate_train, dtype=TORCH_DTYPES[settings.data.output_dtype]),
             # Pinned host batches: the copy to the GPU can then run asynchronously (dali_kd.data.transfer).
             pin_memory=self.device.type == "cuda",
             # DataLoader rejects persistent workers without workers; the flag then simply has no meaning.
-            persistent_workers=persistent_workers and num_workers > 0,
+            persistent_workers=settings.persistent_workers and num_workers > 0,
             # Its own generator: starting an iterator must not draw from torch's global RNG, which a resumed
             # run restores exactly (views are seeded by stream position anyway).
             generator=torch.Generator().manual_seed(seed),

@@ -46,7 +46,7 @@ from dali_kd.data.recovery import RuntimeQuarantine
 from dali_kd.data.sampling import pass_order, share_sample_ids
 from dali_kd.data.stream import TrainStream
 from dali_kd.errors import TrainingStopped
-from dali_kd.pipelines.params import DEFAULT_DECODE, AugmentParams
+from dali_kd.pipelines.params import AugmentParams
 from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.replay_ahead import ViewsAhead
 from dali_kd.teacher_cache.rows import CachedRows
@@ -83,13 +83,7 @@ def cached_view_stream(
 ) -> CachedViewStream:
     """The cached stream itself, before data.augment.mix mixes its batches."""
     check_resumed_backend(settings.data, state)
-    params, data = settings.crops, settings.data
-    assert isinstance(params, AugmentParams)  # the config refuses the cache with multi-crop
-    return CachedViewStream(
-        index, params, settings.batch_size, settings.seed, cache, mode, device, rank, world_size, state,
-        num_threads=data.dali_threads, prefetch_batches=data.prefetch_batches,
-        max_runtime_quarantine=data.max_runtime_quarantine, decode=settings.decode, shuffle_buffer=data.shuffle_buffer,
-    )  # fmt: skip
+    return CachedViewStream(settings, index, device, rank, world_size, state, cache=cache, mode=mode)
 
 
 @dataclass
@@ -121,34 +115,31 @@ class CachedViewStream:
 
     def __init__(
         self,
+        settings: StreamSettings,
         index: ImageIndex,
-        params: AugmentParams,
-        batch_size: int,
-        seed: int,
-        cache: TeacherCache,
-        mode: str,
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
         state: dict | None = None,
-        max_runtime_quarantine: int = 100,
-        **dali_kwargs,
+        *,
+        cache: TeacherCache,
+        mode: str,
     ):
-        """dali_kwargs: DaliTrainStream's settings for the fill; replay renders with the same decode, threads and
-        prefetch_batches (the replayed batches DALI renders ahead of the consumer: 1 renders each in turn)."""
-        self.index, self.params, self.batch_size, self.seed = index, params, batch_size, seed
+        """settings: the fill's DaliTrainStream's; replay renders with the same crops, decode, data.dali_threads
+        and data.prefetch_batches (the replayed batches DALI renders ahead of the consumer: 1 renders each in
+        turn). mode: train.cache_mode."""
+        assert isinstance(settings.crops, AugmentParams)  # the config refuses the cache with multi-crop
+        self.settings, self.params = settings, settings.crops
+        self.index, self.batch_size, self.seed = index, settings.batch_size, settings.seed
         self.cache, self.mode, self.device = cache, mode, torch.device(device)
-        self.decode = dali_kwargs.get("decode", DEFAULT_DECODE)  # the fill's decode: replay renders alike
-        self.prefetch_batches = int(dali_kwargs.get("prefetch_batches", 2))
         self.num_views = cache.num_views
         self.share_ids = share_sample_ids(index.num_samples, rank, world_size)
         self.num_samples = len(self.share_ids)
         self.rank = rank
-        self._dali_kwargs = dict(dali_kwargs, rank=rank, world_size=world_size, reader_seed=seed)
         state = state or {}
         # One quarantine for the fill and the replay: a slot set aside while filling stays resolved in replay.
         self.quarantine = RuntimeQuarantine(
-            index, max_runtime_quarantine, {int(k): v for k, v in state.get("substitutions", {}).items()}
+            index, settings.data.max_runtime_quarantine, state.get("substitutions")
         )
         self.position = int(state.get("position", 0))
         # Replayed positions whose scheduled row was not usable and another row stood in (cumulative).
@@ -166,10 +157,8 @@ class CachedViewStream:
         self._order_cache: tuple[int, np.ndarray] | None = None
         if not self.replaying:
             self._fill = DaliTrainStream(
-                index, params, batch_size, seed + rank, device=device,
-                checkpoint=bytes(state["pipeline"].numpy()) if state.get("pipeline") is not None else None,
-                quarantine=self.quarantine, start_position=self.position, **self._dali_kwargs,
-            )  # fmt: skip
+                settings, index, device, rank, world_size, state, quarantine=self.quarantine
+            )
 
     def _replay_start(self, state: dict) -> int:
         """The stream position of the first replayed batch: the resumed run's; 0 when the cache is already complete;
@@ -268,7 +257,8 @@ class CachedViewStream:
         return ViewsAhead(
             self._plans(self.position), self.index, self.params,
             max_views=2 * self.batch_size if self.cache.mixed else self.batch_size, device=self.device,
-            depth=self.prefetch_batches, decode=self.decode, num_threads=self._dali_kwargs.get("num_threads", 2),
+            depth=self.settings.data.prefetch_batches, decode=self.settings.decode,
+            num_threads=self.settings.data.dali_threads,
         )  # fmt: skip
 
     def _replay_batch(self) -> Batch:
