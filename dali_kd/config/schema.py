@@ -105,6 +105,11 @@ class Config(Section):
                 "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: "
                 "local crops are the small views; lower data.local_crop_size or raise data.image_size"
             )
+        if len(self.model.teacher_specs) > 1:
+            raise self._conflict(
+                "{train.use_local_crops} with several model.teachers: multi-crop distils one teacher; turn "
+                "train.use_local_crops off or give one teacher"
+            )
         if t.cache_teacher_features:
             raise self._conflict(
                 "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the "
@@ -151,6 +156,11 @@ class Config(Section):
         d, t = self.data, self.train
         if not t.cache_teacher_features:
             return
+        if len(self.model.teacher_specs) > 1:
+            raise self._conflict(
+                "{train.cache_teacher_features} with several model.teachers: the teacher cache stores one "
+                "teacher's outputs; turn the cache off or give one teacher"
+            )
         if d.backend != "dali":
             raise self._conflict(
                 "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache "

@@ -33,7 +33,8 @@ from dali_kd.training.ema import StudentEma
 from dali_kd.training.nonfinite import NonFiniteGuard
 from dali_kd.training.optim import build_optimizer, build_scheduler, peak_lr
 from dali_kd.training.run_state import RunState
-from dali_kd.training.task import DistillTask
+from dali_kd.training.standardise import TeacherStandardiser
+from dali_kd.training.task import DistillTask, teacher_losses
 
 
 @dataclass(kw_only=True)
@@ -45,8 +46,9 @@ class RunParts:
         QuarantineList  # the files set aside: the scan's, then the run's own (it keeps quarantine.jsonl)
     )
     evaluator: Evaluator
-    teacher: FrozenTeacher
-    teacher_id: dict[str, str]
+    teachers: list[FrozenTeacher]  # in config order
+    teacher_ids: list[dict[str, str]]
+    teacher_keys: list[str]  # each teacher's name in metrics (model.teacher_keys)
     student: Student
     task: DistillTask
     optimizer: torch.optim.Optimizer
@@ -59,8 +61,25 @@ class RunParts:
     stream: TrainStream = field(init=False)
     data_files: dict | None = None  # identity.data_identity of train_index.files, for the Checkpointer
     ema: StudentEma | None = None  # train.ema_decay
-    # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
+    standardiser: TeacherStandardiser | None = None  # some model.teachers[i].standardise
+    # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std; with several teachers
+    # "teachers": {key: ...} too), for the summary and export.
     inputs: dict[str, dict] | None = None
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The first (or only) teacher."""
+        return self.teachers[0]
+
+    @property
+    def teacher_id(self) -> dict[str, str]:
+        """The first (or only) teacher's identity."""
+        return self.teacher_ids[0]
+
+    @property
+    def teacher_identity(self) -> dict[str, str] | list[dict[str, str]]:
+        """What a checkpoint knows the teachers by: one teacher's id, or the list of them."""
+        return self.teacher_ids[0] if len(self.teacher_ids) == 1 else list(self.teacher_ids)
 
     def checkpoint_states(self) -> dict[str, Stateful]:
         """What a checkpoint stores, by name: the models' parts, then the counters that make up its progress dict."""
@@ -71,12 +90,14 @@ class RunParts:
         }
         if self.ema is not None:
             parts["student_ema"] = self.ema
+        if self.standardiser is not None:
+            parts["teacher_standardiser"] = self.standardiser
         parts[PROGRESS] = RunProgress(self.state, self.quarantine, self.targets, self.guard)
         return parts
 
     def checkpoint_identity(self) -> dict:
         """What a resume is checked against besides the config: the teacher's and the training files' identity."""
-        return {"teacher": self.teacher_id, "data_files": self.data_files}
+        return {"teacher": self.teacher_identity, "data_files": self.data_files}
 
     def run_setup(self, cfg: Config, device: torch.device) -> RunSetup:
         """What the run has on, for the advice of its verdict."""
@@ -84,7 +105,7 @@ class RunParts:
             device=device.type,
             bf16=self.amp_dtype == torch.bfloat16,
             compiled_student=resolve_compile(cfg.train.compile_student, device),
-            compiled_teacher=self.teacher.compiled,
+            compiled_teacher=all(teacher.compiled for teacher in self.teachers),
             teacher_cached=self.targets.cached,
             backend=cfg.data.backend,
             local_crops=cfg.train.use_local_crops,
@@ -113,9 +134,11 @@ def build_run(
         teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
     )  # fmt: skip
     loss = _loss_for_teacher(cfg, models, splits.train.num_classes, dist)
+    standardiser = _standardiser(cfg, device, dist)
     task = DistillTask(
-        models.student, loss, device, amp_dtype, dist, resolve_compile(train.compile_student, device)
-    )
+        models.student, loss, device, amp_dtype, dist, resolve_compile(train.compile_student, device),
+        teachers=teacher_losses(cfg.model, cfg.train.loss, first=loss), standardiser=standardiser,
+    )  # fmt: skip
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
     steps_per_epoch = _steps_per_epoch(cfg, share)
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
@@ -126,8 +149,9 @@ def build_run(
         val_index=splits.val,
         quarantine=QuarantineList(splits.quarantine),
         evaluator=evaluator,
-        teacher=models.teacher,
-        teacher_id=models.teacher_id,
+        teachers=models.teachers,
+        teacher_ids=models.teacher_ids,
+        teacher_keys=models.teacher_keys,
         student=models.student,
         task=task,
         optimizer=optimizer,
@@ -136,8 +160,9 @@ def build_run(
         state=RunState(),
         guard=NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device),
         targets=targets,
+        standardiser=standardiser,
         data_files=data_identity(splits.train.files),
-        inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
+        inputs=model_inputs(models),
         ema=_student_ema(cfg, models.student),
     )
     stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
@@ -148,6 +173,17 @@ def build_run(
     parts.quarantine.watch(parts.stream, evaluator)
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
+
+
+def model_inputs(models: DistillModels) -> dict[str, dict]:
+    """What each model is fed: the (first) teacher's and the student's input, and with several teachers each
+    teacher's by key."""
+    inputs = {"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()}
+    if len(models.teachers) > 1:
+        inputs["teachers"] = {
+            key: spec.to_dict() for key, spec in zip(models.teacher_keys, models.teacher_inputs, strict=True)
+        }
+    return inputs
 
 
 def _steps_per_epoch(cfg: Config, share: int) -> int:
@@ -229,7 +265,7 @@ def _teacher_targets(
 ) -> TeacherTargets:
     """The live teacher, or (train.cache_teacher_features) the teacher cache in front of it."""
     train = cfg.train
-    live = LiveTeacher(models.teacher, models.use_patches)
+    live = LiveTeacher(models.teachers, models.teacher_patches, models.teacher_keys)
     if not train.cache_teacher_features:
         return live
     cache = open_teacher_cache(
@@ -238,6 +274,14 @@ def _teacher_targets(
     return CachedTeacher(
         live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
     )
+
+
+def _standardiser(cfg: Config, device: torch.device, dist: DistInfo) -> TeacherStandardiser | None:
+    """The targets' standardisation, where some teacher asks for it (model.teachers[i].standardise)."""
+    which = [spec.standardise for spec in cfg.model.teacher_specs]
+    if not any(which):
+        return None
+    return TeacherStandardiser(cfg.model.teacher_keys, which, device, dist.world_size)
 
 
 def _student_ema(cfg: Config, student: Student) -> StudentEma | None:
@@ -257,7 +301,13 @@ def _restore(
         return None
     saved = ckpt.load(resume_from)
     warnings = ckpt.check_compatible(
-        saved, cfg, parts.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
+        saved,
+        cfg,
+        parts.teacher_identity,
+        dist.world_size,
+        resume_from,
+        allow_config_change,
+        parts.data_files,
     )
     for warning in warnings if dist.is_main else ():
         console.warning(f"warning: {warning}")
