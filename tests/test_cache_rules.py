@@ -12,7 +12,8 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.models import FrozenTeacher, create_model
-from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.layout import parts_for
+from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
 from dali_kd.teacher_cache.targets import open_teacher_cache
 
@@ -36,7 +37,7 @@ def fill(cache: TeacherCache, ids: np.ndarray, slots: np.ndarray) -> None:
         crop_anchor=torch.zeros(n, 2), crop_shape=torch.tensor([[1.0, 0.5]]).repeat(n, 1),
         flip=torch.zeros(n, dtype=torch.int64), jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
     )  # fmt: skip
-    out = ModelOutput(pooled=torch.ones(n, cache.parts[0].shape[0]), logits=None, patch_tokens=None)
+    out = ModelOutput(pooled=torch.ones(n, cache.groups[0].parts[0].shape[0]), logits=None, patch_tokens=None)
     cache.write(ids, slots, out, view)
 
 

@@ -1,0 +1,151 @@
+"""The teacher cache with several teachers: each teacher's outputs under its key, with its own checksum; a cache
+built for another set of teachers is refused by name; one teacher's cache keeps today's files byte for byte."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dali_kd.data.batch import ViewRecord
+from dali_kd.data.outputs import ModelOutput
+from dali_kd.errors import UserError
+from dali_kd.teacher_cache.layout import Part
+from dali_kd.teacher_cache.store import TeacherCache
+
+CPU = torch.device("cpu")
+NUM_SAMPLES, NUM_VIEWS = 6, 2
+
+
+def entry(key: str, name: str, weights: str = "w", classes: int = 4) -> dict:
+    return {"key": key, "teacher": {"name": name, "weights_hash": weights}, "num_classes": classes}
+
+
+TWO = [entry("res", "resnet"), entry("vit", "vit_tiny", classes=0)]
+PARTS = {
+    "res": [Part("pooled", (3,), "float16"), Part("logits", (4,), "float16")],
+    "vit": [Part("pooled", (5,), "float16"), Part("tokens", (4, 5), "float16")],
+}
+
+
+def open_two(
+    directory: Path, teachers: list[dict] = TWO, parts: dict | None = None, **kwargs
+) -> TeacherCache:
+    identity = {"teachers": teachers, "image_size": 32}
+    return TeacherCache(directory, identity, parts or PARTS, NUM_SAMPLES, NUM_VIEWS, create=True, **kwargs)
+
+
+def views(n: int) -> ViewRecord:
+    return ViewRecord(
+        crop_anchor=torch.rand(n, 2), crop_shape=torch.rand(n, 2), flip=torch.randint(0, 2, (n,)),
+        jitter=torch.rand(n, 4),
+    )  # fmt: skip
+
+
+def outputs(n: int, seed: int) -> list[ModelOutput]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ModelOutput(pooled=torch.randn(n, 3, generator=g), logits=torch.randn(n, 4, generator=g), patch_tokens=None),
+        ModelOutput(pooled=torch.randn(n, 5, generator=g), logits=None, patch_tokens=torch.randn(n, 4, 5, generator=g)),
+    ]  # fmt: skip
+
+
+def filled(directory: Path) -> tuple[TeacherCache, np.ndarray, np.ndarray, list[ModelOutput]]:
+    cache = open_two(directory)
+    ids, slots = np.arange(NUM_SAMPLES).repeat(NUM_VIEWS), np.tile(np.arange(NUM_VIEWS), NUM_SAMPLES)
+    outs = outputs(len(ids), seed=0)
+    cache.write(ids, slots, outs, views(len(ids)))
+    return cache, ids, slots, outs
+
+
+def tensors(out: ModelOutput) -> tuple[torch.Tensor | None, ...]:
+    return out.pooled, out.logits, out.patch_tokens
+
+
+def same(a: ModelOutput, b: ModelOutput) -> bool:
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(tensors(a), tensors(b), strict=True)
+    )
+
+
+def as_stored(out: ModelOutput, rows: slice = slice(None)) -> ModelOutput:
+    """The outputs as fp16 storage gives them back (only `rows`)."""
+    return ModelOutput(*(None if t is None else t[rows].half().float() for t in tensors(out)))
+
+
+def test_each_teachers_outputs_are_stored_under_its_key_and_read_back(tmp_path):
+    cache, ids, slots, outs = filled(tmp_path / "cache")
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert names == sorted(["header.json", "views.bin", "done.bin", "checks.bin", "res.pooled.bin",
+                            "res.logits.bin", "vit.pooled.bin", "vit.tokens.bin"])  # fmt: skip
+    assert (tmp_path / "cache" / "checks.bin").stat().st_size == NUM_SAMPLES * NUM_VIEWS * 3 * 4
+    rows = cache.read_rows(ids, slots)
+    assert rows.intact.shape == (2, len(ids)) and rows.intact.all()
+    back = rows.to_outputs(CPU)
+    assert len(back) == 2 and all(same(b, as_stored(o)) for b, o in zip(back, outs, strict=True))
+    # Reopened from disk: the same rows, each teacher's own.
+    again = open_two(tmp_path / "cache").read_rows(ids[::-1].copy(), slots[::-1].copy()).to_outputs(CPU)
+    assert same(again[1], ModelOutput(*(None if t is None else t.flip(0) for t in tensors(back[1]))))
+
+
+def test_a_damaged_row_of_one_teacher_fails_only_that_teachers_check_and_is_refilled(tmp_path):
+    cache, ids, slots, outs = filled(tmp_path / "cache")
+    victim = 5  # row (2, 1)
+    path = tmp_path / "cache" / "vit.tokens.bin"
+    data = bytearray(path.read_bytes())
+    data[victim * 4 * 5 * 2 + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    cache = open_two(tmp_path / "cache")
+    rows = cache.read_rows(ids, slots)
+    assert rows.intact[0].all(), "the other teacher's outputs are as written"
+    assert np.flatnonzero(~rows.intact[1]).tolist() == [victim]
+    assert cache.damaged == {(2, 1)}
+    fresh = outputs(1, seed=7)[1]
+    cache.write_outputs(1, ids[[victim]], slots[[victim]], fresh)
+    rows = cache.read_rows(ids, slots)
+    assert rows.intact.all()
+    assert same(as_stored(rows.to_outputs(CPU)[1], slice(victim, victim + 1)), as_stored(fresh))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    changed = sorted(name for name in after if after[name] != before[name])
+    assert changed == ["checks.bin", "vit.pooled.bin", "vit.tokens.bin"], (
+        "only that teacher's files and checks"
+    )
+
+
+@pytest.mark.parametrize(
+    ("teachers", "named"),
+    [
+        ([TWO[0], entry("vit", "vit_tiny", weights="other", classes=0)], r"teacher vit \(vit_tiny\) changed: its weights differ"),
+        ([TWO[0], entry("vit", "vit_small", classes=0)], r"teacher vit \(vit_small\) changed: was vit_tiny"),
+        ([*TWO, entry("conv", "convnext")], r"teacher conv \(convnext\) is not in it"),
+        ([TWO[0]], r"it holds teacher vit \(vit_tiny\), which this run does not have"),
+        ([TWO[1], TWO[0]], r"in another order"),
+    ],
+)  # fmt: skip
+def test_a_cache_of_another_teacher_set_is_refused_naming_the_teacher(tmp_path, teachers, named):
+    filled(tmp_path / "cache")
+    parts = {e["key"]: PARTS.get(e["key"], PARTS["res"]) for e in teachers}
+    with pytest.raises(UserError) as info:
+        open_two(tmp_path / "cache", teachers, parts)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("set train.cache_rebuild=true to rebuild it"), message
+    assert "built for something else (" in message
+    assert re.search(named, message), message
+    rebuilt = open_two(tmp_path / "cache", teachers, parts, rebuild=True)
+    assert rebuilt.rows_done() == 0
+
+
+def test_a_one_teacher_cache_is_refused_by_a_run_with_two_naming_the_one_added(tmp_path):
+    one = {"teacher": {"name": "resnet", "weights_hash": "w"}, "num_classes": 4, "image_size": 32}
+    TeacherCache(tmp_path / "cache", one, PARTS["res"], NUM_SAMPLES, NUM_VIEWS, create=True)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir())[:2] == ["checks.bin", "done.bin"]
+    assert (tmp_path / "cache" / "pooled.bin").exists(), "one teacher: today's file names"
+    with pytest.raises(
+        UserError, match=r"\(teacher vit \(vit_tiny\) is not in it\); set train\.cache_rebuild"
+    ):
+        open_two(tmp_path / "cache")
