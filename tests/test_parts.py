@@ -63,7 +63,7 @@ def open_cache(tmp_path, teacher, num_samples=8, num_views=1) -> TeacherCache:
 def test_live_teacher_counts_batches_and_sees_global_crops_only(teacher):
     live = LiveTeacher(teacher, with_patches=False)
     crops = torch.randn(3, 2, 3, 32, 32)  # multi-crop: [B, G, ...]
-    out = live.targets(batch_of(crops, [0, 1, 2], local_images=torch.randn(3, 4, 3, 16, 16)))
+    (out,) = live.targets(batch_of(crops, [0, 1, 2], local_images=torch.randn(3, 4, 3, 16, 16)))
     assert out.pooled.shape[0] == 6 and live.summary()["teacher_forward_batches"] == 1
     # View-major: crop 0 of every sample first.
     assert torch.allclose(out.pooled[:3], teacher(crops[:, 0]).pooled, atol=1e-5)
@@ -76,11 +76,11 @@ def test_cached_teacher_fills_rows_at_stream_slots_then_replays_them(tmp_path, t
     # Slot 3's file was set aside: the stream showed sample 2 there.
     fill = batch_of(images, [0, 1, 2, 2], stream_ids=torch.tensor([0, 1, 2, 3]),
                     cache=CacheFields(np.zeros(4, dtype=np.int64), store=np.ones(4, dtype=bool)))  # fmt: skip
-    live = cached.targets(fill, step=1)
+    (live,) = cached.targets(fill, step=1)
     assert cache.is_done(np.arange(4), np.zeros(4, dtype=np.int64)).all()
     replay = batch_of(images, [0, 1, 2, 2], cache=CacheFields(np.zeros(4, dtype=np.int64), from_cache=True),
                       host_ids=np.array([0, 1, 2, 3]))  # fmt: skip
-    out = cached.targets(replay, step=2)
+    (out,) = cached.targets(replay, step=2)
     assert torch.allclose(out.pooled, live.pooled, atol=1e-6) and torch.allclose(
         out.logits, live.logits, atol=1e-6
     )
@@ -161,7 +161,7 @@ def test_distill_task_one_view_and_multi_crop(teacher):
     assert set(losses) == {"loss", "loss_feature", "loss_logit"} and losses["loss"].requires_grad
     crops, local = torch.randn(2, 2, 3, 32, 32), torch.randn(2, 3, 3, 16, 16)
     multi = batch_of(crops, [0, 1], local_images=local)
-    losses = task(multi, LiveTeacher(teacher, False).targets(multi))
+    losses = task(multi, LiveTeacher(teacher, False).targets(multi)[0])
     assert {"loss", "loss_global", "loss_local", "loss_feature_local", "loss_logit_global"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -304,5 +304,5 @@ def test_a_finished_run_saves_the_student_and_both_projectors(tiny_config, tmp_p
 
 
 def test_model_output_is_what_targets_return(teacher):
-    out = LiveTeacher(teacher, False).targets(batch_of(torch.zeros(1, 3, 32, 32), [0]))
+    (out,) = LiveTeacher(teacher, False).targets(batch_of(torch.zeros(1, 3, 32, 32), [0]))
     assert isinstance(out, ModelOutput) and out.patch_tokens is None

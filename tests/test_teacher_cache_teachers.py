@@ -3,7 +3,12 @@ built for another set of teachers is refused by name; one teacher's cache keeps 
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +154,47 @@ def test_a_one_teacher_cache_is_refused_by_a_run_with_two_naming_the_one_added(t
         UserError, match=r"\(teacher vit \(vit_tiny\) is not in it\); set train\.cache_rebuild"
     ):
         open_two(tmp_path / "cache")
+
+
+# ---- one teacher: today's files ------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+# The last commit before caches of several teachers: a one-teacher cache's files are still what it writes.
+BEFORE_SEVERAL_TEACHERS = "77e5db4"
+
+
+def fill_args(image_tree: Path, out: Path) -> list[str]:
+    return [
+        "--data_config", str(ROOT / "configs" / "demo" / "data_config.yaml"), "--device", "cpu", "--no-progress",
+        f"data.root={image_tree / 'train'}", "data.val_root=null", "data.image_size=32", "data.dali_threads=1",
+        "model.teacher.name=test_resnet", "model.teacher.checkpoint=null", "model.teacher.num_classes=4",
+        "model.student.name=test_vit", "train.compile_student=false", "train.run_name=run", "train.batch_size=8",
+        f"train.output_dir={out}", f"train.teacher_feature_dir={out / 'cache'}", "train.telemetry=false",
+        "train.cache_teacher_features=true", "train.cache_views_per_image=2", "train.cache_logits_topk=3",
+        "train.epochs=1", "train.max_steps_per_epoch=3",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_one_teacher_cache_is_byte_for_byte_what_the_code_before_several_teachers_writes(
+    image_tree, tmp_path
+):
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", BEFORE_SEVERAL_TEACHERS], capture_output=True
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"commit {BEFORE_SEVERAL_TEACHERS} is not in this checkout")
+    before = tmp_path / "before"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(before, filter="data")
+    caches = {}
+    for name, code in (("before", before), ("now", ROOT)):
+        out = tmp_path / name / "out"
+        # From its own folder: `python -m` puts the working directory first on the path.
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "dali_kd.train", *fill_args(image_tree, out)],
+                                capture_output=True, text=True, timeout=600, env=env, cwd=code)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        caches[name] = {p.name: p.read_bytes() for p in sorted((out / "cache").iterdir())}
+    assert sorted(caches["now"]) == sorted(caches["before"])
+    assert [n for n in caches["now"] if caches["now"][n] != caches["before"][n]] == []
+    assert any(caches["now"]["done.bin"]), "the fill wrote rows"

@@ -34,7 +34,6 @@ from dali_kd.pipelines import PIPELINE_VERSION
 from dali_kd.teacher_cache import integrity
 from dali_kd.teacher_cache.integrity import VIEW_CHECK, num_checks, row_checksums, targets_check
 from dali_kd.teacher_cache.layout import OutputGroup, Part, output_groups, row_bytes
-from dali_kd.teacher_cache.teacher_set import teacher_entries, teacher_set_change
 from dali_kd.teacher_cache.rows import (
     MIX_FIELDS,
     VIEW_FIELDS,
@@ -44,6 +43,7 @@ from dali_kd.teacher_cache.rows import (
     unpack_mix,
     unpack_views,
 )
+from dali_kd.teacher_cache.teacher_set import teacher_entries, teacher_set_change
 
 # 2: rows carry checksums (checks.bin). A cache of another format is refused, never misread.
 FORMAT_VERSION = 2
@@ -277,7 +277,9 @@ class TeacherCache:
 
     def _files(self) -> dict[str, np.memmap]:
         stored = {
-            g.file(name): a for g, arrays in zip(self.groups, self.outputs) for name, a in arrays.items()
+            g.file(name): a
+            for g, arrays in zip(self.groups, self.outputs, strict=True)
+            for name, a in arrays.items()
         }
         return {
             **stored,
@@ -337,7 +339,7 @@ class TeacherCache:
             rows = {name: torch.from_numpy(values) for name, values in stored.items()}
             groups.append({name: r.pin_memory() if pin_memory else r for name, r in rows.items()})
             classes.append(self.header_classes(t) if "logits_topk" in arrays else 0)
-        self._count_damaged(sample_ids, slots, intact.all(axis=0))
+        self._count_damaged(sample_ids, slots, np.all(intact, axis=0))
         return CachedRows(groups, classes, intact)
 
     def header_classes(self, teacher: int = 0) -> int:

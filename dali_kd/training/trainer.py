@@ -104,7 +104,9 @@ class Trainer:
         after a step's last batch the step's (the mean over its batches)."""
         accum = self.cfg.train.grad_accum_steps
         last = self.micro_batch == accum - 1
-        targets = self.parts.targets.targets(batch, self.parts.state.step + 1)
+        targets = self.parts.targets.targets(batch, self.parts.state.step + 1)[
+            0
+        ]  # PROVISIONAL until teachers merge
         self.timer.mark()  # teacher
         # The batches before a step's last one add to the gradients without DDP's all-reduce.
         with nullcontext() if last else self.parts.task.no_sync():
