@@ -4,8 +4,10 @@ built for another set of teachers is refused by name; one teacher's cache keeps 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from dali_kd.config import load_config
 from dali_kd.data.batch import ViewRecord
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.teacher_cache.layout import Part
 from dali_kd.teacher_cache.store import TeacherCache
+from dali_kd.training.callbacks import Callback
+from dali_kd.training.trainer import Trainer
+from tests.conftest import tiny_overrides
 
 CPU = torch.device("cpu")
 NUM_SAMPLES, NUM_VIEWS = 6, 2
@@ -198,3 +205,158 @@ def test_a_one_teacher_cache_is_byte_for_byte_what_the_code_before_several_teach
     assert sorted(caches["now"]) == sorted(caches["before"])
     assert [n for n in caches["now"] if caches["now"][n] != caches["before"][n]] == []
     assert any(caches["now"]["done.bin"]), "the fill wrote rows"
+
+
+# ---- two teachers, end to end ---------------------------------------------------------------------------------------
+TEACHERS = (
+    "model.teacher=null",
+    "model.teachers=[{name: test_resnet, num_classes: 4, key: res},"
+    " {name: test_vit, num_classes: 4, key: vit, outputs: [pooled]}]",
+)
+# 48 images × 1 view: steps 1-6 fill the cache, 7-12 replay it; a checkpoint every 2 steps.
+TWO_TEACHER_RUN = (
+    *TEACHERS, "train.cache_teacher_features=true", "train.cache_views_per_image=1", "train.cache_dtype=fp32",
+    "train.epochs=2", "train.max_steps_per_epoch=6", "train.save_every_n_steps=2", "train.keep_last_checkpoints=10",
+    "train.cache_probe_every_n_steps=3", "train.telemetry=false", "data.val_root=null",
+)  # fmt: skip
+
+
+class ReplayedTargets(Callback):
+    """Per replayed batch: whether its cached targets are, bit for bit, what the live teachers give on its views."""
+
+    def __init__(self) -> None:
+        self.exact: list[bool] = []
+
+    def on_step(self, trainer, batch) -> None:
+        if batch.cache is None or not batch.cache.from_cache:
+            return
+        for teacher, cached in zip(trainer.parts.teachers, batch.cache.targets, strict=True):
+            live = teacher(batch.images)
+            self.exact.append(torch.equal(live.pooled, cached.pooled))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def two_teacher_run(image_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    cfg = load_config(
+        overrides=[
+            *tiny_overrides(image_tree, out),
+            *TWO_TEACHER_RUN,
+            f"train.teacher_feature_dir={out / 'cache'}",
+        ]
+    )
+    watch = ReplayedTargets()
+    summary = Trainer(cfg, CPU, show_progress=False, callbacks=[watch]).fit(out / "whole")
+    return cfg, out, summary, watch
+
+
+def test_a_two_teacher_cache_replays_every_teachers_targets_bit_for_bit(two_teacher_run):
+    cfg, out, summary, watch = two_teacher_run
+    assert summary["teacher_forward_batches"] == 6, "the teachers ran for the fill only"
+    assert summary["cache_hits"] == 6 * 8 and summary["cache_rows_done"] == 48
+    assert len(watch.exact) == 6 * 2 and all(watch.exact), "a replayed target differs from its teacher's"
+    assert summary["teacher_probe_batches"] >= 2 and summary["cache_fidelity_min"] > 0.9999
+    header = json.loads((out / "cache" / "header.json").read_text())
+    assert [t["key"] for t in header["teachers"]] == ["res", "vit"] and "teacher" not in header
+    assert (out / "cache" / "vit.pooled.bin").exists() and not (out / "cache" / "vit.tokens.bin").exists()
+
+
+def test_a_resume_in_the_middle_of_a_two_teacher_replay_is_exact(two_teacher_run):
+    cfg, out, _, _ = two_teacher_run
+    checkpoint = out / "whole" / "checkpoints" / "step_000000008.pt"
+    summary = Trainer(cfg, CPU, show_progress=False, resume_from=checkpoint).fit(out / "resumed")
+    whole, after = losses(out / "whole"), losses(out / "resumed")
+    assert sorted(after) == [9, 10, 11, 12] and all(after[s] == whole[s] for s in after), (after, whole)
+    assert summary["teacher_forward_batches"] == 6, "no teacher ran after the resume (probes aside)"
+    mine, theirs = (
+        load_file(out / "resumed" / "student.safetensors"),
+        load_file(out / "whole" / "student.safetensors"),
+    )
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine), "final weights are not bit-identical"
+
+
+@pytest.mark.parametrize(
+    ("teachers", "named"),
+    [
+        ("[{name: test_resnet, num_classes: 4, key: res}, {name: test_resnet, num_classes: 4, key: vit}]",
+         r"teacher vit \(test_resnet\) changed: was test_vit"),
+        ("[{name: test_resnet, num_classes: 4, key: res}, {name: test_vit, num_classes: 4, key: vit, outputs: "
+         "[pooled]}, {name: test_resnet, num_classes: 3, key: small}]", r"teacher small \(test_resnet\) is not in it"),
+        ("[{name: test_resnet, num_classes: 4, key: res}]", r"it holds teacher vit \(test_vit\), which this run"),
+    ],
+)  # fmt: skip
+def test_a_run_with_another_teacher_set_refuses_the_cache_naming_the_teacher(
+    two_teacher_run, image_tree, tmp_path, teachers, named
+):
+    _, out, _, _ = two_teacher_run
+    overrides = [
+        *tiny_overrides(image_tree, tmp_path),
+        *TWO_TEACHER_RUN,
+        f"train.teacher_feature_dir={out / 'cache'}",
+    ]
+    cfg = load_config(overrides=[*overrides, f"model.teachers={teachers}"])
+    with pytest.raises(UserError) as info:
+        Trainer(cfg, CPU, show_progress=False)
+    message = str(info.value)
+    assert re.search(named, message) and message.endswith("set train.cache_rebuild=true to rebuild it"), (
+        message
+    )
+
+
+def test_a_damaged_row_of_one_teacher_is_computed_again_by_that_teacher(
+    two_teacher_run, image_tree, tmp_path
+):
+    _, out, _, _ = two_teacher_run
+    cache = Path(shutil.copytree(out / "cache", tmp_path / "cache"))
+    path = cache / "vit.pooled.bin"
+    data = bytearray(path.read_bytes())
+    victim = 13
+    data[victim * len(data) // 48 + 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    untouched = (cache / "res.pooled.bin").read_bytes()
+    cfg = load_config(overrides=[*tiny_overrides(image_tree, tmp_path), *TWO_TEACHER_RUN, "train.epochs=1",
+                                 "train.cache_probe_every_n_steps=1", f"train.teacher_feature_dir={cache}"])  # fmt: skip
+    trainer = Trainer(cfg, CPU, show_progress=False)
+    summary = trainer.fit(tmp_path / "run")
+    assert summary["cache_rows_refilled"] == summary["cache_rows_damaged"] == 1
+    assert summary["cache_hits"] == 6 * 8 - 1 and summary["cache_fidelity_min"] > 0.9999
+    # The row holds the teacher's outputs again (run on that one row, so to float rounding), and says so; the other
+    # teacher's outputs were left as they were.
+    stored = trainer.parts.targets.cache
+    ids = np.arange(48)
+    assert stored.read_rows(ids, np.zeros_like(ids)).intact.all()
+    original = np.fromfile(out / "cache" / "vit.pooled.bin", dtype=np.float32).reshape(48, -1)
+    refilled = np.fromfile(cache / "vit.pooled.bin", dtype=np.float32).reshape(48, -1)
+    assert np.allclose(refilled[victim], original[victim], rtol=1e-4, atol=1e-5)
+    assert np.array_equal(np.delete(refilled, victim, 0), np.delete(original, victim, 0))
+    assert (cache / "res.pooled.bin").read_bytes() == untouched
+
+
+def test_the_probe_runs_every_teacher_and_names_the_one_whose_targets_are_not_its_own(
+    two_teacher_run, image_tree, tmp_path, caplog
+):
+    """The second teacher's rows as written (their checksums hold) but not its outputs: the first probe stops
+    replay, naming that teacher; the first teacher's targets alone would have passed."""
+    _, out, _, _ = two_teacher_run
+    cache_dir = Path(shutil.copytree(out / "cache", tmp_path / "cache"))
+    cfg = load_config(overrides=[*tiny_overrides(image_tree, tmp_path), *TWO_TEACHER_RUN, "train.epochs=1",
+                                 "train.cache_probe_every_n_steps=null", f"train.teacher_feature_dir={cache_dir}"])  # fmt: skip
+    trainer = Trainer(cfg, CPU, show_progress=False)
+    cache, ids = trainer.parts.targets.cache, np.arange(48)
+    slots = np.zeros_like(ids)
+    torch.manual_seed(0)
+    vit = cache.read(ids, slots, CPU, teacher=1)
+    cache.write_outputs(
+        1, ids, slots, ModelOutput(torch.randn_like(vit.pooled), vit.logits, vit.patch_tokens)
+    )
+    assert cache.read_rows(ids, slots).intact.all()
+    summary = trainer.fit(tmp_path / "run")
+    assert summary["cache_stopped_at_step"] == 1 and summary["cache_fidelity_min"] < 0.9
+    assert summary["teacher_forward_batches"] == 5, "steps 2 to 6 ran the teachers"
+    stops = [r.getMessage() for r in caplog.records if "the teacher runs on every batch" in r.getMessage()]
+    assert len(stops) == 1 and "(teacher vit) at step 1" in stops[0], stops

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
@@ -69,6 +70,25 @@ def parts_for(outputs: Sequence[str], teacher_out: ModelOutput, topk: int | None
             )
         parts.append(Part("tokens", tuple(teacher_out.patch_tokens.shape[1:]), dtype))
     return parts
+
+
+def stored_values(out: ModelOutput, parts: list[Part]) -> dict[str, torch.Tensor]:
+    """What `parts` store of a teacher's outputs, by part name (top-k logits: their values and indices)."""
+    values: dict[str, torch.Tensor | None] = {"pooled": out.pooled, "tokens": out.patch_tokens}
+    topk = next((p.shape[-1] for p in parts if p.name == "logits_topk"), None)
+    if topk is not None:
+        assert out.logits is not None  # a cache stores logits only of a teacher that has them
+        top = out.logits.topk(topk, dim=-1)
+        values["logits_topk"], values["logits_index"] = top.values, top.indices
+    else:
+        values["logits"] = out.logits
+    stored = {}
+    for part in parts:
+        value = values[part.name]
+        if value is None:
+            raise ValueError(f"the teacher's outputs lack {part.name}, which this cache stores")
+        stored[part.name] = value
+    return stored
 
 
 def present_outputs(outputs: Sequence[str], teacher_out: ModelOutput) -> list[str]:

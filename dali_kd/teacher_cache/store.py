@@ -33,7 +33,7 @@ from dali_kd.io import os_reason, write_text_atomic
 from dali_kd.pipelines import PIPELINE_VERSION
 from dali_kd.teacher_cache import integrity
 from dali_kd.teacher_cache.integrity import VIEW_CHECK, num_checks, row_checksums, targets_check
-from dali_kd.teacher_cache.layout import OutputGroup, Part, output_groups, row_bytes
+from dali_kd.teacher_cache.layout import OutputGroup, Part, output_groups, row_bytes, stored_values
 from dali_kd.teacher_cache.rows import (
     MIX_FIELDS,
     VIEW_FIELDS,
@@ -50,12 +50,6 @@ FORMAT_VERSION = 2
 # Done bytes: 0 not written, DONE a view of the row's own sample, STAND_IN a view of the image shown in its place.
 DONE = 1
 STAND_IN = 2
-
-
-def _present(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ValueError(f"the teacher's outputs lack {name}, which this cache stores")
-    return value
 
 
 class TeacherCache:
@@ -259,19 +253,10 @@ class TeacherCache:
 
     def _output_rows(self, teacher: int, out: ModelOutput) -> dict[str, np.ndarray]:
         """Teacher `teacher`'s outputs as the rows of its files, in its files' dtypes (as stored)."""
-        arrays = self.outputs[teacher]
-        values: dict[str, torch.Tensor | None] = {"pooled": out.pooled, "tokens": out.patch_tokens}
-        if "logits_topk" in arrays:
-            assert out.logits is not None  # a cache stores logits only of a teacher that has them
-            top = out.logits.topk(arrays["logits_topk"].shape[-1], dim=-1)
-            values["logits_topk"], values["logits_index"] = top.values, top.indices
-        else:
-            values["logits"] = out.logits
-        group = self.groups[teacher]
+        group, arrays = self.groups[teacher], self.outputs[teacher]
+        values = stored_values(out, group.parts)
         return {
-            group.file(name): np.ascontiguousarray(
-                _present(values[name], name).detach().to("cpu").numpy(), dtype=array.dtype
-            )
+            group.file(name): np.ascontiguousarray(values[name].detach().to("cpu").numpy(), dtype=array.dtype)
             for name, array in arrays.items()
         }
 

@@ -259,11 +259,11 @@ def _teacher_targets(
 ) -> TeacherTargets:
     """The live teacher, or (train.cache_teacher_features) the teacher cache in front of it."""
     train = cfg.train
-    live = LiveTeacher(models.teacher, models.use_patches)
+    live = LiveTeacher(models.teachers, models.teacher_patches)
     if not train.cache_teacher_features:
         return live
     cache = open_teacher_cache(
-        cfg, [models.teacher], [models.teacher_id], train_index, [models.use_patches], device, dist.is_main
+        cfg, models.teachers, models.teacher_ids, train_index, models.teacher_patches, device, dist.is_main
     )
     return CachedTeacher(
         live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
