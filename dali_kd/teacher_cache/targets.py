@@ -1,15 +1,16 @@
-"""Teacher targets: what the student is pulled toward each step — a live frozen teacher, its cache, or constants.
+"""Teacher targets: what the student is pulled toward each step — the live frozen teachers, their cache, or constants.
 
-Every source answers `targets(batch, step)` with the teacher's `ModelOutput` for the batch's global crops,
-view-major ([G*B, ...]: crop 0 of every sample first), and keeps its own counters (`state_dict`, `summary`). Each
-also makes the training stream its targets need (`train_stream`): the data backend's for a live teacher, the cache's
-fill-then-replay stream for the cache.
+Every source answers `targets(batch, step)` with each teacher's `ModelOutput` for the batch's global crops, in
+teacher order (a list of one for one teacher), view-major ([G*B, ...]: crop 0 of every sample first), and keeps its
+own counters (`state_dict`, `summary`). Each also makes the training stream its targets need (`train_stream`): the
+data backend's for a live teacher (live.py), the cache's fill-then-replay stream for the cache.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,89 +19,17 @@ from dali_kd import console
 from dali_kd.config import StreamSettings
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.loaders import make_train_stream, with_mixing
-from dali_kd.data.outputs import ModelOutput, view_major
+from dali_kd.data.loaders import with_mixing
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.data.stream import TrainStream
-from dali_kd.models import FrozenTeacher
 from dali_kd.teacher_cache.batch_fields import CacheFields
 from dali_kd.teacher_cache.cache_checks import CacheCounters, FidelityProbes
+from dali_kd.teacher_cache.live import LiveTeacher, TeacherTargets
 from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream, cached_view_stream
 
-
-class TeacherTargets(Protocol):
-    # The targets come from a teacher cache (the run's verdict advises on it).
-    cached: bool
-
-    def train_stream(
-        self,
-        settings: StreamSettings,
-        index: ImageIndex,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        state: dict | None = None,
-    ) -> TrainStream:
-        """The training stream these targets are computed for; `state` (its earlier state_dict()) resumes it."""
-        ...
-
-    def targets(self, batch: Batch, step: int) -> list[ModelOutput]:
-        """The teacher's outputs for the batch's global crops; `step` is the step being computed (1-based)."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def interval_metrics(self) -> dict[str, float]:
-        """Values for the next metrics row (then forgotten)."""
-        ...
-
-    def summary(self) -> dict[str, Any]: ...
-
-
-class LiveTeacher:
-    """The frozen teacher run on every batch (multi-crop: on the global crops only)."""
-
-    cached = False
-
-    def __init__(self, teacher: FrozenTeacher | list[FrozenTeacher], with_patches: bool | list[bool]):
-        # PROVISIONAL until the teachers branch is merged (it owns LiveTeacher).
-        self.teachers = teacher if isinstance(teacher, list) else [teacher]
-        self.with_patches = with_patches if isinstance(with_patches, list) else [with_patches]
-        self.forward_batches = 0
-
-    @property
-    def teacher(self) -> FrozenTeacher:
-        return self.teachers[0]
-
-    def targets(self, batch: Batch, step: int = 0) -> list[ModelOutput]:
-        self.forward_batches += 1
-        images = view_major(batch.global_crops())
-        return [t(images, with_patches=p) for t, p in zip(self.teachers, self.with_patches, strict=True)]
-
-    def train_stream(
-        self,
-        settings: StreamSettings,
-        index: ImageIndex,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        state: dict | None = None,
-    ) -> TrainStream:
-        return make_train_stream(settings, index, device, rank, world_size, state=state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"teacher_forward_batches": self.forward_batches}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.forward_batches = int(state.get("teacher_forward_batches", 0))
-
-    def interval_metrics(self) -> dict[str, float]:
-        return {}
-
-    def summary(self) -> dict[str, Any]:
-        return {"teacher_forward_batches": self.forward_batches}
+# LiveTeacher and TeacherTargets live in live.py; the targets are offered here together.
+__all__ = ["CachedTeacher", "LiveTeacher", "TeacherTargets"]
 
 
 class CachedTeacher:
@@ -151,6 +80,9 @@ class CachedTeacher:
         )
         return with_mixing(self.stream, settings, rank, state)
 
+    def time_teachers(self, mark: Callable[[str], None]) -> None:
+        self.live.time_teachers(mark)
+
     def targets(self, batch: Batch, step: int) -> list[ModelOutput]:
         cache_fields = batch.cache
         assert cache_fields is None or isinstance(cache_fields, CacheFields)  # the cache's stream makes them
@@ -163,7 +95,7 @@ class CachedTeacher:
 
     def _teacher(self, teacher: int, images: torch.Tensor) -> ModelOutput:
         """Teacher `teacher` (config order) run live on pipeline images."""
-        return self.live.teachers[teacher](images, with_patches=self.live.with_patches[teacher])
+        return self.live.teachers[teacher](images, with_patches=self.live.patches[teacher])
 
     def _replayed(self, batch: Batch, cache_fields: CacheFields, step: int) -> list[ModelOutput]:
         # The rows the stream replays (it knows which stand in for a file set aside).

@@ -104,9 +104,7 @@ class Trainer:
         after a step's last batch the step's (the mean over its batches)."""
         accum = self.cfg.train.grad_accum_steps
         last = self.micro_batch == accum - 1
-        targets = self.parts.targets.targets(batch, self.parts.state.step + 1)[
-            0
-        ]  # PROVISIONAL until teachers merge
+        targets = self.parts.targets.targets(batch, self.parts.state.step + 1)
         self.timer.mark()  # teacher
         # The batches before a step's last one add to the gradients without DDP's all-reduce.
         with nullcontext() if last else self.parts.task.no_sync():
@@ -197,6 +195,7 @@ class Trainer:
             setup=self.parts.run_setup(cfg, self.device),
         )
         self.timer = self.monitor.timer
+        self.parts.targets.time_teachers(self.timer.split)
         stop = StopSignal()
         self.progress = console.current().progress(
             self.total_steps, state.step, cfg.train.epochs, show=self.show_progress
