@@ -129,11 +129,25 @@ def test_a_damaged_row_of_one_teacher_fails_only_that_teachers_check_and_is_refi
     )
 
 
+def test_each_teachers_top_k_logits_spread_over_its_own_classes(tmp_path):
+    teachers = [entry("res", "resnet", classes=4), entry("big", "vit_tiny", classes=10)]
+    topk = [Part("logits_topk", (2,), "float32"), Part("logits_index", (2,), "int32")]
+    cache = open_two(tmp_path / "cache", teachers, {"res": topk, "big": topk})
+    logits = [torch.tensor([[0.0, 3.0, 1.0, 2.0]]), torch.tensor([[9.0, 0, 0, 0, 0, 0, 0, 0, 0, 8.0]])]
+    cache.write(np.array([1]), np.array([0]), [ModelOutput(None, x, None) for x in logits], views(1))
+    res, big = cache.read_rows(np.array([1]), np.array([0])).to_outputs(CPU)
+    assert res.logits.shape == (1, 4) and big.logits.shape == (1, 10)
+    assert res.logits[0, [1, 3]].tolist() == [3.0, 2.0] and big.logits[0, [0, 9]].tolist() == [9.0, 8.0]
+    assert (res.logits[0, [0, 2]] < -1e3).all() and (big.logits[0, 1:9] < -1e3).all()
+
+
 @pytest.mark.parametrize(
     ("teachers", "named"),
     [
         ([TWO[0], entry("vit", "vit_tiny", weights="other", classes=0)], r"teacher vit \(vit_tiny\) changed: its weights differ"),
         ([TWO[0], entry("vit", "vit_small", classes=0)], r"teacher vit \(vit_small\) changed: was vit_tiny"),
+        ([TWO[0], {**TWO[1], "input": {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}}],
+         r"teacher vit \(vit_tiny\) changed: its input size or normalisation differs"),
         ([*TWO, entry("conv", "convnext")], r"teacher conv \(convnext\) is not in it"),
         ([TWO[0]], r"it holds teacher vit \(vit_tiny\), which this run does not have"),
         ([TWO[1], TWO[0]], r"in another order"),
