@@ -67,7 +67,7 @@ class FidelityProbes:
 
     def __init__(self, cache_dir: str, mode: str, keys: list[str], report: bool):
         self.cache_dir, self.mode, self.keys, self.report = cache_dir, mode, keys, report
-        self.cosines: list[float] = []  # read since the last metrics row
+        self._cosines: list[float] = []  # read since the last metrics row
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, teacher, cosine on the device)
 
     def add(self, step: int, live: list[ModelOutput], cached: list[ModelOutput]) -> None:
@@ -77,13 +77,18 @@ class FidelityProbes:
             cosine = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min()
             self._pending.append((step, teacher, cosine))
 
+    def take_worst(self) -> float | None:
+        """The lowest cosine read since the last call (None: no probe), for the next metrics row."""
+        worst, self._cosines = min(self._cosines, default=None), []
+        return worst
+
     def read(self, counters: CacheCounters) -> None:
         """The probes' cosines on the host: counted, and a warning for each one below the floor; one far below it
         (replay mode) stops replay from the cache."""
         pending, self._pending = self._pending, []
         for step, teacher, on_device in pending:
             cosine = float(on_device)
-            self.cosines.append(cosine)
+            self._cosines.append(cosine)
             worst = counters.fidelity_min
             counters.fidelity_min = cosine if worst is None else min(worst, cosine)
             whose = f" (teacher {self.keys[teacher]})" if self.keys[teacher] else ""

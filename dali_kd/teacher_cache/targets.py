@@ -177,10 +177,8 @@ class CachedTeacher:
 
     def interval_metrics(self) -> dict[str, float]:
         self.probes.read(self.counters)
-        if not self.probes.cosines:
-            return {}
-        worst, self.probes.cosines = min(self.probes.cosines), []
-        return {"cache_fidelity_cosine": worst}
+        worst = self.probes.take_worst()
+        return {} if worst is None else {"cache_fidelity_cosine": worst}
 
     def summary(self) -> dict[str, Any]:
         self.probes.read(self.counters)
