@@ -32,7 +32,8 @@ from dali_kd.data.batch import ViewRecord  # noqa: E402
 from dali_kd.data.dataset import ImageIndex  # noqa: E402
 from dali_kd.data.outputs import ModelOutput  # noqa: E402
 from dali_kd.pipelines.params import AugmentParams  # noqa: E402
-from dali_kd.teacher_cache.store import Part, TeacherCache  # noqa: E402
+from dali_kd.teacher_cache.layout import Part  # noqa: E402
+from dali_kd.teacher_cache.store import TeacherCache  # noqa: E402
 from dali_kd.teacher_cache.stream import CachedViewStream  # noqa: E402
 
 

@@ -17,8 +17,9 @@ from dali_kd.data.batch import Batch, ViewRecord
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.pipelines.params import AugmentParams
+from dali_kd.teacher_cache.layout import Part
 from dali_kd.teacher_cache.renderer import DaliViewRenderer
-from dali_kd.teacher_cache.store import DONE, STAND_IN, Part, TeacherCache
+from dali_kd.teacher_cache.store import DONE, STAND_IN, TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
 from tests.conftest import write_tree
 from tests.faults import warning_said

@@ -12,9 +12,10 @@ from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
 from dali_kd.models import FrozenTeacher, create_model
-from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.cache_identity import open_teacher_cache
+from dali_kd.teacher_cache.layout import parts_for
+from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.stream import CachedViewStream
-from dali_kd.teacher_cache.targets import open_teacher_cache
 
 CPU = torch.device("cpu")
 
@@ -36,7 +37,7 @@ def fill(cache: TeacherCache, ids: np.ndarray, slots: np.ndarray) -> None:
         crop_anchor=torch.zeros(n, 2), crop_shape=torch.tensor([[1.0, 0.5]]).repeat(n, 1),
         flip=torch.zeros(n, dtype=torch.int64), jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
     )  # fmt: skip
-    out = ModelOutput(pooled=torch.ones(n, cache.parts[0].shape[0]), logits=None, patch_tokens=None)
+    out = ModelOutput(pooled=torch.ones(n, cache.groups[0].parts[0].shape[0]), logits=None, patch_tokens=None)
     cache.write(ids, slots, out, view)
 
 
@@ -80,10 +81,10 @@ def test_a_cache_built_with_other_augmentations_is_refused(tiny_config, tmp_path
     index = ImageIndex.from_folder(base.data.root)
     teacher = FrozenTeacher(create_model("test_resnet", 32, 4), None)
     teacher_id = {"name": "test_resnet", "weights_hash": "x"}
-    open_teacher_cache(base, teacher, teacher_id, index, False, CPU, True)
+    open_teacher_cache(base, [teacher], [teacher_id], index, [False], CPU, True)
     other = tiny_config(
         "train.cache_teacher_features=true", f"train.teacher_feature_dir={tmp_path / 'cache'}", change,
         *(["data.eval_resize=56"] if change.startswith("data.image_size") else []),
     )  # fmt: skip
     with pytest.raises(UserError, match="built for something else"):
-        open_teacher_cache(other, teacher, teacher_id, index, False, CPU, True)
+        open_teacher_cache(other, [teacher], [teacher_id], index, [False], CPU, True)

@@ -24,7 +24,7 @@ from dali_kd.models import FrozenTeacher, create_model
 from dali_kd.pipelines.augment import decode_full
 from dali_kd.pipelines.graphs import REPLAY_INPUTS, eval_pipeline, replay_pipeline, train_pipeline
 from dali_kd.pipelines.params import AugmentParams, DecodeParams, EvalParams, MultiCropParams
-from dali_kd.teacher_cache.targets import open_teacher_cache
+from dali_kd.teacher_cache.cache_identity import open_teacher_cache
 
 PARAMS = AugmentParams(view_size=32)
 BATCH = 8
@@ -255,13 +255,19 @@ def test_a_teacher_cache_built_with_other_decoding_is_refused(tiny_config, tmp_p
     teacher = FrozenTeacher(create_model("test_resnet", 32, 4), None)
     teacher_id = {"name": "test_resnet", "weights_hash": "x"}
     cpu = torch.device("cpu")
-    open_teacher_cache(base, teacher, teacher_id, index, False, cpu, True)
+    open_teacher_cache(base, [teacher], [teacher_id], index, [False], cpu, True)
     open_teacher_cache(
-        tiny_config(*cache, "train.precision=bf16"), teacher, teacher_id, index, False, cpu, True
+        tiny_config(*cache, "train.precision=bf16"), [teacher], [teacher_id], index, [False], cpu, True
     )
     with pytest.raises(UserError, match="built for something else"):
         open_teacher_cache(
-            tiny_config(*cache, change, "train.precision=bf16"), teacher, teacher_id, index, False, cpu, True
+            tiny_config(*cache, change, "train.precision=bf16"),
+            [teacher],
+            [teacher_id],
+            index,
+            [False],
+            cpu,
+            True,
         )
 
 

@@ -122,7 +122,8 @@ def _report(d: Path, big: bool) -> None:
 def _teacher_cache(d: Path, big: bool) -> None:
     from dali_kd.data.batch import ViewRecord
     from dali_kd.data.outputs import ModelOutput
-    from dali_kd.teacher_cache.store import Part, TeacherCache
+    from dali_kd.teacher_cache.layout import Part
+    from dali_kd.teacher_cache.store import TeacherCache
 
     # 100 images × 2 views × 128 fp32: the pooled array is 100 KiB, sparse until rows are written.
     cache = TeacherCache(

@@ -21,7 +21,8 @@ from dali_kd.errors import TrainingStopped
 from dali_kd.models import FrozenTeacher, Student, create_model
 from dali_kd.runs import checkpoint as ckpt
 from dali_kd.teacher_cache.batch_fields import CacheFields
-from dali_kd.teacher_cache.store import TeacherCache, parts_for
+from dali_kd.teacher_cache.layout import parts_for
+from dali_kd.teacher_cache.store import TeacherCache
 from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher
 from dali_kd.training.callbacks import Callback
 from dali_kd.training.checkpointer import Checkpointer, RunProgress, restore
@@ -100,14 +101,14 @@ def test_a_moved_cache_batch_keeps_its_cache_fields(tmp_path, teacher):
     assert cache.is_done(np.arange(4), slots).all(), "a moved fill batch still writes its rows"
     # A replayed batch: the cached outputs go to the device, the host fields stay numpy on the host.
     outputs = ModelOutput(pooled=torch.randn(4, 8), logits=None, patch_tokens=None)
-    damaged = np.zeros(4, dtype=bool)
+    damaged = np.zeros((1, 4), dtype=bool)
     replay = batch_of(torch.randn(4, 3, 32, 32), [0, 1, 2, 3],
-                      cache=CacheFields(slots, from_cache=True, targets=outputs, read_s=0.5, damaged=damaged))  # fmt: skip
+                      cache=CacheFields(slots, from_cache=True, targets=[outputs], read_s=0.5, damaged=damaged))  # fmt: skip
     moved = replay.to("meta")
-    assert moved.images.device.type == "meta" and moved.cache.targets.pooled.device.type == "meta"
+    assert moved.images.device.type == "meta" and moved.cache.targets[0].pooled.device.type == "meta"
     assert moved.cache.slots is slots and moved.cache.damaged is damaged and moved.cache.from_cache
-    assert moved.cache.read_s == 0.5 and moved.cache.targets.logits is None
-    assert replay.cache.targets.pooled.device == CPU, "the batch moved is left as it was"
+    assert moved.cache.read_s == 0.5 and moved.cache.targets[0].logits is None
+    assert replay.cache.targets[0].pooled.device == CPU, "the batch moved is left as it was"
 
 
 def test_the_fidelity_probe_fails_when_cached_rows_do_not_match_the_views(tmp_path, teacher, capsys):

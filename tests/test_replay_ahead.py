@@ -64,7 +64,9 @@ def same(x: Batch, y: Batch) -> bool:
         and np.array_equal(x.cache.slots, y.cache.slots)
         and torch.equal(x.stream_ids, y.stream_ids)
         and torch.equal(x.images, y.images)
-        and torch.equal(x.cache.targets.pooled, y.cache.targets.pooled)
+        and all(
+            torch.equal(a.pooled, b.pooled) for a, b in zip(x.cache.targets, y.cache.targets, strict=True)
+        )
     )
 
 

@@ -191,7 +191,8 @@ def test_torchvision_stream_sets_aside_through_the_runtime_quarantine(tmp_path, 
 
 # ---- the protocol and the shard rule ------------------------------------------------------------------------------
 def test_every_backend_is_a_train_stream(tiny_config, tmp_path):
-    from dali_kd.teacher_cache.store import Part, TeacherCache
+    from dali_kd.teacher_cache.layout import Part
+    from dali_kd.teacher_cache.store import TeacherCache
     from dali_kd.teacher_cache.stream import CachedViewStream
 
     cfg = tiny_config()

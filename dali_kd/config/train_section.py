@@ -104,7 +104,8 @@ class TrainConfig(Section):
         description="DINO-style multi-crop: global crops for teacher and student, local crops for the student",
     )
     cache_teacher_features: bool = Field(
-        False, description="Cache the teacher's outputs per view (DALI backend)"
+        False,
+        description="Cache the teacher's outputs per view (DALI backend); with several teachers, every one's",
     )
     teacher_feature_dir: str | None = Field(
         None, description="Where the teacher cache lives (needed with the cache)"

@@ -1,8 +1,8 @@
 """Whether a teacher cache on disk is whole: its files as its header says, and each row as it was written.
 
 A row's checksums are written with its done byte (after its data, before the done byte), one over its view record
-and done byte, one over its stored teacher outputs: a row whose view fails cannot be rendered again and is not
-replayed; a row whose outputs fail is computed again by the teacher. Checksums are CRC-32 (zlib): they find torn
+and done byte, then one per teacher over that teacher's stored outputs: a row whose view fails cannot be rendered
+again and is not replayed; a teacher's outputs that fail are computed again by that teacher. Checksums are CRC-32 (zlib): they find torn
 or zeroed pages and flipped bits, not deliberate forgery.
 """
 
@@ -15,10 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-# Per row, in checks.bin: the checksum of the view record (with the mix part and the done byte), then that of the
-# stored teacher outputs.
+# Per row, in checks.bin: the checksum of the view record (with the mix part and the done byte), then that of each
+# teacher's stored outputs (one teacher: TARGETS_CHECK, NUM_CHECKS in all).
 VIEW_CHECK, TARGETS_CHECK = 0, 1
 NUM_CHECKS = 2
+
+
+def targets_check(teacher: int) -> int:
+    """The column of checks.bin that holds teacher `teacher`'s (0-based, config order) outputs' checksum."""
+    return TARGETS_CHECK + teacher
+
+
+def num_checks(num_teachers: int) -> int:
+    return VIEW_CHECK + 1 + num_teachers
+
 
 # name, numpy dtype name, full shape: one array file <name>.bin.
 Layout = Sequence[tuple[str, str, tuple[int, ...]]]

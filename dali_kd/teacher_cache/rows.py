@@ -20,27 +20,35 @@ MIX_FIELDS = VIEW_FIELDS + 1 + 4
 class CachedRows:
     """Teacher-cache rows read into host memory as stored (TeacherCache.read_rows), not yet on the device."""
 
-    arrays: dict[str, torch.Tensor]
-    num_classes: int  # the classes a top-k row scatters into (0 without top-k logits)
-    intact: np.ndarray  # bool per row: its outputs are as written (their checksum matches)
+    arrays: list[dict[str, torch.Tensor]]  # per teacher (config order), its stored outputs by name
+    num_classes: list[int]  # per teacher, the classes a top-k row scatters into (0 without top-k logits)
+    intact: (
+        np.ndarray
+    )  # bool [teachers, rows]: the teacher's outputs in the row are as written (checksum matches)
 
-    def to_output(self, device: torch.device) -> ModelOutput:
-        """The teacher's outputs as fp32 tensors on `device`; from pinned rows the copy does not block the host."""
+    def to_outputs(self, device: torch.device) -> list[ModelOutput]:
+        """Each teacher's outputs as fp32 tensors on `device`; from pinned rows the copy does not block the host."""
+        return [
+            _to_output(arrays, classes, device)
+            for arrays, classes in zip(self.arrays, self.num_classes, strict=True)
+        ]
 
-        def take(name):
-            return self.arrays[name].to(device, non_blocking=True)
 
-        logits = None
-        if "logits" in self.arrays:
-            logits = take("logits").float()
-        elif "logits_topk" in self.arrays:
-            # The rest of the distribution is below the k-th logit: a floor far under it keeps its mass ~0.
-            top, index = take("logits_topk").float(), take("logits_index").long()
-            logits = torch.full((len(top), self.num_classes), -1e4, device=device)
-            logits.scatter_(1, index, top)
-        pooled = take("pooled").float() if "pooled" in self.arrays else None
-        tokens = take("tokens").float() if "tokens" in self.arrays else None
-        return ModelOutput(pooled=pooled, logits=logits, patch_tokens=tokens)
+def _to_output(arrays: dict[str, torch.Tensor], num_classes: int, device: torch.device) -> ModelOutput:
+    def take(name):
+        return arrays[name].to(device, non_blocking=True)
+
+    logits = None
+    if "logits" in arrays:
+        logits = take("logits").float()
+    elif "logits_topk" in arrays:
+        # The rest of the distribution is below the k-th logit: a floor far under it keeps its mass ~0.
+        top, index = take("logits_topk").float(), take("logits_index").long()
+        logits = torch.full((len(top), num_classes), -1e4, device=device)
+        logits.scatter_(1, index, top)
+    pooled = take("pooled").float() if "pooled" in arrays else None
+    tokens = take("tokens").float() if "tokens" in arrays else None
+    return ModelOutput(pooled=pooled, logits=logits, patch_tokens=tokens)
 
 
 def pack_views(view: ViewRecord) -> np.ndarray:

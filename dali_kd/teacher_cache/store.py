@@ -1,10 +1,12 @@
 """The teacher-feature cache on disk: per (sample, view) the teacher's outputs and the view record they belong to.
 
-One preallocated memory-mapped array per stored output (samples × views × feature), a view-record array and a done
-byte per row, written only after the row's data, with the row's checksums (dali_kd.teacher_cache.integrity).
-header.json names everything the values depend on (teacher and its weights, image size, normalisation,
-augmentation, pipeline version, the file list); a cache built for something else is refused, and so is one whose
-files are missing or of another size than the header implies. A killed writer leaves rows that are simply not done.
+One preallocated memory-mapped array per stored output (samples × views × feature; with several teachers, per
+teacher: dali_kd.teacher_cache.layout), a view-record array and a done byte per row, written only after the row's
+data, with the row's checksums (dali_kd.teacher_cache.integrity). header.json names everything the values depend on
+(the teachers and their weights, image size, normalisation, augmentation, pipeline version, the file list); a cache
+built for something else is refused (a changed teacher by name: dali_kd.teacher_cache.teacher_set), and so is one
+whose files are missing or of another size than the header implies. A killed writer leaves rows that are simply not
+done.
 
 Rows belong to stream slots. The done byte is DONE when the row holds a view of its own sample, STAND_IN when it was
 written for a slot whose file was set aside and holds a view of the same-class image shown instead: the cache still
@@ -17,7 +19,6 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from dali_kd.errors import UserError
 from dali_kd.io import os_reason, write_text_atomic
 from dali_kd.pipelines import PIPELINE_VERSION
 from dali_kd.teacher_cache import integrity
-from dali_kd.teacher_cache.integrity import NUM_CHECKS, TARGETS_CHECK, VIEW_CHECK, row_checksums
+from dali_kd.teacher_cache.integrity import VIEW_CHECK, num_checks, row_checksums, targets_check
+from dali_kd.teacher_cache.layout import OutputGroup, Part, output_groups, row_bytes, stored_values
 from dali_kd.teacher_cache.rows import (
     MIX_FIELDS,
     VIEW_FIELDS,
@@ -41,6 +43,7 @@ from dali_kd.teacher_cache.rows import (
     unpack_mix,
     unpack_views,
 )
+from dali_kd.teacher_cache.teacher_set import teacher_entries, teacher_set_change
 
 # 2: rows carry checksums (checks.bin). A cache of another format is refused, never misread.
 FORMAT_VERSION = 2
@@ -49,58 +52,10 @@ DONE = 1
 STAND_IN = 2
 
 
-@dataclass(frozen=True)
-class Part:
-    """One stored teacher output: its name and per-row shape."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # numpy dtype name
-
-
-def _present(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ValueError(f"the teacher's outputs lack {name}, which this cache stores")
-    return value
-
-
-def parts_for(outputs: Sequence[str], teacher_out: ModelOutput, topk: int | None, dtype: str) -> list[Part]:
-    """The arrays needed to store `outputs` (pooled, logits, tokens) of this teacher's outputs (one sample)."""
-    parts = []
-    if "pooled" in outputs:
-        assert teacher_out.pooled is not None  # the live teacher's outputs always have it
-        parts.append(Part("pooled", tuple(teacher_out.pooled.shape[1:]), dtype))
-    if "logits" in outputs:
-        if teacher_out.logits is None:
-            raise UserError("train.cache_outputs: 'logits' asked for, but the teacher has no classifier head")
-        classes = teacher_out.logits.shape[-1]
-        if topk and topk < classes:
-            parts += [Part("logits_topk", (topk,), dtype), Part("logits_index", (topk,), "int32")]
-        else:
-            parts.append(Part("logits", (classes,), dtype))
-    if "tokens" in outputs:
-        if teacher_out.patch_tokens is None:
-            raise UserError(
-                "train.cache_outputs: 'tokens' needs a ViT teacher and student with the same token grid"
-            )
-        parts.append(Part("tokens", tuple(teacher_out.patch_tokens.shape[1:]), dtype))
-    return parts
-
-
-def row_bytes(parts: list[Part], mixed: bool = False) -> int:
-    mix = (MIX_FIELDS * 4 + 8) if mixed else 0
-    checks = NUM_CHECKS * 4
-    return (
-        sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts)
-        + VIEW_FIELDS * 4
-        + 1
-        + checks
-        + mix
-    )
-
-
 class TeacherCache:
     """Open (create, or check and reuse) the cache in `directory` for `num_samples` × `num_views` rows.
+
+    parts: the one teacher's stored outputs, or (several teachers) each teacher's by its key, in config order.
 
     mixed: the views are mixed (data.augment.mix): every row also stores its view's mix part.
     create: this process may allocate the cache (rank 0); rebuild: train.cache_rebuild (a cache built for something
@@ -110,7 +65,7 @@ class TeacherCache:
         self,
         directory: Path,
         identity: dict[str, Any],
-        parts: list[Part],
+        parts: list[Part] | dict[str, list[Part]],
         num_samples: int,
         num_views: int,
         create: bool,
@@ -118,7 +73,7 @@ class TeacherCache:
         mixed: bool = False,
     ):
         self.dir = Path(directory).expanduser()
-        self.parts = parts
+        self.groups: list[OutputGroup] = output_groups(parts)
         self.mixed = mixed
         self.num_samples, self.num_views = num_samples, num_views
         self.header = {
@@ -127,17 +82,21 @@ class TeacherCache:
             **identity,
             "num_samples": num_samples,
             "num_views": num_views,
-            "parts": [[p.name, list(p.shape), p.dtype] for p in parts],
+            "parts": [[file, list(p.shape), p.dtype] for g in self.groups for file, p in g.files()],
             # Only in a mixed cache's header, so that caches built before mixing existed stay valid.
             **({"mix_rows": MIX_FIELDS} if mixed else {}),
         }
         # Rows found failing their checksum in this process: (sample id, view slot).
         self.damaged: set[tuple[int, int]] = set()
         self._check_or_allocate(create, rebuild)
-        self.arrays = {p.name: self._open(p.name, p.dtype, (num_samples, num_views, *p.shape)) for p in parts}
+        # Per teacher, its stored outputs by part name (pooled, logits, ...).
+        self.outputs = [
+            {p.name: self._open(file, p.dtype, (num_samples, num_views, *p.shape)) for file, p in g.files()}
+            for g in self.groups
+        ]
         self.views = self._open("views", "float32", (num_samples, num_views, VIEW_FIELDS))
         self.done = self._open("done", "uint8", (num_samples, num_views))
-        self.checks = self._open("checks", "uint32", (num_samples, num_views, NUM_CHECKS))
+        self.checks = self._open("checks", "uint32", (num_samples, num_views, self.num_checks))
         self.mix_arrays = (
             {name: self._open(name, dtype, shape) for name, dtype, shape in self._mix_layout()}
             if mixed
@@ -152,12 +111,20 @@ class TeacherCache:
         """Every array file: name, dtype, shape."""
         rows = (self.num_samples, self.num_views)
         return [
-            *((p.name, p.dtype, (*rows, *p.shape)) for p in self.parts),
+            *((file, p.dtype, (*rows, *p.shape)) for g in self.groups for file, p in g.files()),
             ("views", "float32", (*rows, VIEW_FIELDS)),
             ("done", "uint8", rows),
-            ("checks", "uint32", (*rows, NUM_CHECKS)),
+            ("checks", "uint32", (*rows, self.num_checks)),
             *(self._mix_layout() if self.mixed else ()),
         ]
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_checks(self) -> int:
+        return num_checks(self.num_teachers)
 
     def _check_or_allocate(self, create: bool, rebuild: bool) -> None:
         """Use the cache in self.dir if it is this run's and whole; allocate one where there is none (create), or
@@ -194,11 +161,14 @@ class TeacherCache:
     def _differences(self, existing: dict) -> str:
         if existing.get("format") != FORMAT_VERSION:
             return f"cache format {existing.get('format')}, this dali_kd writes {FORMAT_VERSION}"
+        teachers = teacher_set_change(existing, self.header)
+        if teachers is not None:
+            return teachers
         changed = sorted(k for k in set(existing) | set(self.header) if existing.get(k) != self.header.get(k))
         return f"{', '.join(changed[:4])} differ"
 
     def _allocate(self, header_path: Path) -> None:
-        needed = self.num_samples * self.num_views * row_bytes(self.parts, self.mixed)
+        needed = self.num_samples * self.num_views * row_bytes(self.groups, self.mixed)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -236,24 +206,21 @@ class TeacherCache:
         self,
         sample_ids: np.ndarray,
         slots: np.ndarray,
-        out: ModelOutput,
+        out: ModelOutput | Sequence[ModelOutput],
         view: ViewRecord,
         shown_ids: np.ndarray | None = None,
     ) -> None:
         """Store rows: data and view first, then each row's checksums and its done byte (each file flushed, in that
         order, so that a done row's checksums are on disk).
 
+        out: each teacher's outputs, in config order (one teacher's: a ModelOutput will do).
         sample_ids are the rows (a batch's stream_ids); shown_ids, where given, the images the views were cut from
         (the batch's sample_ids): a row whose image is another sample's is marked STAND_IN, not DONE.
         """
-        values: dict[str, torch.Tensor | None] = {"pooled": out.pooled, "tokens": out.patch_tokens}
-        if "logits_topk" in self.arrays:
-            assert out.logits is not None  # a cache stores logits only of a teacher that has them
-            top = out.logits.topk(self.arrays["logits_topk"].shape[-1], dim=-1)
-            values["logits_topk"], values["logits_index"] = top.values, top.indices
-        else:
-            values["logits"] = out.logits
-        rows = {name: _present(values[name], name).detach().to("cpu").numpy() for name in self.arrays}
+        outs = [out] if isinstance(out, ModelOutput) else list(out)
+        assert len(outs) == self.num_teachers  # one output per teacher the cache stores
+        teacher_rows = [self._output_rows(t, o) for t, o in enumerate(outs)]
+        rows = {name: values for group in teacher_rows for name, values in group.items()}
         rows["views"] = pack_views(view)
         if self.mixed:
             if view.mix is None:
@@ -266,15 +233,41 @@ class TeacherCache:
         done = np.full(len(sample_ids), DONE, dtype=np.uint8)
         if shown_ids is not None:
             done[np.asarray(shown_ids) != np.asarray(sample_ids)] = STAND_IN
-        checks = np.empty((len(done), NUM_CHECKS), dtype=np.uint32)
+        checks = np.empty((len(done), self.num_checks), dtype=np.uint32)
         checks[:, VIEW_CHECK] = row_checksums(self._view_columns(rows, done))
-        checks[:, TARGETS_CHECK] = row_checksums([rows[name] for name in self.arrays])
+        for t, group in enumerate(teacher_rows):
+            checks[:, targets_check(t)] = row_checksums(list(group.values()))
         self._write_rows(rows, sample_ids, slots)
         self._write_rows({"checks": checks, "done": done}, sample_ids, slots)
 
-    def _files(self) -> dict[str, np.memmap]:
+    def write_outputs(
+        self, teacher: int, sample_ids: np.ndarray, slots: np.ndarray, out: ModelOutput
+    ) -> None:
+        """Store one teacher's outputs into written rows (a refill): the outputs, then that teacher's checksum
+        (the row's view, done byte and other teachers' outputs stay as they are)."""
+        rows = self._output_rows(teacher, out)
+        checks = np.array(self.checks[sample_ids, slots])
+        checks[:, targets_check(teacher)] = row_checksums(list(rows.values()))
+        self._write_rows(rows, sample_ids, slots)
+        self._write_rows({"checks": checks}, sample_ids, slots)
+
+    def _output_rows(self, teacher: int, out: ModelOutput) -> dict[str, np.ndarray]:
+        """Teacher `teacher`'s outputs as the rows of its files, in its files' dtypes (as stored)."""
+        group, arrays = self.groups[teacher], self.outputs[teacher]
+        values = stored_values(out, group.parts)
         return {
-            **self.arrays,
+            group.file(name): np.ascontiguousarray(values[name].detach().to("cpu").numpy(), dtype=array.dtype)
+            for name, array in arrays.items()
+        }
+
+    def _files(self) -> dict[str, np.memmap]:
+        stored = {
+            g.file(name): a
+            for g, arrays in zip(self.groups, self.outputs, strict=True)
+            for name, a in arrays.items()
+        }
+        return {
+            **stored,
             **self.mix_arrays,
             "views": self.views,
             "done": self.done,
@@ -313,24 +306,29 @@ class TeacherCache:
                     "before are kept"
                 ) from None
 
-    def read(self, sample_ids: np.ndarray, slots: np.ndarray, device: torch.device) -> ModelOutput:
-        """The stored teacher outputs of these rows, as fp32 tensors on `device`."""
-        return self.read_rows(sample_ids, slots).to_output(device)
+    def read(
+        self, sample_ids: np.ndarray, slots: np.ndarray, device: torch.device, teacher: int = 0
+    ) -> ModelOutput:
+        """One teacher's (the first, by default) stored outputs of these rows, as fp32 tensors on `device`."""
+        return self.read_rows(sample_ids, slots).to_outputs(device)[teacher]
 
     def read_rows(self, sample_ids: np.ndarray, slots: np.ndarray, pin_memory: bool = False) -> CachedRows:
         """These rows' stored arrays, copied into host memory as stored (fp16 stays fp16: half the bytes to move).
-        pin_memory: page-locked, so that CachedRows.to_output copies them to a GPU without blocking the host."""
-        stored = {name: np.ascontiguousarray(array[sample_ids, slots]) for name, array in self.arrays.items()}
-        intact = row_checksums(list(stored.values())) == self.checks[sample_ids, slots, TARGETS_CHECK]
-        self._count_damaged(sample_ids, slots, intact)
-        arrays = {}
-        for name, values in stored.items():
-            rows = torch.from_numpy(values)
-            arrays[name] = rows.pin_memory() if pin_memory else rows
-        return CachedRows(arrays, self.header_classes() if "logits_topk" in arrays else 0, intact)
+        pin_memory: page-locked, so that CachedRows.to_outputs copies them to a GPU without blocking the host."""
+        groups, classes = [], []
+        intact = np.empty((self.num_teachers, len(sample_ids)), dtype=bool)
+        checks = self.checks[sample_ids, slots]
+        for t, arrays in enumerate(self.outputs):
+            stored = {name: np.ascontiguousarray(array[sample_ids, slots]) for name, array in arrays.items()}
+            intact[t] = row_checksums(list(stored.values())) == checks[:, targets_check(t)]
+            rows = {name: torch.from_numpy(values) for name, values in stored.items()}
+            groups.append({name: r.pin_memory() if pin_memory else r for name, r in rows.items()})
+            classes.append(self.header_classes(t) if "logits_topk" in arrays else 0)
+        self._count_damaged(sample_ids, slots, np.all(intact, axis=0))
+        return CachedRows(groups, classes, intact)
 
-    def header_classes(self) -> int:
-        return int(self.header["num_classes"])
+    def header_classes(self, teacher: int = 0) -> int:
+        return int(teacher_entries(self.header)[teacher]["num_classes"])
 
     def read_views(self, sample_ids: np.ndarray, slots: np.ndarray) -> ViewRecord:
         """The stored view records of these rows (a mixed cache's with their mix part), on the host."""
@@ -386,4 +384,4 @@ class TeacherCache:
         return int(np.count_nonzero(self.done))
 
     def nbytes_per_row(self) -> int:
-        return row_bytes(self.parts, self.mixed)
+        return row_bytes(self.groups, self.mixed)

@@ -291,7 +291,7 @@ class CachedViewStream:
             stream_ids=torch.from_numpy(plan.stream_ids), view=plan.view, host_ids=ids,
             host_stream_ids=plan.stream_ids,
             cache=CacheFields(
-                plan.slots, from_cache=True, targets=plan.rows.to_output(self.device), read_s=plan.read_s,
+                plan.slots, from_cache=True, targets=plan.rows.to_outputs(self.device), read_s=plan.read_s,
                 damaged=~plan.rows.intact,
             ),
         )  # fmt: skip

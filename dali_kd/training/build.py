@@ -26,7 +26,8 @@ from dali_kd.models.distill import DistillModels
 from dali_kd.models.inputs import InputSpec
 from dali_kd.runs import checkpoint as ckpt
 from dali_kd.runtime import autocast_dtype, resolve_compile, seed_everything
-from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets, open_teacher_cache
+from dali_kd.teacher_cache.cache_identity import open_teacher_cache
+from dali_kd.teacher_cache.targets import CachedTeacher, LiveTeacher, TeacherTargets
 from dali_kd.telemetry.verdict import RunSetup
 from dali_kd.training.checkpointer import PROGRESS, RunProgress, Stateful, restore
 from dali_kd.training.ema import StudentEma
@@ -269,7 +270,7 @@ def _teacher_targets(
     if not train.cache_teacher_features:
         return live
     cache = open_teacher_cache(
-        cfg, models.teacher, models.teacher_id, train_index, models.use_patches, device, dist.is_main
+        cfg, models.teachers, models.teacher_ids, train_index, models.teacher_patches, device, dist.is_main
     )
     return CachedTeacher(
         live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
