@@ -102,10 +102,20 @@ def eval_line(epoch: int | None, results: dict[str, float | None]) -> str:
     """One evaluation's results (percentages; None: not measured) as one line, e.g.
     `epoch 3: student k-NN top-1 41.2%, head top-1 47.0%, EMA k-NN top-1 42.5%, EMA head top-1 48.1%`
     (epoch None: the teacher's, before training)."""
-    said = [
-        f"{EVAL_NAMES.get(name, name)} {value:.1f}%" for name, value in results.items() if value is not None
-    ]
+    said = [result_said(name, value) for name, value in results.items() if value is not None]
     return ", ".join(said) if epoch is None else f"epoch {epoch}: {', '.join(said)}"
+
+
+def result_said(name: str, value: float) -> str:
+    """One evaluation result in words: a percentage, or the agreement with a teacher (a mean cosine, not a
+    percentage); a result named per teacher (`<name>_<key>`) says the teacher's key."""
+    if name == "agreement" or name.startswith("agreement_"):
+        key = name.removeprefix("agreement").removeprefix("_")
+        return f"agreement with {key or 'the teacher'} {value:.3f}"
+    base = next((b for b in EVAL_NAMES if name.startswith(f"{b}_")), None)
+    if base is not None:
+        return f"{EVAL_NAMES[base]} ({name.removeprefix(f'{base}_')}) {value:.1f}%"
+    return f"{EVAL_NAMES.get(name, name)} {value:.1f}%"
 
 
 # ---- saying them -------------------------------------------------------------------------------------------------

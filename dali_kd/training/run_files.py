@@ -77,6 +77,9 @@ def run_summary(
         "teacher_head_top5": state.teacher_head_top5,
         "student_ema_knn_top5": state.student_ema_knn_top5,
         "student_ema_head_top5": state.student_ema_head_top5,
+        # The student's agreement with each teacher (agreement, or agreement_<key>) and, with several teachers,
+        # each teacher's own results (teacher_knn_top1_<key>, ...): the teacher_* keys above are then null.
+        **state.named_results,
         "chance_top1": 100.0 / train_index.num_classes,
         "knn_history": state.knn_history,
         "num_classes": train_index.num_classes,
