@@ -58,9 +58,9 @@ def test_vit_student_has_no_decay_on_pos_embed_cls_token_biases_and_norms():
     model = student("test_vit")
     decay = decay_by_name(model, build_optimizer(model, OptimizerConfig(weight_decay=0.05), lr=1e-3))
     exempt = ["backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.norm1.weight",
-              "backbone.blocks.0.attn.qkv.bias", "backbone.norm.bias", "projector.bias"]  # fmt: skip
+              "backbone.blocks.0.attn.qkv.bias", "backbone.norm.bias", "adaptors.0.pooled.bias"]  # fmt: skip
     decayed = ["backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "backbone.head.weight",
-               "projector.weight"]  # fmt: skip
+               "adaptors.0.pooled.weight"]  # fmt: skip
     assert {n: decay[n] for n in exempt} == dict.fromkeys(exempt, 0.0)
     assert {n: decay[n] for n in decayed} == dict.fromkeys(decayed, 0.05)
 
@@ -138,7 +138,7 @@ def test_layer_decay_scales_lower_layers_down_and_leaves_the_projector_at_full_l
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     lr = {n: lr_of[id(p)] for n, p in model.named_parameters()}
     peak = current_lr(optimizer)
-    assert lr["projector.weight"] == lr["backbone.head.weight"] == peak
+    assert lr["adaptors.0.pooled.weight"] == lr["backbone.head.weight"] == peak
     assert lr["backbone.blocks.0.attn.qkv.weight"] < lr["backbone.blocks.1.attn.qkv.weight"] < peak
     assert lr["backbone.pos_embed"] < lr["backbone.blocks.0.attn.qkv.weight"]  # the stem is the lowest layer
     assert decay_by_name(model, optimizer)["backbone.pos_embed"] == 0.0

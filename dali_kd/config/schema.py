@@ -152,6 +152,11 @@ class Config(Section):
         d, t = self.data, self.train
         if not t.cache_teacher_features:
             return
+        if len(self.model.teacher_specs) > 1:
+            raise self._conflict(
+                "{train.cache_teacher_features} with several model.teachers: the teacher cache stores one "
+                "teacher's outputs; turn the cache off or give one teacher"
+            )
         if d.backend != "dali":
             raise self._conflict(
                 "{train.cache_teacher_features} needs data.backend=dali (got {data.backend}): the cache "

@@ -1,7 +1,8 @@
 """The models: timm models built by name with their weights (timm_models.py; hub.py finds pretrained weights in the
 local caches; inputs.py gives each model its own size and normalisation) and the distillation's wrappers."""
 
-from dali_kd.models.distill import FrozenTeacher, Student, StudentOutput, build_distill_models, model_input
+from dali_kd.models.distill import DistillModels, FrozenTeacher, build_distill_models, model_input
+from dali_kd.models.student import AdaptorShape, Student, StudentOutput, TeacherAdaptor
 from dali_kd.models.timm_models import (
     ModelOutput,
     build_model,
@@ -17,6 +18,9 @@ from dali_kd.models.timm_models import (
 )
 
 __all__ = [
+    "AdaptorShape",
+    "DistillModels",
+    "TeacherAdaptor",
     "FrozenTeacher",
     "ModelOutput",
     "Student",

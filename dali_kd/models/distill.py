@@ -1,8 +1,10 @@
-"""The distillation's models: the frozen teacher and the student (with its projector) around timm models, each fed
-its own size and normalisation, built together from the model config."""
+"""The distillation's models: the frozen teachers and the student (with an adaptor per teacher) around timm models,
+each fed its own size and normalisation, built together from the model config."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -11,15 +13,19 @@ from torch import nn
 
 from dali_kd.config import ModelConfig, ModelSpec, TeacherSpec
 from dali_kd.data.outputs import ModelOutput
+from dali_kd.errors import UserError
 from dali_kd.identity import weights_hash
+from dali_kd.models.hub import PretrainedWeights
 from dali_kd.models.inputs import InputAdapter, InputSpec, pretrained_normalisation, rgb
+from dali_kd.models.student import AdaptorShape, Student
 from dali_kd.models.timm_models import (
     build_model,
     embed_dim,
-    head_sizes,
     model_outputs,
+    patch_grid,
     pretrained_weights,
     same_token_grid,
+    teacher_classes,
     token_dim,
 )
 from dali_kd.runtime import autocast, resolve_compile
@@ -87,87 +93,37 @@ class FrozenTeacher(nn.Module):
         )
 
 
-class StudentOutput(NamedTuple):
-    """raw: the backbone's outputs; projected: pooled embedding at the teacher's width; patches: projected tokens."""
-
-    raw: ModelOutput
-    projected: torch.Tensor
-    patches: torch.Tensor | None
-
-
-def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
-    if hidden_dim == 0:
-        return nn.Linear(in_dim, out_dim) if in_dim != out_dim else nn.Identity()
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-
-
-class Student(nn.Module):
-    """The trained model plus projectors that map its features to the teacher's width (dropped after training).
-
-    input: turns the pipeline's images into the student's own size and normalisation (None: they already are);
-    it is part of training, not of the shipped backbone (an exported student takes its input as preprocess.json
-    says)."""
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        teacher_dim: int,
-        hidden_dim: int,
-        with_patches: bool,
-        input: InputAdapter | None = None,
-    ):
-        super().__init__()
-        self.backbone = backbone
-        self.input = input
-        self.with_patches = with_patches
-        self.projector = _projector(embed_dim(backbone), teacher_dim, hidden_dim)
-        self.patch_projector = (
-            _projector(token_dim(backbone), teacher_dim, hidden_dim) if with_patches else None
-        )
-
-    def _views(self, images: torch.Tensor, with_patches: bool, resize: bool = True) -> StudentOutput:
-        if self.input is not None:
-            images = self.input(images, resize=resize)
-        out = model_outputs(self.backbone, images, with_patches)
-        patches = None
-        if with_patches:
-            assert self.patch_projector is not None  # built with_patches
-            patches = self.patch_projector(out.patch_tokens)
-        assert out.pooled is not None  # a model's own outputs always have it
-        return StudentOutput(out, self.projector(out.pooled), patches)
-
-    def forward(
-        self, images: torch.Tensor, local_images: torch.Tensor | None = None
-    ) -> tuple[StudentOutput, StudentOutput | None]:
-        """Outputs for images, and for local_images (multi-crop's smaller crops, no patch tokens) when given.
-
-        Both resolutions go through this one call, so that DDP sees a single forward per step (as DINO's
-        MultiCropWrapper does) and torch.compile one graph.
-        """
-        main = self._views(images, self.with_patches)
-        # Local crops keep their own (smaller) size; only their normalisation is the student's.
-        return main, None if local_images is None else self._views(local_images, False, resize=False)
-
-    def evaluate(self, images: torch.Tensor, backbone: nn.Module | None = None) -> ModelOutput:
-        """The backbone's (or these weights', e.g. the EMA's) pooled embedding and logits for pipeline images
-        (eval mode is the caller's business)."""
-        if self.input is not None:
-            images = self.input(images)
-        return model_outputs(self.backbone if backbone is None else backbone, images, with_patches=False)
-
-
 @dataclass
 class DistillModels:
-    """The frozen teacher, its identity (name + weights hash, what a checkpoint and the cache are tied to) and the
-    student with its projectors; use_patches: patch-token distillation applies to this pair; teacher_input /
-    student_input: what each model is fed (size and normalisation)."""
+    """The frozen teachers (in config order), their identities (name + weights hash each, what a checkpoint and the
+    cache are tied to), their keys (model.teacher_keys) and the student with one adaptor per teacher;
+    teacher_patches: each teacher's patch tokens are distilled; teacher_inputs / student_input: what each model is
+    fed (size and normalisation). The singular names mean the first teacher."""
 
-    teacher: FrozenTeacher
-    teacher_id: dict[str, str]
+    teachers: list[FrozenTeacher]
+    teacher_ids: list[dict[str, str]]
+    teacher_keys: list[str]
     student: Student
-    use_patches: bool
-    teacher_input: InputSpec
+    teacher_patches: list[bool]
+    teacher_inputs: list[InputSpec]
     student_input: InputSpec
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        return self.teachers[0]
+
+    @property
+    def teacher_id(self) -> dict[str, str]:
+        return self.teacher_ids[0]
+
+    @property
+    def teacher_input(self) -> InputSpec:
+        return self.teacher_inputs[0]
+
+    @property
+    def use_patches(self) -> bool:
+        """The first teacher's patch tokens are distilled."""
+        return self.teacher_patches[0]
 
 
 def model_input(
@@ -197,6 +153,69 @@ def teacher_compile(spec: TeacherSpec, device: torch.device) -> bool:
     return resolve_compile(spec.compile, device)
 
 
+class BuiltTeacher(NamedTuple):
+    """One teacher as built, before it is frozen: its model, input and identity."""
+
+    model: nn.Module
+    input: InputSpec
+    id: dict[str, str]
+
+
+@contextmanager
+def naming_teacher(cfg: ModelConfig, index: int) -> Iterator[None]:
+    """With several teachers, a UserError raised while building or loading teacher `index` names it by position and
+    name (its messages otherwise say model.teacher)."""
+    try:
+        yield
+    except UserError as e:
+        if cfg.teachers is None:
+            raise
+        where, message = cfg.teacher_where(index), str(e)
+        if message.startswith("model.teacher."):
+            message = message[len("model.teacher.") :]
+        message = message.replace("model.teacher.", f"model.teachers[{index}].")
+        raise UserError(f"{where}: {message}") from None
+
+
+def build_teacher(
+    cfg: ModelConfig,
+    index: int,
+    image_size: int,
+    pipeline: InputSpec,
+    weights: PretrainedWeights | None,
+    num_classes: int,
+) -> BuiltTeacher:
+    """Teacher `index` by timm name at its own input size, pretrained or from its checkpoint file, with its own
+    normalisation and its identity (hashed from its fp32 weights)."""
+    spec = cfg.teacher_specs[index]
+    with naming_teacher(cfg, index):
+        model = build_model(spec, "teacher", image_size, num_classes, weights=weights)
+    spec_input = model_input(spec, model, image_size, pipeline, weights is not None)
+    return BuiltTeacher(model, spec_input, {"name": spec.name, "weights_hash": weights_hash(model)})
+
+
+def distils_tokens(
+    cfg: ModelConfig, index: int, patch_weight: float, teacher: nn.Module, student: nn.Module
+) -> bool:
+    """Teacher `index`'s patch tokens are distilled: a token loss, tokens among its outputs and two ViT-style
+    models; one teacher needs the student's token grid, several have the student's tokens resized to theirs."""
+    if patch_weight <= 0 or "tokens" not in cfg.teacher_specs[index].outputs:
+        return False
+    if cfg.teachers is None:
+        return same_token_grid(teacher, student)
+    return patch_grid(teacher) is not None and patch_grid(student) is not None
+
+
+def teacher_weights(cfg: ModelConfig) -> tuple[list[PretrainedWeights | None], list[int]]:
+    """Each teacher's pretrained weights (None: a random init or its checkpoint) and classifier size."""
+    weights, classes = [], []
+    for i, spec in enumerate(cfg.teacher_specs):
+        with naming_teacher(cfg, i):
+            weights.append(pretrained_weights(spec, "teacher"))
+            classes.append(teacher_classes(spec, weights[-1]))
+    return weights, classes
+
+
 def build_distill_models(
     cfg: ModelConfig,
     image_size: int,
@@ -208,43 +227,59 @@ def build_distill_models(
     pipeline: InputSpec,
     teacher_image_size: int | None = None,
 ) -> DistillModels:
-    """Teacher and student by timm name, pretrained or from a checkpoint file; heads sized by head_sizes.
+    """Teachers and student by timm name, pretrained or from a checkpoint file; heads sized as head_sizes says.
 
-    image_size / teacher_image_size: each model's input side (the teacher's defaults to the student's).
-    pipeline: the views the data stream hands out (size and normalisation); each model gets them turned into its
-    own input on the device. any_size: the student also sees other input sizes (multi-crop's local crops; a ViT
-    then interpolates).
+    image_size / teacher_image_size: the student's input side and the teachers' default (each teacher's own
+    image_size wins; else the student's). pipeline: the views the data stream hands out (size and normalisation);
+    each model gets them turned into its own input on the device. any_size: the student also sees other input
+    sizes (multi-crop's local crops; a ViT then interpolates).
     """
-    teacher_size = teacher_image_size or image_size
-    teacher_weights = pretrained_weights(cfg.primary_teacher, "teacher")
+    specs = cfg.teacher_specs
+    sizes = [spec.image_size or teacher_image_size or image_size for spec in specs]
+    weights, classes = teacher_weights(cfg)
     student_weights = pretrained_weights(cfg.student, "student")
-    teacher_classes, student_classes = head_sizes(cfg, teacher_weights)
-    teacher = build_model(
-        cfg.primary_teacher, "teacher", teacher_size, teacher_classes, weights=teacher_weights
-    )
+    student_classes = classes[0] if cfg.student.num_classes is None else cfg.student.num_classes
+    # The RNG draws of a random init follow this order: the first teacher, the student, its first adaptor, then
+    # the other teachers and their adaptors.
+    built = [build_teacher(cfg, 0, sizes[0], pipeline, weights[0], classes[0])]
     backbone = build_model(
         cfg.student, "student", image_size, student_classes, any_size=any_size, weights=student_weights
     )
-    teacher_input = model_input(
-        cfg.primary_teacher, teacher, teacher_size, pipeline, teacher_weights is not None
-    )
+    for i in range(1, len(specs)):
+        built.append(build_teacher(cfg, i, sizes[i], pipeline, weights[i], classes[i]))
     student_input = model_input(cfg.student, backbone, image_size, pipeline, student_weights is not None)
-    teacher_id = {"name": cfg.primary_teacher.name, "weights_hash": weights_hash(teacher)}
-    use_patches = patch_weight > 0 and same_token_grid(teacher, backbone)
+    patches = [distils_tokens(cfg, i, patch_weight, t.model, backbone) for i, t in enumerate(built)]
+    extra = [
+        AdaptorShape(
+            embed_dim(t.model),
+            token_dim(t.model) if patches[i] else None,
+            int(getattr(t.model, "num_classes", 0)) if "logits" in specs[i].outputs else 0,
+            patch_grid(t.model),
+        )
+        for i, t in enumerate(built)
+        if i > 0
+    ]
     student = Student(
         backbone,
-        embed_dim(teacher),
+        embed_dim(built[0].model),
         cfg.projector_hidden_dim,
-        with_patches=use_patches,
+        with_patches=patches[0],
         input=_adapter(pipeline, student_input),
+        extra_teachers=extra,
     )
-    # After weights_hash: the teacher's identity is its fp32 weights, whatever it computes in.
-    frozen = FrozenTeacher(
-        teacher,
-        amp_dtype,
-        input=_adapter(pipeline, teacher_input),
-        compile=teacher_compile(cfg.primary_teacher, device),
-    )
+    # After weights_hash: a teacher's identity is its fp32 weights, whatever it computes in.
+    frozen = [
+        FrozenTeacher(
+            t.model, amp_dtype, input=_adapter(pipeline, t.input), compile=teacher_compile(spec, device)
+        ).to(device)
+        for t, spec in zip(built, specs, strict=True)
+    ]
     return DistillModels(
-        frozen.to(device), teacher_id, student.to(device), use_patches, teacher_input, student_input
+        frozen,
+        [t.id for t in built],
+        cfg.teacher_keys,
+        student.to(device),
+        patches,
+        [t.input for t in built],
+        student_input,
     )

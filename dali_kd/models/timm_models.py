@@ -184,13 +184,13 @@ def pretrained_weights(spec: ModelSpec, role: str) -> PretrainedWeights | None:
 def fetch_pretrained(cfg: ModelConfig) -> None:
     """Make sure the pretrained weights the config asks for are in the local cache (see dali_kd.models.hub), so that
     building the models later reads them from there; says when a checkpoint wins over pretrained: true."""
-    for role in ("teacher", "student"):
-        spec: ModelSpec = getattr(cfg, role)
+    named: list[tuple[str, ModelSpec]] = [
+        (cfg.teacher_where(i), spec) for i, spec in enumerate(cfg.teacher_specs)
+    ]
+    for where, spec in [*named, ("model.student", cfg.student)]:
         if spec.pretrained and spec.checkpoint:
-            console.info(
-                f"model.{role}: the weights come from model.{role}.checkpoint (it wins over pretrained: true)"
-            )
-        pretrained_weights(spec, role)
+            console.info(f"{where}: the weights come from its checkpoint (it wins over pretrained: true)")
+        pretrained_weights(spec, "student" if where == "model.student" else "teacher")
 
 
 def classifier_size(name: str, weights: dict[str, torch.Tensor]) -> int | None:
@@ -208,31 +208,40 @@ def classifier_size(name: str, weights: dict[str, torch.Tensor]) -> int | None:
     return 0 if weight is None else int(weight.shape[0])
 
 
-def head_sizes(cfg: ModelConfig, teacher: PretrainedWeights | None) -> tuple[int, int]:
-    """(teacher, student) classifier sizes. null: the pretrained head's count, or the checkpoint's (a random-init
-    teacher: 1000); the student's null: the teacher's, so that the logit loss applies."""
-    default = teacher.num_classes if teacher is not None else 1000
-    if teacher is None and cfg.primary_teacher.checkpoint and cfg.primary_teacher.num_classes is None:
-        found = classifier_size(
-            cfg.primary_teacher.name, read_weights(Path(cfg.primary_teacher.checkpoint).expanduser())
-        )
+def teacher_classes(spec: ModelSpec, weights: PretrainedWeights | None, key: str = "model.teacher") -> int:
+    """A teacher's classifier size. null: the pretrained head's count, or the checkpoint's (a random init: 1000).
+    key: where the teacher is set, for messages."""
+    default = weights.num_classes if weights is not None else 1000
+    if weights is None and spec.checkpoint and spec.num_classes is None:
+        found = classifier_size(spec.name, read_weights(Path(spec.checkpoint).expanduser()))
         default = default if found is None else found
-    teacher_classes = default if cfg.primary_teacher.num_classes is None else cfg.primary_teacher.num_classes
-    if teacher is not None and teacher_classes not in (0, teacher.num_classes):
+    classes = default if spec.num_classes is None else spec.num_classes
+    if weights is not None and classes not in (0, weights.num_classes):
         # timm would give the frozen teacher a fresh, random head: its logits would teach noise.
         raise UserError(
-            f"model.teacher.num_classes={teacher_classes}, but the pretrained {cfg.primary_teacher.name} has "
-            f"{teacher.num_classes or 'no'} classifier outputs: a frozen teacher with a new random head teaches "
+            f"{key}.num_classes={classes}, but the pretrained {spec.name} has "
+            f"{weights.num_classes or 'no'} classifier outputs: a frozen teacher with a new random head teaches "
             f"random logits; use null (its own head) or 0 (no head, feature loss only)"
         )
-    student_classes = teacher_classes if cfg.student.num_classes is None else cfg.student.num_classes
-    return teacher_classes, student_classes
+    return classes
 
 
-def _patch_grid(model: nn.Module) -> tuple[int, ...] | None:
+def head_sizes(cfg: ModelConfig, teacher: PretrainedWeights | None) -> tuple[int, int]:
+    """(first teacher, student) classifier sizes (see teacher_classes); the student's null: the first teacher's,
+    so that the logit loss applies."""
+    classes = teacher_classes(cfg.primary_teacher, teacher)
+    student_classes = classes if cfg.student.num_classes is None else cfg.student.num_classes
+    return classes, student_classes
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int] | None:
+    """A ViT-style model's patch-token grid (rows, columns); None for a model without patch tokens."""
     patch_embed = getattr(model, "patch_embed", None)
     grid = getattr(patch_embed, "grid_size", None)
-    return tuple(grid) if grid is not None and hasattr(model, "num_prefix_tokens") else None
+    if grid is None or not hasattr(model, "num_prefix_tokens"):
+        return None
+    rows, columns = grid
+    return int(rows), int(columns)
 
 
 def _timm(model: nn.Module) -> Any:
@@ -253,8 +262,8 @@ def model_outputs(model: nn.Module, images: torch.Tensor, with_patches: bool) ->
 
 def same_token_grid(teacher: nn.Module, student: nn.Module) -> bool:
     """Patch-token distillation needs two ViT-style models with the same token grid."""
-    grid = _patch_grid(teacher)
-    return grid is not None and grid == _patch_grid(student)
+    grid = patch_grid(teacher)
+    return grid is not None and grid == patch_grid(student)
 
 
 def embed_dim(model: nn.Module) -> int:

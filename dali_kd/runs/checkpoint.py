@@ -177,10 +177,35 @@ def config_changes(state: dict[str, Any], cfg: Config) -> list[str]:
     )
 
 
+TeacherIdentity = dict[str, str] | list[dict[str, str]]
+
+
+def teacher_change(saved: TeacherIdentity, now: TeacherIdentity, cfg: Config) -> str | None:
+    """How this run's teachers differ from the checkpoint's, in words (None: the same). One teacher's identity is
+    its id; several teachers' a list of them, in config order."""
+    if saved == now:
+        return None
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return (
+            f"the checkpoint was trained with teacher {saved['name']} (weights {saved['weights_hash']}), this run "
+            f"has {now['name']} (weights {now['weights_hash']})"
+        )
+    then = [saved] if isinstance(saved, dict) else saved
+    here = [now] if isinstance(now, dict) else now
+    names = ", ".join(t["name"] for t in then)
+    if len(then) != len(here):
+        return f"the checkpoint was trained with {len(then)} teacher(s) ({names}), this run has {len(here)}"
+    index = next(i for i, (a, b) in enumerate(zip(then, here, strict=True)) if a != b)
+    return (
+        f"{cfg.model.teacher_where(index)} differs from the checkpoint's teacher {then[index]['name']} "
+        f"(weights {then[index]['weights_hash']} then, {here[index]['weights_hash']} now; its teachers: {names})"
+    )
+
+
 def check_compatible(
     state: dict[str, Any],
     cfg: Config,
-    teacher_id: dict[str, str],
+    teacher_id: dict[str, str] | list[dict[str, str]],
     world_size: int,
     path: Path,
     allow_change: bool = False,
@@ -201,12 +226,9 @@ def check_compatible(
         return [
             f"{changed_data}; resuming anyway (--allow-config-change): the stream position is approximate"
         ]
-    if state["teacher"] != teacher_id:
-        raise UserError(
-            f"--resume {path}: the checkpoint was trained with teacher {state['teacher']['name']} "
-            f"(weights {state['teacher']['weights_hash']}), this run has {teacher_id['name']} "
-            f"(weights {teacher_id['weights_hash']}); pass --allow-config-change to resume anyway"
-        )
+    changed_teacher = teacher_change(state["teacher"], teacher_id, cfg)
+    if changed_teacher is not None:
+        raise UserError(f"--resume {path}: {changed_teacher}; pass --allow-config-change to resume anyway")
     changed = config_changes(state, cfg)
     if changed:
         raise UserError(

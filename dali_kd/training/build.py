@@ -45,8 +45,9 @@ class RunParts:
         QuarantineList  # the files set aside: the scan's, then the run's own (it keeps quarantine.jsonl)
     )
     evaluator: Evaluator
-    teacher: FrozenTeacher
-    teacher_id: dict[str, str]
+    teachers: list[FrozenTeacher]  # in config order
+    teacher_ids: list[dict[str, str]]
+    teacher_keys: list[str]  # each teacher's name in metrics (model.teacher_keys)
     student: Student
     task: DistillTask
     optimizer: torch.optim.Optimizer
@@ -59,8 +60,24 @@ class RunParts:
     stream: TrainStream = field(init=False)
     data_files: dict | None = None  # identity.data_identity of train_index.files, for the Checkpointer
     ema: StudentEma | None = None  # train.ema_decay
-    # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std), for the summary and export.
+    # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std; with several teachers
+    # "teachers": {key: ...} too), for the summary and export.
     inputs: dict[str, dict] | None = None
+
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The first (or only) teacher."""
+        return self.teachers[0]
+
+    @property
+    def teacher_id(self) -> dict[str, str]:
+        """The first (or only) teacher's identity."""
+        return self.teacher_ids[0]
+
+    @property
+    def teacher_identity(self) -> dict[str, str] | list[dict[str, str]]:
+        """What a checkpoint knows the teachers by: one teacher's id, or the list of them."""
+        return self.teacher_ids[0] if len(self.teacher_ids) == 1 else list(self.teacher_ids)
 
     def checkpoint_states(self) -> dict[str, Stateful]:
         """What a checkpoint stores, by name: the models' parts, then the counters that make up its progress dict."""
@@ -76,7 +93,7 @@ class RunParts:
 
     def checkpoint_identity(self) -> dict:
         """What a resume is checked against besides the config: the teacher's and the training files' identity."""
-        return {"teacher": self.teacher_id, "data_files": self.data_files}
+        return {"teacher": self.teacher_identity, "data_files": self.data_files}
 
     def run_setup(self, cfg: Config, device: torch.device) -> RunSetup:
         """What the run has on, for the advice of its verdict."""
@@ -84,7 +101,7 @@ class RunParts:
             device=device.type,
             bf16=self.amp_dtype == torch.bfloat16,
             compiled_student=resolve_compile(cfg.train.compile_student, device),
-            compiled_teacher=self.teacher.compiled,
+            compiled_teacher=all(teacher.compiled for teacher in self.teachers),
             teacher_cached=self.targets.cached,
             backend=cfg.data.backend,
             local_crops=cfg.train.use_local_crops,
@@ -126,8 +143,9 @@ def build_run(
         val_index=splits.val,
         quarantine=QuarantineList(splits.quarantine),
         evaluator=evaluator,
-        teacher=models.teacher,
-        teacher_id=models.teacher_id,
+        teachers=models.teachers,
+        teacher_ids=models.teacher_ids,
+        teacher_keys=models.teacher_keys,
         student=models.student,
         task=task,
         optimizer=optimizer,
@@ -137,7 +155,7 @@ def build_run(
         guard=NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device),
         targets=targets,
         data_files=data_identity(splits.train.files),
-        inputs={"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()},
+        inputs=model_inputs(models),
         ema=_student_ema(cfg, models.student),
     )
     stream_state = _restore(parts, cfg, dist, resume_from, allow_config_change)
@@ -148,6 +166,17 @@ def build_run(
     parts.quarantine.watch(parts.stream, evaluator)
     evaluator.skip_files(lambda split: set_aside_files(split, parts))
     return parts
+
+
+def model_inputs(models: DistillModels) -> dict[str, dict]:
+    """What each model is fed: the (first) teacher's and the student's input, and with several teachers each
+    teacher's by key."""
+    inputs = {"teacher": models.teacher_input.to_dict(), "student": models.student_input.to_dict()}
+    if len(models.teachers) > 1:
+        inputs["teachers"] = {
+            key: spec.to_dict() for key, spec in zip(models.teacher_keys, models.teacher_inputs, strict=True)
+        }
+    return inputs
 
 
 def _steps_per_epoch(cfg: Config, share: int) -> int:
@@ -257,7 +286,13 @@ def _restore(
         return None
     saved = ckpt.load(resume_from)
     warnings = ckpt.check_compatible(
-        saved, cfg, parts.teacher_id, dist.world_size, resume_from, allow_config_change, parts.data_files
+        saved,
+        cfg,
+        parts.teacher_identity,
+        dist.world_size,
+        resume_from,
+        allow_config_change,
+        parts.data_files,
     )
     for warning in warnings if dist.is_main else ():
         console.warning(f"warning: {warning}")
