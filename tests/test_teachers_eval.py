@@ -157,3 +157,129 @@ def test_the_report_draws_one_agreement_panel_per_teacher_with_its_own_knn():
         "Agreement with the teacher"
     ]
     assert not [ax for ax in figure("run", rows, None).axes if ax.get_title().startswith("Agreement")]
+
+
+# ---- a two-teacher run --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_teacher_run(image_tree, tmp_path_factory):
+    """One finished two-teacher tiny run (2 epochs × 2 steps, a checkpoint every step) and its trainer."""
+    out = tmp_path_factory.mktemp("two_teachers")
+    trainer = Trainer(
+        two_teacher_config(image_tree, out, "train.save_every_n_steps=1"), CPU, show_progress=False
+    )
+    trainer.fit(out / "run")
+    return out / "run", trainer
+
+
+def test_a_two_teacher_run_reports_each_teachers_knn_and_the_agreement_with_each(two_teacher_run, capsys):
+    from dali_kd.commands import report
+
+    run_dir, _ = two_teacher_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("res", "vit"):
+        assert 0 <= summary[f"teacher_knn_top1_{key}"] <= 100
+        assert -1 <= summary[f"agreement_{key}"] <= 1
+        assert all(-1 <= entry[f"agreement_{key}"] <= 1 for entry in summary["knn_history"])
+    assert 0 <= summary["teacher_head_top1_res"] <= 100
+    assert summary["teacher_head_top1_vit"] is None  # 3 classes, the data has 4
+    assert summary["teacher_knn_top1"] is None and "agreement" not in summary  # the names are per teacher
+    assert report.main([str(run_dir)]) == 0
+    fig = figure("run", report.read_rows(run_dir), summary)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("Agreement")]
+    assert [t.split(" (")[0] for t in titles] == ["Agreement with res", "Agreement with vit"]
+
+
+def export_heads(run_dir: Path, out: Path, fmt: str, *extra: str) -> dict:
+    assert export_command.main([str(run_dir), "--format", fmt, "--heads", "--out", str(out), *extra]) == 0
+    return json.loads((out / "preprocess.json").read_text())
+
+
+def exported_outputs(fmt: str, out: Path, images: torch.Tensor) -> list[torch.Tensor]:
+    """What a user gets from the exported files for these images, output by output."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+        return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+    from dali_kd.export import load_with_heads
+
+    model = torch.jit.load(str(out / "student.pt")) if fmt == "torchscript" else load_with_heads(out)
+    with torch.no_grad():
+        return list(model(images))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "safetensors"])
+def test_an_export_with_heads_gives_each_head_as_preprocess_json_says_and_as_the_student_computes(
+    two_teacher_run, tmp_path, fmt
+):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    run_dir, trainer = two_teacher_run
+    spec = export_heads(run_dir, tmp_path, fmt)
+    assert spec["outputs"] == ["logits", "res.pooled", "vit.pooled", "vit.logits", "vit.tokens"]
+    images = export_command.check_batch(spec, 5)
+    got = exported_outputs(fmt, tmp_path, images)
+    assert len(got) == len(spec["outputs"])
+    res, vit = spec["heads"]
+    assert (res["key"], res["teacher"], vit["key"], vit["teacher"]) == (
+        "res",
+        "test_resnet",
+        "vit",
+        "test_vit2",
+    )
+    # Each output has the width preprocess.json gives it: res's 96-wide embedding, vit's 64 and its 3 classes,
+    # its tokens on its own 3×3 grid (the student's is 2×2); res's logits are the student's own head's.
+    assert res["pooled"] == {"output": 1, "shape": [None, 96]} and res["logits"]["output"] == 0
+    assert vit["logits"] == {"output": 3, "shape": [None, 3]} and vit["tokens"]["shape"] == [None, 9, 64]
+    for head in (res, vit):
+        for kind in ("pooled", "logits", "tokens"):
+            if kind in head:
+                assert list(got[head[kind]["output"]].shape) == [5, *head[kind]["shape"][1:]]
+    # The values are the trained student's: its adaptor outputs for the same (already preprocessed) images.
+    student = copy.deepcopy(trainer.parts.student).eval()
+    student.input = None
+    with torch.no_grad():
+        want = student.teacher_outputs(images)
+    pairs = [(1, want[0].pooled), (0, want[0].logits), (2, want[1].pooled), (3, want[1].logits),
+             (4, want[1].patch_tokens)]  # fmt: skip
+    for index, tensor in pairs:
+        assert tensor is not None and torch.allclose(got[index], tensor, atol=1e-4), spec["outputs"][index]
+
+
+def test_without_heads_a_two_teacher_export_is_the_bare_student_as_before(two_teacher_run, tmp_path):
+    run_dir, _ = two_teacher_run
+    assert export_command.main([str(run_dir), "--format", "torchscript", "--out", str(tmp_path)]) == 0
+    spec = json.loads((tmp_path / "preprocess.json").read_text())
+    assert "heads" not in spec and "outputs" not in spec
+    images = export_command.check_batch(spec, 5)
+    with torch.no_grad():
+        got = torch.jit.load(str(tmp_path / "student.pt"))(images)
+    assert isinstance(got, torch.Tensor) and got.shape == (5, 4)
+
+
+def test_heads_with_ema_and_a_folder_of_another_kind_of_export_are_one_line_errors(
+    two_teacher_run, tmp_path, capsys
+):
+    run_dir, _ = two_teacher_run
+    assert export_command.main([str(run_dir), "--format", "torchscript", "--heads", "--ema"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --heads with --ema: the EMA averages the backbone only, and the heads were trained on the raw "
+        "weights; export --heads without --ema"
+    ]
+    assert export_command.main([str(run_dir), "--format", "torchscript", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert export_command.main([str(run_dir), "--format", "onnx", "--heads", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {tmp_path}: holds an export without --heads; choose another --out or empty it"
+    ]
+
+
+def test_a_run_in_progress_exports_the_heads_of_its_newest_checkpoint(two_teacher_run, tmp_path):
+    run_dir, _ = two_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.safetensors", "summary.json"))
+    spec = export_heads(run, tmp_path / "out", "safetensors")
+    assert spec["source"].endswith("(step 4)")
+    final = load_file(run_dir / "adaptors.safetensors")
+    heads = load_file(tmp_path / "out" / "heads.safetensors")
+    assert final.keys() <= heads.keys() and all(torch.equal(heads[k], final[k]) for k in final)

@@ -10,7 +10,6 @@ import argparse
 import functools
 import io
 import json
-import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from dali_kd.commands.cli import CommandLineParser, finite_at_least, int_in_range
+from dali_kd.commands.export_heads import max_abs_diff
 from dali_kd.errors import UserError
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -73,15 +73,6 @@ def check_batch(spec: dict[str, Any], num_images: int) -> torch.Tensor:
     pixels = torch.rand(num_images, 3, size, size, generator=generator)
     mean, std = torch.tensor(spec["mean"]).view(1, 3, 1, 1), torch.tensor(spec["std"]).view(1, 3, 1, 1)
     return (pixels - mean) / std
-
-
-def max_abs_diff(got: Any, want: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
-    """The largest difference over every output (a module with heads returns several, in order)."""
-    if isinstance(want, tuple):
-        if len(got) != len(want):
-            return math.inf
-        return max(max_abs_diff(g, w) for g, w in zip(got, want, strict=True))
-    return float((torch.as_tensor(got).float() - want.float()).abs().max())
 
 
 def _quiet(call: Callable[[], Any]) -> Any:

@@ -4,6 +4,7 @@ say which output is which."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,16 +88,27 @@ def adaptor_shapes(
     first = embed_dim(teachers[0])
     shapes = [AdaptorShape(first, first if patches[0] else None)]
     for i, teacher in enumerate(teachers[1:], start=1):
-        logits = student_state.get(f"adaptors.{i}.logits.weight")
         shapes.append(
             AdaptorShape(
                 embed_dim(teacher),
                 token_dim(teacher) if patches[i] else None,
-                0 if logits is None else int(logits.shape[0]),
+                logits_head_size(cfg, i, student_state),
                 patch_grid(teacher),
             )
         )
     return shapes
+
+
+def logits_head_size(cfg: Config, index: int, student_state: dict[str, torch.Tensor]) -> int:
+    """Teacher `index`'s logits head: none where its logits are not matched, else its model.teachers[i].num_classes,
+    else (its pretrained head's count, which the teacher's weights decide) the trained head's size."""
+    spec = cfg.model.teacher_specs[index]
+    if "logits" not in spec.outputs:
+        return 0
+    if spec.num_classes is not None:
+        return spec.num_classes
+    weight = student_state.get(f"adaptors.{index}.logits.weight")
+    return 0 if weight is None else int(weight.shape[0])
 
 
 def student_from_shapes(backbone: nn.Module, shapes: list[AdaptorShape], hidden_dim: int) -> Student:
@@ -143,6 +155,15 @@ def head_outputs(student: Student) -> list[HeadOutput]:
         if adaptor.patches is not None:
             outputs.append(HeadOutput(i, "tokens"))
     return outputs
+
+
+def max_abs_diff(got: Any, want: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
+    """The largest difference over every output (a module with heads returns several, in order)."""
+    if isinstance(want, tuple):
+        if len(got) != len(want):
+            return math.inf
+        return max(max_abs_diff(g, w) for g, w in zip(got, want, strict=True))
+    return float((torch.as_tensor(got).float() - want.float()).abs().max())
 
 
 def shape_said(tensor: torch.Tensor) -> list[int | None]:
@@ -223,7 +244,6 @@ def write_safetensors_with_heads(
     as a user would (load_with_heads) and compared on every output."""
     from safetensors.torch import load_file
 
-    from dali_kd.commands.export import max_abs_diff
     from dali_kd.io import save_safetensors_atomic
 
     save_safetensors_atomic(path, model.student.backbone.state_dict())

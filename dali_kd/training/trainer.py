@@ -271,7 +271,7 @@ class Trainer:
     @property
     def teachers(self) -> dict[str, FrozenTeacher]:
         """The frozen teachers by key, in config order."""
-        return dict(zip(self.cfg.model.teacher_keys, [self.parts.teacher], strict=True))
+        return dict(zip(self.parts.teacher_keys, self.parts.teachers, strict=True))
 
     def evaluate_student(self) -> dict[str, EvalResult]:
         """{"student": ..., "student_ema": ...} (the EMA's when kept); empty without held-out images."""
