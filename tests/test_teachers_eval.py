@@ -210,6 +210,16 @@ def test_a_two_teacher_run_reports_each_teachers_knn_and_the_agreement_with_each
     assert summary["teacher_head_top1_vit"] is None  # 3 classes, the data has 4
     assert summary["teacher_knn_top1"] is None and "agreement" not in summary  # the names are per teacher
     assert report.main([str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    knn, agree = summary["teacher_knn_top1_res"], summary["agreement_vit"]
+    assert (
+        f"k-NN top-1: student {summary['student_knn_top1']:.1f}%, teacher res {knn:.1f}%, teacher vit"
+        in printed
+    )
+    assert (
+        f"agreement with the teacher (mean cosine): res {summary['agreement_res']:.3f}, vit {agree:.3f}"
+        in printed
+    )
     fig = figure("run", report.read_rows(run_dir), summary)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("Agreement")]
     assert [t.split(" (")[0] for t in titles] == ["Agreement with res", "Agreement with vit"]
