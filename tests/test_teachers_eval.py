@@ -322,3 +322,19 @@ def test_a_run_in_progress_exports_the_heads_of_its_newest_checkpoint(two_teache
     final = load_file(run_dir / "adaptors.safetensors")
     heads = load_file(tmp_path / "out" / "heads.safetensors")
     assert final.keys() <= heads.keys() and all(torch.equal(heads[k], final[k]) for k in final)
+
+
+def test_heads_of_a_standardised_teacher_without_its_statistics_are_refused_in_one_line(
+    two_teacher_run, tmp_path, capsys
+):
+    run_dir, _ = two_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(
+        run_dir, run, ignore=shutil.ignore_patterns("teacher_standardiser.safetensors", "export*")
+    )
+    assert export_command.main([str(run), "--format", "torchscript", "--heads"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --heads: model.teachers[1] (test_vit2) had its targets standardised, but no running statistics "
+        f"come with {run / 'student.safetensors'} (teacher_standardiser.safetensors beside it, or a checkpoint's) "
+        "to scale its head's outputs back"
+    ]
