@@ -290,12 +290,19 @@ def _accumulated(cfg: Config) -> str:
 def _say_results(summary: dict, run_dir: Path) -> None:
     """The run's last lines: the student's top-1 against the teacher's, and the steps and time it took."""
     from dali_kd import console
+    from dali_kd.console.results import teachers_said
 
-    knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
+    knn = summary["student_knn_top1"]
     if knn is not None:
-        console.summary(
-            f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
-        )
+        beside = [
+            teachers_said(summary, "teacher_knn_top1", "{:.1f}%"),
+            f"chance {summary['chance_top1']:.1f}%",
+        ]
+        console.summary(f"student k-NN top-1 {knn:.1f}% ({', '.join(b for b in beside if b)})")
+    # With one teacher the agreement is in the evaluation lines and summary.json; the last lines stay as they were.
+    agreement = teachers_said(summary, "agreement", "{:.3f}") if summary.get("agreement") is None else ""
+    if agreement:
+        console.summary(f"student agreement with each teacher (mean cosine): {agreement}")
     if summary["student_head_top1"] is not None:
         teacher_head = summary["teacher_head_top1"]
         against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
