@@ -50,6 +50,8 @@ class ModelSpec(Section):
 
 
 TeacherOutput = Literal["pooled", "tokens", "logits"]
+# The loss parts and multi-crop kinds that metric names are made of (loss_label, loss_feature_global, ...).
+RESERVED_KEYS = frozenset({"feature", "patch", "logit", "label", "global", "local"})
 
 
 class TeacherSpec(ModelSpec):
@@ -90,6 +92,14 @@ class TeacherSpec(ModelSpec):
         "variance before the loss, so that teachers whose features differ in scale weigh alike",
     )
 
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, v: str | None) -> str | None:
+        # Metrics are named loss_<key> and loss_<part>_<key>: these keys would read as another metric's name.
+        if v in RESERVED_KEYS:
+            raise ValueError(f"{v!r} is a name the losses already use; choose another key")
+        return v
+
 
 class StudentSpec(ModelSpec):
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth while training")
@@ -100,7 +110,8 @@ def default_key(name: str) -> str:
     → vit_b), in the characters a key allows."""
     base = name.split("/")[-1] if name.startswith("hf-hub:") else name.split(".")[0]
     key = re.sub(r"[^a-z0-9_]+", "_", base.lower()).strip("_") or "teacher"
-    return key if key[0].isalpha() else f"t_{key}"
+    key = key if key[0].isalpha() else f"t_{key}"
+    return f"{key}_teacher" if key in RESERVED_KEYS else key
 
 
 class ModelConfig(Section):
