@@ -395,7 +395,10 @@ def test_an_override_reaches_one_teacher_of_several(tmp_path):
         (["model.teacher.name=resnet18"], "model.teacher, or several as model.teachers"),
         (["model.teachers.0.key=big", "model.teachers.2.key=big"], "key 'big' names more than one teacher"),
         (["model.teachers.0.key=Big"], r"model\.teachers\.0\.key: String should match"),
-        (["model.teachers.1.key=label"], r"model\.teachers\.1\.key: .*'label' is a name the losses already use"),
+        (
+            ["model.teachers.1.key=label"],
+            r"model\.teachers\.1\.key: .*'label' is a name the losses already use",
+        ),
     ],
 )
 def test_teacher_list_errors_are_one_line(tmp_path, overrides, expected):
