@@ -140,7 +140,7 @@ def measure_floor(
             return teacher(images)
 
     def student_step(targets: ModelOutput) -> None:
-        losses = task(batch, targets)
+        losses = task(batch, [targets])
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if clip is not None:

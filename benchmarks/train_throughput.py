@@ -58,8 +58,11 @@ class ConstantTargets:
     def __init__(self, output: ModelOutput):
         self.output = output
 
-    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
-        return self.output
+    def targets(self, batch: Batch, step: int = 0) -> list[ModelOutput]:
+        return [self.output]
+
+    def time_teachers(self, mark) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}

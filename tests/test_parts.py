@@ -60,9 +60,9 @@ def open_cache(tmp_path, teacher, num_samples=8, num_views=1) -> TeacherCache:
 
 
 def test_live_teacher_counts_batches_and_sees_global_crops_only(teacher):
-    live = LiveTeacher(teacher, with_patches=False)
+    live = LiveTeacher([teacher], with_patches=[False])
     crops = torch.randn(3, 2, 3, 32, 32)  # multi-crop: [B, G, ...]
-    out = live.targets(batch_of(crops, [0, 1, 2], local_images=torch.randn(3, 4, 3, 16, 16)))
+    [out] = live.targets(batch_of(crops, [0, 1, 2], local_images=torch.randn(3, 4, 3, 16, 16)))
     assert out.pooled.shape[0] == 6 and live.summary()["teacher_forward_batches"] == 1
     # View-major: crop 0 of every sample first.
     assert torch.allclose(out.pooled[:3], teacher(crops[:, 0]).pooled, atol=1e-5)
@@ -70,16 +70,16 @@ def test_live_teacher_counts_batches_and_sees_global_crops_only(teacher):
 
 def test_cached_teacher_fills_rows_at_stream_slots_then_replays_them(tmp_path, teacher):
     cache = open_cache(tmp_path, teacher)
-    cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=None, device=CPU)
+    cached = CachedTeacher(LiveTeacher([teacher], [False]), cache, "replay", probe_every=None, device=CPU)
     images = torch.randn(4, 3, 32, 32)
     # Slot 3's file was set aside: the stream showed sample 2 there.
     fill = batch_of(images, [0, 1, 2, 2], stream_ids=torch.tensor([0, 1, 2, 3]),
                     cache=CacheFields(np.zeros(4, dtype=np.int64), store=np.ones(4, dtype=bool)))  # fmt: skip
-    live = cached.targets(fill, step=1)
+    [live] = cached.targets(fill, step=1)
     assert cache.is_done(np.arange(4), np.zeros(4, dtype=np.int64)).all()
     replay = batch_of(images, [0, 1, 2, 2], cache=CacheFields(np.zeros(4, dtype=np.int64), from_cache=True),
                       host_ids=np.array([0, 1, 2, 3]))  # fmt: skip
-    out = cached.targets(replay, step=2)
+    [out] = cached.targets(replay, step=2)
     assert torch.allclose(out.pooled, live.pooled, atol=1e-6) and torch.allclose(
         out.logits, live.logits, atol=1e-6
     )
@@ -92,7 +92,7 @@ def test_cached_teacher_fills_rows_at_stream_slots_then_replays_them(tmp_path, t
 
 def test_a_moved_cache_batch_keeps_its_cache_fields(tmp_path, teacher):
     cache = open_cache(tmp_path, teacher)
-    cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=None, device=CPU)
+    cached = CachedTeacher(LiveTeacher([teacher], [False]), cache, "replay", probe_every=None, device=CPU)
     slots, store = np.zeros(4, dtype=np.int64), np.ones(4, dtype=bool)
     fill = batch_of(torch.randn(4, 3, 32, 32), [0, 1, 2, 3], cache=CacheFields(slots, store=store)).to(CPU)
     assert fill.cache is not None and fill.cache.slots is slots and fill.cache.store is store
@@ -113,7 +113,7 @@ def test_a_moved_cache_batch_keeps_its_cache_fields(tmp_path, teacher):
 def test_the_fidelity_probe_fails_when_cached_rows_do_not_match_the_views(tmp_path, teacher, capsys):
     """The probe compares the live teacher with the cache: rows of other views must show up, loudly."""
     cache = open_cache(tmp_path, teacher)
-    cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=None, device=CPU)
+    cached = CachedTeacher(LiveTeacher([teacher], [False]), cache, "replay", probe_every=None, device=CPU)
     images = torch.randn(4, 3, 32, 32)
     slots = np.zeros(4, dtype=np.int64)
     cached.targets(
@@ -135,7 +135,7 @@ def test_the_fidelity_probe_fails_when_cached_rows_do_not_match_the_views(tmp_pa
 
 def test_probe_every_n_steps_and_counters_survive_a_state_round_trip(tmp_path, teacher):
     cache = open_cache(tmp_path, teacher)
-    cached = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=3, device=CPU)
+    cached = CachedTeacher(LiveTeacher([teacher], [False]), cache, "replay", probe_every=3, device=CPU)
     images = torch.randn(4, 3, 32, 32)
     slots = np.zeros(4, dtype=np.int64)
     cached.targets(
@@ -145,7 +145,7 @@ def test_probe_every_n_steps_and_counters_survive_a_state_round_trip(tmp_path, t
         cached.targets(batch_of(images, [0, 1, 2, 3], cache=CacheFields(slots, from_cache=True)), step=step)
     # The first replayed batch (step 2), then steps 3 and 6.
     assert cached.summary()["teacher_probe_batches"] == 3
-    again = CachedTeacher(LiveTeacher(teacher, False), cache, "replay", probe_every=3, device=CPU)
+    again = CachedTeacher(LiveTeacher([teacher], [False]), cache, "replay", probe_every=3, device=CPU)
     again.load_state_dict(cached.state_dict())
     assert again.summary() | {"cache_read_mb_s": 0} == cached.summary() | {"cache_read_mb_s": 0}
 
@@ -156,11 +156,11 @@ def test_distill_task_one_view_and_multi_crop(teacher):
     loss = LossConfig(logit_weight=1.0)
     task = DistillTask(student, loss, CPU, None)
     images = torch.randn(2, 3, 32, 32)
-    losses = task(batch_of(images, [0, 1]), teacher(images))
+    losses = task(batch_of(images, [0, 1]), [teacher(images)])
     assert set(losses) == {"loss", "loss_feature", "loss_logit"} and losses["loss"].requires_grad
     crops, local = torch.randn(2, 2, 3, 32, 32), torch.randn(2, 3, 3, 16, 16)
     multi = batch_of(crops, [0, 1], local_images=local)
-    losses = task(multi, LiveTeacher(teacher, False).targets(multi))
+    losses = task(multi, LiveTeacher([teacher], [False]).targets(multi))
     assert {"loss", "loss_global", "loss_local", "loss_feature_local", "loss_logit_global"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -303,5 +303,5 @@ def test_a_finished_run_saves_the_student_and_both_projectors(tiny_config, tmp_p
 
 
 def test_model_output_is_what_targets_return(teacher):
-    out = LiveTeacher(teacher, False).targets(batch_of(torch.zeros(1, 3, 32, 32), [0]))
+    [out] = LiveTeacher([teacher], [False]).targets(batch_of(torch.zeros(1, 3, 32, 32), [0]))
     assert isinstance(out, ModelOutput) and out.patch_tokens is None

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dali_kd.console.losses import TEACHER_LOSS_PARTS, teacher_losses
 from dali_kd.io import atomic_write
 from dali_kd.telemetry.throughput import is_warmup, run_throughput
 from dali_kd.telemetry.verdict import Verdict
@@ -100,8 +101,27 @@ def summary_verdict(summary: dict[str, Any] | None) -> Verdict | None:
 
 
 def plot_loss(ax: Any, steps: list[int], rows: list[dict[str, Any]]) -> None:
+    """The total; with several teachers each teacher's total in its own colour and its parts dashed in the same
+    colour; every other loss part as a thin line."""
     ax.plot(steps, series(rows, "loss"), label="loss", color="black", linewidth=2)
-    for key in sorted(k for k in rows[-1] if k.startswith("loss_")):
+    drawn = set()
+    for i, key in enumerate(teacher_losses(rows[-1])):
+        colour = f"C{i}"
+        ax.plot(steps, series(rows, f"loss_{key}"), label=key, color=colour, linewidth=1.5)
+        drawn.add(f"loss_{key}")
+        for part in TEACHER_LOSS_PARTS:
+            name = f"loss_{part}_{key}"
+            if name in rows[-1]:
+                ax.plot(
+                    steps,
+                    series(rows, name),
+                    label=f"{key} {part}",
+                    color=colour,
+                    linewidth=1,
+                    linestyle="--",
+                )
+                drawn.add(name)
+    for key in sorted(k for k in rows[-1] if k.startswith("loss_") and k not in drawn):
         ax.plot(steps, series(rows, key), label=key.removeprefix("loss_"), linewidth=1)
     ax.set(title="Loss", xlabel="step")
     ax.legend()

@@ -106,6 +106,11 @@ class Config(Section):
                 "{data.local_crop_size} is larger than {data.image_size} with {train.use_local_crops}: "
                 "local crops are the small views; lower data.local_crop_size or raise data.image_size"
             )
+        if len(self.model.teacher_specs) > 1:
+            raise self._conflict(
+                "{train.use_local_crops} with several model.teachers: multi-crop distils one teacher; turn "
+                "train.use_local_crops off or give one teacher"
+            )
         if t.cache_teacher_features:
             raise self._conflict(
                 "{train.cache_teacher_features} cannot be combined with {train.use_local_crops}: the "

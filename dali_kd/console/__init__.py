@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dali_kd.console.losses import loss_words
 from dali_kd.console.outside import OutsideLoggers, warnings_said
 from dali_kd.io import os_reason
 
@@ -69,7 +70,7 @@ def interval_line(row: dict[str, Any], total_steps: int, num_epochs: int) -> str
     `step 120/1600 epoch 1/4 loss 0.4312 | 812 img/s | data 3.1 ms / step 78.8 ms | gpu 97% | student-bound`
     (the stage times, GPU and verdict appear only when the row has them: train.telemetry, NVML)."""
     parts = [
-        f"step {row['step']}/{total_steps} epoch {row['epoch'] + 1}/{num_epochs} loss {row['loss']:.4f}",
+        f"step {row['step']}/{total_steps} epoch {row['epoch'] + 1}/{num_epochs} {loss_words(row)}",
         f"{row['img_per_s']:.0f} img/s",
     ]
     if row.get("data_ms") is not None:
@@ -85,7 +86,7 @@ def interval_line(row: dict[str, Any], total_steps: int, num_epochs: int) -> str
 
 def bar_postfix(row: dict[str, Any]) -> str:
     """The same row, short enough for the bar's postfix."""
-    parts = [f"loss={row['loss']:.4f}"]
+    parts = [loss_words(row, "=")]
     if row.get("data_ms") is not None:
         parts.append(f"data/step={row['data_ms']:.0f}/{row['step_ms']:.0f}ms")
     else:

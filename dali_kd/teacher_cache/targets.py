@@ -1,17 +1,18 @@
-"""Teacher targets: what the student is pulled toward each step — a live frozen teacher, its cache, or constants.
+"""Teacher targets: what the student is pulled toward each step — the live frozen teachers, their cache, or constants.
 
-Every source answers `targets(batch, step)` with the teacher's `ModelOutput` for the batch's global crops,
-view-major ([G*B, ...]: crop 0 of every sample first), and keeps its own counters (`state_dict`, `summary`). Each
-also makes the training stream its targets need (`train_stream`): the data backend's for a live teacher, the cache's
-fill-then-replay stream for the cache.
+Every source answers `targets(batch, step)` with each teacher's `ModelOutput` for the batch's global crops, in
+teacher order (a list of one for one teacher), view-major ([G*B, ...]: crop 0 of every sample first), and keeps its
+own counters (`state_dict`, `summary`). Each also makes the training stream its targets need (`train_stream`): the
+data backend's for a live teacher (live.py), the cache's fill-then-replay stream for the cache.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,88 +22,23 @@ from dali_kd.config import Config, StreamSettings
 from dali_kd.config.data_section import MIX_KEYS
 from dali_kd.data.batch import Batch
 from dali_kd.data.dataset import ImageIndex
-from dali_kd.data.loaders import make_train_stream, with_mixing
-from dali_kd.data.outputs import ModelOutput, view_major
+from dali_kd.data.loaders import with_mixing
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.data.stream import TrainStream
 from dali_kd.identity import files_hash
 from dali_kd.models import FrozenTeacher
 from dali_kd.teacher_cache.batch_fields import CacheFields
+from dali_kd.teacher_cache.live import LiveTeacher, TeacherTargets
 from dali_kd.teacher_cache.store import TeacherCache, parts_for
 from dali_kd.teacher_cache.stream import CachedViewStream, cached_view_stream
+
+# LiveTeacher and TeacherTargets live in live.py; the targets are offered here together.
+__all__ = ["CachedTeacher", "LiveTeacher", "TeacherTargets", "open_teacher_cache"]
 
 # A replayed view's cached target and a live teacher on it agree to this cosine, fp16 storage included.
 FIDELITY_FLOOR = 0.999
 # Far below the floor: the cache's targets are not the teacher's (another teacher's, or damaged), so replay stops.
 FIDELITY_STOP = 0.9
-
-
-class TeacherTargets(Protocol):
-    # The targets come from a teacher cache (the run's verdict advises on it).
-    cached: bool
-
-    def train_stream(
-        self,
-        settings: StreamSettings,
-        index: ImageIndex,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        state: dict | None = None,
-    ) -> TrainStream:
-        """The training stream these targets are computed for; `state` (its earlier state_dict()) resumes it."""
-        ...
-
-    def targets(self, batch: Batch, step: int) -> ModelOutput:
-        """The teacher's outputs for the batch's global crops; `step` is the step being computed (1-based)."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def interval_metrics(self) -> dict[str, float]:
-        """Values for the next metrics row (then forgotten)."""
-        ...
-
-    def summary(self) -> dict[str, Any]: ...
-
-
-class LiveTeacher:
-    """The frozen teacher run on every batch (multi-crop: on the global crops only)."""
-
-    cached = False
-
-    def __init__(self, teacher: FrozenTeacher, with_patches: bool):
-        self.teacher = teacher
-        self.with_patches = with_patches
-        self.forward_batches = 0
-
-    def targets(self, batch: Batch, step: int = 0) -> ModelOutput:
-        self.forward_batches += 1
-        return self.teacher(view_major(batch.global_crops()), with_patches=self.with_patches)
-
-    def train_stream(
-        self,
-        settings: StreamSettings,
-        index: ImageIndex,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        state: dict | None = None,
-    ) -> TrainStream:
-        return make_train_stream(settings, index, device, rank, world_size, state=state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"teacher_forward_batches": self.forward_batches}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.forward_batches = int(state.get("teacher_forward_batches", 0))
-
-    def interval_metrics(self) -> dict[str, float]:
-        return {}
-
-    def summary(self) -> dict[str, Any]:
-        return {"teacher_forward_batches": self.forward_batches}
 
 
 @dataclass
@@ -193,14 +129,18 @@ class CachedTeacher:
         )
         return with_mixing(self.stream, settings, rank, state)
 
-    def targets(self, batch: Batch, step: int) -> ModelOutput:
+    def time_teachers(self, mark: Callable[[str], None]) -> None:
+        self.live.time_teachers(mark)
+
+    def targets(self, batch: Batch, step: int) -> list[ModelOutput]:
+        # The config refuses the cache with several teachers: it stores the one teacher's outputs.
         cache_fields = batch.cache
         assert cache_fields is None or isinstance(cache_fields, CacheFields)  # the cache's stream makes them
         if cache_fields is not None and cache_fields.from_cache and self.counters.stopped_at_step is None:
-            return self._replayed(batch, cache_fields, step)
+            return [self._replayed(batch, cache_fields, step)]
         out = self.live.targets(batch, step)
         if cache_fields is not None and cache_fields.store is not None and cache_fields.store.any():
-            self._store(batch, cache_fields, out)
+            self._store(batch, cache_fields, out[0])
         return out
 
     def _replayed(self, batch: Batch, cache_fields: CacheFields, step: int) -> ModelOutput:

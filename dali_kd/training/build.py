@@ -33,7 +33,8 @@ from dali_kd.training.ema import StudentEma
 from dali_kd.training.nonfinite import NonFiniteGuard
 from dali_kd.training.optim import build_optimizer, build_scheduler, peak_lr
 from dali_kd.training.run_state import RunState
-from dali_kd.training.task import DistillTask
+from dali_kd.training.standardise import TeacherStandardiser
+from dali_kd.training.task import DistillTask, teacher_losses
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,7 @@ class RunParts:
     stream: TrainStream = field(init=False)
     data_files: dict | None = None  # identity.data_identity of train_index.files, for the Checkpointer
     ema: StudentEma | None = None  # train.ema_decay
+    standardiser: TeacherStandardiser | None = None  # some model.teachers[i].standardise
     # What each model is fed ({"teacher": ..., "student": ...}: size, mean, std; with several teachers
     # "teachers": {key: ...} too), for the summary and export.
     inputs: dict[str, dict] | None = None
@@ -88,6 +90,8 @@ class RunParts:
         }
         if self.ema is not None:
             parts["student_ema"] = self.ema
+        if self.standardiser is not None:
+            parts["teacher_standardiser"] = self.standardiser
         parts[PROGRESS] = RunProgress(self.state, self.quarantine, self.targets, self.guard)
         return parts
 
@@ -130,9 +134,11 @@ def build_run(
         teacher_image_size=cfg.teacher_image_size, pipeline=pipeline,
     )  # fmt: skip
     loss = _loss_for_teacher(cfg, models, splits.train.num_classes, dist)
+    standardiser = _standardiser(cfg, device, dist)
     task = DistillTask(
-        models.student, loss, device, amp_dtype, dist, resolve_compile(train.compile_student, device)
-    )
+        models.student, loss, device, amp_dtype, dist, resolve_compile(train.compile_student, device),
+        teachers=teacher_losses(cfg.model, cfg.train.loss, first=loss), standardiser=standardiser,
+    )  # fmt: skip
     optimizer = build_optimizer(models.student, train.optimizer, _peak_lr(cfg, dist), device)
     steps_per_epoch = _steps_per_epoch(cfg, share)
     scheduler = build_scheduler(optimizer, steps_per_epoch * train.epochs, train.optimizer)
@@ -154,6 +160,7 @@ def build_run(
         state=RunState(),
         guard=NonFiniteGuard(train.on_nonfinite_loss, train.max_skipped_steps, device),
         targets=targets,
+        standardiser=standardiser,
         data_files=data_identity(splits.train.files),
         inputs=model_inputs(models),
         ema=_student_ema(cfg, models.student),
@@ -258,7 +265,7 @@ def _teacher_targets(
 ) -> TeacherTargets:
     """The live teacher, or (train.cache_teacher_features) the teacher cache in front of it."""
     train = cfg.train
-    live = LiveTeacher(models.teacher, models.use_patches)
+    live = LiveTeacher(models.teachers, models.teacher_patches, models.teacher_keys)
     if not train.cache_teacher_features:
         return live
     cache = open_teacher_cache(
@@ -267,6 +274,14 @@ def _teacher_targets(
     return CachedTeacher(
         live, cache, train.cache_mode, train.cache_probe_every_n_steps, device, report=dist.is_main
     )
+
+
+def _standardiser(cfg: Config, device: torch.device, dist: DistInfo) -> TeacherStandardiser | None:
+    """The targets' standardisation, where some teacher asks for it (model.teachers[i].standardise)."""
+    which = [spec.standardise for spec in cfg.model.teacher_specs]
+    if not any(which):
+        return None
+    return TeacherStandardiser(cfg.model.teacher_keys, which, device, dist.world_size)
 
 
 def _student_ema(cfg: Config, student: Student) -> StudentEma | None:

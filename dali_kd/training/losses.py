@@ -38,6 +38,15 @@ def feature_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tor
     return cosine_loss(student, teacher) + mse_loss(student, teacher)
 
 
+def label_loss(
+    cfg: LossConfig, student_logits: torch.Tensor | None, labels: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Cross-entropy of the student's own classifier with the labels (None: no label loss asked, or no logits)."""
+    if cfg.label_weight > 0 and student_logits is not None and labels is not None:
+        return F.cross_entropy(student_logits.float(), labels)
+    return None
+
+
 def distillation_losses(
     cfg: LossConfig,
     student_pooled: torch.Tensor,
@@ -65,9 +74,10 @@ def distillation_losses(
     if cfg.logit_weight > 0 and student_logits is not None and teacher_logits is not None:
         parts["loss_logit"] = kl_logit_loss(student_logits.float(), teacher_logits.float(), cfg.temperature)
         total = total + cfg.logit_weight * parts["loss_logit"]
-    if cfg.label_weight > 0 and student_logits is not None and labels is not None:
-        parts["loss_label"] = F.cross_entropy(student_logits.float(), labels)
-        total = total + cfg.label_weight * parts["loss_label"]
+    label = label_loss(cfg, student_logits, labels)
+    if label is not None:
+        parts["loss_label"] = label
+        total = total + cfg.label_weight * label
     parts["loss"] = total
     return parts
 

@@ -195,6 +195,7 @@ class Trainer:
             setup=self.parts.run_setup(cfg, self.device),
         )
         self.timer = self.monitor.timer
+        self.parts.targets.time_teachers(self.timer.split)
         stop = StopSignal()
         self.progress = console.current().progress(
             self.total_steps, state.step, cfg.train.epochs, show=self.show_progress
