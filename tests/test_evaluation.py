@@ -63,6 +63,9 @@ def test_a_run_reports_head_knn_and_ema_results_and_saves_the_ema(tiny_config, t
     last = summary["knn_history"][-1]
     assert last["student_head_top1"] == summary["student_head_top1"]
     assert last["student_ema_knn_top1"] == summary["student_ema_knn_top1"]
+    # One teacher: its results keep their names, and the student's agreement with it is `agreement`.
+    assert -1 <= summary["agreement"] <= 1 and last["agreement"] == summary["agreement"]
+    assert not [k for k in summary if k.startswith(("teacher_knn_top1_", "agreement_"))]
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["student_ema_head_top1"] == summary["student_ema_head_top1"]
     raw = load_file(tmp_path / "run" / "student.safetensors")

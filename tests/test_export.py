@@ -236,3 +236,19 @@ def test_a_number_flag_that_means_nothing_is_a_usage_error_before_any_work(
     assert ended.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: argument {flag}: {says} (see --help)"]
     assert not (tmp_path / "out").exists(), "nothing was exported"
+
+
+def test_heads_of_a_single_teacher_run_are_its_projector_and_the_students_own_logits(run_dir, tmp_path):
+    """One teacher: output 0 is the student's logits (which learnt the teacher's), output 1 the projector's
+    embedding at the teacher's width; the export without --heads in the same run is untouched."""
+    assert main([str(run_dir), "--format", "torchscript", "--heads", "--out", str(tmp_path)]) == 0
+    spec = json.loads((tmp_path / "preprocess.json").read_text())
+    assert spec["outputs"] == ["logits", "test_resnet.pooled"]
+    (head,) = spec["heads"]
+    assert head["logits"] == {"output": 0, "shape": [None, 4]}
+    assert head["pooled"] == {"output": 1, "shape": [None, 96]}
+    images = batch_for(tmp_path)
+    with torch.no_grad():
+        logits, pooled = torch.jit.load(str(tmp_path / "student.pt"))(images)
+        want = torch_student(run_dir)(images)
+    assert torch.allclose(logits, want, atol=1e-5) and pooled.shape == (5, 96)

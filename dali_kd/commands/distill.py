@@ -288,11 +288,17 @@ def _say_results(summary: dict, run_dir: Path) -> None:
     """The run's last lines: the student's top-1 against the teacher's, and the steps and time it took."""
     from dali_kd import console
 
-    knn, teacher = summary["student_knn_top1"], summary["teacher_knn_top1"]
+    knn = summary["student_knn_top1"]
     if knn is not None:
-        console.summary(
-            f"student k-NN top-1 {knn:.1f}% (teacher {teacher:.1f}%, chance {summary['chance_top1']:.1f}%)"
-        )
+        beside = [
+            teachers_said(summary, "teacher_knn_top1", "{:.1f}%"),
+            f"chance {summary['chance_top1']:.1f}%",
+        ]
+        console.summary(f"student k-NN top-1 {knn:.1f}% ({', '.join(b for b in beside if b)})")
+    # With one teacher the agreement is in the evaluation lines and summary.json; the last lines stay as they were.
+    agreement = teachers_said(summary, "agreement", "{:.3f}") if summary.get("agreement") is None else ""
+    if agreement:
+        console.summary(f"student agreement with each teacher (mean cosine): {agreement}")
     if summary["student_head_top1"] is not None:
         teacher_head = summary["teacher_head_top1"]
         against = "" if teacher_head is None else f" (teacher {teacher_head:.1f}%)"
@@ -309,6 +315,16 @@ def _say_results(summary: dict, run_dir: Path) -> None:
             + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
         )
     console.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
+
+
+def teachers_said(summary: dict, name: str, form: str) -> str:
+    """A result of the teacher (or of the student against it) as `teacher 61.2%`, or with several teachers each
+    one's (`name_<key>`) as `teacher resnet14t 61.2%, teacher convnext_atto 70.3%`; "" where none was measured."""
+    said = "teacher " if name.startswith("teacher") else ""
+    if summary.get(name) is not None:
+        return f"{said}{form.format(summary[name])}"
+    each = [(k.removeprefix(f"{name}_"), v) for k, v in summary.items() if k.startswith(f"{name}_")]
+    return ", ".join(f"{said}{key} {form.format(value)}" for key, value in each if value is not None)
 
 
 def ending_line(e: BaseException) -> str:

@@ -7,6 +7,7 @@ Exit codes: 0 written and checked, 1 the exported model disagrees with torch bey
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from dali_kd.commands.cli import CommandLineParser, finite_at_least, int_in_range
+from dali_kd.commands.export_heads import max_abs_diff
 from dali_kd.errors import UserError
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -44,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export, RUN_DIR/export_ema)")
     parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="also the student's adaptor heads: after the backbone's output, each teacher's adapted pooled "
+        "embedding (and logits, tokens where it has them); preprocess.json says which output is which",
+    )
+    parser.add_argument(
         "--check-batch",
         type=int_in_range(1, MAX_CHECK_BATCH),
         default=4,
@@ -65,10 +73,6 @@ def check_batch(spec: dict[str, Any], num_images: int) -> torch.Tensor:
     pixels = torch.rand(num_images, 3, size, size, generator=generator)
     mean, std = torch.tensor(spec["mean"]).view(1, 3, 1, 1), torch.tensor(spec["std"]).view(1, 3, 1, 1)
     return (pixels - mean) / std
-
-
-def max_abs_diff(got: Any, want: torch.Tensor) -> float:
-    return float((torch.as_tensor(got).float() - want.float()).abs().max())
 
 
 def _quiet(call: Callable[[], Any]) -> Any:
@@ -136,7 +140,7 @@ def write_onnx(model: nn.Module, path: Path, batch: torch.Tensor) -> float:
             example,
             dynamo=True,
             input_names=["images"],
-            output_names=["output"],
+            output_names=getattr(model, "output_names", ["output"]),
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     )
@@ -145,9 +149,10 @@ def write_onnx(model: nn.Module, path: Path, batch: torch.Tensor) -> float:
     atomic_write(path, lambda f: f.write(data))
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": batch.numpy()})
+    got = [torch.from_numpy(out) for out in session.run(None, {"images": batch.numpy()})]
     with torch.no_grad():
-        return max_abs_diff(torch.from_numpy(got), model(batch))
+        want = model(batch)
+    return max_abs_diff(got if isinstance(want, tuple) else got[0], want)
 
 
 WRITERS = {"onnx": write_onnx, "torchscript": write_torchscript, "safetensors": write_safetensors}
@@ -168,12 +173,22 @@ def _check_same_weights(out: Path, spec: dict[str, Any]) -> None:
             f"--out {out}: holds an export of other weights ({old.get('weights')}, {old.get('source')}); "
             "choose another --out or empty it"
         )
+    if ("heads" in old) != ("heads" in spec):
+        said = "with" if "heads" in old else "without"
+        raise UserError(f"--out {out}: holds an export {said} --heads; choose another --out or empty it")
 
 
 def export(
-    run_dir: Path, fmt: str, ema: bool = False, out: Path | None = None, num_check: int = 4
+    run_dir: Path,
+    fmt: str,
+    ema: bool = False,
+    out: Path | None = None,
+    num_check: int = 4,
+    heads: bool = False,
 ) -> tuple[Path, float, dict[str, Any]]:
-    """Write the student in `fmt` and preprocess.json into `out`; (model file, max abs diff vs torch, spec)."""
+    """Write the student (with heads: and its adaptor heads) in `fmt` and preprocess.json into `out`; (model file,
+    max abs diff vs torch, spec)."""
+    from dali_kd.commands import export_heads
     from dali_kd.commands import export_source as source
     from dali_kd.io import write_json_atomic
 
@@ -181,23 +196,37 @@ def export(
         _import_onnx()  # before any work: a missing package is the first thing to say
     if num_check < 1:
         raise UserError(f"--check-batch: need at least 1 image (got {num_check})")
+    if heads and ema:
+        raise UserError(
+            "--heads with --ema: the EMA averages the backbone only, and the heads were trained on the raw "
+            "weights; export --heads without --ema"
+        )
     cfg = source.read_run_config(run_dir)
     weights = source.read_student_weights(run_dir, ema)
     model, kwargs = source.build_student(cfg, weights)
     names = source.class_names(run_dir, cfg, kwargs["num_classes"])
     spec = source.preprocess_spec(cfg, model, weights, kwargs, names)
-    out = out or run_dir / ("export_ema" if ema else "export")
-    _check_same_weights(out, spec)
     # The check batch differs in size from the traced one: a batch size baked into the graph fails it.
     batch = check_batch(spec, max(num_check, TRACE_BATCH + 1))
+    writer = WRITERS[fmt]
+    if heads:
+        state = source.read_student_state(run_dir, weights)
+        model = export_heads.build_student_with_heads(cfg, model, state, weights.source)
+        spec.update(export_heads.heads_spec(cfg, model, batch))
+        if fmt == "safetensors":
+            writer = functools.partial(export_heads.write_safetensors_with_heads, spec)
+    out = out or run_dir / ("export_ema" if ema else "export")
+    _check_same_weights(out, spec)
     path = out / f"student{SUFFIX[fmt]}"
-    diff = WRITERS[fmt](model, path, batch)
+    diff = writer(model, path, batch)
     write_json_atomic(out / "preprocess.json", spec)
     return path, diff, spec
 
 
 def usage_line(fmt: str, path: Path, spec: dict[str, Any]) -> str:
     """How to load what was written, in one line of Python."""
+    if fmt == "safetensors" and "heads" in spec:
+        return f"m = dali_kd.export.load_with_heads({str(path.parent)!r}); m(images)"
     if fmt == "safetensors":
         args = ", ".join(f"{k}={v!r}" for k, v in spec["timm_kwargs"].items())
         return (
@@ -212,14 +241,20 @@ def usage_line(fmt: str, path: Path, spec: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path, diff, spec = export(args.run_dir, args.format, args.ema, args.out, args.check_batch)
+        path, diff, spec = export(
+            args.run_dir, args.format, args.ema, args.out, args.check_batch, heads=args.heads
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     against = "onnxruntime vs torch" if args.format == "onnx" else f"{args.format} vs torch"
     classes = f", {len(spec['class_names'])} named classes" if spec["class_names"] else ""
     print(f"wrote {path} ({spec['weights']} weights from {spec['source']}{classes})")
+    if args.heads and args.format == "safetensors":
+        print(f"wrote {path.parent / 'heads.safetensors'}")
     print(f"wrote {path.parent / 'preprocess.json'}")
+    if args.heads:
+        print(f"outputs, in order: {', '.join(spec['outputs'])}")
     print(f"max abs diff ({against}, batch of {max(args.check_batch, TRACE_BATCH + 1)}): {diff:.3g}")
     if not diff <= args.tolerance:  # also catches NaN
         print(f"error: max abs diff {diff:.3g} is above --tolerance {args.tolerance:g}", file=sys.stderr)

@@ -31,6 +31,8 @@ class StudentWeights:
     state_dict: dict[str, torch.Tensor]
     weights: str  # "raw" or "ema"
     source: str
+    # The whole Student's state dict (backbone and adaptors) where the weights came from a checkpoint.
+    student_state: dict[str, torch.Tensor] | None = None
 
 
 def read_run_config(run_dir: Path) -> Config:
@@ -63,7 +65,7 @@ def _from_checkpoint(run_dir: Path, ema: bool) -> StudentWeights:
     backbone = {
         k.removeprefix(BACKBONE_PREFIX): v for k, v in student.items() if k.startswith(BACKBONE_PREFIX)
     }
-    return StudentWeights(backbone, "ema" if ema else "raw", f"{latest} (step {state['step']})")
+    return StudentWeights(backbone, "ema" if ema else "raw", f"{latest} (step {state['step']})", student)
 
 
 def read_student_weights(run_dir: Path, ema: bool) -> StudentWeights:
@@ -77,6 +79,27 @@ def read_student_weights(run_dir: Path, ema: bool) -> StudentWeights:
             f"{run_dir}: the run has no EMA weights (no student_ema.safetensors); export without --ema"
         )
     return _from_checkpoint(run_dir, ema)
+
+
+# The files a finished run keeps the student's adaptors in (dali_kd.training.run_files.write_final), each under the
+# prefix its keys have in the whole Student's state dict.
+ADAPTOR_FILES = (
+    ("projector.safetensors", "projector."),
+    ("patch_projector.safetensors", "patch_projector."),
+    ("adaptors.safetensors", ""),
+)
+
+
+def read_student_state(run_dir: Path, weights: StudentWeights) -> dict[str, torch.Tensor]:
+    """The whole Student (backbone and adaptor heads) whose backbone `weights` holds: its checkpoint's, or the
+    final files' (student.safetensors beside the adaptors')."""
+    if weights.student_state is not None:
+        return weights.student_state
+    state = {BACKBONE_PREFIX + k: v for k, v in weights.state_dict.items()}
+    for name, prefix in ADAPTOR_FILES:
+        if (run_dir / name).is_file():
+            state.update({prefix + k: v for k, v in read_weights(run_dir / name).items()})
+    return state
 
 
 def student_num_classes(cfg: Config, weights: StudentWeights) -> int:

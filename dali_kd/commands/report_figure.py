@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ STAGE_COLOURS = {"data": "#d62728", "teacher": "#1f77b4", "student": "#2ca02c", 
 # The steady state's largest step time times this is the step-time panel's top; a slower warm-up interval is
 # marked there with its value instead of squashing the rest into the bottom of the panel.
 STEADY_HEADROOM = 1.3
+# The height each row of agreement panels (two teachers a row) adds to the figure.
+AGREEMENT_ROW_INCHES = 3.6
 
 
 def series(rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -51,7 +54,12 @@ def figure(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | 
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(3, 2, figsize=(13, 11), constrained_layout=True)
+    agreement = agreement_names(summary)
+    extra_rows = math.ceil(len(agreement) / 2)
+    fig, grid = plt.subplots(
+        3 + extra_rows, 2, figsize=(13, 11 + AGREEMENT_ROW_INCHES * extra_rows), constrained_layout=True
+    )
+    axes, below = grid[:3], grid[3:].flat
     fig.suptitle(figure_title(run_name, rows, summary), fontsize=13)
     plot_loss(axes[0, 0], steps, rows)
     plot_step_time(axes[0, 1], steps, rows)
@@ -62,6 +70,11 @@ def figure(run_name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | 
     for ax, said in zip(axes.flat[[0, 1, 2, 3, 5]], panel_keys(rows).values(), strict=True):
         if not any(math.isfinite(v) for v in series(rows, said)):
             say_on(ax, f"no finite {said!r} in these rows")
+    for i, ax in enumerate(below):
+        if i < len(agreement):
+            plot_agreement(ax, steps, summary or {}, agreement[i])
+        else:
+            ax.set_axis_off()  # an odd number of teachers leaves the last row's second panel empty
     return fig
 
 
@@ -199,7 +212,11 @@ def utilisation_keys(rows: list[dict[str, Any]]) -> tuple[str, tuple[str, str], 
 
 
 def accuracy_label(key: str) -> str:
-    """student_knn_top1 → student k-NN, student_ema_head_top1 → EMA head, …_top5 → … top-5."""
+    """student_knn_top1 → student k-NN, student_ema_head_top1 → EMA head, …_top5 → … top-5, and a teacher's
+    with several teachers: teacher_knn_top1_<key> → teacher k-NN (<key>)."""
+    per_teacher = re.fullmatch(r"(teacher_(?:knn|head)_top[15])_(.+)", key)
+    if per_teacher:
+        return f"{accuracy_label(per_teacher[1])} ({per_teacher[2]})"
     words = {"ema": "EMA", "knn": "k-NN", "top1": ""}
     said = " ".join(words.get(part, part.replace("top", "top-")) for part in key.split("_"))
     return said.strip().replace("student EMA", "EMA")
@@ -219,9 +236,12 @@ def plot_accuracy(ax: Any, steps: list[int], summary: dict[str, Any] | None) -> 
     for name in names:
         values = [float("nan") if entry.get(name) is None else entry[name] for entry in history]
         ax.plot(evaluated, values, marker="o", label=accuracy_label(name))
-    for name, style in (("teacher_knn_top1", "--"), ("teacher_head_top1", ":")):
-        if summary and summary.get(name) is not None:
-            ax.axhline(summary[name], color="black", linestyle=style, linewidth=1, label=accuracy_label(name))
+    for base, style in (("teacher_knn_top1", "--"), ("teacher_head_top1", ":")):
+        # One teacher's result, or each teacher's (teacher_knn_top1_<key>) with several.
+        for name in sorted(k for k in summary or {} if k == base or k.startswith(f"{base}_")):
+            if summary and summary.get(name) is not None:
+                ax.axhline(summary[name], linestyle=style, linewidth=1, label=accuracy_label(name),
+                           color="black" if name == base else None)  # fmt: skip
     if summary and summary.get("chance_top1") is not None:
         ax.axhline(summary["chance_top1"], color="#999999", linewidth=1, label="chance")
     ax.set_ylim(0, 102)  # a line at 100% stays in sight
@@ -233,3 +253,32 @@ def plot_learning_rate(ax: Any, steps: list[int], rows: list[dict[str, Any]]) ->
     ax.plot(steps, series(rows, "lr"), color="#17becf")
     ax.set(title="Learning rate (the last update's, per interval)", xlabel="step", ylabel="lr")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+
+def agreement_names(summary: dict[str, Any] | None) -> list[str]:
+    """The agreement results the evaluations recorded, in the order first seen: `agreement` (one teacher) or
+    `agreement_<key>` (one per teacher)."""
+    names: list[str] = []
+    for entry in (summary or {}).get("knn_history") or []:
+        names += [k for k in entry if (k == "agreement" or k.startswith("agreement_")) and k not in names]
+    return names
+
+
+def plot_agreement(ax: Any, steps: list[int], summary: dict[str, Any], name: str) -> None:
+    """One teacher's panel: the student's mean cosine agreement with it at each evaluation, its title naming the
+    teacher's own k-NN top-1 where it was measured."""
+    key = name.removeprefix("agreement").removeprefix("_")
+    teacher_knn = summary.get(f"teacher_knn_top1_{key}" if key else "teacher_knn_top1")
+    title = f"Agreement with {key or 'the teacher'} (mean cosine, held-out split)"
+    if teacher_knn is not None:
+        title += f"; its k-NN top-1 {teacher_knn:.1f}%"
+    ax.set(title=title, xlabel="step", ylabel="cosine")
+    history = [entry for entry in summary.get("knn_history") or [] if entry.get(name) is not None]
+    if not history:
+        say_on(ax, f"no finite {name!r} in the evaluations")
+        return
+    values = [entry[name] for entry in history]
+    ax.plot([entry["step"] for entry in history], values, marker="o", color="#1f77b4", label=name)
+    ax.set_ylim(min(0.0, *values) - 0.05, 1.05)  # 1 (the teacher's own direction) stays in sight
+    ax.set_xlim(min(steps[0], history[0]["step"]) - 0.5, max(steps[-1], history[-1]["step"]) + 0.5)
+    ax.legend(loc="lower right", fontsize=8)

@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dali_kd.console.losses import loss_words
 from dali_kd.console.outside import OutsideLoggers, warnings_said
+from dali_kd.console.results import eval_line as eval_line
 from dali_kd.io import os_reason
 
 MODES = ("tty", "plain", "quiet")
@@ -34,21 +35,6 @@ logger.propagate = False
 # Where a record may show on the terminal (its `terminal` attribute; absent: by level and mode): "always" (the final
 # summary, also with --quiet), "plain" (an interval line: a terminal has the bar instead), "never" (train.log only).
 TERMINAL = "terminal"
-# What eval_line calls each result (all of them percentages); a result it does not know is named by its key.
-EVAL_NAMES = {
-    "student_knn_top1": "student k-NN top-1",
-    "student_head_top1": "head top-1",
-    "student_ema_knn_top1": "EMA k-NN top-1",
-    "student_ema_head_top1": "EMA head top-1",
-    "teacher_knn_top1": "teacher k-NN top-1",
-    "teacher_head_top1": "head top-1",
-    "student_knn_top5": "k-NN top-5",
-    "student_head_top5": "head top-5",
-    "student_ema_knn_top5": "EMA k-NN top-5",
-    "student_ema_head_top5": "EMA head top-5",
-    "teacher_knn_top5": "k-NN top-5",
-    "teacher_head_top5": "head top-5",
-}
 
 
 def choose_mode(quiet: bool = False, no_progress: bool = False, stream: TextIO | None = None) -> str:
@@ -97,16 +83,6 @@ def bar_postfix(row: dict[str, Any]) -> str:
     if row.get("verdict"):
         parts.append(row["verdict"])
     return " ".join(parts)
-
-
-def eval_line(epoch: int | None, results: dict[str, float | None]) -> str:
-    """One evaluation's results (percentages; None: not measured) as one line, e.g.
-    `epoch 3: student k-NN top-1 41.2%, head top-1 47.0%, EMA k-NN top-1 42.5%, EMA head top-1 48.1%`
-    (epoch None: the teacher's, before training)."""
-    said = [
-        f"{EVAL_NAMES.get(name, name)} {value:.1f}%" for name, value in results.items() if value is not None
-    ]
-    return ", ".join(said) if epoch is None else f"epoch {epoch}: {', '.join(said)}"
 
 
 # ---- saying them -------------------------------------------------------------------------------------------------

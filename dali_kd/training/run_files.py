@@ -43,14 +43,19 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 def write_final(
     run_dir: Path, student: Student, summary: dict[str, Any], ema_backbone: torch.nn.Module | None = None
 ) -> None:
-    """The trained student (a bare timm state dict), its EMA's (the same keys), its projectors (to resume
-    distilling), and the summary."""
+    """The trained student (a bare timm state dict), its EMA's (the same keys), its adaptors (the first teacher's
+    as projector.safetensors and patch_projector.safetensors, the others' in adaptors.safetensors; what
+    `dali_kd.export --heads` ships), and the summary."""
     save_safetensors_atomic(run_dir / "student.safetensors", student.backbone.state_dict())
     if ema_backbone is not None:
         save_safetensors_atomic(run_dir / "student_ema.safetensors", ema_backbone.state_dict())
     save_safetensors_atomic(run_dir / "projector.safetensors", student.projector.state_dict())
     if student.patch_projector is not None:
         save_safetensors_atomic(run_dir / "patch_projector.safetensors", student.patch_projector.state_dict())
+    # The other teachers' adaptors (several teachers), named as in the student's state dict: adaptors.<i>.*.
+    others = {k: v for k, v in student.state_dict().items() if k.startswith("adaptors.")}
+    if others:
+        save_safetensors_atomic(run_dir / "adaptors.safetensors", others)
     write_json_atomic(run_dir / "summary.json", summary)
 
 
@@ -77,6 +82,9 @@ def run_summary(
         "teacher_head_top5": state.teacher_head_top5,
         "student_ema_knn_top5": state.student_ema_knn_top5,
         "student_ema_head_top5": state.student_ema_head_top5,
+        # The student's agreement with each teacher (agreement, or agreement_<key>) and, with several teachers,
+        # each teacher's own results (teacher_knn_top1_<key>, ...): the teacher_* keys above are then null.
+        **state.named_results,
         "chance_top1": 100.0 / train_index.num_classes,
         "knn_history": state.knn_history,
         "num_classes": train_index.num_classes,

@@ -35,6 +35,9 @@ class RunState:
     student_head_top5: float | None = None
     student_ema_knn_top5: float | None = None
     student_ema_head_top5: float | None = None
+    # Results by name that not every run has: each teacher's (teacher_knn_top1_<key>, ...) with several teachers,
+    # and the student's agreement with each teacher (agreement, or agreement_<key>).
+    named_results: dict[str, float | None] = field(default_factory=dict)
     knn_history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation's results
     train_s: float = 0.0
     wall_s: float = 0.0
@@ -53,6 +56,16 @@ class RunState:
         for f in fields(self):
             if f.name in state:
                 setattr(self, f.name, copy.deepcopy(state[f.name]))
+
+    def record(self, name: str, value: float | None) -> None:
+        """An evaluation result: into its own field where it has one, else into named_results."""
+        if name in {f.name for f in fields(self)}:
+            setattr(self, name, value)
+        else:
+            self.named_results[name] = value
+
+    def result(self, name: str) -> float | None:
+        return getattr(self, name) if name in {f.name for f in fields(self)} else self.named_results.get(name)
 
     # ---- clocks -------------------------------------------------------------------------------------------------
     def start_clocks(self) -> None:

@@ -21,7 +21,9 @@ from dali_kd.config import Config
 from dali_kd.console import eval_line
 from dali_kd.data import Batch
 from dali_kd.distributed import DistInfo
-from dali_kd.evaluation.evaluator import EvalResult, evaluate_student, evaluate_teacher
+from dali_kd.evaluation.agreement import teacher_metric
+from dali_kd.evaluation.evaluator import EvalResult, evaluate_student, evaluate_teachers
+from dali_kd.models import FrozenTeacher
 from dali_kd.runs.preemption import Preempted, StopSignal
 from dali_kd.telemetry.interval import IntervalLosses
 from dali_kd.telemetry.monitor import RunMonitor
@@ -201,13 +203,14 @@ class Trainer:
             self.total_steps, state.step, cfg.train.epochs, show=self.show_progress
         )
         try:
-            if state.teacher_knn_top1 is None:
-                teacher = evaluate_teacher(self.parts.evaluator, self.parts.teacher)
+            keys = cfg.model.teacher_keys
+            if state.result(teacher_metric("teacher_knn_top1", keys[0], len(keys))) is None:
+                teacher = evaluate_teachers(self.parts.evaluator, self.teachers)
                 if teacher is not None:
-                    for key, value in teacher.as_dict("teacher").items():
-                        setattr(state, key, value)
+                    for key, value in teacher.items():
+                        state.record(key, value)
                     if self.dist.is_main:
-                        console.info(eval_line(None, teacher.as_dict("teacher")))
+                        console.info(eval_line(None, teacher))
                 self.parts.quarantine.gather()  # what evaluation set aside
             stream = iter(self.parts.stream)
             self.parts.student.train()
@@ -255,7 +258,7 @@ class Trainer:
             if results:
                 for name, result in results.items():
                     for key, value in result.as_dict(name).items():
-                        setattr(state, key, value)
+                        state.record(key, value)
                 said = {k: v for name, r in results.items() for k, v in r.as_dict(name).items()}
                 state.knn_history.append({"epoch": state.epoch + 1, "step": state.step, **said})
                 if self.dist.is_main:
@@ -266,10 +269,17 @@ class Trainer:
         state.step_in_epoch = 0
         self._save_if_due(state.step, epoch_end=True)
 
+    @property
+    def teachers(self) -> dict[str, FrozenTeacher]:
+        """The frozen teachers by key, in config order."""
+        return dict(zip(self.parts.teacher_keys, self.parts.teachers, strict=True))
+
     def evaluate_student(self) -> dict[str, EvalResult]:
         """{"student": ..., "student_ema": ...} (the EMA's when kept); empty without held-out images."""
         results = {
-            "student": evaluate_student(self.parts.evaluator, self.parts.student, self.parts.amp_dtype)
+            "student": evaluate_student(
+                self.parts.evaluator, self.parts.student, self.parts.amp_dtype, teachers=self.teachers
+            )
         }
         if self.parts.ema is not None:
             results["student_ema"] = evaluate_student(
