@@ -22,6 +22,8 @@ import gpu_paths  # noqa: E402
 import gpu_summary  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
+from dali_kd.config import load_config  # noqa: E402
+
 
 def test_make_dataset_is_imagenet_like_and_deterministic(tmp_path):
     a = make_dataset(tmp_path / "a", num_images=40, num_classes=4, seed=3, jobs=1)
@@ -100,6 +102,13 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert "| defaults |" in (out / "ablation.log").read_text()
     profile = json.loads((out / "profile.json").read_text())
     assert profile["steps"] == 2 and profile["top_ops"] and profile["gpu_busy_pct"] is None
+    two = json.loads((out / "two_teachers_step.json").read_text())
+    assert two["floor"]["teacher"] == "test_resnet,test_convnext" and two["results"][0]["step_ms"] > 0
+    assert {"teacher_ms_test_resnet", "teacher_ms_test_convnext"} <= set(two["floor"])
+    assert two["ratios"]["dali_step_vs_floor"] == pytest.approx(
+        two["results"][0]["step_ms"] / two["floor"]["step_ms"]
+    )
+    assert "test_resnet + test_convnext → test_vit" in (out / "two_teachers_step.md").read_text()
     tiny = json.loads((out / "tiny_step.json").read_text())
     assert tiny["results"][0]["step_ms"] > 0 and tiny["floor"]["student"] == "test_vit"
     op_costs = json.loads((out / "dali_op_costs.json").read_text())
@@ -132,7 +141,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     met = {row["part"].split(" (")[0]: row["met"] for row in summary["targets"]}
     assert met["training paths"] == "yes" and met["gpu tests"] == "n/a (skipped: no GPU)"
-    assert len(summary["targets"]) == 15
+    assert len(summary["targets"]) == 16
     assert met["mixing per batch / reference step"] == "n/a (not on a GPU)", (
         "the mix_cost part ran and was read"
     )
@@ -526,3 +535,29 @@ def test_demo_teacher_trains_each_case_and_reports_accuracy_and_cpu_seconds(tmp_
     assert [(r["image_size"], r["steps"]) for r in rows] == [(32, 2), (24, 1)]
     assert all(0 <= r["val_top1"] <= 100 and r["cpu_s"] > 0 for r in rows)
     assert (tmp_path / "home" / "teacher_test_resnet_32px_2.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_teachers_compare_quick_runs_each_arm_and_reads_each_teachers_results(tmp_path):
+    """benchmarks/teachers_compare.py --quick: each teacher alone and both, each a real dali_kd.train run on tiny
+    generated data with few-step teachers kept in --home (never the real demo cache); the table gives the two-teacher
+    student an agreement with each teacher and each one-teacher student an agreement with its own only."""
+    out = tmp_path / "tc.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "teachers_compare.py"), "--quick", "--seeds", "0",
+         "--home", str(tmp_path / "home"), "--out", str(tmp_path / "runs"), "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["results"]}
+    first, second = [arm for arm in rows if arm != "both"]
+    assert list(rows) == [first, second, "both"]
+    assert all(r["student_knn_top1"] is not None for r in rows.values())
+    assert all(rows["both"][f"agreement_{k}"] is not None for k in (first, second))
+    assert rows[first][f"agreement_{first}"] is not None and rows[first][f"agreement_{second}"] is None
+    assert rows[second][f"agreement_{second}"] is not None and rows[second][f"agreement_{first}"] is None
+    assert all(rows["both"][f"teacher_knn_top1_{k}"] is not None for k in (first, second))
+    both = (tmp_path / "runs" / "both-s0" / "config.yaml").read_text()
+    assert all(f"name: {t.name}" in both for t in load_config(presets=["two_teachers"]).model.teacher_specs)
+    assert (tmp_path / "home" / ".cache" / "dali_kd" / "demo-v1").is_dir()
+    assert "| **both** | mean of 1 |" in result.stdout
