@@ -207,6 +207,12 @@ HOT_LOOP_PATHS = {
     "multi-crop": ("train.use_local_crops=true", "data.local_crop_size=16", "data.num_local_crops=2"),
     "mixup": ("data.augment.mix=mixup",),
     "ema": ("train.ema_decay=0.9",),
+    # Each teacher in turn, its time split per teacher, one standardised.
+    "two-teachers": (
+        "model.teacher=null",
+        "train.loss.patch_weight=0.5",
+        "model.teachers=[{name: test_resnet, num_classes: 4}, {name: test_vit, num_classes: 3, standardise: true}]",
+    ),
 }
 # The host reads of a tensor: each waits for the device on a GPU.
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu")

@@ -35,9 +35,11 @@ class StudentOutput(NamedTuple):
         return self.adapted[0].patch_tokens
 
 
-def _projector(in_dim: int, out_dim: int, hidden_dim: int) -> nn.Module:
+def _projector(in_dim: int, out_dim: int, hidden_dim: int, identity_if_same: bool = True) -> nn.Module:
+    """A linear layer (hidden_dim 0) or a two-layer MLP; identity_if_same: the identity where the widths agree
+    (the first teacher's projector: the student's features themselves)."""
     if hidden_dim == 0:
-        return nn.Linear(in_dim, out_dim) if in_dim != out_dim else nn.Identity()
+        return nn.Linear(in_dim, out_dim) if in_dim != out_dim or not identity_if_same else nn.Identity()
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
@@ -127,11 +129,13 @@ class Student(nn.Module):
         self.register_load_state_dict_pre_hook(_projector_loaded_as_first_adaptor)
 
     def _adaptor(self, shape: AdaptorShape, hidden_dim: int) -> TeacherAdaptor:
+        # The other teachers' adaptors always learn (never the identity): the student's own features serve the first.
+        in_dim, tokens_in = embed_dim(self.backbone), token_dim(self.backbone)
         return TeacherAdaptor(
-            _projector(embed_dim(self.backbone), shape.pooled_dim, hidden_dim),
+            _projector(in_dim, shape.pooled_dim, hidden_dim, identity_if_same=False),
             None
             if shape.token_dim is None
-            else _projector(token_dim(self.backbone), shape.token_dim, hidden_dim),
+            else _projector(tokens_in, shape.token_dim, hidden_dim, identity_if_same=False),
             nn.Linear(embed_dim(self.backbone), shape.num_classes) if shape.num_classes > 0 else None,
             shape.token_grid,
         )
