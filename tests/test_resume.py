@@ -170,6 +170,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(
         assert summary["resumed_from"].endswith(f"step_{resumes_from:09d}.pt")
     ref_summary = json.loads((reference / "summary.json").read_text())
     assert summary["student_knn_top1"] == ref_summary["student_knn_top1"]
+    assert summary["agreement"] == ref_summary["agreement"] is not None
     assert summary["student_ema_knn_top1"] == ref_summary["student_ema_knn_top1"] is not None
     assert not list(checkpoints.path.glob(".step_*.tmp")), "leftovers are cleaned up by the next save"
 

@@ -29,13 +29,14 @@ from tests.conftest import tiny_overrides
 CPU = torch.device("cpu")
 TEACHERS = (
     "model.teachers=[{name: test_resnet, checkpoint: null, num_classes: 4, key: res},"
-    " {name: test_vit2, checkpoint: null, num_classes: 3, key: vit, image_size: 48}]"
+    " {name: test_vit2, checkpoint: null, num_classes: 3, key: vit, image_size: 48, standardise: true}]"
 )
 
 
 def two_teacher_config(image_tree: Path, tmp_path: Path, *extra: str):
     """tiny_config's run with two teachers: test_resnet (4 classes, the student's own head learns its logits)
-    and test_vit2 at 48 px (3 classes, a logits head; its tokens on a 3×3 grid, the student's on 2×2)."""
+    and test_vit2 at 48 px (3 classes, a logits head; its tokens on a 3×3 grid, the student's on 2×2; its targets
+    standardised)."""
     return load_config(
         overrides=[
             *tiny_overrides(image_tree, tmp_path),
@@ -108,6 +109,31 @@ def test_the_students_own_features_through_an_identity_adaptor_agree_at_1(evalua
     assert result is not None
     assert result.agreement["agreement_same"] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= result.agreement["agreement_other"] < 0.99
+
+
+def test_a_standardised_teachers_head_agrees_in_the_teachers_own_scale(evaluator):
+    """A head that outputs exactly the teacher's standardised embedding (what training asks of it) agrees at 1 once
+    scaled back with the running statistics, and not without them."""
+    from dali_kd.training.standardise import TeacherStandardiser
+
+    torch.manual_seed(0)
+    teacher = create_model("test_resnet", 32, 4).eval()
+    student = Student(copy.deepcopy(teacher), embed_dim(teacher), 0, with_patches=False)
+    mean, var = torch.rand(96) + 0.5, torch.rand(96) + 0.5
+    head = torch.nn.Linear(96, 96)  # x → (x - mean) / sqrt(var + eps)
+    with torch.no_grad():
+        head.weight.copy_(torch.diag(torch.rsqrt(var + 1e-6)))
+        head.bias.copy_(-mean * torch.rsqrt(var + 1e-6))
+    student.adaptors[0].pooled = head
+    standardiser = TeacherStandardiser(["same"], [True], CPU)
+    standardiser.load_state_dict({"same.pooled.mean": mean, "same.pooled.var": var})
+    teachers = {"same": FrozenTeacher(teacher, None)}
+    scaled = evaluate_student(
+        evaluator, student, None, teachers=teachers, unstandardise=standardiser.unstandardise
+    )
+    assert scaled is not None and scaled.agreement["agreement"] == pytest.approx(1.0, abs=1e-5)
+    unscaled = evaluate_student(evaluator, student, None, teachers=teachers)
+    assert unscaled is not None and unscaled.agreement["agreement"] < 0.99
 
 
 # ---- how results are said ------------------------------------------------------------------------------------------
@@ -238,8 +264,11 @@ def test_an_export_with_heads_gives_each_head_as_preprocess_json_says_and_as_the
     # The values are the trained student's: its adaptor outputs for the same (already preprocessed) images.
     student = copy.deepcopy(trainer.parts.student).eval()
     student.input = None
-    with torch.no_grad():
-        want = student.teacher_outputs(images)
+    with (
+        torch.no_grad()
+    ):  # vit's head learnt standardised targets: the export scales it back to vit's features
+        want = trainer.parts.standardiser.unstandardise(student.teacher_outputs(images))
+    assert vit["unstandardised"] is True and "unstandardised" not in res
     pairs = [(1, want[0].pooled), (0, want[0].logits), (2, want[1].pooled), (3, want[1].logits),
              (4, want[1].patch_tokens)]  # fmt: skip
     for index, tensor in pairs:

@@ -211,7 +211,8 @@ def export(
     writer = WRITERS[fmt]
     if heads:
         state = source.read_student_state(run_dir, weights)
-        model = export_heads.build_student_with_heads(cfg, model, state, weights.source)
+        stats = source.read_standardiser(run_dir, weights)
+        model = export_heads.build_student_with_heads(cfg, model, state, weights.source, stats)
         spec.update(export_heads.heads_spec(cfg, model, batch))
         if fmt == "safetensors":
             writer = functools.partial(export_heads.write_safetensors_with_heads, spec)

@@ -17,6 +17,7 @@ from dali_kd.errors import UserError
 from dali_kd.models import AdaptorShape, Student, create_model, pretrained_weights
 from dali_kd.models.distill import distils_tokens
 from dali_kd.models.timm_models import embed_dim, patch_grid, token_dim
+from dali_kd.training.standardise import TeacherStandardiser
 
 # What each kind of head gives, by the name preprocess.json uses, and the ModelOutput field that holds it.
 KINDS = {"pooled": "pooled", "logits": "logits", "tokens": "patch_tokens"}
@@ -38,13 +39,21 @@ class StudentWithHeads(nn.Module):
     student's input adapter is left out, as in the export without heads."""
 
     def __init__(
-        self, student: Student, outputs: list[HeadOutput], keys: list[str], shapes: list[AdaptorShape]
+        self,
+        student: Student,
+        outputs: list[HeadOutput],
+        keys: list[str],
+        shapes: list[AdaptorShape],
+        standardiser: TeacherStandardiser | None = None,
     ):
         super().__init__()
         assert student.input is None  # the exported module takes preprocessed images
         self.student = student
         self.outputs = outputs
         self.shapes = shapes
+        # The statistics of the teachers whose targets training standardised: their heads' outputs are scaled
+        # back to the teacher's own features.
+        self.standardiser = standardiser
         has_classes = getattr(student.backbone, "num_classes", 0) > 0
         # Each output's name, in order: the backbone's (as the export without heads), then <key>.<kind>.
         self.output_names = ["logits" if has_classes else "embedding"]
@@ -52,12 +61,14 @@ class StudentWithHeads(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         main, _ = self.student(images)
-        raw = main.raw
+        raw, adapted = main.raw, main.adapted
+        if self.standardiser is not None:
+            adapted = self.standardiser.unstandardise(adapted)
         first = raw.logits if raw.logits is not None else raw.pooled
         assert first is not None  # a model's own outputs always have the pooled embedding
         picked = [first]
         for out in self.outputs:
-            tensor = getattr(main.adapted[out.teacher], KINDS[out.kind])
+            tensor = getattr(adapted[out.teacher], KINDS[out.kind])
             assert tensor is not None  # outputs lists only the heads this student has
             picked.append(tensor)
         return tuple(picked)
@@ -135,13 +146,31 @@ def load_student(student: Student, state: dict[str, torch.Tensor], source: str) 
 
 
 def build_student_with_heads(
-    cfg: Config, backbone: nn.Module, student_state: dict[str, torch.Tensor], source: str
+    cfg: Config,
+    backbone: nn.Module,
+    student_state: dict[str, torch.Tensor],
+    source: str,
+    stats: dict[str, torch.Tensor] | None,
 ) -> StudentWithHeads:
-    """The trained student with every adaptor, its weights loaded from student_state (a whole Student's)."""
+    """The trained student with every adaptor, its weights loaded from student_state (a whole Student's);
+    stats: the running statistics of the teachers whose targets training standardised."""
     shapes = adaptor_shapes(cfg, backbone, student_state)
     student = student_from_shapes(backbone, shapes, cfg.model.projector_hidden_dim)
     load_student(student, student_state, source)
-    return StudentWithHeads(student, head_outputs(student), cfg.model.teacher_keys, shapes)
+    keys, flags = cfg.model.teacher_keys, [spec.standardise for spec in cfg.model.teacher_specs]
+    standardiser = None
+    if any(flags):
+        missing = next(
+            (i for i, on in enumerate(flags) if on and f"{keys[i]}.pooled.mean" not in (stats or {})), None
+        )
+        if missing is not None:
+            raise UserError(
+                f"--heads: {cfg.model.teacher_where(missing)} had its targets standardised, but {source} holds "
+                "no statistics to scale its head's outputs back (teacher_standardiser)"
+            )
+        standardiser = TeacherStandardiser(keys, flags, torch.device("cpu"))
+        standardiser.load_state_dict(stats or {})
+    return StudentWithHeads(student, head_outputs(student), keys, shapes, standardiser)
 
 
 def head_outputs(student: Student) -> list[HeadOutput]:
@@ -180,6 +209,8 @@ def heads_spec(cfg: Config, model: StudentWithHeads, batch: torch.Tensor) -> dic
     heads: list[dict[str, Any]] = []
     for i, (key, spec) in enumerate(zip(cfg.model.teacher_keys, cfg.model.teacher_specs, strict=True)):
         heads.append({"key": key, "teacher": spec.name, "adaptor": model.shapes[i]._asdict()})
+        if spec.standardise:  # its head learnt standardised targets: the export scales them back
+            heads[-1]["unstandardised"] = True
     for index, out in enumerate(model.outputs, start=1):
         heads[out.teacher][out.kind] = {"output": index, "shape": shape_said(got[index])}
     if model.output_names[0] == "logits" and first_logits_learnt(cfg):
@@ -201,10 +232,17 @@ def first_logits_learnt(cfg: Config) -> bool:
 HEADS_FILE = "heads.safetensors"
 
 
+# Where heads.safetensors keeps the statistics of standardised teachers (<prefix><key>.pooled.mean, ...).
+STANDARDISER_PREFIX = "teacher_standardiser."
+
+
 def heads_state(model: StudentWithHeads) -> dict[str, torch.Tensor]:
     """The adaptors' weights, named as in the whole Student's state dict (projector., patch_projector.,
-    adaptors.<i>.)."""
-    return {k: v for k, v in model.student.state_dict().items() if not k.startswith("backbone.")}
+    adaptors.<i>.), and the standardised teachers' statistics."""
+    state = {k: v for k, v in model.student.state_dict().items() if not k.startswith("backbone.")}
+    if model.standardiser is not None:
+        state.update({STANDARDISER_PREFIX + k: v for k, v in model.standardiser.state_dict().items()})
+    return state
 
 
 def load_with_heads(folder: Path) -> StudentWithHeads:
@@ -232,9 +270,20 @@ def rebuild(
         for head in spec["heads"]
     ]
     student = student_from_shapes(backbone, shapes, spec["adaptor_hidden_dim"])
+    stats = {
+        k.removeprefix(STANDARDISER_PREFIX): v for k, v in heads.items() if k.startswith(STANDARDISER_PREFIX)
+    }
     state = {f"backbone.{k}": v for k, v in backbone_state.items()}
-    load_student(student, {**state, **heads}, HEADS_FILE)
-    return StudentWithHeads(student, head_outputs(student), [head["key"] for head in spec["heads"]], shapes)
+    adaptors = {k: v for k, v in heads.items() if not k.startswith(STANDARDISER_PREFIX)}
+    load_student(student, {**state, **adaptors}, HEADS_FILE)
+    keys = [head["key"] for head in spec["heads"]]
+    standardiser = None
+    if stats:
+        standardiser = TeacherStandardiser(
+            keys, [f"{k}.pooled.mean" in stats for k in keys], torch.device("cpu")
+        )
+        standardiser.load_state_dict(stats)
+    return StudentWithHeads(student, head_outputs(student), keys, shapes, standardiser)
 
 
 def write_safetensors_with_heads(

@@ -22,6 +22,8 @@ from dali_kd.models.inputs import InputSpec
 BACKBONE_PREFIX = "backbone."
 # Where a checkpoint keeps the EMA of the student, if the run keeps one.
 EMA_CHECKPOINT_KEY = "student_ema"
+# Where a checkpoint (and the final <name>.safetensors) keeps the statistics of standardised teachers' targets.
+STANDARDISER = "teacher_standardiser"
 
 
 @dataclass
@@ -31,8 +33,10 @@ class StudentWeights:
     state_dict: dict[str, torch.Tensor]
     weights: str  # "raw" or "ema"
     source: str
-    # The whole Student's state dict (backbone and adaptors) where the weights came from a checkpoint.
+    # Where the weights came from a checkpoint: the whole Student's state dict (backbone and adaptors), and the
+    # statistics of the teachers whose targets were standardised (None: none was).
     student_state: dict[str, torch.Tensor] | None = None
+    standardiser: dict[str, torch.Tensor] | None = None
 
 
 def read_run_config(run_dir: Path) -> Config:
@@ -65,7 +69,8 @@ def _from_checkpoint(run_dir: Path, ema: bool) -> StudentWeights:
     backbone = {
         k.removeprefix(BACKBONE_PREFIX): v for k, v in student.items() if k.startswith(BACKBONE_PREFIX)
     }
-    return StudentWeights(backbone, "ema" if ema else "raw", f"{latest} (step {state['step']})", student)
+    source = f"{latest} (step {state['step']})"
+    return StudentWeights(backbone, "ema" if ema else "raw", source, student, state.get(STANDARDISER))
 
 
 def read_student_weights(run_dir: Path, ema: bool) -> StudentWeights:
@@ -88,6 +93,15 @@ ADAPTOR_FILES = (
     ("patch_projector.safetensors", "patch_projector."),
     ("adaptors.safetensors", ""),
 )
+
+
+def read_standardiser(run_dir: Path, weights: StudentWeights) -> dict[str, torch.Tensor] | None:
+    """The running statistics of the teachers whose targets training standardised (None: no teacher was): the
+    checkpoint's, or the final file's."""
+    if weights.student_state is not None:
+        return weights.standardiser
+    path = run_dir / f"{STANDARDISER}.safetensors"
+    return read_weights(path) if path.is_file() else None
 
 
 def read_student_state(run_dir: Path, weights: StudentWeights) -> dict[str, torch.Tensor]:

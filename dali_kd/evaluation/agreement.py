@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.models import FrozenTeacher, Student
 from dali_kd.runtime import autocast
 
@@ -35,16 +36,28 @@ def cosines(adapted: torch.Tensor | None, target: torch.Tensor | None, batch: in
     return F.cosine_similarity(adapted.float(), target.float(), dim=-1)
 
 
+# The adaptors' outputs back in each teacher's own scale, where training standardised its targets
+# (dali_kd.training.standardise.TeacherStandardiser.unstandardise).
+Unstandardise = Callable[[list[ModelOutput]], list[ModelOutput]]
+
+
 def student_agreement(
-    student: Student, teachers: dict[str, FrozenTeacher], device: torch.device, amp_dtype: torch.dtype | None
+    student: Student,
+    teachers: dict[str, FrozenTeacher],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    unstandardise: Unstandardise | None = None,
 ) -> Agreement:
-    """The student's adaptor outputs (Student.teacher_outputs, in the student's precision) against each teacher's
-    pooled embedding, teachers by key in config order; eval mode is the caller's."""
+    """The student's adaptor outputs (Student.teacher_outputs, in the student's precision; unstandardised where
+    training standardised a teacher's targets) against each teacher's pooled embedding, teachers by key in config
+    order; eval mode is the caller's."""
     frozen = list(teachers.values())
 
     def scores(images: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp_dtype):
             adapted = student.teacher_outputs(images)
+        if unstandardise is not None:
+            adapted = unstandardise(adapted)
         columns = [
             cosines(out.pooled, teacher(images).pooled, len(images)).to(images.device)
             for out, teacher in zip(adapted, frozen, strict=True)

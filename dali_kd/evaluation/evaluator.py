@@ -22,7 +22,7 @@ from dali_kd.data import ImageIndex, make_eval_batches
 from dali_kd.data.eval_quarantine import EvalQuarantine
 from dali_kd.data.outputs import ModelOutput
 from dali_kd.errors import UserError
-from dali_kd.evaluation.agreement import Agreement, student_agreement, teacher_metric
+from dali_kd.evaluation.agreement import Agreement, Unstandardise, student_agreement, teacher_metric
 from dali_kd.evaluation.knn import TOP_K, knn_accuracy
 from dali_kd.models import FrozenTeacher, Student
 from dali_kd.runtime import autocast
@@ -171,10 +171,12 @@ def evaluate_student(
     amp_dtype: torch.dtype | None,
     backbone: torch.nn.Module | None = None,
     teachers: dict[str, FrozenTeacher] | None = None,
+    unstandardise: Unstandardise | None = None,
 ) -> EvalResult | None:
     """The student's results in eval mode (its previous mode restored after); backbone: evaluate these weights
     (the student's EMA) with the student's input instead; teachers (by key, in config order): also its
-    agreement with each of them, through its adaptors."""
+    agreement with each of them, through its adaptors (their outputs unstandardised where training standardised
+    a teacher's targets)."""
 
     def outputs(images: torch.Tensor) -> ModelOutput:
         with autocast(evaluator.device, amp_dtype):
@@ -182,7 +184,7 @@ def evaluate_student(
 
     agreement = None
     if teachers:
-        agreement = student_agreement(student, teachers, evaluator.device, amp_dtype)
+        agreement = student_agreement(student, teachers, evaluator.device, amp_dtype, unstandardise)
     was_training = student.training
     student.eval()
     try:

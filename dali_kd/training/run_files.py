@@ -12,6 +12,7 @@ from dali_kd.io import save_safetensors_atomic, write_json_atomic, write_text_at
 from dali_kd.models import Student
 from dali_kd.runtime import resolve_compile
 from dali_kd.training.run_state import RunState
+from dali_kd.training.standardise import TeacherStandardiser
 
 if TYPE_CHECKING:
     import torch
@@ -41,11 +42,16 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def write_final(
-    run_dir: Path, student: Student, summary: dict[str, Any], ema_backbone: torch.nn.Module | None = None
+    run_dir: Path,
+    student: Student,
+    summary: dict[str, Any],
+    ema_backbone: torch.nn.Module | None = None,
+    standardiser: TeacherStandardiser | None = None,
 ) -> None:
     """The trained student (a bare timm state dict), its EMA's (the same keys), its adaptors (the first teacher's
-    as projector.safetensors and patch_projector.safetensors, the others' in adaptors.safetensors; what
-    `dali_kd.export --heads` ships), and the summary."""
+    as projector.safetensors and patch_projector.safetensors, the others' in adaptors.safetensors, and the
+    statistics of the teachers whose targets were standardised; what `dali_kd.export --heads` ships), and the
+    summary."""
     save_safetensors_atomic(run_dir / "student.safetensors", student.backbone.state_dict())
     if ema_backbone is not None:
         save_safetensors_atomic(run_dir / "student_ema.safetensors", ema_backbone.state_dict())
@@ -56,6 +62,8 @@ def write_final(
     others = {k: v for k, v in student.state_dict().items() if k.startswith("adaptors.")}
     if others:
         save_safetensors_atomic(run_dir / "adaptors.safetensors", others)
+    if standardiser is not None:  # the adaptors of a standardised teacher learnt its targets in this scale
+        save_safetensors_atomic(run_dir / "teacher_standardiser.safetensors", standardiser.state_dict())
     write_json_atomic(run_dir / "summary.json", summary)
 
 

@@ -62,6 +62,22 @@ class TeacherStandardiser:
         self.stats[f"{name}.mean"], self.stats[f"{name}.var"] = mean, var
         return ((values.float() - mean) * torch.rsqrt(var + EPS)).to(values.dtype)
 
+    def unstandardise(self, outputs: Sequence[ModelOutput]) -> list[ModelOutput]:
+        """The inverse, the statistics left as they are: outputs in the standardised scale (what the student's
+        adaptors learnt) back in each teacher's own; a teacher without statistics passes through."""
+        out = []
+        for key, output in zip(self.keys, outputs, strict=True):
+            pooled = self._unstandardised(f"{key}.pooled", output.pooled)
+            tokens = self._unstandardised(f"{key}.tokens", output.patch_tokens)
+            out.append(ModelOutput(pooled, output.logits, tokens))
+        return out
+
+    def _unstandardised(self, name: str, values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None or f"{name}.mean" not in self.stats:
+            return values
+        mean, var = self.stats[f"{name}.mean"], self.stats[f"{name}.var"]
+        return (values.float() * torch.sqrt(var + EPS) + mean).to(values.dtype)
+
     def state_dict(self) -> dict[str, Any]:
         return {name: value.clone() for name, value in self.stats.items()}
 

@@ -278,7 +278,11 @@ class Trainer:
         """{"student": ..., "student_ema": ...} (the EMA's when kept); empty without held-out images."""
         results = {
             "student": evaluate_student(
-                self.parts.evaluator, self.parts.student, self.parts.amp_dtype, teachers=self.teachers
+                self.parts.evaluator,
+                self.parts.student,
+                self.parts.amp_dtype,
+                teachers=self.teachers,
+                unstandardise=self.parts.standardiser.unstandardise if self.parts.standardiser else None,
             )
         }
         if self.parts.ema is not None:
@@ -338,6 +342,7 @@ class Trainer:
                 self.parts.student,
                 summary,
                 self.parts.ema.backbone if self.parts.ema is not None else None,
+                self.parts.standardiser,
             )
             if summary["verdict"]:
                 console.info(f"run: {self._monitor.summary_line(summary)}")
