@@ -454,6 +454,34 @@ def test_function_matching_quick_runs_each_arm_and_tabulates_the_difference(tmp_
     assert "| fine | 1× | mixup+cache2 |" in result.stdout
 
 
+def test_the_floor_of_two_teachers_times_each_teacher_and_names_both():
+    """step_floor.py --teacher A,B: both teachers built (model.teachers), each one's forward timed apart."""
+    import argparse
+
+    import torch
+    from step_floor import floor_overrides, markdown, measure_floor
+
+    args = argparse.Namespace(
+        teacher="test_resnet,test_convnext", student="test_vit", image_size=32, batch_size=4, precision="fp32"
+    )
+    cfg = load_config(overrides=[*floor_overrides(args), "train.device=cpu"])
+    assert cfg.model.teacher_keys == ["test_resnet", "test_convnext"]
+    floor = measure_floor(cfg, torch.device("cpu"), steps=1, warmup=0, compile_backend=None)
+    assert floor["teacher"] == "test_resnet,test_convnext"
+    assert floor["teacher_ms_test_resnet"] > 0 and floor["teacher_ms_test_convnext"] > 0
+    assert "| test_resnet + test_convnext → test_vit, 32 px" in markdown(floor)
+    one = measure_floor(
+        load_config(
+            overrides=floor_overrides(argparse.Namespace(**{**vars(args), "teacher": "test_resnet"}))
+        ),
+        torch.device("cpu"),
+        steps=1,
+        warmup=0,
+        compile_backend=None,
+    )
+    assert one["teacher"] == "test_resnet" and not any(k.startswith("teacher_ms_") for k in one)
+
+
 def test_step_profile_summary_counts_device_time_idle_gaps_and_host_syncs():
     """step_profile's summary from profiler events (made up here, as the GPU profiler gives them): busy share of the
     step window, idle gaps with the host op running then, the kernels by device time, host syncs and value reads
