@@ -188,6 +188,12 @@ def write_visit(out: Path, **overrides) -> Path:
             "ratios": {"dali_step_vs_floor": 1.2},
             "floor": {"step_ms": 31.7, "student_ms": 19.0, "teacher_ms": 12.0, "optimizer_ms": 1.0},
         },
+        "two_teachers_step.json": {
+            "results": [{"backend": "dali", "step_ms": 61.0, "img_per_s": 4197.0, "device": "cuda"}],
+            "ratios": {"dali_step_vs_floor": 0.98},
+            "floor": {"step_ms": 62.2, "student_ms": 19.0, "teacher_ms": 43.0, "optimizer_ms": 1.0,
+                      "teacher_ms_vit_base_patch16_224": 29.0, "teacher_ms_resnet50": 14.0},
+        },
         "cache_step.json": {
             "results": [
                 {"backend": "dali+cache", "step_ms": 24.0, "device": "cuda"},
@@ -236,6 +242,7 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
         ("reference step / same-run floor", "no"),  # 1.2x > 1.0x
         ("reference step ms/step", "yes"),  # 38 ms <= 40
         ("reference step data stall", "no"),  # 2.5% >= 2%
+        ("two-teacher step / same-run floor", "yes"),  # 0.98x <= 1.0x
         ("cached step / student-only step", "no"),  # 1.2 > 1.05
         ("student-only step / its floor", "yes"),  # 1.05 <= 1.10
         ("mixing per batch / reference step", "yes"),  # the worst kind, 0.4 ms of 38 ms: 1.05% <= 2%
@@ -249,6 +256,10 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
     ]
     measured = {row["part"]: row["measured"] for row in summary["targets"]}
     assert "GPU JPEG decoder 41%" in measured["reference step ms/step"]
+    assert (
+        "floor's teachers: vit_base_patch16_224 29.0, resnet50 14.0 ms"
+        in measured["two-teacher step / same-run floor"]
+    )
     assert "window/full 1.18×" in measured["DALI GPU augmentation, 224 px"]
     assert measured["mixing per batch / reference step"].startswith(
         "1.05% (mixup 0.30, cutmix 0.25, both 0.40 ms"
@@ -262,6 +273,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
         **{
             "gpu_tests.log": "F...\n1 failed, 11 passed in 30.00s\nexit 1\n",
             "reference_step.json": None,
+            "two_teachers_step.json": None,
             "augment.json": {
                 "settings": {"image_size": 224},
                 "results": [
@@ -273,6 +285,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
     )
     (out / "parts" / "reference_step.json").write_text(json.dumps({"rc": 124, "timeout_s": 75}))
     (out / "parts" / "multi_crop.json").unlink()
+    (out / "parts" / "two_teachers_step.json").unlink()
     (out / "multi_crop.json").unlink()
     paths = json.loads((out / "paths" / "paths.json").read_text())
     paths["paths"][2].update(ok=False, error="the cache path never replayed (cache_hits = 0)")
@@ -290,6 +303,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
     assert rows["multi-crop cost per image vs 2 global"]["measured"] == "not measured: not started"
     # The mixing step's share needs the reference step it is a share of.
     assert rows["mixing per batch / reference step"]["met"] == "not measured"
+    assert rows["two-teacher step / same-run floor"]["measured"] == "not measured: not started"
     assert "no reference step to compare" in rows["mixing per batch / reference step"]["measured"]
 
 
