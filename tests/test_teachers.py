@@ -151,6 +151,10 @@ def test_a_teacher_that_cannot_be_built_is_one_line_naming_it(second, says):
             "key 'a' names more than one teacher",
         ),
         (("model.teacher=null", TWO, "train.use_local_crops=true"), "multi-crop distils one teacher"),
+        (
+            ("model.teacher=null", "model.teachers=[{name: test_resnet}, {name: test_vitt}]"),
+            "model.teachers[1] (test_vitt): name: unknown timm model 'test_vitt' (did you mean",
+        ),
     ],
 )
 def test_config_errors_about_teachers_are_one_line(image_tree, tmp_path, overrides, says):

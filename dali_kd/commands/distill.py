@@ -136,6 +136,7 @@ def run_distillation(
     from dali_kd import console, distributed
     from dali_kd.console import Console
     from dali_kd.models import check_model_name
+    from dali_kd.models.distill import naming_teacher
     from dali_kd.runs.directory import check_writable
     from dali_kd.runtime import cpu_threads
 
@@ -143,7 +144,9 @@ def run_distillation(
     threads = {"dali_threads": min(cfg.data.dali_threads, budget.threads)}
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=threads)})
     stop.check()
-    check_model_name(cfg.model.primary_teacher.name, "teacher")
+    for i, spec in enumerate(cfg.model.teacher_specs):
+        with naming_teacher(cfg.model, i):
+            check_model_name(spec.name, "teacher")
     check_model_name(cfg.model.student.name, "student")
     check_writable(Path(cfg.train.output_dir).expanduser())
     info = distributed.detect()

@@ -100,6 +100,16 @@ def run_summary(
         "num_train_images": train_index.num_samples,
         "num_val_images": val_index.num_samples if val_index else 0,
         "teacher": cfg.model.primary_teacher.name,
+        # With several teachers, each one's name by key (the metrics' suffixes).
+        **(
+            {
+                "teachers": dict(
+                    zip(cfg.model.teacher_keys, [t.name for t in cfg.model.teacher_specs], strict=True)
+                )
+            }
+            if len(cfg.model.teacher_specs) > 1
+            else {}
+        ),
         "student": cfg.model.student.name,
         # What each model was fed (size, mean, std of its normalised input): the student's is what it expects
         # when shipped (dali_kd.export writes it into preprocess.json).
