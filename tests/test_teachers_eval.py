@@ -210,6 +210,16 @@ def test_a_two_teacher_run_reports_each_teachers_knn_and_the_agreement_with_each
     assert summary["teacher_head_top1_vit"] is None  # 3 classes, the data has 4
     assert summary["teacher_knn_top1"] is None and "agreement" not in summary  # the names are per teacher
     assert report.main([str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    knn, agree = summary["teacher_knn_top1_res"], summary["agreement_vit"]
+    assert (
+        f"k-NN top-1: student {summary['student_knn_top1']:.1f}%, teacher res {knn:.1f}%, teacher vit"
+        in printed
+    )
+    assert (
+        f"agreement with the teacher (mean cosine): res {summary['agreement_res']:.3f}, vit {agree:.3f}"
+        in printed
+    )
     fig = figure("run", report.read_rows(run_dir), summary)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("Agreement")]
     assert [t.split(" (")[0] for t in titles] == ["Agreement with res", "Agreement with vit"]
@@ -312,3 +322,19 @@ def test_a_run_in_progress_exports_the_heads_of_its_newest_checkpoint(two_teache
     final = load_file(run_dir / "adaptors.safetensors")
     heads = load_file(tmp_path / "out" / "heads.safetensors")
     assert final.keys() <= heads.keys() and all(torch.equal(heads[k], final[k]) for k in final)
+
+
+def test_heads_of_a_standardised_teacher_without_its_statistics_are_refused_in_one_line(
+    two_teacher_run, tmp_path, capsys
+):
+    run_dir, _ = two_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(
+        run_dir, run, ignore=shutil.ignore_patterns("teacher_standardiser.safetensors", "export*")
+    )
+    assert export_command.main([str(run), "--format", "torchscript", "--heads"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --heads: model.teachers[1] (test_vit2) had its targets standardised, but no running statistics "
+        f"come with {run / 'student.safetensors'} (teacher_standardiser.safetensors beside it, or a checkpoint's) "
+        "to scale its head's outputs back"
+    ]

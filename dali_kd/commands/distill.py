@@ -291,6 +291,7 @@ def _accumulated(cfg: Config) -> str:
 def _say_results(summary: dict, run_dir: Path) -> None:
     """The run's last lines: the student's top-1 against the teacher's, and the steps and time it took."""
     from dali_kd import console
+    from dali_kd.console.results import teachers_said
 
     knn = summary["student_knn_top1"]
     if knn is not None:
@@ -319,16 +320,6 @@ def _say_results(summary: dict, run_dir: Path) -> None:
             + ("" if ema_head is None else f", head top-1 {ema_head:.1f}%")
         )
     console.summary(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
-
-
-def teachers_said(summary: dict, name: str, form: str) -> str:
-    """A result of the teacher (or of the student against it) as `teacher 61.2%`, or with several teachers each
-    one's (`name_<key>`) as `teacher resnet14t 61.2%, teacher convnext_atto 70.3%`; "" where none was measured."""
-    said = "teacher " if name.startswith("teacher") else ""
-    if summary.get(name) is not None:
-        return f"{said}{form.format(summary[name])}"
-    each = [(k.removeprefix(f"{name}_"), v) for k, v in summary.items() if k.startswith(f"{name}_")]
-    return ", ".join(f"{said}{key} {form.format(value)}" for key, value in each if value is not None)
 
 
 def ending_line(e: BaseException) -> str:

@@ -161,12 +161,18 @@ def build_student_with_heads(
     standardiser = None
     if any(flags):
         missing = next(
-            (i for i, on in enumerate(flags) if on and f"{keys[i]}.pooled.mean" not in (stats or {})), None
+            (
+                i
+                for i, on in enumerate(flags)
+                if on and not any(k.startswith(f"{keys[i]}.") for k in stats or {})
+            ),
+            None,
         )
         if missing is not None:
             raise UserError(
-                f"--heads: {cfg.model.teacher_where(missing)} had its targets standardised, but {source} holds "
-                "no statistics to scale its head's outputs back (teacher_standardiser)"
+                f"--heads: {cfg.model.teacher_where(missing)} had its targets standardised, but no running "
+                f"statistics come with {source} (teacher_standardiser.safetensors beside it, or a checkpoint's) "
+                "to scale its head's outputs back"
             )
         standardiser = TeacherStandardiser(keys, flags, torch.device("cpu"))
         standardiser.load_state_dict(stats or {})
@@ -279,9 +285,8 @@ def rebuild(
     keys = [head["key"] for head in spec["heads"]]
     standardiser = None
     if stats:
-        standardiser = TeacherStandardiser(
-            keys, [f"{k}.pooled.mean" in stats for k in keys], torch.device("cpu")
-        )
+        flags = [any(name.startswith(f"{k}.") for name in stats) for k in keys]
+        standardiser = TeacherStandardiser(keys, flags, torch.device("cpu"))
         standardiser.load_state_dict(stats)
     return StudentWithHeads(student, head_outputs(student), keys, shapes, standardiser)
 

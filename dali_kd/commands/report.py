@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dali_kd.commands.cli import CommandLineParser
 from dali_kd.commands.report_figure import draw, empty_panels, series, summary_verdict
+from dali_kd.console.results import teachers_said
 from dali_kd.errors import UserError
 from dali_kd.telemetry.throughput import is_warmup, run_throughput
 from dali_kd.telemetry.verdict import judge
@@ -176,14 +177,12 @@ def text_summary(rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> 
         lines.append(
             f"GPU utilisation {gpu:.0f}%" + (f", peak memory {memory:.0f} MB" if memory is not None else "")
         )
-    if (
-        summary
-        and summary.get("student_knn_top1") is not None
-        and summary.get("teacher_knn_top1") is not None
-    ):
-        lines.append(
-            f"k-NN top-1: student {summary['student_knn_top1']:.1f}%, teacher {summary['teacher_knn_top1']:.1f}%"
-        )
+    teachers = teachers_said(summary, "teacher_knn_top1", "{:.1f}%") if summary else ""
+    if summary and summary.get("student_knn_top1") is not None and teachers:
+        lines.append(f"k-NN top-1: student {summary['student_knn_top1']:.1f}%, {teachers}")
+    agreement = teachers_said(summary, "agreement", "{:.3f}") if summary else ""
+    if agreement:
+        lines.append(f"agreement with the teacher (mean cosine): {agreement}")
     return "\n".join(lines)
 
 

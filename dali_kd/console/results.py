@@ -3,6 +3,8 @@ student's agreement with each teacher, a mean cosine)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 # What eval_line calls each result (all of them percentages); a result it does not know is named by its key.
 EVAL_NAMES = {
     "student_knn_top1": "student k-NN top-1",
@@ -37,3 +39,13 @@ def result_said(name: str, value: float) -> str:
     if base is not None:
         return f"{EVAL_NAMES[base]} ({name.removeprefix(f'{base}_')}) {value:.1f}%"
     return f"{EVAL_NAMES.get(name, name)} {value:.1f}%"
+
+
+def teachers_said(summary: dict[str, Any], name: str, form: str) -> str:
+    """A result of the teacher (or of the student against it) as `teacher 61.2%`, or with several teachers each
+    one's (`name_<key>`) as `teacher resnet14t 61.2%, teacher convnext_atto 70.3%`; "" where none was measured."""
+    said = "teacher " if name.startswith("teacher") else ""
+    if summary.get(name) is not None:
+        return f"{said}{form.format(summary[name])}"
+    each = [(k.removeprefix(f"{name}_"), v) for k, v in summary.items() if k.startswith(f"{name}_")]
+    return ", ".join(f"{said}{key} {form.format(value)}" for key, value in each if value is not None)
