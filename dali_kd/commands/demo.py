@@ -92,9 +92,9 @@ def prepare_demo(
     prepare_data: bool = True,
     train_teacher: bool = True,
 ) -> None:
-    """Make sure the demo dataset (under data.root's parent) and each demo teacher's weights (at its
-    checkpoint: the first teacher's, and every teacher of DEMO_TEACHERS at its demo path) exist; each is made
-    only if missing. A teacher for data of one's own is trained on that data's training part (never on its
+    """Make sure the demo dataset (under data.root's parent) and the teachers' weights exist: on the demo data
+    those of its demo teachers (demo_teachers), else the first teacher's (at its checkpoint); each is made only if
+    missing. A teacher for data of one's own is trained on that data's training part (never on its
     held-out part), and every run that uses it says so."""
     train_root = Path(cfg.data.root).expanduser()
     data_dir = train_root.parent
