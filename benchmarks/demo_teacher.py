@@ -27,7 +27,6 @@ def run_case(model: str, size: int, steps: int, lr: float) -> dict:
     from dali_kd.commands import demo
     from dali_kd.config import load_config
 
-    demo.TEACHER_LR = lr  # the recipe's only module-level knob besides the step count
     overrides = [
         f"data.image_size={size}",
         f"data.eval_resize={round(size * 9 / 8)}",
@@ -39,7 +38,7 @@ def run_case(model: str, size: int, steps: int, lr: float) -> dict:
     demo.prepare_demo(cfg, device, show_progress=False, train_teacher=False)
     path = Path(os.environ["HOME"]) / f"teacher_{model}_{size}px_{steps}.safetensors"
     start = time.process_time()
-    top1 = demo.train_demo_teacher(cfg, path, device, show_progress=False, steps=steps)
+    top1 = demo.train_demo_teacher(cfg, path, device, show_progress=False, steps=steps, lr=lr)
     return {"model": model, "image_size": size, "steps": steps, "lr": lr, "val_top1": round(top1, 1),
             "cpu_s": round(time.process_time() - start, 1)}  # fmt: skip
 

@@ -6,6 +6,8 @@
 #   reference_step  ViT-B/16 teacher -> ViT-S/16 student, 224 px, bf16, batch 256, DALI, compiled, beside its floor
 #                   measured in the same run (step_floor.py): ms/step, × floor, data / teacher / student /
 #                   optimizer / rest, stall, GPU JPEG decoder utilisation
+#   two_teachers_step  the same with two teachers, ViT-B/16 and ResNet-50 -> ViT-S/16, beside its own floor
+#                   (each teacher's forward timed apart in the floor)
 #   ablation        python -m dali_kd.tune on the reference step: each speed option flipped, 48 steps each, the
 #                   compile caches reused -> one table and the overrides that were faster
 #   profile         torch.profiler over 8 steady reference steps, summarised (step_profile.py): GPU busy %, top 10
@@ -53,7 +55,8 @@ if [ "$DRY_RUN" != 1 ]; then
   NUM_IMAGES=4096  # 16 steps a pass at batch 256; made on 16 cores while the first part starts
   # Seconds per part: the measured durations of the 2026-12-04 visit plus a margin (reference 51 s cold + the
   # floor's two compiles; cache 39 s; augmentation 30 s; multi-crop 56 s; mix 5 s; gpu tests 88 s; paths 89 s).
-  LIMIT_REFERENCE=130 LIMIT_ABLATION=170 LIMIT_PROFILE=60 LIMIT_CACHE=60 LIMIT_MULTI_CROP=70 LIMIT_TINY=60
+  # Two teachers, not measured yet: the reference's figure plus a ResNet-50 compiled in the run and in its floor.
+  LIMIT_REFERENCE=130 LIMIT_TWO_TEACHERS=150 LIMIT_ABLATION=170 LIMIT_PROFILE=60 LIMIT_CACHE=60 LIMIT_MULTI_CROP=70 LIMIT_TINY=60
   LIMIT_AUGMENT=45 LIMIT_OP_COSTS=30 LIMIT_MIX=15 LIMIT_TESTS=110 LIMIT_PATHS=110
   MIX=(--device cuda --batch-size 256 --size 224 --dtype float16 --repeats 50)
   PATHS=(--device cuda --num-images 256 --batch-size 32 --steps 6 --image-size 64 --local-size 32 --local-crops 8
@@ -61,6 +64,9 @@ if [ "$DRY_RUN" != 1 ]; then
   STEP=(--teacher vit_base_patch16_224 --student vit_small_patch16_224 --image-size 224 --batch-size 256
         --precision bf16 --compile --dali-threads 8 --device cuda)
   REFERENCE=(--backends dali --steps 48 --log-every 4 --floor)
+  # Fewer steps than the reference: two teachers compile (the ViT-B's graph is the reference's, in the same cache).
+  TWO_TEACHERS=(--teacher vit_base_patch16_224,resnet50 --backends dali --steps 32 --log-every 4 --floor
+                --floor-steps 10)
   TUNE=(--steps 48 --warmup 6 --repeats 1
         --options model.teacher.compile,optimizer.fused,telemetry,output_dtype,hw_decoder_load,prefetch_batches
         data.image_size=224 data.dali_threads=8 model.teacher.name=vit_base_patch16_224
@@ -81,7 +87,7 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   BUDGET_S=${BUDGET_S:-600}
   NUM_IMAGES=32  # 4 steps a pass at batch 8
-  LIMIT_REFERENCE=90 LIMIT_ABLATION=120 LIMIT_PROFILE=90 LIMIT_CACHE=120 LIMIT_MULTI_CROP=90 LIMIT_TINY=90
+  LIMIT_REFERENCE=90 LIMIT_TWO_TEACHERS=90 LIMIT_ABLATION=120 LIMIT_PROFILE=90 LIMIT_CACHE=120 LIMIT_MULTI_CROP=90 LIMIT_TINY=90
   LIMIT_AUGMENT=90 LIMIT_OP_COSTS=60 LIMIT_MIX=60 LIMIT_TESTS=60 LIMIT_PATHS=120
   MIX=(--device cpu --batch-size 8 --size 32 --repeats 3)
   # torch.compile's eager backend: every path still traces compiled, without minutes of C++ code generation.
@@ -89,6 +95,8 @@ else
          --workers 0 --dali-threads 2 --compile-backend eager)
   STEP=(--teacher test_resnet --student test_vit --image-size 32 --batch-size 8 --dali-threads 2 --device cpu)
   REFERENCE=(--backends dali --steps 4 --log-every 1 --floor --floor-backend eager --floor-steps 2)
+  TWO_TEACHERS=(--teacher test_resnet,test_convnext --backends dali --steps 4 --log-every 1 --floor
+                --floor-backend eager --floor-steps 2)
   # Options that need no compilation on the CPU (the others are the GPU's; test_tune covers the skipping).
   TUNE=(--steps 2 --warmup 1 --repeats 1 --options telemetry,prefetch_batches data.image_size=32 data.dali_threads=2
         model.teacher.name=test_resnet model.student.name=test_vit train.batch_size=8 train.compile_student=false
@@ -177,6 +185,10 @@ run_part reference_step "$LIMIT_REFERENCE" python3 benchmarks/train_throughput.p
 wait "$versions_pid"
 cat "$RES/versions.txt"
 
+# The later --teacher wins over the one in STEP.
+run_part two_teachers_step "$LIMIT_TWO_TEACHERS" python3 benchmarks/train_throughput.py "${STEP[@]}" \
+  "${TWO_TEACHERS[@]}" --data "$WORK/data" --json "$RES/two_teachers_step.json"
+
 run_part ablation "$LIMIT_ABLATION" python3 -m dali_kd.tune "${TUNE[@]}" "data.root=$WORK/data" data.val_root=null \
   data.scan=off model.teacher.checkpoint=null --json "$RES/ablation.json"
 
@@ -212,7 +224,7 @@ log "done: parts took $(($(date +%s) - parts_started)) s of ${BUDGET_S} s"
   echo
   cat "$RES/versions.txt"
   echo; echo "### gpu tests"; echo; tail -2 "$RES/gpu_tests.log" 2>/dev/null
-  for part in reference_step ablation profile cache_step multi_crop tiny_step augment paths/paths; do
+  for part in reference_step two_teachers_step ablation profile cache_step multi_crop tiny_step augment paths/paths; do
     [ -f "$RES/$part.md" ] && { echo; echo "### ${part#paths/}"; echo; cat "$RES/$part.md"; }
   done
   [ -f "$RES/dali_op_costs.log" ] && { echo; echo "### DALI CPU-mode cost by stage"; echo; grep -v '^exit' "$RES/dali_op_costs.log"; }

@@ -224,6 +224,8 @@ def summarize(out: Path) -> dict[str, Any]:
             verdict(stall, REFERENCE_MAX_STALL_PCT, True, device),
         )
 
+    two_teachers_row(out, row, parts)
+
     # cached step vs student-only step
     report = read_json(out / "cache_step.json")
     ratio = (report or {}).get("ratios", {}).get("cached_vs_student_only_step")
@@ -353,9 +355,34 @@ def summarize(out: Path) -> dict[str, Any]:
 
 # In the order gpu_check.sh runs them: the most important first.
 PARTS = (
-    "reference_step", "ablation", "profile", "cache_step", "multi_crop", "tiny_step", "augment", "dali_op_costs",
-    "mix_cost", "gpu_tests", "paths",
+    "reference_step", "two_teachers_step", "ablation", "profile", "cache_step", "multi_crop", "tiny_step", "augment",
+    "dali_op_costs", "mix_cost", "gpu_tests", "paths",
 )  # fmt: skip
+
+
+def two_teachers_row(out: Path, row, parts: dict[str, Any]) -> None:
+    """The two-teacher step (ViT-B/16 and ResNet-50 -> ViT-S/16) beside its floor measured in the same run, each
+    teacher's forward in the floor named."""
+    report = read_json(out / "two_teachers_step.json")
+    step = next((r for r in (report or {}).get("results", []) if "step_ms" in r), None)
+    ratio = (report or {}).get("ratios", {}).get("dali_step_vs_floor")
+    part, target = "two-teacher step / same-run floor", f"≤ {REFERENCE_MAX_VS_FLOOR:.1f}× its floor"
+    if step is None or ratio is None:
+        reason = (
+            why_missing(out, "two_teachers_step") if step is None else "not measured: no floor in the report"
+        )
+        row(part, reason, target, "not measured")
+        return
+    parts["two_teachers_step"] = step
+    floor = report["floor"]
+    each = ", ".join(
+        f"{k.removeprefix('teacher_ms_')} {v:.1f}" for k, v in floor.items() if k.startswith("teacher_ms_")
+    )
+    figure = (
+        f"{ratio:.2f}× ({step['step_ms']:.1f} vs {floor['step_ms']:.1f} ms, {fmt(step.get('img_per_s'), '.0f', ' img/s')}; "
+        f"{split_text(step)}; floor's teachers: {each or '—'} ms)"
+    )
+    row(part, figure, target, verdict(ratio, REFERENCE_MAX_VS_FLOOR, True, step.get("device")))
 
 
 def split_text(result: dict) -> str:

@@ -5,14 +5,17 @@ The models, their input adapters, the task (student forward with its projectors 
 optimiser's parameter groups are dali_kd's own, built from the same config a training run would use; only the
 loop around them is stripped: both models compiled, the optimiser fused where the device supports it, the targets
 left on the device. Reports ms per:
-  teacher_ms    the teacher's forward (no grad), targets as the student's loss takes them
+  teacher_ms    the teacher's forward (no grad), targets as the student's loss takes them; with several teachers
+                (--teacher A,B) all of them one after another, and each one's as teacher_ms_<key>
   student_ms    the student's forward + loss + backward + gradient clip + optimiser step, on fixed targets
   optimizer_ms  the optimiser step alone (part of student_ms)
   step_ms       the whole step: teacher, then student
-One-view steps only (multi-crop has no floor here).
+One-view steps only (multi-crop has no floor here), without per-teacher standardisation (a few elementwise
+operations per teacher outside the compiled step).
 
     python benchmarks/step_floor.py [--teacher vit_base_patch16_224 --student vit_small_patch16_224
         --image-size 224 --batch-size 256 --precision bf16 --device cuda] [--steps 20] [--json floor.json]
+    python benchmarks/step_floor.py --teacher vit_base_patch16_224,resnet50 ...    # two teachers, one student
 """
 
 from __future__ import annotations
@@ -33,10 +36,24 @@ from dali_kd.models import FrozenTeacher, build_distill_models, model_outputs
 from dali_kd.models.inputs import InputSpec
 from dali_kd.runtime import autocast, autocast_dtype, resolve_device
 from dali_kd.training.optim import param_groups, peak_lr
-from dali_kd.training.task import DistillTask
+from dali_kd.training.task import DistillTask, teacher_losses
 
 # timm names of the optimisers whose torch implementation takes fused=True.
 FUSABLE = ("adam", "adamw")
+
+
+def teacher_overrides(teachers: str, pretrained: bool | None = False) -> list[str]:
+    """The config overrides for a benchmark's --teacher: one timm name (model.teacher), or several separated by
+    commas (model.teachers, in that order); no checkpoint, and model.teacher.pretrained as given (None: the
+    config's). Random init: weights do not change the cost."""
+    names = teachers.split(",")
+    said = {} if pretrained is None else {"pretrained": str(pretrained).lower()}
+    if len(names) == 1:
+        keys = {"name": names[0], "checkpoint": "null", **said}
+        return [f"model.teacher.{key}={value}" for key, value in keys.items()]
+    extra = "".join(f", {key}: {value}" for key, value in said.items())
+    listed = ", ".join(f"{{name: {name}, checkpoint: null{extra}}}" for name in names)
+    return ["model.teacher=null", f"model.teachers=[{listed}]"]
 
 
 def floor_overrides(args: argparse.Namespace) -> list[str]:
@@ -46,9 +63,7 @@ def floor_overrides(args: argparse.Namespace) -> list[str]:
         "data.root=.",  # never read
         "data.val_root=null",
         f"data.image_size={args.image_size}",
-        f"model.teacher.name={args.teacher}",
-        "model.teacher.checkpoint=null",
-        "model.teacher.pretrained=false",
+        *teacher_overrides(args.teacher),
         f"model.student.name={args.student}",
         "model.student.checkpoint=null",
         "model.student.pretrained=false",
@@ -124,10 +139,16 @@ def measure_floor(
         sample_ids=torch.arange(batch_size, device=device),
     )
     compiled = compile_backend is not None
-    teacher = lean_teacher(models.teacher, models.use_patches, device, amp_dtype)
+    teachers = [
+        lean_teacher(teacher, patches, device, amp_dtype)
+        for teacher, patches in zip(models.teachers, models.teacher_patches, strict=True)
+    ]
     if compiled:
-        teacher = torch.compile(teacher, backend=compile_backend)
-    task = DistillTask(models.student, cfg.train.loss, device, amp_dtype, compile=False)
+        teachers = [torch.compile(teacher, backend=compile_backend) for teacher in teachers]
+    several = len(teachers) > 1
+    # Several teachers: each with its own loss and weight, as the trainer builds them (one: train.loss as it is).
+    losses = teacher_losses(cfg.model, cfg.train.loss) if several else ()
+    task = DistillTask(models.student, cfg.train.loss, device, amp_dtype, compile=False, teachers=losses)
     if compiled:
         # The student's forward with its losses, one graph, as the trainer compiles it.
         task.student_step = torch.compile(task.forward_with_loss, backend=compile_backend)
@@ -135,12 +156,12 @@ def measure_floor(
     clip = cfg.train.optimizer.grad_clip
     params = [p for p in models.student.parameters() if p.requires_grad]
 
-    def teacher_forward() -> ModelOutput:
+    def teacher_forward() -> list[ModelOutput]:
         with torch.no_grad():
-            return teacher(images)
+            return [teacher(images) for teacher in teachers]
 
-    def student_step(targets: ModelOutput) -> None:
-        losses = task(batch, [targets])
+    def student_step(targets: list[ModelOutput]) -> None:
+        losses = task(batch, targets)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if clip is not None:
@@ -154,9 +175,13 @@ def measure_floor(
         "optimizer_ms": timed_ms(optimizer.step, device, steps, warmup),  # on the last step's gradients
         "step_ms": timed_ms(lambda: student_step(teacher_forward()), device, steps, warmup),
     }
+    if several:
+        for key, teacher in zip(models.teacher_keys, teachers, strict=True):
+            with torch.no_grad():
+                result[f"teacher_ms_{key}"] = timed_ms(lambda t=teacher: t(images), device, steps, warmup)
     result["img_per_s"] = 1000 * batch_size / result["step_ms"]
     result.update(
-        teacher=cfg.model.teacher.name, student=cfg.model.student.name, image_size=size, batch_size=batch_size,
+        teacher=",".join(spec.name for spec in cfg.model.teacher_specs), student=cfg.model.student.name, image_size=size, batch_size=batch_size,
         precision=str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32", device=str(device),
         compiled=compile_backend or "no", fused_optimizer=fused, steps=steps, warmup=warmup,
     )  # fmt: skip
@@ -164,13 +189,17 @@ def measure_floor(
 
 
 def markdown(floor: dict) -> str:
+    each = [
+        f"{k.removeprefix('teacher_ms_')} {v:.2f}" for k, v in floor.items() if k.startswith("teacher_ms_")
+    ]
+    teacher_ms = f"{floor['teacher_ms']:.2f}" + (f" ({', '.join(each)})" if each else "")
     return "\n".join(
         [
             "| floor | teacher fwd ms | student fwd+bwd+opt ms | of which optimizer ms | whole step ms | img/s |",
             "|---|---|---|---|---|---|",
-            f"| {floor['teacher']} → {floor['student']}, {floor['image_size']} px, batch {floor['batch_size']}, "
-            f"{floor['precision']}, compiled {floor['compiled']}, fused optimizer {floor['fused_optimizer']} | "
-            f"{floor['teacher_ms']:.2f} | {floor['student_ms']:.2f} | {floor['optimizer_ms']:.2f} | "
+            f"| {floor['teacher'].replace(',', ' + ')} → {floor['student']}, {floor['image_size']} px, batch "
+            f"{floor['batch_size']}, {floor['precision']}, compiled {floor['compiled']}, fused optimizer "
+            f"{floor['fused_optimizer']} | {teacher_ms} | {floor['student_ms']:.2f} | {floor['optimizer_ms']:.2f} | "
             f"{floor['step_ms']:.2f} | {floor['img_per_s']:.0f} |",
         ]
     )

@@ -41,7 +41,7 @@ from dali_kd.training.trainer import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import machine_info  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
-from step_floor import floor_overrides, measure_floor  # noqa: E402
+from step_floor import floor_overrides, measure_floor, teacher_overrides  # noqa: E402
 from step_floor import markdown as floor_markdown  # noqa: E402
 from step_parts import OptimizerClock, split  # noqa: E402
 from step_parts import markdown as split_markdown  # noqa: E402
@@ -55,11 +55,11 @@ class ConstantTargets:
 
     cached = False  # no teacher cache behind these targets (the run's advice reads it)
 
-    def __init__(self, output: ModelOutput):
-        self.output = output
+    def __init__(self, *outputs: ModelOutput):
+        self.outputs = list(outputs)  # one per teacher
 
     def targets(self, batch: Batch, step: int = 0) -> list[ModelOutput]:
-        return [self.output]
+        return self.outputs
 
     def time_teachers(self, mark) -> None:
         pass
@@ -85,8 +85,7 @@ def step_overrides(args, data: Path, out: Path, backend: str, run_name: str) -> 
         f"data.backend={backend}",
         f"data.image_size={args.image_size}",
         f"data.dali_threads={args.dali_threads}",
-        f"model.teacher.name={args.teacher}",
-        "model.teacher.checkpoint=null",
+        *teacher_overrides(args.teacher, pretrained=None),
         f"model.student.name={args.student}",
         f"train.batch_size={args.batch_size}",
         "data.scan=off",  # generated, known-good images (and no scan cache left in the user's home)
@@ -124,10 +123,10 @@ def run_backend(mode: str, data: Path, out: Path, args, device: torch.device) ->
     optimizer_clock = OptimizerClock()
     trainer = Trainer(cfg, device, show_progress=False, callbacks=[optimizer_clock])
     if variant == "student-only":
-        size = cfg.data.image_size
-        constant = trainer.parts.teacher(torch.zeros(args.batch_size, 3, size, size, device=device))
-        # Both: the step reads trainer.parts.targets, checkpoints save the parts' progress.
-        trainer.parts.targets = ConstantTargets(constant)
+        size = cfg.view_size
+        views = torch.zeros(args.batch_size, 3, size, size, device=device)
+        # The step reads trainer.parts.targets, checkpoints save the parts' progress.
+        trainer.parts.targets = ConstantTargets(*(teacher(views) for teacher in trainer.parts.teachers))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     summary = trainer.fit(out / mode)

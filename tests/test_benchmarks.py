@@ -22,6 +22,8 @@ import gpu_paths  # noqa: E402
 import gpu_summary  # noqa: E402
 from make_dataset import make_dataset  # noqa: E402
 
+from dali_kd.config import load_config  # noqa: E402
+
 
 def test_make_dataset_is_imagenet_like_and_deterministic(tmp_path):
     a = make_dataset(tmp_path / "a", num_images=40, num_classes=4, seed=3, jobs=1)
@@ -100,6 +102,13 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert "| defaults |" in (out / "ablation.log").read_text()
     profile = json.loads((out / "profile.json").read_text())
     assert profile["steps"] == 2 and profile["top_ops"] and profile["gpu_busy_pct"] is None
+    two = json.loads((out / "two_teachers_step.json").read_text())
+    assert two["floor"]["teacher"] == "test_resnet,test_convnext" and two["results"][0]["step_ms"] > 0
+    assert {"teacher_ms_test_resnet", "teacher_ms_test_convnext"} <= set(two["floor"])
+    assert two["ratios"]["dali_step_vs_floor"] == pytest.approx(
+        two["results"][0]["step_ms"] / two["floor"]["step_ms"]
+    )
+    assert "test_resnet + test_convnext → test_vit" in (out / "two_teachers_step.md").read_text()
     tiny = json.loads((out / "tiny_step.json").read_text())
     assert tiny["results"][0]["step_ms"] > 0 and tiny["floor"]["student"] == "test_vit"
     op_costs = json.loads((out / "dali_op_costs.json").read_text())
@@ -132,7 +141,7 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     met = {row["part"].split(" (")[0]: row["met"] for row in summary["targets"]}
     assert met["training paths"] == "yes" and met["gpu tests"] == "n/a (skipped: no GPU)"
-    assert len(summary["targets"]) == 15
+    assert len(summary["targets"]) == 16
     assert met["mixing per batch / reference step"] == "n/a (not on a GPU)", (
         "the mix_cost part ran and was read"
     )
@@ -178,6 +187,12 @@ def write_visit(out: Path, **overrides) -> Path:
             ],
             "ratios": {"dali_step_vs_floor": 1.2},
             "floor": {"step_ms": 31.7, "student_ms": 19.0, "teacher_ms": 12.0, "optimizer_ms": 1.0},
+        },
+        "two_teachers_step.json": {
+            "results": [{"backend": "dali", "step_ms": 61.0, "img_per_s": 4197.0, "device": "cuda"}],
+            "ratios": {"dali_step_vs_floor": 0.98},
+            "floor": {"step_ms": 62.2, "student_ms": 19.0, "teacher_ms": 43.0, "optimizer_ms": 1.0,
+                      "teacher_ms_vit_base_patch16_224": 29.0, "teacher_ms_resnet50": 14.0},
         },
         "cache_step.json": {
             "results": [
@@ -227,6 +242,7 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
         ("reference step / same-run floor", "no"),  # 1.2x > 1.0x
         ("reference step ms/step", "yes"),  # 38 ms <= 40
         ("reference step data stall", "no"),  # 2.5% >= 2%
+        ("two-teacher step / same-run floor", "yes"),  # 0.98x <= 1.0x
         ("cached step / student-only step", "no"),  # 1.2 > 1.05
         ("student-only step / its floor", "yes"),  # 1.05 <= 1.10
         ("mixing per batch / reference step", "yes"),  # the worst kind, 0.4 ms of 38 ms: 1.05% <= 2%
@@ -240,6 +256,10 @@ def test_summary_says_which_gpu_targets_are_met(tmp_path):
     ]
     measured = {row["part"]: row["measured"] for row in summary["targets"]}
     assert "GPU JPEG decoder 41%" in measured["reference step ms/step"]
+    assert (
+        "floor's teachers: vit_base_patch16_224 29.0, resnet50 14.0 ms"
+        in measured["two-teacher step / same-run floor"]
+    )
     assert "window/full 1.18×" in measured["DALI GPU augmentation, 224 px"]
     assert measured["mixing per batch / reference step"].startswith(
         "1.05% (mixup 0.30, cutmix 0.25, both 0.40 ms"
@@ -253,6 +273,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
         **{
             "gpu_tests.log": "F...\n1 failed, 11 passed in 30.00s\nexit 1\n",
             "reference_step.json": None,
+            "two_teachers_step.json": None,
             "augment.json": {
                 "settings": {"image_size": 224},
                 "results": [
@@ -264,6 +285,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
     )
     (out / "parts" / "reference_step.json").write_text(json.dumps({"rc": 124, "timeout_s": 75}))
     (out / "parts" / "multi_crop.json").unlink()
+    (out / "parts" / "two_teachers_step.json").unlink()
     (out / "multi_crop.json").unlink()
     paths = json.loads((out / "paths" / "paths.json").read_text())
     paths["paths"][2].update(ok=False, error="the cache path never replayed (cache_hits = 0)")
@@ -281,6 +303,7 @@ def test_summary_names_what_was_not_measured_and_why(tmp_path):
     assert rows["multi-crop cost per image vs 2 global"]["measured"] == "not measured: not started"
     # The mixing step's share needs the reference step it is a share of.
     assert rows["mixing per batch / reference step"]["met"] == "not measured"
+    assert rows["two-teacher step / same-run floor"]["measured"] == "not measured: not started"
     assert "no reference step to compare" in rows["mixing per batch / reference step"]["measured"]
 
 
@@ -445,6 +468,34 @@ def test_function_matching_quick_runs_each_arm_and_tabulates_the_difference(tmp_
     assert "| fine | 1× | mixup+cache2 |" in result.stdout
 
 
+def test_the_floor_of_two_teachers_times_each_teacher_and_names_both():
+    """step_floor.py --teacher A,B: both teachers built (model.teachers), each one's forward timed apart."""
+    import argparse
+
+    import torch
+    from step_floor import floor_overrides, markdown, measure_floor
+
+    args = argparse.Namespace(
+        teacher="test_resnet,test_convnext", student="test_vit", image_size=32, batch_size=4, precision="fp32"
+    )
+    cfg = load_config(overrides=[*floor_overrides(args), "train.device=cpu"])
+    assert cfg.model.teacher_keys == ["test_resnet", "test_convnext"]
+    floor = measure_floor(cfg, torch.device("cpu"), steps=1, warmup=0, compile_backend=None)
+    assert floor["teacher"] == "test_resnet,test_convnext"
+    assert floor["teacher_ms_test_resnet"] > 0 and floor["teacher_ms_test_convnext"] > 0
+    assert "| test_resnet + test_convnext → test_vit, 32 px" in markdown(floor)
+    one = measure_floor(
+        load_config(
+            overrides=floor_overrides(argparse.Namespace(**{**vars(args), "teacher": "test_resnet"}))
+        ),
+        torch.device("cpu"),
+        steps=1,
+        warmup=0,
+        compile_backend=None,
+    )
+    assert one["teacher"] == "test_resnet" and not any(k.startswith("teacher_ms_") for k in one)
+
+
 def test_step_profile_summary_counts_device_time_idle_gaps_and_host_syncs():
     """step_profile's summary from profiler events (made up here, as the GPU profiler gives them): busy share of the
     step window, idle gaps with the host op running then, the kernels by device time, host syncs and value reads
@@ -526,3 +577,29 @@ def test_demo_teacher_trains_each_case_and_reports_accuracy_and_cpu_seconds(tmp_
     assert [(r["image_size"], r["steps"]) for r in rows] == [(32, 2), (24, 1)]
     assert all(0 <= r["val_top1"] <= 100 and r["cpu_s"] > 0 for r in rows)
     assert (tmp_path / "home" / "teacher_test_resnet_32px_2.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_teachers_compare_quick_runs_each_arm_and_reads_each_teachers_results(tmp_path):
+    """benchmarks/teachers_compare.py --quick: each teacher alone and both, each a real dali_kd.train run on tiny
+    generated data with few-step teachers kept in --home (never the real demo cache); the table gives the two-teacher
+    student an agreement with each teacher and each one-teacher student an agreement with its own only."""
+    out = tmp_path / "tc.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "teachers_compare.py"), "--quick", "--seeds", "0",
+         "--home", str(tmp_path / "home"), "--out", str(tmp_path / "runs"), "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["results"]}
+    first, second = [arm for arm in rows if arm != "both"]
+    assert list(rows) == [first, second, "both"]
+    assert all(r["student_knn_top1"] is not None for r in rows.values())
+    assert all(rows["both"][f"agreement_{k}"] is not None for k in (first, second))
+    assert rows[first][f"agreement_{first}"] is not None and rows[first][f"agreement_{second}"] is None
+    assert rows[second][f"agreement_{second}"] is not None and rows[second][f"agreement_{first}"] is None
+    assert all(rows["both"][f"teacher_knn_top1_{k}"] is not None for k in (first, second))
+    both = (tmp_path / "runs" / "both-s0" / "config.yaml").read_text()
+    assert all(f"name: {t.name}" in both for t in load_config(presets=["two_teachers"]).model.teacher_specs)
+    assert (tmp_path / "home" / ".cache" / "dali_kd" / "demo-v1").is_dir()
+    assert "| **both** | mean of 1 |" in result.stdout

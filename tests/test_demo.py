@@ -12,9 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dali_kd.commands.demo import demo_parts, train_demo_teacher
+from dali_kd.commands.demo import (
+    DEMO_TEACHERS,
+    TeacherRecipe,
+    demo_parts,
+    demo_teacher_path,
+    demo_teachers,
+    prepare_demo,
+    train_demo_teacher,
+)
 from dali_kd.config import CONFIG_DIR, SECTION_FILES, load_config
 from dali_kd.models import build_model
+from tests.conftest import write_tree
 
 
 def run_demo(home, work, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -40,6 +49,74 @@ def test_only_the_demos_own_paths_are_prepared_as_the_demo():
     assert demo_parts(load_config(overrides=["model.teacher.name=resnet50"])) == (True, False)
     real = load_config(*(CONFIG_DIR / name for name in SECTION_FILES.values()))
     assert demo_parts(real) == (False, False)
+
+
+def test_the_demo_teachers_are_those_of_their_architecture_kept_at_the_demos_own_paths():
+    demo_cfg = load_config()
+    assert demo_teacher_path(demo_cfg.model.teacher.name) == demo_cfg.model.teacher.checkpoint
+    assert demo_teachers(demo_cfg) == [0]
+    both = load_config(presets=["two_teachers"])
+    assert [t.name for t in both.model.teacher_specs] == list(DEMO_TEACHERS)
+    assert demo_teachers(both) == [0, 1] and demo_parts(both) == (True, True)
+    second = both.model.teacher_specs[1].name
+    # The second architecture at the first one's path, or at a path of one's own, is not the demo's.
+    elsewhere = both.model.teacher_specs[1].model_copy(update={"checkpoint": "/my/second.safetensors"})
+    mine = both.model_copy(
+        update={"model": both.model.model_copy(update={"teachers": [both.model.teachers[0], elsewhere]})}
+    )
+    assert demo_teachers(mine) == [0]
+    renamed = load_config(overrides=[f"model.teacher.name={second}"])
+    assert demo_teachers(renamed) == [] and demo_parts(renamed) == (True, False)
+
+
+@pytest.fixture
+def demo_home(tmp_path, monkeypatch):
+    """A home whose demo folder holds a tiny image tree in place of the demo data, and demo teachers that train
+    for two steps: prepare_demo's choices, in seconds."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = Path(load_config().data.root).expanduser().parent
+    write_tree(data / "train", num_classes=4, per_class=8)
+    write_tree(data / "val", num_classes=4, per_class=2, seed=1)
+    for name in DEMO_TEACHERS:
+        monkeypatch.setitem(DEMO_TEACHERS, name, TeacherRecipe(steps=2))
+    return tmp_path
+
+
+TINY = ["data.dali_threads=1", "train.batch_size=8", "train.num_workers=0", "train.device=cpu"]
+
+
+def test_each_missing_demo_teacher_is_trained_at_its_own_path_once(demo_home, capsys):
+    cfg = load_config(presets=["two_teachers"], overrides=TINY)
+    paths = [Path(t.checkpoint).expanduser() for t in cfg.model.teacher_specs]
+    paths[0].write_bytes(b"the first teacher, already trained")
+    prepare_demo(cfg, torch.device("cpu"), show_progress=False, prepare_data=False)
+    assert paths[0].read_bytes() == b"the first teacher, already trained", "a teacher that is there is kept"
+    second = cfg.model.teacher_specs[1]
+    weights = load_file(paths[1])
+    model = build_model(second.model_copy(update={"checkpoint": str(paths[1])}), "teacher", 32, 4)
+    assert weights.keys() == model.state_dict().keys(), f"the {second.name} teacher at its own path"
+    assert capsys.readouterr().out.count("demo: training the") == 1
+    mtime = paths[1].stat().st_mtime_ns
+    prepare_demo(cfg, torch.device("cpu"), show_progress=False, prepare_data=False)
+    assert paths[1].stat().st_mtime_ns == mtime and "demo: training" not in capsys.readouterr().out
+
+
+def test_a_teacher_of_ones_own_beside_a_demo_teacher_is_only_read(demo_home, capsys):
+    """Only the demo teacher is made: a missing checkpoint of the user's own stays missing (the run then says so)."""
+    mine = demo_home / "mine.safetensors"
+    second = load_config(presets=["two_teachers"]).model.teacher_specs[1]
+    teachers = f"model.teachers=[{{name: resnet14t, checkpoint: {mine}}}, {{name: {second.name}, checkpoint: {second.checkpoint}}}]"
+    cfg = load_config(presets=["two_teachers"], overrides=[*TINY, teachers])
+    assert demo_teachers(cfg) == [1]
+    prepare_demo(cfg, torch.device("cpu"), show_progress=False, prepare_data=False)
+    assert not mine.exists() and Path(cfg.model.teacher_specs[1].checkpoint).expanduser().is_file()
+
+
+def test_a_demo_teacher_trains_for_its_own_recipes_steps(tiny_config, tmp_path, monkeypatch, capsys):
+    """Each architecture learns the demo data at its own step count and learning rate (RESULTS.md)."""
+    monkeypatch.setitem(DEMO_TEACHERS, "test_resnet", TeacherRecipe(steps=3, lr=1e-3))
+    train_demo_teacher(tiny_config(), tmp_path / "t.safetensors", torch.device("cpu"))
+    assert "demo: teacher step 3/3, loss" in capsys.readouterr().out
 
 
 def test_a_data_root_of_ones_own_is_never_made_into_the_demo(tmp_path):

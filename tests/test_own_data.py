@@ -83,6 +83,15 @@ def test_a_data_root_of_ones_own_takes_neither_the_demos_val_folder_nor_its_teac
     assert real.data.val_root == "/datasets/imagenet/val" and real.model.teacher.pretrained
 
 
+def test_a_list_of_teachers_over_ones_own_data_is_read_as_written():
+    """`--preset two_teachers data.root=/my/images`: the held-out part as for one teacher; the teachers as listed
+    (the demo's one-teacher substitution used to write model.teacher beside model.teachers: a config error)."""
+    cfg = load_config(presets=["two_teachers"], overrides=["data.root=/my/images"])
+    assert cfg.data.val_root is None and cfg.data.holdout_fraction == OWN_DATA_HOLDOUT
+    listed = load_config(presets=["two_teachers"]).model.teachers
+    assert cfg.model.teacher is None and cfg.model.teachers == listed
+
+
 def test_shards_cannot_be_split_the_error_says_what_to_set():
     with pytest.raises(UserError, match=r"data.holdout_fraction=0.1 with data.format=shards.*data.val_root"):
         load_config(overrides=["data.root=/my/shards", "data.format=shards"])

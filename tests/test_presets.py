@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dali_kd.commands.demo import demo_teacher_path
 from dali_kd.commands.train import build_parser, config_from_args, main
 from dali_kd.config import CONFIG_DIR, DEMO_CONFIG_DIR, SECTION_FILES, load_config
 from dali_kd.config.presets import PRESET_DIR, available_presets, find_preset
@@ -133,6 +134,20 @@ def test_the_function_matching_preset_is_valid_and_scales_its_base(files):
         assert (base.train.optimizer.warmup_steps, t.optimizer.warmup_steps) == (2500, 10000)
     raw = yaml.safe_load(FUNCTION_MATCHING.read_text())
     assert "teacher_feature_dir" not in raw["train"], "the cache folder is the user's to choose"
+
+
+@pytest.mark.parametrize("files", [REAL_FILES, []], ids=["real", "demo"])
+def test_the_two_teachers_preset_gives_the_demos_two_teachers_and_nothing_else(files):
+    base = load_config(*files)
+    cfg = load_config(*files, presets=["two_teachers"])
+    assert cfg.model.teacher is None and len(cfg.model.teachers or []) == 2
+    assert cfg.model.teacher_keys == ["resnet14t", "cs3darknet_focus_s"]
+    assert [t.checkpoint for t in cfg.model.teacher_specs] == [
+        demo_teacher_path(k) for k in cfg.model.teacher_keys
+    ]
+    # The student, the data and the training are the base config's.
+    assert cfg.model.student == base.model.student and cfg.data == base.data and cfg.train == base.train
+    assert "two_teachers" in available_presets()
 
 
 def test_train_parses_preset_flags_and_loads_through_them(tmp_path):

@@ -174,3 +174,13 @@ def test_tune_prepares_the_demo_from_an_empty_home_as_train_does(tmp_path, monke
     assert str(Path(demo.model.teacher.checkpoint).expanduser()).startswith(str(home))
     report = json.loads((tmp_path / "t.json").read_text())
     assert all(len(c["ms"]) == 3 for c in report["candidates"]) and report["verdicts"]
+
+
+def test_a_list_of_teachers_is_timed_as_written():
+    """`python -m dali_kd.tune --preset two_teachers`: the one-teacher pin (model.teacher.checkpoint) beside
+    model.teachers made every timing run's config invalid."""
+    mine = ["data.root=/my/images"]  # nothing of the demo to prepare
+    cfg = load_config(presets=["two_teachers"], overrides=mine)
+    pinned = tune.prepare(cfg, torch.device("cpu"))
+    assert load_config(presets=["two_teachers"], overrides=[*mine, *pinned]) == cfg
+    assert pinned == []

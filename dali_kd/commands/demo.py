@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,41 @@ from dali_kd.runtime import autocast
 TEACHER_STEPS = 120
 TEACHER_LR = 3e-3
 LOSS_EVERY_N_STEPS = 10
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How long and how fast the demo's recipe trains one architecture on the demo data (measured per model:
+    benchmarks/demo_teacher.py, RESULTS.md)."""
+
+    steps: int = TEACHER_STEPS
+    lr: float = TEACHER_LR
+
+
+# The teachers the demo makes on first use, each kept at demo_teacher_path(name): the demo's own (ResNet-14-T) and
+# a second of another family for the two-teacher preset (configs/presets/two_teachers.yaml).
+DEMO_TEACHERS = {
+    "resnet14t": TeacherRecipe(),
+    "cs3darknet_focus_s": TeacherRecipe(steps=240, lr=3e-3),
+}
+
+
+def demo_teacher_path(name: str) -> str:
+    """Where the demo keeps a teacher its recipe trained on the demo data: beside the demo's own teacher, named
+    as that one is (teacher_<name>_<size>px.safetensors)."""
+    demo = load_config()
+    folder = Path(demo.model.primary_teacher.checkpoint or "").parent
+    return str(folder / f"teacher_{name}_{demo.data.image_size}px.safetensors")
+
+
+def demo_teachers(cfg: Config) -> list[int]:
+    """The positions of cfg's teachers that are demo teachers (an architecture of DEMO_TEACHERS at its demo
+    path), which the command line trains on the demo data on first use."""
+    return [
+        i
+        for i, spec in enumerate(cfg.model.teacher_specs)
+        if spec.name in DEMO_TEACHERS and same_path(spec.checkpoint, demo_teacher_path(spec.name))
+    ]
 
 
 def is_own_data_teacher(cfg: Config) -> bool:
@@ -45,11 +81,8 @@ def demo_parts(cfg: Config) -> tuple[bool, bool]:
     data = same_path(cfg.data.root, demo.data.root) and (
         cfg.data.val_root is None or same_path(cfg.data.val_root, demo.data.val_root)
     )
-    teacher = cfg.model.primary_teacher.name == demo.model.primary_teacher.name and same_path(
-        cfg.model.primary_teacher.checkpoint, demo.model.primary_teacher.checkpoint
-    )
-    # Trained on other data, the demo teacher would be cached at the demo's own path as a wrong teacher.
-    return data, (data and teacher) or is_own_data_teacher(cfg)
+    # Trained on other data, a demo teacher would be cached at the demo's own path as a wrong teacher.
+    return data, (data and bool(demo_teachers(cfg))) or is_own_data_teacher(cfg)
 
 
 def prepare_demo(
@@ -59,9 +92,10 @@ def prepare_demo(
     prepare_data: bool = True,
     train_teacher: bool = True,
 ) -> None:
-    """Make sure the demo dataset (under data.root's parent) and the demo teacher's weights (at
-    model.teacher.checkpoint) exist; each is made only if missing. A teacher for data of one's own is trained
-    on that data's training part (never on its held-out part), and every run that uses it says so."""
+    """Make sure the demo dataset (under data.root's parent) and the teachers' weights exist: on the demo data
+    those of its demo teachers (demo_teachers), else the first teacher's (at its checkpoint); each is made only if
+    missing. A teacher for data of one's own is trained on that data's training part (never on its
+    held-out part), and every run that uses it says so."""
     train_root = Path(cfg.data.root).expanduser()
     data_dir = train_root.parent
     if prepare_data and not demo_dataset_ready(data_dir):
@@ -78,8 +112,14 @@ def prepare_demo(
             f"knows only the demo's shapes), kept in {checkpoint}; for a teacher of your own set "
             "model.teacher.checkpoint, or model.teacher.name with model.teacher.pretrained=true"
         )
-    if train_teacher and checkpoint and not Path(checkpoint).expanduser().is_file():
-        train_demo_teacher(cfg, Path(checkpoint).expanduser(), device, show_progress)
+    if not train_teacher:
+        return
+    # On the demo data, its demo teachers; else the first teacher (one for data of one's own, or whatever paths
+    # prepare_demo was given): a checkpoint path of the user's own is never written by the demo's recipe.
+    for i in (is_demo_data(cfg.data) and demo_teachers(cfg)) or [0]:
+        path = cfg.model.teacher_specs[i].checkpoint
+        if path and not Path(path).expanduser().is_file():
+            train_demo_teacher(cfg, Path(path).expanduser(), device, show_progress, teacher=i)
 
 
 def _show_loss(bar: tqdm, step: int, steps: int, loss: torch.Tensor, show_progress: bool) -> None:
@@ -105,19 +145,28 @@ def _one_view(cfg: Config) -> Config:
 
 
 def train_demo_teacher(
-    cfg: Config, path: Path, device: torch.device, show_progress: bool = True, steps: int = TEACHER_STEPS
+    cfg: Config,
+    path: Path,
+    device: torch.device,
+    show_progress: bool = True,
+    steps: int | None = None,
+    teacher: int = 0,
+    lr: float | None = None,
 ) -> float:
-    """Supervised training of the teacher on the demo's training split (same DALI stream); returns val top-1 %."""
-    console.info(
-        f"demo: training the {cfg.model.primary_teacher.name} teacher on {cfg.data.root} (first use only)"
-    )
+    """Supervised training of cfg's teacher at position `teacher` on the run's training split (same DALI stream),
+    for its DEMO_TEACHERS recipe's steps and learning rate unless given; returns val top-1 %."""
+    name = cfg.model.teacher_specs[teacher].name
+    recipe = DEMO_TEACHERS.get(name, TeacherRecipe())
+    steps = recipe.steps if steps is None else steps
+    lr = recipe.lr if lr is None else lr
+    console.info(f"demo: training the {name} teacher on {cfg.data.root} (first use only)")
     cfg = _one_view(cfg)
     torch.manual_seed(cfg.train.seed)
     # The run's own training split (checked files, its held-out part left out), and its evaluation split.
     splits = prepare_data(cfg.data)
     index = splits.train
-    model = create_model(cfg.model.primary_teacher.name, cfg.data.image_size, index.num_classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.05)
+    model = create_model(name, cfg.data.image_size, index.num_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )

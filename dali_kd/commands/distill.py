@@ -91,8 +91,9 @@ def distill(
 
 def prepare_demo(config: Config | None = None, progress: Progress = "auto") -> None:
     """Make the demo's dataset (in the folder above data.root: train/ and val/) and train the demo teacher (at
-    model.teacher.checkpoint), each only if missing: what `distill` does on first use for the demo's own paths,
-    here for any paths (a folder that holds something else is refused, never overwritten)."""
+    model.teacher.checkpoint; on the demo data, each demo teacher of model.teachers), each only if missing:
+    what `distill` does on first use for the demo's own paths, here for any paths (a folder that holds something
+    else is refused, never overwritten)."""
     from dali_kd.commands.demo import prepare_demo as prepare
     from dali_kd.console import Console
     from dali_kd.runtime import resolve_device

@@ -297,6 +297,8 @@ def prepare(cfg: Config, device) -> list[str]:
 
     if any(parts := demo_parts(cfg)):
         prepare_demo(cfg, device, sys.stdout.isatty(), *parts)
+    if cfg.model.teachers is not None:
+        return []  # a list of teachers is read as written, whatever the data (dali_kd.config.own_data)
     return [f"model.teacher.checkpoint={json.dumps(cfg.model.primary_teacher.checkpoint)}"]
 
 

@@ -78,6 +78,7 @@ def own_data_changes(
       (own_data_teacher_path), or none when model.teacher.pretrained asks for pretrained weights;
     - model.teacher.num_classes from the demo's model file (the demo's classes), or beside the demo's teacher,
       becomes null where the teacher has weights (a checkpoint, pretrained): the head those weights have.
+    A model.teachers list is left as it is.
     """
     demo = demo_files()
     data, teacher = cfg.data, cfg.model.primary_teacher
@@ -88,6 +89,10 @@ def own_data_changes(
         changes["data.val_root"] = None
         if "data.holdout_fraction" not in given:
             changes["data.holdout_fraction"] = OWN_DATA_HOLDOUT
+    if cfg.model.teachers is not None:
+        # A list of teachers is given whole (by the user or a preset such as two_teachers): its entries are
+        # read as written, the demo's one-teacher substitution does not reach into it.
+        return changes
     demo_teacher = same_path(teacher.checkpoint, demo.teacher_checkpoint)
     if demo_teacher and "model.teacher.checkpoint" not in explicit:
         own = data.model_copy(update={k.partition(".")[2]: v for k, v in changes.items()})
