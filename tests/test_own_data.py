@@ -147,6 +147,10 @@ def test_a_teacher_whose_head_lacks_the_datas_classes_teaches_features_only():
         UserError, match=r"train.loss.logit_weight is the only loss.*model.teacher.checkpoint"
     ):
         teacher_head_loss(logits_only, "resnet18", 10, 2)
+    # The first of several teachers: the keys to set are its own.
+    _, first = teacher_head_loss(loss, "resnet18", 10, 2, "model.teachers.0")
+    assert first is not None and first.startswith("model.teachers.0: resnet18's classifier has 10 outputs")
+    assert "model.teachers.0.checkpoint" in first and "model.teacher." not in first
 
 
 def test_a_run_with_a_ten_class_teacher_on_four_classes_distils_no_logits(tiny_config, tmp_path, capsys):

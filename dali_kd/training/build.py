@@ -211,26 +211,31 @@ def _data_splits(cfg: Config, dist: DistInfo) -> tuple[DataSplits, int]:
 
 
 def teacher_head_loss(
-    loss: LossConfig, teacher_name: str, teacher_classes: int, data_classes: int
+    loss: LossConfig,
+    teacher_name: str,
+    teacher_classes: int,
+    data_classes: int,
+    key: str = "model.teacher",
 ) -> tuple[LossConfig, str | None]:
     """The loss to distil this teacher with, and a line to say when it is not train.loss: a teacher whose
     classifier does not have the data's classes answers another question with its logits, so it teaches its
-    features only (the logit loss off); with nothing else to learn from it, a UserError."""
+    features only (the logit loss off); with nothing else to learn from it, a UserError. key: where the teacher
+    is set (model.teacher, or model.teachers.0 for the first of several), for the keys the line names."""
     if loss.logit_weight == 0 or teacher_classes in (0, data_classes):
         return loss, None
     what = (
-        f"model.teacher: {teacher_name}'s classifier has {teacher_classes} outputs but the data has {data_classes} "
+        f"{key}: {teacher_name}'s classifier has {teacher_classes} outputs but the data has {data_classes} "
         "classes, so its logits are not about these classes"
     )
     fix = (
-        f"give a teacher of these {data_classes} classes (model.teacher.checkpoint, or model.teacher.name with "
-        "model.teacher.pretrained=true and weights for them)"
+        f"give a teacher of these {data_classes} classes ({key}.checkpoint, or {key}.name with "
+        f"{key}.pretrained=true and weights for them)"
     )
     if loss.feature_weight == loss.patch_weight == loss.label_weight == 0:
         raise UserError(
             f"{what}, and train.loss.logit_weight is the only loss: {fix}, or set train.loss.feature_weight"
         )
-    quiet = "model.teacher.num_classes=0 (a pretrained teacher without its head) or train.loss.logit_weight=0"
+    quiet = f"{key}.num_classes=0 (a pretrained teacher without its head) or train.loss.logit_weight=0"
     return loss.model_copy(update={"logit_weight": 0.0}), (
         f"{what}: the logit loss is off, the student learns its features only; to distil logits {fix}; {quiet} "
         "asks for features only without this line"
@@ -239,8 +244,9 @@ def teacher_head_loss(
 
 def _loss_for_teacher(cfg: Config, models: DistillModels, data_classes: int, dist: DistInfo) -> LossConfig:
     teacher_classes = int(getattr(models.teacher.model, "num_classes", 0))
+    key = "model.teacher" if cfg.model.teachers is None else "model.teachers.0"
     loss, line = teacher_head_loss(
-        cfg.train.loss, cfg.model.primary_teacher.name, teacher_classes, data_classes
+        cfg.train.loss, cfg.model.primary_teacher.name, teacher_classes, data_classes, key
     )
     if line and dist.is_main:
         console.info(line)
