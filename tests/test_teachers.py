@@ -259,3 +259,36 @@ def test_two_teachers_forward_with_losses_compile_whole_and_once():
         losses["loss"].backward()
         optimizer.step()
     assert graphs.graphs == 1
+
+
+def test_two_teachers_from_the_command_line(image_tree, tmp_path):
+    """python -m dali_kd.train with model.teachers: exit 0, each teacher's loss in the metrics, its results in
+    the summary and its name in the run's last lines."""
+    args = [
+        *tiny_overrides(image_tree, tmp_path),
+        f"data.val_root={image_tree / 'val'}",
+        "model.teacher=null",
+        TWO,
+    ]
+    args += ["train.epochs=1", "train.max_steps_per_epoch=2", "train.run_name=cli", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dali_kd.train", *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "cli"
+    assert {"loss_test_resnet", "loss_test_vit"} <= read_rows(run_dir)[-1].keys()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("test_resnet", "test_vit"):
+        assert -1 <= summary[f"agreement_{key}"] <= 1
+        assert 0 <= summary[f"teacher_knn_top1_{key}"] <= 100
+    assert "test_vit" in done.stdout + done.stderr
+
+
+def test_two_teachers_through_the_python_api(tiny_config, tmp_path):
+    import dali_kd
+
+    result = dali_kd.distill(two_teachers(tiny_config, "train.epochs=1"), progress="quiet")
+    assert result.summary["steps"] == 3
+    assert {"agreement_test_resnet", "agreement_test_vit"} <= result.summary.keys()
+    assert {"loss_test_resnet", "loss_test_vit"} <= read_rows(result.run_dir)[-1].keys()
+    assert result.student_weights.is_file()
