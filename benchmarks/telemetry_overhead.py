@@ -58,7 +58,7 @@ def direct_cost_ms(device: torch.device, log_every: int, out: Path) -> dict:
     """The telemetry calls' own cost, timed in isolation: per step (timer marks) and per log row (amortised)."""
     from dali_kd.telemetry.monitor import RunMonitor
 
-    monitor = RunMonitor(out, device, announce=False)
+    monitor = RunMonitor(out, device)
     n = 2000
     t0 = time.perf_counter()
     for _ in range(n):

@@ -76,7 +76,7 @@ def monitored_run(
     clock.perf_counter = lambda: clock.now
     monkeypatch.setattr(timing, "time", clock)
     monkeypatch.setattr(monitor_module, "time", clock)
-    monitor = RunMonitor(tmp_path, CPU, announce=False)
+    monitor = RunMonitor(tmp_path, CPU)
     for step in range(1, steps + 1):
         monitor.timer.start_step()
         *stages, rest = first_ms if step <= every else then_ms
@@ -176,7 +176,7 @@ def test_gpu_sampler_folds_fake_nvml_samples():
 
 
 def test_monitor_rows_carry_fake_gpu_fields(tmp_path):
-    monitor = RunMonitor(tmp_path, CPU, nvml=FakeNvml(), gpu_indices=[0], announce=False)
+    monitor = RunMonitor(tmp_path, CPU, gpu=GpuSampler([0], nvml=FakeNvml()))
     monitor.gpu.sample_once()
     row = monitor.log(step=1, epoch=0, losses={"loss": 1.0}, steps=1, images=8, lr=0.1)
     monitor.close()
@@ -192,7 +192,7 @@ def test_without_nvml_fields_are_null_and_reason_given(tmp_path):
     sampler = GpuSampler([0], nvml=Broken())
     assert not sampler.available and "NVML Shared Library Not Found" in sampler.unavailable_reason
     sampler.close()
-    monitor = RunMonitor(tmp_path, CPU, nvml=Broken(), gpu_indices=[0], announce=False)
+    monitor = RunMonitor(tmp_path, CPU, gpu=GpuSampler([0], nvml=Broken()))
     row = monitor.log(step=1, epoch=0, losses={"loss": 1.0}, steps=1, images=8, lr=0.1)
     monitor.close()
     assert all(row[field] is None for field in GPU_FIELDS)

@@ -48,31 +48,32 @@ class RunMonitor:
         self,
         run_dir: Path,
         device: torch.device,
+        *,
         enabled: bool = True,
         tensorboard: bool = False,
-        nvml: Any | None = None,
-        announce: bool = True,
-        gpu_indices: list[int] | None = None,
-        write: bool = True,
+        main_rank: bool = True,
+        gpu: GpuSampler | None = None,
         training_clock: Callable[[], float] | None = None,
         setup: RunSetup | None = None,
     ):
-        """gpu_indices: the NVML indices to sample; by default the training device's, none on CPU.
-        training_clock: the run's training seconds so far (evaluation and checkpoints not counted), which each
-        interval's `interval_s` is measured on; by default the wall clock since the last log or
-        restart_interval(). setup: what the run has switched on, so that the advice suggests only the rest."""
+        """enabled: measure (timers, samplers); main_rank: this process says what it cannot measure and writes the
+        rows (the other ranks' would only repeat rank 0's). gpu: the GPU sampler; by default one for the
+        training device, none on CPU. training_clock: the run's training seconds so far (evaluation and
+        checkpoints not counted), which each interval's `interval_s` is measured on; by default the wall clock
+        since the last log or restart_interval(). setup: what the run has switched on, so that the advice
+        suggests only the rest."""
         self.enabled = enabled
         self.setup = setup or RunSetup(device=device.type)
         self.timer = StepTimer(device, enabled=enabled)
-        if gpu_indices is None:
-            gpu_indices = [device.index or 0] if device.type == "cuda" else []
-        gpu_indices = gpu_indices if enabled else []
-        self.gpu = GpuSampler(gpu_indices, nvml=nvml) if enabled else None
-        self.gpu_index = gpu_indices[0] if gpu_indices else None
-        if self.gpu is not None and not self.gpu.available and announce:
+        if gpu is None and enabled:
+            gpu = GpuSampler([device.index or 0] if device.type == "cuda" else [])
+        self.gpu = gpu if enabled else None
+        indices = self.gpu.device_indices if self.gpu is not None else []
+        self.gpu_index = indices[0] if indices else None
+        if self.gpu is not None and not self.gpu.available and main_rank:
             console.info(f"info: GPU telemetry off: {self.gpu.unavailable_reason}; gpu_* fields will be null")
         self.process = ProcessSampler() if enabled else None
-        self.sink = MetricsSink(run_dir, tensorboard=tensorboard) if write else None
+        self.sink = MetricsSink(run_dir, tensorboard=tensorboard) if main_rank else None
         self.epoch_totals = _StageTotals()
         self.run_totals = _StageTotals()  # every interval but the first
         self.all_totals = _StageTotals()

@@ -73,6 +73,11 @@ class GpuSampler:
         self._thread.start()
 
     @property
+    def device_indices(self) -> list[int]:
+        """The NVML indices it was asked to sample."""
+        return list(self._samples)
+
+    @property
     def available(self) -> bool:
         return bool(self._handles)
 

@@ -191,8 +191,7 @@ class Trainer:
             # Rank 0 measures and writes; the other ranks' rows would only repeat it.
             enabled=cfg.train.telemetry and self.dist.is_main,
             tensorboard=cfg.train.tensorboard and self.dist.is_main,
-            announce=self.dist.is_main,
-            write=self.dist.is_main,
+            main_rank=self.dist.is_main,
             training_clock=state.training_seconds,
             setup=self.parts.run_setup(cfg, self.device),
         )
