@@ -17,6 +17,7 @@ from dali_kd.data.batch import Batch
 from dali_kd.data.dali_loader import DaliTrainStream
 from dali_kd.data.dataset import ImageIndex
 from dali_kd.data.loaders import make_train_stream
+from dali_kd.data.outputs import ModelOutput
 from dali_kd.data.pil_views import decode_rgb, render_pil
 from dali_kd.data.torchvision_loader import TorchvisionTrainStream
 from dali_kd.errors import UserError
@@ -272,13 +273,18 @@ def test_same_view_pairing_pulls_each_global_toward_its_own_crop(tiny_config):
     torch.manual_seed(0)
     teacher = torch.randn(2, 5, 8)  # [G, B, D]
     student = torch.cat([teacher, torch.randn(3, 5, 8)])  # globals equal the teacher's crops, 3 locals
-    same = multi_crop_losses(loss_cfg(tiny_config, "train.loss.logit_weight=0"), 2, student, teacher)
+    same = multi_crop_losses(
+        loss_cfg(tiny_config, "train.loss.logit_weight=0"),
+        2,
+        ModelOutput(student, None, None),
+        ModelOutput(teacher, None, None),
+    )
     assert same["loss_global"].item() == pytest.approx(0.0, abs=1e-6)
     cross = multi_crop_losses(
         loss_cfg(tiny_config, "train.loss.logit_weight=0", "train.loss.global_pairing=cross"),
         2,
-        student,
-        teacher,
+        ModelOutput(student, None, None),
+        ModelOutput(teacher, None, None),
     )
     assert cross["loss_global"].item() > 0.5, "cross pairing compares each global crop with the other one"
     # A local crop's loss is the mean over the teacher's global crops, computed pair by pair here.
@@ -297,7 +303,11 @@ def test_total_is_the_pair_weighted_mean(tiny_config):
     for weight in (1.0, 0.25, 0.0):
         cfg = loss_cfg(tiny_config, f"train.loss.local_weight={weight}", "train.loss.label_weight=0.5")
         out = multi_crop_losses(
-            cfg, 2, student_pooled, teacher_pooled, student_logits, teacher_logits, labels=labels
+            cfg,
+            2,
+            ModelOutput(student_pooled, student_logits, None),
+            ModelOutput(teacher_pooled, teacher_logits, None),
+            labels=labels,
         )
         # 2 global pairs (same view) and 3 locals × 2 globals = 6 local pairs.
         expected = (2 * out["loss_global"] + weight * 6 * out["loss_local"]) / (2 + weight * 6)

@@ -258,12 +258,6 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 8
 
-# Functions still over MAX_PARAMETERS, each to go when its settings travel as one object; an entry no longer
-# needed fails the test too.
-KNOWN_WIDE = {
-    "losses.py multi_crop_losses",
-}
-
 
 def body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """The function's lines, its signature included, without its docstring."""
@@ -337,11 +331,7 @@ def test_no_module_or_function_too_long_to_read():
 
 
 def test_no_function_takes_too_many_parameters():
-    wide = wide_functions()
-    assert {name: n for name, n in wide.items() if name not in KNOWN_WIDE} == {}
-    assert set(wide) >= KNOWN_WIDE, (
-        f"no longer too wide, drop from KNOWN_WIDE: {sorted(KNOWN_WIDE - set(wide))}"
-    )
+    assert wide_functions() == {}, "pass settings as one object (a frozen dataclass or a config section)"
 
 
 def test_a_planted_long_function_is_found(tmp_path):

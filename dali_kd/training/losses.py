@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dali_kd.config import LossConfig
+from dali_kd.data.outputs import ModelOutput
 
 
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -122,22 +123,20 @@ def _pick(outputs: torch.Tensor | None, index: list[int]) -> torch.Tensor | None
 def multi_crop_losses(
     cfg: LossConfig,
     num_global: int,
-    student_pooled: torch.Tensor,
-    teacher_pooled: torch.Tensor | None,
-    student_logits: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
-    student_patches: torch.Tensor | None = None,
-    teacher_patches: torch.Tensor | None = None,
+    student: ModelOutput,
+    teacher: ModelOutput,
     labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Distillation over multi-crop pairs (see view_pairs): per view kind and their pair-weighted total `loss`.
 
-    Student tensors are view-major, [V, B, ...] with the globals first; teacher tensors [G, B, ...] for the G global
-    crops. Each pair contributes distillation_losses(student view, teacher crop); the total is the mean over
-    pairs, a local pair counting cfg.local_weight. Patch tokens are distilled on same-crop global pairs only
-    (only there do the token grids line up). Returned: `loss`, `loss_global`, `loss_local` and every part
-    suffixed with its kind (`loss_feature_global`, `loss_logit_local`, ...).
+    Student outputs are view-major, [V, B, ...] with the globals first (its pooled embedding always there);
+    teacher outputs [G, B, ...] for the G global crops. Each pair contributes distillation_losses(student view,
+    teacher crop); the total is the mean over pairs, a local pair counting cfg.local_weight. Patch tokens are
+    distilled on same-crop global pairs only (only there do the token grids line up). Returned: `loss`,
+    `loss_global`, `loss_local` and every part suffixed with its kind (`loss_feature_global`, ...).
     """
+    student_pooled = student.pooled
+    assert student_pooled is not None  # the student's own outputs always have it
     num_views = student_pooled.shape[0]
     global_pairs, local_pairs = view_pairs(num_global, num_views - num_global, cfg.global_pairing)
     out: dict[str, torch.Tensor] = {}
@@ -150,11 +149,11 @@ def multi_crop_losses(
         parts = distillation_losses(
             cfg,
             _pick(student_pooled, s_idx),
-            _pick(teacher_pooled, t_idx),
-            _pick(student_logits, s_idx),
-            _pick(teacher_logits, t_idx),
-            _pick(student_patches, same) if same else None,
-            _pick(teacher_patches, same) if same else None,
+            _pick(teacher.pooled, t_idx),
+            _pick(student.logits, s_idx),
+            _pick(teacher.logits, t_idx),
+            _pick(student.patch_tokens, same) if same else None,
+            _pick(teacher.patch_tokens, same) if same else None,
             None if labels is None else labels.repeat(len(pairs)),
         )
         for name, value in parts.items():

@@ -206,17 +206,17 @@ class StudentLosses(nn.Module):
         local_raw = None if local_out is None else local_out.raw
         student_pooled = all_views(student_out.projected, None if local_out is None else local_out.projected)
         assert student_pooled is not None  # the globals' projection is always there
-        return multi_crop_losses(
-            self.loss,
-            images.shape[1],
-            student_pooled=student_pooled,
-            teacher_pooled=by_view(targets.pooled),
-            student_logits=all_views(student_out.raw.logits, None if local_raw is None else local_raw.logits),
-            teacher_logits=by_view(targets.logits) if logits_match(student_out.raw, targets) else None,
-            student_patches=by_view(student_out.patches),
-            teacher_patches=by_view(targets.patch_tokens),
-            labels=labels,
+        student = ModelOutput(
+            student_pooled,
+            all_views(student_out.raw.logits, None if local_raw is None else local_raw.logits),
+            by_view(student_out.patches),
         )
+        teacher = ModelOutput(
+            by_view(targets.pooled),
+            by_view(targets.logits) if logits_match(student_out.raw, targets) else None,
+            by_view(targets.patch_tokens),
+        )
+        return multi_crop_losses(self.loss, images.shape[1], student, teacher, labels)
 
 
 def wrap_student(
