@@ -118,8 +118,11 @@ class CaptureInputs(Callback):
     def on_step(self, trainer, batch):
         if not self.hooked:
             self.hooked = True
+            student = trainer.parts.student
+            # Only the training steps' calls: evaluation runs the teacher too (the student's agreement with it),
+            # with the student in eval mode.
             trainer.parts.teacher.register_forward_pre_hook(
-                lambda m, args: self.teacher_inputs.append(args[0].clone())
+                lambda m, args: self.teacher_inputs.append(args[0].clone()) if student.training else None
             )
             trainer.parts.student.register_forward_pre_hook(
                 lambda m, args: self.student_inputs.append(args[0].clone())

@@ -156,15 +156,15 @@ def main() -> int:
 
     if "-during-" in fault and fault.split("-during-")[0] in ("usr1", "term"):
         # A real signal at a start-up stage: the stage's function sends it to this process, then runs.
-        import dali_kd.teacher_cache.targets as targets
+        import dali_kd.teacher_cache.live as live
         import dali_kd.training.build as build
 
         signum = signal.SIGUSR1 if fault.startswith("usr1") else signal.SIGTERM
-        # Each stage where the run calls it: the stream is made by the teacher targets (live or cached).
+        # Each stage where the run calls it: the stream is made by the live teacher targets.
         module, name = {
             "scan": (build, "prepare_data"),
             "models": (build, "build_distill_models"),
-            "stream": (targets, "make_train_stream"),
+            "stream": (live, "make_train_stream"),
         }[fault.split("-during-")[1]]
         stage = getattr(module, name)
 
