@@ -71,16 +71,6 @@ class LiveTeacher:
         self.forward_batches = 0
         self._mark: Callable[[str], None] | None = None
 
-    @property
-    def teacher(self) -> FrozenTeacher:
-        """The first (or only) teacher."""
-        return self.teachers[0]
-
-    @property
-    def with_patches(self) -> bool:
-        """The first teacher's patch tokens are distilled."""
-        return self.patches[0]
-
     def time_teachers(self, mark: Callable[[str], None]) -> None:
         if len(self.teachers) > 1 and self.keys:
             self._mark = mark

@@ -73,11 +73,6 @@ class RunParts:
         return self.teachers[0]
 
     @property
-    def teacher_id(self) -> dict[str, str]:
-        """The first (or only) teacher's identity."""
-        return self.teacher_ids[0]
-
-    @property
     def teacher_identity(self) -> dict[str, str] | list[dict[str, str]]:
         """What a checkpoint knows the teachers by: one teacher's id, or the list of them."""
         return self.teacher_ids[0] if len(self.teacher_ids) == 1 else list(self.teacher_ids)
